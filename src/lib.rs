@@ -1,0 +1,9 @@
+//! # elra — exponential low-rank adapters
+//!
+//! (crate documentation is written with the modules; see README.md and ARCHITECTURE.md)
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod linalg;
+
+pub use error::{ElraError, Result};

@@ -1,0 +1,71 @@
+//! Dense linear algebra on small matrices: the r×r matrix functions at the heart of ELRA.
+//!
+//! ELRA never exponentiates a d×d matrix. Proposition 1 (eq. 4, App. C eq. 28–30) reduces
+//! `exp(A C)` to `I + A φ1(C A) C`, so only the r×r matrix `Z = C A` goes through a matrix
+//! function. This module provides those functions for `f32` and `f64`.
+
+use nalgebra::{DMatrix, RealField};
+
+/// A floating-point type the matrix functions support (`f32`, `f64`).
+///
+/// It carries the precision-dependent constants of the Padé scaling-and-squaring algorithm
+/// (Higham 2005, Table 2.3 / Al-Mohy & Higham 2009, Table 3.1): the Padé degrees `m` that may be
+/// used and the 1-norm bound `θ_m` up to which the `[m/m]` approximant of `exp` has backward
+/// error below the unit roundoff.
+pub trait Real:
+    RealField + Copy + Default + std::fmt::Debug + std::fmt::Display + Send + Sync + 'static
+{
+    /// `"f32"` or `"f64"`.
+    const NAME: &'static str;
+    /// Unit roundoff `u = 2^-p` (2⁻²⁴ for f32, 2⁻⁵³ for f64).
+    const UNIT_ROUNDOFF: f64;
+    /// Pairs `(m, θ_m)` in increasing order of `m`.
+    const PADE: &'static [(usize, f64)];
+    /// Converts from `f64` (rounding).
+    fn of(x: f64) -> Self;
+    /// Converts to `f64` (exact).
+    fn f64(self) -> f64;
+}
+
+impl Real for f64 {
+    const NAME: &'static str = "f64";
+    const UNIT_ROUNDOFF: f64 = 1.1102230246251565e-16;
+    const PADE: &'static [(usize, f64)] = &[
+        (3, 1.495585217958292e-2),
+        (5, 2.539398330063230e-1),
+        (7, 9.504178996162932e-1),
+        (9, 2.097847961257068),
+        (13, 5.371920351148152),
+    ];
+    fn of(x: f64) -> Self {
+        x
+    }
+    fn f64(self) -> f64 {
+        self
+    }
+}
+
+impl Real for f32 {
+    const NAME: &'static str = "f32";
+    const UNIT_ROUNDOFF: f64 = 5.960464477539063e-8;
+    const PADE: &'static [(usize, f64)] = &[
+        (3, 4.258730016922831e-1),
+        (5, 1.880152677804762),
+        (7, 3.925724783138660),
+    ];
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+    fn f64(self) -> f64 {
+        self as f64
+    }
+}
+
+/// Returns an error naming `arg` if any entry of `m` is NaN or infinite.
+pub fn check_finite<T: Real>(arg: &'static str, m: &DMatrix<T>) -> crate::Result<()> {
+    if m.iter().all(|x| x.is_finite()) {
+        Ok(())
+    } else {
+        Err(crate::ElraError::NonFinite { arg })
+    }
+}
