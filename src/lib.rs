@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod expressivity;
 pub mod linalg;
 
 pub use error::{ElraError, Result};
