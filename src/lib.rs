@@ -6,6 +6,7 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod expressivity;
 pub mod linalg;
 
 pub use error::{ElraError, Result};
