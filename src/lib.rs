@@ -3,6 +3,8 @@
 //! (crate documentation is written with the modules; see README.md and ARCHITECTURE.md)
 #![warn(missing_docs)]
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod expressivity;
 pub mod linalg;
