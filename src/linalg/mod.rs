@@ -32,7 +32,7 @@ impl Real for f64 {
     const UNIT_ROUNDOFF: f64 = 1.1102230246251565e-16;
     const PADE: &'static [(usize, f64)] = &[
         (3, 1.495585217958292e-2),
-        (5, 2.539398330063230e-1),
+        (5, 2.53939833006323e-1),
         (7, 9.504178996162932e-1),
         (9, 2.097847961257068),
         (13, 5.371920351148152),
@@ -51,7 +51,7 @@ impl Real for f32 {
     const PADE: &'static [(usize, f64)] = &[
         (3, 4.258730016922831e-1),
         (5, 1.880152677804762),
-        (7, 3.925724783138660),
+        (7, 3.92572478313866),
     ];
     fn of(x: f64) -> Self {
         x as f32
@@ -69,3 +69,10 @@ pub fn check_finite<T: Real>(arg: &'static str, m: &DMatrix<T>) -> crate::Result
         Err(crate::ElraError::NonFinite { arg })
     }
 }
+
+pub mod expm;
+pub use expm::{expm, expm_phi1, pade_plan, phi1, PadePlan};
+pub mod frechet;
+pub use frechet::{expm_frechet, expm_frechet_adjoint, phi1_frechet, phi1_frechet_adjoint};
+pub mod batch;
+pub use batch::MatFnBatch;
