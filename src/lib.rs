@@ -3,6 +3,7 @@
 //! (crate documentation is written with the modules; see README.md and ARCHITECTURE.md)
 #![warn(missing_docs)]
 
+pub mod capi;
 pub mod error;
 pub mod linalg;
 
