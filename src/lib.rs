@@ -5,6 +5,7 @@
 
 pub mod capi;
 pub mod error;
+pub mod io;
 pub mod linalg;
 
 pub use error::{ElraError, Result};
