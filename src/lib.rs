@@ -5,6 +5,7 @@
 
 pub mod capi;
 pub mod error;
+pub mod expressivity;
 pub mod io;
 pub mod linalg;
 

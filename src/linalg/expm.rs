@@ -180,7 +180,7 @@ fn log2_c(m: usize) -> f64 {
 
 /// Multiplies every entry by `2^e` in exact power-of-two steps (no intermediate over/underflow
 /// of the factor itself).
-fn scale_pow2<T: Real>(x: &mut [T], mut e: i64) {
+pub(crate) fn scale_pow2<T: Real>(x: &mut [T], mut e: i64) {
     while e != 0 {
         let step = e.clamp(-60, 60);
         let f = T::of(2f64.powi(step as i32));
@@ -364,7 +364,7 @@ fn lu_solve<T: Real>(n: usize, lu: &[T], piv: &[usize], b: &mut [T]) {
     }
 }
 
-fn all_finite<T: Real>(x: &[T]) -> bool {
+pub(crate) fn all_finite<T: Real>(x: &[T]) -> bool {
     x.iter().all(|v| v.is_finite())
 }
 
@@ -433,14 +433,12 @@ impl<T: Real> Workspace<T> {
     }
 
     /// Loads the n×n row-major input into `a` (plain run).
-    #[allow(dead_code)] // used by frechet.rs / batch.rs
     pub(crate) fn load(&mut self, z: &[T]) {
         let nn = self.n * self.n;
         self.a[..nn].copy_from_slice(&z[..nn]);
     }
 
     /// Loads `Zᵀ` from the n×n row-major `z` into `a` (plain or main part of a pair).
-    #[allow(dead_code)] // used by frechet.rs / batch.rs
     pub(crate) fn load_transposed(&mut self, z: &[T]) {
         let n = self.n;
         for i in 0..n {
@@ -453,7 +451,6 @@ impl<T: Real> Workspace<T> {
     /// Loads the E part of a pair from the row-major `e`, scaled by `2^k` with k the integer
     /// nearest `log2(‖A‖/‖E‖)` (‖A‖ → 1 when A = 0). Returns `Some(k)`, or `None` when E = 0.
     /// The main part must already be loaded.
-    #[allow(dead_code)] // used by frechet.rs / batch.rs
     pub(crate) fn load_direction(&mut self, e: &[T]) -> Option<i64> {
         let n = self.n;
         let nn = n * n;
