@@ -27,6 +27,11 @@
 #define ELRA_ABI_VERSION 1
 
 /**
+ * Version of the ELRA config layout written by this library.
+ */
+#define ELRA_FORMAT_VERSION 1
+
+/**
  * Status code returned by every fallible export. `ELRA_OK` (0) is success; every other value
  * names a class of failure, with details in [`elra_last_error_message`].
  */
@@ -114,16 +119,18 @@ size_t elra_last_error_message(char *buf, size_t len);
  * Batched matrix exponential `out_b = e^{Z_b}` in f64 (Padé scaling and squaring,
  * Al-Mohy & Higham 2009 Alg. 5.1).
  *
- * Arguments: `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`); `z` row-major with leading dimension
- * `ldz ≥ r` and batch stride `stride_z ≥ (r−1)·ldz + r` (ignored when `batch == 1`); `out`
- * likewise with `ld_out`, `stride_out`. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`,
- * `ELRA_INVALID_ARGUMENT` (dimensions, alignment), `ELRA_NON_FINITE` (NaN/Inf in z),
- * `ELRA_OVERFLOW` (result out of range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error `out` is
- * untouched.
+ * `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`), row-major: matrix `b` of `z` starts at
+ * `z + b·stride_z`, its entry `(i, j)` is `z[b·stride_z + i·ldz + j]`, with `ldz ≥ r` and
+ * `stride_z ≥ (r−1)·ldz + r` (the stride is ignored when `batch == 1`); the other matrix
+ * arguments likewise. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT`
+ * (dimensions, strides, alignment), `ELRA_NON_FINITE` (NaN/Inf in an input), `ELRA_OVERFLOW`
+ * (a result outside the floating-point range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error no output
+ * is modified.
  *
  * # Safety
- * `z` must point to readable memory and `out` to writable memory covering the described
- * layouts; `out` may alias `z` only with an identical layout.
+ * Every input pointer must cover readable memory and every output pointer writable memory for
+ * the layout its dimensions describe. An output may alias an input only with an identical
+ * layout; outputs may not overlap each other.
  */
 ElraStatus elra_expm_f64(size_t batch,
                          size_t r,
@@ -135,43 +142,21 @@ ElraStatus elra_expm_f64(size_t batch,
                          size_t stride_out);
 
 /**
- * Batched matrix exponential `out_b = e^{Z_b}` in f32 (Padé scaling and squaring,
- * Al-Mohy & Higham 2009 Alg. 5.1 with the f32 θ table).
+ * Batched `out_b = φ1(Z_b) = Σₙ Z_bⁿ/(n+1)!` in f64: the r×r factor of the Woodbury form
+ * `exp(AC) = I + A φ1(CA) C` (Prop. 1, eq. 4), from the Padé factorisation (never divides by Z).
  *
- * Arguments: `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`); `z` row-major with leading dimension
- * `ldz ≥ r` and batch stride `stride_z ≥ (r−1)·ldz + r` (ignored when `batch == 1`); `out`
- * likewise with `ld_out`, `stride_out`. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`,
- * `ELRA_INVALID_ARGUMENT` (dimensions, alignment), `ELRA_NON_FINITE` (NaN/Inf in z),
- * `ELRA_OVERFLOW` (result out of range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error `out` is
- * untouched.
- *
- * # Safety
- * `z` must point to readable memory and `out` to writable memory covering the described
- * layouts; `out` may alias `z` only with an identical layout.
- */
-ElraStatus elra_expm_f32(size_t batch,
-                         size_t r,
-                         const float *z,
-                         size_t ldz,
-                         size_t stride_z,
-                         float *out,
-                         size_t ld_out,
-                         size_t stride_out);
-
-/**
- * Batched `out_b = φ1(Z_b) = Σ Z_bⁿ/(n+1)!` in f64: the r×r factor of the Woodbury form
- * `exp(AC) = I + A φ1(CA) C` (Prop. 1, eq. 4).
- *
- * Arguments: `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`); `z` row-major with leading dimension
- * `ldz ≥ r` and batch stride `stride_z ≥ (r−1)·ldz + r` (ignored when `batch == 1`); `out`
- * likewise with `ld_out`, `stride_out`. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`,
- * `ELRA_INVALID_ARGUMENT` (dimensions, alignment), `ELRA_NON_FINITE` (NaN/Inf in z),
- * `ELRA_OVERFLOW` (result out of range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error `out` is
- * untouched.
+ * `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`), row-major: matrix `b` of `z` starts at
+ * `z + b·stride_z`, its entry `(i, j)` is `z[b·stride_z + i·ldz + j]`, with `ldz ≥ r` and
+ * `stride_z ≥ (r−1)·ldz + r` (the stride is ignored when `batch == 1`); the other matrix
+ * arguments likewise. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT`
+ * (dimensions, strides, alignment), `ELRA_NON_FINITE` (NaN/Inf in an input), `ELRA_OVERFLOW`
+ * (a result outside the floating-point range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error no output
+ * is modified.
  *
  * # Safety
- * `z` must point to readable memory and `out` to writable memory covering the described
- * layouts; `out` may alias `z` only with an identical layout.
+ * Every input pointer must cover readable memory and every output pointer writable memory for
+ * the layout its dimensions describe. An output may alias an input only with an identical
+ * layout; outputs may not overlap each other.
  */
 ElraStatus elra_phi1_f64(size_t batch,
                          size_t r,
@@ -183,19 +168,136 @@ ElraStatus elra_phi1_f64(size_t batch,
                          size_t stride_out);
 
 /**
- * Batched `out_b = φ1(Z_b) = Σ Z_bⁿ/(n+1)!` in f32: the r×r factor of the Woodbury form
- * `exp(AC) = I + A φ1(CA) C` (Prop. 1, eq. 4).
+ * Batched `(e^{Z_b}, φ1(Z_b))` in f64 from one Padé factorisation and one squaring phase per
+ * matrix (AMH 2009 Alg. 5.1 plus `φ1(2X) = ½(e^X + I)φ1(X)`): what the merge of Prop. 1 needs.
  *
- * Arguments: `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`); `z` row-major with leading dimension
- * `ldz ≥ r` and batch stride `stride_z ≥ (r−1)·ldz + r` (ignored when `batch == 1`); `out`
- * likewise with `ld_out`, `stride_out`. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`,
- * `ELRA_INVALID_ARGUMENT` (dimensions, alignment), `ELRA_NON_FINITE` (NaN/Inf in z),
- * `ELRA_OVERFLOW` (result out of range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error `out` is
- * untouched.
+ * `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`), row-major: matrix `b` of `z` starts at
+ * `z + b·stride_z`, its entry `(i, j)` is `z[b·stride_z + i·ldz + j]`, with `ldz ≥ r` and
+ * `stride_z ≥ (r−1)·ldz + r` (the stride is ignored when `batch == 1`); the other matrix
+ * arguments likewise. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT`
+ * (dimensions, strides, alignment), `ELRA_NON_FINITE` (NaN/Inf in an input), `ELRA_OVERFLOW`
+ * (a result outside the floating-point range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error no output
+ * is modified.
  *
  * # Safety
- * `z` must point to readable memory and `out` to writable memory covering the described
- * layouts; `out` may alias `z` only with an identical layout.
+ * Every input pointer must cover readable memory and every output pointer writable memory for
+ * the layout its dimensions describe. An output may alias an input only with an identical
+ * layout; outputs may not overlap each other.
+ */
+ElraStatus elra_expm_phi1_f64(size_t batch,
+                              size_t r,
+                              const double *z,
+                              size_t ldz,
+                              size_t stride_z,
+                              double *exp_out,
+                              size_t ld_exp,
+                              size_t stride_exp,
+                              double *phi1_out,
+                              size_t ld_phi1,
+                              size_t stride_phi1);
+
+/**
+ * Batched adjoint Fréchet derivative of the exponential in f64: `out_b = L_exp(Z_bᵀ, G_b)`, the
+ * gradient of `⟨e^Z, G⟩` with respect to Z (block-triangular Padé: `L_f(X, E)` is the top-right
+ * block of `f([[X, E], [0, X]])`; Al-Mohy & Higham 2009).
+ *
+ * `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`), row-major: matrix `b` of `z` starts at
+ * `z + b·stride_z`, its entry `(i, j)` is `z[b·stride_z + i·ldz + j]`, with `ldz ≥ r` and
+ * `stride_z ≥ (r−1)·ldz + r` (the stride is ignored when `batch == 1`); the other matrix
+ * arguments likewise. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT`
+ * (dimensions, strides, alignment), `ELRA_NON_FINITE` (NaN/Inf in an input), `ELRA_OVERFLOW`
+ * (a result outside the floating-point range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error no output
+ * is modified.
+ *
+ * # Safety
+ * Every input pointer must cover readable memory and every output pointer writable memory for
+ * the layout its dimensions describe. An output may alias an input only with an identical
+ * layout; outputs may not overlap each other.
+ */
+ElraStatus elra_expm_frechet_adjoint_f64(size_t batch,
+                                         size_t r,
+                                         const double *z,
+                                         size_t ldz,
+                                         size_t stride_z,
+                                         const double *g,
+                                         size_t ldg,
+                                         size_t stride_g,
+                                         double *out,
+                                         size_t ld_out,
+                                         size_t stride_out);
+
+/**
+ * Batched adjoint Fréchet derivative of φ1 in f64: `out_b = L_φ1(Z_bᵀ, G_b)`, the gradient of
+ * `⟨φ1(Z), G⟩` with respect to Z, which the reverse mode of the Woodbury form (Prop. 1) chains
+ * through `M = φ1(CA)` (top-right block of `φ1([[X, E], [0, X]])`).
+ *
+ * `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`), row-major: matrix `b` of `z` starts at
+ * `z + b·stride_z`, its entry `(i, j)` is `z[b·stride_z + i·ldz + j]`, with `ldz ≥ r` and
+ * `stride_z ≥ (r−1)·ldz + r` (the stride is ignored when `batch == 1`); the other matrix
+ * arguments likewise. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT`
+ * (dimensions, strides, alignment), `ELRA_NON_FINITE` (NaN/Inf in an input), `ELRA_OVERFLOW`
+ * (a result outside the floating-point range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error no output
+ * is modified.
+ *
+ * # Safety
+ * Every input pointer must cover readable memory and every output pointer writable memory for
+ * the layout its dimensions describe. An output may alias an input only with an identical
+ * layout; outputs may not overlap each other.
+ */
+ElraStatus elra_phi1_frechet_adjoint_f64(size_t batch,
+                                         size_t r,
+                                         const double *z,
+                                         size_t ldz,
+                                         size_t stride_z,
+                                         const double *g,
+                                         size_t ldg,
+                                         size_t stride_g,
+                                         double *out,
+                                         size_t ld_out,
+                                         size_t stride_out);
+
+/**
+ * Batched matrix exponential `out_b = e^{Z_b}` in f32 (Padé scaling and squaring,
+ * Al-Mohy & Higham 2009 Alg. 5.1).
+ *
+ * `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`), row-major: matrix `b` of `z` starts at
+ * `z + b·stride_z`, its entry `(i, j)` is `z[b·stride_z + i·ldz + j]`, with `ldz ≥ r` and
+ * `stride_z ≥ (r−1)·ldz + r` (the stride is ignored when `batch == 1`); the other matrix
+ * arguments likewise. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT`
+ * (dimensions, strides, alignment), `ELRA_NON_FINITE` (NaN/Inf in an input), `ELRA_OVERFLOW`
+ * (a result outside the floating-point range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error no output
+ * is modified.
+ *
+ * # Safety
+ * Every input pointer must cover readable memory and every output pointer writable memory for
+ * the layout its dimensions describe. An output may alias an input only with an identical
+ * layout; outputs may not overlap each other.
+ */
+ElraStatus elra_expm_f32(size_t batch,
+                         size_t r,
+                         const float *z,
+                         size_t ldz,
+                         size_t stride_z,
+                         float *out,
+                         size_t ld_out,
+                         size_t stride_out);
+
+/**
+ * Batched `out_b = φ1(Z_b) = Σₙ Z_bⁿ/(n+1)!` in f32: the r×r factor of the Woodbury form
+ * `exp(AC) = I + A φ1(CA) C` (Prop. 1, eq. 4), from the Padé factorisation (never divides by Z).
+ *
+ * `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`), row-major: matrix `b` of `z` starts at
+ * `z + b·stride_z`, its entry `(i, j)` is `z[b·stride_z + i·ldz + j]`, with `ldz ≥ r` and
+ * `stride_z ≥ (r−1)·ldz + r` (the stride is ignored when `batch == 1`); the other matrix
+ * arguments likewise. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT`
+ * (dimensions, strides, alignment), `ELRA_NON_FINITE` (NaN/Inf in an input), `ELRA_OVERFLOW`
+ * (a result outside the floating-point range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error no output
+ * is modified.
+ *
+ * # Safety
+ * Every input pointer must cover readable memory and every output pointer writable memory for
+ * the layout its dimensions describe. An output may alias an input only with an identical
+ * layout; outputs may not overlap each other.
  */
 ElraStatus elra_phi1_f32(size_t batch,
                          size_t r,
@@ -205,6 +307,95 @@ ElraStatus elra_phi1_f32(size_t batch,
                          float *out,
                          size_t ld_out,
                          size_t stride_out);
+
+/**
+ * Batched `(e^{Z_b}, φ1(Z_b))` in f32 from one Padé factorisation and one squaring phase per
+ * matrix (AMH 2009 Alg. 5.1 plus `φ1(2X) = ½(e^X + I)φ1(X)`): what the merge of Prop. 1 needs.
+ *
+ * `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`), row-major: matrix `b` of `z` starts at
+ * `z + b·stride_z`, its entry `(i, j)` is `z[b·stride_z + i·ldz + j]`, with `ldz ≥ r` and
+ * `stride_z ≥ (r−1)·ldz + r` (the stride is ignored when `batch == 1`); the other matrix
+ * arguments likewise. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT`
+ * (dimensions, strides, alignment), `ELRA_NON_FINITE` (NaN/Inf in an input), `ELRA_OVERFLOW`
+ * (a result outside the floating-point range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error no output
+ * is modified.
+ *
+ * # Safety
+ * Every input pointer must cover readable memory and every output pointer writable memory for
+ * the layout its dimensions describe. An output may alias an input only with an identical
+ * layout; outputs may not overlap each other.
+ */
+ElraStatus elra_expm_phi1_f32(size_t batch,
+                              size_t r,
+                              const float *z,
+                              size_t ldz,
+                              size_t stride_z,
+                              float *exp_out,
+                              size_t ld_exp,
+                              size_t stride_exp,
+                              float *phi1_out,
+                              size_t ld_phi1,
+                              size_t stride_phi1);
+
+/**
+ * Batched adjoint Fréchet derivative of the exponential in f32: `out_b = L_exp(Z_bᵀ, G_b)`, the
+ * gradient of `⟨e^Z, G⟩` with respect to Z (block-triangular Padé: `L_f(X, E)` is the top-right
+ * block of `f([[X, E], [0, X]])`; Al-Mohy & Higham 2009).
+ *
+ * `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`), row-major: matrix `b` of `z` starts at
+ * `z + b·stride_z`, its entry `(i, j)` is `z[b·stride_z + i·ldz + j]`, with `ldz ≥ r` and
+ * `stride_z ≥ (r−1)·ldz + r` (the stride is ignored when `batch == 1`); the other matrix
+ * arguments likewise. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT`
+ * (dimensions, strides, alignment), `ELRA_NON_FINITE` (NaN/Inf in an input), `ELRA_OVERFLOW`
+ * (a result outside the floating-point range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error no output
+ * is modified.
+ *
+ * # Safety
+ * Every input pointer must cover readable memory and every output pointer writable memory for
+ * the layout its dimensions describe. An output may alias an input only with an identical
+ * layout; outputs may not overlap each other.
+ */
+ElraStatus elra_expm_frechet_adjoint_f32(size_t batch,
+                                         size_t r,
+                                         const float *z,
+                                         size_t ldz,
+                                         size_t stride_z,
+                                         const float *g,
+                                         size_t ldg,
+                                         size_t stride_g,
+                                         float *out,
+                                         size_t ld_out,
+                                         size_t stride_out);
+
+/**
+ * Batched adjoint Fréchet derivative of φ1 in f32: `out_b = L_φ1(Z_bᵀ, G_b)`, the gradient of
+ * `⟨φ1(Z), G⟩` with respect to Z, which the reverse mode of the Woodbury form (Prop. 1) chains
+ * through `M = φ1(CA)` (top-right block of `φ1([[X, E], [0, X]])`).
+ *
+ * `batch ≥ 1` matrices of size `r×r` (`r ≥ 1`), row-major: matrix `b` of `z` starts at
+ * `z + b·stride_z`, its entry `(i, j)` is `z[b·stride_z + i·ldz + j]`, with `ldz ≥ r` and
+ * `stride_z ≥ (r−1)·ldz + r` (the stride is ignored when `batch == 1`); the other matrix
+ * arguments likewise. Returns `ELRA_OK`, or `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT`
+ * (dimensions, strides, alignment), `ELRA_NON_FINITE` (NaN/Inf in an input), `ELRA_OVERFLOW`
+ * (a result outside the floating-point range), `ELRA_NUMERICAL`, `ELRA_PANIC`; on error no output
+ * is modified.
+ *
+ * # Safety
+ * Every input pointer must cover readable memory and every output pointer writable memory for
+ * the layout its dimensions describe. An output may alias an input only with an identical
+ * layout; outputs may not overlap each other.
+ */
+ElraStatus elra_phi1_frechet_adjoint_f32(size_t batch,
+                                         size_t r,
+                                         const float *z,
+                                         size_t ldz,
+                                         size_t stride_z,
+                                         const float *g,
+                                         size_t ldg,
+                                         size_t stride_g,
+                                         float *out,
+                                         size_t ld_out,
+                                         size_t stride_out);
 
 #ifdef __cplusplus
 }  // extern "C"
