@@ -36,6 +36,7 @@ pub mod capi;
 pub mod cuda;
 pub mod error;
 pub mod expressivity;
+pub mod grad;
 pub mod io;
 pub mod linalg;
 pub mod reference;
