@@ -4,6 +4,8 @@
 #![warn(missing_docs)]
 
 pub mod capi;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod expressivity;
 pub mod io;

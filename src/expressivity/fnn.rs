@@ -170,7 +170,7 @@ pub struct FnnConstruction {
 ///
 /// Errors: shape mismatches, `partition` not a consecutive cover of `0..L` with `L̄` blocks,
 /// `ranks.len() ≠ L`, a negative or non-finite radius, and the errors of
-/// [`lemma_10`](super::linear::lemma_10) (Assumption 2 failing).
+/// [`lemma_10`] (Assumption 2 failing).
 pub fn construct_partition(
     frozen: &Fnn,
     target: &Fnn,

@@ -26,6 +26,7 @@
 #![allow(non_snake_case)]
 
 pub mod adapter;
+pub mod experiment;
 
 pub mod fnn;
 pub mod linear;
