@@ -118,7 +118,7 @@ proptest! {
         let frozen = LinearModel::random(d, lbar * m, &mut r).unwrap();
         let target = LinearModel::random(d, lbar, &mut r).unwrap();
         for (i, p) in uniform_partition(lbar * m, lbar).unwrap().iter().enumerate() {
-            let prod = product(&frozen.weights[p.clone()], d);
+            let prod = product(&frozen.weights[p.clone()], d).unwrap();
             let e = SortedSvd::new("E", &(&target.weights[i] - &prod)).unwrap();
             for rr in 0..=d * (m - 1) {
                 let s = SortedSvd::new("M", &(&prod + e.low_rank(rr))).unwrap();
@@ -147,7 +147,7 @@ fn check_product_lemma(
     // factors of the computed product and the target itself.
     let scale = factor_scale(&res.adapted).max(spectral_norm("t", target).unwrap());
     let total: usize = ranks.iter().sum();
-    let sigma = SortedSvd::new("E", &(target - product(frozen, d))).unwrap();
+    let sigma = SortedSvd::new("E", &(target - product(frozen, d).unwrap())).unwrap();
     // Error equals σ_{ΣR_l+1}(E) (Lemma 10; Lemma 9 with R_l = R).
     prop_assert!(
         (res.error - sigma.sigma_1based(total + 1)).abs() <= 1e-9 * scale,
@@ -169,7 +169,7 @@ fn check_product_lemma(
     for (a, &rl) in res.adapters.iter().zip(ranks) {
         prop_assert_eq!(a.B.ncols(), rl);
         prop_assert_eq!(a.A.nrows(), rl);
-        let s = SortedSvd::new("dw", &a.dense()).unwrap();
+        let s = SortedSvd::new("dw", &a.dense().unwrap()).unwrap();
         prop_assert!(s.sigma_1based(rl + 1) <= 1e-12 * s.sigma_1based(1).max(1e-300));
     }
     Ok(())
@@ -206,13 +206,13 @@ proptest! {
         let k = ((d as f64 * k_frac) as usize).min(d);
         let frozen: Vec<_> = (0..L).map(|_| standard_normal(d, d, &mut r)).collect();
         let low = standard_normal(d, k, &mut r) * standard_normal(k, d, &mut r);
-        let target = product(&frozen, d) + low;
+        let target = product(&frozen, d).unwrap() + low;
         let R = (k.div_ceil(L) + extra).clamp(1, d);
         let res = lemma_9(&frozen, &target, R).unwrap();
         // R_E = k up to rounding: forming W̄ and E adds noise of order ε‖∏W‖.
         let scale = factor_scale(&res.adapted).max(spectral_norm("t", &target).unwrap());
         prop_assert!(res.error <= 1e-9 * scale, "error {} (scale {})", res.error, scale);
-        prop_assert_eq!(res.predicted_error, SortedSvd::new("E", &(&target - product(&frozen, d))).unwrap().sigma_1based(R * L + 1));
+        prop_assert_eq!(res.predicted_error, SortedSvd::new("E", &(&target - product(&frozen, d).unwrap())).unwrap().sigma_1based(R * L + 1));
     }
 
     /// Lemma 10: per-layer ranks R_l (0 allowed) give error σ_{ΣR_l+1}(E), product
@@ -306,7 +306,7 @@ proptest! {
         let target = Fnn::random(d, 1, &mut r).unwrap();
         let x = inputs(64, d, &mut r);
         let c = fnn::construct(&frozen, &target, R, input_radius(&x)).unwrap();
-        let p = product(&frozen.weights, d);
+        let p = product(&frozen.weights, d).unwrap();
         let e = SortedSvd::new("E", &(&target.weights[0] - &p)).unwrap();
         let what = Fnn::new(vec![&p + e.low_rank(R * L)], vec![target.biases[0].clone()]).unwrap();
         let f = c.model.forward(&x).unwrap();
@@ -556,6 +556,24 @@ fn models_reject_bad_input() {
     assert!(Fnn::new(vec![DMatrix::zeros(2, 2)], vec![DVector::zeros(3)]).is_err());
     assert!(fnn::construct(&f, &f, 1, f64::NAN).is_err());
     assert!(fnn::construct(&f, &Fnn::random(3, 3, &mut r).unwrap(), 1, 1.0).is_err());
+    // Models built from (public) fields in an invalid state are errors, never panics.
+    let empty = LinearModel { weights: vec![] };
+    assert!(empty.forward(&DMatrix::zeros(1, 1)).is_err());
+    assert!(linear::construct(&empty, &empty, 1).is_err());
+    let mut bad = f.clone();
+    bad.biases.pop();
+    assert!(bad.forward(&DMatrix::zeros(1, 3)).is_err());
+    assert!(fnn::construct(&bad, &f, 1, 1.0).is_err());
+    let mut tb = t.clone();
+    tb.blocks[0].heads.clear();
+    assert!(tb.forward(&DMatrix::zeros(4, 3)).is_err());
+    assert!(tfn::construct(&tb, &t, 1).is_err());
+    let lr = elra::expressivity::LowRank {
+        B: DMatrix::zeros(3, 2),
+        A: DMatrix::zeros(1, 3),
+    };
+    assert!(lr.dense().is_err());
+    assert!(f.adapted(&[lr.clone(), lr], &f.biases).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -690,7 +708,9 @@ fn lemma_9_construction_lower_bounds_trained_lora_on_linear_models() {
     let mut r = rng(5);
     let target = LinearModel::random(d, 1, &mut r).unwrap();
     let frozen = LinearModel::random(d, L, &mut r).unwrap();
-    let pop = |m: &LinearModel| (m.product() - target.product()).norm_squared() / d as f64;
+    let pop = |m: &LinearModel| {
+        (m.product().unwrap() - target.product().unwrap()).norm_squared() / d as f64
+    };
     let c = linear::construct(&frozen, &target, R).unwrap();
     let xv = inputs(256, d, &mut r);
     let yv = target.forward(&xv).unwrap();

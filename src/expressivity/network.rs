@@ -121,6 +121,7 @@ impl Network for LinearModel {
         LinearModel::forward(self, x)
     }
     fn vjp(&self, x: &DMatrix<f64>, dy: &DMatrix<f64>) -> Result<Grads> {
+        self.validate()?;
         let d = LinearModel::dim(self);
         if x.ncols() != d {
             return Err(ElraError::shape("x", (x.nrows(), d), x.shape()));
@@ -173,6 +174,7 @@ impl Network for Fnn {
         Fnn::forward(self, x)
     }
     fn vjp(&self, x: &DMatrix<f64>, dy: &DMatrix<f64>) -> Result<Grads> {
+        self.validate()?;
         let d = Fnn::dim(self);
         if x.ncols() != d {
             return Err(ElraError::shape("x", (x.nrows(), d), x.shape()));

@@ -245,22 +245,36 @@ impl Tfn {
     /// A model from its parts. Errors: no blocks or heads, unequal head counts, shape mismatch,
     /// non-finite entries, `seq_len = 0`.
     pub fn new(blocks: Vec<Block>, Wo: DMatrix<f64>, seq_len: usize) -> Result<Self> {
-        if seq_len == 0 {
+        let m = Tfn {
+            blocks,
+            Wo,
+            seq_len,
+        };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks the invariants (≥ 1 block, ≥ 1 head, equal head counts, `D×D` weights with
+    /// `D ≥ 1`, length-`D` biases, finite entries, `seq_len ≥ 1`); every public function taking a
+    /// model calls it, since the fields are public.
+    pub fn validate(&self) -> Result<()> {
+        if self.seq_len == 0 {
             return Err(ElraError::invalid("seq_len", "must be ≥ 1"));
         }
-        let d = Wo.nrows();
+        let d = self.Wo.nrows();
         if d == 0 {
             return Err(ElraError::invalid("Wo", "width must be ≥ 1"));
         }
-        check_square("Wo", &Wo, d)?;
-        let first = blocks
+        check_square("Wo", &self.Wo, d)?;
+        let first = self
+            .blocks
             .first()
             .ok_or_else(|| ElraError::invalid("blocks", "a TFN needs ≥ 1 block"))?;
         let nh = first.heads.len();
         if nh == 0 {
             return Err(ElraError::invalid("blocks", "a block needs ≥ 1 head"));
         }
-        for b in &blocks {
+        for b in &self.blocks {
             if b.heads.len() != nh {
                 return Err(ElraError::invalid(
                     "blocks",
@@ -277,11 +291,7 @@ impl Tfn {
             check_vec("blocks.b1", &b.b1, d)?;
             check_vec("blocks.b2", &b.b2, d)?;
         }
-        Ok(Tfn {
-            blocks,
-            Wo,
-            seq_len,
-        })
+        Ok(())
     }
 
     /// A random model as in App. G.3: attention weights standard normal, feed-forward and output
@@ -339,10 +349,11 @@ impl Tfn {
 
     /// Number of heads `H`.
     pub fn heads(&self) -> usize {
-        self.blocks[0].heads.len()
+        self.blocks.first().map_or(0, |b| b.heads.len())
     }
 
     pub(crate) fn check_input(&self, x: &DMatrix<f64>) -> Result<()> {
+        self.validate()?;
         let d = self.dim();
         if x.ncols() != d || x.nrows() % self.seq_len != 0 {
             return Err(ElraError::Shape {
@@ -430,6 +441,8 @@ pub struct TfnConstruction {
 /// inverse the proof needs does not exist (Assumption 4: `W_1l`, `W_2l`, `W̄_2l`, the Lemma 9
 /// matrices, `W_o + ΔW_o`).
 pub fn construct(frozen: &Tfn, target: &Tfn, rank: usize) -> Result<TfnConstruction> {
+    frozen.validate()?;
+    target.validate()?;
     let d = frozen.dim();
     if rank == 0 || rank > d {
         return Err(ElraError::invalid(
@@ -480,10 +493,10 @@ pub fn construct(frozen: &Tfn, target: &Tfn, rank: usize) -> Result<TfnConstruct
             let dv = ov.adapters[0].clone();
             let dout = ov.adapters[1].clone();
             let mh = &mut model.blocks[l].heads[h];
-            mh.Q += dq.dense();
-            mh.K += dk.dense();
-            mh.V += dv.dense();
-            mh.O += dout.dense();
+            mh.Q += dq.dense()?;
+            mh.K += dk.dense()?;
+            mh.V += dv.dense()?;
+            mh.O += dout.dense()?;
             adapters.push((TfnSlot::Q(l, h), dq));
             adapters.push((TfnSlot::K(l, h), dk));
             adapters.push((TfnSlot::V(l, h), dv));
@@ -532,6 +545,8 @@ pub fn construct(frozen: &Tfn, target: &Tfn, rank: usize) -> Result<TfnConstruct
 ///
 /// Errors: mismatched architectures; [`ElraError::Numerical`] if an SVD fails.
 pub fn functionality_gaps(frozen: &Tfn, target: &Tfn) -> Result<Vec<usize>> {
+    frozen.validate()?;
+    target.validate()?;
     let d = frozen.dim();
     if target.dim() != d || target.layers() != frozen.layers() || target.heads() != frozen.heads() {
         return Err(ElraError::invalid(
