@@ -27,11 +27,6 @@
 #define ELRA_ABI_VERSION 1
 
 /**
- * Version of the ELRA config layout written by this library.
- */
-#define ELRA_FORMAT_VERSION 1
-
-/**
  * Status code returned by every fallible export. `ELRA_OK` (0) is success; every other value
  * names a class of failure, with details in [`elra_last_error_message`].
  */

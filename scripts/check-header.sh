@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates include/elra.h from src/capi/ with the pinned cbindgen and fails if it differs from
-# the committed header (ABI drift). `scripts/check-header.sh --write` updates the header instead.
+# Regenerates include/elra.h from src/capi/ (only that module tree is parsed, so public constants
+# of other modules never leak into the header) with the pinned cbindgen, and fails if it differs
+# from the committed header (ABI drift). `scripts/check-header.sh --write` updates the header.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CBINDGEN_VERSION=0.29.4
@@ -11,7 +12,7 @@ if ! [ -x "$bin" ] || [ "$("$bin" --version)" != "cbindgen $CBINDGEN_VERSION" ];
 fi
 tmp="$(mktemp)"
 trap 'rm -f "$tmp"' EXIT
-"$bin" --quiet --config cbindgen.toml --crate elra --output "$tmp" .
+"$bin" --quiet --config cbindgen.toml --output "$tmp" src/capi/mod.rs
 if [ "${1:-}" = "--write" ]; then
   cp "$tmp" include/elra.h
   echo "wrote include/elra.h (cbindgen $CBINDGEN_VERSION)"

@@ -461,3 +461,67 @@ fn merged_weights_export_round_trips() {
     assert!(save_merged::<f64>(&path, &[("bad name", &w1)]).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn elra_and_lora_layers_round_trip_through_a_directory() {
+    use elra::adapter::{Adapter, ElraConfig, ElraLayer, LoraConfig, LoraLayer, Variant};
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let dir = tmpdir("layers");
+    for variant in [Variant::General, Variant::Psd, Variant::Hyb] {
+        let (d1, k1, d2, k2) = (6, 5, 4, 7);
+        let mut c1 = ElraConfig::new(variant, d1, k1, 2, 50);
+        c1.seed = 11;
+        let mut c2 = c1.clone();
+        c2.d = d2;
+        c2.k = k2;
+        let w01 = rand_mat(d1, k1, &mut rng);
+        let w02 = rand_mat(d2, k2, &mut rng);
+        let mut l1 = ElraLayer::new(c1, w01.clone()).unwrap();
+        let mut l2 = ElraLayer::new(c2, w02.clone()).unwrap();
+        // Pretend training moved η and the step (α of the Hyb schedule depends on it).
+        for l in [&mut l1, &mut l2] {
+            l.set_eta(0.37).unwrap();
+            l.set_step(9);
+        }
+        let f = AdapterFile::from_elra_layers(&[(MODS[0], &l1), (MODS[1], &l2)]).unwrap();
+        f.save(&dir).unwrap();
+        let g = AdapterFile::<f64>::load(&dir).unwrap();
+        let back1 = g.elra_layer(MODS[0], w01).unwrap();
+        let back2 = g.elra_layer(MODS[1], w02.clone()).unwrap();
+        assert_eq!(back1, l1);
+        assert_eq!(back2, l2);
+        let x = rand_mat(3, k2, &mut rng);
+        assert_eq!(back2.forward(&x).unwrap(), l2.forward(&x).unwrap());
+        // W0 with the wrong number of rows is refused.
+        assert!(g
+            .elra_layer(MODS[1], rand_mat(d2 + 1, k2, &mut rng))
+            .is_err());
+        assert!(g.elra_layer("missing.module", w02).is_err());
+    }
+    // Layers with different settings cannot share a file.
+    let a = ElraLayer::<f64>::new(
+        ElraConfig::new(Variant::General, 4, 4, 2, 10),
+        DMatrix::identity(4, 4),
+    )
+    .unwrap();
+    let b = ElraLayer::<f64>::new(
+        ElraConfig::new(Variant::Hyb, 4, 4, 2, 10),
+        DMatrix::identity(4, 4),
+    )
+    .unwrap();
+    assert!(AdapterFile::from_elra_layers(&[(MODS[0], &a), (MODS[1], &b)]).is_err());
+    // LoRA.
+    let w0 = rand_mat(6, 5, &mut rng);
+    let mut cfg = LoraConfig::new(6, 5, 2);
+    cfg.lora_alpha = 16.0;
+    let mut l = LoraLayer::new(cfg, w0.clone()).unwrap();
+    l.set_lora_b(rand_mat(6, 2, &mut rng)).unwrap();
+    let f = AdapterFile::from_lora_layers(&[(MODS[0], &l)]).unwrap();
+    f.save(&dir).unwrap();
+    let g = AdapterFile::<f64>::load(&dir).unwrap();
+    let back = g.lora_layer(MODS[0], w0).unwrap();
+    assert_eq!(back.lora_a(), l.lora_a());
+    assert_eq!(back.lora_b(), l.lora_b());
+    assert_eq!(back.merge().unwrap(), l.merge().unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

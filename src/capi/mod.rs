@@ -35,6 +35,9 @@ use std::cell::RefCell;
 use std::os::raw::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+/// Self-checking driver of the exports for the fuzz targets (`fuzz/`) and unit tests.
+#[doc(hidden)]
+pub mod fuzz;
 pub mod matfn;
 
 pub use matfn::*;

@@ -19,6 +19,7 @@
 //! never a panic and never a partially filled adapter.
 
 pub mod adapter_file;
+pub mod convert;
 
 pub use adapter_file::{
     load_merged, save_merged, AdapterFile, AlphaScheduleSpec, ElraFileConfig, EtaMultiplierSpec,
