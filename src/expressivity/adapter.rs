@@ -49,6 +49,13 @@ impl WeightAdapter for Lora {
 
     /// `W0 + B A`.
     fn effective_weight(&self, W0: &DMatrix<f64>) -> Result<DMatrix<f64>> {
+        if self.B.ncols() != self.A.nrows() {
+            return Err(ElraError::shape(
+                "A",
+                (self.B.ncols(), self.A.ncols()),
+                self.A.shape(),
+            ));
+        }
         if W0.shape() != (self.B.nrows(), self.A.ncols()) {
             return Err(ElraError::shape(
                 "W0",
@@ -61,6 +68,13 @@ impl WeightAdapter for Lora {
 
     /// `∂L/∂B = (∂L/∂W) Aᵀ`, `∂L/∂A = Bᵀ (∂L/∂W)`.
     fn pullback(&self, W0: &DMatrix<f64>, d_weff: &DMatrix<f64>) -> Result<Vec<DMatrix<f64>>> {
+        if self.B.ncols() != self.A.nrows() {
+            return Err(ElraError::shape(
+                "A",
+                (self.B.ncols(), self.A.ncols()),
+                self.A.shape(),
+            ));
+        }
         if d_weff.shape() != W0.shape() || W0.shape() != (self.B.nrows(), self.A.ncols()) {
             return Err(ElraError::shape(
                 "d_weff",

@@ -51,30 +51,40 @@ pub(crate) fn affine(x: &DMatrix<f64>, w: &DMatrix<f64>, b: &DVector<f64>) -> DM
 impl Fnn {
     /// A model from its layers. Errors: no layers, shape mismatch, non-finite entries.
     pub fn new(weights: Vec<DMatrix<f64>>, biases: Vec<DVector<f64>>) -> Result<Self> {
-        let d = weights
+        let m = Fnn { weights, biases };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks the invariants (≥ 1 layer, `D×D` weights with `D ≥ 1`, one length-`D` bias per
+    /// layer, finite); every public function taking a model calls it, since the fields are
+    /// public.
+    pub fn validate(&self) -> Result<()> {
+        let d = self
+            .weights
             .first()
             .ok_or_else(|| ElraError::invalid("weights", "an FNN needs ≥ 1 layer"))?
             .nrows();
         if d == 0 {
             return Err(ElraError::invalid("weights", "width must be ≥ 1"));
         }
-        if biases.len() != weights.len() {
+        if self.biases.len() != self.weights.len() {
             return Err(ElraError::invalid(
                 "biases",
                 format!(
                     "need one per layer ({}), got {}",
-                    weights.len(),
-                    biases.len()
+                    self.weights.len(),
+                    self.biases.len()
                 ),
             ));
         }
-        for w in &weights {
+        for w in &self.weights {
             check_square("weights", w, d)?;
         }
-        for b in &biases {
+        for b in &self.biases {
             check_vec("biases", b, d)?;
         }
-        Ok(Fnn { weights, biases })
+        Ok(())
     }
 
     /// A random model: Xavier-uniform weights and `U(−1/√D, 1/√D)` biases (App. G.2, whose
@@ -94,7 +104,7 @@ impl Fnn {
 
     /// Width `D`.
     pub fn dim(&self) -> usize {
-        self.weights[0].nrows()
+        self.weights.first().map_or(0, |w| w.nrows())
     }
 
     /// Depth `L`.
@@ -104,6 +114,7 @@ impl Fnn {
 
     /// `FNN_{L,D}(X)` for a batch `X` (`N×D`, rows are samples).
     pub fn forward(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>> {
+        self.validate()?;
         let d = self.dim();
         if x.ncols() != d {
             return Err(ElraError::shape("x", (x.nrows(), d), x.shape()));
@@ -118,6 +129,7 @@ impl Fnn {
 
     /// The adapted model `FNN(·; (W_l + ΔW_l), (b̂_l))` (§2.1).
     pub fn adapted(&self, adapters: &[LowRank], biases: &[DVector<f64>]) -> Result<Self> {
+        self.validate()?;
         if adapters.len() != self.layers() {
             return Err(ElraError::invalid(
                 "adapters",
@@ -128,14 +140,16 @@ impl Fnn {
                 ),
             ));
         }
-        Fnn::new(
-            self.weights
-                .iter()
-                .zip(adapters)
-                .map(|(w, a)| w + a.dense())
-                .collect(),
-            biases.to_vec(),
-        )
+        let d = self.dim();
+        let mut ws = Vec::with_capacity(self.layers());
+        for (w, a) in self.weights.iter().zip(adapters) {
+            let dw = a.dense()?;
+            if dw.shape() != (d, d) {
+                return Err(ElraError::shape("adapters", (d, d), dw.shape()));
+            }
+            ws.push(w + dw);
+        }
+        Fnn::new(ws, biases.to_vec())
     }
 }
 
@@ -170,7 +184,7 @@ pub struct FnnConstruction {
 ///
 /// Errors: shape mismatches, `partition` not a consecutive cover of `0..L` with `L̄` blocks,
 /// `ranks.len() ≠ L`, a negative or non-finite radius, and the errors of
-/// [`lemma_10`](super::linear::lemma_10) (Assumption 2 failing).
+/// [`lemma_10`] (Assumption 2 failing).
 pub fn construct_partition(
     frozen: &Fnn,
     target: &Fnn,
@@ -178,6 +192,8 @@ pub fn construct_partition(
     ranks: &[usize],
     input_radius: f64,
 ) -> Result<FnnConstruction> {
+    frozen.validate()?;
+    target.validate()?;
     let d = frozen.dim();
     if target.dim() != d {
         return Err(ElraError::invalid(
@@ -270,6 +286,7 @@ pub fn construct(
     rank: usize,
     input_radius: f64,
 ) -> Result<FnnConstruction> {
+    frozen.validate()?;
     let d = frozen.dim();
     if rank == 0 || rank > d {
         return Err(ElraError::invalid(
@@ -322,6 +339,8 @@ pub fn theorem_5_bound(
     rank: usize,
     sigma: &DMatrix<f64>,
 ) -> Result<ErrorBound> {
+    frozen.validate()?;
+    target.validate()?;
     let d = frozen.dim();
     if rank == 0 || rank > d {
         return Err(ElraError::invalid(
@@ -333,7 +352,7 @@ pub fn theorem_5_bound(
     let m = frozen.layers() / target.layers();
     let mut E = Vec::with_capacity(partition.len());
     for (i, p) in partition.iter().enumerate() {
-        let disc = &target.weights[i] - super::product(&frozen.weights[p.clone()], d);
+        let disc = &target.weights[i] - super::product(&frozen.weights[p.clone()], d)?;
         E.push(SortedSvd::new("discrepancy", &disc)?.sigma_1based(rank * m + 1));
     }
     bound_from_errors(target, E, sigma)
@@ -351,6 +370,8 @@ pub fn theorem_15_bound(
     ranks: &[usize],
     sigma: &DMatrix<f64>,
 ) -> Result<ErrorBound> {
+    frozen.validate()?;
+    target.validate()?;
     let d = frozen.dim();
     if partition.len() != target.layers() {
         return Err(ElraError::invalid(
@@ -367,7 +388,7 @@ pub fn theorem_15_bound(
     }
     let mut E = Vec::with_capacity(partition.len());
     for (i, p) in partition.iter().enumerate() {
-        let disc = &target.weights[i] - super::product(&frozen.weights[p.clone()], d);
+        let disc = &target.weights[i] - super::product(&frozen.weights[p.clone()], d)?;
         let r: usize = ranks[p.clone()].iter().sum();
         E.push(SortedSvd::new("discrepancy", &disc)?.sigma_1based(r + 1));
     }

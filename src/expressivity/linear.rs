@@ -27,14 +27,26 @@ impl LinearModel {
     /// A model from its layers (first layer first). Errors: no layers, non-square or mismatched
     /// shapes, non-finite entries.
     pub fn new(weights: Vec<DMatrix<f64>>) -> Result<Self> {
-        let d = weights
+        let m = LinearModel { weights };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks the invariants (≥ 1 layer, all `D×D` with `D ≥ 1`, finite); every public function
+    /// taking a model calls it, since the fields are public.
+    pub fn validate(&self) -> Result<()> {
+        let d = self
+            .weights
             .first()
             .ok_or_else(|| ElraError::invalid("weights", "a linear model needs ≥ 1 layer"))?
             .nrows();
-        for w in &weights {
+        if d == 0 {
+            return Err(ElraError::invalid("weights", "width must be ≥ 1"));
+        }
+        for w in &self.weights {
             check_square("weights", w, d)?;
         }
-        Ok(LinearModel { weights })
+        Ok(())
     }
 
     /// A random model with i.i.d. Xavier-uniform layers (App. G.1, "Random").
@@ -51,7 +63,7 @@ impl LinearModel {
 
     /// Width `D`.
     pub fn dim(&self) -> usize {
-        self.weights[0].nrows()
+        self.weights.first().map_or(0, |w| w.nrows())
     }
 
     /// Depth `L`.
@@ -59,13 +71,15 @@ impl LinearModel {
         self.weights.len()
     }
 
-    /// `∏_{l=1}^L W_l = W_L ⋯ W_1`.
-    pub fn product(&self) -> DMatrix<f64> {
+    /// `∏_{l=1}^L W_l = W_L ⋯ W_1`. Errors: an invalid model.
+    pub fn product(&self) -> Result<DMatrix<f64>> {
+        self.validate()?;
         product(&self.weights, self.dim())
     }
 
     /// `X ↦ X (W_L⋯W_1)ᵀ` for a batch `X` (`N×D`, rows are samples).
     pub fn forward(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>> {
+        self.validate()?;
         let d = self.dim();
         if x.ncols() != d {
             return Err(ElraError::shape("x", (x.nrows(), d), x.shape()));
@@ -79,6 +93,7 @@ impl LinearModel {
 
     /// The model with `W_l + ΔW_l` for each layer (`adapters[l]` is `ΔW_{l+1}`).
     pub fn adapted(&self, adapters: &[LowRank]) -> Result<Self> {
+        self.validate()?;
         if adapters.len() != self.layers() {
             return Err(ElraError::invalid(
                 "adapters",
@@ -89,13 +104,16 @@ impl LinearModel {
                 ),
             ));
         }
-        LinearModel::new(
-            self.weights
-                .iter()
-                .zip(adapters)
-                .map(|(w, a)| w + a.dense())
-                .collect(),
-        )
+        let d = self.dim();
+        let mut ws = Vec::with_capacity(self.layers());
+        for (w, a) in self.weights.iter().zip(adapters) {
+            let dw = a.dense()?;
+            if dw.shape() != (d, d) {
+                return Err(ElraError::shape("adapters", (d, d), dw.shape()));
+            }
+            ws.push(w + dw);
+        }
+        LinearModel::new(ws)
     }
 }
 
@@ -180,7 +198,7 @@ pub fn lemma_10(
         ));
     }
 
-    let p0 = product(frozen, d);
+    let p0 = product(frozen, d)?;
     let E = target - &p0;
     let svd = SortedSvd::new("E", &E)?;
     let rank_e = svd.numerical_rank();
@@ -228,7 +246,7 @@ pub fn lemma_10(
             A: At.transpose(),
         }
         .padded(ranks[l]);
-        let m = &frozen[l] + ad.dense();
+        let m = &frozen[l] + ad.dense()?;
         if l + 1 < L {
             lu_m.push(CheckedLu::new(
                 "frozen",
@@ -244,7 +262,7 @@ pub fn lemma_10(
         adapters.push(ad);
         adapted.push(m);
     }
-    let prod = product(&adapted, d);
+    let prod = product(&adapted, d)?;
     let predicted_product = &p0 + svd.low_rank(r_ep);
     let error = super::spectral_norm("product", &(&prod - target))?;
     Ok(ProductApprox {
@@ -281,6 +299,8 @@ pub fn construct(
     target: &LinearModel,
     rank: usize,
 ) -> Result<LinearConstruction> {
+    frozen.validate()?;
+    target.validate()?;
     if frozen.dim() != target.dim() {
         return Err(ElraError::invalid(
             "target",

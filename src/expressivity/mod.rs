@@ -26,6 +26,7 @@
 #![allow(non_snake_case)]
 
 pub mod adapter;
+pub mod experiment;
 
 pub mod fnn;
 pub mod linear;
@@ -63,9 +64,30 @@ impl LowRank {
         self.B.ncols()
     }
 
-    /// The dense update `ΔW = B A`.
-    pub fn dense(&self) -> DMatrix<f64> {
-        &self.B * &self.A
+    /// An adapter from its factors. Errors: `B.ncols() ≠ A.nrows()`, non-finite entries.
+    pub fn new(B: DMatrix<f64>, A: DMatrix<f64>) -> Result<Self> {
+        let l = LowRank { B, A };
+        l.validate()?;
+        Ok(l)
+    }
+
+    /// Checks `B.ncols() = A.nrows()` and finiteness (the fields are public).
+    pub fn validate(&self) -> Result<()> {
+        if self.B.ncols() != self.A.nrows() {
+            return Err(ElraError::shape(
+                "A",
+                (self.B.ncols(), self.A.ncols()),
+                self.A.shape(),
+            ));
+        }
+        check_finite("B", &self.B)?;
+        check_finite("A", &self.A)
+    }
+
+    /// The dense update `ΔW = B A`. Errors: as [`LowRank::validate`].
+    pub fn dense(&self) -> Result<DMatrix<f64>> {
+        self.validate()?;
+        Ok(&self.B * &self.A)
     }
 
     /// The same update with factors zero-padded to `r` columns/rows (`r ≥` current budget);
@@ -237,9 +259,9 @@ impl SortedSvd {
         self.sigma.iter().filter(|&&s| s > tol).count()
     }
 
-    /// `Σ_{i ∈ idx} σ_i u_i v_iᵀ` for 0-based indices `idx`, returned as factors
-    /// `(U_S diag(σ_S), V_S)` (`D×|S|` each).
-    pub fn triplets(&self, idx: std::ops::Range<usize>) -> (DMatrix<f64>, DMatrix<f64>) {
+    /// `Σ_{i ∈ idx} σ_i u_i v_iᵀ` for 0-based indices `idx ⊆ [0, min(m, n))`, returned as
+    /// factors `(U_S diag(σ_S), V_S)` (`D×|S|` each).
+    pub(crate) fn triplets(&self, idx: std::ops::Range<usize>) -> (DMatrix<f64>, DMatrix<f64>) {
         let k = idx.len();
         let mut US = self.U.columns(idx.start, k).into_owned();
         for (j, i) in idx.clone().enumerate() {
@@ -337,6 +359,9 @@ impl CheckedLu {
 /// `D×D` matrix with i.i.d. Xavier-uniform entries `U(−a, a)`, `a = √(6/(fan_in+fan_out))`
 /// (App. G: "Xavier uniform distribution").
 pub fn xavier_uniform(d_out: usize, d_in: usize, rng: &mut ChaCha8Rng) -> DMatrix<f64> {
+    if d_out == 0 || d_in == 0 {
+        return DMatrix::zeros(d_out, d_in);
+    }
     let a = (6.0 / (d_in + d_out) as f64).sqrt();
     DMatrix::from_fn(d_out, d_in, |_, _| rng.random_range(-a..a))
 }
@@ -359,14 +384,19 @@ pub fn input_radius(x: &DMatrix<f64>) -> f64 {
     x.row_iter().map(|r| r.norm()).fold(0.0, f64::max)
 }
 
-/// The matrix product `W_L ⋯ W_1` of a layer list given first-to-last (the paper's
+/// The matrix product `W_L ⋯ W_1` of `D×D` layers given first-to-last (the paper's
 /// `∏_{l=1}^L W_l`); the identity for an empty list.
-pub fn product(ws: &[DMatrix<f64>], d: usize) -> DMatrix<f64> {
+///
+/// Errors: a layer that is not `d×d`.
+pub fn product(ws: &[DMatrix<f64>], d: usize) -> Result<DMatrix<f64>> {
     let mut p = DMatrix::identity(d, d);
     for w in ws {
+        if w.shape() != (d, d) {
+            return Err(ElraError::shape("ws", (d, d), w.shape()));
+        }
         p = w * p;
     }
-    p
+    Ok(p)
 }
 
 pub(crate) fn check_square(arg: &'static str, m: &DMatrix<f64>, d: usize) -> Result<()> {

@@ -8,7 +8,7 @@
 
 use super::fnn::{affine, relu_mut, Fnn};
 use super::linear::LinearModel;
-use super::tfn::Tfn;
+use super::tfn::{seq_apply, seq_apply_t, seq_scores, Tfn};
 use crate::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
 
@@ -34,12 +34,19 @@ pub trait Network: Clone + Send + Sync + std::fmt::Debug {
     fn weight_names(&self) -> Vec<String>;
     /// The weight slots.
     fn weights(&self) -> Vec<&DMatrix<f64>>;
-    /// The weight slots, mutable.
-    fn weights_mut(&mut self) -> Vec<&mut DMatrix<f64>>;
     /// The bias slots.
     fn biases(&self) -> Vec<&DVector<f64>>;
+    /// The weight and bias slots, mutable, at the same time (for an optimiser step).
+    #[allow(clippy::type_complexity)]
+    fn params_mut(&mut self) -> (Vec<&mut DMatrix<f64>>, Vec<&mut DVector<f64>>);
+    /// The weight slots, mutable.
+    fn weights_mut(&mut self) -> Vec<&mut DMatrix<f64>> {
+        self.params_mut().0
+    }
     /// The bias slots, mutable.
-    fn biases_mut(&mut self) -> Vec<&mut DVector<f64>>;
+    fn biases_mut(&mut self) -> Vec<&mut DVector<f64>> {
+        self.params_mut().1
+    }
     /// The forward pass on a batch whose rows are samples (tokens for [`Tfn`]).
     fn forward(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>>;
     /// Reverse mode: the gradient of `⟨dy, f(x)⟩ = Σ dy ⊙ f(x)` w.r.t. every weight and bias.
@@ -104,19 +111,17 @@ impl Network for LinearModel {
     fn weights(&self) -> Vec<&DMatrix<f64>> {
         self.weights.iter().collect()
     }
-    fn weights_mut(&mut self) -> Vec<&mut DMatrix<f64>> {
-        self.weights.iter_mut().collect()
-    }
     fn biases(&self) -> Vec<&DVector<f64>> {
         Vec::new()
     }
-    fn biases_mut(&mut self) -> Vec<&mut DVector<f64>> {
-        Vec::new()
+    fn params_mut(&mut self) -> (Vec<&mut DMatrix<f64>>, Vec<&mut DVector<f64>>) {
+        (self.weights.iter_mut().collect(), Vec::new())
     }
     fn forward(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>> {
         LinearModel::forward(self, x)
     }
     fn vjp(&self, x: &DMatrix<f64>, dy: &DMatrix<f64>) -> Result<Grads> {
+        self.validate()?;
         let d = LinearModel::dim(self);
         if x.ncols() != d {
             return Err(ElraError::shape("x", (x.nrows(), d), x.shape()));
@@ -156,19 +161,20 @@ impl Network for Fnn {
     fn weights(&self) -> Vec<&DMatrix<f64>> {
         self.weights.iter().collect()
     }
-    fn weights_mut(&mut self) -> Vec<&mut DMatrix<f64>> {
-        self.weights.iter_mut().collect()
-    }
     fn biases(&self) -> Vec<&DVector<f64>> {
         self.biases.iter().collect()
     }
-    fn biases_mut(&mut self) -> Vec<&mut DVector<f64>> {
-        self.biases.iter_mut().collect()
+    fn params_mut(&mut self) -> (Vec<&mut DMatrix<f64>>, Vec<&mut DVector<f64>>) {
+        (
+            self.weights.iter_mut().collect(),
+            self.biases.iter_mut().collect(),
+        )
     }
     fn forward(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>> {
         Fnn::forward(self, x)
     }
     fn vjp(&self, x: &DMatrix<f64>, dy: &DMatrix<f64>) -> Result<Grads> {
+        self.validate()?;
         let d = Fnn::dim(self);
         if x.ncols() != d {
             return Err(ElraError::shape("x", (x.nrows(), d), x.shape()));
@@ -265,26 +271,30 @@ impl Network for Tfn {
         v.push(&self.Wo);
         v
     }
-    fn weights_mut(&mut self) -> Vec<&mut DMatrix<f64>> {
-        let mut v = Vec::new();
-        for b in &mut self.blocks {
-            for h in &mut b.heads {
-                v.extend([&mut h.Q, &mut h.K, &mut h.V, &mut h.O]);
-            }
-            v.push(&mut b.W1);
-            v.push(&mut b.W2);
-        }
-        v.push(&mut self.Wo);
-        v
-    }
     fn biases(&self) -> Vec<&DVector<f64>> {
         self.blocks.iter().flat_map(|b| [&b.b1, &b.b2]).collect()
     }
-    fn biases_mut(&mut self) -> Vec<&mut DVector<f64>> {
-        self.blocks
-            .iter_mut()
-            .flat_map(|b| [&mut b.b1, &mut b.b2])
-            .collect()
+    fn params_mut(&mut self) -> (Vec<&mut DMatrix<f64>>, Vec<&mut DVector<f64>>) {
+        let mut w = Vec::new();
+        let mut bs = Vec::new();
+        for b in &mut self.blocks {
+            let super::tfn::Block {
+                heads,
+                W1,
+                b1,
+                W2,
+                b2,
+            } = b;
+            for h in heads {
+                w.extend([&mut h.Q, &mut h.K, &mut h.V, &mut h.O]);
+            }
+            w.push(W1);
+            w.push(W2);
+            bs.push(b1);
+            bs.push(b2);
+        }
+        w.push(&mut self.Wo);
+        (w, bs)
     }
     fn forward(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>> {
         Tfn::forward(self, x)
@@ -324,18 +334,21 @@ impl Network for Tfn {
                 let mut dq = DMatrix::zeros(dzin.nrows(), dzin.ncols());
                 let mut dk = dq.clone();
                 let mut dv = dq.clone();
-                for (s, p) in c.p[h].iter().enumerate() {
+                let mut dp = vec![0.0; n * n];
+                for (s, p) in c.p[h].chunks_exact(n * n).enumerate() {
                     let r0 = s * n;
-                    let dpv_s = dpv.rows(r0, n);
-                    let q_s = c.q[h].rows(r0, n);
-                    let k_s = c.k[h].rows(r0, n);
-                    let v_s = c.v[h].rows(r0, n);
-                    // PV = P V_s; P = softmax_rows(S); S = Q_s K_sᵀ.
-                    let dp = dpv_s * v_s.transpose();
-                    dv.rows_mut(r0, n).copy_from(&(p.transpose() * dpv_s));
-                    let ds = softmax_rows_backward(p, &dp);
-                    dq.rows_mut(r0, n).copy_from(&(&ds * k_s));
-                    dk.rows_mut(r0, n).copy_from(&(ds.transpose() * q_s));
+                    // PV_s = P V_s; P = softmax_rows(S); S = Q_s K_sᵀ.
+                    seq_scores(&dpv, &c.v[h], r0, n, &mut dp); // dP = dPV_s V_sᵀ
+                    seq_apply_t(p, &dpv, r0, n, &mut dv); // dV_s = Pᵀ dPV_s
+                                                          // dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place in dp.
+                    for j in 0..n {
+                        let r: f64 = (0..n).map(|i| dp[i * n + j] * p[i * n + j]).sum();
+                        for i in 0..n {
+                            dp[i * n + j] = p[i * n + j] * (dp[i * n + j] - r);
+                        }
+                    }
+                    seq_apply(&dp, &c.k[h], r0, n, &mut dq); // dQ_s = dS K_s
+                    seq_apply_t(&dp, &c.q[h], r0, n, &mut dk); // dK_s = dSᵀ Q_s
                 }
                 // q = Z W_Qᵀ, k = Z W_Kᵀ, v = Z W_Vᵀ.
                 gw[self.head_slot(l, h, 0)] = dq.transpose() * &c.z_in;

@@ -69,11 +69,99 @@ pub(crate) fn softmax_rows(s: &DMatrix<f64>) -> DMatrix<f64> {
     let mut p = s.clone();
     for mut row in p.row_iter_mut() {
         let m = row.max();
-        row.apply(|x| *x = (*x - m).exp());
+        row.apply(|x| *x = exp_nonpos(*x - m));
         let z = row.sum();
         row /= z;
     }
     p
+}
+
+/// `S = Q_s K_sᵀ` for the sequence occupying rows `[r0, r0+n)` of `q`, `k` (column-major
+/// `n×n` into `s`, `S[j, i]` at `i·n + j`).
+pub(crate) fn seq_scores(q: &DMatrix<f64>, k: &DMatrix<f64>, r0: usize, n: usize, s: &mut [f64]) {
+    let rows = q.nrows();
+    let (qs, ks) = (q.as_slice(), k.as_slice());
+    s.fill(0.0);
+    for c in 0..q.ncols() {
+        let qc = &qs[c * rows + r0..c * rows + r0 + n];
+        let kc = &ks[c * rows + r0..c * rows + r0 + n];
+        for (i, &kv) in kc.iter().enumerate() {
+            for (sj, &qj) in s[i * n..(i + 1) * n].iter_mut().zip(qc) {
+                *sj += qj * kv;
+            }
+        }
+    }
+}
+
+/// `eˣ` for `x ≤ 0`, returning 0 directly below the underflow threshold (saturated softmax
+/// rows are common with the N(0,1) attention weights of App. G.3, and libm's underflow path is
+/// slow).
+#[inline]
+fn exp_nonpos(x: f64) -> f64 {
+    if x < -745.2 {
+        0.0
+    } else {
+        x.exp()
+    }
+}
+
+/// Row-wise softmax of a column-major `n×n` block, in place.
+pub(crate) fn softmax_rows_slice(s: &mut [f64], n: usize) {
+    for j in 0..n {
+        let m = (0..n)
+            .map(|i| s[i * n + j])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let mut z = 0.0;
+        for i in 0..n {
+            let e = exp_nonpos(s[i * n + j] - m);
+            s[i * n + j] = e;
+            z += e;
+        }
+        for i in 0..n {
+            s[i * n + j] /= z;
+        }
+    }
+}
+
+/// `out[r0.., :] = P V_s` for the sequence at rows `[r0, r0+n)` (`P` column-major `n×n`).
+pub(crate) fn seq_apply(p: &[f64], v: &DMatrix<f64>, r0: usize, n: usize, out: &mut DMatrix<f64>) {
+    let rows = v.nrows();
+    let vs = v.as_slice();
+    let os = out.as_mut_slice();
+    for c in 0..v.ncols() {
+        let oc = &mut os[c * rows + r0..c * rows + r0 + n];
+        oc.fill(0.0);
+        for i in 0..n {
+            let vv = vs[c * rows + r0 + i];
+            for (o, &pj) in oc.iter_mut().zip(&p[i * n..(i + 1) * n]) {
+                *o += pj * vv;
+            }
+        }
+    }
+}
+
+/// `out[r0 + i, c] = Σ_j P[j, i] X[r0 + j, c]`, i.e. `Pᵀ X_s`, for the sequence at rows
+/// `[r0, r0+n)`.
+pub(crate) fn seq_apply_t(
+    p: &[f64],
+    x: &DMatrix<f64>,
+    r0: usize,
+    n: usize,
+    out: &mut DMatrix<f64>,
+) {
+    let rows = x.nrows();
+    let xs = x.as_slice();
+    let os = out.as_mut_slice();
+    for c in 0..x.ncols() {
+        let xc = &xs[c * rows + r0..c * rows + r0 + n];
+        for i in 0..n {
+            os[c * rows + r0 + i] = p[i * n..(i + 1) * n]
+                .iter()
+                .zip(xc)
+                .map(|(a, b)| a * b)
+                .sum();
+        }
+    }
 }
 
 /// Intermediate values of one block's forward pass, kept for the reverse mode.
@@ -85,8 +173,9 @@ pub(crate) struct BlockCache {
     pub q: Vec<DMatrix<f64>>,
     pub k: Vec<DMatrix<f64>>,
     pub v: Vec<DMatrix<f64>>,
-    /// Per head and sequence: attention probabilities `softmax(S)` (`N×N`).
-    pub p: Vec<Vec<DMatrix<f64>>>,
+    /// Per head: attention probabilities `softmax(S)` of every sequence, sequence `s` at
+    /// offset `s·N²`, column-major `N×N` (`P[j, i]` at `i·N + j`).
+    pub p: Vec<Vec<f64>>,
     /// Per head: `softmax(S) V` for all tokens (before `W_O`).
     pub pv: Vec<DMatrix<f64>>,
     /// Attention output `Σ_h (P V) W_Oᵀ`.
@@ -117,15 +206,12 @@ impl Block {
             let k = z * head.K.transpose();
             let v = z * head.V.transpose();
             let mut pv = DMatrix::zeros(rows, d);
-            let mut p_h = Vec::with_capacity(nseq);
+            let mut p_h = vec![0.0; nseq * seq_len * seq_len];
             for s in 0..nseq {
-                let r0 = s * seq_len;
-                let qs_ = q.rows(r0, seq_len);
-                let ks_ = k.rows(r0, seq_len);
-                let vs_ = v.rows(r0, seq_len);
-                let p = softmax_rows(&(qs_ * ks_.transpose()));
-                pv.rows_mut(r0, seq_len).copy_from(&(&p * vs_));
-                p_h.push(p);
+                let p = &mut p_h[s * seq_len * seq_len..(s + 1) * seq_len * seq_len];
+                seq_scores(&q, &k, s * seq_len, seq_len, p);
+                softmax_rows_slice(p, seq_len);
+                seq_apply(p, &v, s * seq_len, seq_len, &mut pv);
             }
             attn += &pv * head.O.transpose();
             qs.push(q);
@@ -159,22 +245,36 @@ impl Tfn {
     /// A model from its parts. Errors: no blocks or heads, unequal head counts, shape mismatch,
     /// non-finite entries, `seq_len = 0`.
     pub fn new(blocks: Vec<Block>, Wo: DMatrix<f64>, seq_len: usize) -> Result<Self> {
-        if seq_len == 0 {
+        let m = Tfn {
+            blocks,
+            Wo,
+            seq_len,
+        };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks the invariants (≥ 1 block, ≥ 1 head, equal head counts, `D×D` weights with
+    /// `D ≥ 1`, length-`D` biases, finite entries, `seq_len ≥ 1`); every public function taking a
+    /// model calls it, since the fields are public.
+    pub fn validate(&self) -> Result<()> {
+        if self.seq_len == 0 {
             return Err(ElraError::invalid("seq_len", "must be ≥ 1"));
         }
-        let d = Wo.nrows();
+        let d = self.Wo.nrows();
         if d == 0 {
             return Err(ElraError::invalid("Wo", "width must be ≥ 1"));
         }
-        check_square("Wo", &Wo, d)?;
-        let first = blocks
+        check_square("Wo", &self.Wo, d)?;
+        let first = self
+            .blocks
             .first()
             .ok_or_else(|| ElraError::invalid("blocks", "a TFN needs ≥ 1 block"))?;
         let nh = first.heads.len();
         if nh == 0 {
             return Err(ElraError::invalid("blocks", "a block needs ≥ 1 head"));
         }
-        for b in &blocks {
+        for b in &self.blocks {
             if b.heads.len() != nh {
                 return Err(ElraError::invalid(
                     "blocks",
@@ -191,11 +291,7 @@ impl Tfn {
             check_vec("blocks.b1", &b.b1, d)?;
             check_vec("blocks.b2", &b.b2, d)?;
         }
-        Ok(Tfn {
-            blocks,
-            Wo,
-            seq_len,
-        })
+        Ok(())
     }
 
     /// A random model as in App. G.3: attention weights standard normal, feed-forward and output
@@ -253,10 +349,11 @@ impl Tfn {
 
     /// Number of heads `H`.
     pub fn heads(&self) -> usize {
-        self.blocks[0].heads.len()
+        self.blocks.first().map_or(0, |b| b.heads.len())
     }
 
     pub(crate) fn check_input(&self, x: &DMatrix<f64>) -> Result<()> {
+        self.validate()?;
         let d = self.dim();
         if x.ncols() != d || x.nrows() % self.seq_len != 0 {
             return Err(ElraError::Shape {
@@ -344,6 +441,8 @@ pub struct TfnConstruction {
 /// inverse the proof needs does not exist (Assumption 4: `W_1l`, `W_2l`, `W̄_2l`, the Lemma 9
 /// matrices, `W_o + ΔW_o`).
 pub fn construct(frozen: &Tfn, target: &Tfn, rank: usize) -> Result<TfnConstruction> {
+    frozen.validate()?;
+    target.validate()?;
     let d = frozen.dim();
     if rank == 0 || rank > d {
         return Err(ElraError::invalid(
@@ -394,10 +493,10 @@ pub fn construct(frozen: &Tfn, target: &Tfn, rank: usize) -> Result<TfnConstruct
             let dv = ov.adapters[0].clone();
             let dout = ov.adapters[1].clone();
             let mh = &mut model.blocks[l].heads[h];
-            mh.Q += dq.dense();
-            mh.K += dk.dense();
-            mh.V += dv.dense();
-            mh.O += dout.dense();
+            mh.Q += dq.dense()?;
+            mh.K += dk.dense()?;
+            mh.V += dv.dense()?;
+            mh.O += dout.dense()?;
             adapters.push((TfnSlot::Q(l, h), dq));
             adapters.push((TfnSlot::K(l, h), dk));
             adapters.push((TfnSlot::V(l, h), dv));
@@ -446,6 +545,8 @@ pub fn construct(frozen: &Tfn, target: &Tfn, rank: usize) -> Result<TfnConstruct
 ///
 /// Errors: mismatched architectures; [`ElraError::Numerical`] if an SVD fails.
 pub fn functionality_gaps(frozen: &Tfn, target: &Tfn) -> Result<Vec<usize>> {
+    frozen.validate()?;
+    target.validate()?;
     let d = frozen.dim();
     if target.dim() != d || target.layers() != frozen.layers() || target.heads() != frozen.heads() {
         return Err(ElraError::invalid(

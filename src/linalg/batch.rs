@@ -15,7 +15,7 @@ use super::Real;
 use crate::{ElraError, Result};
 
 /// Workspace for batched r×r matrix functions (Padé scaling and squaring, Al-Mohy & Higham
-/// 2009 Alg. 5.1, with φ1 and Fréchet extensions; see [`crate::linalg::expm`]).
+/// 2009 Alg. 5.1, with φ1 and Fréchet extensions; see [`linalg::expm`](mod@crate::linalg::expm)).
 #[derive(Clone, Debug)]
 pub struct MatFnBatch<T: Real> {
     r: usize,
@@ -139,7 +139,7 @@ impl<T: Real> MatFnBatch<T> {
     }
 
     /// `(e^{Z_i}, φ1(Z_i))` from one factorisation per matrix (module docs of
-    /// [`crate::linalg::expm`]).
+    /// [`linalg::expm`](mod@crate::linalg::expm)).
     pub fn expm_phi1(&mut self, z: &[T], exp_out: &mut [T], phi1_out: &mut [T]) -> Result<()> {
         self.plain(z, Some(exp_out), Some(phi1_out))
     }

@@ -8,7 +8,7 @@
 //! phase is then `L ← R L + L R` for e^Z and the pair form of `P ← ½(P + R P)` for φ1. E is scaled
 //! by a power of two so that `‖E‖₁ ≈ ‖Z‖₁` before the block trick and the result scaled back
 //! (linearity in E), so the degree/scaling choice is driven by Z. See the module docs of
-//! [`crate::linalg::expm`] for the exact steps.
+//! [`linalg::expm`](mod@crate::linalg::expm) for the exact steps.
 //!
 //! Adjoints: for a real power series `f`, `⟨L_f(Z, E), G⟩ = ⟨E, L_f(Zᵀ, G)⟩` (Frobenius inner
 //! product), so `L_f(Z)*(G) = L_f(Zᵀ, G)` — the gradient of a scalar loss through `M = f(Z)` is
@@ -102,7 +102,7 @@ fn frechet_single<T: Real>(
 
 /// Fréchet derivative `L_exp(Z, E)`: the top-right block of `exp([[Z, E], [0, Z]])` (Higham 2008
 /// Thm 3.6; AMH 2009 Fréchet paper §2), by the block-structured Padé scaling and squaring of the
-/// module docs of [`crate::linalg::expm`] (squaring `L ← R L + L R`).
+/// module docs of [`linalg::expm`](mod@crate::linalg::expm) (squaring `L ← R L + L R`).
 ///
 /// Errors: shapes (`z` square, `e` the same shape) → [`ElraError::Shape`]; 0×0 →
 /// [`ElraError::InvalidArgument`]; NaN/Inf → [`ElraError::NonFinite`]; overflow →
@@ -113,7 +113,7 @@ pub fn expm_frechet<T: Real>(z: &DMatrix<T>, e: &DMatrix<T>) -> Result<DMatrix<T
 
 /// Fréchet derivative `L_φ1(Z, E)`: the top-right block of `φ1([[Z, E], [0, Z]])` (Higham 2008
 /// Thm 3.6 applied to φ1), from the same block Padé factorisation `P = 2(V−U)⁻¹W` and the pair
-/// form of the squaring `P ← ½(P + R P)` (module docs of [`crate::linalg::expm`]).
+/// form of the squaring `P ← ½(P + R P)` (module docs of [`linalg::expm`](mod@crate::linalg::expm)).
 ///
 /// Errors as [`expm_frechet`].
 pub fn phi1_frechet<T: Real>(z: &DMatrix<T>, e: &DMatrix<T>) -> Result<DMatrix<T>> {
