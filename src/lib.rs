@@ -43,3 +43,8 @@ pub mod reference;
 pub mod verify;
 
 pub use error::{ElraError, Result};
+
+/// The README's example, compiled and run as a doctest so that it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
