@@ -1,9 +1,50 @@
 //! # elra — exponential low-rank adapters
 //!
-//! (crate documentation is written with the modules; see README.md and ARCHITECTURE.md)
+//! ELRA (Exponential Low-Rank Adapters) replaces LoRA's additive update `W0 + AB` by the
+//! multiplicative `W_new = exp(G) W0` (eq. 3), with a low-rank generator written `G = A·C`
+//! (`A` d×r, `C` r×d):
+//!
+//! | variant | `C` | paper |
+//! |---|---|---|
+//! | general | `ηB` | eq. 2 |
+//! | PSD | `ηAᵀ` | §4.3 |
+//! | Hyb | `η(αAᵀ + (1−α)B)`, α: 1 → 0 | eq. 19, Algorithm 1 |
+//! | double-sided | `exp(L) W0 exp(R)` | App. B |
+//!
+//! Nothing of size d×d is ever formed: Proposition 1 (eq. 4, App. C) gives
+//! `exp(A C) = I + A φ1(C A) C`, so only the r×r matrix `Z = C A` goes through a matrix
+//! function ([`linalg`]), and a batch of rows is adapted by eq. 5:
+//! `u = W0 x, v = C u, t = φ1(Z) v, y = u + A t`.
+//!
+//! Modules:
+//! - [`linalg`]: `expm`, `φ1`, their Fréchet derivatives and adjoints (Padé scaling and squaring,
+//!   Al-Mohy & Higham 2009), batched with one workspace.
+//! - [`adapter`]: generators, α/η schedules, energy (eq. 21), spectral clip, the CPU layer
+//!   (Woodbury forward, exact merge/unmerge, inference cache), double-sided variant, LoRA baseline.
+//! - [`reference`]: the dense nalgebra oracle (dense `exp(G)`, never Woodbury).
+//! - [`verify`]: Propositions 1–7 as executable claim checks (`elra verify`, tests/propositions.rs).
+//! - [`expressivity`]: the constructions and App. G experiments of "The Expressive Power of
+//!   Low-Rank Adaptation".
+//! - [`io`]: PEFT-layout adapter files (safetensors + JSON config).
+//! - [`capi`]: the C ABI (`include/elra.h`).
+//! - `cuda` (feature `cuda`): the device layer and kernels compiled from `cuda/*.cu`.
 #![warn(missing_docs)]
 
+pub mod adapter;
+pub mod capi;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
+pub mod expressivity;
+pub mod grad;
+pub mod io;
 pub mod linalg;
+pub mod reference;
+pub mod verify;
 
 pub use error::{ElraError, Result};
+
+/// The README's example, compiled and run as a doctest so that it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -34,23 +34,31 @@
 //! leading coefficient of the backward-error series `h_{2m+1}`; its reciprocal is 100800 for
 //! m = 3):
 //! `α = c·‖|A|^{2m+1}‖ / ‖A‖`, `ℓ(A, m) = max(⌈log2(α/u) / (2m)⌉, 0)` (0 when `‖A‖ = 0` or
-//! `|A|^{2m+1} = 0`). `‖|A|^p‖` is computed exactly with a row vector: `v ← 1ᵀ`, then p times
-//! `v ← v|A|`, normalising `v` by its largest entry `μ` after each step and summing `log2 μ`
-//! (no overflow); `log2 ‖|A|^p‖ = Σ log2 μ`. For the scaled matrix `2⁻ˢA`,
-//! `log2 α(2⁻ˢA) = log2 α(A) − 2ms`, so ℓ is computed once from the unscaled `A`.
+//! `|A|^{2m+1} = 0`). For the scaled matrix `2⁻ˢA`, `log2 α(2⁻ˢA) = log2 α(A) − 2ms`, so ℓ is
+//! computed from the unscaled `A`. Equivalently `ℓ = 0` iff `log2 ‖|A|^p‖ ≤ thr` with p = 2m+1
+//! and `thr = log2 u − log2 c + log2 ‖A‖ + 2ms`, else `ℓ = ⌈(log2 ‖|A|^p‖ − thr)/(2m)⌉`.
+//! `‖|A|^p‖` is computed exactly with a row vector: `v ← 1ᵀ`, then `v ← v|A|` (so
+//! `max_j v_j = ‖|A|^j‖` after j steps), rescaling v by an exact power of two whenever its
+//! maximum leaves [2⁻⁶⁰, 2⁶⁰] (no overflow). The vector is kept across the ℓ calls of one
+//! selection (p = 7, 11, 15, 19, 27 come in increasing order: at most 27 steps per matrix), and
+//! before each step the bound `‖|A|^p‖ ≤ ‖|A|^j‖·‖A‖^{p−j}` (with `⌊log2 max v⌋ + 1` for
+//! `log2 max v`) is tried: if it is already `≤ thr`, ℓ = 0 without more steps. This gives exactly
+//! the ℓ of the exact value and skips most of the iteration for well-scaled matrices.
 //!
 //! **Degree and scaling selection** (exact norms; r is small). `dₖ = ‖Aᵏ‖^{1/k}`.
 //! 1. `A2 = A·A`, `A4 = A2·A2`, `A6 = A4·A2`; `η₁ = max(d₄, d₆)`.
 //! 2. If `η₁ < θ₃` and `ℓ(A,3) = 0`: m = 3, s = 0. Else if `η₁ < θ₅` and `ℓ(A,5) = 0`: m = 5, s = 0.
-//! 3. `A8 = A4·A4`; `η₃ = max(d₆, d₈)`.
+//! 3. `η₃ = max(d₆, d₈)`, `d₈ = ‖A4·A4‖^{1/8}`. The product A8 = A4·A4 is only formed when the
+//!    upper bound `d₈ ≤ min(‖A4‖², ‖A2‖‖A6‖)^{1/8}` cannot decide a comparison of η₃ with a θ
+//!    below (so every decision equals the one with the exact d₈), and always for m = 9.
 //!    - f32 (top degree 7): if `η₃ < θ₇` and `ℓ(A,7) = 0`: m = 7, s = 0; otherwise m = 7 and
 //!      `η = η₃` goes to step 4 (for m = 7 the theory, AMH 2009 Thm 4.2 applied to `A²` with
 //!      `p(p−1) ≤ m`, admits `p ≤ 3`, i.e. `max(d₆, d₈)`, not the `d₁₀` term of m = 13).
 //!    - f64: if `η₃ < θ₇` and `ℓ(A,7) = 0`: m = 7, s = 0; else if `η₃ < θ₉` and `ℓ(A,9) = 0`:
-//!      m = 9, s = 0; otherwise m = 13 with `η = η₅ = min(η₃, max(d₈, d₁₀))`, where
-//!      `d₁₀ = ‖A4·A6‖^{1/10}` is only formed when it can lower η₅ and matter, i.e. when
-//!      `d₈ < d₆` and `η₃ > θ₁₃` (otherwise `η₅ = η₃` and s would be the same).
-//! 4. `s = 0` if `η = 0`, else `s = max(⌈log2(η/θ_m)⌉, 0)`; then `s ← s + ℓ(2⁻ˢA, m)`.
+//!      m = 9, s = 0; otherwise m = 13 with `η = η₅ = min(η₃, max(d₈, d₁₀))`.
+//! 4. If `η₃ ≤ θ_m` (top degree): the first term of s is 0 (η₅ ≤ η₃), no d₁₀ needed. Otherwise
+//!    `s = max(⌈log2(η/θ_m)⌉, 0)` where for m = 13 `d₁₀ = ‖A4·A6‖^{1/10}` is only formed when
+//!    `d₈ < d₆` (else `max(d₈, d₁₀) ≥ η₃` and `η₅ = η₃`). Then `s ← s + ℓ(2⁻ˢA, m)`.
 //!
 //! **Overflow guards.** The input is checked for NaN/Inf before anything else. If a power
 //! `A2, A4, A6, A8, A10` or its norm is not finite (only for ‖A‖ beyond ~2¹⁰⁰ in f64, ~2¹⁵ in
@@ -94,7 +102,10 @@
 //!
 //! **Layout for a GPU port.** One workspace per matrix holds, each with n² (2n² for pairs)
 //! entries: A, A2, A4, A6, A8, T (scratch), W, V, U/N, D (LU in place), R, P; plus n pivots and
-//! two vectors of 2n entries. Nothing else is allocated.
+//! three vectors of 2n entries (column sums, the ℓ iteration vector and its scratch). Nothing
+//! else is allocated. On the CPU the products use 4×4 register tiles with the natural k order;
+//! the batch (`MatFnBatch`) runs the very same code per matrix, so its results equal the
+//! single-matrix functions bit for bit.
 #![allow(non_snake_case)]
 
 use super::Real;
@@ -172,15 +183,32 @@ fn emax<T: Real>() -> f64 {
         .unwrap_or(127.0)
 }
 
-/// `log2 |c_{2m+1}| = log2((m!)² / ((2m)!(2m+1)!))`.
+/// `log2 |c_{2m+1}| = −log2((2m)!(2m+1)! / (m!)²)` (the product is < 2¹²⁰ for m ≤ 13).
 fn log2_c(m: usize) -> f64 {
-    let lf = |k: usize| (1..=k).map(|i| (i as f64).log2()).sum::<f64>();
-    2.0 * lf(m) - lf(2 * m) - lf(2 * m + 1)
+    // (2m)!(2m+1)!/(m!)² = (2m+1)! · Π_{i=m+1}^{2m} i
+    let mut q = 1.0f64;
+    for i in 2..=2 * m + 1 {
+        q *= i as f64;
+    }
+    for i in m + 1..=2 * m {
+        q *= i as f64;
+    }
+    -q.log2()
+}
+
+/// `⌊log2 x⌋ + 1 > log2 x` for finite x > 0, from the exponent bits (normal x) or `log2` (subnormal).
+fn log2_upper(x: f64) -> f64 {
+    let e = ((x.to_bits() >> 52) & 0x7ff) as i64;
+    if e == 0 {
+        x.log2()
+    } else {
+        (e - 1023 + 1) as f64
+    }
 }
 
 /// Multiplies every entry by `2^e` in exact power-of-two steps (no intermediate over/underflow
 /// of the factor itself).
-fn scale_pow2<T: Real>(x: &mut [T], mut e: i64) {
+pub(crate) fn scale_pow2<T: Real>(x: &mut [T], mut e: i64) {
     while e != 0 {
         let step = e.clamp(-60, 60);
         let f = T::of(2f64.powi(step as i32));
@@ -191,19 +219,65 @@ fn scale_pow2<T: Real>(x: &mut [T], mut e: i64) {
     }
 }
 
-/// `c = a·b` (or `c += a·b` when `acc`), all n×n row-major.
-#[inline]
+/// `c = a·b` (or `c += a·b` when `acc`), all n×n row-major. 4×4 register tiles over the
+/// bulk (each tile accumulates over the full k range in registers), plain row loops for the
+/// remainder rows/columns when n is not a multiple of 4. The summation order over k is the
+/// natural one (k = 0, 1, …, n−1) for every entry, in tiles and remainders alike.
 fn gemm<T: Real>(n: usize, a: &[T], b: &[T], c: &mut [T], acc: bool) {
     let nn = n * n;
     let (a, b, c) = (&a[..nn], &b[..nn], &mut c[..nn]);
-    if !acc {
-        c.fill(T::zero());
-    }
-    for (crow, arow) in c.chunks_exact_mut(n).zip(a.chunks_exact(n)) {
-        for (&aik, brow) in arow.iter().zip(b.chunks_exact(n)) {
-            for (cj, &bkj) in crow.iter_mut().zip(brow) {
-                *cj += aik * bkj;
+    let n4 = n / 4 * 4;
+    for i0 in (0..n4).step_by(4) {
+        let (a0, a1, a2, a3) = (
+            &a[i0 * n..(i0 + 1) * n],
+            &a[(i0 + 1) * n..(i0 + 2) * n],
+            &a[(i0 + 2) * n..(i0 + 3) * n],
+            &a[(i0 + 3) * n..(i0 + 4) * n],
+        );
+        for j0 in (0..n4).step_by(4) {
+            let mut t = [[T::zero(); 4]; 4];
+            for ((((&x0, &x1), &x2), &x3), brow) in
+                a0.iter().zip(a1).zip(a2).zip(a3).zip(b.chunks_exact(n))
+            {
+                let bb = &brow[j0..j0 + 4];
+                let bv = [bb[0], bb[1], bb[2], bb[3]];
+                for u in 0..4 {
+                    t[0][u] += x0 * bv[u];
+                    t[1][u] += x1 * bv[u];
+                    t[2][u] += x2 * bv[u];
+                    t[3][u] += x3 * bv[u];
+                }
             }
+            for (r, tr) in t.iter().enumerate() {
+                let cr = &mut c[(i0 + r) * n + j0..(i0 + r) * n + j0 + 4];
+                for (cv, &tv) in cr.iter_mut().zip(tr) {
+                    *cv = if acc { *cv + tv } else { tv };
+                }
+            }
+        }
+        // remainder columns of these rows
+        for r in 0..4 {
+            let ar = &a[(i0 + r) * n..(i0 + r + 1) * n];
+            for j in n4..n {
+                let mut s = T::zero();
+                for (&x, brow) in ar.iter().zip(b.chunks_exact(n)) {
+                    s += x * brow[j];
+                }
+                let cv = &mut c[(i0 + r) * n + j];
+                *cv = if acc { *cv + s } else { s };
+            }
+        }
+    }
+    // remainder rows
+    for i in n4..n {
+        let ar = &a[i * n..(i + 1) * n];
+        for j in 0..n {
+            let mut s = T::zero();
+            for (&x, brow) in ar.iter().zip(b.chunks_exact(n)) {
+                s += x * brow[j];
+            }
+            let cv = &mut c[i * n + j];
+            *cv = if acc { *cv + s } else { s };
         }
     }
 }
@@ -245,42 +319,29 @@ fn norm1<T: Real>(n: usize, x: &[T], col: &mut [T]) -> f64 {
     })
 }
 
-/// `log2 ‖|X|^p‖₁` by normalised row-vector iteration (pair-aware); `-∞` when it is zero.
-fn log2_abs_pow_norm1<T: Real>(n: usize, x: &[T], p: usize, v: &mut [T], w: &mut [T]) -> f64 {
+/// One step `w = v·|X|` of the row-vector iteration for `‖|X|^p‖₁` (pair-aware: for
+/// `X = [[X, Y], [0, X]]`, `[a, b]·|X| = [a|X|, a|Y| + b|X|]`). Returns `max_j w_j`.
+fn abs_vecmat_step<T: Real>(n: usize, x: &[T], v: &[T], w: &mut [T]) -> T {
     let nn = n * n;
     let pair = x.len() == 2 * nn;
     let len = if pair { 2 * n } else { n };
-    let (v, w) = (&mut v[..len], &mut w[..len]);
-    v.fill(T::one());
-    let mut acc = 0.0f64;
-    for _ in 0..p {
-        w.fill(T::zero());
-        // w[..n] = v[..n]|X|;  pair: w[n..] = v[..n]|Y| + v[n..]|X|
-        for i in 0..n {
-            let xi = &x[i * n..(i + 1) * n];
-            let vi = v[i];
-            for (wj, &xij) in w[..n].iter_mut().zip(xi) {
-                *wj += vi * xij.abs();
-            }
-            if pair {
-                let yi = &x[nn + i * n..nn + (i + 1) * n];
-                let vbi = v[n + i];
-                for ((wj, &yij), &xij) in w[n..].iter_mut().zip(yi).zip(xi) {
-                    *wj += vi * yij.abs() + vbi * xij.abs();
-                }
-            }
+    let w = &mut w[..len];
+    w.fill(T::zero());
+    for i in 0..n {
+        let xi = &x[i * n..(i + 1) * n];
+        let vi = v[i];
+        for (wj, &xij) in w[..n].iter_mut().zip(xi) {
+            *wj += vi * xij.abs();
         }
-        let mu = w.iter().fold(T::zero(), |m, &c| if c > m { c } else { m });
-        if mu == T::zero() {
-            return f64::NEG_INFINITY;
-        }
-        acc += mu.f64().log2();
-        let inv = T::one() / mu;
-        for (vj, &wj) in v.iter_mut().zip(w.iter()) {
-            *vj = wj * inv;
+        if pair {
+            let yi = &x[nn + i * n..nn + (i + 1) * n];
+            let vbi = v[n + i];
+            for ((wj, &yij), &xij) in w[n..].iter_mut().zip(yi).zip(xi) {
+                *wj += vi * yij.abs() + vbi * xij.abs();
+            }
         }
     }
-    acc
+    w.iter().fold(T::zero(), |m, &c| if c > m { c } else { m })
 }
 
 /// In-place LU with partial pivoting of the n×n row-major `d`; `false` if a pivot is zero.
@@ -331,40 +392,67 @@ fn lu_solve<T: Real>(n: usize, lu: &[T], piv: &[usize], b: &mut [T]) {
             }
         }
     }
-    // forward: unit lower triangular
+    // Forward (unit lower) then backward (upper) substitution, 4 columns of the right-hand
+    // sides at a time held in registers; k runs in increasing order for every entry.
+    let n4 = n / 4 * 4;
     for i in 1..n {
-        let (top, rest) = b.split_at_mut(i * n);
-        let bi = &mut rest[..n];
-        for k in 0..i {
-            let l = lu[i * n + k];
-            if l != T::zero() {
-                for (x, &y) in bi.iter_mut().zip(&top[k * n..(k + 1) * n]) {
-                    *x -= l * y;
+        let li = &lu[i * n..i * n + i];
+        for j0 in (0..n4).step_by(4) {
+            let mut t = [
+                b[i * n + j0],
+                b[i * n + j0 + 1],
+                b[i * n + j0 + 2],
+                b[i * n + j0 + 3],
+            ];
+            for (&l, bk) in li.iter().zip(b.chunks_exact(n)) {
+                let bk = &bk[j0..j0 + 4];
+                for u in 0..4 {
+                    t[u] -= l * bk[u];
                 }
             }
+            b[i * n + j0..i * n + j0 + 4].copy_from_slice(&t);
+        }
+        for j in n4..n {
+            let mut t = b[i * n + j];
+            for (&l, bk) in li.iter().zip(b.chunks_exact(n)) {
+                t -= l * bk[j];
+            }
+            b[i * n + j] = t;
         }
     }
-    // backward: upper triangular
     for i in (0..n).rev() {
-        let (head, tail) = b.split_at_mut((i + 1) * n);
-        let bi = &mut head[i * n..];
-        for k in i + 1..n {
-            let u = lu[i * n + k];
-            if u != T::zero() {
-                let bk = &tail[(k - i - 1) * n..(k - i) * n];
-                for (x, &y) in bi.iter_mut().zip(bk) {
-                    *x -= u * y;
+        let ui = &lu[i * n + i + 1..(i + 1) * n];
+        let inv = T::one() / lu[i * n + i];
+        let below = (i + 1) * n;
+        for j0 in (0..n4).step_by(4) {
+            let mut t = [
+                b[i * n + j0],
+                b[i * n + j0 + 1],
+                b[i * n + j0 + 2],
+                b[i * n + j0 + 3],
+            ];
+            for (&u_ik, bk) in ui.iter().zip(b[below..].chunks_exact(n)) {
+                let bk = &bk[j0..j0 + 4];
+                for u in 0..4 {
+                    t[u] -= u_ik * bk[u];
                 }
             }
+            for v in t.iter_mut() {
+                *v *= inv;
+            }
+            b[i * n + j0..i * n + j0 + 4].copy_from_slice(&t);
         }
-        let inv = T::one() / lu[i * n + i];
-        for x in bi.iter_mut() {
-            *x *= inv;
+        for j in n4..n {
+            let mut t = b[i * n + j];
+            for (&u_ik, bk) in ui.iter().zip(b[below..].chunks_exact(n)) {
+                t -= u_ik * bk[j];
+            }
+            b[i * n + j] = t * inv;
         }
     }
 }
 
-fn all_finite<T: Real>(x: &[T]) -> bool {
+pub(crate) fn all_finite<T: Real>(x: &[T]) -> bool {
     x.iter().all(|v| v.is_finite())
 }
 
@@ -389,7 +477,18 @@ pub(crate) struct Workspace<T: Real> {
     pub(crate) p: Vec<T>,
     piv: Vec<usize>,
     vec1: Vec<T>,
-    vec2: Vec<T>,
+    /// Row vector of the `‖|A|^p‖₁` iteration (`1ᵀ|A|^p · 2^{-ell_exp}`) and its scratch.
+    ell_v: Vec<T>,
+    ell_w: Vec<T>,
+    /// Power p reached by `ell_v` (0 = not started), power-of-two exponent taken out of it, and
+    /// whether `|A|^p` became zero.
+    ell_steps: usize,
+    ell_exp: i64,
+    ell_zero: bool,
+    /// Whether the `ell_v` iteration has been initialised for the current `a`.
+    ell_started: bool,
+    /// Whether `a8` holds A4·A4 of the current `a`.
+    a8_formed: bool,
 }
 
 impl<T: Real> Workspace<T> {
@@ -414,7 +513,13 @@ impl<T: Real> Workspace<T> {
             p: buf(),
             piv: vec![0; n],
             vec1: vec![T::zero(); 2 * n],
-            vec2: vec![T::zero(); 2 * n],
+            ell_v: vec![T::zero(); 2 * n],
+            ell_w: vec![T::zero(); 2 * n],
+            ell_steps: 0,
+            ell_exp: 0,
+            ell_zero: false,
+            a8_formed: false,
+            ell_started: false,
         }
     }
 
@@ -433,14 +538,12 @@ impl<T: Real> Workspace<T> {
     }
 
     /// Loads the n×n row-major input into `a` (plain run).
-    #[allow(dead_code)] // used by frechet.rs / batch.rs
     pub(crate) fn load(&mut self, z: &[T]) {
         let nn = self.n * self.n;
         self.a[..nn].copy_from_slice(&z[..nn]);
     }
 
     /// Loads `Zᵀ` from the n×n row-major `z` into `a` (plain or main part of a pair).
-    #[allow(dead_code)] // used by frechet.rs / batch.rs
     pub(crate) fn load_transposed(&mut self, z: &[T]) {
         let n = self.n;
         for i in 0..n {
@@ -453,7 +556,6 @@ impl<T: Real> Workspace<T> {
     /// Loads the E part of a pair from the row-major `e`, scaled by `2^k` with k the integer
     /// nearest `log2(‖A‖/‖E‖)` (‖A‖ → 1 when A = 0). Returns `Some(k)`, or `None` when E = 0.
     /// The main part must already be loaded.
-    #[allow(dead_code)] // used by frechet.rs / batch.rs
     pub(crate) fn load_direction(&mut self, e: &[T]) -> Option<i64> {
         let n = self.n;
         let nn = n * n;
@@ -485,24 +587,65 @@ impl<T: Real> Workspace<T> {
         norm1(n, x, &mut self.vec1)
     }
 
-    /// ℓ(2⁻ˢA, m) of AMH 2009 (eq. 5.1), from the unscaled A in `a`.
+    /// Decides `ℓ(2⁻ˢA, m)` (AMH 2009 eq. 5.1) for the A in `a`, whose 1-norm is `norm_a`.
+    ///
+    /// `ℓ = 0` iff `log2 ‖|A|^p‖₁ ≤ thr := log2 u − log2|c| + log2‖A‖₁ + 2ms` (p = 2m + 1).
+    /// `‖|A|^p‖₁` is computed exactly by the row-vector iteration `v ← v|A|` from `v = 1ᵀ`
+    /// (`max_j v_j = ‖|A|^j‖₁`), cached across calls (p = 7, 11, 15, 19, 27 are asked in
+    /// increasing order, so at most 27 steps per matrix), with exact power-of-two rescaling of v
+    /// when its maximum leaves [2⁻⁶⁰, 2⁶⁰]. After j steps the bound
+    /// `‖|A|^p‖₁ ≤ ‖|A|^j‖₁·‖A‖₁^{p−j}` is tried first: when it already gives `≤ thr` the answer is
+    /// 0 without further steps (the same answer the exact value gives).
     fn ell(&mut self, pair: bool, norm_a: f64, m: usize, s: i64) -> i64 {
         if norm_a == 0.0 {
             return 0;
         }
+        let p = 2 * m + 1;
+        let log2_norm_a = norm_a.log2();
+        let thr = T::UNIT_ROUNDOFF.log2() - log2_c(m) + log2_norm_a + (2 * m) as f64 * s as f64;
         let len = self.len(pair);
-        let lp = log2_abs_pow_norm1(
-            self.n,
-            &self.a[..len],
-            2 * m + 1,
-            &mut self.vec1,
-            &mut self.vec2,
-        );
-        if lp == f64::NEG_INFINITY {
-            return 0;
+        let vlen = if pair { 2 * self.n } else { self.n };
+        if self.ell_steps > p {
+            // (only reachable if asked out of order) restart the iteration
+            self.ell_steps = 0;
+            self.ell_started = false;
         }
-        let log2_alpha = log2_c(m) + lp - norm_a.log2() - (2 * m) as f64 * s as f64;
-        let v = ((log2_alpha - T::UNIT_ROUNDOFF.log2()) / (2 * m) as f64).ceil();
+        if self.ell_steps == 0 && !self.ell_started {
+            self.ell_v[..vlen].fill(T::one());
+            self.ell_exp = 0;
+            self.ell_zero = false;
+            self.ell_started = true;
+        }
+        let vmax = |v: &[T]| v.iter().fold(T::zero(), |m, &c| if c > m { c } else { m });
+        let mut mu = vmax(&self.ell_v[..vlen]).f64();
+        loop {
+            if self.ell_zero {
+                return 0;
+            }
+            let j = self.ell_steps.min(p);
+            let upper = log2_upper(mu) + self.ell_exp as f64 + (p - j) as f64 * log2_norm_a;
+            if upper <= thr {
+                return 0;
+            }
+            if self.ell_steps >= p {
+                break;
+            }
+            let mx = abs_vecmat_step(self.n, &self.a[..len], &self.ell_v, &mut self.ell_w);
+            std::mem::swap(&mut self.ell_v, &mut self.ell_w);
+            self.ell_steps += 1;
+            mu = mx.f64();
+            if mu == 0.0 {
+                self.ell_zero = true;
+            } else if !(2f64.powi(-60)..=2f64.powi(60)).contains(&mu) {
+                let k = mu.log2().floor() as i64;
+                scale_pow2(&mut self.ell_v[..vlen], -k);
+                self.ell_exp += k;
+                mu = vmax(&self.ell_v[..vlen]).f64();
+            }
+        }
+        // exact: ℓ = max(⌈(log2 α − log2 u)/(2m)⌉, 0), log2 α = log2|c| + log2‖|A|^p‖ − log2‖A‖ − 2ms
+        let lp = mu.log2() + self.ell_exp as f64;
+        let v = ((lp - thr) / (2 * m) as f64).ceil();
         if v.is_nan() || v <= 0.0 {
             0
         } else {
@@ -527,6 +670,20 @@ impl<T: Real> Workspace<T> {
         }
     }
 
+    /// Forms A8 = A4·A4 and returns d₈ = ‖A8‖^{1/8}, or `None` on overflow.
+    fn form_a8(&mut self, pair: bool) -> Option<f64> {
+        let len = self.len(pair);
+        mul(
+            self.n,
+            &self.a4[..len],
+            &self.a4[..len],
+            &mut self.a8[..len],
+        );
+        self.a8_formed = true;
+        let n8 = self.pow_norm(8, pair);
+        n8.is_finite().then(|| n8.powf(0.125))
+    }
+
     /// Degree and scaling selection (AMH 2009 Alg. 5.1 with exact norms); leaves A2, A4, A6
     /// (and A8 where formed) of the current `a` in the workspace. Returns `(m, s)` for the
     /// current `a`, or `None` when a power overflowed.
@@ -534,11 +691,14 @@ impl<T: Real> Workspace<T> {
         let len = self.len(pair);
         let n = self.n;
         let top = top_degree::<T>();
+        self.ell_steps = 0;
+        self.ell_started = false;
+        self.a8_formed = false;
         let norm_a = norm1(n, &self.a[..len], &mut self.vec1);
         if !norm_a.is_finite() {
             return None;
         }
-        let [_n2, n4, n6] = self.powers(pair)?;
+        let [n2, n4, n6] = self.powers(pair)?;
         let d4 = n4.powf(0.25);
         let d6 = n6.powf(1.0 / 6.0);
         let eta1 = d4.max(d6);
@@ -548,21 +708,47 @@ impl<T: Real> Workspace<T> {
         if eta1 < theta::<T>(5) && self.ell(pair, norm_a, 5, 0) == 0 {
             return Some((5, 0));
         }
-        mul(n, &self.a4[..len], &self.a4[..len], &mut self.a8[..len]);
-        let n8 = self.pow_norm(8, pair);
-        if !n8.is_finite() {
-            return None;
-        }
-        let d8 = n8.powf(0.125);
-        let eta3 = d6.max(d8);
-        if eta3 < theta::<T>(7) && self.ell(pair, norm_a, 7, 0) == 0 {
+        // η₃ = max(d₆, d₈). A8 = A4·A4 is formed only when the upper bound
+        // d₈ ≤ min(‖A4‖², ‖A2‖‖A6‖)^{1/8} cannot settle a comparison (identical decisions).
+        let d8_up = (n4 * n4).min(n2 * n6).powf(0.125);
+        let mut d8_exact: Option<f64> = None;
+        // `η₃ < θ` (strict = true) or `η₃ ≤ θ` (strict = false), exactly as with the exact d₈.
+        let mut eta3_below = |ws: &mut Self, th: f64, strict: bool| -> Option<bool> {
+            let below = |x: f64| if strict { x < th } else { x <= th };
+            if !below(d6) {
+                return Some(false);
+            }
+            if below(d8_up) && d8_exact.is_none() {
+                return Some(true);
+            }
+            let d8 = match d8_exact {
+                Some(d) => d,
+                None => {
+                    let d = ws.form_a8(pair)?;
+                    d8_exact = Some(d);
+                    d
+                }
+            };
+            Some(below(d8))
+        };
+        if eta3_below(self, theta::<T>(7), true)? && self.ell(pair, norm_a, 7, 0) == 0 {
             return Some((7, 0));
         }
-        let eta = if top == 13 {
-            if eta3 < theta::<T>(9) && self.ell(pair, norm_a, 9, 0) == 0 {
-                return Some((9, 0));
-            }
-            if d8 < d6 && eta3 > theta::<T>(13) {
+        if top == 13 && eta3_below(self, theta::<T>(9), true)? && self.ell(pair, norm_a, 9, 0) == 0
+        {
+            return Some((9, 0));
+        }
+        // Top degree: s from η (η₃ for f32/m = 7; η₅ = min(η₃, max(d₈, d₁₀)) for m = 13).
+        let eta = if eta3_below(self, theta::<T>(top), false)? {
+            // η ≤ η₃ ≤ θ: the first term of s is 0 whatever the exact values.
+            0.0
+        } else {
+            let d8 = match d8_exact {
+                Some(d) => d,
+                None => self.form_a8(pair)?,
+            };
+            let eta3 = d6.max(d8);
+            if top == 13 && d8 < d6 {
                 mul(n, &self.a4[..len], &self.a6[..len], &mut self.t[..len]);
                 let n10 = self.pow_norm(10, pair);
                 if !n10.is_finite() {
@@ -573,8 +759,6 @@ impl<T: Real> Workspace<T> {
             } else {
                 eta3
             }
-        } else {
-            eta3
         };
         let m = top;
         let mut s = if eta == 0.0 {
@@ -643,6 +827,10 @@ impl<T: Real> Workspace<T> {
             if m == 9 {
                 scale_pow2(&mut self.a8[..len], -8 * s_sel);
             }
+        }
+        if m == 9 && !self.a8_formed {
+            let len = self.len(pair);
+            mul(n, &self.a4[..len], &self.a4[..len], &mut self.a8[..len]);
         }
         // W (odd part / A) and V (even part).
         let bs: &[f64] = match m {

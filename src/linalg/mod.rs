@@ -72,3 +72,7 @@ pub fn check_finite<T: Real>(arg: &'static str, m: &DMatrix<T>) -> crate::Result
 
 pub mod expm;
 pub use expm::{expm, expm_phi1, pade_plan, phi1, PadePlan};
+pub mod frechet;
+pub use frechet::{expm_frechet, expm_frechet_adjoint, phi1_frechet, phi1_frechet_adjoint};
+pub mod batch;
+pub use batch::MatFnBatch;

@@ -1,0 +1,730 @@
+// Batched e^Z, φ1(Z) and the adjoint Fréchet derivative L_φ1(Zᵀ, G) of small square matrices by
+// Padé scaling and squaring: a line-by-line port of the CPU core `src/linalg/expm.rs`
+// (`Workspace::run`, Al-Mohy & Higham 2009 Alg. 3.1/5.1 with exact 1-norms and the ℓ-correction,
+// φ1 from the same factorisation, Fréchet derivatives on block pairs). Read that module's docs for
+// the mathematics; this file follows its operation order exactly.
+//
+// Parity with the CPU. build.rs compiles with -fmad=false, so `a*b + c` is a rounded product
+// followed by a rounded sum, as in Rust (which never contracts). Every sum runs in the same index
+// order as the CPU loops (dot products in k order, column sums in row order, LU updates and
+// triangular solves in the same sequence). Results therefore equal the CPU bit for bit except
+// where the device's pow/log2 differ from the host libm in the last bit and that moves a
+// ceil() or comparison in the degree/scaling selection across a boundary (then m or s differs
+// and the results differ by rounding only).
+//
+// Layout: one thread block (ELRA_BLOCK threads) per matrix. The 12 work matrices of the CPU
+// Workspace (a, a2, a4, a6, a8, t, w, v, u, d, r, p; `len` entries each: n² plain, 2n² for
+// Fréchet pairs (X, Y) standing for [[X, Y], [0, X]]) live in dynamic shared memory when they fit
+// (use_shared != 0) or in global scratch `work + blockIdx.x·12·len`. Vectors, pivots and reduction
+// buffers are static shared memory. Sizes: n ≤ ELRA_MAX_N. The large helpers are __noinline__:
+// inlining them at every call site made the fatbin 3× larger and ptxas 6× slower for no gain.
+#include "common.cuh"
+
+#define ELRA_MAX_N 64
+#define ELRA_NBUF 12
+
+ELRA_DYNAMIC_SHARED(elra_dyn_smem);
+
+namespace elra {
+namespace pade {
+
+// Padé coefficients b_0..b_m (Higham 2005 eq. 2.2), as in expm.rs.
+__constant__ double B3[4] = {120.0, 60.0, 12.0, 1.0};
+__constant__ double B5[6] = {30240.0, 15120.0, 3360.0, 420.0, 30.0, 1.0};
+__constant__ double B7[8] = {17297280.0, 8648640.0, 1995840.0, 277200.0, 25200.0, 1512.0, 56.0, 1.0};
+__constant__ double B9[10] = {17643225600.0, 8821612800.0, 2075673600.0, 302702400.0, 30270240.0,
+                              2162160.0,     110880.0,     3960.0,       90.0,        1.0};
+__constant__ double B13[14] = {64764752532480000.0, 32382376266240000.0, 7771770303897600.0,
+                               1187353796428800.0,  129060195264000.0,   10559470521600.0,
+                               670442572800.0,      33522128640.0,       1323241920.0,
+                               40840800.0,          960960.0,            16380.0,
+                               182.0,               1.0};
+
+// expm.rs `log2_c`, ported literally: −log2 q with q the f64 product (2m+1)!·Π_{i=m+1}^{2m} i
+// formed in the same order. (The CPU's comment calls this log2((m!)²/((2m)!(2m+1)!)); the
+// product as written equals m!·(2m)!(2m+1)!/(m!)², i.e. it is log2 c_{2m+1} − log2 m!. The GPU
+// mirrors the CPU either way; change both together.)
+__device__ __forceinline__ double log2_c(int m) {
+    double q = 1.0;
+    for (int i = 2; i <= 2 * m + 1; ++i) q *= (double)i;
+    for (int i = m + 1; i <= 2 * m; ++i) q *= (double)i;
+    return -log2(q);
+}
+
+// expm.rs `log2_upper`: ⌊log2 x⌋ + 1 from the exponent bits (normal x), log2 x (subnormal).
+__device__ __forceinline__ double log2_upper(double x) {
+    const long long e = (__double_as_longlong(x) >> 52) & 0x7ff;
+    return e == 0 ? log2(x) : (double)(e - 1023 + 1);
+}
+
+// Precision-dependent constants (Real::PADE, UNIT_ROUNDOFF, emax of expm.rs).
+template <typename T> struct Prec;
+template <> struct Prec<double> {
+    static constexpr int TOP = 13;
+    static constexpr double LOG2_U = -53.0;  // log2(2^-53)
+    static constexpr double EMAX = 1023.0;   // floor(log2(DBL_MAX))
+    static constexpr double KMAX = 10.0;
+    __device__ static double theta(int m) {
+        switch (m) {
+            case 3: return 1.495585217958292e-2;
+            case 5: return 2.539398330063230e-1;
+            case 7: return 9.504178996162932e-1;
+            case 9: return 2.097847961257068;
+            default: return 4.25;  // θ13 of AMH 2009 Alg. 5.1
+        }
+    }
+};
+template <> struct Prec<float> {
+    static constexpr int TOP = 7;
+    static constexpr double LOG2_U = -24.0;
+    static constexpr double EMAX = 127.0;
+    static constexpr double KMAX = 8.0;
+    __device__ static double theta(int m) {
+        switch (m) {
+            case 3: return 4.258730016922831e-1;
+            case 5: return 1.880152677804762;
+            default: return 3.925724783138660;  // m = 7
+        }
+    }
+};
+
+template <typename T> struct Ws {
+    int n;       // matrix size
+    int nn;      // n²
+    bool pair;   // Fréchet pairs: len = 2n²
+    int len;     // entries per buffer in this run
+    T *a, *a2, *a4, *a6, *a8, *t, *w, *v, *u, *d, *r, *p;
+    T* ell_v;    // 2n (shared): row vector 1ᵀ|A|^steps · 2^-ell_exp of the ℓ iteration
+    T* ell_w;    // 2n (shared): its scratch
+    int ell_steps;
+    long long ell_exp;
+    bool ell_zero;
+    bool ell_started;
+    bool a8_formed;
+    int* piv;    // n  (shared)
+    T* red;      // ELRA_BLOCK (shared)
+    double* redd;  // ELRA_BLOCK (shared)
+    int* sh_int;   // 1 (shared)
+};
+
+// ---- elementwise and block-cooperative helpers (each ends with a barrier) -------------------
+
+template <typename T> __device__ void fill(T* x, int len, T v) {
+    for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) x[i] = v;
+    __syncthreads();
+}
+
+template <typename T> __device__ void copy(const T* x, T* y, int len) {
+    for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) y[i] = x[i];
+    __syncthreads();
+}
+
+// expm.rs `scale_pow2`: multiply by 2^e in exact steps of at most 2^±60.
+template <typename T> __device__ __noinline__ void scale_pow2(T* x, int len, long long e) {
+    while (e != 0) {
+        const long long step = e < -60 ? -60 : (e > 60 ? 60 : e);
+        const T f = ldexp_(T(1), (int)step);
+        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) x[i] *= f;
+        __syncthreads();
+        e -= step;
+    }
+}
+
+// expm.rs `gemm` (plain, acc = false): c = a·b, n×n; per entry Σ_k a_ik b_kj in k order from 0.
+template <typename T> __device__ __noinline__ void gemm(int n, const T* a, const T* b, T* c) {
+    const int nn = n * n;
+    for (int idx = threadIdx.x; idx < nn; idx += ELRA_BLOCK) {
+        const int i = idx / n, j = idx - i * n;
+        T s = T(0);
+        for (int k = 0; k < n; ++k) s += a[i * n + k] * b[k * n + j];
+        c[idx] = s;
+    }
+    __syncthreads();
+}
+
+// expm.rs `mul`: pair-aware product c = a·b; pairs: (X₁X₂, X₁Y₂ + Y₁X₂), each of the two Y sums
+// formed from zero in k order and then added (the CPU's second gemm call with acc = true).
+template <typename T> __device__ __noinline__ void mul(const Ws<T>& ws, const T* a, const T* b, T* c) {
+    const int n = ws.n, nn = ws.nn;
+    for (int idx = threadIdx.x; idx < ws.len; idx += ELRA_BLOCK) {
+        if (idx < nn) {
+            const int i = idx / n, j = idx - i * n;
+            T s = T(0);
+            for (int k = 0; k < n; ++k) s += a[i * n + k] * b[k * n + j];
+            c[idx] = s;
+        } else {
+            const int e = idx - nn, i = e / n, j = e - i * n;
+            T s1 = T(0), s2 = T(0);
+            for (int k = 0; k < n; ++k) s1 += a[i * n + k] * b[nn + k * n + j];
+            for (int k = 0; k < n; ++k) s2 += a[nn + i * n + k] * b[k * n + j];
+            c[idx] = s1 + s2;
+        }
+    }
+    __syncthreads();
+}
+
+// expm.rs `norm1`: exact 1-norm of the (block) matrix, column sums over all stored rows (X rows
+// then Y rows) in order, NaN propagates. Returned to every thread.
+template <typename T> __device__ __noinline__ double norm1(const Ws<T>& ws, const T* x, int len) {
+    const int n = ws.n, rows = len / n;
+    double m = 0.0;
+    for (int j = threadIdx.x; j < n; j += ELRA_BLOCK) {
+        T c = T(0);
+        for (int i = 0; i < rows; ++i) c += abs_(x[i * n + j]);
+        const double cd = (double)c;
+        m = (cd != cd || m != m) ? (0.0 / 0.0) : fmax(m, cd);
+    }
+    return block_max(m, ws.redd);
+}
+
+template <typename T> __device__ bool all_finite_(const Ws<T>& ws, const T* x, int len) {
+    bool bad = false;
+    for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) bad |= !finite_(x[i]);
+    return !block_any(bad);
+}
+
+// max over the block of per-thread candidates with expm.rs's `if c > m { c } else { m }` from 0.
+template <typename T> __device__ T block_max_ignore_nan(T c, T* red) {
+    red[threadIdx.x] = c;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        T m = T(0);
+        for (int t = 0; t < ELRA_BLOCK; ++t) m = red[t] > m ? red[t] : m;
+        red[0] = m;
+    }
+    __syncthreads();
+    const T m = red[0];
+    __syncthreads();
+    return m;
+}
+
+// expm.rs `abs_vecmat_step`: w = v·|X| (pairs: [a, b]·|[[X, Y], [0, X]]| = [a|X|, a|Y| + b|X|]),
+// each w_j summed over i in order from 0. Returns max_j w_j (NaN-ignoring, from 0) to every thread.
+template <typename T>
+__device__ __noinline__ T abs_vecmat_step(const Ws<T>& ws, const T* x, const T* v, T* w) {
+    const int n = ws.n, nn = ws.nn;
+    const int vlen = ws.pair ? 2 * n : n;
+    T cand = T(0);
+    for (int j = threadIdx.x; j < vlen; j += ELRA_BLOCK) {
+        T s = T(0);
+        if (j < n) {
+            for (int i = 0; i < n; ++i) s += v[i] * abs_(x[i * n + j]);
+        } else {
+            const int jj = j - n;
+            for (int i = 0; i < n; ++i) s += v[i] * abs_(x[nn + i * n + jj]) + v[n + i] * abs_(x[i * n + jj]);
+        }
+        w[j] = s;
+        cand = s > cand ? s : cand;
+    }
+    return block_max_ignore_nan(cand, ws.red);  // its barriers also publish w
+}
+
+// max_j v_j of the ℓ vector with expm.rs's fold (`if c > m { c } else { m }` from 0).
+template <typename T> __device__ T vmax(const Ws<T>& ws, const T* v) {
+    const int vlen = ws.pair ? 2 * ws.n : ws.n;
+    T cand = T(0);
+    for (int j = threadIdx.x; j < vlen; j += ELRA_BLOCK) cand = v[j] > cand ? v[j] : cand;
+    return block_max_ignore_nan(cand, ws.red);
+}
+
+// expm.rs `lu_factor`: in-place LU with partial pivoting of the n×n `d` (row-major), full-row
+// swaps, multipliers stored below the diagonal. false if a pivot is zero or not finite.
+template <typename T> __device__ __noinline__ bool lu_factor(const Ws<T>& ws, T* d) {
+    const int n = ws.n;
+    for (int k = 0; k < n; ++k) {
+        if (threadIdx.x == 0) {
+            int p = k;
+            T best = abs_(d[k * n + k]);
+            for (int i = k + 1; i < n; ++i) {
+                const T v = abs_(d[i * n + k]);
+                if (v > best) {
+                    best = v;
+                    p = i;
+                }
+            }
+            ws.piv[k] = p;
+            ws.sh_int[0] = (best == T(0) || !finite_(best)) ? -1 : p;
+        }
+        __syncthreads();
+        const int p = ws.sh_int[0];
+        __syncthreads();  // sh_int is rewritten in the next iteration
+        if (p < 0) return false;
+        if (p != k) {
+            for (int j = threadIdx.x; j < n; j += ELRA_BLOCK) {
+                const T tmp = d[k * n + j];
+                d[k * n + j] = d[p * n + j];
+                d[p * n + j] = tmp;
+            }
+            __syncthreads();
+        }
+        const T inv = T(1) / d[k * n + k];
+        for (int i = k + 1 + threadIdx.x; i < n; i += ELRA_BLOCK) d[i * n + k] = d[i * n + k] * inv;
+        __syncthreads();
+        const int m = n - k - 1;  // trailing size
+        for (int idx = threadIdx.x; idx < m * m; idx += ELRA_BLOCK) {
+            const int i = k + 1 + idx / m, j = k + 1 + idx % m;
+            const T l = d[i * n + k];
+            if (l != T(0)) d[i * n + j] -= l * d[k * n + j];
+        }
+        __syncthreads();
+    }
+    return true;
+}
+
+// expm.rs `lu_solve`: D X = B in place on the n×n `b` (n right-hand sides). One thread per
+// column runs the CPU's row operations for that column in the same order.
+template <typename T> __device__ __noinline__ void lu_solve(const Ws<T>& ws, const T* lu, T* b) {
+    const int n = ws.n;
+    for (int j = threadIdx.x; j < n; j += ELRA_BLOCK) {
+        for (int k = 0; k < n; ++k) {
+            const int p = ws.piv[k];
+            if (p != k) {
+                const T tmp = b[k * n + j];
+                b[k * n + j] = b[p * n + j];
+                b[p * n + j] = tmp;
+            }
+        }
+        for (int i = 1; i < n; ++i) {
+            T t = b[i * n + j];
+            for (int k = 0; k < i; ++k) t -= lu[i * n + k] * b[k * n + j];
+            b[i * n + j] = t;
+        }
+        for (int i = n - 1; i >= 0; --i) {
+            const T inv = T(1) / lu[i * n + i];
+            T t = b[i * n + j];
+            for (int k = i + 1; k < n; ++k) t -= lu[i * n + k] * b[k * n + j];
+            b[i * n + j] = t * inv;
+        }
+    }
+    __syncthreads();
+}
+
+// expm.rs `Workspace::solve_pair`: X_X = D_X⁻¹B_X; pairs: X_Y = D_X⁻¹(B_Y − D_Y X_X).
+template <typename T> __device__ void solve_pair(const Ws<T>& ws, T* x) {
+    const int nn = ws.nn;
+    lu_solve(ws, ws.d, x);
+    if (ws.pair) {
+        gemm(ws.n, ws.d + nn, x, ws.t);
+        for (int i = threadIdx.x; i < nn; i += ELRA_BLOCK) x[nn + i] -= ws.t[i];
+        __syncthreads();
+        lu_solve(ws, ws.d, x + nn);
+    }
+}
+
+// expm.rs `Workspace::ell`: decides ℓ(2⁻ˢA, m) (AMH 2009 eq. 5.1) for the A in `a` with 1-norm
+// norm_a. ℓ = 0 iff log2‖|A|^p‖₁ ≤ thr (p = 2m+1); ‖|A|^p‖₁ by the row-vector iteration cached
+// across the calls of one selection, with exact power-of-two rescaling and the early exit
+// ‖|A|^p‖ ≤ ‖|A|^j‖·‖A‖^{p−j}. The state lives in `ws` (uniform across the block).
+template <typename T> __device__ __noinline__ long long ell(Ws<T>& ws, double norm_a, int m, long long s) {
+    if (norm_a == 0.0) return 0;
+    const int p = 2 * m + 1;
+    const double log2_norm_a = log2(norm_a);
+    const double thr = Prec<T>::LOG2_U - log2_c(m) + log2_norm_a + (double)(2 * m) * (double)s;
+    const int vlen = ws.pair ? 2 * ws.n : ws.n;
+    if (ws.ell_steps > p) {
+        ws.ell_steps = 0;
+        ws.ell_started = false;
+    }
+    if (ws.ell_steps == 0 && !ws.ell_started) {
+        fill(ws.ell_v, vlen, T(1));
+        ws.ell_exp = 0;
+        ws.ell_zero = false;
+        ws.ell_started = true;
+    }
+    double mu = (double)vmax(ws, ws.ell_v);
+    for (;;) {
+        if (ws.ell_zero) return 0;
+        const int j = ws.ell_steps < p ? ws.ell_steps : p;
+        const double upper = log2_upper(mu) + (double)ws.ell_exp + (double)(p - j) * log2_norm_a;
+        if (upper <= thr) return 0;
+        if (ws.ell_steps >= p) break;
+        const T mx = abs_vecmat_step(ws, ws.a, ws.ell_v, ws.ell_w);
+        T* tmp = ws.ell_v;
+        ws.ell_v = ws.ell_w;
+        ws.ell_w = tmp;
+        ws.ell_steps += 1;
+        mu = (double)mx;
+        if (mu == 0.0) {
+            ws.ell_zero = true;
+        } else if (!(mu >= 0x1p-60 && mu <= 0x1p60)) {
+            long long k = (long long)floor(log2(mu));
+            // Guard (not in the CPU code): mu = +inf would give k = i64::MAX and a ~10¹⁷-step
+            // scale_pow2 loop. Clamped, the iteration ends with lp = inf → ℓ = 10⁶ → overflow
+            // status. Finite mu always has |k| ≤ 1100, where this changes nothing.
+            k = k > 4096 ? 4096 : (k < -4096 ? -4096 : k);
+            scale_pow2(ws.ell_v, vlen, -k);
+            ws.ell_exp += k;
+            mu = (double)vmax(ws, ws.ell_v);
+        }
+    }
+    const double lp = log2(mu) + (double)ws.ell_exp;
+    const double v = ceil((lp - thr) / (double)(2 * m));
+    if (v != v || v <= 0.0) return 0;
+    return (long long)fmin(v, 1.0e6);
+}
+
+// expm.rs `Workspace::form_a8`: A8 = A4·A4; d₈ = ‖A8‖^{1/8}; false on overflow.
+template <typename T> __device__ bool form_a8(Ws<T>& ws, double& d8) {
+    mul(ws, ws.a4, ws.a4, ws.a8);
+    ws.a8_formed = true;
+    const double n8 = norm1(ws, ws.a8, ws.len);
+    if (!isfinite(n8)) return false;
+    d8 = pow(n8, 0.125);
+    return true;
+}
+
+// expm.rs `select`'s closure `eta3_below`: whether η₃ = max(d₆, d₈) < θ (strict) or ≤ θ, deciding
+// with the bound d8_up when it settles the comparison, else forming A8 once. Returns false in
+// `ok` when forming A8 overflowed.
+template <typename T>
+__device__ bool eta3_below(Ws<T>& ws, double th, bool strict, double d6, double d8_up, bool& have_d8, double& d8,
+                           bool& ok) {
+    ok = true;
+    const bool b6 = strict ? d6 < th : d6 <= th;
+    if (!b6) return false;
+    const bool bup = strict ? d8_up < th : d8_up <= th;
+    if (bup && !have_d8) return true;
+    if (!have_d8) {
+        if (!form_a8(ws, d8)) {
+            ok = false;
+            return false;
+        }
+        have_d8 = true;
+    }
+    return strict ? d8 < th : d8 <= th;
+}
+
+// expm.rs `Workspace::powers` + `select` (AMH 2009 Alg. 5.1 with exact norms). Returns false when
+// a power overflowed; otherwise sets m and s for the current `a`.
+template <typename T> __device__ __noinline__ bool select(Ws<T>& ws, int& m_out, long long& s_out) {
+    const int len = ws.len;
+    const int top = Prec<T>::TOP;
+    ws.ell_steps = 0;
+    ws.ell_started = false;
+    ws.a8_formed = false;
+    const double norm_a = norm1(ws, ws.a, len);
+    if (!isfinite(norm_a)) return false;
+    mul(ws, ws.a, ws.a, ws.a2);
+    mul(ws, ws.a2, ws.a2, ws.a4);
+    mul(ws, ws.a4, ws.a2, ws.a6);
+    const double n2 = norm1(ws, ws.a2, len);
+    const double n4 = norm1(ws, ws.a4, len);
+    const double n6 = norm1(ws, ws.a6, len);
+    if (!(isfinite(n2) && isfinite(n4) && isfinite(n6))) return false;
+    const double d4 = pow(n4, 0.25);
+    const double d6 = pow(n6, 1.0 / 6.0);
+    const double eta1 = fmax(d4, d6);
+    if (eta1 < Prec<T>::theta(3) && ell(ws, norm_a, 3, 0) == 0) {
+        m_out = 3;
+        s_out = 0;
+        return true;
+    }
+    if (eta1 < Prec<T>::theta(5) && ell(ws, norm_a, 5, 0) == 0) {
+        m_out = 5;
+        s_out = 0;
+        return true;
+    }
+    const double d8_up = pow(fmin(n4 * n4, n2 * n6), 0.125);
+    bool have_d8 = false, ok = true;
+    double d8 = 0.0;
+    if (eta3_below(ws, Prec<T>::theta(7), true, d6, d8_up, have_d8, d8, ok) && ell(ws, norm_a, 7, 0) == 0) {
+        m_out = 7;
+        s_out = 0;
+        return true;
+    }
+    if (!ok) return false;
+    if (top == 13) {
+        const bool below9 = eta3_below(ws, Prec<T>::theta(9), true, d6, d8_up, have_d8, d8, ok);
+        if (!ok) return false;
+        if (below9 && ell(ws, norm_a, 9, 0) == 0) {
+            m_out = 9;
+            s_out = 0;
+            return true;
+        }
+    }
+    double eta;
+    const bool below_top = eta3_below(ws, Prec<T>::theta(top), false, d6, d8_up, have_d8, d8, ok);
+    if (!ok) return false;
+    if (below_top) {
+        eta = 0.0;  // η ≤ η₃ ≤ θ: the first term of s is 0
+    } else {
+        if (!have_d8) {
+            if (!form_a8(ws, d8)) return false;
+            have_d8 = true;
+        }
+        const double eta3 = fmax(d6, d8);
+        if (top == 13 && d8 < d6) {
+            mul(ws, ws.a4, ws.a6, ws.t);
+            const double n10 = norm1(ws, ws.t, len);
+            if (!isfinite(n10)) return false;
+            const double d10 = pow(n10, 0.1);
+            eta = fmin(eta3, fmax(d8, d10));
+        } else {
+            eta = eta3;
+        }
+    }
+    const int m = top;
+    long long s = 0;
+    if (eta != 0.0) {
+        const double v = ceil(log2(eta / Prec<T>::theta(m)));
+        s = v > 0.0 ? (long long)fmin(v, 1.0e6) : 0;
+    }
+    s += ell(ws, norm_a, m, s);
+    m_out = m;
+    s_out = s;
+    return true;
+}
+
+// W (odd part / A) and V (even part) for degree m from the (scaled) powers, expm.rs order.
+template <typename T> __device__ void form_wv(const Ws<T>& ws, int m) {
+    const int len = ws.len;
+    const double* bs = m == 3 ? B3 : m == 5 ? B5 : m == 7 ? B7 : m == 9 ? B9 : B13;
+#define PADE_B(k) ((T)bs[k])
+    if (m == 13) {
+        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK)
+            ws.t[i] = PADE_B(13) * ws.a6[i] + PADE_B(11) * ws.a4[i] + PADE_B(9) * ws.a2[i];
+        __syncthreads();
+        mul(ws, ws.a6, ws.t, ws.w);
+        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK)
+            ws.t[i] = PADE_B(12) * ws.a6[i] + PADE_B(10) * ws.a4[i] + PADE_B(8) * ws.a2[i];
+        __syncthreads();
+        mul(ws, ws.a6, ws.t, ws.v);
+        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) {
+            ws.w[i] += PADE_B(7) * ws.a6[i] + PADE_B(5) * ws.a4[i] + PADE_B(3) * ws.a2[i];
+            ws.v[i] += PADE_B(6) * ws.a6[i] + PADE_B(4) * ws.a4[i] + PADE_B(2) * ws.a2[i];
+        }
+    } else {
+        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) {
+            const T x2 = ws.a2[i];
+            if (m == 3) {
+                ws.w[i] = PADE_B(3) * x2;
+                ws.v[i] = PADE_B(2) * x2;
+            } else if (m == 5) {
+                const T x4 = ws.a4[i];
+                ws.w[i] = PADE_B(5) * x4 + PADE_B(3) * x2;
+                ws.v[i] = PADE_B(4) * x4 + PADE_B(2) * x2;
+            } else if (m == 7) {
+                const T x4 = ws.a4[i], x6 = ws.a6[i];
+                ws.w[i] = PADE_B(7) * x6 + PADE_B(5) * x4 + PADE_B(3) * x2;
+                ws.v[i] = PADE_B(6) * x6 + PADE_B(4) * x4 + PADE_B(2) * x2;
+            } else {  // m == 9
+                const T x4 = ws.a4[i], x6 = ws.a6[i], x8 = ws.a8[i];
+                ws.w[i] = PADE_B(9) * x8 + PADE_B(7) * x6 + PADE_B(5) * x4 + PADE_B(3) * x2;
+                ws.v[i] = PADE_B(8) * x8 + PADE_B(6) * x6 + PADE_B(4) * x4 + PADE_B(2) * x2;
+            }
+        }
+    }
+    __syncthreads();
+    // add_diag on the main block: W += b1 I, V += b0 I.
+    for (int i = threadIdx.x; i < ws.n; i += ELRA_BLOCK) {
+        ws.w[i * ws.n + i] += PADE_B(1);
+        ws.v[i * ws.n + i] += PADE_B(0);
+    }
+    __syncthreads();
+#undef PADE_B
+}
+
+// expm.rs `Workspace::run` on the input already in `a`. Afterwards r = e^A (if want_exp) and
+// p = φ1(A) (if want_phi). Returns an ELRA_* status. The r/a8 buffers are swapped during the
+// squaring phase, so `ws` is taken by reference and its r pointer is the result.
+template <typename T> __device__ int run(Ws<T>& ws, bool want_exp, bool want_phi) {
+    const int len = ws.len;
+    if (!all_finite_(ws, ws.a, len)) return ELRA_NONFINITE_INPUT;
+    int m = 0;
+    long long s_sel = 0, s0 = 0;
+    if (!select(ws, m, s_sel)) {
+        double maxabs = 0.0;
+        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) maxabs = fmax(maxabs, (double)abs_(ws.a[i]));
+        maxabs = block_max(maxabs, ws.redd);
+        const int cols = ws.pair ? 2 * ws.n : ws.n;
+        const double lg = log2(maxabs) + log2((double)cols);
+        s0 = (long long)fmax(ceil(lg - (Prec<T>::EMAX - 4.0) / Prec<T>::KMAX), 1.0);
+        scale_pow2(ws.a, len, -s0);
+        if (!select(ws, m, s_sel)) return ELRA_OVERFLOW;
+    }
+    const long long s_total = s_sel + s0;
+    const long long s_max = 4 * ((long long)Prec<T>::EMAX + 1) + 64;
+    if (s_total > s_max) return ELRA_OVERFLOW;
+    if (s_sel > 0) {
+        scale_pow2(ws.a, len, -s_sel);
+        scale_pow2(ws.a2, len, -2 * s_sel);
+        scale_pow2(ws.a4, len, -4 * s_sel);
+        scale_pow2(ws.a6, len, -6 * s_sel);
+        if (m == 9) scale_pow2(ws.a8, len, -8 * s_sel);
+    }
+    if (m == 9 && !ws.a8_formed) mul(ws, ws.a4, ws.a4, ws.a8);
+    form_wv(ws, m);
+    // U = A·W; D = V − U; N = V + U (in u).
+    mul(ws, ws.a, ws.w, ws.u);
+    for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) {
+        const T vi = ws.v[i];
+        ws.d[i] = vi - ws.u[i];
+        ws.u[i] += vi;
+    }
+    __syncthreads();
+    if (!lu_factor(ws, ws.d)) return ELRA_SINGULAR;
+    const bool need_r = want_exp || s_total > 0;
+    if (need_r) {
+        copy(ws.u, ws.r, len);
+        solve_pair(ws, ws.r);
+    }
+    if (want_phi) {
+        const T two = T(1) + T(1);
+        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) ws.p[i] = two * ws.w[i];
+        __syncthreads();
+        solve_pair(ws, ws.p);
+    }
+    const T half = T(0.5);
+    for (long long step = 0; step < s_total; ++step) {
+        if (want_phi) {
+            mul(ws, ws.r, ws.p, ws.t);
+            for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) ws.p[i] = half * (ws.p[i] + ws.t[i]);
+            __syncthreads();
+        }
+        mul(ws, ws.r, ws.r, ws.a8);
+        T* tmp = ws.r;
+        ws.r = ws.a8;
+        ws.a8 = tmp;
+        const bool ok = all_finite_(ws, ws.r, len) && (!want_phi || all_finite_(ws, ws.p, len));
+        if (!ok) return ELRA_OVERFLOW;
+    }
+    const bool ok = (!want_exp || all_finite_(ws, ws.r, len)) && (!want_phi || all_finite_(ws, ws.p, len));
+    return ok ? ELRA_OK : ELRA_OVERFLOW;
+}
+
+// Binds the workspace of this block: 12 buffers of `len` entries in dynamic shared memory or in
+// global scratch, plus the static shared vectors.
+template <typename T>
+__device__ Ws<T> bind(int n, bool pair, T* work, int use_shared, T* ell_v, T* ell_w, int* piv, T* red,
+                      double* redd, int* sh_int) {
+    Ws<T> ws;
+    ws.n = n;
+    ws.nn = n * n;
+    ws.pair = pair;
+    ws.len = pair ? 2 * n * n : n * n;
+    T* base = use_shared ? reinterpret_cast<T*>(elra_dyn_smem)
+                         : work + (size_t)blockIdx.x * (size_t)ELRA_NBUF * (size_t)ws.len;
+    T** bufs[ELRA_NBUF] = {&ws.a, &ws.a2, &ws.a4, &ws.a6, &ws.a8, &ws.t,
+                           &ws.w, &ws.v,  &ws.u,  &ws.d,  &ws.r,  &ws.p};
+    for (int k = 0; k < ELRA_NBUF; ++k) *bufs[k] = base + (size_t)k * ws.len;
+    ws.ell_v = ell_v;
+    ws.ell_w = ell_w;
+    ws.ell_steps = 0;
+    ws.ell_exp = 0;
+    ws.ell_zero = false;
+    ws.ell_started = false;
+    ws.a8_formed = false;
+    ws.piv = piv;
+    ws.red = red;
+    ws.redd = redd;
+    ws.sh_int = sh_int;
+    return ws;
+}
+
+// One matrix per block: E = e^Z and P = φ1(Z) (expm.rs `expm_phi1`).
+template <typename T>
+__device__ void expm_phi1_block(const T* z_all, int n, T* exp_all, T* phi_all, T* work, int use_shared,
+                                int* status) {
+    __shared__ T ell_v[2 * ELRA_MAX_N], ell_w[2 * ELRA_MAX_N], red[ELRA_BLOCK];
+    __shared__ double redd[ELRA_BLOCK];
+    __shared__ int piv[ELRA_MAX_N], sh_int[1];
+    const size_t b = blockIdx.x, nn = (size_t)n * n;
+    const T* z = z_all + b * nn;
+    T* e_out = exp_all + b * nn;
+    T* p_out = phi_all + b * nn;
+    if (n < 1 || n > ELRA_MAX_N) {
+        fill(e_out, (int)nn, quiet_nan<T>());
+        fill(p_out, (int)nn, quiet_nan<T>());
+        if (threadIdx.x == 0) status[b] = ELRA_BAD_SIZE;
+        return;
+    }
+    Ws<T> ws = bind<T>(n, false, work, use_shared, ell_v, ell_w, piv, red, redd, sh_int);
+    copy(z, ws.a, (int)nn);
+    const int st = run(ws, true, true);
+    for (int i = threadIdx.x; i < (int)nn; i += ELRA_BLOCK) {
+        e_out[i] = st == ELRA_OK ? ws.r[i] : quiet_nan<T>();
+        p_out[i] = st == ELRA_OK ? ws.p[i] : quiet_nan<T>();
+    }
+    if (threadIdx.x == 0) status[b] = st;
+}
+
+// One matrix per block: out = L_φ1(Zᵀ, G), the adjoint of the Fréchet derivative of φ1 at Z
+// applied to G (the top-right block of φ1([[Zᵀ, G], [0, Zᵀ]]) on pairs, with G scaled by 2^k,
+// k = round(log2(‖Zᵀ‖₁/‖G‖₁)), and the result by 2^-k; expm.rs `load_transposed`,
+// `load_direction`, `run(pair)`).
+template <typename T>
+__device__ void phi1_adjoint_block(const T* z_all, const T* g_all, int n, T* out_all, T* work, int use_shared,
+                                   int* status) {
+    __shared__ T ell_v[2 * ELRA_MAX_N], ell_w[2 * ELRA_MAX_N], red[ELRA_BLOCK];
+    __shared__ double redd[ELRA_BLOCK];
+    __shared__ int piv[ELRA_MAX_N], sh_int[1];
+    const size_t b = blockIdx.x, nn = (size_t)n * n;
+    const T* z = z_all + b * nn;
+    const T* g = g_all + b * nn;
+    T* out = out_all + b * nn;
+    if (n < 1 || n > ELRA_MAX_N) {
+        fill(out, (int)nn, quiet_nan<T>());
+        if (threadIdx.x == 0) status[b] = ELRA_BAD_SIZE;
+        return;
+    }
+    Ws<T> ws = bind<T>(n, true, work, use_shared, ell_v, ell_w, piv, red, redd, sh_int);
+    const int N = n;
+    // a = (Zᵀ, G)
+    for (int idx = threadIdx.x; idx < (int)nn; idx += ELRA_BLOCK) {
+        const int i = idx / N, j = idx - i * N;
+        ws.a[idx] = z[j * N + i];
+        ws.a[nn + idx] = g[idx];
+    }
+    __syncthreads();
+    int st;
+    if (!all_finite_(ws, ws.a, 2 * (int)nn)) {
+        st = ELRA_NONFINITE_INPUT;
+    } else {
+        // load_direction: k = round(log2(target) − log2(‖G‖)), target = ‖Zᵀ‖ or 1 when Zᵀ = 0.
+        const double ne = norm1(ws, ws.a + nn, (int)nn);
+        if (ne == 0.0) {
+            // E = 0: L = 0 (linear in E).
+            for (int i = threadIdx.x; i < (int)nn; i += ELRA_BLOCK) out[i] = T(0);
+            if (threadIdx.x == 0) status[b] = ELRA_OK;
+            return;
+        }
+        const double na = norm1(ws, ws.a, (int)nn);
+        const double target = na > 0.0 ? na : 1.0;
+        const long long k = (long long)round(log2(target) - log2(ne));
+        scale_pow2(ws.a + nn, (int)nn, k);
+        st = run(ws, false, true);
+        if (st == ELRA_OK) {
+            scale_pow2(ws.p + nn, (int)nn, -k);
+            if (!all_finite_(ws, ws.p + nn, (int)nn)) st = ELRA_OVERFLOW;
+        }
+    }
+    for (int i = threadIdx.x; i < (int)nn; i += ELRA_BLOCK) out[i] = st == ELRA_OK ? ws.p[nn + i] : quiet_nan<T>();
+    if (threadIdx.x == 0) status[b] = st;
+}
+
+}  // namespace pade
+}  // namespace elra
+
+// ---- entry points: {op}_{dtype}; grid = batch, block = ELRA_BLOCK threads ------------------------
+
+extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
+    expm_phi1_f32(const float* z, int n, float* exp_out, float* phi_out, float* work, int use_shared, int* status) {
+    elra::pade::expm_phi1_block<float>(z, n, exp_out, phi_out, work, use_shared, status);
+}
+
+extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
+    expm_phi1_f64(const double* z, int n, double* exp_out, double* phi_out, double* work, int use_shared,
+                  int* status) {
+    elra::pade::expm_phi1_block<double>(z, n, exp_out, phi_out, work, use_shared, status);
+}
+
+extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
+    phi1_adjoint_f32(const float* z, const float* g, int n, float* out, float* work, int use_shared, int* status) {
+    elra::pade::phi1_adjoint_block<float>(z, g, n, out, work, use_shared, status);
+}
+
+extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
+    phi1_adjoint_f64(const double* z, const double* g, int n, double* out, double* work, int use_shared,
+                     int* status) {
+    elra::pade::phi1_adjoint_block<double>(z, g, n, out, work, use_shared, status);
+}

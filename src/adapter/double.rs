@@ -1,0 +1,348 @@
+//! Double-sided ELRA (App. B, eq. 22–26): `W_new = exp(L) W0 exp(R)` with a d×d generator
+//! `L = A_L C_L` acting on the left and a k×k generator `R = A_R C_R` on the right.
+//!
+//! Both exponentials go through the Woodbury form (Prop. 1), so only r_L×r_L and r_R×r_R
+//! matrices are exponentiated. The variants are those of the single-sided layer applied to each
+//! side (eq. 23 general, eq. 24 PSD, eq. 25 Hyb). For the Hyb gate this crate follows the main
+//! text (eq. 19, α decaying 1 → 0 from PSD to general); App. B eq. (25) writes the roles of α
+//! swapped, see `DESIGN.md`.
+#![allow(non_snake_case)]
+
+use nalgebra::DMatrix;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::generator::{
+    check_eta, check_lambda, check_left_factor, check_tau, Variant, DEFAULT_ETA, DEFAULT_LAMBDA,
+    DEFAULT_TAU,
+};
+use super::layer::GeneratorEval;
+use super::schedule::{AlphaSchedule, EtaMultiplier};
+use super::{check_batch, check_dims, check_weight, xavier_uniform, Adapter};
+use crate::linalg::{check_finite, Real};
+use crate::{ElraError, Result};
+
+/// Configuration of a [`DoubleSidedLayer`] (App. B eq. 23–26).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoubleSidedConfig {
+    /// Generator family, used on both sides (eq. 23–25).
+    pub variant: Variant,
+    /// Output dimension `d` (size of `L`).
+    pub d: usize,
+    /// Input dimension `k` (size of `R`).
+    pub k: usize,
+    /// Rank of the left generator, `1 ≤ r_left ≤ d`.
+    pub r_left: usize,
+    /// Rank of the right generator, `1 ≤ r_right ≤ k`.
+    pub r_right: usize,
+    /// Initial η_L > 0.
+    pub eta_left: f64,
+    /// Initial η_R > 0.
+    pub eta_right: f64,
+    /// Energy-penalty weight λ ≥ 0, applied to `‖L‖²_F + ‖R‖²_F`.
+    pub lambda: f64,
+    /// Spectral-clip threshold τ > 0 applied to each generator (App. H), or `None`.
+    pub tau: Option<f64>,
+    /// α schedule for the Hyb variant (eq. 19 / eq. 75).
+    pub schedule: AlphaSchedule,
+    /// Multiplier of both step sizes over the steps (App. H).
+    pub eta_multiplier: EtaMultiplier,
+    /// Seed of the Xavier initialisation in [`DoubleSidedLayer::new`].
+    pub seed: u64,
+}
+
+impl DoubleSidedConfig {
+    /// App. H defaults with `r_L = r_R = r` (App. B "r_L = r_R = r by default").
+    pub fn new(variant: Variant, d: usize, k: usize, r: usize, total_steps: usize) -> Self {
+        DoubleSidedConfig {
+            variant,
+            d,
+            k,
+            r_left: r,
+            r_right: r,
+            eta_left: DEFAULT_ETA,
+            eta_right: DEFAULT_ETA,
+            lambda: DEFAULT_LAMBDA,
+            tau: Some(DEFAULT_TAU),
+            schedule: AlphaSchedule::paper_default(total_steps),
+            eta_multiplier: EtaMultiplier::Cosine { total_steps },
+            seed: 0,
+        }
+    }
+
+    /// Checks the fields; errors name `d`, `k`, `r_left`, `r_right`, `eta`, `lambda`, `tau`,
+    /// `alpha` or `gamma`.
+    pub fn validate(&self) -> Result<()> {
+        check_dims(self.d, self.k, self.r_left, "r_left", self.d)?;
+        check_dims(self.d, self.k, self.r_right, "r_right", self.k)?;
+        check_eta(self.eta_left)?;
+        check_eta(self.eta_right)?;
+        check_lambda(self.lambda)?;
+        if let Some(t) = self.tau {
+            check_tau(t)?;
+        }
+        self.schedule.validate()
+    }
+
+    /// Trainable matrix entries: `2 r_L d + 2 r_R k` (general, Hyb) or `r_L d + r_R k` (PSD).
+    pub fn param_count(&self) -> usize {
+        let m = if self.variant.uses_b() { 2 } else { 1 };
+        m * (self.r_left * self.d + self.r_right * self.k)
+    }
+}
+
+/// One side's factors: `A` (n×r) and `B` (r×n, absent for PSD).
+#[derive(Debug, Clone, PartialEq)]
+struct Side<T: Real> {
+    a: DMatrix<T>,
+    b: Option<DMatrix<T>>,
+    eta: T,
+}
+
+/// `W_new = exp(L) W0 exp(R)` (App. B eq. 22).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoubleSidedLayer<T: Real> {
+    config: DoubleSidedConfig,
+    w0: DMatrix<T>,
+    left: Side<T>,
+    right: Side<T>,
+    step: usize,
+}
+
+fn check_side<T: Real>(
+    variant: Variant,
+    a_arg: &'static str,
+    b_arg: &'static str,
+    a: &DMatrix<T>,
+    b: Option<&DMatrix<T>>,
+    n: usize,
+    r: usize,
+) -> Result<()> {
+    if a.shape() != (n, r) {
+        return Err(ElraError::shape(a_arg, (n, r), a.shape()));
+    }
+    check_left_factor(a_arg, a)?;
+    match (variant.uses_b(), b) {
+        (true, Some(b)) => {
+            if b.shape() != (r, n) {
+                return Err(ElraError::shape(b_arg, (r, n), b.shape()));
+            }
+            check_finite(b_arg, b)
+        }
+        (true, None) => Err(ElraError::invalid(
+            b_arg,
+            format!("variant {variant} needs this factor"),
+        )),
+        (false, Some(_)) => Err(ElraError::invalid(b_arg, "ELRA-PSD has no factor B")),
+        (false, None) => Ok(()),
+    }
+}
+
+impl<T: Real> DoubleSidedLayer<T> {
+    /// Xavier-uniform factors on both sides (App. H), seeded by `config.seed`.
+    ///
+    /// Errors: invalid config, `w0` not d×k or non-finite.
+    pub fn new(config: DoubleSidedConfig, w0: DMatrix<T>) -> Result<Self> {
+        config.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let (d, k, rl, rr) = (config.d, config.k, config.r_left, config.r_right);
+        let a_l = xavier_uniform(&mut rng, d, rl);
+        let b_l = config
+            .variant
+            .uses_b()
+            .then(|| xavier_uniform(&mut rng, rl, d));
+        let a_r = xavier_uniform(&mut rng, k, rr);
+        let b_r = config
+            .variant
+            .uses_b()
+            .then(|| xavier_uniform(&mut rng, rr, k));
+        Self::from_factors(config, w0, (a_l, b_l), (a_r, b_r))
+    }
+
+    /// A layer from given factors: `left = (A_L d×r_L, B_L r_L×d)`,
+    /// `right = (A_R k×r_R, B_R r_R×k)`; `B`s are `None` for ELRA-PSD.
+    ///
+    /// Errors: invalid config; factors or `w0` of the wrong shape or non-finite.
+    pub fn from_factors(
+        config: DoubleSidedConfig,
+        w0: DMatrix<T>,
+        left: (DMatrix<T>, Option<DMatrix<T>>),
+        right: (DMatrix<T>, Option<DMatrix<T>>),
+    ) -> Result<Self> {
+        config.validate()?;
+        check_weight("w0", &w0, config.d, config.k)?;
+        let v = config.variant;
+        check_side(
+            v,
+            "a_left",
+            "b_left",
+            &left.0,
+            left.1.as_ref(),
+            config.d,
+            config.r_left,
+        )?;
+        check_side(
+            v,
+            "a_right",
+            "b_right",
+            &right.0,
+            right.1.as_ref(),
+            config.k,
+            config.r_right,
+        )?;
+        Ok(DoubleSidedLayer {
+            left: Side {
+                a: left.0,
+                b: left.1,
+                eta: T::of(config.eta_left),
+            },
+            right: Side {
+                a: right.0,
+                b: right.1,
+                eta: T::of(config.eta_right),
+            },
+            w0,
+            step: 0,
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DoubleSidedConfig {
+        &self.config
+    }
+
+    /// Moves to optimiser step `t` (α and the η multiplier follow their schedules).
+    pub fn set_step(&mut self, step: usize) {
+        self.step = step;
+    }
+
+    /// α at the current step (eq. 19 convention: 1 = PSD, 0 = general).
+    pub fn alpha(&self) -> f64 {
+        match self.config.variant {
+            Variant::General => 0.0,
+            Variant::Psd => 1.0,
+            Variant::Hyb => self.config.schedule.alpha(self.step),
+        }
+    }
+
+    /// Replaces `(η_L, η_R)`. Errors: either not finite and > 0.
+    pub fn set_etas(&mut self, eta_left: T, eta_right: T) -> Result<()> {
+        check_eta(eta_left)?;
+        check_eta(eta_right)?;
+        self.left.eta = eta_left;
+        self.right.eta = eta_right;
+        Ok(())
+    }
+
+    fn eval(&self, side: &Side<T>) -> Result<GeneratorEval<T>> {
+        let m = T::of(self.config.eta_multiplier.at(self.step));
+        GeneratorEval::evaluate(
+            self.config.variant,
+            &side.a,
+            side.b.as_ref(),
+            side.eta * m,
+            self.alpha(),
+            self.config.tau,
+        )
+    }
+
+    /// The left (d×d) and right (k×k) generators of the current step in Woodbury form
+    /// (eq. 23–25, Prop. 1), each clipped by τ when set.
+    pub fn generators(&self) -> Result<(GeneratorEval<T>, GeneratorEval<T>)> {
+        Ok((self.eval(&self.left)?, self.eval(&self.right)?))
+    }
+
+    /// `(‖L‖²_F, ‖R‖²_F)` from r×r Grams (eq. 21 applied to each side).
+    pub fn energies(&self) -> Result<(T, T)> {
+        let (l, r) = self.generators()?;
+        Ok((
+            l.action.generator().frobenius_norm_sq(),
+            r.action.generator().frobenius_norm_sq(),
+        ))
+    }
+}
+
+impl<T: Real> Adapter<T> for DoubleSidedLayer<T> {
+    fn name(&self) -> &'static str {
+        match self.config.variant {
+            Variant::General => "elra-double",
+            Variant::Psd => "elra-psd-double",
+            Variant::Hyb => "elra-hyb-double",
+        }
+    }
+    fn dims(&self) -> (usize, usize) {
+        (self.config.d, self.config.k)
+    }
+    fn w0(&self) -> &DMatrix<T> {
+        &self.w0
+    }
+    /// `Y = X exp(R)ᵀ W0ᵀ exp(L)ᵀ`: Woodbury on the rows twice (Prop. 1, eq. 5).
+    fn forward(&self, x: &DMatrix<T>) -> Result<DMatrix<T>> {
+        check_batch(x, self.config.k)?;
+        let (l, r) = self.generators()?;
+        let xr = r.action.rows(x)?;
+        let u = xr * self.w0.transpose();
+        l.action.rows(&u)
+    }
+    /// `exp(L) (W0 exp(R))` (eq. 22) via Prop. 1 on both sides.
+    fn merge(&self) -> Result<DMatrix<T>> {
+        let (l, r) = self.generators()?;
+        l.action.left(&r.action.right(&self.w0)?)
+    }
+    /// `exp(−L) W_new exp(−R)` (Prop. 3 on both sides). Errors: `w_new` not d×k or non-finite.
+    fn unmerge(&self, w_new: &DMatrix<T>) -> Result<DMatrix<T>> {
+        check_weight("w_new", w_new, self.config.d, self.config.k)?;
+        let (l, r) = self.generators()?;
+        let inner = r.action.inverse()?.right(w_new)?;
+        l.action.inverse()?.left(&inner)
+    }
+    fn param_count(&self) -> usize {
+        self.config.param_count()
+    }
+    /// η_L and η_R.
+    fn scalar_param_count(&self) -> usize {
+        2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    #[test]
+    fn double_sided_matches_dense() {
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let mut m = |r: usize, c: usize| DMatrix::from_fn(r, c, |_, _| rng.random_range(-1.0..1.0));
+        let (d, k) = (8, 11);
+        let w0 = m(d, k);
+        let x = m(3, k);
+        for variant in [Variant::General, Variant::Psd, Variant::Hyb] {
+            let mut cfg = DoubleSidedConfig::new(variant, d, k, 2, 40);
+            cfg.r_right = 3;
+            cfg.eta_left = 0.6;
+            cfg.eta_right = 0.9;
+            cfg.tau = None;
+            let mut layer = DoubleSidedLayer::new(cfg, w0.clone()).unwrap();
+            layer.set_step(3);
+            let (l, r) = layer.generators().unwrap();
+            let dl = l.action.generator().a() * l.c();
+            let dr = r.action.generator().a() * r.c();
+            let dense = dl.exp() * &w0 * dr.exp();
+            let merged = layer.merge().unwrap();
+            assert!((&merged - &dense).norm() <= 1e-13 * dense.norm());
+            let y = layer.forward(&x).unwrap();
+            let yd = &x * dense.transpose();
+            assert!((y - &yd).norm() <= 1e-13 * yd.norm());
+            let back = layer.unmerge(&merged).unwrap();
+            assert!((back - &w0).norm() <= 1e-13 * w0.norm());
+            let pc = if variant == Variant::Psd {
+                2 * d + 3 * k
+            } else {
+                2 * (2 * d + 3 * k)
+            };
+            assert_eq!(Adapter::param_count(&layer), pc);
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! A self-checking driver of the matrix-function exports for fuzzing (`fuzz/fuzz_targets/
+//! abi_args.rs`) and for the unit tests below: it decodes an argument tuple from bytes, calls the
+//! export on buffers it owns, and panics if the library breaks the ABI contract of the
+//! [module docs](super).
+
+use super::*;
+use crate::linalg::MatFnBatch;
+
+/// Byte reader that yields zeros once the input is exhausted.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn u8(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+    fn f64(&mut self) -> f64 {
+        let mut b = [0u8; 8];
+        for x in &mut b {
+            *x = self.u8();
+        }
+        // Mostly moderate values, sometimes raw bit patterns (NaN, Inf, huge, subnormal).
+        if b[7] & 0xC0 == 0xC0 {
+            match b[6] % 4 {
+                0 => f64::NAN,
+                1 => f64::INFINITY,
+                2 => f64::NEG_INFINITY,
+                _ => f64::from_le_bytes(b),
+            }
+        } else {
+            (i16::from_le_bytes([b[0], b[1]]) as f64) / 4096.0
+        }
+    }
+}
+
+/// The span in elements that the documented contract lets the library touch, computed
+/// independently of [`Layout::check`] in 128-bit arithmetic; `None` when the arguments are
+/// invalid (zero dimension, `ld < cols`, overlapping stride, span beyond `isize::MAX` bytes).
+fn contract_span(batch: usize, r: usize, ld: usize, stride: usize, elem: usize) -> Option<usize> {
+    if batch == 0 || r == 0 || ld < r {
+        return None;
+    }
+    let one = (r as u128 - 1) * ld as u128 + r as u128;
+    if batch > 1 && (stride as u128) < one {
+        return None;
+    }
+    let total = if batch > 1 {
+        (batch as u128 - 1) * stride as u128 + one
+    } else {
+        one
+    };
+    (total * elem as u128 <= isize::MAX as u128).then_some(total as usize)
+}
+
+/// Whether element `k` of a buffer laid out as `(batch, r, ld, stride)` belongs to a matrix.
+fn described(k: usize, batch: usize, r: usize, ld: usize, stride: usize) -> bool {
+    let (b, rem) = if batch > 1 && stride > 0 {
+        (k / stride, k % stride)
+    } else {
+        (0, k)
+    };
+    b < batch && rem / ld < r && rem % ld < r
+}
+
+const SENTINEL: f64 = -31337.0;
+
+/// Decodes one call from `data`, runs it and checks the contract: no panic status, no write
+/// outside the described entries, outputs untouched on error, invalid arguments always rejected,
+/// and on success the result equal bit for bit to [`MatFnBatch`] on a packed copy.
+/// Returns the status of the call.
+#[doc(hidden)]
+pub fn abi_fuzz_one(data: &[u8]) -> ElraStatus {
+    let mut s = Bytes(data);
+    let op = s.u8() % 5;
+    let flags = s.u8();
+    let mut batch = (s.u8() % 5) as usize;
+    let r = (s.u8() % 6) as usize;
+    let mut ldz = r + (s.u8() % 4) as usize;
+    ldz = ldz.saturating_sub((flags & 1) as usize); // sometimes ld < r
+    let ldo = r.max(1) + (s.u8() % 3) as usize;
+    let span_z = r.saturating_sub(1) * ldz + r;
+    let span_o = r.saturating_sub(1) * ldo + r;
+    let mut stride_z = span_z + (s.u8() % 4) as usize;
+    let stride_o = span_o + (s.u8() % 3) as usize;
+    if flags & 2 != 0 {
+        stride_z = stride_z.saturating_sub(1 + (s.u8() % 3) as usize); // overlap
+    }
+    if flags & 4 != 0 {
+        batch = usize::MAX / (s.u8() as usize + 1); // span overflow
+    }
+    let null_z = flags & 8 != 0 && flags & 16 != 0;
+    let null_o = flags & 32 != 0 && flags & 64 != 0;
+
+    let valid_z = contract_span(batch, r, ldz, stride_z, 8);
+    let valid_o = contract_span(batch, r, ldo, stride_o, 8);
+    let expect_ok_args = valid_z.is_some() && valid_o.is_some() && !null_z && !null_o;
+    // Buffers: the contract span when valid, else a small buffer (the library must not touch it).
+    let len_z = valid_z.filter(|&n| n <= 4096).unwrap_or(8);
+    let len_o = valid_o.filter(|&n| n <= 4096).unwrap_or(8);
+    if expect_ok_args && (len_z != valid_z.unwrap_or(0) || len_o != valid_o.unwrap_or(0)) {
+        return ELRA_OK; // a valid call on memory we did not allocate would break the caller's side
+    }
+    let z: Vec<f64> = (0..len_z).map(|_| s.f64()).collect();
+    let g: Vec<f64> = (0..len_z).map(|_| s.f64()).collect();
+    let mut out = vec![SENTINEL; len_o];
+    let mut out2 = vec![SENTINEL; len_o];
+    let zp = if null_z { std::ptr::null() } else { z.as_ptr() };
+    let op_ = if null_o {
+        std::ptr::null_mut()
+    } else {
+        out.as_mut_ptr()
+    };
+    // SAFETY: when the arguments are valid the buffers are exactly the contract span; when they
+    // are not, the library must reject them before touching memory (that is what is checked).
+    let status = unsafe {
+        match op {
+            0 => elra_expm_f64(batch, r, zp, ldz, stride_z, op_, ldo, stride_o),
+            1 => elra_phi1_f64(batch, r, zp, ldz, stride_z, op_, ldo, stride_o),
+            2 => elra_expm_phi1_f64(
+                batch,
+                r,
+                zp,
+                ldz,
+                stride_z,
+                op_,
+                ldo,
+                stride_o,
+                out2.as_mut_ptr(),
+                ldo,
+                stride_o,
+            ),
+            3 => elra_expm_frechet_adjoint_f64(
+                batch,
+                r,
+                zp,
+                ldz,
+                stride_z,
+                g.as_ptr(),
+                ldz,
+                stride_z,
+                op_,
+                ldo,
+                stride_o,
+            ),
+            _ => elra_phi1_frechet_adjoint_f64(
+                batch,
+                r,
+                zp,
+                ldz,
+                stride_z,
+                g.as_ptr(),
+                ldz,
+                stride_z,
+                op_,
+                ldo,
+                stride_o,
+            ),
+        }
+    };
+    assert_ne!(status, ElraStatus::ELRA_PANIC, "panic inside the library");
+    if !expect_ok_args {
+        assert!(
+            matches!(
+                status,
+                ElraStatus::ELRA_NULL_POINTER | ElraStatus::ELRA_INVALID_ARGUMENT
+            ),
+            "invalid arguments accepted: status {status:?}"
+        );
+    }
+    if status != ELRA_OK {
+        assert!(
+            out.iter().chain(&out2).all(|&x| x == SENTINEL),
+            "output written on error {status:?}"
+        );
+        return status;
+    }
+    assert!(expect_ok_args);
+    // Gaps untouched; results equal to the batch kernel on packed copies.
+    let pack = |v: &[f64], ld: usize, st: usize| -> Vec<f64> {
+        let mut p = Vec::with_capacity(batch * r * r);
+        for b in 0..batch {
+            for i in 0..r {
+                p.extend_from_slice(&v[b * st + i * ld..][..r]);
+            }
+        }
+        p
+    };
+    for (k, (&a, &b)) in out.iter().zip(&out2).enumerate() {
+        if !described(k, batch, r, ldo, stride_o) {
+            assert!(a == SENTINEL && b == SENTINEL, "gap entry {k} written");
+        }
+    }
+    let zp = pack(&z, ldz, stride_z);
+    let gp = pack(&g, ldz, stride_z);
+    let mut w = MatFnBatch::<f64>::new(r).expect("r ≥ 1 on success");
+    let mut want = vec![0.0; zp.len()];
+    let mut want2 = vec![0.0; zp.len()];
+    match op {
+        0 => w.expm(&zp, &mut want),
+        1 => w.phi1(&zp, &mut want),
+        2 => w.expm_phi1(&zp, &mut want, &mut want2),
+        3 => w.expm_frechet_adjoint(&zp, &gp, &mut want),
+        _ => w.phi1_frechet_adjoint(&zp, &gp, &mut want),
+    }
+    .expect("the export succeeded on the same input");
+    let same = |x: &[f64], y: &[f64]| x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(
+        same(&pack(&out, ldo, stride_o), &want),
+        "result differs from MatFnBatch"
+    );
+    if op == 2 {
+        assert!(same(&pack(&out2, ldo, stride_o), &want2));
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn random_argument_tuples_respect_the_contract() {
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..3000 {
+            let n = rng.random_range(0..400);
+            let data: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+            *seen.entry(abi_fuzz_one(&data) as i32).or_insert(0) += 1;
+        }
+        // The decoder reaches success and every argument-error class.
+        for st in [
+            ELRA_OK,
+            ElraStatus::ELRA_NULL_POINTER,
+            ElraStatus::ELRA_INVALID_ARGUMENT,
+            ElraStatus::ELRA_NON_FINITE,
+        ] {
+            assert!(
+                seen.get(&(st as i32)).copied().unwrap_or(0) > 30,
+                "{st:?}: {seen:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn contract_span_agrees_with_the_documented_rules() {
+        assert_eq!(contract_span(1, 3, 3, 0, 8), Some(9));
+        assert_eq!(contract_span(2, 3, 4, 11, 8), Some(11 + 11));
+        assert_eq!(contract_span(2, 3, 4, 10, 8), None);
+        assert_eq!(contract_span(1, 3, 2, 0, 8), None);
+        assert_eq!(contract_span(usize::MAX, 1, 1, 1, 8), None);
+        assert!(described(4, 2, 2, 3, 7) && !described(2, 2, 2, 3, 7) && described(7, 2, 2, 3, 7));
+    }
+}

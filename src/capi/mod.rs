@@ -1,0 +1,459 @@
+//! The C ABI: plain `extern "C"` functions on caller-owned memory, declared in `include/elra.h`
+//! (generated from this module by cbindgen, see `cbindgen.toml` and `scripts/check-header.sh`).
+//!
+//! # Conventions (every export follows them)
+//!
+//! - **Status codes.** Every function that can fail returns an [`ElraStatus`]; results come back
+//!   through out-pointers only, never through an overloaded return value. [`ELRA_OK`] is 0.
+//! - **Error text.** A failing call stores a message on the calling thread, readable with
+//!   [`elra_last_error_message`]; every call into the library first clears it, so after a call
+//!   that returned [`ELRA_OK`] the message is empty.
+//! - **Panic boundary.** Every export runs inside `catch_unwind`; a Rust panic (a bug) becomes
+//!   [`ElraStatus::ELRA_PANIC`] with the panic message, never an unwind into C.
+//! - **Matrices** are row-major. A `rows×cols` matrix at `p` with leading dimension `ld`
+//!   (`ld ≥ cols`) has entry `(i, j)` at `p[i·ld + j]`; only those `rows·cols` entries are read or
+//!   written, the gaps between rows are never touched. A batch of matrices adds a batch stride
+//!   `stride ≥ (rows−1)·ld + cols` (matrices may not overlap): matrix `b` starts at `p + b·stride`.
+//! - **Validation before work.** Null pointers ([`ElraStatus::ELRA_NULL_POINTER`]), misaligned
+//!   pointers, zero dimensions, `ld < cols`, overlapping batch strides, spans larger than the
+//!   address space ([`ElraStatus::ELRA_INVALID_ARGUMENT`]) and NaN/Inf in inputs
+//!   ([`ElraStatus::ELRA_NON_FINITE`]) are reported before anything is written.
+//! - **Outputs are untouched on error.** Results are computed into library-owned memory and
+//!   copied to the caller's buffers only when the whole call succeeded. Because inputs are copied
+//!   before outputs are written, an output may alias an input of the same shape (in-place use).
+//! - **Threads.** Functions on caller memory are reentrant. An adapter handle is not
+//!   synchronised: use one handle from one thread at a time (different handles are independent).
+//!
+//! Only this module and `src/cuda/` contain `unsafe` code; every `unsafe` block carries a
+//! `// SAFETY:` comment, enforced by `clippy::undocumented_unsafe_blocks`.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+use crate::linalg::Real;
+use crate::ElraError;
+use std::cell::RefCell;
+use std::os::raw::c_char;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Self-checking driver of the exports for the fuzz targets (`fuzz/`) and unit tests.
+#[doc(hidden)]
+pub mod fuzz;
+pub mod matfn;
+
+pub use matfn::*;
+
+/// Version of the C ABI described by `include/elra.h`. It changes whenever a declaration in the
+/// header changes incompatibly; [`elra_version`] returns the value the library was built with, so
+/// a program can compare it with the `ELRA_ABI_VERSION` macro it was compiled against.
+pub const ELRA_ABI_VERSION: u32 = 1;
+
+/// Status code returned by every fallible export. `ELRA_OK` (0) is success; every other value
+/// names a class of failure, with details in [`elra_last_error_message`].
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ElraStatus {
+    /// Success.
+    ELRA_OK = 0,
+    /// A required pointer argument was NULL.
+    ELRA_NULL_POINTER = 1,
+    /// A scalar or dimension is out of range: zero dimension, `ld < cols`, overlapping batch
+    /// stride, misaligned pointer, r = 0, η ≤ 0, unknown enum value, … (`ElraError::InvalidArgument`).
+    ELRA_INVALID_ARGUMENT = 2,
+    /// Two shapes that must agree do not (`ElraError::Shape`).
+    ELRA_SHAPE_MISMATCH = 3,
+    /// An input holds NaN or ±Inf (`ElraError::NonFinite`).
+    ELRA_NON_FINITE = 4,
+    /// A result would leave the floating-point range (`ElraError::Overflow`).
+    ELRA_OVERFLOW = 5,
+    /// A numerical routine failed, e.g. a singular Padé denominator (`ElraError::Numerical`).
+    ELRA_NUMERICAL = 6,
+    /// Training stopped: non-finite loss or gradient (`ElraError::Training`).
+    ELRA_TRAINING = 7,
+    /// A file could not be read or written (`ElraError::Io`).
+    ELRA_IO = 8,
+    /// A file was read but is malformed (`ElraError::Format`).
+    ELRA_FORMAT = 9,
+    /// No usable CUDA device (`ElraError::NoDevice`).
+    ELRA_NO_DEVICE = 10,
+    /// A CUDA driver, cuBLAS or kernel error (`ElraError::Cuda`).
+    ELRA_CUDA = 11,
+    /// A Rust panic was caught at the ABI boundary (a bug in the library; please report it).
+    ELRA_PANIC = 12,
+}
+
+pub use ElraStatus::ELRA_OK;
+
+/// Maps the crate's error to its status code (one code per [`ElraError`] variant).
+pub fn status_of(e: &ElraError) -> ElraStatus {
+    match e {
+        ElraError::Shape { .. } => ElraStatus::ELRA_SHAPE_MISMATCH,
+        ElraError::InvalidArgument { .. } => ElraStatus::ELRA_INVALID_ARGUMENT,
+        ElraError::NonFinite { .. } => ElraStatus::ELRA_NON_FINITE,
+        ElraError::Overflow { .. } => ElraStatus::ELRA_OVERFLOW,
+        ElraError::Numerical(_) => ElraStatus::ELRA_NUMERICAL,
+        ElraError::Training { .. } => ElraStatus::ELRA_TRAINING,
+        ElraError::Io { .. } => ElraStatus::ELRA_IO,
+        ElraError::Format(_) => ElraStatus::ELRA_FORMAT,
+        ElraError::NoDevice(_) => ElraStatus::ELRA_NO_DEVICE,
+        ElraError::Cuda(_) => ElraStatus::ELRA_CUDA,
+    }
+}
+
+/// Errors inside the ABI layer: the crate's errors plus the FFI-only null pointer.
+#[derive(Debug)]
+pub(crate) enum CError {
+    /// A NULL pointer for the named argument.
+    Null(&'static str),
+    /// Any error of the crate.
+    Elra(ElraError),
+}
+
+impl From<ElraError> for CError {
+    fn from(e: ElraError) -> Self {
+        CError::Elra(e)
+    }
+}
+
+/// Result type of the ABI layer's internals.
+pub(crate) type CResult<T> = std::result::Result<T, CError>;
+
+thread_local! {
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+fn set_last_error(msg: String) {
+    LAST_ERROR.with(|m| *m.borrow_mut() = msg);
+}
+
+fn clear_last_error() {
+    LAST_ERROR.with(|m| m.borrow_mut().clear());
+}
+
+/// Runs `f` inside the panic boundary: clears the thread's error text, maps `Err` to its status
+/// and text, and turns a panic into [`ElraStatus::ELRA_PANIC`].
+pub(crate) fn guard<F: FnOnce() -> CResult<()>>(f: F) -> ElraStatus {
+    clear_last_error();
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => ELRA_OK,
+        Ok(Err(CError::Null(arg))) => {
+            set_last_error(format!("null pointer for `{arg}`"));
+            ElraStatus::ELRA_NULL_POINTER
+        }
+        Ok(Err(CError::Elra(e))) => {
+            set_last_error(e.to_string());
+            status_of(&e)
+        }
+        Err(payload) => {
+            let what = if let Some(s) = payload.downcast_ref::<&str>() {
+                (*s).to_string()
+            } else if let Some(s) = payload.downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "unknown panic payload".to_string()
+            };
+            set_last_error(format!("internal panic (library bug): {what}"));
+            ElraStatus::ELRA_PANIC
+        }
+    }
+}
+
+/// Returns [`ELRA_ABI_VERSION`], the ABI version this library was built with.
+#[no_mangle]
+pub extern "C" fn elra_version() -> u32 {
+    ELRA_ABI_VERSION
+}
+
+/// Copies the calling thread's last error message into `buf` and returns its full length in bytes
+/// (UTF-8, not counting the terminating NUL); 0 when the last call into the library succeeded.
+///
+/// Writes at most `len` bytes, always NUL-terminated when `len > 0`: the message is cut at the
+/// last whole UTF-8 character that fits in `len − 1` bytes, so a truncated message is still valid
+/// UTF-8. A return value `≥ len` means the message was truncated; call again with a buffer of
+/// `return value + 1` bytes. `buf` may be NULL only when `len` is 0 (a pure length query).
+/// Reading the message does not clear it.
+///
+/// # Safety
+/// `buf` must be NULL with `len == 0`, or point to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn elra_last_error_message(buf: *mut c_char, len: usize) -> usize {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        LAST_ERROR.with(|m| {
+            let m = m.borrow();
+            if buf.is_null() || len == 0 {
+                return m.len();
+            }
+            let mut n = m.len().min(len - 1);
+            while !m.is_char_boundary(n) {
+                n -= 1;
+            }
+            // SAFETY: the caller guarantees `buf` points to `len` writable bytes; we write
+            // n + 1 ≤ len bytes, from a String we own (no overlap with caller memory).
+            unsafe {
+                std::ptr::copy_nonoverlapping(m.as_ptr(), buf.cast::<u8>(), n);
+                *buf.add(n) = 0;
+            }
+            m.len()
+        })
+    }));
+    r.unwrap_or(0)
+}
+
+/// A row-major strided batch of matrices described by the caller (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Layout {
+    /// Number of matrices.
+    pub batch: usize,
+    /// Rows of each matrix.
+    pub rows: usize,
+    /// Columns of each matrix.
+    pub cols: usize,
+    /// Leading dimension (distance between rows, in elements).
+    pub ld: usize,
+    /// Distance between matrices, in elements (ignored when `batch == 1`).
+    pub stride: usize,
+}
+
+impl Layout {
+    /// Checks the dimensions: all ≥ 1, `ld ≥ cols`, `stride ≥ (rows−1)·ld + cols` when
+    /// `batch > 1`, and a total span of at most `isize::MAX` bytes. Names `arg` in the error.
+    pub fn check<T>(&self, arg: &'static str) -> CResult<()> {
+        let bad = |why: String| CError::Elra(ElraError::invalid(arg, why));
+        if self.batch == 0 || self.rows == 0 || self.cols == 0 {
+            return Err(bad(format!(
+                "zero dimension (batch = {}, rows = {}, cols = {})",
+                self.batch, self.rows, self.cols
+            )));
+        }
+        if self.ld < self.cols {
+            return Err(bad(format!(
+                "leading dimension {} is smaller than the {} columns",
+                self.ld, self.cols
+            )));
+        }
+        let too_big = || bad("the described memory exceeds the address space".to_string());
+        let one = (self.rows - 1)
+            .checked_mul(self.ld)
+            .and_then(|x| x.checked_add(self.cols))
+            .ok_or_else(too_big)?;
+        let total = if self.batch > 1 {
+            if self.stride < one {
+                return Err(bad(format!(
+                    "batch stride {} is smaller than one matrix's span {one} (matrices overlap)",
+                    self.stride
+                )));
+            }
+            (self.batch - 1)
+                .checked_mul(self.stride)
+                .and_then(|x| x.checked_add(one))
+                .ok_or_else(too_big)?
+        } else {
+            one
+        };
+        match total.checked_mul(std::mem::size_of::<T>()) {
+            Some(bytes) if bytes <= isize::MAX as usize => Ok(()),
+            _ => Err(too_big()),
+        }
+    }
+
+    /// Number of entries of the dense (packed) copy: `batch·rows·cols`.
+    pub fn dense_len(&self) -> usize {
+        self.batch * self.rows * self.cols
+    }
+
+    /// Offset of row `i` of matrix `b`.
+    fn row_offset(&self, b: usize, i: usize) -> usize {
+        b * self.stride + i * self.ld
+    }
+}
+
+/// Checks a pointer for NULL and alignment.
+fn check_ptr<T>(arg: &'static str, p: *const T) -> CResult<()> {
+    if p.is_null() {
+        return Err(CError::Null(arg));
+    }
+    if (p as usize) % std::mem::align_of::<T>() != 0 {
+        return Err(CError::Elra(ElraError::invalid(
+            arg,
+            format!(
+                "pointer is not aligned to {} bytes",
+                std::mem::align_of::<T>()
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a caller input (pointer + layout) without reading it.
+pub(crate) fn check_in<T>(arg: &'static str, p: *const T, l: &Layout) -> CResult<()> {
+    check_ptr(arg, p)?;
+    l.check::<T>(arg)
+}
+
+/// Validates a caller output (pointer + layout) without touching it.
+pub(crate) fn check_out<T>(arg: &'static str, p: *mut T, l: &Layout) -> CResult<()> {
+    check_ptr(arg, p.cast_const())?;
+    l.check::<T>(arg)
+}
+
+/// Copies a caller matrix batch into a packed row-major vector (`batch·rows·cols` entries) and
+/// checks every entry for NaN/Inf (reported as `ElraError::NonFinite` naming `arg`).
+///
+/// # Safety
+/// `p` must have passed [`check_in`] with `l`, and the caller of the export must guarantee that
+/// every entry the layout describes is readable for the duration of the call.
+pub(crate) unsafe fn read_in<T: Real>(
+    arg: &'static str,
+    p: *const T,
+    l: &Layout,
+) -> CResult<Vec<T>> {
+    let mut out = Vec::with_capacity(l.dense_len());
+    for b in 0..l.batch {
+        for i in 0..l.rows {
+            // SAFETY: `check_in` verified that p is non-null, aligned, and that the span of the
+            // layout fits the address space; the export's caller guarantees the described
+            // entries (row i of matrix b: `cols` elements at `row_offset`) are readable. Only
+            // that row is borrowed, and only until it is copied.
+            let row = unsafe { std::slice::from_raw_parts(p.add(l.row_offset(b, i)), l.cols) };
+            out.extend_from_slice(row);
+        }
+    }
+    if out.iter().all(|x| x.is_finite()) {
+        Ok(out)
+    } else {
+        Err(CError::Elra(ElraError::NonFinite { arg }))
+    }
+}
+
+/// Writes a packed row-major vector to a caller matrix batch.
+///
+/// # Safety
+/// `p` must have passed [`check_out`] with `l`, `data` must hold `l.dense_len()` entries, and the
+/// caller of the export must guarantee that every entry the layout describes is writable and not
+/// borrowed elsewhere during the call.
+pub(crate) unsafe fn write_out<T: Copy>(p: *mut T, l: &Layout, data: &[T]) {
+    debug_assert_eq!(data.len(), l.dense_len());
+    for b in 0..l.batch {
+        for i in 0..l.rows {
+            let src = &data[(b * l.rows + i) * l.cols..][..l.cols];
+            // SAFETY: `check_out` verified that p is non-null, aligned and that the layout's span
+            // fits the address space; the export's caller guarantees these `cols` entries are
+            // writable. `src` is library-owned memory, so the regions do not overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), p.add(l.row_offset(b, i)), l.cols)
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_variant_has_its_own_status() {
+        let errs = [
+            ElraError::shape("a", (1, 2), (2, 1)),
+            ElraError::invalid("a", "x"),
+            ElraError::NonFinite { arg: "a" },
+            ElraError::Overflow { what: "x".into() },
+            ElraError::Numerical("x".into()),
+            ElraError::Training {
+                step: 1,
+                reason: "x".into(),
+            },
+            ElraError::Io {
+                path: "p".into(),
+                reason: "x".into(),
+            },
+            ElraError::Format("x".into()),
+            ElraError::NoDevice("x".into()),
+            ElraError::Cuda("x".into()),
+        ];
+        let mut codes: Vec<i32> = errs.iter().map(|e| status_of(e) as i32).collect();
+        codes.push(ElraStatus::ELRA_NULL_POINTER as i32);
+        codes.push(ElraStatus::ELRA_PANIC as i32);
+        codes.push(ELRA_OK as i32);
+        let n = codes.len();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), n, "status codes must be distinct");
+    }
+
+    #[test]
+    fn panics_become_status_and_message() {
+        let s = guard(|| panic!("boom {}", 7));
+        assert_eq!(s, ElraStatus::ELRA_PANIC);
+        let mut buf = [0 as c_char; 128];
+        // SAFETY: buf is a live local array of 128 bytes.
+        let n = unsafe { elra_last_error_message(buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: elra_last_error_message NUL-terminates within the buffer.
+        let msg = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+        assert_eq!(msg.to_bytes().len(), n);
+        assert!(msg.to_str().unwrap().contains("boom 7"));
+        assert_eq!(guard(|| Ok(())), ELRA_OK);
+        // SAFETY: NULL with len 0 is the documented length query.
+        let n = unsafe { elra_last_error_message(std::ptr::null_mut(), 0) };
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn truncation_keeps_utf8_and_nul() {
+        let s = guard(|| Err(ElraError::shape("w", (2, 3), (3, 2)).into()));
+        assert_eq!(s, ElraStatus::ELRA_SHAPE_MISMATCH);
+        // SAFETY: length query.
+        let full = unsafe { elra_last_error_message(std::ptr::null_mut(), 0) };
+        let text = "shape mismatch for `w`: expected 2×3, got 3×2";
+        assert_eq!(full, text.len());
+        // "×" is two bytes in UTF-8: cut in the middle of it must back off to a boundary.
+        let cut = text.find('×').unwrap() + 1;
+        for len in 1..=full + 1 {
+            let mut buf = vec![0x55 as c_char; len + 4];
+            // SAFETY: buf has len + 4 ≥ len writable bytes.
+            let n = unsafe { elra_last_error_message(buf.as_mut_ptr(), len) };
+            assert_eq!(n, full);
+            let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
+            let nul = bytes.iter().position(|&c| c == 0).unwrap();
+            assert!(nul < len, "NUL inside the buffer");
+            assert!(bytes[len..].iter().all(|&c| c == 0x55), "no write past len");
+            let s = std::str::from_utf8(&bytes[..nul]).expect("valid UTF-8");
+            assert!(text.starts_with(s));
+            if len - 1 == cut {
+                assert_eq!(nul, cut - 1);
+            }
+        }
+    }
+
+    fn single(rows: usize, cols: usize, ld: usize) -> Layout {
+        Layout {
+            batch: 1,
+            rows,
+            cols,
+            ld,
+            stride: 0,
+        }
+    }
+
+    #[test]
+    fn layout_checks() {
+        assert!(single(2, 3, 3).check::<f64>("x").is_ok());
+        assert!(single(2, 3, 2).check::<f64>("x").is_err());
+        assert!(single(0, 3, 3).check::<f64>("x").is_err());
+        let l = Layout {
+            batch: 2,
+            rows: 2,
+            cols: 2,
+            ld: 3,
+            stride: 4,
+        };
+        assert!(l.check::<f64>("x").is_err(), "stride 4 < span 5");
+        let l = Layout { stride: 5, ..l };
+        assert!(l.check::<f64>("x").is_ok());
+        let l = Layout {
+            batch: usize::MAX,
+            stride: usize::MAX / 2,
+            ..l
+        };
+        assert!(l.check::<f64>("x").is_err());
+    }
+}

@@ -1,0 +1,261 @@
+//! Typed device buffers: a batch of row-major matrices.
+
+use cudarc::cublas::sys::cudaDataType_t;
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use nalgebra::DMatrix;
+
+use super::CudaDevice;
+use crate::{ElraError, Result};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element type that device buffers, the GEMM wrapper and the kernels know:
+/// `f32`, `f64`, `half::f16`, `half::bf16`.
+pub trait DeviceScalar:
+    DeviceRepr
+    + ValidAsZeroBits
+    + Copy
+    + Default
+    + PartialEq
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+    + sealed::Sealed
+{
+    /// The kernel-name suffix (`"f32"`, `"f64"`, `"f16"`, `"bf16"`).
+    const DTYPE: &'static str;
+    /// The cuBLAS data type of this element.
+    const CUDA_TYPE: cudaDataType_t;
+}
+
+impl DeviceScalar for f32 {
+    const DTYPE: &'static str = "f32";
+    const CUDA_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_32F;
+}
+impl DeviceScalar for f64 {
+    const DTYPE: &'static str = "f64";
+    const CUDA_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_64F;
+}
+impl DeviceScalar for half::f16 {
+    const DTYPE: &'static str = "f16";
+    const CUDA_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_16F;
+}
+impl DeviceScalar for half::bf16 {
+    const DTYPE: &'static str = "bf16";
+    const CUDA_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_16BF;
+}
+
+/// A batch of `batch` matrices of `rows × cols` in device memory, each row-major and stored one
+/// after the other: entry `(b, i, j)` is at `b·rows·cols + i·cols + j`.
+///
+/// nalgebra's `DMatrix` is column-major; [`Self::from_host`] and [`Self::to_host`] convert.
+/// All dimensions are at least 1.
+pub struct DeviceMatrices<T: DeviceScalar> {
+    data: CudaSlice<T>,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    ordinal: usize,
+}
+
+impl<T: DeviceScalar> std::fmt::Debug for DeviceMatrices<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceMatrices<{}>({}×{}×{} on device {})",
+            T::DTYPE,
+            self.batch,
+            self.rows,
+            self.cols,
+            self.ordinal
+        )
+    }
+}
+
+fn check_dims(batch: usize, rows: usize, cols: usize) -> Result<usize> {
+    if batch == 0 {
+        return Err(ElraError::invalid("batch", "must be at least 1"));
+    }
+    if rows == 0 || cols == 0 {
+        return Err(ElraError::invalid(
+            "rows/cols",
+            format!("matrices must be non-empty, got {rows}×{cols}"),
+        ));
+    }
+    batch
+        .checked_mul(rows)
+        .and_then(|x| x.checked_mul(cols))
+        .ok_or_else(|| ElraError::invalid("batch", "batch·rows·cols overflows usize"))
+}
+
+impl<T: DeviceScalar> DeviceMatrices<T> {
+    /// A zero-filled batch.
+    pub fn zeros(dev: &CudaDevice, batch: usize, rows: usize, cols: usize) -> Result<Self> {
+        let len = check_dims(batch, rows, cols)?;
+        let data = dev.stream().alloc_zeros::<T>(len)?;
+        Ok(Self::wrap(dev, data, batch, rows, cols))
+    }
+
+    /// A batch with every entry equal to `value` (tests poison outputs with NaN this way).
+    pub fn filled(
+        dev: &CudaDevice,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        value: T,
+    ) -> Result<Self> {
+        let len = check_dims(batch, rows, cols)?;
+        let data = dev.stream().clone_htod(&vec![value; len])?;
+        Ok(Self::wrap(dev, data, batch, rows, cols))
+    }
+
+    /// Uploads `data` (row-major matrices one after the other, `batch·rows·cols` entries).
+    pub fn from_row_major(
+        dev: &CudaDevice,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        data: &[T],
+    ) -> Result<Self> {
+        let len = check_dims(batch, rows, cols)?;
+        if data.len() != len {
+            return Err(ElraError::Shape {
+                arg: "data",
+                expected: format!("{batch}·{rows}·{cols} = {len} entries"),
+                got: format!("{} entries", data.len()),
+            });
+        }
+        let data = dev.stream().clone_htod(data)?;
+        Ok(Self::wrap(dev, data, batch, rows, cols))
+    }
+
+    /// Uploads a batch of nalgebra matrices, which must all have the same shape.
+    pub fn from_host(dev: &CudaDevice, mats: &[DMatrix<T>]) -> Result<Self> {
+        let first = mats
+            .first()
+            .ok_or_else(|| ElraError::invalid("mats", "empty batch"))?;
+        let (rows, cols) = first.shape();
+        let mut host = Vec::with_capacity(mats.len() * rows * cols);
+        for m in mats {
+            if m.shape() != (rows, cols) {
+                return Err(ElraError::shape("mats", (rows, cols), m.shape()));
+            }
+            for i in 0..rows {
+                for j in 0..cols {
+                    host.push(m[(i, j)]);
+                }
+            }
+        }
+        Self::from_row_major(dev, mats.len(), rows, cols, &host)
+    }
+
+    fn wrap(dev: &CudaDevice, data: CudaSlice<T>, batch: usize, rows: usize, cols: usize) -> Self {
+        DeviceMatrices {
+            data,
+            batch,
+            rows,
+            cols,
+            ordinal: dev.ordinal(),
+        }
+    }
+
+    /// Downloads all entries, row-major, matrices one after the other. Synchronises the stream.
+    pub fn to_row_major(&self, dev: &CudaDevice) -> Result<Vec<T>> {
+        self.check_device(dev, "self")?;
+        let v = dev.stream().clone_dtoh(&self.data)?;
+        dev.synchronize()?;
+        Ok(v)
+    }
+
+    /// Downloads the batch as nalgebra matrices. Synchronises the stream.
+    pub fn to_host(&self, dev: &CudaDevice) -> Result<Vec<DMatrix<T>>> {
+        let v = self.to_row_major(dev)?;
+        let (r, c) = (self.rows, self.cols);
+        Ok(v.chunks_exact(r * c)
+            .map(|m| DMatrix::from_row_slice(r, c, m))
+            .collect())
+    }
+
+    /// Overwrites every entry with `value`.
+    pub fn fill(&mut self, dev: &CudaDevice, value: T) -> Result<()> {
+        self.check_device(dev, "self")?;
+        dev.stream()
+            .memcpy_htod(&vec![value; self.len()], &mut self.data)?;
+        Ok(())
+    }
+
+    /// Number of matrices.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Rows of each matrix.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Columns of each matrix.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Total number of entries, `batch·rows·cols`.
+    pub fn len(&self) -> usize {
+        self.batch * self.rows * self.cols
+    }
+    /// Always `false` (dimensions are at least 1); present for API symmetry with `len`.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The ordinal of the device holding the data.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    /// The underlying cudarc slice.
+    pub fn slice(&self) -> &CudaSlice<T> {
+        &self.data
+    }
+    /// The underlying cudarc slice, mutably.
+    pub fn slice_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.data
+    }
+
+    /// Errors unless the buffer lives on `dev`'s device.
+    pub(crate) fn check_device(&self, dev: &CudaDevice, arg: &'static str) -> Result<()> {
+        if self.ordinal == dev.ordinal() {
+            Ok(())
+        } else {
+            Err(ElraError::invalid(
+                arg,
+                format!(
+                    "buffer is on device {} but the handle is device {}",
+                    self.ordinal,
+                    dev.ordinal()
+                ),
+            ))
+        }
+    }
+
+    /// Errors unless the shape is `batch × rows × cols`.
+    pub(crate) fn check_shape(
+        &self,
+        arg: &'static str,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        if (self.batch, self.rows, self.cols) == (batch, rows, cols) {
+            Ok(())
+        } else {
+            Err(ElraError::Shape {
+                arg,
+                expected: format!("{batch}×{rows}×{cols}"),
+                got: format!("{}×{}×{}", self.batch, self.rows, self.cols),
+            })
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The device handle: context, stream, cuBLAS handle and the kernel module.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use crate::{ElraError, Result};
+
+/// The fatbin `build.rs` compiles from `cuda/*.cu` (SASS for the configured architectures plus PTX).
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/elra_kernels.fatbin"));
+
+/// Threads per block of every kernel in `cuda/` (they assume exactly this; see `common.cuh`).
+pub(crate) const BLOCK_THREADS: u32 = 256;
+
+/// The kernels of the fatbin, looked up once per context.
+pub(crate) struct Kernels {
+    pub(crate) expm_phi1_f32: CudaFunction,
+    pub(crate) expm_phi1_f64: CudaFunction,
+    pub(crate) phi1_adjoint_f32: CudaFunction,
+    pub(crate) phi1_adjoint_f64: CudaFunction,
+    pub(crate) adapter_grams_f32: CudaFunction,
+    pub(crate) adapter_grams_f64: CudaFunction,
+    /// Largest dynamic shared memory (bytes) every matrix-function kernel accepts per block.
+    pub(crate) max_dynamic_smem: usize,
+    /// Keeps the module loaded as long as the functions are used.
+    _module: Arc<CudaModule>,
+}
+
+/// Context and module shared by every [`CudaDevice`] on one ordinal.
+struct Loaded {
+    ctx: Arc<CudaContext>,
+    kernels: Kernels,
+}
+
+/// One entry per ordinal whose module is loaded; weak so that the context is released when the
+/// last [`CudaDevice`] using it is dropped.
+static LOADED: Mutex<Vec<(usize, Weak<Loaded>)>> = Mutex::new(Vec::new());
+
+/// Where the batched matrix-function kernels keep their per-matrix work matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Workspace {
+    /// Shared memory when the work matrices fit in a block's shared memory, global scratch otherwise.
+    #[default]
+    Auto,
+    /// Always global scratch (the same arithmetic; used to test both paths).
+    Global,
+}
+
+/// A CUDA device: the device's primary context, a stream owned by this handle, a cuBLAS handle
+/// bound to that stream, and the kernel module (loaded once per context and shared).
+///
+/// All work submitted through one `CudaDevice` is ordered on its stream.
+pub struct CudaDevice {
+    loaded: Arc<Loaded>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    allow_tf32: bool,
+    workspace: Workspace,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("ordinal", &self.loaded.ctx.ordinal())
+            .field("allow_tf32", &self.allow_tf32)
+            .field("workspace", &self.workspace)
+            .finish()
+    }
+}
+
+/// Number of CUDA devices, after checking that the driver and cuBLAS libraries can be loaded.
+fn probe() -> std::result::Result<usize, String> {
+    static PROBE: OnceLock<std::result::Result<usize, String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            // SAFETY: `is_culib_present` only tries to dlopen the candidate library names and drops
+            // the handles; loading runs the library's initialisers, which any use of the CUDA back
+            // end does anyway. No pointer or state of ours is involved.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return Err("the CUDA driver library (libcuda.so) cannot be loaded".into());
+            }
+            // SAFETY: as above, for libcublas.
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err("the cuBLAS library (libcublas.so) cannot be loaded".into());
+            }
+            // cudarc panics when a symbol is missing from the driver library (e.g. a driver older
+            // than the CUDA 13.0 API it was built for): catch that as a last line of defence.
+            match catch_unwind(CudaContext::device_count) {
+                Ok(Ok(n)) if n > 0 => Ok(n as usize),
+                Ok(Ok(_)) => Err("the CUDA driver reports no device".into()),
+                Ok(Err(e)) => Err(format!("CUDA driver initialisation failed: {:?}", e.0)),
+                Err(p) => Err(format!("CUDA driver unusable: {}", panic_message(&p))),
+            }
+        })
+        .clone()
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic while calling the CUDA libraries".into()
+    }
+}
+
+/// `Ok(())` when a CUDA driver, cuBLAS and at least one device are present; otherwise the
+/// reason, for tests and benches to print when they skip. Never panics.
+pub fn cuda_available() -> std::result::Result<(), String> {
+    probe().map(|_| ())
+}
+
+/// Number of CUDA devices ([`ElraError::NoDevice`] when the driver or cuBLAS is missing).
+pub fn device_count() -> Result<usize> {
+    probe().map_err(ElraError::NoDevice)
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`: retains its primary context, loads the kernel module once per
+    /// context, and creates a stream and a cuBLAS handle (default math mode: no TF32).
+    ///
+    /// Returns [`ElraError::NoDevice`] without a usable driver/device and never panics.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let count = probe().map_err(ElraError::NoDevice)?;
+        if ordinal >= count {
+            return Err(ElraError::NoDevice(format!(
+                "device {ordinal} requested but {count} present"
+            )));
+        }
+        match catch_unwind(AssertUnwindSafe(|| Self::open(ordinal))) {
+            Ok(r) => r,
+            Err(p) => Err(ElraError::NoDevice(format!(
+                "CUDA library panicked while opening device {ordinal}: {}",
+                panic_message(&p)
+            ))),
+        }
+    }
+
+    fn open(ordinal: usize) -> Result<Self> {
+        let loaded = loaded_for(ordinal)?;
+        let stream = loaded.ctx.new_stream()?;
+        let blas = CudaBlas::new(stream.clone())?;
+        set_math_mode(&blas, false)?;
+        Ok(CudaDevice {
+            loaded,
+            stream,
+            blas,
+            allow_tf32: false,
+            workspace: Workspace::Auto,
+        })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.loaded.ctx.ordinal()
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> Result<String> {
+        Ok(self.loaded.ctx.name()?)
+    }
+
+    /// Compute capability `(major, minor)`.
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        Ok(self.loaded.ctx.compute_capability()?)
+    }
+
+    /// The CUDA context (the device's primary context).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.loaded.ctx
+    }
+
+    /// The stream all work of this handle is ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The cuBLAS handle (bound to [`Self::stream`]).
+    pub fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// Blocks until all work submitted on this handle's stream has finished; reports any
+    /// asynchronous error (e.g. a kernel fault) as [`ElraError::Cuda`].
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Whether f32 GEMMs may use TF32 tensor cores (default `false`: full f32).
+    pub fn allow_tf32(&self) -> bool {
+        self.allow_tf32
+    }
+
+    /// Allows or forbids TF32 in f32 GEMMs ([`crate::cuda::gemm`]). The r×r matrix-function
+    /// kernels never use TF32 either way.
+    pub fn set_allow_tf32(&mut self, allow: bool) -> Result<()> {
+        set_math_mode(&self.blas, allow)?;
+        self.allow_tf32 = allow;
+        Ok(())
+    }
+
+    /// Where the matrix-function kernels keep their work matrices.
+    pub fn workspace(&self) -> Workspace {
+        self.workspace
+    }
+
+    /// Chooses where the matrix-function kernels keep their work matrices.
+    pub fn set_workspace(&mut self, workspace: Workspace) {
+        self.workspace = workspace;
+    }
+
+    pub(crate) fn kernels(&self) -> &Kernels {
+        &self.loaded.kernels
+    }
+}
+
+fn set_math_mode(blas: &CudaBlas, tf32: bool) -> Result<()> {
+    use cudarc::cublas::sys::cublasMath_t;
+    let mode = if tf32 {
+        cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+    } else {
+        cublasMath_t::CUBLAS_DEFAULT_MATH
+    };
+    // SAFETY: the handle is a live cuBLAS handle owned by `blas`; setting the math mode has no
+    // memory effects.
+    unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }.result()?;
+    Ok(())
+}
+
+/// The context and kernels for `ordinal`, loading the module if no live device holds it.
+fn loaded_for(ordinal: usize) -> Result<Arc<Loaded>> {
+    let mut table = LOADED
+        .lock()
+        .map_err(|_| ElraError::Cuda("module registry poisoned by an earlier panic".into()))?;
+    table.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(l) = table
+        .iter()
+        .find(|(o, _)| *o == ordinal)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(l);
+    }
+    let ctx = CudaContext::new(ordinal)?;
+    let kernels = load_kernels(&ctx)?;
+    let loaded = Arc::new(Loaded { ctx, kernels });
+    table.push((ordinal, Arc::downgrade(&loaded)));
+    Ok(loaded)
+}
+
+fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+    let module = ctx
+        .load_module(Ptx::from_binary(FATBIN.to_vec()))
+        .map_err(|e| {
+            let cc = ctx
+                .compute_capability()
+                .map(|(a, b)| format!("sm_{a}{b}"))
+                .unwrap_or_else(|_| "unknown".into());
+            ElraError::Cuda(format!(
+                "cannot load the elra kernels on this GPU ({cc}): {:?}; rebuild with \
+             ELRA_CUDA_ARCHS including its compute capability",
+                e.0
+            ))
+        })?;
+    let get = |name: &str| {
+        module.load_function(name).map_err(|e| {
+            ElraError::Cuda(format!(
+                "kernel `{name}` missing from the fatbin: {:?}",
+                e.0
+            ))
+        })
+    };
+    let optin =
+        ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+    let expm_phi1_f32 = get("expm_phi1_f32")?;
+    let expm_phi1_f64 = get("expm_phi1_f64")?;
+    let phi1_adjoint_f32 = get("phi1_adjoint_f32")?;
+    let phi1_adjoint_f64 = get("phi1_adjoint_f64")?;
+    // Opt in to dynamic shared memory above the default 48 KiB for the matrix-function kernels.
+    let mut max_dynamic_smem = usize::MAX;
+    for f in [
+        &expm_phi1_f32,
+        &expm_phi1_f64,
+        &phi1_adjoint_f32,
+        &phi1_adjoint_f64,
+    ] {
+        let static_smem =
+            f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+        let dynamic = (optin - static_smem).max(0);
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            dynamic,
+        )?;
+        max_dynamic_smem = max_dynamic_smem.min(dynamic as usize);
+    }
+    Ok(Kernels {
+        expm_phi1_f32,
+        expm_phi1_f64,
+        phi1_adjoint_f32,
+        phi1_adjoint_f64,
+        adapter_grams_f32: get("adapter_grams_f32")?,
+        adapter_grams_f64: get("adapter_grams_f64")?,
+        max_dynamic_smem,
+        _module: module,
+    })
+}

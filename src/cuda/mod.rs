@@ -1,0 +1,54 @@
+//! CUDA back end (feature `cuda`): device handle, typed device buffers, the batched r×r kernels
+//! and a row-major GEMM over cuBLAS.
+//!
+//! # What runs where
+//! - [`CudaDevice`] holds the CUDA context (`Arc<CudaContext>`, the device's primary context), its
+//!   own stream, a cuBLAS handle bound to that stream, and the kernel module. The module is the
+//!   fatbin that `build.rs` compiles from `cuda/*.cu` with nvcc; it is embedded in the library and
+//!   loaded once per context (all devices on the same ordinal share it).
+//! - [`DeviceMatrices`] is a batch of row-major matrices in device memory (nalgebra's `DMatrix` is
+//!   column-major: the host conversions transpose).
+//! - Kernels ([`kernels`]): batched `exp` and `φ1` of r×r matrices by Padé scaling and squaring
+//!   (the algorithm of [`crate::linalg::expm`], Al-Mohy & Higham 2009), the adjoint Fréchet
+//!   derivative `L_φ1(Zᵀ, G)`, and the Grams of eq. (21) for a batch of adapters. Each writes a
+//!   per-matrix status that the host turns into an error naming the matrix.
+//! - [`gemm`]: `C ← α op(A) op(B) + β C` on row-major operands (cuBLAS is column-major; the
+//!   wrapper computes `Cᵀ = op(B)ᵀ op(A)ᵀ`).
+//!
+//! # Without a GPU
+//! The driver library (`libcuda`) and cuBLAS are loaded at run time. [`cuda_available`] probes for
+//! them and for a device without panicking; [`CudaDevice::new`] returns
+//! [`ElraError::NoDevice`](crate::ElraError::NoDevice) when there is none.
+//!
+//! # Numerics on the GPU
+//! The r×r matrix functions run in the input precision (f32 or f64) with IEEE arithmetic and FMA;
+//! never TF32 or bf16. The f32 GEMM uses `CUBLAS_COMPUTE_32F` (no TF32) unless TF32 is asked for
+//! with [`CudaDevice::set_allow_tf32`]; f16/bf16 GEMMs accumulate in f32.
+
+mod buffer;
+mod device;
+pub mod gemm;
+pub mod kernels;
+
+pub use buffer::{DeviceMatrices, DeviceScalar};
+pub use device::{cuda_available, device_count, CudaDevice, Workspace};
+pub use gemm::{gemm, Transpose};
+pub use kernels::{
+    adapter_grams, expm_phi1, phi1_adjoint, spectral_norm_sq, AdapterGrams, DeviceGrams,
+    FloatKernel, MatrixStatus,
+};
+
+use crate::ElraError;
+
+impl From<cudarc::driver::DriverError> for ElraError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        // `{:?}` names the CUresult without calling back into the driver.
+        ElraError::Cuda(format!("driver: {:?}", e.0))
+    }
+}
+
+impl From<cudarc::cublas::result::CublasError> for ElraError {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        ElraError::Cuda(format!("cuBLAS: {:?}", e.0))
+    }
+}
