@@ -40,6 +40,7 @@ pub mod grad;
 pub mod io;
 pub mod linalg;
 pub mod reference;
+pub mod train;
 pub mod verify;
 
 pub use error::{ElraError, Result};
