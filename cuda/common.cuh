@@ -11,7 +11,18 @@
 
 #include <math_constants.h>
 
+// Threads per block. The host launches exactly this many (src/cuda/device.rs BLOCK_THREADS).
+// Overridable only for the CPU emulation of the kernels (cuda/emu/), where the matrix-function
+// results do not depend on it (every entry is computed by one thread in a fixed order and the
+// block reductions there are maxima).
+#ifndef ELRA_BLOCK
 #define ELRA_BLOCK 256
+#endif
+
+// Declares the block's dynamic shared memory (the CPU emulation provides its own definition).
+#ifndef ELRA_EMULATE
+#define ELRA_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 // Status codes, mirrored by `MatrixStatus` in src/cuda/kernels.rs.
 #define ELRA_OK 0

@@ -23,7 +23,7 @@
 #define ELRA_MAX_N 64
 #define ELRA_NBUF 12
 
-extern __shared__ __align__(16) unsigned char elra_dyn_smem[];
+ELRA_DYNAMIC_SHARED(elra_dyn_smem);
 
 namespace elra {
 namespace pade {
@@ -40,16 +40,21 @@ __constant__ double B13[14] = {64764752532480000.0, 32382376266240000.0, 7771770
                                40840800.0,          960960.0,            16380.0,
                                182.0,               1.0};
 
-// log2 c_{2m+1} = log2((m!)² / ((2m)!(2m+1)!)), computed on the host exactly as expm.rs's
-// `log2_c` does (sums of libm log2(i), in order) and printed with round-trip precision.
+// expm.rs `log2_c`, ported literally: −log2 q with q the f64 product (2m+1)!·Π_{i=m+1}^{2m} i
+// formed in the same order. (The CPU's comment calls this log2((m!)²/((2m)!(2m+1)!)); the
+// product as written equals m!·(2m)!(2m+1)!/(m!)², i.e. it is log2 c_{2m+1} − log2 m!. The GPU
+// mirrors the CPU either way; change both together.)
 __device__ __forceinline__ double log2_c(int m) {
-    switch (m) {
-        case 3: return -16.621136113274638;
-        case 5: return -33.22777265685417;
-        case 7: return -51.994974307382165;
-        case 9: return -72.32471809893492;
-        default: return -116.447004251763;  // m = 13
-    }
+    double q = 1.0;
+    for (int i = 2; i <= 2 * m + 1; ++i) q *= (double)i;
+    for (int i = m + 1; i <= 2 * m; ++i) q *= (double)i;
+    return -log2(q);
+}
+
+// expm.rs `log2_upper`: ⌊log2 x⌋ + 1 from the exponent bits (normal x), log2 x (subnormal).
+__device__ __forceinline__ double log2_upper(double x) {
+    const long long e = (__double_as_longlong(x) >> 52) & 0x7ff;
+    return e == 0 ? log2(x) : (double)(e - 1023 + 1);
 }
 
 // Precision-dependent constants (Real::PADE, UNIT_ROUNDOFF, emax of expm.rs).
@@ -89,8 +94,13 @@ template <typename T> struct Ws {
     bool pair;   // Fréchet pairs: len = 2n²
     int len;     // entries per buffer in this run
     T *a, *a2, *a4, *a6, *a8, *t, *w, *v, *u, *d, *r, *p;
-    T* vec1;     // 2n (shared)
-    T* vec2;     // 2n (shared)
+    T* ell_v;    // 2n (shared): row vector 1ᵀ|A|^steps · 2^-ell_exp of the ℓ iteration
+    T* ell_w;    // 2n (shared): its scratch
+    int ell_steps;
+    long long ell_exp;
+    bool ell_zero;
+    bool ell_started;
+    bool a8_formed;
     int* piv;    // n  (shared)
     T* red;      // ELRA_BLOCK (shared)
     double* redd;  // ELRA_BLOCK (shared)
@@ -132,8 +142,8 @@ template <typename T> __device__ __noinline__ void gemm(int n, const T* a, const
     __syncthreads();
 }
 
-// expm.rs `mul`: pair-aware product c = a·b; pairs: (X₁X₂, X₁Y₂ + Y₁X₂) with the Y sum continued
-// in the order of the two CPU gemm calls.
+// expm.rs `mul`: pair-aware product c = a·b; pairs: (X₁X₂, X₁Y₂ + Y₁X₂), each of the two Y sums
+// formed from zero in k order and then added (the CPU's second gemm call with acc = true).
 template <typename T> __device__ __noinline__ void mul(const Ws<T>& ws, const T* a, const T* b, T* c) {
     const int n = ws.n, nn = ws.nn;
     for (int idx = threadIdx.x; idx < ws.len; idx += ELRA_BLOCK) {
@@ -144,10 +154,10 @@ template <typename T> __device__ __noinline__ void mul(const Ws<T>& ws, const T*
             c[idx] = s;
         } else {
             const int e = idx - nn, i = e / n, j = e - i * n;
-            T s = T(0);
-            for (int k = 0; k < n; ++k) s += a[i * n + k] * b[nn + k * n + j];
-            for (int k = 0; k < n; ++k) s += a[nn + i * n + k] * b[k * n + j];
-            c[idx] = s;
+            T s1 = T(0), s2 = T(0);
+            for (int k = 0; k < n; ++k) s1 += a[i * n + k] * b[nn + k * n + j];
+            for (int k = 0; k < n; ++k) s2 += a[nn + i * n + k] * b[k * n + j];
+            c[idx] = s1 + s2;
         }
     }
     __syncthreads();
@@ -188,36 +198,33 @@ template <typename T> __device__ T block_max_ignore_nan(T c, T* red) {
     return m;
 }
 
-// expm.rs `log2_abs_pow_norm1`: log2 ‖|X|^p‖₁ by the normalised row-vector iteration
-// (pair-aware); -inf when the power is zero.
-template <typename T> __device__ __noinline__ double log2_abs_pow_norm1(const Ws<T>& ws, const T* x, int p) {
+// expm.rs `abs_vecmat_step`: w = v·|X| (pairs: [a, b]·|[[X, Y], [0, X]]| = [a|X|, a|Y| + b|X|]),
+// each w_j summed over i in order from 0. Returns max_j w_j (NaN-ignoring, from 0) to every thread.
+template <typename T>
+__device__ __noinline__ T abs_vecmat_step(const Ws<T>& ws, const T* x, const T* v, T* w) {
     const int n = ws.n, nn = ws.nn;
     const int vlen = ws.pair ? 2 * n : n;
-    T* v = ws.vec1;
-    T* w = ws.vec2;
-    fill(v, vlen, T(1));
-    double acc = 0.0;
-    for (int step = 0; step < p; ++step) {
-        T cand = T(0);
-        for (int j = threadIdx.x; j < vlen; j += ELRA_BLOCK) {
-            T s = T(0);
-            if (j < n) {
-                for (int i = 0; i < n; ++i) s += v[i] * abs_(x[i * n + j]);
-            } else {
-                const int jj = j - n;
-                for (int i = 0; i < n; ++i) s += v[i] * abs_(x[nn + i * n + jj]) + v[n + i] * abs_(x[i * n + jj]);
-            }
-            w[j] = s;
-            cand = s > cand ? s : cand;
+    T cand = T(0);
+    for (int j = threadIdx.x; j < vlen; j += ELRA_BLOCK) {
+        T s = T(0);
+        if (j < n) {
+            for (int i = 0; i < n; ++i) s += v[i] * abs_(x[i * n + j]);
+        } else {
+            const int jj = j - n;
+            for (int i = 0; i < n; ++i) s += v[i] * abs_(x[nn + i * n + jj]) + v[n + i] * abs_(x[i * n + jj]);
         }
-        const T mu = block_max_ignore_nan(cand, ws.red);  // its barriers also publish w
-        if (mu == T(0)) return -CUDART_INF;
-        acc += log2((double)mu);
-        const T inv = T(1) / mu;
-        for (int j = threadIdx.x; j < vlen; j += ELRA_BLOCK) v[j] = w[j] * inv;
-        __syncthreads();
+        w[j] = s;
+        cand = s > cand ? s : cand;
     }
-    return acc;
+    return block_max_ignore_nan(cand, ws.red);  // its barriers also publish w
+}
+
+// max_j v_j of the ℓ vector with expm.rs's fold (`if c > m { c } else { m }` from 0).
+template <typename T> __device__ T vmax(const Ws<T>& ws, const T* v) {
+    const int vlen = ws.pair ? 2 * ws.n : ws.n;
+    T cand = T(0);
+    for (int j = threadIdx.x; j < vlen; j += ELRA_BLOCK) cand = v[j] > cand ? v[j] : cand;
+    return block_max_ignore_nan(cand, ws.red);
 }
 
 // expm.rs `lu_factor`: in-place LU with partial pivoting of the n×n `d` (row-major), full-row
@@ -278,18 +285,15 @@ template <typename T> __device__ __noinline__ void lu_solve(const Ws<T>& ws, con
             }
         }
         for (int i = 1; i < n; ++i) {
-            for (int k = 0; k < i; ++k) {
-                const T l = lu[i * n + k];
-                if (l != T(0)) b[i * n + j] -= l * b[k * n + j];
-            }
+            T t = b[i * n + j];
+            for (int k = 0; k < i; ++k) t -= lu[i * n + k] * b[k * n + j];
+            b[i * n + j] = t;
         }
         for (int i = n - 1; i >= 0; --i) {
-            for (int k = i + 1; k < n; ++k) {
-                const T u = lu[i * n + k];
-                if (u != T(0)) b[i * n + j] -= u * b[k * n + j];
-            }
             const T inv = T(1) / lu[i * n + i];
-            b[i * n + j] *= inv;
+            T t = b[i * n + j];
+            for (int k = i + 1; k < n; ++k) t -= lu[i * n + k] * b[k * n + j];
+            b[i * n + j] = t * inv;
         }
     }
     __syncthreads();
@@ -307,22 +311,97 @@ template <typename T> __device__ void solve_pair(const Ws<T>& ws, T* x) {
     }
 }
 
-// expm.rs `Workspace::ell`: ℓ(2⁻ˢA, m) of AMH 2009 eq. 5.1 from the unscaled A in `a`.
-template <typename T> __device__ long long ell(const Ws<T>& ws, double norm_a, int m, long long s) {
+// expm.rs `Workspace::ell`: decides ℓ(2⁻ˢA, m) (AMH 2009 eq. 5.1) for the A in `a` with 1-norm
+// norm_a. ℓ = 0 iff log2‖|A|^p‖₁ ≤ thr (p = 2m+1); ‖|A|^p‖₁ by the row-vector iteration cached
+// across the calls of one selection, with exact power-of-two rescaling and the early exit
+// ‖|A|^p‖ ≤ ‖|A|^j‖·‖A‖^{p−j}. The state lives in `ws` (uniform across the block).
+template <typename T> __device__ __noinline__ long long ell(Ws<T>& ws, double norm_a, int m, long long s) {
     if (norm_a == 0.0) return 0;
-    const double lp = log2_abs_pow_norm1(ws, ws.a, 2 * m + 1);
-    if (lp == -CUDART_INF) return 0;
-    const double log2_alpha = log2_c(m) + lp - log2(norm_a) - (double)(2 * m) * (double)s;
-    const double v = ceil((log2_alpha - Prec<T>::LOG2_U) / (double)(2 * m));
+    const int p = 2 * m + 1;
+    const double log2_norm_a = log2(norm_a);
+    const double thr = Prec<T>::LOG2_U - log2_c(m) + log2_norm_a + (double)(2 * m) * (double)s;
+    const int vlen = ws.pair ? 2 * ws.n : ws.n;
+    if (ws.ell_steps > p) {
+        ws.ell_steps = 0;
+        ws.ell_started = false;
+    }
+    if (ws.ell_steps == 0 && !ws.ell_started) {
+        fill(ws.ell_v, vlen, T(1));
+        ws.ell_exp = 0;
+        ws.ell_zero = false;
+        ws.ell_started = true;
+    }
+    double mu = (double)vmax(ws, ws.ell_v);
+    for (;;) {
+        if (ws.ell_zero) return 0;
+        const int j = ws.ell_steps < p ? ws.ell_steps : p;
+        const double upper = log2_upper(mu) + (double)ws.ell_exp + (double)(p - j) * log2_norm_a;
+        if (upper <= thr) return 0;
+        if (ws.ell_steps >= p) break;
+        const T mx = abs_vecmat_step(ws, ws.a, ws.ell_v, ws.ell_w);
+        T* tmp = ws.ell_v;
+        ws.ell_v = ws.ell_w;
+        ws.ell_w = tmp;
+        ws.ell_steps += 1;
+        mu = (double)mx;
+        if (mu == 0.0) {
+            ws.ell_zero = true;
+        } else if (!(mu >= 0x1p-60 && mu <= 0x1p60)) {
+            long long k = (long long)floor(log2(mu));
+            // Guard (not in the CPU code): mu = +inf would give k = i64::MAX and a ~10¹⁷-step
+            // scale_pow2 loop. Clamped, the iteration ends with lp = inf → ℓ = 10⁶ → overflow
+            // status. Finite mu always has |k| ≤ 1100, where this changes nothing.
+            k = k > 4096 ? 4096 : (k < -4096 ? -4096 : k);
+            scale_pow2(ws.ell_v, vlen, -k);
+            ws.ell_exp += k;
+            mu = (double)vmax(ws, ws.ell_v);
+        }
+    }
+    const double lp = log2(mu) + (double)ws.ell_exp;
+    const double v = ceil((lp - thr) / (double)(2 * m));
     if (v != v || v <= 0.0) return 0;
     return (long long)fmin(v, 1.0e6);
 }
 
+// expm.rs `Workspace::form_a8`: A8 = A4·A4; d₈ = ‖A8‖^{1/8}; false on overflow.
+template <typename T> __device__ bool form_a8(Ws<T>& ws, double& d8) {
+    mul(ws, ws.a4, ws.a4, ws.a8);
+    ws.a8_formed = true;
+    const double n8 = norm1(ws, ws.a8, ws.len);
+    if (!isfinite(n8)) return false;
+    d8 = pow(n8, 0.125);
+    return true;
+}
+
+// expm.rs `select`'s closure `eta3_below`: whether η₃ = max(d₆, d₈) < θ (strict) or ≤ θ, deciding
+// with the bound d8_up when it settles the comparison, else forming A8 once. Returns false in
+// `ok` when forming A8 overflowed.
+template <typename T>
+__device__ bool eta3_below(Ws<T>& ws, double th, bool strict, double d6, double d8_up, bool& have_d8, double& d8,
+                           bool& ok) {
+    ok = true;
+    const bool b6 = strict ? d6 < th : d6 <= th;
+    if (!b6) return false;
+    const bool bup = strict ? d8_up < th : d8_up <= th;
+    if (bup && !have_d8) return true;
+    if (!have_d8) {
+        if (!form_a8(ws, d8)) {
+            ok = false;
+            return false;
+        }
+        have_d8 = true;
+    }
+    return strict ? d8 < th : d8 <= th;
+}
+
 // expm.rs `Workspace::powers` + `select` (AMH 2009 Alg. 5.1 with exact norms). Returns false when
 // a power overflowed; otherwise sets m and s for the current `a`.
-template <typename T> __device__ __noinline__ bool select(const Ws<T>& ws, int& m_out, long long& s_out) {
+template <typename T> __device__ __noinline__ bool select(Ws<T>& ws, int& m_out, long long& s_out) {
     const int len = ws.len;
     const int top = Prec<T>::TOP;
+    ws.ell_steps = 0;
+    ws.ell_started = false;
+    ws.a8_formed = false;
     const double norm_a = norm1(ws, ws.a, len);
     if (!isfinite(norm_a)) return false;
     mul(ws, ws.a, ws.a, ws.a2);
@@ -345,29 +424,43 @@ template <typename T> __device__ __noinline__ bool select(const Ws<T>& ws, int& 
         s_out = 0;
         return true;
     }
-    mul(ws, ws.a4, ws.a4, ws.a8);
-    const double n8 = norm1(ws, ws.a8, len);
-    if (!isfinite(n8)) return false;
-    const double d8 = pow(n8, 0.125);
-    const double eta3 = fmax(d6, d8);
-    if (eta3 < Prec<T>::theta(7) && ell(ws, norm_a, 7, 0) == 0) {
+    const double d8_up = pow(fmin(n4 * n4, n2 * n6), 0.125);
+    bool have_d8 = false, ok = true;
+    double d8 = 0.0;
+    if (eta3_below(ws, Prec<T>::theta(7), true, d6, d8_up, have_d8, d8, ok) && ell(ws, norm_a, 7, 0) == 0) {
         m_out = 7;
         s_out = 0;
         return true;
     }
-    double eta = eta3;
+    if (!ok) return false;
     if (top == 13) {
-        if (eta3 < Prec<T>::theta(9) && ell(ws, norm_a, 9, 0) == 0) {
+        const bool below9 = eta3_below(ws, Prec<T>::theta(9), true, d6, d8_up, have_d8, d8, ok);
+        if (!ok) return false;
+        if (below9 && ell(ws, norm_a, 9, 0) == 0) {
             m_out = 9;
             s_out = 0;
             return true;
         }
-        if (d8 < d6 && eta3 > Prec<T>::theta(13)) {
+    }
+    double eta;
+    const bool below_top = eta3_below(ws, Prec<T>::theta(top), false, d6, d8_up, have_d8, d8, ok);
+    if (!ok) return false;
+    if (below_top) {
+        eta = 0.0;  // η ≤ η₃ ≤ θ: the first term of s is 0
+    } else {
+        if (!have_d8) {
+            if (!form_a8(ws, d8)) return false;
+            have_d8 = true;
+        }
+        const double eta3 = fmax(d6, d8);
+        if (top == 13 && d8 < d6) {
             mul(ws, ws.a4, ws.a6, ws.t);
             const double n10 = norm1(ws, ws.t, len);
             if (!isfinite(n10)) return false;
             const double d10 = pow(n10, 0.1);
             eta = fmin(eta3, fmax(d8, d10));
+        } else {
+            eta = eta3;
         }
     }
     const int m = top;
@@ -459,6 +552,7 @@ template <typename T> __device__ int run(Ws<T>& ws, bool want_exp, bool want_phi
         scale_pow2(ws.a6, len, -6 * s_sel);
         if (m == 9) scale_pow2(ws.a8, len, -8 * s_sel);
     }
+    if (m == 9 && !ws.a8_formed) mul(ws, ws.a4, ws.a4, ws.a8);
     form_wv(ws, m);
     // U = A·W; D = V − U; N = V + U (in u).
     mul(ws, ws.a, ws.w, ws.u);
@@ -501,7 +595,7 @@ template <typename T> __device__ int run(Ws<T>& ws, bool want_exp, bool want_phi
 // Binds the workspace of this block: 12 buffers of `len` entries in dynamic shared memory or in
 // global scratch, plus the static shared vectors.
 template <typename T>
-__device__ Ws<T> bind(int n, bool pair, T* work, int use_shared, T* vec1, T* vec2, int* piv, T* red,
+__device__ Ws<T> bind(int n, bool pair, T* work, int use_shared, T* ell_v, T* ell_w, int* piv, T* red,
                       double* redd, int* sh_int) {
     Ws<T> ws;
     ws.n = n;
@@ -513,8 +607,13 @@ __device__ Ws<T> bind(int n, bool pair, T* work, int use_shared, T* vec1, T* vec
     T** bufs[ELRA_NBUF] = {&ws.a, &ws.a2, &ws.a4, &ws.a6, &ws.a8, &ws.t,
                            &ws.w, &ws.v,  &ws.u,  &ws.d,  &ws.r,  &ws.p};
     for (int k = 0; k < ELRA_NBUF; ++k) *bufs[k] = base + (size_t)k * ws.len;
-    ws.vec1 = vec1;
-    ws.vec2 = vec2;
+    ws.ell_v = ell_v;
+    ws.ell_w = ell_w;
+    ws.ell_steps = 0;
+    ws.ell_exp = 0;
+    ws.ell_zero = false;
+    ws.ell_started = false;
+    ws.a8_formed = false;
     ws.piv = piv;
     ws.red = red;
     ws.redd = redd;
@@ -526,7 +625,7 @@ __device__ Ws<T> bind(int n, bool pair, T* work, int use_shared, T* vec1, T* vec
 template <typename T>
 __device__ void expm_phi1_block(const T* z_all, int n, T* exp_all, T* phi_all, T* work, int use_shared,
                                 int* status) {
-    __shared__ T vec1[2 * ELRA_MAX_N], vec2[2 * ELRA_MAX_N], red[ELRA_BLOCK];
+    __shared__ T ell_v[2 * ELRA_MAX_N], ell_w[2 * ELRA_MAX_N], red[ELRA_BLOCK];
     __shared__ double redd[ELRA_BLOCK];
     __shared__ int piv[ELRA_MAX_N], sh_int[1];
     const size_t b = blockIdx.x, nn = (size_t)n * n;
@@ -539,7 +638,7 @@ __device__ void expm_phi1_block(const T* z_all, int n, T* exp_all, T* phi_all, T
         if (threadIdx.x == 0) status[b] = ELRA_BAD_SIZE;
         return;
     }
-    Ws<T> ws = bind<T>(n, false, work, use_shared, vec1, vec2, piv, red, redd, sh_int);
+    Ws<T> ws = bind<T>(n, false, work, use_shared, ell_v, ell_w, piv, red, redd, sh_int);
     copy(z, ws.a, (int)nn);
     const int st = run(ws, true, true);
     for (int i = threadIdx.x; i < (int)nn; i += ELRA_BLOCK) {
@@ -556,7 +655,7 @@ __device__ void expm_phi1_block(const T* z_all, int n, T* exp_all, T* phi_all, T
 template <typename T>
 __device__ void phi1_adjoint_block(const T* z_all, const T* g_all, int n, T* out_all, T* work, int use_shared,
                                    int* status) {
-    __shared__ T vec1[2 * ELRA_MAX_N], vec2[2 * ELRA_MAX_N], red[ELRA_BLOCK];
+    __shared__ T ell_v[2 * ELRA_MAX_N], ell_w[2 * ELRA_MAX_N], red[ELRA_BLOCK];
     __shared__ double redd[ELRA_BLOCK];
     __shared__ int piv[ELRA_MAX_N], sh_int[1];
     const size_t b = blockIdx.x, nn = (size_t)n * n;
@@ -568,7 +667,7 @@ __device__ void phi1_adjoint_block(const T* z_all, const T* g_all, int n, T* out
         if (threadIdx.x == 0) status[b] = ELRA_BAD_SIZE;
         return;
     }
-    Ws<T> ws = bind<T>(n, true, work, use_shared, vec1, vec2, piv, red, redd, sh_int);
+    Ws<T> ws = bind<T>(n, true, work, use_shared, ell_v, ell_w, piv, red, redd, sh_int);
     const int N = n;
     // a = (Zᵀ, G)
     for (int idx = threadIdx.x; idx < (int)nn; idx += ELRA_BLOCK) {

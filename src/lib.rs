@@ -36,9 +36,15 @@ pub mod capi;
 pub mod cuda;
 pub mod error;
 pub mod expressivity;
+pub mod grad;
 pub mod io;
 pub mod linalg;
 pub mod reference;
 pub mod verify;
 
 pub use error::{ElraError, Result};
+
+/// The README's example, compiled and run as a doctest so that it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -267,7 +267,7 @@ pub const TOL_BOUNDS: f64 = 1e-9;
 /// `W0` with `κ(W0) ≤ 10` (observed 5·10⁻¹³). Tolerance 10⁻¹⁰. The energy comparisons are
 /// qualitative: for normal `‖G‖_F ≤ ½` the second variation is ≥ 2.2‖K‖² (the normalised
 /// increase is tested ≥ 1), and a non-normal G's first variation gives a decrease
-/// ≥ 0.03‖[Gᵀ,G]‖²_F.
+/// `≥ 0.03‖[Gᵀ,G]‖²_F`.
 pub const TOL_PROP6: f64 = 1e-10;
 /// Lemma 1: `W0 + AB` and the truncated SVD are recombinations of the same oracle SVD, whose
 /// residual is below the acceptance `10·max(d,k)·ε ≤ 1.4·10⁻¹³` relative (observed

@@ -18,8 +18,8 @@
 #![allow(non_snake_case)]
 
 use elra::cuda::{
-    cuda_available, gemm, kernels, spectral_norm_sq, CudaDevice, DeviceGrams, DeviceMatrices,
-    DeviceScalar, FloatKernel, MatrixStatus, Transpose, Workspace,
+    cuda_available, gemm, kernels, spectral_norm_sq, AdapterGrams, CudaDevice, DeviceGrams,
+    DeviceMatrices, DeviceScalar, FloatKernel, MatrixStatus, Transpose, Workspace,
 };
 use elra::linalg::Real;
 use elra::ElraError;
@@ -910,9 +910,27 @@ fn cuda_gemm_tf32_only_when_asked_and_shapes_checked() {
 // Eq. (21) Grams
 // ---------------------------------------------------------------------------------------------
 
+/// Runs the Gram kernel for row-major A (batch×d×r) and C (batch×r×d): `(outputs, statuses)`.
+type GramsRunner<'a, T> =
+    dyn Fn(&[T], &[T], usize, usize, usize) -> (Vec<AdapterGrams<T>>, Vec<MatrixStatus>) + 'a;
+
+fn grams_on_gpu<T: FloatKernel>(
+    dev: &CudaDevice,
+) -> impl Fn(&[T], &[T], usize, usize, usize) -> (Vec<AdapterGrams<T>>, Vec<MatrixStatus>) + '_ {
+    move |a_h, c_h, batch, d, r| {
+        let a = DeviceMatrices::from_row_major(dev, batch, d, r, a_h).unwrap();
+        let c = DeviceMatrices::from_row_major(dev, batch, r, d, c_h).unwrap();
+        let mut out = DeviceGrams::filled(dev, batch, r, T::of(f64::NAN)).unwrap();
+        let mut status = dev.stream().alloc_zeros::<i32>(batch).unwrap();
+        kernels::launch_adapter_grams(dev, &a, &c, &mut out, &mut status).unwrap();
+        let st = kernels::read_status(dev, &status, batch).unwrap();
+        (out.to_host(dev).unwrap(), st)
+    }
+}
+
 /// Checks one batch of adapters entrywise; returns the worst |err|/bound ratio.
 fn grams_case<T: FloatKernel>(
-    dev: &CudaDevice,
+    run: &GramsRunner<'_, T>,
     rng: &mut ChaCha8Rng,
     batch: usize,
     d: usize,
@@ -925,11 +943,8 @@ fn grams_case<T: FloatKernel>(
     let c_h: Vec<T> = (0..batch * r * d)
         .map(|_| T::of(rng.random_range(-1.0..1.0) * 0.3))
         .collect();
-    let a = DeviceMatrices::from_row_major(dev, batch, d, r, &a_h).unwrap();
-    let c = DeviceMatrices::from_row_major(dev, batch, r, d, &c_h).unwrap();
-    let mut out = DeviceGrams::filled(dev, batch, r, T::of(f64::NAN)).unwrap();
-    kernels::adapter_grams(dev, &a, &c, &mut out).unwrap();
-    let got = out.to_host(dev).unwrap();
+    let (got, st) = run(&a_h, &c_h, batch, d, r);
+    assert!(st.iter().all(|&s| s == MatrixStatus::Ok), "{st:?}");
     let gd = 2.0 * gamma(d, u);
     let mut worst = 0.0f64;
     let mut check = |what: &str, g: f64, want: f64, bound: f64| {
@@ -993,16 +1008,17 @@ fn grams_case<T: FloatKernel>(
     worst
 }
 
-fn grams_suite<T: FloatKernel>(dev: &CudaDevice, seed: u64) {
+fn grams_suite<T: FloatKernel>(run: &GramsRunner<'_, T>, seed: u64, big: bool, label: &str) {
     let mut rng = rng(seed);
     let mut worst = 0.0f64;
+    let (d_long, wide) = if big { (4096, 224) } else { (512, 9) };
     for r in SIZES {
-        worst = worst.max(grams_case::<T>(dev, &mut rng, 1, 4096, r));
-        worst = worst.max(grams_case::<T>(dev, &mut rng, 224, 96, r));
+        worst = worst.max(grams_case::<T>(run, &mut rng, 1, d_long, r));
+        worst = worst.max(grams_case::<T>(run, &mut rng, wide, 96, r));
     }
-    worst = worst.max(grams_case::<T>(dev, &mut rng, 3, 1, 5));
+    worst = worst.max(grams_case::<T>(run, &mut rng, 3, 1, 5));
     eprintln!(
-        "adapter_grams {}: worst |err| / bound = {worst:.3e}",
+        "adapter_grams {} ({label}): worst |err| / bound = {worst:.3e}",
         T::NAME
     );
 }
@@ -1010,13 +1026,13 @@ fn grams_suite<T: FloatKernel>(dev: &CudaDevice, seed: u64) {
 #[test]
 fn cuda_adapter_grams_f64_match_cpu() {
     let dev = device_or_skip!();
-    grams_suite::<f64>(&dev, 51);
+    grams_suite::<f64>(&grams_on_gpu::<f64>(&dev), 51, true, "GPU");
 }
 
 #[test]
 fn cuda_adapter_grams_f32_match_cpu() {
     let dev = device_or_skip!();
-    grams_suite::<f32>(&dev, 52);
+    grams_suite::<f32>(&grams_on_gpu::<f32>(&dev), 52, true, "GPU");
 }
 
 /// Energy and spectral norm from the Grams equal ‖AC‖_F² and ‖AC‖₂² of the dense generator.
@@ -1103,4 +1119,445 @@ fn cuda_adapter_grams_status_per_adapter() {
     }
     run::<f64>(&dev);
     run::<f32>(&dev);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernels emulated on the CPU (no GPU needed)
+// ---------------------------------------------------------------------------------------------
+//
+// cuda/emu/ compiles cuda/phi1.cu and cuda/grams.cu with the host C++ compiler: one OS thread per
+// CUDA thread (ELRA_BLOCK = 8), std::barrier for __syncthreads, static storage for __shared__,
+// IEEE arithmetic without contraction and the host libm — the libm the Rust CPU core uses. The
+// kernels' device code thus runs unchanged (same index arithmetic, barriers, reductions, status
+// logic), and since it ports the CPU core operation by operation, its results must equal
+// `elra::linalg` bit for bit: these tests assert exactly that. (If `src/linalg/expm.rs` changes
+// its arithmetic, `cuda/phi1.cu` must change with it.) What they cannot check is what only a GPU
+// has: the device libm (pow/log2 in the selection), memory visibility on real hardware, the
+// 256-thread configuration, shared-memory limits and the launches. Skipped when no C++20 compiler
+// (`$CXX`, `g++` or `c++`) is found.
+
+mod emu {
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
+    use std::sync::OnceLock;
+
+    /// Kernel sources, embedded so the test binary does not depend on the build machine's paths.
+    const SOURCES: [(&str, &str); 6] = [
+        ("phi1.cu", include_str!("../cuda/phi1.cu")),
+        ("grams.cu", include_str!("../cuda/grams.cu")),
+        ("common.cuh", include_str!("../cuda/common.cuh")),
+        (
+            "emu/math_constants.h",
+            include_str!("../cuda/emu/math_constants.h"),
+        ),
+        ("emu/cuda_emu.hpp", include_str!("../cuda/emu/cuda_emu.hpp")),
+        ("emu/harness.cpp", include_str!("../cuda/emu/harness.cpp")),
+    ];
+
+    fn build() -> Result<PathBuf, String> {
+        let cxx = std::env::var("CXX")
+            .ok()
+            .into_iter()
+            .chain(["g++".to_string(), "c++".to_string()])
+            .find(|c| {
+                Command::new(c)
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .ok_or("no C++ compiler ($CXX, g++, c++) to build the kernel emulation")?;
+        let dir = std::env::temp_dir().join(format!("elra-cuda-emu-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("emu")).map_err(|e| e.to_string())?;
+        for (name, text) in SOURCES {
+            std::fs::write(dir.join(name), text).map_err(|e| e.to_string())?;
+        }
+        let exe = dir.join("harness");
+        let out = Command::new(&cxx)
+            .args([
+                "-std=c++20",
+                "-O2",
+                "-ffp-contract=off",
+                "-pthread",
+                "-DELRA_BLOCK=8",
+            ])
+            .arg("-I")
+            .arg(dir.join("emu"))
+            .arg("-I")
+            .arg(&dir)
+            .arg("-include")
+            .arg(dir.join("emu/cuda_emu.hpp"))
+            .arg(dir.join("emu/harness.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .map_err(|e| format!("{cxx}: {e}"))?;
+        if !out.status.success() {
+            // A compiler that exists but cannot build the emulation is a failure, not a skip.
+            panic!(
+                "{cxx} failed to build the kernel emulation:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(exe)
+    }
+
+    /// The emulation binary, built once per test process; `Err(reason)` to skip.
+    pub fn harness() -> Result<&'static PathBuf, String> {
+        static EXE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        EXE.get_or_init(build).as_ref().map_err(|e| e.clone())
+    }
+
+    /// Runs one job; returns the output lines as (name, tokens).
+    pub fn run(job: &str) -> Vec<(String, Vec<String>)> {
+        let exe = harness().expect("harness built");
+        let mut child = Command::new(exe)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the emulation");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(job.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "emulation failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut it = l.split_whitespace().map(str::to_string);
+                let name = it.next().unwrap_or_default();
+                (name, it.collect())
+            })
+            .collect()
+    }
+}
+
+/// IEEE bit patterns for the emulation's text protocol.
+trait EmuBits: FloatKernel {
+    fn bits(self) -> u64;
+    fn from_bits_u64(b: u64) -> Self;
+}
+impl EmuBits for f32 {
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+    fn from_bits_u64(b: u64) -> Self {
+        f32::from_bits(b as u32)
+    }
+}
+impl EmuBits for f64 {
+    fn bits(self) -> u64 {
+        self.to_bits()
+    }
+    fn from_bits_u64(b: u64) -> Self {
+        f64::from_bits(b)
+    }
+}
+
+macro_rules! emu_or_skip {
+    () => {
+        if let Err(reason) = emu::harness() {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+}
+
+fn hex_row_major<T: EmuBits>(ms: &[DMatrix<T>], out: &mut String) {
+    for m in ms {
+        for i in 0..m.nrows() {
+            for j in 0..m.ncols() {
+                out.push_str(&format!(" {:x}", m[(i, j)].bits()));
+            }
+        }
+    }
+}
+
+fn parse_matrices<T: EmuBits>(tokens: &[String], rows: usize, cols: usize) -> Vec<DMatrix<T>> {
+    let v: Vec<T> = tokens
+        .iter()
+        .map(|t| T::from_bits_u64(u64::from_str_radix(t, 16).unwrap()))
+        .collect();
+    v.chunks_exact(rows * cols)
+        .map(|c| DMatrix::from_row_slice(rows, cols, c))
+        .collect()
+}
+
+fn parse_status(tokens: &[String]) -> Vec<MatrixStatus> {
+    tokens
+        .iter()
+        .map(|t| MatrixStatus::from_code(t.parse().unwrap()))
+        .collect()
+}
+
+/// `(statuses, e^Z, φ1(Z))` from the emulated `expm_phi1` kernel.
+fn emu_expm_phi1<T: EmuBits>(
+    zs: &[DMatrix<T>],
+    use_shared: bool,
+) -> (Vec<MatrixStatus>, Vec<DMatrix<T>>, Vec<DMatrix<T>>) {
+    let n = zs[0].nrows();
+    let mut job = format!(
+        "expm_phi1 {} {n} {} {}",
+        T::NAME,
+        zs.len(),
+        u8::from(use_shared)
+    );
+    hex_row_major(zs, &mut job);
+    let out = emu::run(&job);
+    assert_eq!(out[1].0, "exp");
+    (
+        parse_status(&out[0].1),
+        parse_matrices(&out[1].1, n, n),
+        parse_matrices(&out[2].1, n, n),
+    )
+}
+
+/// `(statuses, L_φ1(Zᵀ, G))` from the emulated `phi1_adjoint` kernel.
+fn emu_phi1_adjoint<T: EmuBits>(
+    zs: &[DMatrix<T>],
+    gs: &[DMatrix<T>],
+    use_shared: bool,
+) -> (Vec<MatrixStatus>, Vec<DMatrix<T>>) {
+    let n = zs[0].nrows();
+    let mut job = format!(
+        "phi1_adjoint {} {n} {} {}",
+        T::NAME,
+        zs.len(),
+        u8::from(use_shared)
+    );
+    hex_row_major(zs, &mut job);
+    hex_row_major(gs, &mut job);
+    let out = emu::run(&job);
+    (parse_status(&out[0].1), parse_matrices(&out[1].1, n, n))
+}
+
+fn grams_emulated<T: EmuBits>(
+    a_h: &[T],
+    c_h: &[T],
+    batch: usize,
+    d: usize,
+    r: usize,
+) -> (Vec<AdapterGrams<T>>, Vec<MatrixStatus>) {
+    let mut job = format!("adapter_grams {} {d} {r} {batch}", T::NAME);
+    for x in a_h.iter().chain(c_h) {
+        job.push_str(&format!(" {:x}", x.bits()));
+    }
+    let out = emu::run(&job);
+    let st = parse_status(&out[0].1);
+    let z = parse_matrices::<T>(&out[1].1, r, r);
+    let s = parse_matrices::<T>(&out[2].1, r, r);
+    let k = parse_matrices::<T>(&out[3].1, r, r);
+    let sk = parse_matrices::<T>(&out[4].1, r, r);
+    let e = parse_matrices::<T>(&out[5].1, 1, 1);
+    let grams = (0..batch)
+        .map(|b| AdapterGrams {
+            z: z[b].clone(),
+            s: s[b].clone(),
+            k: k[b].clone(),
+            sk: sk[b].clone(),
+            energy: e[b][(0, 0)],
+        })
+        .collect();
+    (grams, st)
+}
+
+/// Emulated kernel vs CPU core: every matrix bit-identical (see the section comment).
+fn emu_expm_phi1_suite<T: EmuBits>(seed: u64) {
+    let mut rng = rng(seed);
+    for n in SIZES {
+        let mut zs = all_kinds::<T>(n, &mut rng);
+        zs.extend(matrices::<T>(n, if n == 64 { 6 } else { 24 }, &mut rng));
+        for use_shared in [false, true] {
+            let (st, eg, pg) = emu_expm_phi1(&zs, use_shared);
+            for (b, z) in zs.iter().enumerate() {
+                assert_eq!(st[b], MatrixStatus::Ok, "n={n} #{b}");
+                let (ec, pc) = elra::linalg::expm_phi1(z).unwrap();
+                let plan = elra::linalg::pade_plan(z).unwrap();
+                assert!(
+                    bits_equal(&eg[b], &ec) && bits_equal(&pg[b], &pc),
+                    "{} n={n} #{b} (‖Z‖₁ = {:.3e}, CPU plan {plan:?}): emulated kernel differs from the CPU core: exp {:.3e}, phi1 {:.3e}",
+                    T::NAME,
+                    norm1(z),
+                    rel_diff(&eg[b], &ec, "exp"),
+                    rel_diff(&pg[b], &pc, "phi1"),
+                );
+            }
+        }
+        eprintln!(
+            "emulated expm_phi1 {} n={n}: {} matrices bit-identical to the CPU core",
+            T::NAME,
+            zs.len()
+        );
+    }
+}
+
+fn emu_adjoint_suite<T: EmuBits>(seed: u64) {
+    let mut rng = rng(seed);
+    let g_norms = [1e-6, 1.0, 1e6];
+    for n in SIZES {
+        let mut zs = all_kinds::<T>(n, &mut rng);
+        zs.extend(matrices::<T>(n, if n == 64 { 4 } else { 16 }, &mut rng));
+        let mut gs: Vec<DMatrix<T>> = (0..zs.len())
+            .map(|i| random_f64(n, g_norms[i % 3], &mut rng).map(T::of))
+            .collect();
+        gs[1] = DMatrix::zeros(n, n);
+        for use_shared in [false, true] {
+            let (st, lg) = emu_phi1_adjoint(&zs, &gs, use_shared);
+            for b in 0..zs.len() {
+                assert_eq!(st[b], MatrixStatus::Ok, "n={n} #{b}");
+                let c = elra::linalg::phi1_frechet_adjoint(&zs[b], &gs[b]).unwrap();
+                assert!(
+                    bits_equal(&lg[b], &c),
+                    "{} n={n} #{b} (‖Z‖₁ = {:.3e}, ‖G‖₁ = {:.3e}): emulated adjoint differs from the CPU core by {:.3e}",
+                    T::NAME,
+                    norm1(&zs[b]),
+                    norm1(&gs[b]),
+                    rel_diff(&lg[b], &c, "adjoint"),
+                );
+            }
+        }
+        eprintln!(
+            "emulated phi1_adjoint {} n={n}: {} matrices bit-identical to the CPU core",
+            T::NAME,
+            zs.len()
+        );
+    }
+}
+
+#[test]
+fn cuda_kernels_emulated_on_cpu_expm_phi1_f64_bitwise_equal_cpu_core() {
+    emu_or_skip!();
+    emu_expm_phi1_suite::<f64>(61);
+}
+
+#[test]
+fn cuda_kernels_emulated_on_cpu_expm_phi1_f32_bitwise_equal_cpu_core() {
+    emu_or_skip!();
+    emu_expm_phi1_suite::<f32>(62);
+}
+
+#[test]
+fn cuda_kernels_emulated_on_cpu_phi1_adjoint_f64_bitwise_equal_cpu_core() {
+    emu_or_skip!();
+    emu_adjoint_suite::<f64>(63);
+}
+
+#[test]
+fn cuda_kernels_emulated_on_cpu_phi1_adjoint_f32_bitwise_equal_cpu_core() {
+    emu_or_skip!();
+    emu_adjoint_suite::<f32>(64);
+}
+
+/// The status paths: NaN/Inf input, overflow of e^Z, powers overflowing (pre-scaling, then too
+/// many squarings); failed matrices are NaN, the others equal the CPU core.
+#[test]
+fn cuda_kernels_emulated_on_cpu_statuses_match_cpu_errors() {
+    emu_or_skip!();
+    fn run<T: EmuBits>() {
+        let n = 7;
+        let mut rng = rng(65);
+        let mut zs: Vec<DMatrix<T>> = (0..8)
+            .map(|_| random_f64(n, 1.0, &mut rng).map(T::of))
+            .collect();
+        zs[2][(3, 4)] = T::of(f64::NAN);
+        zs[4][(0, 0)] = T::of(f64::INFINITY);
+        let big = if T::NAME == "f64" { 1000.0 } else { 100.0 };
+        zs[6] = DMatrix::identity(n, n) * T::of(big);
+        let huge = if T::NAME == "f64" { 1e300 } else { 1e30 };
+        zs[7] = random_f64(n, 1.0, &mut rng).map(|x| T::of(x * huge));
+        use MatrixStatus::*;
+        let expect = [
+            Ok,
+            Ok,
+            NonFiniteInput,
+            Ok,
+            NonFiniteInput,
+            Ok,
+            Overflow,
+            Overflow,
+        ];
+        let (st, eg, pg) = emu_expm_phi1(&zs, false);
+        assert_eq!(st, expect, "{}", T::NAME);
+        let gs: Vec<DMatrix<T>> = (0..8)
+            .map(|_| random_f64(n, 1.0, &mut rng).map(T::of))
+            .collect();
+        let (st2, lg) = emu_phi1_adjoint(&zs, &gs, false);
+        assert_eq!(st2, expect, "{} adjoint", T::NAME);
+        for b in 0..8 {
+            let cpu = elra::linalg::expm_phi1(&zs[b]);
+            let cpu_adj = elra::linalg::phi1_frechet_adjoint(&zs[b], &gs[b]);
+            match expect[b] {
+                Ok => {
+                    let (ec, pc) = cpu.unwrap();
+                    assert!(bits_equal(&eg[b], &ec) && bits_equal(&pg[b], &pc), "#{b}");
+                    assert!(bits_equal(&lg[b], &cpu_adj.unwrap()), "adjoint #{b}");
+                }
+                NonFiniteInput => {
+                    assert!(
+                        matches!(cpu, Err(ElraError::NonFinite { .. })),
+                        "#{b}: {cpu:?}"
+                    );
+                    assert!(matches!(cpu_adj, Err(ElraError::NonFinite { .. })));
+                }
+                _ => {
+                    assert!(
+                        matches!(cpu, Err(ElraError::Overflow { .. })),
+                        "#{b}: {cpu:?}"
+                    );
+                    assert!(
+                        matches!(cpu_adj, Err(ElraError::Overflow { .. })),
+                        "#{b}: {cpu_adj:?}"
+                    );
+                }
+            }
+            if expect[b] != Ok {
+                assert!(eg[b]
+                    .iter()
+                    .chain(pg[b].iter())
+                    .chain(lg[b].iter())
+                    .all(|x| x.f64().is_nan()));
+            }
+        }
+        // NaN only in the direction G
+        let mut gs2 = gs.clone();
+        gs2[3][(1, 1)] = T::of(f64::NAN);
+        let (st3, _) = emu_phi1_adjoint(&zs, &gs2, true);
+        assert_eq!(st3[3], NonFiniteInput);
+    }
+    run::<f64>();
+    run::<f32>();
+}
+
+#[test]
+fn cuda_kernels_emulated_on_cpu_adapter_grams_match_cpu() {
+    emu_or_skip!();
+    grams_suite::<f64>(&grams_emulated::<f64>, 71, false, "emulated");
+    grams_suite::<f32>(&grams_emulated::<f32>, 72, false, "emulated");
+    // statuses: NaN in A of adapter 1, −Inf in C of adapter 3, AᵀA overflowing in adapter 4
+    let (batch, d, r) = (5, 33, 4);
+    let mut rng = rng(73);
+    let mut a_h: Vec<f32> = (0..batch * d * r)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let mut c_h: Vec<f32> = (0..batch * r * d)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    a_h[d * r + 7] = f32::NAN;
+    c_h[3 * r * d + 2] = f32::NEG_INFINITY;
+    for x in &mut a_h[4 * d * r..] {
+        *x *= 1e25;
+    }
+    let (g, st) = grams_emulated(&a_h, &c_h, batch, d, r);
+    use MatrixStatus::*;
+    assert_eq!(st, [Ok, NonFiniteInput, Ok, NonFiniteInput, Overflow]);
+    assert!(g[1].energy.is_nan() && g[3].z.iter().all(|x| x.is_nan()));
 }

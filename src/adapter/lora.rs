@@ -222,4 +222,22 @@ mod tests {
         assert_eq!(Adapter::param_count(&l), r * (d + k));
         assert_eq!(l.total_param_count(), r * (d + k));
     }
+
+    #[test]
+    fn f32_matches_f64() {
+        let mut rng = ChaCha8Rng::seed_from_u64(22);
+        let (d, k, r) = (16, 12, 4);
+        let mut f = |rows: usize, cols: usize| {
+            DMatrix::from_fn(rows, cols, |_, _| rng.random_range(-1.0f64..1.0))
+        };
+        let (w0, a, b, x) = (f(d, k), f(r, k), f(d, r), f(5, k));
+        let cfg = LoraConfig::new(d, k, r);
+        let l64 = LoraLayer::from_factors(cfg.clone(), w0.clone(), a.clone(), b.clone()).unwrap();
+        let c = |m: &DMatrix<f64>| m.map(|v| v as f32);
+        let l32 = LoraLayer::from_factors(cfg, c(&w0), c(&a), c(&b)).unwrap();
+        let y64 = l64.forward(&x).unwrap();
+        let y32 = l32.forward(&c(&x)).unwrap().map(|v| v as f64);
+        // f32 rounding of inner products of length ≤ 16: a few 1e-7 relative
+        assert!((y32 - &y64).norm() <= 1e-5 * y64.norm());
+    }
 }

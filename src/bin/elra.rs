@@ -1,1 +1,142 @@
-fn main() {}
+//! The `elra` command line.
+//!
+//! - `elra fit` (the default when no subcommand is given): the teacher–student adaptation demo of
+//!   issue 3 — LoRA, ELRA, ELRA-PSD and ELRA-Hyb adapt a frozen network toward a target.
+//! - `elra verify`: seeded random instances of Propositions 1–7 (and Lemma 1, eq. 21, merge/unmerge)
+//!   checked against the dense nalgebra oracle, printed as a table.
+//! - `elra expressivity <linear|fnn|tfn|all>`: the App. G experiments of the expressive-power paper.
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+elra — exponential low-rank adapters
+
+USAGE:
+    elra [fit] [--steps N] [--seed S] [--width W] [--depth D] [--methods LIST] [--out DIR]
+    elra verify [--seed S] [--cases N] [--max-dim D]
+    elra expressivity <linear|fnn|tfn|all> [--quick] [--seed S] [--out DIR]
+    elra help
+
+With no subcommand, `elra` runs `fit` with its defaults.";
+
+/// Parsed `--flag value` pairs of one subcommand.
+struct Flags {
+    pairs: Vec<(String, String)>,
+    switches: Vec<String>,
+    positional: Vec<String>,
+}
+
+impl Flags {
+    fn parse(args: &[String], switch_names: &[&str]) -> Result<Flags, String> {
+        let mut flags = Flags {
+            pairs: Vec::new(),
+            switches: Vec::new(),
+            positional: Vec::new(),
+        };
+        let mut i = 0;
+        while i < args.len() {
+            let a = &args[i];
+            if let Some(name) = a.strip_prefix("--") {
+                if let Some((k, v)) = name.split_once('=') {
+                    flags.pairs.push((k.to_string(), v.to_string()));
+                } else if switch_names.contains(&name) {
+                    flags.switches.push(name.to_string());
+                } else {
+                    let v = args
+                        .get(i + 1)
+                        .ok_or_else(|| format!("flag --{name} needs a value"))?;
+                    flags.pairs.push((name.to_string(), v.clone()));
+                    i += 1;
+                }
+            } else {
+                flags.positional.push(a.clone());
+            }
+            i += 1;
+        }
+        Ok(flags)
+    }
+
+    fn check_known(&self, known: &[&str]) -> Result<(), String> {
+        for (k, _) in &self.pairs {
+            if !known.contains(&k.as_str()) {
+                return Err(format!("unknown flag --{k}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+        match self.pairs.iter().rev().find(|(k, _)| k == name) {
+            None => Ok(default),
+            Some((_, v)) => v
+                .parse()
+                .map_err(|_| format!("--{name}: cannot parse {v:?}")),
+        }
+    }
+}
+
+fn verify(flags: &Flags) -> Result<bool, String> {
+    flags.check_known(&["seed", "cases", "max-dim"])?;
+    let seed: u64 = flags.get("seed", 2024)?;
+    let cases: usize = flags.get("cases", 64)?;
+    let max_dim: usize = flags.get("max-dim", 32)?;
+    if cases == 0 {
+        return Err("--cases must be at least 1".into());
+    }
+    if max_dim < 2 {
+        return Err("--max-dim must be at least 2".into());
+    }
+    println!("elra verify: seed {seed}, {cases} cases per claim, dimensions up to {max_dim}");
+    println!(
+        "{:<44} {:>6} {:>12} {:>10}  pass",
+        "claim", "cases", "worst error", "tolerance"
+    );
+    let mut all = true;
+    for (i, claim) in elra::verify::claims().iter().enumerate() {
+        let report = claim
+            .run(seed.wrapping_add(i as u64), cases, max_dim)
+            .map_err(|e| format!("{}: {e}", claim.name))?;
+        all &= report.pass;
+        println!(
+            "{:<44} {:>6} {:>12.3e} {:>10.1e}  {}",
+            report.name,
+            report.cases,
+            report.worst,
+            report.tolerance,
+            if report.pass { "pass" } else { "FAIL" }
+        );
+    }
+    println!(
+        "{}",
+        if all {
+            "all claims pass"
+        } else {
+            "SOME CLAIMS FAIL"
+        }
+    );
+    Ok(all)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = match args.first().map(String::as_str) {
+        None => ("verify", &args[..]),
+        Some(a) if a.starts_with("--") => ("verify", &args[..]),
+        Some(a) => (a, &args[1..]),
+    };
+    let result = match cmd {
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(true)
+        }
+        "verify" => Flags::parse(rest, &[]).and_then(|f| verify(&f)),
+        other => Err(format!("unknown subcommand {other:?}\n\n{USAGE}")),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(msg) => {
+            eprintln!("elra: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The pluggable adapter parameterisation: a per-layer effective weight `W_eff(θ; W0)` and the
 //! pull-back `∂L/∂W_eff ↦ ∂L/∂θ`. LoRA (`W_eff = W0 + B A`, Hu et al. 2021) is implemented here;
-//! ELRA (`W_eff = exp(G) W0`) plugs into the same trait.
+//! ELRA (`W_eff = exp(G) W0`, [`super::elra`]) plugs into the same trait.
 #![allow(non_snake_case)]
 
 use crate::{ElraError, Result};
@@ -21,6 +21,10 @@ pub trait WeightAdapter: Clone + Send + Sync + std::fmt::Debug {
     fn params(&self) -> Vec<&DMatrix<f64>>;
     /// The parameters `θ`, mutable (the optimiser updates them in place).
     fn params_mut(&mut self) -> Vec<&mut DMatrix<f64>>;
+    /// Tells the adapter that training step `step` of `total` comes next (`step = total`: training
+    /// is over). Adapters with a schedule (ELRA-Hyb's `α_t`, ELRA App. H eq. 75) update it here;
+    /// the default does nothing.
+    fn set_step(&mut self, _step: usize, _total: usize) {}
 }
 
 /// A family of adapters: how to create one for a frozen weight at a given rank.

@@ -441,6 +441,9 @@ pub fn train_adapters<N: Network, F: AdapterFamily>(
         }
     };
     for step in 0..iterations {
+        for a in adapters.iter_mut() {
+            a.set_step(step, iterations);
+        }
         assemble(
             &mut model,
             &slots,
@@ -469,6 +472,9 @@ pub fn train_adapters<N: Network, F: AdapterFamily>(
             .chain(biases.iter_mut().map(|b| b.as_mut_slice()))
             .collect();
         adam_step(&mut adam, &mut params, &grads, step)?;
+    }
+    for a in adapters.iter_mut() {
+        a.set_step(iterations, iterations);
     }
     assemble(
         &mut model,

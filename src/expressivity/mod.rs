@@ -21,11 +21,13 @@
 //!   bias), behind the [`network::Network`] trait.
 //! * [`adapter`]: the pluggable adapter parameterisation `W_eff(θ)` with its pull-back
 //!   `∂L/∂W_eff ↦ ∂L/∂θ` ([`adapter::WeightAdapter`]); LoRA `W_eff = W0 + B A`.
+//! * [`elra`]: ELRA adapters (`W_eff = exp(G) W0`; general, PSD, Hyb) in the same interface.
 //! * [`optim`]: Adam / AdamW.
 //! * [`experiment`]: App. G — construction vs. trained LoRA for every rank, CSV output.
 #![allow(non_snake_case)]
 
 pub mod adapter;
+pub mod elra;
 pub mod experiment;
 
 pub mod fnn;
