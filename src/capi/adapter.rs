@@ -2039,27 +2039,21 @@ mod tests {
             if lora {
                 let b = rand_rows(d, r, &mut rng);
                 // SAFETY: live handle, d×r buffer.
-                assert_eq!(
-                    unsafe { elra_adapter_set_param_f64(h, 1, b.as_ptr(), d, r, r) },
-                    ELRA_OK
-                );
+                let st = unsafe { elra_adapter_set_param_f64(h, 1, b.as_ptr(), d, r, r) };
+                assert_eq!(st, ELRA_OK);
             }
             let x = rand_rows(n, k, &mut rng);
             let dy = rand_rows(n, d, &mut rng);
             let (mut ar, mut ac) = (0, 0);
             // SAFETY: live handle, locals.
-            assert_eq!(
-                unsafe { elra_adapter_param_shape(h, 0, &mut ar, &mut ac) },
-                ELRA_OK
-            );
+            let st = unsafe { elra_adapter_param_shape(h, 0, &mut ar, &mut ac) };
+            assert_eq!(st, ELRA_OK);
             let uses_b = v != ElraVariant::ELRA_VARIANT_PSD;
             let (br, bc) = if uses_b {
                 let (mut br, mut bc) = (0, 0);
                 // SAFETY: live handle, locals.
-                assert_eq!(
-                    unsafe { elra_adapter_param_shape(h, 1, &mut br, &mut bc) },
-                    ELRA_OK
-                );
+                let st = unsafe { elra_adapter_param_shape(h, 1, &mut br, &mut bc) };
+                assert_eq!(st, ELRA_OK);
                 (br, bc)
             } else {
                 (0, 0)
