@@ -568,6 +568,54 @@ ElraStatus elra_adapter_unmerge_f32(const ElraAdapter *adapter,
                                     size_t ld_w0_out);
 
 /**
+ * Reverse mode of [`elra_adapter_forward_f64`], f64 handles: given the input `x` (n×k) and the
+ * gradient `dy = ∂L/∂Y` (n×d), writes `dx = ∂L/∂X` (n×k), `da = ∂L/∂A` and `db = ∂L/∂B` (the
+ * shapes of [`elra_adapter_param_shape`]) and, for ELRA, `*deta = ∂L/∂η`. For ELRA the
+ * parameter gradients include the energy penalty `λ‖G‖²_F` (eq. 20–21), so
+ * `L = ⟨Y, dy⟩ + λ‖G‖²_F`; the chain runs through the spectral clip, the α/η schedules at the
+ * current step and the adjoint Fréchet derivative of φ1 (Prop. 1, eq. 5; Algorithm 1 line 12),
+ * with only N×r, r×d and r×r intermediates (no d×d matrix, no dense weight gradient). The
+ * forward pass is recomputed inside the call. `db` is ignored (may be NULL) for ELRA-PSD; `deta`
+ * is ignored (may be NULL) for LoRA. `dx` may alias `x` with an identical layout.
+ *
+ * # Safety
+ * `adapter` must be a live handle; every pointer must cover its described layout.
+ */
+ElraStatus elra_adapter_backward_f64(const ElraAdapter *adapter,
+                                     size_t n,
+                                     const double *x,
+                                     size_t ld_x,
+                                     const double *dy,
+                                     size_t ld_dy,
+                                     double *dx,
+                                     size_t ld_dx,
+                                     double *da,
+                                     size_t ld_da,
+                                     double *db,
+                                     size_t ld_db,
+                                     double *deta);
+
+/**
+ * [`elra_adapter_backward_f64`] for f32 handles.
+ *
+ * # Safety
+ * As [`elra_adapter_backward_f64`].
+ */
+ElraStatus elra_adapter_backward_f32(const ElraAdapter *adapter,
+                                     size_t n,
+                                     const float *x,
+                                     size_t ld_x,
+                                     const float *dy,
+                                     size_t ld_dy,
+                                     float *dx,
+                                     size_t ld_dx,
+                                     float *da,
+                                     size_t ld_da,
+                                     float *db,
+                                     size_t ld_db,
+                                     float *deta);
+
+/**
  * Saves `n` adapters (one per module, names like `model.layers.0.self_attn.q_proj`) as one
  * adapter directory `dir` (`adapter_model.safetensors` + `adapter_config.json`, PEFT layout;
  * created if missing; each file written atomically). All adapters must have the same dtype and

@@ -2,8 +2,10 @@
 //! (`W_new = exp(G) W0`, eq. 3, through the Woodbury form of Prop. 1) or by LoRA, in f32 or f64.
 //!
 //! Life cycle: fill an [`ElraAdapterConfig`] (e.g. with [`elra_adapter_config_default`]), create
-//! with [`elra_adapter_create`] (W0 is copied), set and get parameters, run forward / backward,
-//! merge / unmerge, save / load adapter directories, and free with [`elra_adapter_destroy`].
+//! with [`elra_adapter_create`] (W0 is copied), set and get parameters, run
+//! [`elra_adapter_forward_f64`] / [`elra_adapter_backward_f64`] (∂x and the adapter gradients),
+//! merge / unmerge, read the energy (eq. 21) and parameter counts (Remark 1), save / load adapter
+//! directories, and free with [`elra_adapter_destroy`].
 //! Typed functions end in `_f32`/`_f64` and must match the handle's dtype
 //! (`ELRA_INVALID_ARGUMENT` otherwise).
 //!
@@ -18,6 +20,7 @@ use crate::adapter::{
     Adapter, AlphaSchedule, ElraConfig, ElraLayer, EtaMultiplier, LoraConfig, LoraInit, LoraLayer,
     Variant,
 };
+use crate::grad;
 use crate::io::{save_merged, AdapterFile, FileConfig};
 use crate::linalg::Real;
 use crate::ElraError;
@@ -1119,6 +1122,144 @@ pub unsafe extern "C" fn elra_adapter_unmerge_f32(
     guard(|| unsafe { unmerge::<f32>(adapter, w_new, ld_w_new, w0_out, ld_w0_out) })
 }
 
+/// # Safety
+/// Every pointer must cover its described layout (`db` and `deta` may be NULL where unused).
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward<T: HandleReal>(
+    h: *const ElraAdapter,
+    n: usize,
+    x: *const T,
+    ld_x: usize,
+    dy: *const T,
+    ld_dy: usize,
+    dx: *mut T,
+    ld_dx: usize,
+    da: *mut T,
+    ld_da: usize,
+    db: *mut T,
+    ld_db: usize,
+    deta: *mut T,
+) -> CResult<()> {
+    // SAFETY: caller contract.
+    let a = unsafe { handle(h)? };
+    let layer = a.typed::<T>()?;
+    let (d, k, lora, uses_b) = match &layer {
+        Layer::Elra(l) => (
+            l.config().d,
+            l.config().k,
+            false,
+            l.config().variant.uses_b(),
+        ),
+        Layer::Lora(l) => (l.config().d, l.config().k, true, true),
+    };
+    // Validate every output before any work.
+    let l_dx = out_layout("dx", dx, n, k, ld_dx)?;
+    let (ar, ac) = param_shape(a, 0)?;
+    let l_da = out_layout("da", da, ar, ac, ld_da)?;
+    let l_db = if uses_b {
+        let (br, bc) = param_shape(a, 1)?;
+        Some(out_layout("db", db, br, bc, ld_db)?)
+    } else {
+        None
+    };
+    if !lora {
+        check_scalar_out("deta", deta)?;
+    }
+    // SAFETY: caller contract.
+    let xm = unsafe { read_matrix("x", x, n, k, ld_x)? };
+    // SAFETY: caller contract.
+    let dym = unsafe { read_matrix("dy", dy, n, d, ld_dy)? };
+    let (gx, ga, gb, geta) = match layer {
+        Layer::Elra(l) => {
+            let (_, tape) = grad::elra_forward(l, &xm, grad::Route::Woodbury, None)?;
+            let g = grad::elra_backward(l, &xm, &tape, dym)?;
+            (g.x, g.a, g.b, Some(g.eta))
+        }
+        Layer::Lora(l) => {
+            let (_, tape) = grad::lora_forward(l, &xm, None)?;
+            let g = grad::lora_backward(l, &xm, &tape, dym)?;
+            (g.x, g.lora_a, Some(g.lora_b), None)
+        }
+    };
+    // SAFETY: layouts validated above; the caller guarantees writability. All results are
+    // computed, so nothing is written unless the whole call succeeds.
+    unsafe {
+        write_out(dx, &l_dx, &row_major(&gx));
+        write_out(da, &l_da, &row_major(&ga));
+        if let (Some(l), Some(g)) = (l_db, gb) {
+            write_out(db, &l, &row_major(&g));
+        }
+        if let Some(e) = geta {
+            deta.write(e);
+        }
+    }
+    Ok(())
+}
+
+/// Reverse mode of [`elra_adapter_forward_f64`], f64 handles: given the input `x` (n×k) and the
+/// gradient `dy = ∂L/∂Y` (n×d), writes `dx = ∂L/∂X` (n×k), `da = ∂L/∂A` and `db = ∂L/∂B` (the
+/// shapes of [`elra_adapter_param_shape`]) and, for ELRA, `*deta = ∂L/∂η`. For ELRA the
+/// parameter gradients include the energy penalty `λ‖G‖²_F` (eq. 20–21), so
+/// `L = ⟨Y, dy⟩ + λ‖G‖²_F`; the chain runs through the spectral clip, the α/η schedules at the
+/// current step and the adjoint Fréchet derivative of φ1 (Prop. 1, eq. 5; Algorithm 1 line 12),
+/// with only N×r, r×d and r×r intermediates (no d×d matrix, no dense weight gradient). The
+/// forward pass is recomputed inside the call. `db` is ignored (may be NULL) for ELRA-PSD; `deta`
+/// is ignored (may be NULL) for LoRA. `dx` may alias `x` with an identical layout.
+///
+/// # Safety
+/// `adapter` must be a live handle; every pointer must cover its described layout.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_backward_f64(
+    adapter: *const ElraAdapter,
+    n: usize,
+    x: *const f64,
+    ld_x: usize,
+    dy: *const f64,
+    ld_dy: usize,
+    dx: *mut f64,
+    ld_dx: usize,
+    da: *mut f64,
+    ld_da: usize,
+    db: *mut f64,
+    ld_db: usize,
+    deta: *mut f64,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe {
+        backward::<f64>(
+            adapter, n, x, ld_x, dy, ld_dy, dx, ld_dx, da, ld_da, db, ld_db, deta,
+        )
+    })
+}
+
+/// [`elra_adapter_backward_f64`] for f32 handles.
+///
+/// # Safety
+/// As [`elra_adapter_backward_f64`].
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_backward_f32(
+    adapter: *const ElraAdapter,
+    n: usize,
+    x: *const f32,
+    ld_x: usize,
+    dy: *const f32,
+    ld_dy: usize,
+    dx: *mut f32,
+    ld_dx: usize,
+    da: *mut f32,
+    ld_da: usize,
+    db: *mut f32,
+    ld_db: usize,
+    deta: *mut f32,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe {
+        backward::<f32>(
+            adapter, n, x, ld_x, dy, ld_dy, dx, ld_dx, da, ld_da, db, ld_db, deta,
+        )
+    })
+}
+
 // ------------------------------------------------------------------------------------------
 // Files
 // ------------------------------------------------------------------------------------------
@@ -1850,5 +1991,204 @@ mod tests {
             elra_adapter_destroy(b);
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `L = ⟨forward(x), dy⟩ + λ‖G‖²_F` through the ABI only.
+    fn loss(
+        h: *const ElraAdapter,
+        n: usize,
+        x: &[f64],
+        k: usize,
+        dy: &[f64],
+        d: usize,
+        lora: bool,
+    ) -> f64 {
+        let mut y = vec![0.0; n * d];
+        // SAFETY: live handle, n×k and n×d buffers.
+        let s = unsafe { elra_adapter_forward_f64(h, n, x.as_ptr(), k, y.as_mut_ptr(), d) };
+        assert_eq!(s, ELRA_OK, "{}", last_error());
+        let task: f64 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+        if lora {
+            return task;
+        }
+        let (mut e, mut p) = (0.0, 0.0);
+        // SAFETY: live handle, local outputs.
+        assert_eq!(unsafe { elra_adapter_energy(h, &mut e, &mut p) }, ELRA_OK);
+        task + p
+    }
+
+    #[test]
+    fn backward_matches_the_grad_module_and_central_differences_through_the_abi() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let (d, k, r, n) = (6, 5, 2, 3);
+        for (v, tau) in [
+            (ElraVariant::ELRA_VARIANT_GENERAL, 0.0),
+            (ElraVariant::ELRA_VARIANT_PSD, 2.0),
+            (ElraVariant::ELRA_VARIANT_HYB, 0.0),
+            (ElraVariant::ELRA_VARIANT_LORA, 0.0),
+        ] {
+            let lora = v == ElraVariant::ELRA_VARIANT_LORA;
+            let mut c = default_config(v, ElraDtype::ELRA_DTYPE_F64, d, k, r);
+            c.eta = 0.4;
+            c.tau = tau;
+            c.lambda = 0.05; // make the energy term visible in the gradients
+            let w0 = rand_rows(d, k, &mut rng);
+            let h = create(&c, &w0, k);
+            // SAFETY: live handle.
+            assert_eq!(unsafe { elra_adapter_set_step(h, 3) }, ELRA_OK);
+            if lora {
+                let b = rand_rows(d, r, &mut rng);
+                // SAFETY: live handle, d×r buffer.
+                let st = unsafe { elra_adapter_set_param_f64(h, 1, b.as_ptr(), d, r, r) };
+                assert_eq!(st, ELRA_OK);
+            }
+            let x = rand_rows(n, k, &mut rng);
+            let dy = rand_rows(n, d, &mut rng);
+            let (mut ar, mut ac) = (0, 0);
+            // SAFETY: live handle, locals.
+            let st = unsafe { elra_adapter_param_shape(h, 0, &mut ar, &mut ac) };
+            assert_eq!(st, ELRA_OK);
+            let uses_b = v != ElraVariant::ELRA_VARIANT_PSD;
+            let (br, bc) = if uses_b {
+                let (mut br, mut bc) = (0, 0);
+                // SAFETY: live handle, locals.
+                let st = unsafe { elra_adapter_param_shape(h, 1, &mut br, &mut bc) };
+                assert_eq!(st, ELRA_OK);
+                (br, bc)
+            } else {
+                (0, 0)
+            };
+            let mut dx = vec![0.0; n * k];
+            let mut da = vec![0.0; ar * ac];
+            let mut db = vec![0.0; br * bc];
+            let mut deta = 0.0;
+            let dbp = if uses_b {
+                db.as_mut_ptr()
+            } else {
+                std::ptr::null_mut()
+            };
+            // SAFETY: buffers match the shapes queried above.
+            let s = unsafe {
+                elra_adapter_backward_f64(
+                    h,
+                    n,
+                    x.as_ptr(),
+                    k,
+                    dy.as_ptr(),
+                    d,
+                    dx.as_mut_ptr(),
+                    k,
+                    da.as_mut_ptr(),
+                    ac,
+                    dbp,
+                    bc.max(1),
+                    &mut deta,
+                )
+            };
+            assert_eq!(s, ELRA_OK, "{:?}: {}", v, last_error());
+            // Bit-for-bit the grad module on the same layer.
+            // SAFETY: live handle.
+            let a = unsafe { handle(h) }.unwrap();
+            let xm = DMatrix::from_row_slice(n, k, &x);
+            let dym = DMatrix::from_row_slice(n, d, &dy);
+            match a.typed::<f64>().unwrap() {
+                Layer::Elra(l) => {
+                    let (_, t) = grad::elra_forward(l, &xm, grad::Route::Woodbury, None).unwrap();
+                    let g = grad::elra_backward(l, &xm, &t, dym).unwrap();
+                    assert_eq!(row_major(&g.x), dx);
+                    assert_eq!(row_major(&g.a), da);
+                    assert_eq!(g.eta, deta);
+                }
+                Layer::Lora(l) => {
+                    let (_, t) = grad::lora_forward(l, &xm, None).unwrap();
+                    let g = grad::lora_backward(l, &xm, &t, dym).unwrap();
+                    assert_eq!(row_major(&g.lora_a), da);
+                }
+            }
+            // Central differences of L = <Y, dy> + λ‖G‖²_F through the ABI alone, h = 1e-6:
+            // truncation O(h²) ≈ 1e-12, rounding O(u·|L|/h) ≈ 1e-10; bound 1e-6·(1 + |g|).
+            let hh = 1e-6;
+            let close = |fd: f64, an: f64, what: &str| {
+                assert!(
+                    (fd - an).abs() < 1e-6 * (1.0 + an.abs()),
+                    "{v:?} {what}: fd {fd} vs {an}"
+                );
+            };
+            for i in [0, n * k - 1] {
+                let (mut xp, mut xm_) = (x.clone(), x.clone());
+                xp[i] += hh;
+                xm_[i] -= hh;
+                let fd = (loss(h, n, &xp, k, &dy, d, lora) - loss(h, n, &xm_, k, &dy, d, lora))
+                    / (2.0 * hh);
+                close(fd, dx[i], "dx");
+            }
+            let fd_param = |which: u32, rows: usize, cols: usize, i: usize| -> f64 {
+                let mut p = vec![0.0; rows * cols];
+                // SAFETY: live handle, rows×cols buffers.
+                unsafe {
+                    assert_eq!(
+                        elra_adapter_get_param_f64(h, which, p.as_mut_ptr(), rows, cols, cols),
+                        ELRA_OK
+                    );
+                    let orig = p[i];
+                    p[i] = orig + hh;
+                    assert_eq!(
+                        elra_adapter_set_param_f64(h, which, p.as_ptr(), rows, cols, cols),
+                        ELRA_OK
+                    );
+                    let lp = loss(h, n, &x, k, &dy, d, lora);
+                    p[i] = orig - hh;
+                    assert_eq!(
+                        elra_adapter_set_param_f64(h, which, p.as_ptr(), rows, cols, cols),
+                        ELRA_OK
+                    );
+                    let lm = loss(h, n, &x, k, &dy, d, lora);
+                    p[i] = orig;
+                    assert_eq!(
+                        elra_adapter_set_param_f64(h, which, p.as_ptr(), rows, cols, cols),
+                        ELRA_OK
+                    );
+                    (lp - lm) / (2.0 * hh)
+                }
+            };
+            for i in [0, ar * ac / 2, ar * ac - 1] {
+                close(fd_param(0, ar, ac, i), da[i], "da");
+            }
+            if uses_b {
+                for i in [0, br * bc - 1] {
+                    close(fd_param(1, br, bc, i), db[i], "db");
+                }
+            }
+            if !lora {
+                close(fd_param(2, 1, 1, 0), deta, "deta");
+            }
+            // Errors leave every output untouched.
+            let mut dx2 = vec![7.0; n * k];
+            let mut da2 = vec![7.0; ar * ac];
+            let mut bad = dy.clone();
+            bad[1] = f64::NAN;
+            // SAFETY: buffers as above.
+            let s = unsafe {
+                elra_adapter_backward_f64(
+                    h,
+                    n,
+                    x.as_ptr(),
+                    k,
+                    bad.as_ptr(),
+                    d,
+                    dx2.as_mut_ptr(),
+                    k,
+                    da2.as_mut_ptr(),
+                    ac,
+                    dbp,
+                    bc.max(1),
+                    &mut deta,
+                )
+            };
+            assert_eq!(s, ELRA_NON_FINITE);
+            assert!(dx2.iter().chain(&da2).all(|&z| z == 7.0));
+            // SAFETY: handle from create, destroyed once.
+            unsafe { elra_adapter_destroy(h) };
+        }
     }
 }
