@@ -26,7 +26,7 @@ use nalgebra::DMatrix;
 use super::generator::{energy_backward, FactorChain};
 use super::ops::{gemm, matmul, Op};
 use super::phi1_adjoint;
-use super::rows::{exp_rows_backward, exp_rows_forward, ExpRowsTape};
+use super::rows::{exp_rows_backward, exp_rows_forward_impl, ExpRowsTape};
 use crate::adapter::ElraLayer;
 use crate::linalg::{check_finite, phi1, Real};
 use crate::{ElraError, Result};
@@ -89,7 +89,13 @@ impl<T: Real> GeneratorTape<T> {
         let z = matmul(&c, Op::N, a, Op::N);
         let m = phi1(&z)?;
         check_finite("phi1(Z)", &m)?;
-        let (energy, _, _) = energy_backward(a, &c, spec.lambda)?;
+        if !spec.lambda.is_finite() || spec.lambda < 0.0 {
+            return Err(ElraError::invalid(
+                "lambda",
+                format!("must be finite and ≥ 0, got {}", spec.lambda),
+            ));
+        }
+        let energy = chain.frob_sq() * T::of(spec.lambda);
         Ok(GeneratorTape {
             a: a.clone(),
             c,
@@ -190,7 +196,7 @@ pub fn elra_forward_parts<T: Real>(
     let (y, route) = match route {
         Route::Woodbury => {
             let u = matmul(x, Op::N, w0, Op::T);
-            let (y, rows) = exp_rows_forward(&u, &g.a, &g.c, &g.m, mask)?;
+            let (y, rows) = exp_rows_forward_impl(&u, &g.a, &g.c, &g.m, mask, false)?;
             (y, RouteTape::Woodbury { u, rows })
         }
         Route::Merged => {

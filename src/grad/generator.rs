@@ -133,6 +133,8 @@ pub struct FactorChain<T: Real> {
     pub eta_mult: T,
     /// `C_raw = η_eff (αAᵀ + (1−α)B)` (r×n).
     pub c_raw: DMatrix<T>,
+    /// `‖A C_raw‖²_F` from the r×r Grams (eq. 21).
+    pub frob_sq_raw: T,
     /// The active spectral clip, if any.
     pub clip: Option<ClipTape<T>>,
 }
@@ -211,12 +213,17 @@ impl<T: Real> FactorChain<T> {
                 }
             }
         }
+        // ‖A C_raw‖²_F = tr((AᵀA)(C_raw C_rawᵀ)) from r×r Grams (eq. 21).
+        let gram_a = matmul(a, Op::T, a, Op::N);
+        let gram_c = matmul(&c_raw, Op::N, &c_raw, Op::T);
+        let frob_sq_raw = gram_a.dot(&gram_c).max(T::zero());
         let mut chain = FactorChain {
             alpha,
             has_b: b.is_some(),
             eta_eff,
             eta_mult: m,
             c_raw,
+            frob_sq_raw,
             clip: None,
         };
         if let Some(tau) = tau {
@@ -225,6 +232,10 @@ impl<T: Real> FactorChain<T> {
                     "tau",
                     format!("must be finite and > 0, got {tau}"),
                 ));
+            }
+            // ‖G‖₂ ≤ ‖G‖_F: well inside the threshold the thin QRs of the exact test are skipped.
+            if frob_sq_raw.f64() <= tau * tau * (1.0 - 1e-6) {
+                return Ok((chain.effective_c(), chain));
             }
             let top = top_singular(a, &chain.c_raw)?;
             if top.sigma.f64() > tau {
@@ -237,6 +248,14 @@ impl<T: Real> FactorChain<T> {
             }
         }
         Ok((chain.effective_c(), chain))
+    }
+
+    /// `‖G‖²_F = s² ‖A C_raw‖²_F` of the effective generator (eq. 21).
+    pub fn frob_sq(&self) -> T {
+        match &self.clip {
+            Some(cl) => self.frob_sq_raw * cl.scale * cl.scale,
+            None => self.frob_sq_raw,
+        }
     }
 
     /// The effective factor `C = s · C_raw`.

@@ -141,10 +141,28 @@ pub fn matmul<T: Real>(a: &DMatrix<T>, ta: Op, b: &DMatrix<T>, tb: Op) -> DMatri
     c
 }
 
-/// `⟨A, B⟩_F = Σ aᵢⱼ bᵢⱼ` (same shapes; panics otherwise).
-pub fn frob_dot<T: Real>(a: &DMatrix<T>, b: &DMatrix<T>) -> T {
-    assert_eq!(a.shape(), b.shape(), "frob_dot: shapes differ");
-    a.dot(b)
+/// `U + T Aᵀ` (U N×n, T N×r, A n×r) in one pass over `U`: each output column is copied from
+/// `U` and updated by r axpys while it sits in L1 (the rank-r update of eq. 5 without a
+/// separate copy of `U`). Panics if the shapes do not agree.
+pub fn add_rank_r<T: Real>(u: &DMatrix<T>, t: &DMatrix<T>, a: &DMatrix<T>) -> DMatrix<T> {
+    let (nb, n) = u.shape();
+    let r = t.ncols();
+    assert_eq!(t.nrows(), nb, "add_rank_r: rows of T");
+    assert_eq!(a.shape(), (n, r), "add_rank_r: shape of A");
+    let (us, ts) = (u.as_slice(), t.as_slice());
+    let mut data: Vec<T> = Vec::with_capacity(nb * n);
+    for j in 0..n {
+        let start = data.len();
+        data.extend_from_slice(&us[j * nb..(j + 1) * nb]);
+        let col = &mut data[start..];
+        for q in 0..r {
+            let w = a[(j, q)];
+            for (y, tv) in col.iter_mut().zip(&ts[q * nb..(q + 1) * nb]) {
+                *y += w * *tv;
+            }
+        }
+    }
+    DMatrix::from_vec(nb, n, data)
 }
 
 #[cfg(test)]
@@ -179,6 +197,18 @@ mod tests {
                     assert!((c - w2).abs().max() <= 1e-13);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn add_rank_r_matches_dense() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        for &(nb, n, r) in &[(5, 7, 3), (1, 1, 1), (30, 9, 8), (0, 4, 2)] {
+            let u = DMatrix::<f64>::from_fn(nb, n, |_, _| rng.random_range(-1.0..1.0));
+            let t = DMatrix::<f64>::from_fn(nb, r, |_, _| rng.random_range(-1.0..1.0));
+            let a = DMatrix::<f64>::from_fn(n, r, |_, _| rng.random_range(-1.0..1.0));
+            let want = &u + &t * a.transpose();
+            assert!((add_rank_r(&u, &t, &a) - want).abs().max() <= 1e-14);
         }
     }
 }

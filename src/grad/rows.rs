@@ -28,7 +28,7 @@
 
 use nalgebra::DMatrix;
 
-use super::ops::{gemm, matmul, Op};
+use super::ops::{add_rank_r, gemm, matmul, Op};
 use super::phi1_adjoint;
 use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
@@ -109,20 +109,31 @@ pub fn exp_rows_forward<T: Real>(
     m: &DMatrix<T>,
     mask: Option<&DMatrix<T>>,
 ) -> Result<(DMatrix<T>, ExpRowsTape<T>)> {
+    exp_rows_forward_impl(x, a, c, m, mask, true)
+}
+
+/// [`exp_rows_forward`]; `check_x = false` skips the finiteness pass over `x` for callers that
+/// produced `x` from checked inputs (the layer's `U = X W0ᵀ`).
+pub(crate) fn exp_rows_forward_impl<T: Real>(
+    x: &DMatrix<T>,
+    a: &DMatrix<T>,
+    c: &DMatrix<T>,
+    m: &DMatrix<T>,
+    mask: Option<&DMatrix<T>>,
+    check_x: bool,
+) -> Result<(DMatrix<T>, ExpRowsTape<T>)> {
     let (n, _) = check_factors(a, c, None, m)?;
     if x.ncols() != n {
         return Err(ElraError::shape("x", (x.nrows(), n), x.shape()));
     }
-    check_finite("x", x)?;
+    if check_x {
+        check_finite("x", x)?;
+    }
     check_mask(mask, x.shape())?;
     let v = matmul(x, Op::N, c, Op::T);
     let t = matmul(&v, Op::N, m, Op::T);
     let y = match mask {
-        None => {
-            let mut y = x.clone();
-            gemm(&mut y, T::one(), &t, Op::N, a, Op::T, T::one());
-            y
-        }
+        None => add_rank_r(x, &t, a),
         Some(d) => {
             let mut delta = matmul(&t, Op::N, a, Op::T);
             delta.component_mul_assign(d);
