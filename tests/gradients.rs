@@ -25,9 +25,14 @@
 //! relative rounding error is `≲ u/(h_rel ρ) ≈ 1e-10` (1e-12 while clipped, where ρ > 2). Both
 //! sit ≥ 1000× below the 1e-6 tolerance, which any real mistake exceeds by orders of magnitude
 //! (a wrong transpose or a missing term is an O(1) relative error). Near the clip's kinks the
-//! loss is not smooth: cases within 0.1 % of the threshold are skipped, and while clipped the
-//! n-th derivative of σ₁ scales like `1/gapⁿ⁻¹`, so cases with a top gap below 5 % are skipped
-//! and the step drops to `1e-4` (truncation `(h/gap)⁴ ≲ 1e-9`).
+//! loss is not smooth, so the step shrinks with the relative distance `m` to the threshold,
+//! `h_rel = min(1e-3, m/100)`, so that no stencil point crosses it (cases with `m < 1e-4` are
+//! skipped; rounding then stays below `u/(1e-6 · 2) ≈ 1e-10`); while clipped the n-th
+//! derivative of σ₁ scales like `1/gapⁿ⁻¹`, so cases with a top gap below 5 % are skipped and
+//! the step is at most `1e-4` (truncation `(h/gap)⁴ ≲ 1e-9`).
+//!
+//! The proptest generator is seeded (`RngSeed::Fixed`) so that CI sees the same cases on
+//! every run; `ELRA_PROPTEST_SEED=<u64>` explores new ones.
 #![allow(non_snake_case)]
 
 use elra::adapter::{
@@ -49,6 +54,13 @@ use rand_distr::StandardNormal;
 const TOL: f64 = 1e-6;
 const TAU: f64 = 2.0;
 const TOTAL_STEPS: usize = 100;
+/// Seed of the proptest case generator; `ELRA_PROPTEST_SEED=<u64>` explores other cases.
+fn proptest_seed() -> u64 {
+    std::env::var("ELRA_PROPTEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x00e1_7a00)
+}
 
 fn randn(rng: &mut ChaCha8Rng, r: usize, c: usize) -> DMatrix<f64> {
     DMatrix::from_fn(r, c, |_, _| rng.sample::<f64, _>(StandardNormal))
@@ -100,22 +112,27 @@ fn dense_generator(a: &DMatrix<f64>, c_raw: &DMatrix<f64>, tau: Option<f64>) -> 
     }
 }
 
-/// The finite-difference step for a generator (module docs): `None` near the clip's kinks (σ
-/// within 0.1 % of τ, or a top gap below 5 % while clipped), `1e-4` while clipped (the
-/// O(h⁴/gap⁴) truncation of σ₁'s expansion stays below 1e-9), `1e-3` otherwise.
+/// The finite-difference step for a generator (module docs). With `m = |σ₁ − τ|/τ` the relative
+/// distance to the clip threshold: `None` (skip) when `m < 1e-4` or, while clipped, when the
+/// top gap is below 5 %; otherwise `h_rel = min(1e-3, m/100)` so that no stencil point crosses
+/// the threshold (a relative move of the parameters by `2·h_rel` times a few standard normal
+/// draws moves σ₁ by far less than `m`), and at most `1e-4` while clipped (the O(h⁴/gap⁴)
+/// truncation of σ₁'s expansion stays below 1e-9).
 fn clip_step(g_raw: &DMatrix<f64>, tau: Option<f64>) -> Option<f64> {
     let Some(t) = tau else { return Some(1e-3) };
     let s = sorted_singular(g_raw);
-    if (s[0] - t).abs() < 1e-3 * t {
+    let m = (s[0] - t).abs() / t;
+    if m < 1e-4 {
         return None;
     }
+    let h = (m / 100.0).min(1e-3);
     if s[0] > t {
         if s.len() > 1 && s[0] - s[1] < 0.05 * s[0] {
             return None;
         }
-        return Some(1e-4);
+        return Some(h.min(1e-4));
     }
-    Some(1e-3)
+    Some(h)
 }
 
 /// A flat list of named parameter blocks with their gradients.
@@ -403,7 +420,13 @@ fn check_elra_case(case: &ElraCase, h: f64, seed: u64) -> Result<(), TestCaseErr
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, max_global_rejects: 4096, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        max_global_rejects: 4096,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(proptest_seed()),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn gradient_elra_general_matches_dense_oracle_and_adapter(

@@ -47,28 +47,9 @@ use crate::linalg::Real;
 use crate::Result;
 
 /// `Z̄ = L_φ1(Z)*(M̄) = L_φ1(Zᵀ, M̄)`: the adjoint of the Fréchet derivative of φ1 (real power
-/// series), the step through `M = φ1(Z)` of every reverse mode here.
-///
-/// Computed as the top-right block of `φ1([[Zᵀ, E], [0, Zᵀ]])` (Higham 2008 Thm 3.6 applied to
-/// φ1) with `E = c·M̄` rescaled by a power of two `c` so that `‖E‖₁ ≈ ‖Z‖₁` (the block
-/// trick's accuracy depends on the balance of the blocks; the result is divided by `c`).
+/// series), the step through `M = φ1(Z)` of every reverse mode here
+/// ([`crate::linalg::phi1_frechet_adjoint`]: block Padé scaling and squaring of
+/// `φ1([[Zᵀ, M̄], [0, Zᵀ]])`, Higham 2008 Thm 3.6).
 pub(crate) fn phi1_adjoint<T: Real>(z: &DMatrix<T>, mbar: &DMatrix<T>) -> Result<DMatrix<T>> {
-    let r = z.nrows();
-    let norm1 = |m: &DMatrix<T>| {
-        m.column_iter()
-            .map(|c| c.iter().fold(0.0f64, |s, x| s + x.f64().abs()))
-            .fold(0.0f64, f64::max)
-    };
-    let ne = norm1(mbar);
-    if ne == 0.0 {
-        return Ok(DMatrix::zeros(r, r));
-    }
-    let nz = norm1(z).max(1.0);
-    let c = (nz / ne).log2().round().clamp(-1000.0, 1000.0).exp2();
-    let mut big = DMatrix::zeros(2 * r, 2 * r);
-    big.view_mut((0, 0), (r, r)).copy_from(&z.transpose());
-    big.view_mut((r, r), (r, r)).copy_from(&z.transpose());
-    big.view_mut((0, r), (r, r)).copy_from(&(mbar * T::of(c)));
-    let p = crate::linalg::phi1(&big)?;
-    Ok(p.view((0, r), (r, r)) * T::of(1.0 / c))
+    crate::linalg::phi1_frechet_adjoint(z, mbar)
 }

@@ -1,0 +1,578 @@
+//! `fit`: teacher–student adaptation comparing LoRA and the ELRA family on the same data.
+//!
+//! A frozen random "pretrained" network (`depth` tanh layers of `width`, identity output) is
+//! adapted toward a **teacher** of the same shape whose every weight is
+//!
+//! ```text
+//! W*_ℓ = exp(G*_ℓ) W0_ℓ + ΔW*_ℓ,   G*_ℓ = A*C* (rank 4, ‖G*‖₂ = 0.5),
+//!                                   ΔW*_ℓ = B*A'* (rank 4, ‖ΔW*‖₂ = 0.25 ‖W0_ℓ‖₂),
+//! ```
+//!
+//! a multiplicative part in ELRA's family (eq. 3) plus an additive part in LoRA's, so both
+//! families have something they can and something they cannot represent exactly. `exp(G*) W0`
+//! is formed through Prop. 1 (`W0 + A* φ1(C*A*) C* W0`). Inputs are standard normal; the loss
+//! is the MSE to the teacher's outputs (or cross-entropy against its arg-max classes).
+//!
+//! Every method sees the same stream of batches (one seeded generator per run, restarted for
+//! each method), the same dropout masks and the same number of steps, with the recipe of
+//! [`super::trainer`]: LoRA (r = 8), ELRA (r = 8), ELRA-PSD (r = 16, matched parameters),
+//! ELRA-Hyb (r = 8) and optionally ELRA-Hyb_GA (r = 8, seeded from the first `ga_steps`
+//! batches of the same stream, then trained on the stream from its start). The first and
+//! final losses are evaluated without dropout on a fixed held-out set of 512 samples.
+//!
+//! Outputs, written atomically (temporary file + rename, both files only after every method
+//! finished): `loss.csv` (`method,step,train_loss,speed,grad_norm,lr`, one row per step; no
+//! timings, so the bytes depend on the seed only) and `loss.svg` (training-loss curves,
+//! logarithmic loss axis). Everything is `f64`, single-threaded and seeded: bitwise
+//! reproducible.
+#![allow(non_snake_case)]
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use nalgebra::DMatrix;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use super::diagnostics::{spike_report, DEFAULT_WINDOW, SPIKE_SIGMAS};
+use super::init::{ga_initialise, DEFAULT_GA_STEPS};
+use super::model::{Activation, AdaptedNetwork, AdapterSpec, FrozenNetwork, LossKind, Targets};
+use super::trainer::{TrainConfig, Trainer};
+use crate::adapter::Variant;
+use crate::linalg::phi1;
+use crate::{ElraError, Result};
+
+/// The methods `fit` can compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FitMethod {
+    /// LoRA, r = 8 (PEFT, `lora_alpha = 2r`).
+    Lora,
+    /// General ELRA, r = 8 (eq. 2).
+    Elra,
+    /// ELRA-PSD, r = 16 (§4.2.1; matched parameter count).
+    ElraPsd,
+    /// ELRA-Hyb, r = 8 (eq. 19).
+    ElraHyb,
+    /// ELRA-Hyb with GA seeding (App. H), r = 8.
+    ElraHybGa,
+}
+
+impl FitMethod {
+    /// The default comparison of the task: LoRA, ELRA, ELRA-PSD, ELRA-Hyb.
+    pub const DEFAULT: [FitMethod; 4] = [
+        FitMethod::Lora,
+        FitMethod::Elra,
+        FitMethod::ElraPsd,
+        FitMethod::ElraHyb,
+    ];
+
+    /// `lora`, `elra`, `elra-psd`, `elra-hyb`, `elra-hyb-ga`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FitMethod::Lora => "lora",
+            FitMethod::Elra => "elra",
+            FitMethod::ElraPsd => "elra-psd",
+            FitMethod::ElraHyb => "elra-hyb",
+            FitMethod::ElraHybGa => "elra-hyb-ga",
+        }
+    }
+
+    /// The adapter put on every layer (ranks of §5: 8, PSD 16).
+    pub fn spec(self) -> AdapterSpec {
+        match self {
+            FitMethod::Lora => AdapterSpec::Lora {
+                r: 8,
+                lora_alpha: 16.0,
+            },
+            FitMethod::Elra => AdapterSpec::Elra {
+                variant: Variant::General,
+                r: 8,
+            },
+            FitMethod::ElraPsd => AdapterSpec::Elra {
+                variant: Variant::Psd,
+                r: 16,
+            },
+            FitMethod::ElraHyb | FitMethod::ElraHybGa => AdapterSpec::Elra {
+                variant: Variant::Hyb,
+                r: 8,
+            },
+        }
+    }
+}
+
+impl fmt::Display for FitMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for FitMethod {
+    type Err = ElraError;
+    /// Parses the names of [`FitMethod::name`] (case-insensitive; `psd`, `hyb`, `hyb-ga` too).
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "lora" => Ok(FitMethod::Lora),
+            "elra" | "general" => Ok(FitMethod::Elra),
+            "elra-psd" | "psd" => Ok(FitMethod::ElraPsd),
+            "elra-hyb" | "hyb" => Ok(FitMethod::ElraHyb),
+            "elra-hyb-ga" | "hyb-ga" | "elra-hyb_ga" => Ok(FitMethod::ElraHybGa),
+            other => Err(ElraError::invalid(
+                "methods",
+                format!("unknown method `{other}` (expected lora, elra, elra-psd, elra-hyb, elra-hyb-ga)"),
+            )),
+        }
+    }
+}
+
+/// Options of [`fit`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitOptions {
+    /// Optimiser steps per method.
+    pub steps: usize,
+    /// Seed of everything (networks, data, adapters, dropout).
+    pub seed: u64,
+    /// Width of every layer.
+    pub width: usize,
+    /// Number of layers.
+    pub depth: usize,
+    /// Methods to compare, in order.
+    pub methods: Vec<FitMethod>,
+    /// Output directory for `loss.csv` and `loss.svg`.
+    pub out: PathBuf,
+    /// Batch size.
+    pub batch: usize,
+    /// Peak learning rate (shared by all methods, as in §5).
+    pub lr: f64,
+    /// Seeding batches of ELRA-Hyb_GA (App. H default 200).
+    pub ga_steps: usize,
+    /// The loss.
+    pub loss: LossKind,
+    /// Show a progress bar on stderr (indicatif; hidden when stderr is not a terminal).
+    pub progress: bool,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            steps: 800,
+            seed: 0,
+            width: 64,
+            depth: 3,
+            methods: FitMethod::DEFAULT.to_vec(),
+            out: PathBuf::from("elra-out"),
+            batch: 64,
+            lr: 2e-2,
+            ga_steps: DEFAULT_GA_STEPS,
+            loss: LossKind::Mse,
+            progress: true,
+        }
+    }
+}
+
+impl FitOptions {
+    /// Checks the options; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("steps", self.steps),
+            ("width", self.width),
+            ("depth", self.depth),
+            ("batch", self.batch),
+        ] {
+            if v == 0 {
+                return Err(ElraError::invalid(name, "must be at least 1"));
+            }
+        }
+        if self.methods.is_empty() {
+            return Err(ElraError::invalid("methods", "name at least one method"));
+        }
+        let max_r = self.methods.iter().map(|m| match m.spec() {
+            AdapterSpec::Lora { r, .. } | AdapterSpec::Elra { r, .. } => r,
+            AdapterSpec::None => 0,
+        });
+        if let Some(r) = max_r.max() {
+            if r > self.width {
+                return Err(ElraError::invalid(
+                    "width",
+                    format!("must be at least the largest rank {r} of the chosen methods"),
+                ));
+            }
+        }
+        if !self.lr.is_finite() || self.lr <= 0.0 {
+            return Err(ElraError::invalid(
+                "lr",
+                format!("must be finite and > 0, got {}", self.lr),
+            ));
+        }
+        if self.methods.contains(&FitMethod::ElraHybGa) && self.ga_steps == 0 {
+            return Err(ElraError::invalid(
+                "ga_steps",
+                "ELRA-Hyb_GA needs at least one seeding batch",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One row of the result table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodResult {
+    /// The method.
+    pub method: FitMethod,
+    /// Trainable parameters, η scalars included.
+    pub params: usize,
+    /// Held-out loss before training.
+    pub first_loss: f64,
+    /// Held-out loss after training.
+    pub final_loss: f64,
+    /// Speed spikes (§5.4).
+    pub spikes: usize,
+    /// Coefficient of variation of the speed (§5.4).
+    pub cv: f64,
+    /// Wall time of the method's training, seconds.
+    pub wall_secs: f64,
+}
+
+/// The result of [`fit`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitReport {
+    /// One row per method, in the order of the options.
+    pub rows: Vec<MethodResult>,
+    /// Where `loss.csv` was written.
+    pub csv: PathBuf,
+    /// Where `loss.svg` was written.
+    pub svg: PathBuf,
+}
+
+impl fmt::Display for FitReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<12} {:>8} {:>12} {:>12} {:>7} {:>7} {:>9}",
+            "method", "params", "first loss", "final loss", "spikes", "CV", "time (s)"
+        )?;
+        for r in &self.rows {
+            writeln!(
+                f,
+                "{:<12} {:>8} {:>12.4e} {:>12.4e} {:>7} {:>7.3} {:>9.2}",
+                r.method.name(),
+                r.params,
+                r.first_loss,
+                r.final_loss,
+                r.spikes,
+                r.cv,
+                r.wall_secs
+            )?;
+        }
+        write!(f, "wrote {} and {}", self.csv.display(), self.svg.display())
+    }
+}
+
+/// Per-step records of one method.
+struct Curve {
+    method: FitMethod,
+    loss: Vec<f64>,
+    speed: Vec<Option<f64>>,
+    grad_norm: Vec<f64>,
+    lr: Vec<f64>,
+}
+
+/// `exp(G) W0 + ΔW` of the teacher (module docs), G and ΔW random of rank 4.
+fn teacher_weight(w0: &DMatrix<f64>, rng: &mut ChaCha8Rng) -> Result<DMatrix<f64>> {
+    let (d, k) = w0.shape();
+    let r = 4.min(d).min(k);
+    let mut randn =
+        |a: usize, b: usize| DMatrix::from_fn(a, b, |_, _| rng.sample::<f64, _>(StandardNormal));
+    let a = randn(d, r);
+    let mut c = randn(r, d);
+    let g_norm = (&a * &c).singular_values().max();
+    c *= 0.5 / g_norm;
+    let m = phi1(&(&c * &a))?;
+    let exp_w0 = w0 + &a * (m * (&c * w0));
+    let b = randn(d, r);
+    let a2 = randn(r, k);
+    let delta = &b * &a2;
+    let scale = 0.25 * w0.clone().singular_values().max() / delta.clone().singular_values().max();
+    Ok(exp_w0 + delta * scale)
+}
+
+/// The data stream: batch t of a run is the t-th draw of a generator seeded with `seed`.
+struct Stream {
+    rng: ChaCha8Rng,
+    width: usize,
+    batch: usize,
+}
+
+impl Stream {
+    fn new(seed: u64, width: usize, batch: usize) -> Self {
+        Stream {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            width,
+            batch,
+        }
+    }
+    fn next_x(&mut self) -> DMatrix<f64> {
+        DMatrix::from_fn(self.batch, self.width, |_, _| {
+            self.rng.sample::<f64, _>(StandardNormal)
+        })
+    }
+}
+
+fn targets_for(
+    teacher: &FrozenNetwork<f64>,
+    loss: LossKind,
+    x: &DMatrix<f64>,
+) -> Result<Targets<f64>> {
+    let y = teacher.forward(x)?;
+    Ok(match loss {
+        LossKind::Mse => Targets::Values(y),
+        LossKind::CrossEntropy => Targets::Labels(
+            y.row_iter()
+                .map(|row| {
+                    row.iter()
+                        .enumerate()
+                        .fold(
+                            (0, f64::NEG_INFINITY),
+                            |b, (j, &v)| if v > b.1 { (j, v) } else { b },
+                        )
+                        .0
+                })
+                .collect(),
+        ),
+    })
+}
+
+/// Teacher–student adaptation with every method of `opts` (module docs); returns the table and
+/// writes `loss.csv` and `loss.svg` into `opts.out`.
+///
+/// Errors: invalid options ([`FitOptions::validate`]); [`ElraError::Training`] from any
+/// method's training; [`ElraError::Io`] when the output cannot be written (then neither file is
+/// replaced).
+pub fn fit(opts: &FitOptions) -> Result<FitReport> {
+    opts.validate()?;
+    let widths = vec![opts.width; opts.depth + 1];
+    let seed = opts.seed;
+    let base = FrozenNetwork::<f64>::random(&widths, Activation::Tanh, Activation::Identity, seed)?;
+    let mut teacher = base.clone();
+    let mut trng = ChaCha8Rng::seed_from_u64(seed ^ 0x7eac_4e11);
+    for l in &mut teacher.layers {
+        l.w0 = teacher_weight(&l.w0, &mut trng)?;
+    }
+    let data_seed = seed ^ 0xda7a_5eed;
+    let mut eval_stream = Stream::new(seed ^ 0xe7a1_0000, opts.width, 512);
+    let eval_x = eval_stream.next_x();
+    let eval_t = targets_for(&teacher, opts.loss, &eval_x)?;
+
+    let total = (opts.steps * opts.methods.len()) as u64;
+    let bar = if opts.progress {
+        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} steps ({eta})")
+            .map_err(|e| ElraError::invalid("progress", e.to_string()))?
+            .progress_chars("=> "),
+    );
+
+    let mut rows = Vec::new();
+    let mut curves = Vec::new();
+    for &method in &opts.methods {
+        bar.set_message(method.name());
+        let start = Instant::now();
+        let mut net =
+            AdaptedNetwork::new(&base, method.spec(), opts.loss, opts.steps, seed ^ 0xada7)?;
+        if method == FitMethod::ElraHybGa {
+            let mut s = Stream::new(data_seed, opts.width, opts.batch);
+            let batches = (0..opts.ga_steps)
+                .map(|_| {
+                    let x = s.next_x();
+                    targets_for(&teacher, opts.loss, &x).map(|t| (x, t))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            ga_initialise(&mut net, &base, batches)?;
+        }
+        let first_loss = net.eval_loss(&eval_x, &eval_t)?;
+        let mut cfg = TrainConfig::new(opts.steps, opts.lr);
+        cfg.seed = seed ^ 0xd0_0b0e;
+        let mut trainer = Trainer::new(net, cfg)?;
+        let mut stream = Stream::new(data_seed, opts.width, opts.batch);
+        let mut curve = Curve {
+            method,
+            loss: Vec::with_capacity(opts.steps),
+            speed: Vec::with_capacity(opts.steps),
+            grad_norm: Vec::with_capacity(opts.steps),
+            lr: Vec::with_capacity(opts.steps),
+        };
+        for _ in 0..opts.steps {
+            let x = stream.next_x();
+            let t = targets_for(&teacher, opts.loss, &x)?;
+            let rec = trainer.step(&x, &t)?;
+            curve.loss.push(rec.loss);
+            curve.speed.push(rec.speed);
+            curve.grad_norm.push(rec.grad_norm);
+            curve.lr.push(rec.lr);
+            bar.inc(1);
+        }
+        let spikes = spike_report(trainer.speeds(), DEFAULT_WINDOW, SPIKE_SIGMAS)?;
+        let net = trainer.into_network();
+        let final_loss = net.eval_loss(&eval_x, &eval_t)?;
+        rows.push(MethodResult {
+            method,
+            params: net.trainable_param_count(),
+            first_loss,
+            final_loss,
+            spikes: spikes.spikes.len(),
+            cv: spikes.cv,
+            wall_secs: start.elapsed().as_secs_f64(),
+        });
+        curves.push(curve);
+    }
+    bar.finish_and_clear();
+
+    let csv = csv_text(&curves);
+    let svg = svg_text(&curves)?;
+    let csv_path = opts.out.join("loss.csv");
+    let svg_path = opts.out.join("loss.svg");
+    write_atomically(
+        &opts.out,
+        &[(&csv_path, csv.as_bytes()), (&svg_path, svg.as_bytes())],
+    )?;
+    Ok(FitReport {
+        rows,
+        csv: csv_path,
+        svg: svg_path,
+    })
+}
+
+fn csv_text(curves: &[Curve]) -> String {
+    let mut s = String::from("method,step,train_loss,speed,grad_norm,lr\n");
+    for c in curves {
+        for t in 0..c.loss.len() {
+            let speed = c.speed[t].map(|v| format!("{v:e}")).unwrap_or_default();
+            s.push_str(&format!(
+                "{},{},{:e},{},{:e},{:e}\n",
+                c.method.name(),
+                t,
+                c.loss[t],
+                speed,
+                c.grad_norm[t],
+                c.lr[t]
+            ));
+        }
+    }
+    s
+}
+
+fn svg_text(curves: &[Curve]) -> Result<String> {
+    use plotters::prelude::*;
+    let err = |e: String| ElraError::Format(format!("plotting loss.svg: {e}"));
+    let steps = curves
+        .iter()
+        .map(|c| c.loss.len())
+        .max()
+        .unwrap_or(1)
+        .max(2);
+    let positive = curves
+        .iter()
+        .flat_map(|c| c.loss.iter().copied())
+        .filter(|v| v.is_finite() && *v > 0.0);
+    let (lo, hi) = positive.fold((f64::INFINITY, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) = if lo.is_finite() && hi > 0.0 {
+        (lo * 0.8, hi * 1.25)
+    } else {
+        (1e-3, 1.0)
+    };
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (900, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "fit: training loss (teacher–student adaptation)",
+                ("sans-serif", 20),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0usize..steps - 1, (lo..hi).log_scale())
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("optimiser step")
+            .y_desc("training loss (MSE / CE)")
+            .y_label_formatter(&|v| format!("{v:.1e}"))
+            .max_light_lines(1)
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        let palette = [
+            RGBColor(31, 119, 180),
+            RGBColor(214, 39, 40),
+            RGBColor(44, 160, 44),
+            RGBColor(148, 103, 189),
+            RGBColor(255, 127, 14),
+        ];
+        for (i, c) in curves.iter().enumerate() {
+            let color = palette[i % palette.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    c.loss
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, v)| v.is_finite() && **v > 0.0)
+                        .map(|(t, v)| (t, *v)),
+                    &color,
+                ))
+                .map_err(|e| err(e.to_string()))?
+                .label(c.method.name())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        root.present().map_err(|e| err(e.to_string()))?;
+    }
+    Ok(out)
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> ElraError {
+    ElraError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Writes every file to a temporary sibling first and renames them into place only when all
+/// were written, so an error leaves no half-written output.
+fn write_atomically(dir: &Path, files: &[(&Path, &[u8])]) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let mut temps = Vec::new();
+    for (path, bytes) in files {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let res = fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            for t in &temps {
+                let _ = fs::remove_file(t);
+            }
+            return Err(io_err(&tmp, e));
+        }
+        temps.push(tmp);
+    }
+    for (tmp, (path, _)) in temps.iter().zip(files) {
+        fs::rename(tmp, path).map_err(|e| io_err(path, e))?;
+    }
+    Ok(())
+}

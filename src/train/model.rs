@@ -1,0 +1,647 @@
+//! A small model harness: a stack of frozen dense layers with an adapter on every layer.
+//!
+//! Layer ℓ maps `H_{ℓ−1}` (N×k) to `H_ℓ = act(Y_ℓ + 1 b_ℓᵀ)` with `Y_ℓ = H_{ℓ−1} W_newᵀ`
+//! computed by the layer's adapter (ELRA through the Woodbury route, eq. 5; LoRA as PEFT), a
+//! frozen bias `b_ℓ` and an activation (tanh, ReLU or identity). The loss is MSE or
+//! cross-entropy; every ELRA layer adds its energy penalty `λ‖G‖²_F` (eq. 20). Gradients come
+//! from the hand-written reverse mode of [`crate::grad`]. Dropout on the adapter output
+//! (App. H, p = 0.05) uses masks drawn by the caller ([`AdaptedNetwork::sample_masks`]), so a
+//! seeded generator makes everything bitwise reproducible (single-threaded, no clocks).
+//!
+//! **Trainable parameters**, in a fixed order per layer: ELRA `[A, B, log η]` (`B` absent for
+//! ELRA-PSD), LoRA `[lora_A, lora_B]`. η is optimised through `log η` so that it stays > 0
+//! (eq. 2 requires η > 0): `∂L/∂log η = η ∂L/∂η`, and an AdamW step changes η by a bounded
+//! factor `exp(±lr)` instead of possibly crossing zero. `log η` receives no weight decay.
+#![allow(non_snake_case)]
+
+use nalgebra::{DMatrix, DVector};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use crate::adapter::{Adapter, ElraConfig, ElraLayer, LoraConfig, LoraLayer, Variant};
+use crate::grad::ops::{matmul, Op};
+use crate::grad::{
+    elra_backward, elra_forward, lora_backward, lora_forward, ElraTape, LoraTape, Route,
+};
+use crate::linalg::{check_finite, Real};
+use crate::{ElraError, Result};
+
+/// Activation after a dense layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `tanh`.
+    Tanh,
+    /// `max(0, ·)`.
+    Relu,
+    /// No activation.
+    Identity,
+}
+
+impl Activation {
+    fn apply<T: Real>(self, y: &mut DMatrix<T>) {
+        match self {
+            Activation::Tanh => y.apply(|v| *v = v.tanh()),
+            Activation::Relu => y.apply(|v| {
+                if *v < T::zero() {
+                    *v = T::zero()
+                }
+            }),
+            Activation::Identity => {}
+        }
+    }
+
+    /// Multiplies `g` by the derivative, given the activation's output `h`.
+    pub(crate) fn backward<T: Real>(self, h: &DMatrix<T>, g: &mut DMatrix<T>) {
+        match self {
+            Activation::Tanh => g.zip_apply(h, |gv, hv| *gv *= T::one() - hv * hv),
+            Activation::Relu => g.zip_apply(h, |gv, hv| {
+                if hv <= T::zero() {
+                    *gv = T::zero()
+                }
+            }),
+            Activation::Identity => {}
+        }
+    }
+}
+
+/// The training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossKind {
+    /// Mean squared error over all output entries, `(1/(N d)) Σ (y − t)²`.
+    Mse,
+    /// Mean softmax cross-entropy of the outputs (logits) against class labels.
+    CrossEntropy,
+}
+
+/// Targets of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targets<T: Real> {
+    /// Regression targets (N×d) for [`LossKind::Mse`].
+    Values(DMatrix<T>),
+    /// Class labels (N of them, each < d) for [`LossKind::CrossEntropy`].
+    Labels(Vec<usize>),
+}
+
+/// The loss and `∂L/∂Y` of the network output `y` (N×d).
+///
+/// Errors: targets of the wrong kind or shape, a label out of range, non-finite outputs.
+pub fn loss_and_grad<T: Real>(
+    kind: LossKind,
+    y: &DMatrix<T>,
+    targets: &Targets<T>,
+) -> Result<(f64, DMatrix<T>)> {
+    check_finite("y", y)?;
+    let (n, d) = y.shape();
+    if n == 0 {
+        return Err(ElraError::invalid("x", "the batch is empty"));
+    }
+    match (kind, targets) {
+        (LossKind::Mse, Targets::Values(t)) => {
+            if t.shape() != (n, d) {
+                return Err(ElraError::shape("targets", (n, d), t.shape()));
+            }
+            check_finite("targets", t)?;
+            let diff = y - t;
+            let scale = 1.0 / (n * d) as f64;
+            let loss = diff.iter().map(|v| v.f64() * v.f64()).sum::<f64>() * scale;
+            Ok((loss, diff * T::of(2.0 * scale)))
+        }
+        (LossKind::CrossEntropy, Targets::Labels(labels)) => {
+            if labels.len() != n {
+                return Err(ElraError::shape("targets", (n, 1), (labels.len(), 1)));
+            }
+            let mut g = DMatrix::zeros(n, d);
+            let mut loss = 0.0;
+            for (i, &c) in labels.iter().enumerate() {
+                if c >= d {
+                    return Err(ElraError::invalid(
+                        "targets",
+                        format!("label {c} ≥ {d} classes"),
+                    ));
+                }
+                let row: Vec<f64> = (0..d).map(|j| y[(i, j)].f64()).collect();
+                let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = row.iter().map(|v| (v - mx).exp()).sum();
+                loss += mx + z.ln() - row[c];
+                for j in 0..d {
+                    let p = (row[j] - mx).exp() / z;
+                    g[(i, j)] = T::of((p - if j == c { 1.0 } else { 0.0 }) / n as f64);
+                }
+            }
+            Ok((loss / n as f64, g))
+        }
+        _ => Err(ElraError::invalid(
+            "targets",
+            "the targets do not match the loss kind",
+        )),
+    }
+}
+
+/// A frozen dense layer `h ↦ act(h W0ᵀ + bᵀ)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrozenLayer<T: Real> {
+    /// Weight `W0` (d×k, out×in).
+    pub w0: DMatrix<T>,
+    /// Bias (length d).
+    pub bias: DVector<T>,
+    /// Activation.
+    pub activation: Activation,
+}
+
+/// A stack of frozen dense layers (the "pretrained" network).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrozenNetwork<T: Real> {
+    /// The layers, input first.
+    pub layers: Vec<FrozenLayer<T>>,
+}
+
+fn add_bias<T: Real>(y: &mut DMatrix<T>, b: &DVector<T>) {
+    for (j, mut col) in y.column_iter_mut().enumerate() {
+        col.add_scalar_mut(b[j]);
+    }
+}
+
+impl<T: Real> FrozenNetwork<T> {
+    /// Random layers of widths `widths[0] → widths[1] → …` with LeCun-normal weights
+    /// `N(0, 1/k)` (activations stay O(1) under tanh), biases `N(0, 0.1²)`, `hidden` after every
+    /// layer but the last and `output` after the last; seeded ChaCha8.
+    ///
+    /// Errors: fewer than two widths or a zero width.
+    pub fn random(
+        widths: &[usize],
+        hidden: Activation,
+        output: Activation,
+        seed: u64,
+    ) -> Result<Self> {
+        if widths.len() < 2 {
+            return Err(ElraError::invalid(
+                "widths",
+                "need at least an input and an output width",
+            ));
+        }
+        if widths.contains(&0) {
+            return Err(ElraError::invalid(
+                "widths",
+                "every width must be at least 1",
+            ));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n = widths.len() - 1;
+        let layers = (0..n)
+            .map(|l| {
+                let (k, d) = (widths[l], widths[l + 1]);
+                let s = 1.0 / (k as f64).sqrt();
+                FrozenLayer {
+                    w0: DMatrix::from_fn(d, k, |_, _| {
+                        T::of(s * rng.sample::<f64, _>(StandardNormal))
+                    }),
+                    bias: DVector::from_fn(d, |_, _| {
+                        T::of(0.1 * rng.sample::<f64, _>(StandardNormal))
+                    }),
+                    activation: if l + 1 == n { output } else { hidden },
+                }
+            })
+            .collect();
+        Ok(FrozenNetwork { layers })
+    }
+
+    /// Input width `k` of the first layer.
+    pub fn input_dim(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.w0.ncols())
+    }
+
+    /// Output width `d` of the last layer.
+    pub fn output_dim(&self) -> usize {
+        self.layers.last().map_or(0, |l| l.w0.nrows())
+    }
+
+    /// The network output for a batch `x` (N×k).
+    ///
+    /// Errors: `x` of the wrong width or non-finite.
+    pub fn forward(&self, x: &DMatrix<T>) -> Result<DMatrix<T>> {
+        Ok(self.forward_all(x)?.pop().unwrap_or_else(|| x.clone()))
+    }
+
+    /// Every layer's output `H_1, …, H_L` (the input is not included).
+    pub(crate) fn forward_all(&self, x: &DMatrix<T>) -> Result<Vec<DMatrix<T>>> {
+        check_finite("x", x)?;
+        let mut outs: Vec<DMatrix<T>> = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let h = outs.last().unwrap_or(x);
+            if h.ncols() != l.w0.ncols() {
+                return Err(ElraError::shape("x", (h.nrows(), l.w0.ncols()), h.shape()));
+            }
+            let mut y = matmul(h, Op::N, &l.w0, Op::T);
+            add_bias(&mut y, &l.bias);
+            l.activation.apply(&mut y);
+            outs.push(y);
+        }
+        Ok(outs)
+    }
+}
+
+/// Which adapter to put on every layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AdapterSpec {
+    /// No adapter (the frozen network).
+    None,
+    /// PEFT LoRA of rank r with `lora_alpha` (scaling `lora_alpha/r`), `lora_B = 0` at start.
+    Lora {
+        /// Rank.
+        r: usize,
+        /// PEFT's `lora_alpha`.
+        lora_alpha: f64,
+    },
+    /// ELRA of a variant and rank with the App. H defaults of [`ElraConfig::new`]
+    /// (η₀ = 10⁻³, λ = 10⁻⁵, τ = 2, exponential α schedule, cosine η multiplier), Xavier factors.
+    Elra {
+        /// Generator family.
+        variant: Variant,
+        /// Rank.
+        r: usize,
+    },
+}
+
+/// The adapter of one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerAdapter<T: Real> {
+    /// No adapter: the frozen weight.
+    Frozen(DMatrix<T>),
+    /// LoRA.
+    Lora(LoraLayer<T>),
+    /// ELRA (single-sided).
+    Elra(ElraLayer<T>),
+}
+
+impl<T: Real> LayerAdapter<T> {
+    /// The frozen weight `W0`.
+    pub fn w0(&self) -> &DMatrix<T> {
+        match self {
+            LayerAdapter::Frozen(w) => w,
+            LayerAdapter::Lora(l) => Adapter::w0(l),
+            LayerAdapter::Elra(l) => l.w0(),
+        }
+    }
+}
+
+/// One adapted layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptedLayer<T: Real> {
+    /// The adapter (owning `W0`).
+    pub adapter: LayerAdapter<T>,
+    /// Frozen bias.
+    pub bias: DVector<T>,
+    /// Activation.
+    pub activation: Activation,
+}
+
+enum AdapterTape<T: Real> {
+    Frozen,
+    Lora(LoraTape<T>),
+    Elra(Box<ElraTape<T>>),
+}
+
+/// The result of one forward/backward pass over the network.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossGrad<T: Real> {
+    /// The task loss.
+    pub loss: f64,
+    /// `Σ λ‖G‖²_F` over the ELRA layers (eq. 20).
+    pub energy: f64,
+    /// Gradients of `loss + energy` in the order of [`AdaptedNetwork::params`].
+    pub grads: Vec<DMatrix<T>>,
+    /// Each adapted layer's generator factors of this pass (ELRA: `A`, effective `C`;
+    /// LoRA: `lora_B`, `s·lora_A`), for the speed diagnostics (§5.4).
+    pub generators: Vec<(DMatrix<T>, DMatrix<T>)>,
+    /// The network output (N×d) of this pass.
+    pub output: DMatrix<T>,
+}
+
+/// A frozen network with an adapter on every layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptedNetwork<T: Real> {
+    /// The layers, input first.
+    pub layers: Vec<AdaptedLayer<T>>,
+    /// The loss.
+    pub loss: LossKind,
+}
+
+impl<T: Real> AdaptedNetwork<T> {
+    /// Puts `spec` on every layer of `base`. ELRA layers get [`ElraConfig::new`] for
+    /// `total_steps` (schedules of App. H) with Xavier factors seeded by `seed + ℓ`; LoRA layers
+    /// PEFT's initialisation seeded the same way.
+    ///
+    /// Errors: an invalid rank for some layer (r = 0, r > d for ELRA, r > min(d, k) for LoRA).
+    pub fn new(
+        base: &FrozenNetwork<T>,
+        spec: AdapterSpec,
+        loss: LossKind,
+        total_steps: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let layers = base
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let (d, k) = l.w0.shape();
+                let s = seed.wrapping_add(i as u64);
+                let adapter = match spec {
+                    AdapterSpec::None => LayerAdapter::Frozen(l.w0.clone()),
+                    AdapterSpec::Lora { r, lora_alpha } => {
+                        let mut cfg = LoraConfig::new(d, k, r);
+                        cfg.lora_alpha = lora_alpha;
+                        cfg.seed = s;
+                        LayerAdapter::Lora(LoraLayer::new(cfg, l.w0.clone())?)
+                    }
+                    AdapterSpec::Elra { variant, r } => {
+                        let mut cfg = ElraConfig::new(variant, d, k, r, total_steps);
+                        cfg.seed = s;
+                        LayerAdapter::Elra(ElraLayer::new(cfg, l.w0.clone())?)
+                    }
+                };
+                Ok(AdaptedLayer {
+                    adapter,
+                    bias: l.bias.clone(),
+                    activation: l.activation,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdaptedNetwork { layers, loss })
+    }
+
+    /// Trainable parameters in the order of the module docs (ELRA `[A, B, log η]`, LoRA
+    /// `[lora_A, lora_B]`).
+    pub fn params(&self) -> Vec<DMatrix<T>> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            match &l.adapter {
+                LayerAdapter::Frozen(_) => {}
+                LayerAdapter::Lora(lo) => {
+                    out.push(lo.lora_a().clone());
+                    out.push(lo.lora_b().clone());
+                }
+                LayerAdapter::Elra(e) => {
+                    out.push(e.a().clone());
+                    if let Some(b) = e.b() {
+                        out.push(b.clone());
+                    }
+                    out.push(DMatrix::from_element(1, 1, e.eta().ln()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether each parameter of [`params`](Self::params) takes weight decay (`log η` does not).
+    pub fn decay_flags(&self) -> Vec<bool> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            match &l.adapter {
+                LayerAdapter::Frozen(_) => {}
+                LayerAdapter::Lora(_) => out.extend([true, true]),
+                LayerAdapter::Elra(e) => {
+                    out.push(true);
+                    if e.b().is_some() {
+                        out.push(true);
+                    }
+                    out.push(false);
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes parameters back (same order and shapes as [`params`](Self::params)).
+    ///
+    /// Errors: wrong count or shapes, non-finite values, η = exp(log η) not finite and > 0.
+    pub fn set_params(&mut self, params: Vec<DMatrix<T>>) -> Result<()> {
+        let expected = self.params().len();
+        if params.len() != expected {
+            return Err(ElraError::invalid(
+                "params",
+                format!("expected {expected} parameters, got {}", params.len()),
+            ));
+        }
+        let mut it = params.into_iter();
+        let mut next = || {
+            it.next()
+                .ok_or_else(|| ElraError::invalid("params", "too few parameters"))
+        };
+        for l in &mut self.layers {
+            match &mut l.adapter {
+                LayerAdapter::Frozen(_) => {}
+                LayerAdapter::Lora(lo) => {
+                    lo.set_lora_a(next()?)?;
+                    lo.set_lora_b(next()?)?;
+                }
+                LayerAdapter::Elra(e) => {
+                    e.set_a(next()?)?;
+                    if e.b().is_some() {
+                        e.set_b(next()?)?;
+                    }
+                    let log_eta = next()?;
+                    if log_eta.shape() != (1, 1) {
+                        return Err(ElraError::shape("log_eta", (1, 1), log_eta.shape()));
+                    }
+                    e.set_eta(log_eta[0].exp())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every ELRA layer to optimiser step `t` (α schedule of eq. 19/75 and the η
+    /// multiplier of App. H advance per optimiser step).
+    pub fn set_step(&mut self, t: usize) {
+        for l in &mut self.layers {
+            if let LayerAdapter::Elra(e) = &mut l.adapter {
+                e.set_step(t);
+            }
+        }
+    }
+
+    /// Trainable entries including the η scalars (Remark 1, App. I).
+    pub fn trainable_param_count(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match &l.adapter {
+                LayerAdapter::Frozen(_) => 0,
+                LayerAdapter::Lora(lo) => lo.total_param_count(),
+                LayerAdapter::Elra(e) => e.total_param_count(),
+            })
+            .sum()
+    }
+
+    /// Dropout masks for the adapter outputs of a batch of `n` rows (App. H, p = `p`): entries
+    /// 0 with probability p, else `1/(1−p)`; `None` for frozen layers or p = 0.
+    ///
+    /// Errors: p outside [0, 1).
+    pub fn sample_masks<R: Rng>(
+        &self,
+        n: usize,
+        p: f64,
+        rng: &mut R,
+    ) -> Result<Vec<Option<DMatrix<T>>>> {
+        if !p.is_finite() || !(0.0..1.0).contains(&p) {
+            return Err(ElraError::invalid(
+                "dropout",
+                format!("must lie in [0, 1), got {p}"),
+            ));
+        }
+        let keep = T::of(1.0 / (1.0 - p));
+        Ok(self
+            .layers
+            .iter()
+            .map(|l| match (&l.adapter, p > 0.0) {
+                (LayerAdapter::Frozen(_), _) | (_, false) => None,
+                (a, true) => {
+                    let d = a.w0().nrows();
+                    Some(DMatrix::from_fn(n, d, |_, _| {
+                        if rng.random::<f64>() < p {
+                            T::zero()
+                        } else {
+                            keep
+                        }
+                    }))
+                }
+            })
+            .collect())
+    }
+
+    /// The network output without dropout.
+    ///
+    /// Errors: as [`loss_and_grad`](Self::loss_and_grad)'s forward part.
+    pub fn predict(&self, x: &DMatrix<T>) -> Result<DMatrix<T>> {
+        check_finite("x", x)?;
+        let mut h = x.clone();
+        for l in &self.layers {
+            let mut y = match &l.adapter {
+                LayerAdapter::Frozen(w) => {
+                    if h.ncols() != w.ncols() {
+                        return Err(ElraError::shape("x", (h.nrows(), w.ncols()), h.shape()));
+                    }
+                    matmul(&h, Op::N, w, Op::T)
+                }
+                LayerAdapter::Lora(lo) => lo.forward(&h)?,
+                LayerAdapter::Elra(e) => e.forward(&h)?,
+            };
+            add_bias(&mut y, &l.bias);
+            l.activation.apply(&mut y);
+            h = y;
+        }
+        Ok(h)
+    }
+
+    /// The task loss of a batch without dropout (no gradients).
+    pub fn eval_loss(&self, x: &DMatrix<T>, targets: &Targets<T>) -> Result<f64> {
+        let y = self.predict(x)?;
+        Ok(loss_and_grad(self.loss, &y, targets)?.0)
+    }
+
+    /// Forward with tapes, loss, energy and reverse mode through every layer ([`crate::grad`]).
+    /// `masks` (one per layer, from [`sample_masks`](Self::sample_masks)) drop out adapter outputs.
+    ///
+    /// Errors: shapes, non-finite values (inputs, outputs, loss, gradients), φ1 failures.
+    pub fn loss_and_grad(
+        &self,
+        x: &DMatrix<T>,
+        targets: &Targets<T>,
+        masks: Option<&[Option<DMatrix<T>>]>,
+    ) -> Result<LossGrad<T>> {
+        if let Some(m) = masks {
+            if m.len() != self.layers.len() {
+                return Err(ElraError::invalid(
+                    "masks",
+                    format!("expected {} masks, got {}", self.layers.len(), m.len()),
+                ));
+            }
+        }
+        check_finite("x", x)?;
+        let mut inputs: Vec<DMatrix<T>> = Vec::with_capacity(self.layers.len());
+        let mut outputs: Vec<DMatrix<T>> = Vec::with_capacity(self.layers.len());
+        let mut tapes: Vec<AdapterTape<T>> = Vec::with_capacity(self.layers.len());
+        let mut energy = 0.0;
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = outputs.last().unwrap_or(x).clone();
+            let mask = masks.and_then(|m| m[i].as_ref());
+            let (mut y, tape) = match &l.adapter {
+                LayerAdapter::Frozen(w) => {
+                    if h.ncols() != w.ncols() {
+                        return Err(ElraError::shape("x", (h.nrows(), w.ncols()), h.shape()));
+                    }
+                    (matmul(&h, Op::N, w, Op::T), AdapterTape::Frozen)
+                }
+                LayerAdapter::Lora(lo) => {
+                    let (y, t) = lora_forward(lo, &h, mask)?;
+                    (y, AdapterTape::Lora(t))
+                }
+                LayerAdapter::Elra(e) => {
+                    let (y, t) = elra_forward(e, &h, Route::Woodbury, mask)?;
+                    energy += t.generator.energy.f64();
+                    (y, AdapterTape::Elra(Box::new(t)))
+                }
+            };
+            add_bias(&mut y, &l.bias);
+            l.activation.apply(&mut y);
+            inputs.push(h);
+            outputs.push(y);
+            tapes.push(tape);
+        }
+        let out = outputs.last().cloned().unwrap_or_else(|| x.clone());
+        let (loss, mut g) = loss_and_grad(self.loss, &out, targets)?;
+        if !loss.is_finite() || !energy.is_finite() {
+            return Err(ElraError::NonFinite { arg: "loss" });
+        }
+        // Reverse pass; parameter gradients are collected per layer, then flattened in order.
+        let mut per_layer: Vec<Vec<DMatrix<T>>> = vec![Vec::new(); self.layers.len()];
+        let mut gens: Vec<(DMatrix<T>, DMatrix<T>)> = Vec::new();
+        for i in (0..self.layers.len()).rev() {
+            let l = &self.layers[i];
+            l.activation.backward(&outputs[i], &mut g);
+            let h = &inputs[i];
+            let gx = match (&l.adapter, &tapes[i]) {
+                (LayerAdapter::Frozen(w), _) => matmul(&g, Op::N, w, Op::N),
+                (LayerAdapter::Lora(lo), AdapterTape::Lora(t)) => {
+                    let gr = lora_backward(lo, h, t, g)?;
+                    per_layer[i] = vec![gr.lora_a, gr.lora_b];
+                    gr.x
+                }
+                (LayerAdapter::Elra(e), AdapterTape::Elra(t)) => {
+                    let gr = elra_backward(e, h, t, g)?;
+                    let mut v = vec![gr.a];
+                    v.extend(gr.b);
+                    v.push(DMatrix::from_element(1, 1, gr.eta * e.eta()));
+                    per_layer[i] = v;
+                    gr.x
+                }
+                _ => return Err(ElraError::invalid("tape", "adapter and tape kinds differ")),
+            };
+            g = gx;
+        }
+        for (l, t) in self.layers.iter().zip(&tapes) {
+            match (&l.adapter, t) {
+                (LayerAdapter::Lora(lo), AdapterTape::Lora(_)) => {
+                    let s = T::of(lo.config().scaling());
+                    gens.push((lo.lora_b().clone(), lo.lora_a() * s));
+                }
+                (LayerAdapter::Elra(_), AdapterTape::Elra(t)) => {
+                    gens.push((t.generator.a.clone(), t.generator.c.clone()));
+                }
+                _ => {}
+            }
+        }
+        let grads: Vec<DMatrix<T>> = per_layer.into_iter().flatten().collect();
+        for gm in &grads {
+            check_finite("gradient", gm)?;
+        }
+        Ok(LossGrad {
+            loss,
+            energy,
+            grads,
+            generators: gens,
+            output: out,
+        })
+    }
+}
