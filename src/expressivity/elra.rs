@@ -491,3 +491,28 @@ pub fn prop3_rank_experiment(
     }
     Ok((pop(&frozen)?, floor, rows))
 }
+
+/// The determinant-sign floor of ELRA on a product of adapted square layers: `det(exp(G) W0) =
+/// e^{tr G} det W0` (Prop. 3, `det exp(G) = exp(tr G) > 0`), so no ELRA adapters change the sign
+/// of `det(∏ W_l)`. If it differs from the sign of `det T`, every ELRA-adapted product `X`
+/// satisfies `‖X − T‖_F ≥ σ_min(T)` (the segment from `X` to `T` crosses a singular matrix, and the
+/// nearest singular matrix to `T` is at Frobenius distance `σ_min(T)`, Eckart–Young), i.e. a
+/// population per-entry MSE (`x ~ N(0, I)`) of at least `σ_min(T)² / D`. Returns that floor, or 0
+/// when the signs agree (or either matrix is singular).
+///
+/// Errors: non-square or mismatched shapes, non-finite entries.
+pub fn det_sign_floor(frozen_product: &DMatrix<f64>, target: &DMatrix<f64>) -> Result<f64> {
+    let d = target.nrows();
+    super::check_square("target", target, d)?;
+    super::check_square("frozen_product", frozen_product, d)?;
+    let s_f = frozen_product.clone().lu().determinant().signum();
+    let s_t = target.clone().lu().determinant().signum();
+    if frozen_product.clone().lu().determinant() == 0.0
+        || target.clone().lu().determinant() == 0.0
+        || s_f == s_t
+    {
+        return Ok(0.0);
+    }
+    let s = super::SortedSvd::new("target", target)?;
+    Ok(s.sigma_1based(d).powi(2) / d as f64)
+}
