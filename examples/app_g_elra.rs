@@ -1,7 +1,7 @@
 //! Driver for the App. G runs with the ELRA comparison (EXPERIMENTS.md):
 //! `cargo run --release --example app_g_elra -- <linear|fnn|tfn|all|SETTING_ID...>
 //!  [--quick] [--seed S] [--out DIR] [--iterations N] [--threads T] [--ranks 1,2,..]
-//!  [--lr 1e-2,1e-3] [--wd 0,1e-3] [--test-samples N]`
+//!  [--lr 1e-2,1e-3] [--wd 0,1e-3] [--test-samples N] [--batch N] [--pretrain-max-steps N]`
 //! A group name runs the whole group; otherwise the arguments name settings by
 //! `<name>_<random|pretrained>` (e.g. `tfn_L1_H2_random`). Prints the summary table.
 
@@ -39,6 +39,8 @@ fn main() -> elra::Result<()> {
             "--lr" => opts.lr_grid = list(&val()),
             "--wd" => opts.wd_grid = list(&val()),
             "--test-samples" => opts.test_samples = val().parse().expect("n"),
+            "--batch" => opts.batch = val().parse().expect("batch"),
+            "--pretrain-max-steps" => opts.pretrain_max_steps = val().parse().expect("steps"),
             _ => names.push(a.to_string()),
         }
         i += 1;

@@ -289,6 +289,38 @@ fn rng_for(seed: u64, tag: &str, extra: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(derive_seed(seed, tag, extra))
 }
 
+/// The (frozen, target) pair of a linear App. G.1 setting exactly as [`run_setting`] builds it:
+/// drawn from the setting's seed stream and, for [`FrozenInit::Pretrained`], pretrained with the
+/// same options. Returns the frozen model and the target.
+///
+/// Errors: a setting that is not linear; invalid options; pretraining failures.
+pub fn linear_setting_models(setting: &Setting, opts: &Opts) -> Result<(LinearModel, LinearModel)> {
+    let o = opts.effective()?;
+    let Architecture::Linear { frozen_layers } = setting.arch else {
+        return Err(ElraError::invalid("setting", "not a linear setting"));
+    };
+    let mut mr = rng_for(o.seed, &setting.name, 0);
+    let target = LinearModel::random(setting.dim, 1, &mut mr)?;
+    let frozen = LinearModel::random(setting.dim, frozen_layers, &mut mr)?;
+    let frozen = match setting.frozen {
+        FrozenInit::Random => frozen,
+        FrozenInit::Pretrained => {
+            let mut r = rng_for(o.seed, &setting.name, 1);
+            pretrain(
+                &frozen,
+                &target,
+                o.pretrain_lr,
+                o.pretrain_factor,
+                o.pretrain_max_steps,
+                o.batch,
+                &mut r,
+            )?
+            .0
+        }
+    };
+    Ok((frozen, target))
+}
+
 /// A batch of `n` samples (`n·rows_per_sample` rows) with i.i.d. `N(0,1)` entries.
 fn gaussian_batch<N: Network>(net: &N, n: usize, rng: &mut ChaCha8Rng) -> DMatrix<f64> {
     standard_normal(n * net.rows_per_sample(), net.dim(), rng)
