@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use elra::cuda::{cuda_available, kernels, CudaDevice, DeviceMatrices, FloatKernel};
-use elra::linalg::Real;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

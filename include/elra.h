@@ -86,6 +86,232 @@ typedef enum {
   ELRA_PANIC = 12,
 } ElraStatus;
 
+/**
+ * Generator family of an adapter (`ElraAdapterConfig::variant`).
+ */
+enum ElraVariant
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * General ELRA, `G = ηAB` (eq. 2): A d×r and B r×d trained.
+   */
+  ELRA_VARIANT_GENERAL = 0,
+  /**
+   * ELRA-PSD, `G = ηAAᵀ` (§4.2.1): only A trained.
+   */
+  ELRA_VARIANT_PSD = 1,
+  /**
+   * ELRA-Hyb, `G = η(αAAᵀ + (1−α)AB)` with α decaying from 1 to 0 (eq. 19).
+   */
+  ELRA_VARIANT_HYB = 2,
+  /**
+   * LoRA (PEFT): `W_new = W0 + (lora_alpha/r)·B·A`, A = `lora_A` r×k, B = `lora_B` d×r.
+   */
+  ELRA_VARIANT_LORA = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ElraVariant ElraVariant;
+#else
+typedef uint32_t ElraVariant;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * Element type of an adapter (`ElraAdapterConfig::dtype`).
+ */
+enum ElraDtype
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * 32-bit IEEE float.
+   */
+  ELRA_DTYPE_F32 = 0,
+  /**
+   * 64-bit IEEE float.
+   */
+  ELRA_DTYPE_F64 = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ElraDtype ElraDtype;
+#else
+typedef uint32_t ElraDtype;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * α schedule of ELRA-Hyb (`ElraAdapterConfig::schedule`; eq. 19, eq. 75, App. K).
+ */
+enum ElraSchedule
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * `α(t) = exp(−γ t/T_warm)` during warm-up, 0 after (eq. 75); uses `warmup_steps`, `gamma`.
+   */
+  ELRA_SCHEDULE_EXPONENTIAL = 0,
+  /**
+   * Cosine decay 1 → 0 over `warmup_steps`.
+   */
+  ELRA_SCHEDULE_COSINE = 1,
+  /**
+   * Linear decay 1 → 0 over `warmup_steps`.
+   */
+  ELRA_SCHEDULE_LINEAR = 2,
+  /**
+   * Constant `alpha` in [0, 1].
+   */
+  ELRA_SCHEDULE_CONSTANT = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ElraSchedule ElraSchedule;
+#else
+typedef uint32_t ElraSchedule;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * Multiplier of η over the steps (`ElraAdapterConfig::eta_multiplier`; App. H).
+ */
+enum ElraEtaMultiplier
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * η is used as is.
+   */
+  ELRA_ETA_MULTIPLIER_NONE = 0,
+  /**
+   * Cosine multiplier over `total_steps` (App. H).
+   */
+  ELRA_ETA_MULTIPLIER_COSINE = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ElraEtaMultiplier ElraEtaMultiplier;
+#else
+typedef uint32_t ElraEtaMultiplier;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * Which parameter [`elra_adapter_set_param_f64`] and friends address.
+ */
+enum ElraParam
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * ELRA: factor A (d×r). LoRA: `lora_A` (r×k).
+   */
+  ELRA_PARAM_A = 0,
+  /**
+   * ELRA general/hyb: factor B (r×d; none for PSD). LoRA: `lora_B` (d×r).
+   */
+  ELRA_PARAM_B = 1,
+  /**
+   * ELRA: the trained step size η (1×1, > 0). LoRA: none.
+   */
+  ELRA_PARAM_ETA = 2,
+  /**
+   * The frozen weight W0 (d×k).
+   */
+  ELRA_PARAM_W0 = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ElraParam ElraParam;
+#else
+typedef uint32_t ElraParam;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * An adapter: a frozen weight W0 with its ELRA or LoRA parameters (opaque to C).
+ */
+typedef struct ElraAdapter ElraAdapter;
+
+/**
+ * Configuration of an adapter. Enumerations are stored as `uint32_t` holding the values of
+ * [`ElraVariant`], [`ElraDtype`], [`ElraSchedule`] and [`ElraEtaMultiplier`]; unknown values
+ * are rejected with `ELRA_INVALID_ARGUMENT`.
+ */
+typedef struct {
+  /**
+   * An [`ElraVariant`].
+   */
+  uint32_t variant;
+  /**
+   * An [`ElraDtype`].
+   */
+  uint32_t dtype;
+  /**
+   * Output dimension d (rows of W0).
+   */
+  size_t d;
+  /**
+   * Input dimension k (columns of W0).
+   */
+  size_t k;
+  /**
+   * Rank r (ELRA: 1 ≤ r ≤ d; LoRA: 1 ≤ r ≤ min(d, k)).
+   */
+  size_t r;
+  /**
+   * Initial step size η₀ > 0 (eq. 2; App. H: 1e-3). Ignored by LoRA.
+   */
+  double eta;
+  /**
+   * Energy-penalty weight λ ≥ 0 of `λ‖G‖²_F` (eq. 20; App. H: 1e-5). Ignored by LoRA.
+   */
+  double lambda;
+  /**
+   * Spectral clip threshold τ > 0 (App. H: 2.0), or 0 for no clipping. Ignored by LoRA.
+   */
+  double tau;
+  /**
+   * An [`ElraSchedule`] (used by ELRA-Hyb).
+   */
+  uint32_t schedule;
+  /**
+   * Warm-up length `T_warm` of the α schedule, in steps.
+   */
+  size_t warmup_steps;
+  /**
+   * Decay rate γ ≥ 0 of the exponential schedule (App. H: 5).
+   */
+  double gamma;
+  /**
+   * α of the constant schedule, in [0, 1].
+   */
+  double alpha;
+  /**
+   * An [`ElraEtaMultiplier`].
+   */
+  uint32_t eta_multiplier;
+  /**
+   * Length of the main schedule for the cosine η multiplier.
+   */
+  size_t total_steps;
+  /**
+   * Seed of the deterministic initialisation (ChaCha8).
+   */
+  uint64_t seed;
+  /**
+   * LoRA's `lora_alpha` (scaling `lora_alpha / r`). Ignored by ELRA.
+   */
+  double lora_alpha;
+} ElraAdapterConfig;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -109,6 +335,334 @@ uint32_t elra_version(void);
  * `buf` must be NULL with `len == 0`, or point to `len` writable bytes.
  */
 size_t elra_last_error_message(char *buf, size_t len);
+
+/**
+ * Fills `*out` with the paper's defaults (App. H) for a `variant` adapter of dtype `dtype` on a
+ * d×k weight with rank r trained for `total_steps` steps: η₀ = 1e-3, λ = 1e-5, τ = 2, exponential
+ * α schedule with `T_warm` = 25 % of the steps and γ = 5, cosine η multiplier, seed 0; LoRA:
+ * `lora_alpha = r`. Does not validate d, k, r (creation does).
+ *
+ * # Safety
+ * `out` must point to a writable `ElraAdapterConfig`.
+ */
+ElraStatus elra_adapter_config_default(uint32_t variant,
+                                       uint32_t dtype,
+                                       size_t d,
+                                       size_t k,
+                                       size_t r,
+                                       size_t total_steps,
+                                       ElraAdapterConfig *out);
+
+/**
+ * Creates an adapter from `config` on the frozen weight `w0` (d×k, row-major with leading
+ * dimension `ld_w0 ≥ k`, elements of `config->dtype`; copied). ELRA factors start from the
+ * seeded Xavier-uniform initialisation (App. H) with η = η₀ at step 0; LoRA starts as PEFT does
+ * (`lora_A` Kaiming-uniform, `lora_B` = 0). On success `*out` receives a handle to free with
+ * [`elra_adapter_destroy`]; on error `*out` is untouched.
+ *
+ * # Safety
+ * `config` must point to a readable config, `w0` to d×k readable elements of the config's dtype
+ * laid out as described, `out` to a writable pointer.
+ */
+ElraStatus elra_adapter_create(const ElraAdapterConfig *config,
+                               const void *w0,
+                               size_t ld_w0,
+                               ElraAdapter **out);
+
+/**
+ * Frees an adapter. NULL is ignored. The handle must not be used afterwards.
+ *
+ * # Safety
+ * `adapter` must be NULL or a live handle from this library, not used concurrently.
+ */
+void elra_adapter_destroy(ElraAdapter *adapter);
+
+/**
+ * Writes the adapter's configuration to `*out` (variant, dtype, d, k, r and the settings it was
+ * created or loaded with; `eta` is the initial η₀ — the trained η is [`ElraParam::ELRA_PARAM_ETA`]).
+ *
+ * # Safety
+ * `adapter` must be a live handle, `out` a writable `ElraAdapterConfig`.
+ */
+ElraStatus elra_adapter_get_config(const ElraAdapter *adapter,
+                                   ElraAdapterConfig *out);
+
+/**
+ * Shape of a parameter: `(rows, cols)` of [`ElraParam`] `which` (A: d×r / LoRA r×k; B: r×d /
+ * LoRA d×r; η: 1×1; W0: d×k). A parameter the variant lacks (B of ELRA-PSD, η of LoRA) is
+ * `ELRA_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `adapter` must be a live handle; `rows` and `cols` writable.
+ */
+ElraStatus elra_adapter_param_shape(const ElraAdapter *adapter,
+                                    uint32_t which,
+                                    size_t *rows,
+                                    size_t *cols);
+
+/**
+ * Matrix entries trained (`*matrix_entries`: 2rd for ELRA/Hyb, rd for PSD, r(d+k) for LoRA,
+ * Remark 1) and trainable scalars (`*scalars`: η of ELRA, 0 for LoRA).
+ *
+ * # Safety
+ * `adapter` must be a live handle; the outputs writable.
+ */
+ElraStatus elra_adapter_param_count(const ElraAdapter *adapter,
+                                    size_t *matrix_entries,
+                                    size_t *scalars);
+
+/**
+ * Sets the optimiser step t, which drives the α schedule (eq. 19, eq. 75) and the η multiplier
+ * (App. H). LoRA ignores it.
+ *
+ * # Safety
+ * `adapter` must be a live handle with exclusive access.
+ */
+ElraStatus elra_adapter_set_step(ElraAdapter *adapter, size_t step);
+
+/**
+ * The current optimiser step (`*step`) and α at that step (`*alpha`: the schedule's value for
+ * ELRA-Hyb, 1 for PSD, 0 for general ELRA and LoRA).
+ *
+ * # Safety
+ * `adapter` must be a live handle; the outputs writable.
+ */
+ElraStatus elra_adapter_get_step(const ElraAdapter *adapter, size_t *step, double *alpha);
+
+/**
+ * `‖G‖²_F` of the effective (clipped) generator from r×r Grams (eq. 21) in `*energy`, and the
+ * penalty `λ‖G‖²_F` (eq. 20) in `*penalty`. LoRA has no generator: `ELRA_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `adapter` must be a live handle; the outputs writable.
+ */
+ElraStatus elra_adapter_energy(const ElraAdapter *adapter, double *energy, double *penalty);
+
+/**
+ * Sets parameter `which` ([`ElraParam`]) from `data` (rows×cols, row-major, leading dimension
+ * `ld ≥ cols`), f64 handles. `(rows, cols)` must equal [`elra_adapter_param_shape`]
+ * (`ELRA_SHAPE_MISMATCH` otherwise); values must be finite, η > 0. Setting W0 keeps A, B, η and
+ * the step. On error the adapter is unchanged.
+ *
+ * # Safety
+ * `adapter` must be a live handle with exclusive access; `data` must cover the described layout.
+ */
+ElraStatus elra_adapter_set_param_f64(ElraAdapter *adapter,
+                                      uint32_t which,
+                                      const double *data,
+                                      size_t rows,
+                                      size_t cols,
+                                      size_t ld);
+
+/**
+ * [`elra_adapter_set_param_f64`] for f32 handles.
+ *
+ * # Safety
+ * As [`elra_adapter_set_param_f64`].
+ */
+ElraStatus elra_adapter_set_param_f32(ElraAdapter *adapter,
+                                      uint32_t which,
+                                      const float *data,
+                                      size_t rows,
+                                      size_t cols,
+                                      size_t ld);
+
+/**
+ * Copies parameter `which` ([`ElraParam`]) into `out` (rows×cols, leading dimension `ld`), f64
+ * handles; `(rows, cols)` must equal [`elra_adapter_param_shape`].
+ *
+ * # Safety
+ * `adapter` must be a live handle; `out` must cover the described layout for writing.
+ */
+ElraStatus elra_adapter_get_param_f64(const ElraAdapter *adapter,
+                                      uint32_t which,
+                                      double *out,
+                                      size_t rows,
+                                      size_t cols,
+                                      size_t ld);
+
+/**
+ * [`elra_adapter_get_param_f64`] for f32 handles.
+ *
+ * # Safety
+ * As [`elra_adapter_get_param_f64`].
+ */
+ElraStatus elra_adapter_get_param_f32(const ElraAdapter *adapter,
+                                      uint32_t which,
+                                      float *out,
+                                      size_t rows,
+                                      size_t cols,
+                                      size_t ld);
+
+/**
+ * Forward pass `Y = X W_newᵀ` without forming `W_new` (ELRA: eq. 5 / Algorithm 1 lines 4–8,
+ * `U = X W0ᵀ, Y = U + ((U Cᵀ) φ1(CA)ᵀ) Aᵀ`; LoRA: `X W0ᵀ + s (X Aᵀ) Bᵀ`), f64 handles. `x` is
+ * n×k (leading dimension `ld_x ≥ k`), `y` n×d (`ld_y ≥ d`); rows are samples.
+ *
+ * # Safety
+ * `adapter` must be a live handle; `x` and `y` must cover their layouts (y may alias x only with
+ * an identical layout, i.e. when d = k).
+ */
+ElraStatus elra_adapter_forward_f64(const ElraAdapter *adapter,
+                                    size_t n,
+                                    const double *x,
+                                    size_t ld_x,
+                                    double *y,
+                                    size_t ld_y);
+
+/**
+ * [`elra_adapter_forward_f64`] for f32 handles.
+ *
+ * # Safety
+ * As [`elra_adapter_forward_f64`].
+ */
+ElraStatus elra_adapter_forward_f32(const ElraAdapter *adapter,
+                                    size_t n,
+                                    const float *x,
+                                    size_t ld_x,
+                                    float *y,
+                                    size_t ld_y);
+
+/**
+ * The merged weight `W_new` (d×k, leading dimension `ld ≥ k`) into `w_new`, f64 handles (ELRA:
+ * `W0 + A(φ1(Z)(C W0))`, Prop. 1 / eq. 30; LoRA: `W0 + s·B·A`).
+ *
+ * # Safety
+ * `adapter` must be a live handle; `w_new` must cover the layout for writing.
+ */
+ElraStatus elra_adapter_merge_f64(const ElraAdapter *adapter, double *w_new, size_t ld);
+
+/**
+ * [`elra_adapter_merge_f64`] for f32 handles.
+ *
+ * # Safety
+ * As [`elra_adapter_merge_f64`].
+ */
+ElraStatus elra_adapter_merge_f32(const ElraAdapter *adapter, float *w_new, size_t ld);
+
+/**
+ * Recovers `W0` from a merged weight with the current parameters into `w0_out`, f64 handles
+ * (ELRA: `exp(−G) W_new = W_new + A φ1(−Z)(−C) W_new`, Prop. 3 with Prop. 1; LoRA:
+ * `W_new − s·B·A`). Both d×k with their leading dimensions.
+ *
+ * # Safety
+ * `adapter` must be a live handle; `w_new` and `w0_out` must cover their layouts (they may
+ * alias with identical layouts).
+ */
+ElraStatus elra_adapter_unmerge_f64(const ElraAdapter *adapter,
+                                    const double *w_new,
+                                    size_t ld_w_new,
+                                    double *w0_out,
+                                    size_t ld_w0_out);
+
+/**
+ * [`elra_adapter_unmerge_f64`] for f32 handles.
+ *
+ * # Safety
+ * As [`elra_adapter_unmerge_f64`].
+ */
+ElraStatus elra_adapter_unmerge_f32(const ElraAdapter *adapter,
+                                    const float *w_new,
+                                    size_t ld_w_new,
+                                    float *w0_out,
+                                    size_t ld_w0_out);
+
+/**
+ * Reverse mode of [`elra_adapter_forward_f64`], f64 handles: given the input `x` (n×k) and the
+ * gradient `dy = ∂L/∂Y` (n×d), writes `dx = ∂L/∂X` (n×k), `da = ∂L/∂A` and `db = ∂L/∂B` (the
+ * shapes of [`elra_adapter_param_shape`]) and, for ELRA, `*deta = ∂L/∂η`. For ELRA the
+ * parameter gradients include the energy penalty `λ‖G‖²_F` (eq. 20–21), so
+ * `L = ⟨Y, dy⟩ + λ‖G‖²_F`; the chain runs through the spectral clip, the α/η schedules at the
+ * current step and the adjoint Fréchet derivative of φ1 (Prop. 1, eq. 5; Algorithm 1 line 12),
+ * with only N×r, r×d and r×r intermediates (no d×d matrix, no dense weight gradient). The
+ * forward pass is recomputed inside the call. `db` is ignored (may be NULL) for ELRA-PSD; `deta`
+ * is ignored (may be NULL) for LoRA. `dx` may alias `x` with an identical layout.
+ *
+ * # Safety
+ * `adapter` must be a live handle; every pointer must cover its described layout.
+ */
+ElraStatus elra_adapter_backward_f64(const ElraAdapter *adapter,
+                                     size_t n,
+                                     const double *x,
+                                     size_t ld_x,
+                                     const double *dy,
+                                     size_t ld_dy,
+                                     double *dx,
+                                     size_t ld_dx,
+                                     double *da,
+                                     size_t ld_da,
+                                     double *db,
+                                     size_t ld_db,
+                                     double *deta);
+
+/**
+ * [`elra_adapter_backward_f64`] for f32 handles.
+ *
+ * # Safety
+ * As [`elra_adapter_backward_f64`].
+ */
+ElraStatus elra_adapter_backward_f32(const ElraAdapter *adapter,
+                                     size_t n,
+                                     const float *x,
+                                     size_t ld_x,
+                                     const float *dy,
+                                     size_t ld_dy,
+                                     float *dx,
+                                     size_t ld_dx,
+                                     float *da,
+                                     size_t ld_da,
+                                     float *db,
+                                     size_t ld_db,
+                                     float *deta);
+
+/**
+ * Saves `n` adapters (one per module, names like `model.layers.0.self_attn.q_proj`) as one
+ * adapter directory `dir` (`adapter_model.safetensors` + `adapter_config.json`, PEFT layout;
+ * created if missing; each file written atomically). All adapters must have the same dtype and
+ * kind (ELRA or LoRA) and share their settings (variant, r, η₀, λ, τ, schedules, step / r,
+ * lora_alpha); W0 is not saved.
+ *
+ * # Safety
+ * `adapters` and `modules` must point to `n` live handles and `n` NUL-terminated strings; `dir`
+ * to a NUL-terminated path.
+ */
+ElraStatus elra_adapter_save(size_t n,
+                             const ElraAdapter *const *adapters,
+                             const char *const *modules,
+                             const char *dir);
+
+/**
+ * Loads module `module` of the adapter directory `dir` onto the frozen weight `w0` (d×k
+ * elements of `dtype`, leading dimension `ld_w0 ≥ k`; copied) and returns a new handle in
+ * `*out`. The directory may hold an ELRA or a PEFT LoRA adapter (F16/BF16/F32/F64 tensors are
+ * converted to `dtype`). Every problem with the files is `ELRA_FORMAT` (or `ELRA_IO`) with a
+ * message naming it; d (and k for LoRA) must match the stored tensors (`ELRA_SHAPE_MISMATCH`).
+ * On error `*out` is untouched.
+ *
+ * # Safety
+ * `dir` and `module` must be NUL-terminated strings, `w0` must cover d×k elements of `dtype` as
+ * described, `out` must be writable.
+ */
+ElraStatus elra_adapter_load(const char *dir,
+                             const char *module,
+                             uint32_t dtype,
+                             size_t d,
+                             size_t k,
+                             const void *w0,
+                             size_t ld_w0,
+                             ElraAdapter **out);
+
+/**
+ * Writes the merged weights `W_new` of `n` adapters as one safetensors file at `path` with keys
+ * `<module>.weight` (d×k, the adapters' dtype), atomically — the base model's own key layout.
+ *
+ * # Safety
+ * As [`elra_adapter_save`], with `path` a NUL-terminated file path.
+ */
+ElraStatus elra_adapter_save_merged(size_t n,
+                                    const ElraAdapter *const *adapters,
+                                    const char *const *modules,
+                                    const char *path);
 
 /**
  * Batched matrix exponential `out_b = e^{Z_b}` in f64 (Padé scaling and squaring,

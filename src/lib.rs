@@ -23,6 +23,9 @@
 //!   (Woodbury forward, exact merge/unmerge, inference cache), double-sided variant, LoRA baseline.
 //! - [`reference`]: the dense nalgebra oracle (dense `exp(G)`, never Woodbury).
 //! - [`verify`]: Propositions 1–7 as executable claim checks (`elra verify`, tests/propositions.rs).
+//! - [`grad`]: hand-rolled reverse mode of the adapter path.
+//! - [`train`]: AdamW, schedules, initialisation (Xavier, GA), stability diagnostics (§5.4), the
+//!   model harness and the `fit` demo.
 //! - [`expressivity`]: the constructions and App. G experiments of "The Expressive Power of
 //!   Low-Rank Adaptation".
 //! - [`io`]: PEFT-layout adapter files (safetensors + JSON config).

@@ -1,7 +1,9 @@
 //! The C example `examples/c/elra_example.c` compiles against `include/elra.h` and the static
-//! library `libelra.a` that cargo built for this test run, runs, and passes its own checks
-//! (closed-form φ1/exp values, the adjoint Fréchet derivative as a divided difference, the error
-//! protocol). Skips with a printed reason only when no C compiler exists.
+//! library `libelra.a` that cargo built for this test run, runs, and passes its own checks:
+//! closed-form φ1/exp values, the adjoint Fréchet derivative as a divided difference, an ELRA
+//! adapter with a nilpotent generator (exp(G) = I + G exactly) whose forward, merge and backward
+//! (dX = dY·W_new, ∂L/∂η in closed form) are checked to 1e-14, a save/load round trip, and the
+//! error protocol. Skips with a printed reason only when no C compiler exists.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

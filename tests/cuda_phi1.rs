@@ -910,13 +910,15 @@ fn cuda_gemm_tf32_only_when_asked_and_shapes_checked() {
 // Eq. (21) Grams
 // ---------------------------------------------------------------------------------------------
 
+/// Gram outputs and per-adapter statuses.
+type GramsOut<T> = (Vec<AdapterGrams<T>>, Vec<MatrixStatus>);
+
 /// Runs the Gram kernel for row-major A (batch×d×r) and C (batch×r×d): `(outputs, statuses)`.
-type GramsRunner<'a, T> =
-    dyn Fn(&[T], &[T], usize, usize, usize) -> (Vec<AdapterGrams<T>>, Vec<MatrixStatus>) + 'a;
+type GramsRunner<'a, T> = dyn Fn(&[T], &[T], usize, usize, usize) -> GramsOut<T> + 'a;
 
 fn grams_on_gpu<T: FloatKernel>(
     dev: &CudaDevice,
-) -> impl Fn(&[T], &[T], usize, usize, usize) -> (Vec<AdapterGrams<T>>, Vec<MatrixStatus>) + '_ {
+) -> impl Fn(&[T], &[T], usize, usize, usize) -> GramsOut<T> + '_ {
     move |a_h, c_h, batch, d, r| {
         let a = DeviceMatrices::from_row_major(dev, batch, d, r, a_h).unwrap();
         let c = DeviceMatrices::from_row_major(dev, batch, r, d, c_h).unwrap();
@@ -1346,7 +1348,7 @@ fn grams_emulated<T: EmuBits>(
     batch: usize,
     d: usize,
     r: usize,
-) -> (Vec<AdapterGrams<T>>, Vec<MatrixStatus>) {
+) -> GramsOut<T> {
     let mut job = format!("adapter_grams {} {d} {r} {batch}", T::NAME);
     for x in a_h.iter().chain(c_h) {
         job.push_str(&format!(" {:x}", x.bits()));

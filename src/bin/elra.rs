@@ -12,8 +12,10 @@ elra — exponential low-rank adapters
 
 USAGE:
     elra [fit] [--steps N] [--seed S] [--width W] [--depth D] [--methods LIST] [--out DIR]
+               [--no-progress]
     elra verify [--seed S] [--cases N] [--max-dim D]
-    elra expressivity <linear|fnn|tfn|all> [--quick] [--seed S] [--out DIR]
+    elra expressivity <linear|fnn|tfn|all> [--quick] [--seed S] [--out DIR] [--iterations N]
+               [--threads T]
     elra help
 
 With no subcommand, `elra` runs `fit` with its defaults.";
@@ -53,6 +55,18 @@ impl Flags {
             i += 1;
         }
         Ok(flags)
+    }
+
+    fn str(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn switch(&self, name: &str) -> bool {
+        self.switches.iter().any(|s| s == name)
     }
 
     fn check_known(&self, known: &[&str]) -> Result<(), String> {
@@ -116,11 +130,73 @@ fn verify(flags: &Flags) -> Result<bool, String> {
     Ok(all)
 }
 
+fn fit(flags: &Flags) -> Result<bool, String> {
+    flags.check_known(&["steps", "seed", "width", "depth", "methods", "out"])?;
+    if let Some(p) = flags.positional.first() {
+        return Err(format!("fit takes no positional argument, got {p:?}"));
+    }
+    let defaults = elra::train::fit::FitOptions::default();
+    let methods = match flags.str("methods") {
+        None => defaults.methods.clone(),
+        Some(list) => list
+            .split(',')
+            .map(|m| m.parse().map_err(|e: elra::ElraError| e.to_string()))
+            .collect::<Result<Vec<_>, String>>()?,
+    };
+    let opts = elra::train::fit::FitOptions {
+        steps: flags.get("steps", defaults.steps)?,
+        seed: flags.get("seed", defaults.seed)?,
+        width: flags.get("width", defaults.width)?,
+        depth: flags.get("depth", defaults.depth)?,
+        out: flags.get("out", defaults.out.clone())?,
+        methods,
+        progress: !flags.switch("no-progress"),
+        ..defaults
+    };
+    println!(
+        "elra fit: teacher–student adaptation, width {}, depth {}, {} steps, seed {}",
+        opts.width, opts.depth, opts.steps, opts.seed
+    );
+    let report = elra::train::fit::fit(&opts).map_err(|e| e.to_string())?;
+    println!("{report}");
+    let improved = report.rows.iter().all(|r| r.final_loss < r.first_loss);
+    if !improved {
+        eprintln!("elra fit: some method's final loss is not below its first loss");
+    }
+    Ok(improved)
+}
+
+fn expressivity(flags: &Flags) -> Result<bool, String> {
+    flags.check_known(&["seed", "out", "threads", "iterations"])?;
+    let group = match flags.positional.as_slice() {
+        [g] => g.clone(),
+        [] => return Err("expressivity needs one of linear, fnn, tfn, all".into()),
+        more => {
+            return Err(format!(
+                "expressivity takes one setting group, got {more:?}"
+            ))
+        }
+    };
+    let opts = elra::expressivity::runner::CliOpts {
+        quick: flags.switch("quick"),
+        seed: flags.get("seed", 0)?,
+        out: flags.get("out", std::path::PathBuf::from("elra-out/expressivity"))?,
+        threads: flags.get("threads", 0)?,
+        iterations: match flags.str("iterations") {
+            None => None,
+            Some(_) => Some(flags.get("iterations", 0usize)?),
+        },
+    };
+    let summary = elra::expressivity::runner::run_cli(&group, &opts).map_err(|e| e.to_string())?;
+    println!("{summary}");
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = match args.first().map(String::as_str) {
-        None => ("verify", &args[..]),
-        Some(a) if a.starts_with("--") => ("verify", &args[..]),
+        None => ("fit", &args[..]),
+        Some(a) if a.starts_with("--") => ("fit", &args[..]),
         Some(a) => (a, &args[1..]),
     };
     let result = match cmd {
@@ -129,6 +205,8 @@ fn main() -> ExitCode {
             Ok(true)
         }
         "verify" => Flags::parse(rest, &[]).and_then(|f| verify(&f)),
+        "fit" => Flags::parse(rest, &["no-progress"]).and_then(|f| fit(&f)),
+        "expressivity" => Flags::parse(rest, &["quick"]).and_then(|f| expressivity(&f)),
         other => Err(format!("unknown subcommand {other:?}\n\n{USAGE}")),
     };
     match result {

@@ -12,6 +12,7 @@
 
 use super::{check_in, check_out, guard, read_in, write_out, CResult, ElraStatus, Layout};
 use crate::linalg::{MatFnBatch, Real};
+use crate::ElraError;
 
 /// Which function of Z to evaluate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +52,23 @@ fn layout(batch: usize, r: usize, ld: usize, stride: usize) -> Layout {
     }
 }
 
+/// Checks that every r×r matrix of the packed batch has a finite entrywise 1-norm `Σ|m_ij|`
+/// (computed in f64), which bounds both its 1-norm and the 1-norm of its transpose.
+fn check_norms<T: Real>(arg: &'static str, v: &[T], r: usize) -> CResult<()> {
+    for (b, m) in v.chunks_exact(r * r).enumerate() {
+        let total: f64 = m.iter().map(|x| x.f64().abs()).sum();
+        if !total.is_finite() {
+            return Err(ElraError::Overflow {
+                what: format!(
+                    "matrix {b} of the batch: the sum of |entries| of `{arg}` exceeds the f64 range"
+                ),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// Validates everything, reads the inputs, runs `op` over the batch, writes the outputs.
 ///
 /// # Safety
@@ -80,6 +98,13 @@ unsafe fn run<T: Real>(
         Some(g) => Some(unsafe { read_in(g.name, g.p, &layout(batch, r, g.ld, g.stride))? }),
         None => None,
     };
+    if let Some(g) = &gin {
+        // The Fréchet kernel balances ‖G‖₁ against ‖Zᵀ‖₁ by a power of two; a norm outside
+        // the f64 range would make that exponent saturate (a near-endless rescaling loop, found
+        // by the abi_args fuzz target), so such inputs are reported as overflow up front.
+        check_norms("z", &zin, r)?;
+        check_norms("g", g, r)?;
+    }
     let n = zin.len();
     let mut res0 = vec![T::zero(); n];
     let mut res1 = Vec::new();
@@ -906,6 +931,72 @@ mod tests {
         };
         assert_eq!(s, ElraStatus::ELRA_NON_FINITE);
         assert!(last_error().contains("`g`"));
+        assert!(out.iter().all(|&x| x == SENTINEL));
+    }
+
+    #[test]
+    fn adjoint_inputs_with_norms_beyond_f64_fail_fast() {
+        // Regression (abi_args fuzz target): entries near f64::MAX whose 1-norm overflows used to
+        // make the Fréchet kernel's power-of-two balancing loop ~1e17 times.
+        let z = [1.0, 0.0, 0.0, 1.0];
+        let g = [1.5e308, 0.0, 1.5e308, 0.0];
+        // Row sums overflow while column sums do not (the kernel works on Zᵀ).
+        let zr = [1.0e308, 1.0e308, 0.0, 0.0];
+        let mut out = [SENTINEL; 4];
+        let t = std::time::Instant::now();
+        // SAFETY: 2×2 packed live arrays.
+        let s = unsafe {
+            elra_phi1_frechet_adjoint_f64(
+                1,
+                2,
+                z.as_ptr(),
+                2,
+                0,
+                g.as_ptr(),
+                2,
+                0,
+                out.as_mut_ptr(),
+                2,
+                0,
+            )
+        };
+        assert_eq!(s, ElraStatus::ELRA_OVERFLOW);
+        assert!(last_error().contains("`g`"), "{}", last_error());
+        // SAFETY: as above, with the roles swapped.
+        let s = unsafe {
+            elra_expm_frechet_adjoint_f64(
+                1,
+                2,
+                g.as_ptr(),
+                2,
+                0,
+                z.as_ptr(),
+                2,
+                0,
+                out.as_mut_ptr(),
+                2,
+                0,
+            )
+        };
+        assert_eq!(s, ElraStatus::ELRA_OVERFLOW);
+        // SAFETY: as above.
+        let s = unsafe {
+            elra_expm_frechet_adjoint_f64(
+                1,
+                2,
+                zr.as_ptr(),
+                2,
+                0,
+                z.as_ptr(),
+                2,
+                0,
+                out.as_mut_ptr(),
+                2,
+                0,
+            )
+        };
+        assert_eq!(s, ElraStatus::ELRA_OVERFLOW);
+        assert!(t.elapsed().as_secs() < 5);
         assert!(out.iter().all(|&x| x == SENTINEL));
     }
 }

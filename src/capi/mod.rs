@@ -35,11 +35,13 @@ use std::cell::RefCell;
 use std::os::raw::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+pub mod adapter;
 /// Self-checking driver of the exports for the fuzz targets (`fuzz/`) and unit tests.
 #[doc(hidden)]
 pub mod fuzz;
 pub mod matfn;
 
+pub use adapter::*;
 pub use matfn::*;
 
 /// Version of the C ABI described by `include/elra.h`. It changes whenever a declaration in the
@@ -344,6 +346,11 @@ pub(crate) unsafe fn write_out<T: Copy>(p: *mut T, l: &Layout, data: &[T]) {
             };
         }
     }
+}
+
+/// Validates a scalar out-pointer (non-null, aligned).
+pub(crate) fn check_scalar_out<T>(arg: &'static str, p: *mut T) -> CResult<()> {
+    check_ptr(arg, p.cast_const())
 }
 
 #[cfg(test)]

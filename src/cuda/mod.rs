@@ -21,9 +21,19 @@
 //! [`ElraError::NoDevice`](crate::ElraError::NoDevice) when there is none.
 //!
 //! # Numerics on the GPU
-//! The r×r matrix functions run in the input precision (f32 or f64) with IEEE arithmetic and FMA;
-//! never TF32 or bf16. The f32 GEMM uses `CUBLAS_COMPUTE_32F` (no TF32) unless TF32 is asked for
-//! with [`CudaDevice::set_allow_tf32`]; f16/bf16 GEMMs accumulate in f32.
+//! The r×r matrix functions run in the input precision (f32 or f64) with IEEE arithmetic; never
+//! TF32 or bf16. `cuda/phi1.cu` ports the CPU core `src/linalg/expm.rs` operation by operation
+//! (same summation orders; built with `-fmad=false` so no product-sum is fused, as in Rust), so
+//! its results equal the CPU's bit for bit except where the device's `pow`/`log2` move a
+//! degree/scaling decision across a boundary. The Gram kernel uses explicit FMA. The f32 GEMM
+//! uses `CUBLAS_COMPUTE_32F` (no TF32) unless TF32 is asked for with
+//! [`CudaDevice::set_allow_tf32`]; f16/bf16 GEMMs accumulate in f32.
+//!
+//! # Testing without a GPU
+//! `cuda/emu/` compiles the same kernel sources with the host C++ compiler (threads and a barrier
+//! for a thread block); `tests/cuda_phi1.rs` runs them there and checks bit-for-bit equality with
+//! the CPU core, so the kernels' logic is tested on every CI run. The GPU tests in the same file
+//! skip, printing why, when [`cuda_available`] reports no device.
 
 mod buffer;
 mod device;

@@ -289,6 +289,38 @@ fn rng_for(seed: u64, tag: &str, extra: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(derive_seed(seed, tag, extra))
 }
 
+/// The (frozen, target) pair of a linear App. G.1 setting exactly as [`run_setting`] builds it:
+/// drawn from the setting's seed stream and, for [`FrozenInit::Pretrained`], pretrained with the
+/// same options. Returns the frozen model and the target.
+///
+/// Errors: a setting that is not linear; invalid options; pretraining failures.
+pub fn linear_setting_models(setting: &Setting, opts: &Opts) -> Result<(LinearModel, LinearModel)> {
+    let o = opts.effective()?;
+    let Architecture::Linear { frozen_layers } = setting.arch else {
+        return Err(ElraError::invalid("setting", "not a linear setting"));
+    };
+    let mut mr = rng_for(o.seed, &setting.name, 0);
+    let target = LinearModel::random(setting.dim, 1, &mut mr)?;
+    let frozen = LinearModel::random(setting.dim, frozen_layers, &mut mr)?;
+    let frozen = match setting.frozen {
+        FrozenInit::Random => frozen,
+        FrozenInit::Pretrained => {
+            let mut r = rng_for(o.seed, &setting.name, 1);
+            pretrain(
+                &frozen,
+                &target,
+                o.pretrain_lr,
+                o.pretrain_factor,
+                o.pretrain_max_steps,
+                o.batch,
+                &mut r,
+            )?
+            .0
+        }
+    };
+    Ok((frozen, target))
+}
+
 /// A batch of `n` samples (`n·rows_per_sample` rows) with i.i.d. `N(0,1)` entries.
 fn gaussian_batch<N: Network>(net: &N, n: usize, rng: &mut ChaCha8Rng) -> DMatrix<f64> {
     standard_normal(n * net.rows_per_sample(), net.dim(), rng)
@@ -515,10 +547,30 @@ pub fn run_setting_with<F: AdapterFamily>(
     opts: &Opts,
     family: &F,
 ) -> Result<Vec<Row>> {
+    run_setting_families(setting, ranks, opts, std::slice::from_ref(family), &|| {})
+}
+
+/// [`run_setting`] for several adapter families of one type (e.g. LoRA and the ELRA variants
+/// behind [`super::runner::Method`]): the frozen model (and its pretraining), the validation and
+/// test sets and the construction are shared; per rank, every family × grid configuration is
+/// trained (in parallel over `opts.threads`), and `progress` is called once per finished
+/// configuration. Rows are ordered by rank, then family.
+///
+/// Errors: as [`run_setting`]; an empty `families`.
+pub fn run_setting_families<F: AdapterFamily>(
+    setting: &Setting,
+    ranks: &[usize],
+    opts: &Opts,
+    families: &[F],
+    progress: &(dyn Fn() + Sync),
+) -> Result<Vec<Row>> {
     let o = opts.effective()?;
     let d = setting.dim;
     if d == 0 {
         return Err(ElraError::invalid("setting.dim", "must be ≥ 1"));
+    }
+    if families.is_empty() {
+        return Err(ElraError::invalid("families", "must not be empty"));
     }
     if let Some(&r) = ranks.iter().find(|&&r| r == 0 || r > d) {
         return Err(ElraError::invalid(
@@ -529,11 +581,18 @@ pub fn run_setting_with<F: AdapterFamily>(
     // Target and frozen models depend on the setting's name only, so the random and the
     // pretrained variant start from the same pair.
     let mut mr = rng_for(o.seed, &setting.name, 0);
+    let run = RunCtx {
+        setting,
+        ranks,
+        o: &o,
+        families,
+        progress,
+    };
     match setting.arch {
         Architecture::Linear { frozen_layers } => {
             let target = LinearModel::random(d, 1, &mut mr)?;
             let frozen = LinearModel::random(d, frozen_layers, &mut mr)?;
-            run_generic(setting, ranks, &o, family, frozen, target, |f, t, r, _| {
+            run_generic(run, frozen, target, |f, t, r, _| {
                 Ok(linear::construct(f, t, r)?.model)
             })
         }
@@ -543,7 +602,7 @@ pub fn run_setting_with<F: AdapterFamily>(
         } => {
             let target = Fnn::random(d, target_layers, &mut mr)?;
             let frozen = Fnn::random(d, frozen_layers, &mut mr)?;
-            run_generic(setting, ranks, &o, family, frozen, target, |f, t, r, x| {
+            run_generic(run, frozen, target, |f, t, r, x| {
                 Ok(fnn::construct(f, t, r, input_radius(x))?.model)
             })
         }
@@ -554,28 +613,35 @@ pub fn run_setting_with<F: AdapterFamily>(
         } => {
             let target = Tfn::random(d, layers, heads, seq_len, &mut mr)?;
             let frozen = Tfn::random(d, layers, heads, seq_len, &mut mr)?;
-            run_generic(setting, ranks, &o, family, frozen, target, |f, t, r, _| {
+            run_generic(run, frozen, target, |f, t, r, _| {
                 Ok(tfn::construct(f, t, r)?.model)
             })
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_generic<N, F, C>(
-    setting: &Setting,
-    ranks: &[usize],
-    o: &Opts,
-    family: &F,
-    frozen: N,
-    target: N,
-    construct: C,
-) -> Result<Vec<Row>>
+/// The arguments of [`run_generic`] that do not depend on the model type.
+struct RunCtx<'a, F> {
+    setting: &'a Setting,
+    ranks: &'a [usize],
+    o: &'a Opts,
+    families: &'a [F],
+    progress: &'a (dyn Fn() + Sync),
+}
+
+fn run_generic<N, F, C>(run: RunCtx<'_, F>, frozen: N, target: N, construct: C) -> Result<Vec<Row>>
 where
     N: Network,
     F: AdapterFamily,
     C: Fn(&N, &N, usize, &DMatrix<f64>) -> Result<N>,
 {
+    let RunCtx {
+        setting,
+        ranks,
+        o,
+        families,
+        progress,
+    } = run;
     let mut notes_setting = Vec::new();
     let (frozen, pretrain_steps) = match setting.frozen {
         FrozenInit::Random => (frozen, 0),
@@ -617,82 +683,89 @@ where
         .iter()
         .flat_map(|&lr| o.wd_grid.iter().map(move |&wd| (lr, wd)))
         .collect();
+    let jobs: Vec<(usize, f64, f64)> = (0..families.len())
+        .flat_map(|fi| configs.iter().map(move |&(lr, wd)| (fi, lr, wd)))
+        .collect();
 
-    let mut rows = Vec::with_capacity(ranks.len());
+    let mut rows = Vec::with_capacity(ranks.len() * families.len());
     for &rank in ranks {
-        let mut notes = notes_setting.clone();
+        let mut notes_rank = notes_setting.clone();
         let construction_mse = match construct(&frozen, &target, rank, &x_test)
             .and_then(|m| mse(&m.forward(&x_test)?, &y_test))
         {
             Ok(v) => v,
             Err(e) => {
-                notes.push(format!("construction failed: {e}"));
+                notes_rank.push(format!("construction failed: {e}"));
                 f64::NAN
             }
         };
+        // All families and configurations of one rank share the initialisation seed and the
+        // sample stream (as the released code does for its configurations).
         let init_seed = derive_seed(o.seed, &setting.name, 1000 + rank as u64);
         let data_seed = derive_seed(o.seed, &setting.name, 2000 + rank as u64);
-        let results = run_grid(&configs, o.threads, |&(lr, wd)| {
+        let results = run_grid(&jobs, o.threads, |&(fi, lr, wd)| {
             let cfg = if o.decoupled_weight_decay {
                 AdamConfig::adamw(lr, wd)
             } else {
                 AdamConfig::adam(lr, wd)
             };
-            (
-                lr,
-                wd,
-                train_adapters(
-                    &frozen,
-                    &target,
-                    family,
-                    rank,
-                    cfg,
-                    o.iterations,
-                    o.batch,
-                    o.train_biases,
-                    init_seed,
-                    data_seed,
-                    (&x_val, &y_val),
-                ),
-            )
+            let r = train_adapters(
+                &frozen,
+                &target,
+                &families[fi],
+                rank,
+                cfg,
+                o.iterations,
+                o.batch,
+                o.train_biases,
+                init_seed,
+                data_seed,
+                (&x_val, &y_val),
+            );
+            progress();
+            (fi, lr, wd, r)
         });
-        let mut best: Option<(f64, f64, Trained<N>)> = None;
-        for (lr, wd, res) in results {
+        let mut best: Vec<Option<(f64, f64, Trained<N>)>> =
+            (0..families.len()).map(|_| None).collect();
+        let mut notes: Vec<Vec<String>> = vec![notes_rank; families.len()];
+        for (fi, lr, wd, res) in results {
             match res {
                 Ok(t) => {
-                    if best.as_ref().is_none_or(|b| t.val_mse < b.2.val_mse) {
-                        best = Some((lr, wd, t));
+                    if best[fi].as_ref().is_none_or(|b| t.val_mse < b.2.val_mse) {
+                        best[fi] = Some((lr, wd, t));
                     }
                 }
-                Err(ElraError::Training { step, reason }) => notes.push(format!(
+                Err(ElraError::Training { step, reason }) => notes[fi].push(format!(
                     "lr={lr:e} wd={wd:e} diverged at step {step}: {reason}"
                 )),
                 Err(e) => return Err(e),
             }
         }
-        let (trained_mse, best_val_mse, best_lr, best_wd) = match best {
-            Some((lr, wd, t)) => (mse(&t.model.forward(&x_test)?, &y_test)?, t.val_mse, lr, wd),
-            None => {
-                notes.push("every configuration diverged".into());
-                (f64::NAN, f64::NAN, f64::NAN, f64::NAN)
-            }
-        };
-        rows.push(Row {
-            setting: setting.name.clone(),
-            frozen_init: setting.frozen.name().to_string(),
-            dim: setting.dim,
-            rank,
-            frozen_mse,
-            construction_mse,
-            adapter: family.name(),
-            trained_mse,
-            best_val_mse,
-            best_lr,
-            best_wd,
-            iterations: o.iterations,
-            pretrain_steps,
-            note: notes.join("; "),
-        });
+        for (fi, (b, mut notes)) in best.into_iter().zip(notes).enumerate() {
+            let (trained_mse, best_val_mse, best_lr, best_wd) = match b {
+                Some((lr, wd, t)) => (mse(&t.model.forward(&x_test)?, &y_test)?, t.val_mse, lr, wd),
+                None => {
+                    notes.push("every configuration diverged".into());
+                    (f64::NAN, f64::NAN, f64::NAN, f64::NAN)
+                }
+            };
+            rows.push(Row {
+                setting: setting.name.clone(),
+                frozen_init: setting.frozen.name().to_string(),
+                dim: setting.dim,
+                rank,
+                frozen_mse,
+                construction_mse,
+                adapter: families[fi].name(),
+                trained_mse,
+                best_val_mse,
+                best_lr,
+                best_wd,
+                iterations: o.iterations,
+                pretrain_steps,
+                note: notes.join("; "),
+            });
+        }
     }
     Ok(rows)
 }

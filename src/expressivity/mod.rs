@@ -24,6 +24,7 @@
 //! * [`elra`]: ELRA adapters (`W_eff = exp(G) W0`; general, PSD, Hyb) in the same interface.
 //! * [`optim`]: Adam / AdamW.
 //! * [`experiment`]: App. G — construction vs. trained LoRA for every rank, CSV output.
+//! * [`runner`]: the `elra expressivity` runner — LoRA and the ELRA variants per rank, CSV, SVG.
 #![allow(non_snake_case)]
 
 pub mod adapter;
@@ -34,6 +35,7 @@ pub mod fnn;
 pub mod linear;
 pub mod network;
 pub mod optim;
+pub mod runner;
 pub mod tfn;
 
 use crate::{ElraError, Result};

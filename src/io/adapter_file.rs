@@ -906,14 +906,17 @@ impl<T: Real> AdapterFile<T> {
         Ok(file)
     }
 
-    /// Writes `dir/adapter_model.safetensors` then `dir/adapter_config.json`, each atomically
-    /// (temporary file, fsync, rename), creating `dir` if needed.
+    /// Writes `dir/adapter_model.safetensors` and `dir/adapter_config.json`, creating `dir` if
+    /// needed: both are first written to temporary files in `dir` and `fsync`ed, then renamed over
+    /// the targets (weights first), so a failed write leaves the previous files untouched; only
+    /// a failure between the two renames (after both files were fully written) can leave new
+    /// weights beside the old config, which the loader then rejects if they disagree.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         let (json, weights) = self.to_bytes()?;
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        write_atomic(&dir.join(WEIGHTS_FILE), &weights)?;
-        write_atomic(&dir.join(CONFIG_FILE), &json)
+        let (wp, cp) = (dir.join(WEIGHTS_FILE), dir.join(CONFIG_FILE));
+        write_atomic_all(&[(&wp, &weights), (&cp, &json)])
     }
 
     /// Loads `dir` with default [`LoadLimits`].
@@ -967,12 +970,10 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, `fsync`, rename
-/// over `path`, then `fsync` of the directory (best effort). On error the temporary file is
-/// removed and `path` is unchanged.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    let dir = dir.unwrap_or_else(|| Path::new("."));
+/// Writes `bytes` to a new temporary file next to `path` and `fsync`s it; returns its path. On
+/// error nothing is left behind.
+fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    let dir = parent_dir(path);
     let name = path
         .file_name()
         .ok_or_else(|| io_err(path, std::io::Error::other("not a file path")))?;
@@ -988,18 +989,59 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .create_new(true)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
+        f.sync_all()
     })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(path, e));
+    match res {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(io_err(path, e))
+        }
     }
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."))
+}
+
+/// Atomically replaces each `path` by its `bytes`: every temporary file is written and
+/// `fsync`ed first, then they are renamed over their targets in order (each rename is atomic)
+/// and the directory is `fsync`ed (best effort). If any temporary file cannot be written, no
+/// target is touched and the temporaries are removed.
+fn write_atomic_all(files: &[(&Path, &[u8])]) -> Result<()> {
+    let mut temps = Vec::with_capacity(files.len());
+    for (path, bytes) in files {
+        match write_temp(path, bytes) {
+            Ok(t) => temps.push(t),
+            Err(e) => {
+                for t in &temps {
+                    let _ = std::fs::remove_file(t);
+                }
+                return Err(e);
+            }
+        }
+    }
+    for (i, ((path, _), tmp)) in files.iter().zip(&temps).enumerate() {
+        if let Err(e) = std::fs::rename(tmp, path) {
+            for t in &temps[i..] {
+                let _ = std::fs::remove_file(t);
+            }
+            return Err(io_err(path, e));
+        }
+    }
+    for (path, _) in files {
+        if let Ok(d) = std::fs::File::open(parent_dir(path)) {
+            let _ = d.sync_all();
+        }
     }
     Ok(())
+}
+
+/// Writes `bytes` to `path` atomically (see [`write_atomic_all`]).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_all(&[(path, bytes)])
 }
 
 /// Writes merged weights `W_new` (e.g. from an ELRA merge `W_new = W0 + A φ1(Z) C W0`, Prop. 1)

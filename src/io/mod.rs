@@ -11,9 +11,8 @@
 //!   `…<module>.elra_eta` (a scalar, shape `[]`), and an ELRA config (`peft_type: "ELRA"`, variant,
 //!   r, η, α schedule (eq. 19), λ (eq. 20), τ, η multiplier, step, …).
 //!
-//! Writes are atomic per file (temporary file in the same directory, `fsync`, rename); the weights
-//! are written before the config, so a directory whose config is present holds a complete
-//! weights file. Loading validates everything — sizes, header, dtypes, shapes, key names, finite
+//! Writes are atomic per file (temporary file in the same directory, `fsync`, rename); both
+//! temporary files are complete before either target is replaced. Loading validates everything — sizes, header, dtypes, shapes, key names, finite
 //! values, consistency with the config — before it returns, so a truncated, oversized, wrongly
 //! shaped or hostile file gives an [`crate::ElraError::Format`] (or `Io`) naming the problem,
 //! never a panic and never a partially filled adapter.

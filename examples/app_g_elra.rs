@@ -1,0 +1,68 @@
+//! Driver for the App. G runs with the ELRA comparison (EXPERIMENTS.md):
+//! `cargo run --release --example app_g_elra -- <linear|fnn|tfn|all|SETTING_ID...>
+//!  [--quick] [--seed S] [--out DIR] [--iterations N] [--threads T] [--ranks 1,2,..]
+//!  [--lr 1e-2,1e-3] [--wd 0,1e-3] [--test-samples N] [--batch N] [--pretrain-max-steps N]`
+//! A group name runs the whole group; otherwise the arguments name settings by
+//! `<name>_<random|pretrained>` (e.g. `tfn_L1_H2_random`). Prints the summary table.
+
+use elra::expressivity::experiment::{app_g_settings, Opts};
+use elra::expressivity::runner::{run_settings, setting_id, settings_of_group, Method};
+use std::path::PathBuf;
+
+fn list<T: std::str::FromStr>(s: &str) -> Vec<T>
+where
+    T::Err: std::fmt::Debug,
+{
+    s.split(',').map(|x| x.parse().expect("number")).collect()
+}
+
+fn main() -> elra::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut opts = Opts::default();
+    let mut out = PathBuf::from("runs");
+    let mut ranks: Option<Vec<usize>> = None;
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        let mut val = || {
+            i += 1;
+            args[i].clone()
+        };
+        match a {
+            "--quick" => opts.quick = true,
+            "--seed" => opts.seed = val().parse().expect("seed"),
+            "--out" => out = PathBuf::from(val()),
+            "--iterations" => opts.iterations = val().parse().expect("iterations"),
+            "--threads" => opts.threads = val().parse().expect("threads"),
+            "--ranks" => ranks = Some(list(&val())),
+            "--lr" => opts.lr_grid = list(&val()),
+            "--wd" => opts.wd_grid = list(&val()),
+            "--test-samples" => opts.test_samples = val().parse().expect("n"),
+            "--batch" => opts.batch = val().parse().expect("batch"),
+            "--pretrain-max-steps" => opts.pretrain_max_steps = val().parse().expect("steps"),
+            _ => names.push(a.to_string()),
+        }
+        i += 1;
+    }
+    let mut settings = Vec::new();
+    for n in &names {
+        match settings_of_group(n) {
+            Ok(s) => settings.extend(s),
+            Err(_) => settings.extend(app_g_settings().into_iter().filter(|s| &setting_id(s) == n)),
+        }
+    }
+    if settings.is_empty() {
+        eprintln!("no settings selected");
+        std::process::exit(2);
+    }
+    let t0 = std::time::Instant::now();
+    let s = run_settings(&settings, ranks.as_deref(), &opts, &Method::all(), &out)?;
+    println!("{s}");
+    println!(
+        "wall time {:.1} s; options {:?}",
+        t0.elapsed().as_secs_f64(),
+        opts
+    );
+    Ok(())
+}

@@ -1,0 +1,423 @@
+//! The App. G runner behind `elra expressivity <linear|fnn|tfn|all>`: for each setting of the
+//! group and every rank `R = 1..=D`, the construction's test MSE, LoRA, ELRA, ELRA-PSD and
+//! ELRA-Hyb trained with the App. G protocol ([`super::experiment`]), written as
+//! `<out>/<setting>/mse_vs_rank.csv` and `<out>/<setting>/mse_vs_rank.svg`, with a summary of the
+//! smallest rank that reaches `MSE < 1e-8` per method.
+#![allow(non_snake_case)]
+
+use super::adapter::{AdapterFamily, Lora, LoraFamily, WeightAdapter};
+use super::elra::{Elra, ElraFamily, ElraVariant};
+use super::experiment::{
+    app_g_settings, run_setting_families, to_csv, Architecture, Opts, Row, Setting,
+};
+use crate::{ElraError, Result};
+use nalgebra::DMatrix;
+use rand_chacha::ChaCha8Rng;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A trained method of the comparison: LoRA or one of the ELRA variants, at matched trainable
+/// parameters (see [`ElraVariant::matched_rank`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// LoRA, `W0 + B A` (Hu et al.; App. G).
+    Lora,
+    /// ELRA, `exp(G) W0` (ELRA paper eq. 1 / eq. 19).
+    Elra(ElraVariant),
+}
+
+impl Method {
+    /// LoRA, ELRA, ELRA-PSD, ELRA-Hyb — the methods of the runner, in CSV order.
+    pub fn all() -> [Method; 4] {
+        [
+            Method::Lora,
+            Method::Elra(ElraVariant::General),
+            Method::Elra(ElraVariant::Psd),
+            Method::Elra(ElraVariant::Hyb),
+        ]
+    }
+
+    /// `"lora"`, `"elra"`, `"elra_psd"`, `"elra_hyb"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Lora => "lora",
+            Method::Elra(v) => v.name(),
+        }
+    }
+}
+
+/// An adapter of any [`Method`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnyAdapter {
+    /// A LoRA adapter.
+    Lora(Lora),
+    /// An ELRA adapter.
+    Elra(Elra),
+}
+
+impl WeightAdapter for AnyAdapter {
+    fn rank(&self) -> usize {
+        match self {
+            AnyAdapter::Lora(a) => a.rank(),
+            AnyAdapter::Elra(a) => a.rank(),
+        }
+    }
+    /// LoRA: Hu et al. eq. (3); ELRA: Prop. 1 (Woodbury form of eq. 1).
+    fn effective_weight(&self, W0: &DMatrix<f64>) -> Result<DMatrix<f64>> {
+        match self {
+            AnyAdapter::Lora(a) => a.effective_weight(W0),
+            AnyAdapter::Elra(a) => a.effective_weight(W0),
+        }
+    }
+    fn pullback(&self, W0: &DMatrix<f64>, d_weff: &DMatrix<f64>) -> Result<Vec<DMatrix<f64>>> {
+        match self {
+            AnyAdapter::Lora(a) => a.pullback(W0, d_weff),
+            AnyAdapter::Elra(a) => a.pullback(W0, d_weff),
+        }
+    }
+    fn params(&self) -> Vec<&DMatrix<f64>> {
+        match self {
+            AnyAdapter::Lora(a) => a.params(),
+            AnyAdapter::Elra(a) => a.params(),
+        }
+    }
+    fn params_mut(&mut self) -> Vec<&mut DMatrix<f64>> {
+        match self {
+            AnyAdapter::Lora(a) => a.params_mut(),
+            AnyAdapter::Elra(a) => a.params_mut(),
+        }
+    }
+    fn set_step(&mut self, step: usize, total: usize) {
+        if let AnyAdapter::Elra(a) = self {
+            a.set_step(step, total);
+        }
+    }
+}
+
+impl AdapterFamily for Method {
+    type Adapter = AnyAdapter;
+
+    fn name(&self) -> String {
+        Method::name(*self).to_string()
+    }
+
+    /// LoRA: [`LoraFamily`] defaults; ELRA: [`ElraFamily::new`] (η0 = 1, parameter-matched rank).
+    fn init(&self, W0: &DMatrix<f64>, rank: usize, rng: &mut ChaCha8Rng) -> Result<AnyAdapter> {
+        Ok(match self {
+            Method::Lora => AnyAdapter::Lora(LoraFamily { init_std: None }.init(W0, rank, rng)?),
+            Method::Elra(v) => AnyAdapter::Elra(ElraFamily::new(*v).init(W0, rank, rng)?),
+        })
+    }
+}
+
+/// Options of [`run_cli`] (the `elra expressivity` command line).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CliOpts {
+    /// Reduced protocol for smoke tests ([`Opts::quick`]: 20 iterations, one grid point, small
+    /// sample sets).
+    pub quick: bool,
+    /// Master seed.
+    pub seed: u64,
+    /// Output directory (one sub-directory per setting).
+    pub out: PathBuf,
+    /// Worker threads (0: all available cores).
+    pub threads: usize,
+    /// Adam iterations per configuration instead of App. G's 5000 (in quick mode, at most 20).
+    pub iterations: Option<usize>,
+}
+
+/// The settings of a group: `linear`, `fnn`, `tfn` or `all` (App. G.1, G.2, G.3), each with a
+/// random and a pretrained frozen model.
+///
+/// Errors: an unknown group name.
+pub fn settings_of_group(group: &str) -> Result<Vec<Setting>> {
+    let all = app_g_settings();
+    let keep = |s: &Setting| match group {
+        "all" => true,
+        "linear" => matches!(s.arch, Architecture::Linear { .. }),
+        "fnn" => matches!(s.arch, Architecture::Fnn { .. }),
+        "tfn" => matches!(s.arch, Architecture::Tfn { .. }),
+        _ => false,
+    };
+    if !matches!(group, "all" | "linear" | "fnn" | "tfn") {
+        return Err(ElraError::invalid(
+            "setting",
+            format!("expected linear, fnn, tfn or all, got {group:?}"),
+        ));
+    }
+    Ok(all.into_iter().filter(keep).collect())
+}
+
+/// The rank from which the paper's theorem guarantees exact representation: `⌈D/M⌉` with
+/// `M = ⌊L/L̄⌋` for linear models (Lemma 9 / Corollary 4, `L̄ = 1`) and FNNs (Theorem 3 /
+/// Corollary 4), `⌈D/2⌉` for TFNs (Corollary 20).
+pub fn threshold_rank(setting: &Setting) -> usize {
+    let d = setting.dim;
+    let m = match setting.arch {
+        Architecture::Linear { frozen_layers } => frozen_layers.max(1),
+        Architecture::Fnn {
+            target_layers,
+            frozen_layers,
+        } => (frozen_layers / target_layers.max(1)).max(1),
+        Architecture::Tfn { .. } => 2,
+    };
+    d.div_ceil(m)
+}
+
+/// `<name>_<random|pretrained>`: the directory name of a setting.
+pub fn setting_id(setting: &Setting) -> String {
+    format!("{}_{}", setting.name, setting.frozen.name())
+}
+
+/// The MSE threshold of the summary ("exact up to optimisation/rounding").
+pub const EXACT_MSE: f64 = 1e-8;
+
+/// One line of [`Summary`]: a setting and, per method, the smallest rank with `MSE < 1e-8`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SummaryLine {
+    /// [`setting_id`].
+    pub setting: String,
+    /// [`threshold_rank`].
+    pub threshold: usize,
+    /// `(method, smallest rank with MSE < EXACT_MSE)`; the construction is listed first.
+    pub first_exact: Vec<(String, Option<usize>)>,
+    /// Where the CSV was written.
+    pub csv: PathBuf,
+}
+
+/// What [`run_cli`] returns: one [`SummaryLine`] per setting, and all rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Per-setting summary.
+    pub lines: Vec<SummaryLine>,
+    /// Every result row of every setting.
+    pub rows: Vec<Row>,
+}
+
+impl fmt::Display for Summary {
+    /// A table: setting, the theorem's threshold rank, then the smallest rank with
+    /// `MSE < 1e-8` per method (`-` when no rank reaches it).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let methods: Vec<String> = self
+            .lines
+            .first()
+            .map(|l| l.first_exact.iter().map(|(m, _)| m.clone()).collect())
+            .unwrap_or_default();
+        writeln!(f, "smallest rank R with test MSE < {EXACT_MSE:e}")?;
+        write!(f, "{:<26} {:>9}", "setting", "threshold")?;
+        for m in &methods {
+            write!(f, " {m:>12}")?;
+        }
+        writeln!(f)?;
+        for l in &self.lines {
+            write!(f, "{:<26} {:>9}", l.setting, l.threshold)?;
+            for (_, r) in &l.first_exact {
+                match r {
+                    Some(r) => write!(f, " {r:>12}")?,
+                    None => write!(f, " {:>12}", "-")?,
+                }
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+fn io_err(path: &Path, e: impl fmt::Display) -> ElraError {
+    ElraError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// The runner of App. G with the ELRA comparison: for each setting of `group`
+/// ([`settings_of_group`]) and every rank `R = 1..=D`, the construction and every
+/// [`Method::all`] trained with the App. G protocol (lr {1e-2, 1e-3, 1e-4} × wd {0, 1e-2, 1e-3,
+/// 1e-4}, 5000 Adam steps on 256 fresh `N(0, I)` samples, best validation MSE on 256 samples,
+/// test MSE on 5000), unless `opts.quick` or `opts.iterations` reduce it. Writes
+/// `<out>/<setting>/mse_vs_rank.csv` and `.svg`; shows a progress bar on stderr.
+///
+/// Errors: an unknown group; I/O errors; training errors other than divergence.
+pub fn run_cli(setting: &str, opts: &CliOpts) -> Result<Summary> {
+    let settings = settings_of_group(setting)?;
+    let mut o = Opts {
+        quick: opts.quick,
+        seed: opts.seed,
+        ..Opts::default()
+    };
+    if opts.threads > 0 {
+        o.threads = opts.threads;
+    }
+    if let Some(it) = opts.iterations {
+        if it == 0 {
+            return Err(ElraError::invalid("iterations", "must be ≥ 1"));
+        }
+        o.iterations = it;
+    }
+    run_settings(&settings, None, &o, &Method::all(), &opts.out)
+}
+
+/// [`run_cli`] with explicit settings, ranks (`None`: `1..=D`), protocol and methods (the
+/// driver uses it for reduced protocols).
+///
+/// Errors: as [`run_cli`].
+pub fn run_settings(
+    settings: &[Setting],
+    ranks: Option<&[usize]>,
+    opts: &Opts,
+    methods: &[Method],
+    out: &Path,
+) -> Result<Summary> {
+    let configs = if opts.quick {
+        1
+    } else {
+        opts.lr_grid.len() * opts.wd_grid.len()
+    };
+    let total: usize = settings
+        .iter()
+        .map(|s| ranks.map_or(s.dim, |r| r.len()) * methods.len() * configs)
+        .sum();
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:28} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
+        )
+        .map_err(|e| ElraError::invalid("progress template", e.to_string()))?,
+    );
+    let mut summary = Summary {
+        lines: Vec::new(),
+        rows: Vec::new(),
+    };
+    for s in settings {
+        let id = setting_id(s);
+        bar.set_message(id.clone());
+        let all: Vec<usize> = (1..=s.dim).collect();
+        let rs = ranks.unwrap_or(&all);
+        let tick = || bar.inc(1);
+        let rows = run_setting_families(s, rs, opts, methods, &tick)?;
+        let dir = out.join(&id);
+        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let csv = dir.join("mse_vs_rank.csv");
+        std::fs::write(&csv, to_csv(&rows)).map_err(|e| io_err(&csv, e))?;
+        let svg = dir.join("mse_vs_rank.svg");
+        plot_mse_vs_rank(&svg, &id, &rows, threshold_rank(s))?;
+        let mut first_exact = vec![(
+            "construction".to_string(),
+            first_below(&rows, EXACT_MSE, |r| {
+                (r.adapter == methods[0].name()).then_some(r.construction_mse)
+            }),
+        )];
+        for m in methods {
+            first_exact.push((
+                m.name().to_string(),
+                first_below(&rows, EXACT_MSE, |r| {
+                    (r.adapter == m.name()).then_some(r.trained_mse)
+                }),
+            ));
+        }
+        summary.lines.push(SummaryLine {
+            setting: id,
+            threshold: threshold_rank(s),
+            first_exact,
+            csv,
+        });
+        summary.rows.extend(rows);
+    }
+    bar.finish_and_clear();
+    Ok(summary)
+}
+
+/// The smallest rank whose selected value is `< tol` (rows in rank order).
+fn first_below(rows: &[Row], tol: f64, sel: impl Fn(&Row) -> Option<f64>) -> Option<usize> {
+    rows.iter()
+        .filter_map(|r| sel(r).map(|v| (r.rank, v)))
+        .find(|&(_, v)| v < tol)
+        .map(|(r, _)| r)
+}
+
+/// Lower clip of the log-scale plot: MSEs below it (exact constructions give ≈ 1e-31) are drawn
+/// on the bottom edge.
+pub const PLOT_FLOOR: f64 = 1e-16;
+
+/// Writes an SVG plot of test MSE (log scale, clipped below at [`PLOT_FLOOR`]) against rank: one
+/// line per method plus the construction, and a vertical line at the theorem's threshold rank
+/// (the App. G figures' layout).
+///
+/// Errors: no rows; [`ElraError::Io`] if drawing or writing fails.
+pub fn plot_mse_vs_rank(path: &Path, title: &str, rows: &[Row], threshold: usize) -> Result<()> {
+    use plotters::prelude::*;
+    if rows.is_empty() {
+        return Err(ElraError::invalid("rows", "nothing to plot"));
+    }
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let first_adapter = rows[0].adapter.clone();
+    let mut push = |name: &str, rank: usize, v: f64| {
+        if !v.is_finite() {
+            return;
+        }
+        let p = (rank as f64, v.max(PLOT_FLOOR));
+        match series.iter_mut().find(|(n, _)| n == name) {
+            Some((_, pts)) => pts.push(p),
+            None => series.push((name.to_string(), vec![p])),
+        }
+    };
+    for r in rows.iter().filter(|r| r.adapter == first_adapter) {
+        push("construction", r.rank, r.construction_mse);
+    }
+    for r in rows {
+        push(&r.adapter, r.rank, r.trained_mse);
+    }
+    let max_rank = rows.iter().map(|r| r.rank).max().unwrap_or(1) as f64;
+    let ymax = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.1))
+        .fold(PLOT_FLOOR, f64::max);
+    let ymax = 10f64.powf(ymax.log10().ceil() + 0.2);
+    let e = |x: &dyn fmt::Display| io_err(path, x);
+    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{title}: test MSE vs rank"),
+            ("sans-serif", 20).into_font(),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.5f64..max_rank + 0.5, (PLOT_FLOOR..ymax).log_scale())
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("rank R (LoRA-equivalent: 2·R·D trainable entries per layer)")
+        .y_desc("test MSE (per entry)")
+        .y_label_formatter(&|v| format!("{v:.0e}"))
+        .draw()
+        .map_err(|x| e(&x))?;
+    let colors = [BLACK, BLUE, RED, GREEN, MAGENTA, CYAN];
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+            .map_err(|x| e(&x))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    let t = threshold as f64;
+    chart
+        .draw_series(LineSeries::new(
+            vec![(t, PLOT_FLOOR), (t, ymax)],
+            BLACK.mix(0.5).stroke_width(1),
+        ))
+        .map_err(|x| e(&x))?
+        .label(format!("threshold R = {threshold}"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}
