@@ -21,7 +21,7 @@
 //!   Al-Mohy & Higham 2009), batched with one workspace.
 //! - [`adapter`]: generators, α/η schedules, energy (eq. 21), spectral clip, the CPU layer
 //!   (Woodbury forward, exact merge/unmerge, inference cache), double-sided variant, LoRA baseline.
-//! - [`reference`]: the dense nalgebra oracle (dense `exp(G)`, never Woodbury).
+//! - [`reference`](mod@reference): the dense nalgebra oracle (dense `exp(G)`, never Woodbury).
 //! - [`verify`]: Propositions 1–7 as executable claim checks (`elra verify`, tests/propositions.rs).
 //! - [`grad`]: hand-rolled reverse mode of the adapter path.
 //! - [`train`]: AdamW, schedules, initialisation (Xavier, GA), stability diagnostics (§5.4), the
