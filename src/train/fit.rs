@@ -269,6 +269,10 @@ impl fmt::Display for FitReport {
                 r.wall_secs
             )?;
         }
+        writeln!(
+            f,
+            "first/final loss: held-out evaluation batch, no dropout; loss.csv has the training curve"
+        )?;
         write!(f, "wrote {} and {}", self.csv.display(), self.svg.display())
     }
 }
