@@ -40,14 +40,13 @@ __constant__ double B13[14] = {64764752532480000.0, 32382376266240000.0, 7771770
                                40840800.0,          960960.0,            16380.0,
                                182.0,               1.0};
 
-// expm.rs `log2_c`, ported literally: −log2 q with q the f64 product (2m+1)!·Π_{i=m+1}^{2m} i
-// formed in the same order. (The CPU's comment calls this log2((m!)²/((2m)!(2m+1)!)); the
-// product as written equals m!·(2m)!(2m+1)!/(m!)², i.e. it is log2 c_{2m+1} − log2 m!. The GPU
-// mirrors the CPU either way; change both together.)
+// expm.rs `log2_c`, ported literally: log2 c_{2m+1} = −log2((2m)!(2m+1)!/(m!)²), with the f64
+// quotient (2m+1)!·(Π_{i=m+1}^{2m} i)/m! formed in the same order as on the CPU.
 __device__ __forceinline__ double log2_c(int m) {
     double q = 1.0;
     for (int i = 2; i <= 2 * m + 1; ++i) q *= (double)i;
     for (int i = m + 1; i <= 2 * m; ++i) q *= (double)i;
+    for (int i = 2; i <= m; ++i) q /= (double)i;
     return -log2(q);
 }
 
@@ -119,8 +118,10 @@ template <typename T> __device__ void copy(const T* x, T* y, int len) {
     __syncthreads();
 }
 
-// expm.rs `scale_pow2`: multiply by 2^e in exact steps of at most 2^±60.
+// expm.rs `scale_pow2`: multiply by 2^e in exact steps of at most 2^±60, |e| clamped to 4400
+// (beyond it every finite value is already 0 or ±inf), so the loop always ends.
 template <typename T> __device__ __noinline__ void scale_pow2(T* x, int len, long long e) {
+    e = e < -4400 ? -4400 : (e > 4400 ? 4400 : e);
     while (e != 0) {
         const long long step = e < -60 ? -60 : (e > 60 ? 60 : e);
         const T f = ldexp_(T(1), (int)step);
@@ -681,7 +682,14 @@ __device__ void phi1_adjoint_block(const T* z_all, const T* g_all, int n, T* out
         st = ELRA_NONFINITE_INPUT;
     } else {
         // load_direction: k = round(log2(target) − log2(‖G‖)), target = ‖Zᵀ‖ or 1 when Zᵀ = 0.
-        const double ne = norm1(ws, ws.a + nn, (int)nn);
+        long long pre = 0;
+        double ne = norm1(ws, ws.a + nn, (int)nn);
+        if (isinf(ne)) {
+            // finite entries whose 1-norm overflows: scale down exactly before measuring
+            pre = -64;
+            scale_pow2(ws.a + nn, (int)nn, pre);
+            ne = norm1(ws, ws.a + nn, (int)nn);
+        }
         if (ne == 0.0) {
             // E = 0: L = 0 (linear in E).
             for (int i = threadIdx.x; i < (int)nn; i += ELRA_BLOCK) out[i] = T(0);
@@ -689,9 +697,9 @@ __device__ void phi1_adjoint_block(const T* z_all, const T* g_all, int n, T* out
             return;
         }
         const double na = norm1(ws, ws.a, (int)nn);
-        const double target = na > 0.0 ? na : 1.0;
-        const long long k = (long long)round(log2(target) - log2(ne));
-        scale_pow2(ws.a + nn, (int)nn, k);
+        const double target = (na > 0.0 && isfinite(na)) ? na : 1.0;
+        const long long k = pre + (long long)round(log2(target) - log2(ne));
+        scale_pow2(ws.a + nn, (int)nn, k - pre);
         st = run(ws, false, true);
         if (st == ELRA_OK) {
             scale_pow2(ws.p + nn, (int)nn, -k);

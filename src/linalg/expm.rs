@@ -183,15 +183,19 @@ fn emax<T: Real>() -> f64 {
         .unwrap_or(127.0)
 }
 
-/// `log2 |c_{2m+1}| = −log2((2m)!(2m+1)! / (m!)²)` (the product is < 2¹²⁰ for m ≤ 13).
-fn log2_c(m: usize) -> f64 {
-    // (2m)!(2m+1)!/(m!)² = (2m+1)! · Π_{i=m+1}^{2m} i
+/// `log2 |c_{2m+1}| = −log2((2m)!(2m+1)! / (m!)²)` (the quotient is < 2¹²⁰ for m ≤ 13;
+/// 1/c = 100800 for m = 3, AMH 2009 §5).
+pub(crate) fn log2_c(m: usize) -> f64 {
+    // (2m)!(2m+1)!/(m!)² = (2m+1)! · (Π_{i=m+1}^{2m} i) / m!
     let mut q = 1.0f64;
     for i in 2..=2 * m + 1 {
         q *= i as f64;
     }
     for i in m + 1..=2 * m {
         q *= i as f64;
+    }
+    for i in 2..=m {
+        q /= i as f64;
     }
     -q.log2()
 }
@@ -208,7 +212,10 @@ fn log2_upper(x: f64) -> f64 {
 
 /// Multiplies every entry by `2^e` in exact power-of-two steps (no intermediate over/underflow
 /// of the factor itself).
-pub(crate) fn scale_pow2<T: Real>(x: &mut [T], mut e: i64) {
+/// `|e|` is clamped to 4400 first: every finite non-zero f32/f64 value times `2^±4400` is
+/// already 0 or ±∞, so the result is the same and the loop always ends (≤ 74 passes).
+pub(crate) fn scale_pow2<T: Real>(x: &mut [T], e: i64) {
+    let mut e = e.clamp(-4400, 4400);
     while e != 0 {
         let step = e.clamp(-60, 60);
         let f = T::of(2f64.powi(step as i32));
@@ -561,16 +568,23 @@ impl<T: Real> Workspace<T> {
         let nn = n * n;
         debug_assert!(self.pairs);
         self.a[nn..2 * nn].copy_from_slice(&e[..nn]);
-        let ne = norm1(n, &self.a[nn..2 * nn], &mut self.vec1);
+        let mut pre = 0i64;
+        let mut ne = norm1(n, &self.a[nn..2 * nn], &mut self.vec1);
+        if ne.is_infinite() {
+            // finite entries whose 1-norm overflows: scale down exactly before measuring
+            pre = -64;
+            scale_pow2(&mut self.a[nn..2 * nn], pre);
+            ne = norm1(n, &self.a[nn..2 * nn], &mut self.vec1);
+        }
         if ne == 0.0 {
             return None;
         }
         let na = norm1(n, &self.a[..nn], &mut self.vec1);
-        let target = if na > 0.0 { na } else { 1.0 };
-        // log2 of each separately: the ratio itself may overflow.
+        let target = if na > 0.0 && na.is_finite() { na } else { 1.0 };
+        // log2 of each separately: the ratio itself may overflow; both logs are finite here.
         let k = (target.log2() - ne.log2()).round() as i64;
         scale_pow2(&mut self.a[nn..2 * nn], k);
-        Some(k)
+        Some(pre + k)
     }
 
     /// `d_k` style power norm check helper.
@@ -1064,4 +1078,49 @@ pub fn pade_plan<T: Real>(z: &DMatrix<T>) -> Result<PadePlan> {
     let mut ws = Workspace::new(n, false);
     to_row_major(z, &mut ws.a);
     ws.run(false, true, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nalgebra::DMatrix;
+
+    /// AMH 2009 §5: 1/|c_{2m+1}| = (2m)!(2m+1)!/(m!)², i.e. 100800 for m = 3 and 1/c_27 for m = 13.
+    #[test]
+    fn log2_c_is_the_backward_error_series_coefficient() {
+        assert_eq!(log2_c(3), -(100800f64.log2()));
+        // m = 5: 10!·11!/(5!)² = 10059033600
+        assert!((log2_c(5) + 10059033600f64.log2()).abs() < 1e-12);
+        // m = 13: exact big-integer value 26!·27!/(13!)² ≈ 1.1364e35
+        let q = (2..=27).map(|i| i as f64).product::<f64>()
+            * (14..=26).map(|i| i as f64).product::<f64>()
+            / (2..=13).map(|i| i as f64).product::<f64>();
+        assert!((log2_c(13) + q.log2()).abs() < 1e-12);
+    }
+
+    /// Multiplying by 2^e for absurd e must end (it once looped ~10¹⁷ times) and saturate.
+    #[test]
+    fn scale_pow2_terminates_and_saturates() {
+        let mut x = [1.5f64, -3.0, 0.0];
+        scale_pow2(&mut x, i64::MAX);
+        assert_eq!(x, [f64::INFINITY, f64::NEG_INFINITY, 0.0]);
+        let mut y = [1.5f64, -3.0];
+        scale_pow2(&mut y, i64::MIN);
+        assert!(y.iter().all(|v| *v == 0.0));
+    }
+
+    /// A direction whose 1-norm overflows f64 (finite entries near 1e308) used to hang the
+    /// Fréchet adjoint; it must now return promptly: a finite result or a typed error.
+    #[test]
+    fn frechet_adjoint_with_overflowing_norms_returns() {
+        let z = DMatrix::<f64>::from_row_slice(2, 2, &[0.1, 0.2, -0.3, 0.05]);
+        let g = DMatrix::<f64>::from_row_slice(2, 2, &[1e308, 1e308, 1e308, -1e308]);
+        match crate::linalg::phi1_frechet_adjoint(&z, &g) {
+            Ok(l) => assert!(l.iter().all(|v| v.is_finite())),
+            Err(e) => assert!(matches!(e, crate::ElraError::Overflow { .. }), "{e}"),
+        }
+        let zb = DMatrix::<f64>::from_row_slice(2, 2, &[1e308, 1e308, 1e308, 1e308]);
+        let r = crate::linalg::expm_frechet_adjoint(&zb, &g);
+        assert!(r.is_err(), "exp of a matrix of norm 2e308 must overflow");
+    }
 }
