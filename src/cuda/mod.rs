@@ -29,6 +29,8 @@ mod buffer;
 mod device;
 pub mod gemm;
 pub mod kernels;
+pub mod layer;
+mod skinny;
 
 pub use buffer::{DeviceMatrices, DeviceScalar};
 pub use device::{cuda_available, device_count, CudaDevice, Workspace};
@@ -37,6 +39,11 @@ pub use kernels::{
     adapter_grams, expm_phi1, phi1_adjoint, spectral_norm_sq, AdapterGrams, DeviceGrams,
     FloatKernel, MatrixStatus,
 };
+pub use layer::{
+    choose_route, route_cost, GpuDoubleSidedLayer, GpuElraLayer, GpuGrads, GpuLoraLayer, GpuSide,
+    GpuSpec, RouteCost,
+};
+pub use skinny::{Activation, MAX_RANK};
 
 use crate::ElraError;
 
