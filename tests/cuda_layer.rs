@@ -598,3 +598,486 @@ fn cuda_layer_memory_flat_over_10k_steps() {
         free0 - free1
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The skinny kernels emulated on the CPU (no GPU needed)
+// ---------------------------------------------------------------------------------------------
+//
+// cuda/emu/skinny_harness.cpp compiles cuda/skinny.cu with the host C++ compiler (cuda/emu/
+// cuda_emu.hpp: one OS thread per CUDA thread, ELRA_BLOCK = 8, std::barrier for __syncthreads;
+// f16 via _Float16, bf16 rounded to nearest even by hand). The device code runs unchanged — the
+// index arithmetic, strides, group loops over r, tree reductions, chunked reductions, null
+// operands and in-place aliasing — and is checked here against f64 references of each kernel's
+// stated formula. What only a GPU exercises: the 256-thread configuration, the launches and their
+// argument marshalling (src/cuda/skinny.rs), cuBLAS, the device conversions and the composition
+// of the kernels into the layer (the GPU tests above).
+//
+// Tolerances: kernel inputs are exactly representable in f32, so the f32 results differ from f64
+// only by f32 accumulation over ≤ 64 terms: ≤ 64·u ≈ 4e-6 relative; 1e-5 is asserted. Outputs
+// stored as bf16/f16 add one rounding (u = 3.9e-3 / 4.9e-4): 8e-3 and 1e-3 asserted.
+
+mod skinny_emu {
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
+    use std::sync::OnceLock;
+
+    const SOURCES: [(&str, &str); 5] = [
+        ("skinny.cu", include_str!("../cuda/skinny.cu")),
+        ("common.cuh", include_str!("../cuda/common.cuh")),
+        (
+            "emu/math_constants.h",
+            include_str!("../cuda/emu/math_constants.h"),
+        ),
+        ("emu/cuda_emu.hpp", include_str!("../cuda/emu/cuda_emu.hpp")),
+        (
+            "emu/skinny_harness.cpp",
+            include_str!("../cuda/emu/skinny_harness.cpp"),
+        ),
+    ];
+
+    fn build() -> Result<PathBuf, String> {
+        let cxx = std::env::var("CXX")
+            .ok()
+            .into_iter()
+            .chain(["g++".to_string(), "c++".to_string()])
+            .find(|c| {
+                Command::new(c)
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .ok_or("no C++ compiler ($CXX, g++, c++) to build the kernel emulation")?;
+        let dir = std::env::temp_dir().join(format!("elra-skinny-emu-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("emu")).map_err(|e| e.to_string())?;
+        for (name, text) in SOURCES {
+            std::fs::write(dir.join(name), text).map_err(|e| e.to_string())?;
+        }
+        let exe = dir.join("skinny_harness");
+        let out = Command::new(&cxx)
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-ffp-contract=off",
+                "-pthread",
+                "-DELRA_BLOCK=8",
+            ])
+            .arg("-I")
+            .arg(dir.join("emu"))
+            .arg("-I")
+            .arg(&dir)
+            .arg("-include")
+            .arg(dir.join("emu/cuda_emu.hpp"))
+            .arg(dir.join("emu/skinny_harness.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .map_err(|e| format!("{cxx}: {e}"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("_Float16") {
+                return Err(format!("{cxx} lacks _Float16, needed for the f16 stand-in"));
+            }
+            panic!("{cxx} failed to build the skinny kernel emulation:\n{err}");
+        }
+        Ok(exe)
+    }
+
+    pub fn harness() -> Result<&'static PathBuf, String> {
+        static EXE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        EXE.get_or_init(build).as_ref().map_err(|e| e.clone())
+    }
+
+    /// Runs one job; returns the output arrays by name (f32 values).
+    pub fn run(job: &str) -> Vec<(String, Vec<f32>)> {
+        let exe = harness().expect("harness built");
+        let mut child = Command::new(exe)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the emulation");
+        {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(job.as_bytes())
+                .unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "emulation failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut it = l.split_whitespace();
+                let name = it.next().unwrap_or_default().to_string();
+                let v = it
+                    .map(|t| f32::from_bits(u32::from_str_radix(t, 16).unwrap()))
+                    .collect();
+                (name, v)
+            })
+            .collect()
+    }
+}
+
+macro_rules! emu_or_skip {
+    () => {
+        if let Err(reason) = skinny_emu::harness() {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+}
+
+fn hex(v: &[f32], job: &mut String) {
+    for x in v {
+        job.push_str(&format!(" {:x}", x.to_bits()));
+    }
+}
+
+fn h1(x: f32) -> String {
+    format!("{:x}", x.to_bits())
+}
+
+/// Random values exactly representable in `dt` (rounded through it).
+fn rand_vals(len: usize, dt: &str, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            let x: f64 = rng.random_range(-1.0..1.0);
+            match dt {
+                "bf16" => half::bf16::from_f64(x).to_f32(),
+                "f16" => half::f16::from_f64(x).to_f32(),
+                _ => x as f32,
+            }
+        })
+        .collect()
+}
+
+/// ‖g − c‖₂ / ‖c‖₂ over flat arrays.
+fn rel_flat(g: &[f32], c: &[f64], what: &str) -> f64 {
+    assert_eq!(g.len(), c.len(), "{what}: length");
+    assert!(g.iter().all(|x| x.is_finite()), "{what}: non-finite output");
+    let num: f64 = g.iter().zip(c).map(|(a, b)| (*a as f64 - b).powi(2)).sum();
+    let den: f64 = c.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn out_tol(dt: &str) -> f64 {
+    match dt {
+        "bf16" => 8e-3,
+        "f16" => 1e-3,
+        _ => 1e-5,
+    }
+}
+
+#[test]
+fn cuda_layer_kernels_emulated_on_cpu_rows_fused() {
+    emu_or_skip!();
+    let mut rng = rng(800);
+    let (n_rows, n_in, n_out) = (5usize, 19usize, 13usize);
+    for dt in ["f32", "bf16", "f16"] {
+        for r in [1usize, 9, 64] {
+            for case in 0..4 {
+                let (has_base, alias, has_out, has_mm) =
+                    [(1, 1, 1, 1), (1, 0, 1, 0), (0, 0, 1, 1), (0, 0, 0, 1)][case];
+                // Transposed storage of Cm and Am in odd cases, Mᵀ in even cases.
+                let tr = case % 2 == 1;
+                let (cs0, cs1) = if tr { (1, r) } else { (n_in, 1) };
+                let (ms0, ms1) = if tr { (r, 1) } else { (1, r) };
+                let (as0, as1) = if tr { (1, n_out) } else { (r, 1) };
+                let input = rand_vals(n_rows * n_in, dt, &mut rng);
+                let base = rand_vals(n_rows * n_out, dt, &mut rng);
+                let cm = rand_vals(r * n_in, "f32", &mut rng);
+                let mm = rand_vals(r * r, "f32", &mut rng);
+                let am = rand_vals(n_out * r, "f32", &mut rng);
+                let m_scale = 0.75f32;
+                let mut job = format!(
+                    "rows_fused {dt} {n_rows} {n_in} {n_out} {r} {has_base} {alias} {has_out} {has_mm} {} {cs0} {cs1} {ms0} {ms1} {as0} {as1} {} {} {}",
+                    h1(m_scale),
+                    cm.len(),
+                    mm.len(),
+                    am.len()
+                );
+                hex(&input, &mut job);
+                if has_base == 1 {
+                    hex(&base, &mut job);
+                }
+                hex(&cm, &mut job);
+                hex(&mm, &mut job);
+                hex(&am, &mut job);
+                let out = skinny_emu::run(&job);
+                // Reference.
+                let (mut v, mut t, mut o) = (vec![], vec![], vec![]);
+                for i in 0..n_rows {
+                    let vi: Vec<f64> = (0..r)
+                        .map(|q| {
+                            (0..n_in)
+                                .map(|l| cm[q * cs0 + l * cs1] as f64 * input[i * n_in + l] as f64)
+                                .sum()
+                        })
+                        .collect();
+                    let ti: Vec<f64> = (0..r)
+                        .map(|q| {
+                            if has_mm == 1 {
+                                (0..r).map(|p| mm[q * ms0 + p * ms1] as f64 * vi[p]).sum()
+                            } else {
+                                m_scale as f64 * vi[q]
+                            }
+                        })
+                        .collect();
+                    for j in 0..n_out {
+                        let b = if has_base == 1 {
+                            base[i * n_out + j] as f64
+                        } else {
+                            0.0
+                        };
+                        o.push(
+                            b + (0..r)
+                                .map(|q| am[j * as0 + q * as1] as f64 * ti[q])
+                                .sum::<f64>(),
+                        );
+                    }
+                    v.extend(vi);
+                    t.extend(ti);
+                }
+                let label = format!("rows_fused {dt} r={r} case {case}");
+                let ev = rel_flat(&out[0].1, &v, &label);
+                let et = rel_flat(&out[1].1, &t, &label);
+                assert!(ev <= 1e-5 && et <= 1e-5, "{label}: v {ev:.2e} t {et:.2e}");
+                if has_out == 1 {
+                    let eo = rel_flat(&out[2].1, &o, &label);
+                    assert!(eo <= out_tol(dt), "{label}: out {eo:.2e}");
+                } else {
+                    // Nothing written: the -7 sentinels of the separate output remain.
+                    assert!(
+                        out[2].1.iter().all(|&x| x == -7.0),
+                        "{label}: output written without out"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_layer_kernels_emulated_on_cpu_col_reduce() {
+    emu_or_skip!();
+    let mut rng = rng(801);
+    let (n_rows, n) = (23usize, 11usize);
+    for dt in ["f32", "bf16", "f16"] {
+        for r in [3usize, 10] {
+            for rpc in [1usize, 4, 23] {
+                for beta in [0.0f32, 0.5] {
+                    // S stored transposed (ss0 = 1, ss1 = n_rows); out stored transposed.
+                    let (ss0, ss1) = (1usize, n_rows);
+                    let (os0, os1) = (1usize, n);
+                    let y = rand_vals(n_rows * n, dt, &mut rng);
+                    let s = rand_vals(n_rows * r, "f32", &mut rng);
+                    let mut out0 = rand_vals(n * r, "f32", &mut rng);
+                    if beta == 0.0 {
+                        out0.iter_mut().for_each(|x| *x = f32::NAN); // β = 0 must not read out
+                    }
+                    let alpha = -1.25f32;
+                    let mut job = format!(
+                        "col_reduce {dt} {n_rows} {n} {r} {rpc} {ss0} {ss1} {os0} {os1} {} {} {} {}",
+                        h1(alpha),
+                        h1(beta),
+                        s.len(),
+                        out0.len()
+                    );
+                    hex(&y, &mut job);
+                    hex(&s, &mut job);
+                    hex(&out0, &mut job);
+                    let out = skinny_emu::run(&job);
+                    let mut want = vec![0.0f64; n * r];
+                    for j in 0..n {
+                        for q in 0..r {
+                            let sum: f64 = (0..n_rows)
+                                .map(|i| y[i * n + j] as f64 * s[i * ss0 + q * ss1] as f64)
+                                .sum();
+                            let old = if beta != 0.0 {
+                                beta as f64 * out0[j * os0 + q * os1] as f64
+                            } else {
+                                0.0
+                            };
+                            want[j * os0 + q * os1] = alpha as f64 * sum + old;
+                        }
+                    }
+                    let e = rel_flat(&out[0].1, &want, "col_reduce");
+                    assert!(
+                        e <= 1e-5,
+                        "col_reduce {dt} r={r} rpc={rpc} β={beta}: {e:.2e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_layer_kernels_emulated_on_cpu_merge_gemm_factor() {
+    emu_or_skip!();
+    let mut rng = rng(802);
+    // merge_apply: W_out = W_in + scale L R, L stored transposed, in place and not.
+    let (d, k, r) = (7usize, 13usize, 5usize);
+    for dt in ["f32", "bf16", "f16"] {
+        for alias in [0, 1] {
+            let w = rand_vals(d * k, dt, &mut rng);
+            let l = rand_vals(d * r, "f32", &mut rng);
+            let rr = rand_vals(r * k, "f32", &mut rng);
+            let (ls0, ls1, rs0, rs1) = (1usize, d, k, 1usize);
+            let scale = -0.5f32;
+            let mut job = format!(
+                "merge_apply {dt} {d} {k} {r} {alias} {} {ls0} {ls1} {rs0} {rs1} {} {}",
+                h1(scale),
+                l.len(),
+                rr.len()
+            );
+            hex(&w, &mut job);
+            hex(&l, &mut job);
+            hex(&rr, &mut job);
+            let out = skinny_emu::run(&job);
+            let want: Vec<f64> = (0..d * k)
+                .map(|idx| {
+                    let (i, j) = (idx / k, idx % k);
+                    w[idx] as f64
+                        + scale as f64
+                            * (0..r)
+                                .map(|q| l[i * ls0 + q * ls1] as f64 * rr[q * rs0 + j * rs1] as f64)
+                                .sum::<f64>()
+                })
+                .collect();
+            let e = rel_flat(&out[0].1, &want, "merge_apply");
+            assert!(e <= out_tol(dt), "merge_apply {dt} alias={alias}: {e:.2e}");
+        }
+    }
+    // small_gemm with transposed A and strided C, β = 0 (C poisoned) and β ≠ 0.
+    let (m, n, kk) = (6usize, 5usize, 9usize);
+    for beta in [0.0f32, 0.5] {
+        let a = rand_vals(m * kk, "f32", &mut rng);
+        let b = rand_vals(kk * n, "f32", &mut rng);
+        let mut c0 = rand_vals(m * n, "f32", &mut rng);
+        if beta == 0.0 {
+            c0.iter_mut().for_each(|x| *x = f32::NAN);
+        }
+        let (as0, as1, bs0, bs1, cs0, cs1) = (1usize, m, n, 1usize, 1usize, m);
+        let alpha = 1.5f32;
+        let mut job = format!(
+            "small_gemm {m} {n} {kk} {} {} {as0} {as1} {bs0} {bs1} {cs0} {cs1} {} {} {}",
+            h1(alpha),
+            h1(beta),
+            a.len(),
+            b.len(),
+            c0.len()
+        );
+        hex(&a, &mut job);
+        hex(&b, &mut job);
+        hex(&c0, &mut job);
+        let out = skinny_emu::run(&job);
+        let mut want = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..kk)
+                    .map(|p| a[i * as0 + p * as1] as f64 * b[p * bs0 + j * bs1] as f64)
+                    .sum();
+                let old = if beta != 0.0 {
+                    beta as f64 * c0[i * cs0 + j * cs1] as f64
+                } else {
+                    0.0
+                };
+                want[i * cs0 + j * cs1] = alpha as f64 * s + old;
+            }
+        }
+        let e = rel_flat(&out[0].1, &want, "small_gemm");
+        assert!(e <= 1e-5, "small_gemm β={beta}: {e:.2e}");
+    }
+    // factor_c and factor_backward against src/grad/generator.rs (FactorChain, energy_backward).
+    let (d, r) = (11usize, 3usize);
+    let a = rand_vals(d * r, "f32", &mut rng);
+    let b = rand_vals(r * d, "f32", &mut rng);
+    let eta = 0.8f32;
+    for (has_b, alpha) in [(1, 0.3f32), (1, 0.0), (0, 1.0)] {
+        let mult = 0.9f32;
+        let mut job = format!("factor_c {d} {r} {has_b} {} {}", h1(mult), h1(alpha));
+        hex(&a, &mut job);
+        if has_b == 1 {
+            hex(&b, &mut job);
+        }
+        hex(&[eta], &mut job);
+        let ct = skinny_emu::run(&job)[0].1.clone();
+        let am = DMatrix::from_row_slice(d, r, &a).map(|x| x as f64);
+        let bm = DMatrix::from_row_slice(r, d, &b).map(|x| x as f64);
+        let spec = GeneratorSpec {
+            alpha: alpha as f64,
+            eta_mult: mult as f64,
+            tau: None,
+            lambda: 0.1,
+        };
+        let bopt = (has_b == 1).then_some(&bm);
+        let gt = GeneratorTape::new(&am, bopt, eta as f64, &spec).unwrap();
+        let ct_want: Vec<f64> = (0..d * r).map(|idx| gt.c[(idx % r, idx / r)]).collect();
+        let e = rel_flat(&ct, &ct_want, "factor_c");
+        assert!(e <= 1e-6, "factor_c has_b={has_b} α={alpha}: {e:.2e}");
+        // factor_backward with random Ā, C̄ of the effective factors; Grams from the same Cᵀ.
+        let abar = rand_vals(d * r, "f32", &mut rng);
+        let cbar_t = rand_vals(d * r, "f32", &mut rng);
+        let ctm = DMatrix::from_row_slice(d, r, &ct).map(|x| x as f64);
+        let s = am.transpose() * &am;
+        let kg = ctm.transpose() * &ctm;
+        let f32s = |m: &DMatrix<f64>| -> Vec<f32> {
+            (0..m.nrows())
+                .flat_map(|i| (0..m.ncols()).map(move |j| (i, j)))
+                .map(|(i, j)| m[(i, j)] as f32)
+                .collect()
+        };
+        let mut job = format!(
+            "factor_backward {d} {r} {has_b} {} {} {}",
+            h1(0.1),
+            h1(alpha),
+            h1(mult)
+        );
+        hex(&a, &mut job);
+        hex(&ct, &mut job);
+        hex(&f32s(&s), &mut job);
+        hex(&f32s(&kg), &mut job);
+        hex(&[eta], &mut job);
+        hex(&abar, &mut job);
+        hex(&cbar_t, &mut job);
+        let out = skinny_emu::run(&job);
+        // CPU: GeneratorTape::finish adds the energy gradient and runs FactorChain::backward.
+        let abar_m = DMatrix::from_row_slice(d, r, &abar).map(|x| x as f64);
+        let cbar_m = DMatrix::from_row_slice(d, r, &cbar_t)
+            .map(|x| x as f64)
+            .transpose();
+        let (_, ea, ec) = elra::grad::energy_backward(&am, &gt.c, 0.1).unwrap();
+        let fg = gt.chain.backward(&am, abar_m + ea, cbar_m + ec).unwrap();
+        let label = format!("factor_backward has_b={has_b} α={alpha}");
+        let flat = |m: &DMatrix<f64>| -> Vec<f64> {
+            (0..m.nrows())
+                .flat_map(|i| (0..m.ncols()).map(move |j| (i, j)))
+                .map(|(i, j)| m[(i, j)])
+                .collect()
+        };
+        let e = rel_flat(&out[0].1, &flat(&fg.a), &label);
+        assert!(e <= 1e-5, "{label}: ∂A {e:.2e}");
+        if let Some(gb) = &fg.b {
+            let e = rel_flat(&out[2].1, &flat(gb), &label);
+            assert!(e <= 1e-5, "{label}: ∂B {e:.2e}");
+        }
+        let e = ((out[3].1[0] as f64) - fg.eta).abs() / fg.eta.abs();
+        assert!(
+            e <= 1e-5,
+            "{label}: ∂η {e:.2e} ({} vs {})",
+            out[3].1[0],
+            fg.eta
+        );
+    }
+}
