@@ -903,9 +903,13 @@ impl<T: Activation> GpuElraLayer<T> {
     }
 
     /// Reads the statuses of the r×r launches (synchronises): errors name a non-finite `Z`,
-    /// an overflow of φ1 or of its adjoint.
+    /// an overflow of φ1, of its adjoint, or of `φ1(−Z)` of the last unmerge.
     pub fn check_status(&self, dev: &CudaDevice) -> Result<()> {
-        self.rr.check(dev)
+        self.rr.check(dev)?;
+        match &self.rr_neg {
+            Some(neg) => check_status(dev, &neg.status_fwd, 1, "phi1(−Z) of the unmerge", "z"),
+            None => Ok(()),
+        }
     }
 
     /// `‖G‖²_F = tr((AᵀA)(CCᵀ))` of the effective generator (eq. 21), from r×r Grams
