@@ -12,6 +12,9 @@
 //!   (the algorithm of [`crate::linalg::expm`], Al-Mohy & Higham 2009), the adjoint Fréchet
 //!   derivative `L_φ1(Zᵀ, G)`, and the Grams of eq. (21) for a batch of adapters. Each writes a
 //!   per-matrix status that the host turns into an error naming the matrix.
+//! - [`layer`]: the ELRA layer on the GPU (general/PSD/Hyb, double-sided, LoRA; Woodbury and
+//!   merged routes; f32/f16/bf16 activations) built from cuBLAS and the fused skinny kernels of
+//!   `cuda/skinny.cu`.
 //! - [`gemm`]: `C ← α op(A) op(B) + β C` on row-major operands (cuBLAS is column-major; the
 //!   wrapper computes `Cᵀ = op(B)ᵀ op(A)ᵀ`).
 //!
@@ -39,6 +42,8 @@ mod buffer;
 mod device;
 pub mod gemm;
 pub mod kernels;
+pub mod layer;
+mod skinny;
 
 pub use buffer::{DeviceMatrices, DeviceScalar};
 pub use device::{cuda_available, device_count, CudaDevice, Workspace};
@@ -47,6 +52,11 @@ pub use kernels::{
     adapter_grams, expm_phi1, phi1_adjoint, spectral_norm_sq, AdapterGrams, DeviceGrams,
     FloatKernel, MatrixStatus,
 };
+pub use layer::{
+    choose_route, route_cost, GpuDoubleSidedLayer, GpuElraLayer, GpuGrads, GpuLoraLayer, GpuSide,
+    GpuSpec, RouteCost,
+};
+pub use skinny::{Activation, MAX_RANK};
 
 use crate::ElraError;
 

@@ -1,0 +1,235 @@
+// CPU emulation harness for cuda/skinny.cu (see cuda_emu.hpp): one job from stdin, the kernel run
+// block by block (grid x and y) with ELRA_BLOCK threads each, results to stdout. Used by the
+// `cuda_layer_kernels_emulated_on_cpu_*` tests in tests/cuda_layer.rs.
+//
+// Activation data travel as the IEEE bits of f32 values (already representable in the dtype;
+// outputs are widened back to f32). `__half` uses the compiler's _Float16 (round to nearest even);
+// `__nv_bfloat16` rounds to nearest even by hand.
+//
+// Jobs (integers decimal, floats as hex bits of f32):
+//   rows_fused DT n_rows n_in n_out r has_base alias_base has_out has_mm m_scale cs0 cs1 ms0 ms1 as0 as1
+//              len_cm len_mm len_am | in base cm mm am            -> v t out
+//   col_reduce DT n_rows n r rows_per_chunk ss0 ss1 os0 os1 alpha beta len_s len_out | Y S out0 -> out
+//   merge_apply DT d k r alias scale ls0 ls1 rs0 rs1 len_l len_r | W L R                         -> w
+//   small_gemm m n kk alpha beta as0 as1 bs0 bs1 cs0 cs1 len_a len_b len_c | A B C0              -> c
+//   factor_c d r has_b mult alpha | A B eta                                                        -> ct
+//   factor_backward d r has_b lambda alpha mult | A Ct S K eta Abar CbarT                       -> abar cbar_t bbar etabar
+#include "cuda_emu.hpp"
+
+#include <cstdint>
+#include <cstring>
+
+struct __half {
+    _Float16 h;
+};
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+inline float __half2float(__half x) { return (float)x.h; }
+inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
+inline float __bfloat162float(__nv_bfloat16 x) {
+    uint32_t u = (uint32_t)x.bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(uint16_t)((u >> 16) | 0x40)};  // quiet NaN
+    const uint32_t lsb = (u >> 16) & 1u;
+    u += 0x7fffu + lsb;
+    return __nv_bfloat16{(uint16_t)(u >> 16)};
+}
+
+#include "skinny.cu"
+
+#include <functional>
+#include <iostream>
+#include <string>
+#include <thread>
+#include <vector>
+
+thread_local EmuDim3 threadIdx;
+thread_local EmuDim3 blockIdx;
+EmuBlock emu_block;
+
+static std::vector<float> read_f32(size_t len) {
+    std::vector<float> v(len);
+    for (size_t i = 0; i < len; ++i) {
+        std::string tok;
+        if (!(std::cin >> tok)) {
+            std::fprintf(stderr, "skinny harness: input ended early\n");
+            std::exit(2);
+        }
+        uint32_t u = (uint32_t)std::stoul(tok, nullptr, 16);
+        std::memcpy(&v[i], &u, 4);
+    }
+    return v;
+}
+
+static float read_hex() { return read_f32(1)[0]; }
+
+static void write_f32(const char* name, const std::vector<float>& v) {
+    std::printf("%s", name);
+    for (float x : v) {
+        uint32_t u;
+        std::memcpy(&u, &x, 4);
+        std::printf(" %x", u);
+    }
+    std::printf("\n");
+}
+
+template <typename T> static std::vector<T> to_t(const std::vector<float>& v) {
+    std::vector<T> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = elra::skinny::from_f32<T>(v[i]);
+    return o;
+}
+template <typename T> static std::vector<float> from_t(const std::vector<T>& v) {
+    std::vector<float> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = elra::skinny::to_f32(v[i]);
+    return o;
+}
+
+// Runs `kernel` for blocks (x, y), x < gx, y < gy, one block at a time, ELRA_BLOCK threads each.
+static void launch(unsigned gx, unsigned gy, const std::function<void()>& kernel) {
+    for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx) {
+            std::barrier<> bar(ELRA_BLOCK);
+            emu_block.bar = &bar;
+            std::vector<std::thread> threads;
+            for (unsigned t = 0; t < ELRA_BLOCK; ++t)
+                threads.emplace_back([&, t] {
+                    threadIdx.x = t;
+                    blockIdx.x = bx;
+                    blockIdx.y = by;
+                    kernel();
+                });
+            for (auto& th : threads) th.join();
+            emu_block.bar = nullptr;
+        }
+}
+
+static unsigned blocks(long long total) { return (unsigned)((total + ELRA_BLOCK - 1) / ELRA_BLOCK); }
+
+template <typename T> static int job_typed(const std::string& op) {
+    if (op == "rows_fused") {
+        long long n_rows, n_in, n_out, r, has_base, alias, has_out, has_mm, cs0, cs1, ms0, ms1, as0, as1, lc, lm,
+            la;
+        std::cin >> n_rows >> n_in >> n_out >> r >> has_base >> alias >> has_out >> has_mm;
+        const float m_scale = read_hex();
+        std::cin >> cs0 >> cs1 >> ms0 >> ms1 >> as0 >> as1 >> lc >> lm >> la;
+        std::vector<T> in = to_t<T>(read_f32(n_rows * n_in));
+        std::vector<T> base = has_base ? to_t<T>(read_f32(n_rows * n_out)) : std::vector<T>();
+        std::vector<float> cm = read_f32(lc), mm = read_f32(lm), am = read_f32(la);
+        std::vector<T> out_sep(n_rows * n_out, elra::skinny::from_f32<T>(-7.0f));
+        T* out = has_out ? (alias ? base.data() : out_sep.data()) : nullptr;
+        std::vector<float> v(n_rows * r, -7.0f), t(n_rows * r, -7.0f);
+        launch((unsigned)n_rows, 1, [&] {
+            elra::skinny::rows_fused<T>((int)n_in, (int)n_out, (int)r, in.data(), n_in,
+                                        has_base ? base.data() : nullptr, n_out, out, n_out, cm.data(), cs0, cs1,
+                                        has_mm ? mm.data() : nullptr, ms0, ms1, m_scale, am.data(), as0, as1, v.data(),
+                                        t.data());
+        });
+        write_f32("v", v);
+        write_f32("t", t);
+        write_f32("out", from_t(alias ? base : out_sep));
+        return 0;
+    }
+    if (op == "col_reduce") {
+        long long n_rows, n, r, rpc, ss0, ss1, os0, os1, ls, lo;
+        std::cin >> n_rows >> n >> r >> rpc >> ss0 >> ss1 >> os0 >> os1;
+        const float alpha = read_hex(), beta = read_hex();
+        std::cin >> ls >> lo;
+        std::vector<T> Y = to_t<T>(read_f32(n_rows * n));
+        std::vector<float> S = read_f32(ls), out = read_f32(lo);
+        const long long chunks = (n_rows + rpc - 1) / rpc;
+        std::vector<float> partial(chunks * n * r, -7.0f);
+        launch(blocks(n), (unsigned)chunks, [&] {
+            elra::skinny::col_reduce_partial<T>((int)n_rows, (int)n, (int)r, (int)rpc, Y.data(), n, S.data(), ss0,
+                                                ss1, partial.data());
+        });
+        launch(blocks(n * r), 1, [&] {
+            elra::skinny::col_reduce_finish((int)n, (int)r, (int)chunks, partial.data(), alpha, beta, out.data(), os0,
+                                            os1);
+        });
+        write_f32("out", out);
+        return 0;
+    }
+    if (op == "merge_apply") {
+        long long d, k, r, alias, ls0, ls1, rs0, rs1, ll, lr;
+        std::cin >> d >> k >> r >> alias;
+        const float scale = read_hex();
+        std::cin >> ls0 >> ls1 >> rs0 >> rs1 >> ll >> lr;
+        std::vector<T> W = to_t<T>(read_f32(d * k));
+        std::vector<float> L = read_f32(ll), R = read_f32(lr);
+        std::vector<T> Wo(d * k, elra::skinny::from_f32<T>(-7.0f));
+        T* out = alias ? W.data() : Wo.data();
+        launch(blocks(d * k), 1, [&] {
+            elra::skinny::merge_apply<T>((int)d, (int)k, (int)r, W.data(), k, out, k, scale, L.data(), ls0, ls1,
+                                         R.data(), rs0, rs1);
+        });
+        write_f32("w", from_t(alias ? W : Wo));
+        return 0;
+    }
+    std::fprintf(stderr, "skinny harness: unknown op %s\n", op.c_str());
+    return 2;
+}
+
+int main() {
+    std::string op;
+    if (!(std::cin >> op)) return 2;
+    if (op == "rows_fused" || op == "col_reduce" || op == "merge_apply") {
+        std::string dt;
+        std::cin >> dt;
+        if (dt == "f32") return job_typed<float>(op);
+        if (dt == "f16") return job_typed<__half>(op);
+        if (dt == "bf16") return job_typed<__nv_bfloat16>(op);
+        std::fprintf(stderr, "skinny harness: unknown dtype %s\n", dt.c_str());
+        return 2;
+    }
+    if (op == "small_gemm") {
+        long long m, n, kk, as0, as1, bs0, bs1, cs0, cs1, la, lb, lc;
+        std::cin >> m >> n >> kk;
+        const float alpha = read_hex(), beta = read_hex();
+        std::cin >> as0 >> as1 >> bs0 >> bs1 >> cs0 >> cs1 >> la >> lb >> lc;
+        std::vector<float> A = read_f32(la), B = read_f32(lb), C = read_f32(lc);
+        launch(blocks(m * n), 1, [&] {
+            small_gemm_f32((int)m, (int)n, (int)kk, alpha, A.data(), as0, as1, B.data(), bs0, bs1, beta, C.data(),
+                           cs0, cs1);
+        });
+        write_f32("c", C);
+        return 0;
+    }
+    if (op == "factor_c") {
+        long long d, r, has_b;
+        std::cin >> d >> r >> has_b;
+        const float mult = read_hex(), alpha = read_hex();
+        std::vector<float> A = read_f32(d * r), B = has_b ? read_f32(d * r) : std::vector<float>(), eta = read_f32(1);
+        std::vector<float> Ct(d * r, -7.0f);
+        launch(blocks(d * r), 1, [&] {
+            factor_c_f32((int)d, (int)r, A.data(), has_b ? B.data() : nullptr, eta.data(), mult, alpha, Ct.data());
+        });
+        write_f32("ct", Ct);
+        return 0;
+    }
+    if (op == "factor_backward") {
+        long long d, r, has_b;
+        std::cin >> d >> r >> has_b;
+        const float lambda = read_hex(), alpha = read_hex(), mult = read_hex();
+        std::vector<float> A = read_f32(d * r), Ct = read_f32(d * r), S = read_f32(r * r), K = read_f32(r * r),
+                           eta = read_f32(1), Abar = read_f32(d * r), CbarT = read_f32(d * r);
+        std::vector<float> Bbar(d * r, -7.0f), etabar(1, -7.0f);
+        launch(1, 1, [&] {
+            factor_backward_f32((int)d, (int)r, A.data(), Ct.data(), S.data(), K.data(), lambda, alpha, eta.data(),
+                                mult, Abar.data(), CbarT.data(), has_b ? Bbar.data() : nullptr, etabar.data());
+        });
+        write_f32("abar", Abar);
+        write_f32("cbar_t", CbarT);
+        write_f32("bbar", Bbar);
+        write_f32("etabar", etabar);
+        return 0;
+    }
+    std::fprintf(stderr, "skinny harness: unknown op %s\n", op.c_str());
+    return 2;
+}
