@@ -16,6 +16,7 @@
 //!   activation type: one rounding each (bf16 u = 3.9e-3, f16 4.9e-4), at most three in sequence on
 //!   the longest path (u → y, ū → ∂x through a GEMM), ≈ 1.2e-2 for bf16 in the worst case.
 #![allow(non_snake_case)]
+mod common;
 
 use elra::cuda::layer::{download_matrix, upload_matrix};
 use elra::cuda::{
@@ -618,7 +619,6 @@ fn cuda_layer_memory_flat_over_10k_steps() {
 
 mod skinny_emu {
     use std::path::PathBuf;
-    use std::process::{Command, Stdio};
     use std::sync::OnceLock;
 
     const SOURCES: [(&str, &str); 5] = [
@@ -636,52 +636,7 @@ mod skinny_emu {
     ];
 
     fn build() -> Result<PathBuf, String> {
-        let cxx = std::env::var("CXX")
-            .ok()
-            .into_iter()
-            .chain(["g++".to_string(), "c++".to_string()])
-            .find(|c| {
-                Command::new(c)
-                    .arg("--version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            })
-            .ok_or("no C++ compiler ($CXX, g++, c++) to build the kernel emulation")?;
-        let dir = std::env::temp_dir().join(format!("elra-skinny-emu-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("emu")).map_err(|e| e.to_string())?;
-        for (name, text) in SOURCES {
-            std::fs::write(dir.join(name), text).map_err(|e| e.to_string())?;
-        }
-        let exe = dir.join("skinny_harness");
-        let out = Command::new(&cxx)
-            .args([
-                "-std=c++20",
-                "-O1",
-                "-ffp-contract=off",
-                "-pthread",
-                "-DELRA_BLOCK=8",
-            ])
-            .arg("-I")
-            .arg(dir.join("emu"))
-            .arg("-I")
-            .arg(&dir)
-            .arg("-include")
-            .arg(dir.join("emu/cuda_emu.hpp"))
-            .arg(dir.join("emu/skinny_harness.cpp"))
-            .arg("-o")
-            .arg(&exe)
-            .output()
-            .map_err(|e| format!("{cxx}: {e}"))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            if err.contains("_Float16") {
-                return Err(format!("{cxx} lacks _Float16, needed for the f16 stand-in"));
-            }
-            panic!("{cxx} failed to build the skinny kernel emulation:\n{err}");
-        }
-        Ok(exe)
+        crate::common::emu::build_harness("skinny", &SOURCES, "emu/skinny_harness.cpp", "-O1")
     }
 
     pub fn harness() -> Result<&'static PathBuf, String> {
@@ -692,29 +647,7 @@ mod skinny_emu {
     /// Runs one job; returns the output arrays by name (f32 values).
     pub fn run(job: &str) -> Vec<(String, Vec<f32>)> {
         let exe = harness().expect("harness built");
-        let mut child = Command::new(exe)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the emulation");
-        {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(job.as_bytes())
-                .unwrap();
-        }
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "emulation failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
+        crate::common::emu::run_job(exe, job)
             .lines()
             .map(|l| {
                 let mut it = l.split_whitespace();

@@ -16,6 +16,7 @@
 //! `|ĉ − c| ≤ γ_k Σ|a||b|`, `γ_k = k·u/(1 − k·u)` (Higham, *Accuracy and Stability*, §3.5),
 //! doubled to cover the f64 reference's own rounding.
 #![allow(non_snake_case)]
+mod common;
 
 use elra::cuda::{
     cuda_available, gemm, kernels, spectral_norm_sq, AdapterGrams, CudaDevice, DeviceGrams,
@@ -1140,7 +1141,6 @@ fn cuda_adapter_grams_status_per_adapter() {
 
 mod emu {
     use std::path::PathBuf;
-    use std::process::{Command, Stdio};
     use std::sync::OnceLock;
 
     /// Kernel sources, embedded so the test binary does not depend on the build machine's paths.
@@ -1157,52 +1157,7 @@ mod emu {
     ];
 
     fn build() -> Result<PathBuf, String> {
-        let cxx = std::env::var("CXX")
-            .ok()
-            .into_iter()
-            .chain(["g++".to_string(), "c++".to_string()])
-            .find(|c| {
-                Command::new(c)
-                    .arg("--version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            })
-            .ok_or("no C++ compiler ($CXX, g++, c++) to build the kernel emulation")?;
-        let dir = std::env::temp_dir().join(format!("elra-cuda-emu-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("emu")).map_err(|e| e.to_string())?;
-        for (name, text) in SOURCES {
-            std::fs::write(dir.join(name), text).map_err(|e| e.to_string())?;
-        }
-        let exe = dir.join("harness");
-        let out = Command::new(&cxx)
-            .args([
-                "-std=c++20",
-                "-O2",
-                "-ffp-contract=off",
-                "-pthread",
-                "-DELRA_BLOCK=8",
-            ])
-            .arg("-I")
-            .arg(dir.join("emu"))
-            .arg("-I")
-            .arg(&dir)
-            .arg("-include")
-            .arg(dir.join("emu/cuda_emu.hpp"))
-            .arg(dir.join("emu/harness.cpp"))
-            .arg("-o")
-            .arg(&exe)
-            .output()
-            .map_err(|e| format!("{cxx}: {e}"))?;
-        if !out.status.success() {
-            // A compiler that exists but cannot build the emulation is a failure, not a skip.
-            panic!(
-                "{cxx} failed to build the kernel emulation:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(exe)
+        crate::common::emu::build_harness("cuda", &SOURCES, "emu/harness.cpp", "-O2")
     }
 
     /// The emulation binary, built once per test process; `Err(reason)` to skip.
@@ -1214,25 +1169,7 @@ mod emu {
     /// Runs one job; returns the output lines as (name, tokens).
     pub fn run(job: &str) -> Vec<(String, Vec<String>)> {
         let exe = harness().expect("harness built");
-        let mut child = Command::new(exe)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the emulation");
-        {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
-            stdin.write_all(job.as_bytes()).unwrap();
-        }
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "emulation failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
+        crate::common::emu::run_job(exe, job)
             .lines()
             .map(|l| {
                 let mut it = l.split_whitespace().map(str::to_string);
