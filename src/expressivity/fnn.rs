@@ -16,8 +16,8 @@
 
 use super::linear::{lemma_10, ProductApprox};
 use super::{
-    bias_uniform, check_partition, check_square, check_vec, spectral_norm, uniform_partition,
-    xavier_uniform, LowRank, SortedSvd,
+    add_adapters, bias_uniform, check_partition, check_square, check_vec, spectral_norm,
+    uniform_partition, xavier_uniform, LowRank, SortedSvd,
 };
 use crate::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
@@ -130,25 +130,7 @@ impl Fnn {
     /// The adapted model `FNN(·; (W_l + ΔW_l), (b̂_l))` (§2.1).
     pub fn adapted(&self, adapters: &[LowRank], biases: &[DVector<f64>]) -> Result<Self> {
         self.validate()?;
-        if adapters.len() != self.layers() {
-            return Err(ElraError::invalid(
-                "adapters",
-                format!(
-                    "need one per layer ({}), got {}",
-                    self.layers(),
-                    adapters.len()
-                ),
-            ));
-        }
-        let d = self.dim();
-        let mut ws = Vec::with_capacity(self.layers());
-        for (w, a) in self.weights.iter().zip(adapters) {
-            let dw = a.dense()?;
-            if dw.shape() != (d, d) {
-                return Err(ElraError::shape("adapters", (d, d), dw.shape()));
-            }
-            ws.push(w + dw);
-        }
+        let ws = add_adapters(&self.weights, adapters, self.dim())?;
         Fnn::new(ws, biases.to_vec())
     }
 }

@@ -11,7 +11,9 @@
 //! `B_l = (∏_{i>l}W_i)⁻¹ U_S D_S`, `A_l = V_Sᵀ (∏_{i<l}(W_i+ΔW_i))⁻¹`.
 #![allow(non_snake_case)]
 
-use super::{check_square, product, uniform_partition, CheckedLu, LowRank, SortedSvd};
+use super::{
+    add_adapters, check_square, product, uniform_partition, CheckedLu, LowRank, SortedSvd,
+};
 use crate::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
 use rand_chacha::ChaCha8Rng;
@@ -94,25 +96,7 @@ impl LinearModel {
     /// The model with `W_l + ΔW_l` for each layer (`adapters[l]` is `ΔW_{l+1}`).
     pub fn adapted(&self, adapters: &[LowRank]) -> Result<Self> {
         self.validate()?;
-        if adapters.len() != self.layers() {
-            return Err(ElraError::invalid(
-                "adapters",
-                format!(
-                    "need one per layer ({}), got {}",
-                    self.layers(),
-                    adapters.len()
-                ),
-            ));
-        }
-        let d = self.dim();
-        let mut ws = Vec::with_capacity(self.layers());
-        for (w, a) in self.weights.iter().zip(adapters) {
-            let dw = a.dense()?;
-            if dw.shape() != (d, d) {
-                return Err(ElraError::shape("adapters", (d, d), dw.shape()));
-            }
-            ws.push(w + dw);
-        }
+        let ws = add_adapters(&self.weights, adapters, self.dim())?;
         LinearModel::new(ws)
     }
 }

@@ -403,6 +403,36 @@ pub fn product(ws: &[DMatrix<f64>], d: usize) -> Result<DMatrix<f64>> {
     Ok(p)
 }
 
+/// `W_l + ΔW_l` for every layer (§2.1: the adapted model's weights), checking that there is one
+/// D×D adapter per layer. Errors name `adapters`.
+pub(crate) fn add_adapters(
+    weights: &[DMatrix<f64>],
+    adapters: &[LowRank],
+    d: usize,
+) -> Result<Vec<DMatrix<f64>>> {
+    if adapters.len() != weights.len() {
+        return Err(ElraError::invalid(
+            "adapters",
+            format!(
+                "need one per layer ({}), got {}",
+                weights.len(),
+                adapters.len()
+            ),
+        ));
+    }
+    weights
+        .iter()
+        .zip(adapters)
+        .map(|(w, a)| {
+            let dw = a.dense()?;
+            if dw.shape() != (d, d) {
+                return Err(ElraError::shape("adapters", (d, d), dw.shape()));
+            }
+            Ok(w + dw)
+        })
+        .collect()
+}
+
 pub(crate) fn check_square(arg: &'static str, m: &DMatrix<f64>, d: usize) -> Result<()> {
     if m.shape() != (d, d) {
         return Err(ElraError::shape(arg, (d, d), m.shape()));
