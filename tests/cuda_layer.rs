@@ -16,12 +16,13 @@
 //!   activation type: one rounding each (bf16 u = 3.9e-3, f16 4.9e-4), at most three in sequence on
 //!   the longest path (u → y, ū → ∂x through a GEMM), ≈ 1.2e-2 for bf16 in the worst case.
 #![allow(non_snake_case)]
+#[macro_use]
 mod common;
 
 use elra::cuda::layer::{download_matrix, upload_matrix};
 use elra::cuda::{
-    cuda_available, Activation, CudaDevice, DeviceMatrices, GpuDoubleSidedLayer, GpuElraLayer,
-    GpuLoraLayer, GpuSide, GpuSpec,
+    Activation, CudaDevice, DeviceMatrices, GpuDoubleSidedLayer, GpuElraLayer, GpuLoraLayer,
+    GpuSide, GpuSpec,
 };
 use elra::grad::{
     double_backward_parts, double_forward_parts, elra_backward_parts, elra_forward_parts,
@@ -31,25 +32,6 @@ use elra::ElraError;
 use nalgebra::DMatrix;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn device() -> Option<CudaDevice> {
-    match cuda_available() {
-        Ok(()) => Some(CudaDevice::new(0).expect("cuda_available() said a device exists")),
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            None
-        }
-    }
-}
-
-macro_rules! device_or_skip {
-    () => {
-        match device() {
-            Some(d) => d,
-            None => return,
-        }
-    };
-}
 
 fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)

@@ -16,6 +16,7 @@
 //! `|ĉ − c| ≤ γ_k Σ|a||b|`, `γ_k = k·u/(1 − k·u)` (Higham, *Accuracy and Stability*, §3.5),
 //! doubled to cover the f64 reference's own rounding.
 #![allow(non_snake_case)]
+#[macro_use]
 mod common;
 
 use elra::cuda::{
@@ -27,26 +28,6 @@ use elra::ElraError;
 use nalgebra::DMatrix;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-/// The device, or `None` after printing why the test is skipped.
-fn device() -> Option<CudaDevice> {
-    match cuda_available() {
-        Ok(()) => Some(CudaDevice::new(0).expect("cuda_available() said a device exists")),
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            None
-        }
-    }
-}
-
-macro_rules! device_or_skip {
-    () => {
-        match device() {
-            Some(d) => d,
-            None => return,
-        }
-    };
-}
 
 // ---------------------------------------------------------------------------------------------
 // Inputs

@@ -1,2 +1,4 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the CUDA integration tests.
+#[macro_use]
+pub mod device;
 pub mod emu;
