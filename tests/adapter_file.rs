@@ -259,6 +259,56 @@ fn loads_a_peft_written_bf16_lora_directory() {
     );
 }
 
+/// PEFT's `LoraConfig` annotates `lora_alpha: int` and its pattern fields `Optional[dict]`:
+/// integral alphas are written as JSON integers (fractional ones as floats), and `null` patterns
+/// read as empty.
+#[test]
+fn lora_alpha_is_written_as_peft_writes_it_and_null_patterns_load() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut f = lora_file(&mut rng);
+    let FileConfig::Lora(c) = &mut f.config else {
+        unreachable!()
+    };
+    c.lora_alpha = 7.0;
+    c.alpha_pattern = BTreeMap::from([("q_proj".to_string(), 4.0), ("v_proj".to_string(), 2.5)]);
+    let (json, w) = f.to_bytes().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert!(
+        v["lora_alpha"].is_i64(),
+        "lora_alpha written as {}",
+        v["lora_alpha"]
+    );
+    assert_eq!(v["lora_alpha"], 7);
+    assert!(v["alpha_pattern"]["q_proj"].is_i64());
+    assert_eq!(v["alpha_pattern"]["v_proj"].as_f64(), Some(2.5));
+    let back = AdapterFile::<f64>::from_bytes(&json, &w).unwrap();
+    assert_eq!(back, f);
+    let FileConfig::Lora(bc) = &back.config else {
+        unreachable!()
+    };
+    assert_eq!(bc.scaling_for(MODS[0]), 4.0 / 3.0);
+    assert_eq!(bc.scaling_for(MODS[1]), 2.5 / 3.0);
+    // A fractional lora_alpha stays a float, exactly.
+    let FileConfig::Lora(c) = &mut f.config else {
+        unreachable!()
+    };
+    c.lora_alpha = 7.25;
+    c.alpha_pattern.clear();
+    let (json, w) = f.to_bytes().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert!(v["lora_alpha"].is_f64());
+    assert_eq!(AdapterFile::<f64>::from_bytes(&json, &w).unwrap(), f);
+    // `null` patterns (PEFT's Optional[dict]) read as empty; a null rank is still an error.
+    let mut v = v;
+    v["rank_pattern"] = serde_json::Value::Null;
+    v["alpha_pattern"] = serde_json::Value::Null;
+    let nulls = serde_json::to_vec(&v).unwrap();
+    assert_eq!(AdapterFile::<f64>::from_bytes(&nulls, &w).unwrap(), f);
+    v["rank_pattern"] = serde_json::json!({ "q_proj": null });
+    let bad = serde_json::to_vec(&v).unwrap();
+    expect_format(AdapterFile::<f64>::from_bytes(&bad, &w), CONFIG_FILE);
+}
+
 fn expect_format(r: Result<AdapterFile<f64>, ElraError>, needle: &str) {
     match r {
         Err(ElraError::Format(msg)) => assert!(

@@ -1,4 +1,8 @@
-"""Shared helpers: an independent NumPy + SciPy reference for the matrix functions."""
+"""Shared helpers: an independent NumPy + SciPy reference for the matrix functions, and an
+independent safetensors reader."""
+
+import json
+import struct
 
 import numpy as np
 import pytest
@@ -27,3 +31,19 @@ def phi1_frechet_ref(x, e):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def read_safetensors(path):
+    """A minimal independent safetensors reader: 8-byte little-endian header length, JSON header,
+    raw little-endian data. Returns ``({key: array in the file's dtype}, metadata)``."""
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    meta = header.pop("__metadata__", None)
+    out = {}
+    for key, v in header.items():
+        dt = {"F64": "<f8", "F32": "<f4"}[v["dtype"]]
+        s, e = v["data_offsets"]
+        out[key] = np.frombuffer(data[s:e], dtype=dt).reshape(v["shape"])
+    return out, meta

@@ -11,6 +11,7 @@ import pytest
 import scipy.linalg
 
 import elra
+from conftest import read_safetensors
 
 
 def generator(variant, A, B, eta, alpha, tau):
@@ -165,22 +166,6 @@ def test_status_codes_on_bad_input(rng):
     s = elra.lib.elra_adapter_set_param_f64(ad.handle, 0, xd.ctypes.data_as(dp), 2, 3, 3)
     assert s == elra.Status.SHAPE_MISMATCH
     assert (yd == 7.0).all()
-
-
-def read_safetensors(path):
-    """A minimal independent safetensors reader: 8-byte little-endian header length, JSON header,
-    raw little-endian data."""
-    raw = open(path, "rb").read()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    data = raw[8 + n:]
-    meta = header.pop("__metadata__", None)
-    out = {}
-    for key, v in header.items():
-        dt = {"F64": "<f8", "F32": "<f4"}[v["dtype"]]
-        s, e = v["data_offsets"]
-        out[key] = np.frombuffer(data[s:e], dtype=dt).reshape(v["shape"])
-    return out, meta
 
 
 def write_safetensors(path, tensors):

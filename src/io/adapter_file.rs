@@ -66,6 +66,9 @@ pub struct LoraFileConfig {
     /// Default rank r.
     pub r: usize,
     /// `lora_alpha`; the update is scaled by `lora_alpha / r` (LoRA, Hu et al. 2021, §4.1).
+    /// Written as a JSON integer when it is one (PEFT's `LoraConfig.lora_alpha: int`), else as
+    /// a float.
+    #[serde(serialize_with = "ser_alpha")]
     pub lora_alpha: f64,
     /// Which modules are adapted.
     #[serde(default)]
@@ -95,11 +98,17 @@ pub struct LoraFileConfig {
     /// DoRA; not supported (loading such a file is an error).
     #[serde(default)]
     pub use_dora: bool,
-    /// Per-module ranks (keys matched as module-name suffixes).
-    #[serde(default)]
+    /// Per-module ranks (keys matched as module-name suffixes); `null` (PEFT's
+    /// `Optional[dict]`) reads as empty.
+    #[serde(default, deserialize_with = "de_null_as_empty")]
     pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module `lora_alpha` (keys matched as module-name suffixes).
-    #[serde(default)]
+    /// Per-module `lora_alpha` (keys matched as module-name suffixes); `null` reads as empty.
+    /// Integral values are written as JSON integers, like `lora_alpha`.
+    #[serde(
+        default,
+        deserialize_with = "de_null_as_empty",
+        serialize_with = "ser_alpha_map"
+    )]
     pub alpha_pattern: BTreeMap<String, f64>,
     /// Fully trained extra modules; not supported (must be absent or empty).
     #[serde(default)]
@@ -108,6 +117,48 @@ pub struct LoraFileConfig {
 
 fn bias_none() -> String {
     "none".to_string()
+}
+
+/// An alpha as PEFT writes it: a JSON integer when it is integral and exactly representable
+/// (|α| < 2⁵³), else a float.
+fn ser_alpha<S: serde::Serializer>(a: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if a.fract() == 0.0 && a.abs() < 9_007_199_254_740_992.0 {
+        s.serialize_i64(*a as i64)
+    } else {
+        s.serialize_f64(*a)
+    }
+}
+
+/// `alpha_pattern` with each value written by [`ser_alpha`].
+fn ser_alpha_map<S: serde::Serializer>(
+    m: &BTreeMap<String, f64>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(m.len()))?;
+    for (k, v) in m {
+        map.serialize_key(k)?;
+        map.serialize_value(&Alpha(*v))?;
+    }
+    map.end()
+}
+
+/// An alpha value serialised by [`ser_alpha`].
+struct Alpha(f64);
+
+impl Serialize for Alpha {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        ser_alpha(&self.0, s)
+    }
+}
+
+/// A map that may be `null` in the file (PEFT's `Optional[dict]` fields): `null` reads as empty.
+fn de_null_as_empty<'de, D, V>(d: D) -> std::result::Result<BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    Ok(Option::<BTreeMap<String, V>>::deserialize(d)?.unwrap_or_default())
 }
 
 impl LoraFileConfig {
