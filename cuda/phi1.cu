@@ -28,6 +28,57 @@ ELRA_DYNAMIC_SHARED(elra_dyn_smem);
 namespace elra {
 namespace pade {
 
+// A team is the set of threads that computes one matrix. Every helper below is written for a
+// team: `Team::rank()` is the thread's index in it, loops stride by `Team::SIZE`, `Team::sync()`
+// is its barrier and `Team::any`/`max_*` its reductions.
+//   BlockTeam: the whole block (ELRA_BLOCK threads, __syncthreads), one matrix per block — best
+//              for large n, where the products have n² ≥ ELRA_BLOCK entries to share out.
+//   WarpTeam:  one warp (ELRA_WARP lanes, __syncwarp and shuffles), blockDim.x / ELRA_WARP
+//              matrices per block — for small n the algorithm is a chain of short steps
+//              (reductions, LU pivots, triangular solves), and a warp runs it without any block
+//              barrier.
+// Which thread computes an entry changes nothing in how it is computed (every entry is one
+// thread's sum in a fixed order; reductions are maxima), so both teams give the CPU's bits.
+struct BlockTeam {
+    static constexpr int SIZE = ELRA_BLOCK;
+    static constexpr int MAX_PER_BLOCK = 1;
+    __device__ static int rank() { return threadIdx.x; }
+    __device__ static int index_in_block() { return 0; }
+    __device__ static long long global_index() { return blockIdx.x; }
+    __device__ static void sync() { __syncthreads(); }
+    __device__ static bool any(bool f) { return block_any(f); }
+    template <typename T> __device__ static T max_nan(T v, T* red) { return block_max(v, red); }
+    template <typename T> __device__ static T max_ignore_nan(T v, T* red) { return block_max_ignore_nan(v, red); }
+};
+
+struct WarpTeam {
+    static constexpr int SIZE = ELRA_WARP;
+    static constexpr int MAX_PER_BLOCK = ELRA_NWARPS;
+    __device__ static int rank() { return threadIdx.x % ELRA_WARP; }
+    __device__ static int index_in_block() { return threadIdx.x / ELRA_WARP; }
+    __device__ static long long global_index() {
+        return (long long)blockIdx.x * (blockDim.x / ELRA_WARP) + threadIdx.x / ELRA_WARP;
+    }
+    __device__ static void sync() { __syncwarp(); }
+    __device__ static bool any(bool f) { return __any_sync(0xffffffffu, f) != 0; }
+    template <typename T, typename Op> __device__ static T butterfly(T v, Op op) {
+        for (int o = ELRA_WARP / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+        return v;
+    }
+    template <typename T> __device__ static T max_nan(T v, T*) {
+        return butterfly(v, [](T a, T b) { return nan_max(a, b); });
+    }
+    template <typename T> __device__ static T max_ignore_nan(T v, T*) {
+        return butterfly(v > T(0) ? v : T(0), [](T a, T b) { return b > a ? b : a; });
+    }
+};
+
+}  // namespace pade
+}  // namespace elra
+
+namespace elra {
+namespace pade {
+
 // Padé coefficients b_0..b_m (Higham 2005 eq. 2.2), as in expm.rs.
 __constant__ double B3[4] = {120.0, 60.0, 12.0, 1.0};
 __constant__ double B5[6] = {30240.0, 15120.0, 3360.0, 420.0, 30.0, 1.0};
@@ -87,7 +138,7 @@ template <> struct Prec<float> {
     }
 };
 
-template <typename T> struct Ws {
+template <typename T, typename Team> struct Ws {
     int n;       // matrix size
     int nn;      // n²
     bool pair;   // Fréchet pairs: len = 2n²
@@ -101,53 +152,53 @@ template <typename T> struct Ws {
     bool ell_started;
     bool a8_formed;
     int* piv;    // n  (shared)
-    T* red;      // ELRA_BLOCK (shared)
-    double* redd;  // ELRA_BLOCK (shared)
+    T* red;      // Team::SIZE (shared)
+    double* redd;  // Team::SIZE (shared)
     int* sh_int;   // 1 (shared)
 };
 
 // ---- elementwise and block-cooperative helpers (each ends with a barrier) -------------------
 
-template <typename T> __device__ void fill(T* x, int len, T v) {
-    for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) x[i] = v;
-    __syncthreads();
+template <typename T, typename Team> __device__ void fill(T* x, int len, T v) {
+    for (int i = Team::rank(); i < len; i += Team::SIZE) x[i] = v;
+    Team::sync();
 }
 
-template <typename T> __device__ void copy(const T* x, T* y, int len) {
-    for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) y[i] = x[i];
-    __syncthreads();
+template <typename T, typename Team> __device__ void copy(const T* x, T* y, int len) {
+    for (int i = Team::rank(); i < len; i += Team::SIZE) y[i] = x[i];
+    Team::sync();
 }
 
 // expm.rs `scale_pow2`: multiply by 2^e in exact steps of at most 2^±60, |e| clamped to 4400
 // (beyond it every finite value is already 0 or ±inf), so the loop always ends.
-template <typename T> __device__ __noinline__ void scale_pow2(T* x, int len, long long e) {
+template <typename T, typename Team> __device__ __noinline__ void scale_pow2(T* x, int len, long long e) {
     e = e < -4400 ? -4400 : (e > 4400 ? 4400 : e);
     while (e != 0) {
         const long long step = e < -60 ? -60 : (e > 60 ? 60 : e);
         const T f = ldexp_(T(1), (int)step);
-        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) x[i] *= f;
-        __syncthreads();
+        for (int i = Team::rank(); i < len; i += Team::SIZE) x[i] *= f;
+        Team::sync();
         e -= step;
     }
 }
 
 // expm.rs `gemm` (plain, acc = false): c = a·b, n×n; per entry Σ_k a_ik b_kj in k order from 0.
-template <typename T> __device__ __noinline__ void gemm(int n, const T* a, const T* b, T* c) {
+template <typename T, typename Team> __device__ __noinline__ void gemm(int n, const T* a, const T* b, T* c) {
     const int nn = n * n;
-    for (int idx = threadIdx.x; idx < nn; idx += ELRA_BLOCK) {
+    for (int idx = Team::rank(); idx < nn; idx += Team::SIZE) {
         const int i = idx / n, j = idx - i * n;
         T s = T(0);
         for (int k = 0; k < n; ++k) s += a[i * n + k] * b[k * n + j];
         c[idx] = s;
     }
-    __syncthreads();
+    Team::sync();
 }
 
 // expm.rs `mul`: pair-aware product c = a·b; pairs: (X₁X₂, X₁Y₂ + Y₁X₂), each of the two Y sums
 // formed from zero in k order and then added (the CPU's second gemm call with acc = true).
-template <typename T> __device__ __noinline__ void mul(const Ws<T>& ws, const T* a, const T* b, T* c) {
+template <typename T, typename Team> __device__ __noinline__ void mul(const Ws<T, Team>& ws, const T* a, const T* b, T* c) {
     const int n = ws.n, nn = ws.nn;
-    for (int idx = threadIdx.x; idx < ws.len; idx += ELRA_BLOCK) {
+    for (int idx = Team::rank(); idx < ws.len; idx += Team::SIZE) {
         if (idx < nn) {
             const int i = idx / n, j = idx - i * n;
             T s = T(0);
@@ -161,37 +212,37 @@ template <typename T> __device__ __noinline__ void mul(const Ws<T>& ws, const T*
             c[idx] = s1 + s2;
         }
     }
-    __syncthreads();
+    Team::sync();
 }
 
 // expm.rs `norm1`: exact 1-norm of the (block) matrix, column sums over all stored rows (X rows
 // then Y rows) in order, NaN propagates. Returned to every thread.
-template <typename T> __device__ __noinline__ double norm1(const Ws<T>& ws, const T* x, int len) {
+template <typename T, typename Team> __device__ __noinline__ double norm1(const Ws<T, Team>& ws, const T* x, int len) {
     const int n = ws.n, rows = len / n;
     double m = 0.0;
-    for (int j = threadIdx.x; j < n; j += ELRA_BLOCK) {
+    for (int j = Team::rank(); j < n; j += Team::SIZE) {
         T c = T(0);
         for (int i = 0; i < rows; ++i) c += abs_(x[i * n + j]);
         const double cd = (double)c;
         m = (cd != cd || m != m) ? (0.0 / 0.0) : fmax(m, cd);
     }
-    return block_max(m, ws.redd);
+    return Team::max_nan(m, ws.redd);
 }
 
-template <typename T> __device__ bool all_finite_(const Ws<T>& ws, const T* x, int len) {
+template <typename T, typename Team> __device__ bool all_finite_(const Ws<T, Team>& ws, const T* x, int len) {
     bool bad = false;
-    for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) bad |= !finite_(x[i]);
-    return !block_any(bad);
+    for (int i = Team::rank(); i < len; i += Team::SIZE) bad |= !finite_(x[i]);
+    return !Team::any(bad);
 }
 
 // expm.rs `abs_vecmat_step`: w = v·|X| (pairs: [a, b]·|[[X, Y], [0, X]]| = [a|X|, a|Y| + b|X|]),
 // each w_j summed over i in order from 0. Returns max_j w_j (NaN-ignoring, from 0) to every thread.
-template <typename T>
-__device__ __noinline__ T abs_vecmat_step(const Ws<T>& ws, const T* x, const T* v, T* w) {
+template <typename T, typename Team>
+__device__ __noinline__ T abs_vecmat_step(const Ws<T, Team>& ws, const T* x, const T* v, T* w) {
     const int n = ws.n, nn = ws.nn;
     const int vlen = ws.pair ? 2 * n : n;
     T cand = T(0);
-    for (int j = threadIdx.x; j < vlen; j += ELRA_BLOCK) {
+    for (int j = Team::rank(); j < vlen; j += Team::SIZE) {
         T s = T(0);
         if (j < n) {
             for (int i = 0; i < n; ++i) s += v[i] * abs_(x[i * n + j]);
@@ -202,15 +253,15 @@ __device__ __noinline__ T abs_vecmat_step(const Ws<T>& ws, const T* x, const T* 
         w[j] = s;
         cand = s > cand ? s : cand;
     }
-    return block_max_ignore_nan(cand, ws.red);  // its barriers also publish w
+    return Team::max_ignore_nan(cand, ws.red);  // its barriers also publish w
 }
 
 // max_j v_j of the ℓ vector with expm.rs's fold (`if c > m { c } else { m }` from 0).
-template <typename T> __device__ T vmax(const Ws<T>& ws, const T* v) {
+template <typename T, typename Team> __device__ T vmax(const Ws<T, Team>& ws, const T* v) {
     const int vlen = ws.pair ? 2 * ws.n : ws.n;
     T cand = T(0);
-    for (int j = threadIdx.x; j < vlen; j += ELRA_BLOCK) cand = v[j] > cand ? v[j] : cand;
-    return block_max_ignore_nan(cand, ws.red);
+    for (int j = Team::rank(); j < vlen; j += Team::SIZE) cand = v[j] > cand ? v[j] : cand;
+    return Team::max_ignore_nan(cand, ws.red);
 }
 
 // expm.rs `lu_factor`: in-place LU with partial pivoting of the n×n `d` (row-major), full-row
@@ -223,10 +274,10 @@ template <typename T> __device__ T vmax(const Ws<T>& ws, const T* v) {
 // written at the start of step k+1: the update of step k still reads the unscaled column, and
 // the row swap of step k+1 must move them. The pivot is the CPU's scan `v > best` from i = k: the
 // first row holding the largest non-NaN |d_ik|, i ≥ k (a NaN |d_kk| fails the step as on the CPU).
-template <typename T> __device__ __noinline__ bool lu_factor(const Ws<T>& ws, T* d) {
+template <typename T, typename Team> __device__ __noinline__ bool lu_factor(const Ws<T, Team>& ws, T* d) {
     const int n = ws.n;
-    const int lane = threadIdx.x % ELRA_WARP;
-    const bool warp0 = threadIdx.x < ELRA_WARP;
+    const int lane = Team::rank() % ELRA_WARP;
+    const bool warp0 = Team::rank() < ELRA_WARP;
     for (int k = 0; k < n; ++k) {
         if (warp0) {
             if (k > 0) {
@@ -267,29 +318,29 @@ template <typename T> __device__ __noinline__ bool lu_factor(const Ws<T>& ws, T*
                 }
             }
         }
-        __syncthreads();
+        Team::sync();
         const int p = ws.sh_int[0];
         if (p < 0) {
-            __syncthreads();  // sh_int is rewritten by a later call
+            Team::sync();  // sh_int is rewritten by a later call
             return false;
         }
         const T inv = T(1) / d[k * n + k];
         const int m = n - k - 1;  // trailing size
-        for (int idx = threadIdx.x; idx < m * m; idx += ELRA_BLOCK) {
+        for (int idx = Team::rank(); idx < m * m; idx += Team::SIZE) {
             const int i = k + 1 + idx / m, j = k + 1 + idx % m;
             const T l = d[i * n + k] * inv;
             if (l != T(0)) d[i * n + j] -= l * d[k * n + j];
         }
-        __syncthreads();
+        Team::sync();
     }
     return true;
 }
 
 // expm.rs `lu_solve`: D X = B in place on the n×n `b` (n right-hand sides). One thread per
 // column runs the CPU's row operations for that column in the same order.
-template <typename T> __device__ __noinline__ void lu_solve(const Ws<T>& ws, const T* lu, T* b) {
+template <typename T, typename Team> __device__ __noinline__ void lu_solve(const Ws<T, Team>& ws, const T* lu, T* b) {
     const int n = ws.n;
-    for (int j = threadIdx.x; j < n; j += ELRA_BLOCK) {
+    for (int j = Team::rank(); j < n; j += Team::SIZE) {
         for (int k = 0; k < n; ++k) {
             const int p = ws.piv[k];
             if (p != k) {
@@ -310,17 +361,17 @@ template <typename T> __device__ __noinline__ void lu_solve(const Ws<T>& ws, con
             b[i * n + j] = t * inv;
         }
     }
-    __syncthreads();
+    Team::sync();
 }
 
 // expm.rs `Workspace::solve_pair`: X_X = D_X⁻¹B_X; pairs: X_Y = D_X⁻¹(B_Y − D_Y X_X).
-template <typename T> __device__ void solve_pair(const Ws<T>& ws, T* x) {
+template <typename T, typename Team> __device__ void solve_pair(const Ws<T, Team>& ws, T* x) {
     const int nn = ws.nn;
     lu_solve(ws, ws.d, x);
     if (ws.pair) {
-        gemm(ws.n, ws.d + nn, x, ws.t);
-        for (int i = threadIdx.x; i < nn; i += ELRA_BLOCK) x[nn + i] -= ws.t[i];
-        __syncthreads();
+        gemm<T, Team>(ws.n, ws.d + nn, x, ws.t);
+        for (int i = Team::rank(); i < nn; i += Team::SIZE) x[nn + i] -= ws.t[i];
+        Team::sync();
         lu_solve(ws, ws.d, x + nn);
     }
 }
@@ -329,7 +380,7 @@ template <typename T> __device__ void solve_pair(const Ws<T>& ws, T* x) {
 // norm_a. ℓ = 0 iff log2‖|A|^p‖₁ ≤ thr (p = 2m+1); ‖|A|^p‖₁ by the row-vector iteration cached
 // across the calls of one selection, with exact power-of-two rescaling and the early exit
 // ‖|A|^p‖ ≤ ‖|A|^j‖·‖A‖^{p−j}. The state lives in `ws` (uniform across the block).
-template <typename T> __device__ __noinline__ long long ell(Ws<T>& ws, double norm_a, int m, long long s) {
+template <typename T, typename Team> __device__ __noinline__ long long ell(Ws<T, Team>& ws, double norm_a, int m, long long s) {
     if (norm_a == 0.0) return 0;
     const int p = 2 * m + 1;
     const double log2_norm_a = log2(norm_a);
@@ -340,7 +391,7 @@ template <typename T> __device__ __noinline__ long long ell(Ws<T>& ws, double no
         ws.ell_started = false;
     }
     if (ws.ell_steps == 0 && !ws.ell_started) {
-        fill(ws.ell_v, vlen, T(1));
+        fill<T, Team>(ws.ell_v, vlen, T(1));
         ws.ell_exp = 0;
         ws.ell_zero = false;
         ws.ell_started = true;
@@ -366,7 +417,7 @@ template <typename T> __device__ __noinline__ long long ell(Ws<T>& ws, double no
             // scale_pow2 loop. Clamped, the iteration ends with lp = inf → ℓ = 10⁶ → overflow
             // status. Finite mu always has |k| ≤ 1100, where this changes nothing.
             k = k > 4096 ? 4096 : (k < -4096 ? -4096 : k);
-            scale_pow2(ws.ell_v, vlen, -k);
+            scale_pow2<T, Team>(ws.ell_v, vlen, -k);
             ws.ell_exp += k;
             mu = (double)vmax(ws, ws.ell_v);
         }
@@ -378,7 +429,7 @@ template <typename T> __device__ __noinline__ long long ell(Ws<T>& ws, double no
 }
 
 // expm.rs `Workspace::form_a8`: A8 = A4·A4; d₈ = ‖A8‖^{1/8}; false on overflow.
-template <typename T> __device__ bool form_a8(Ws<T>& ws, double& d8) {
+template <typename T, typename Team> __device__ bool form_a8(Ws<T, Team>& ws, double& d8) {
     mul(ws, ws.a4, ws.a4, ws.a8);
     ws.a8_formed = true;
     const double n8 = norm1(ws, ws.a8, ws.len);
@@ -390,8 +441,8 @@ template <typename T> __device__ bool form_a8(Ws<T>& ws, double& d8) {
 // expm.rs `select`'s closure `eta3_below`: whether η₃ = max(d₆, d₈) < θ (strict) or ≤ θ, deciding
 // with the bound d8_up when it settles the comparison, else forming A8 once. Returns false in
 // `ok` when forming A8 overflowed.
-template <typename T>
-__device__ bool eta3_below(Ws<T>& ws, double th, bool strict, double d6, double d8_up, bool& have_d8, double& d8,
+template <typename T, typename Team>
+__device__ bool eta3_below(Ws<T, Team>& ws, double th, bool strict, double d6, double d8_up, bool& have_d8, double& d8,
                            bool& ok) {
     ok = true;
     const bool b6 = strict ? d6 < th : d6 <= th;
@@ -410,7 +461,7 @@ __device__ bool eta3_below(Ws<T>& ws, double th, bool strict, double d6, double 
 
 // expm.rs `Workspace::powers` + `select` (AMH 2009 Alg. 5.1 with exact norms). Returns false when
 // a power overflowed; otherwise sets m and s for the current `a`.
-template <typename T> __device__ __noinline__ bool select(Ws<T>& ws, int& m_out, long long& s_out) {
+template <typename T, typename Team> __device__ __noinline__ bool select(Ws<T, Team>& ws, int& m_out, long long& s_out) {
     const int len = ws.len;
     const int top = Prec<T>::TOP;
     ws.ell_steps = 0;
@@ -490,25 +541,25 @@ template <typename T> __device__ __noinline__ bool select(Ws<T>& ws, int& m_out,
 }
 
 // W (odd part / A) and V (even part) for degree m from the (scaled) powers, expm.rs order.
-template <typename T> __device__ void form_wv(const Ws<T>& ws, int m) {
+template <typename T, typename Team> __device__ void form_wv(const Ws<T, Team>& ws, int m) {
     const int len = ws.len;
     const double* bs = m == 3 ? B3 : m == 5 ? B5 : m == 7 ? B7 : m == 9 ? B9 : B13;
 #define PADE_B(k) ((T)bs[k])
     if (m == 13) {
-        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK)
+        for (int i = Team::rank(); i < len; i += Team::SIZE)
             ws.t[i] = PADE_B(13) * ws.a6[i] + PADE_B(11) * ws.a4[i] + PADE_B(9) * ws.a2[i];
-        __syncthreads();
+        Team::sync();
         mul(ws, ws.a6, ws.t, ws.w);
-        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK)
+        for (int i = Team::rank(); i < len; i += Team::SIZE)
             ws.t[i] = PADE_B(12) * ws.a6[i] + PADE_B(10) * ws.a4[i] + PADE_B(8) * ws.a2[i];
-        __syncthreads();
+        Team::sync();
         mul(ws, ws.a6, ws.t, ws.v);
-        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) {
+        for (int i = Team::rank(); i < len; i += Team::SIZE) {
             ws.w[i] += PADE_B(7) * ws.a6[i] + PADE_B(5) * ws.a4[i] + PADE_B(3) * ws.a2[i];
             ws.v[i] += PADE_B(6) * ws.a6[i] + PADE_B(4) * ws.a4[i] + PADE_B(2) * ws.a2[i];
         }
     } else {
-        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) {
+        for (int i = Team::rank(); i < len; i += Team::SIZE) {
             const T x2 = ws.a2[i];
             if (m == 3) {
                 ws.w[i] = PADE_B(3) * x2;
@@ -528,72 +579,72 @@ template <typename T> __device__ void form_wv(const Ws<T>& ws, int m) {
             }
         }
     }
-    __syncthreads();
+    Team::sync();
     // add_diag on the main block: W += b1 I, V += b0 I.
-    for (int i = threadIdx.x; i < ws.n; i += ELRA_BLOCK) {
+    for (int i = Team::rank(); i < ws.n; i += Team::SIZE) {
         ws.w[i * ws.n + i] += PADE_B(1);
         ws.v[i * ws.n + i] += PADE_B(0);
     }
-    __syncthreads();
+    Team::sync();
 #undef PADE_B
 }
 
 // expm.rs `Workspace::run` on the input already in `a`. Afterwards r = e^A (if want_exp) and
 // p = φ1(A) (if want_phi). Returns an ELRA_* status. The r/a8 buffers are swapped during the
 // squaring phase, so `ws` is taken by reference and its r pointer is the result.
-template <typename T> __device__ int run(Ws<T>& ws, bool want_exp, bool want_phi) {
+template <typename T, typename Team> __device__ int run(Ws<T, Team>& ws, bool want_exp, bool want_phi) {
     const int len = ws.len;
     if (!all_finite_(ws, ws.a, len)) return ELRA_NONFINITE_INPUT;
     int m = 0;
     long long s_sel = 0, s0 = 0;
     if (!select(ws, m, s_sel)) {
         double maxabs = 0.0;
-        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) maxabs = fmax(maxabs, (double)abs_(ws.a[i]));
-        maxabs = block_max(maxabs, ws.redd);
+        for (int i = Team::rank(); i < len; i += Team::SIZE) maxabs = fmax(maxabs, (double)abs_(ws.a[i]));
+        maxabs = Team::max_nan(maxabs, ws.redd);
         const int cols = ws.pair ? 2 * ws.n : ws.n;
         const double lg = log2(maxabs) + log2((double)cols);
         s0 = (long long)fmax(ceil(lg - (Prec<T>::EMAX - 4.0) / Prec<T>::KMAX), 1.0);
-        scale_pow2(ws.a, len, -s0);
+        scale_pow2<T, Team>(ws.a, len, -s0);
         if (!select(ws, m, s_sel)) return ELRA_OVERFLOW;
     }
     const long long s_total = s_sel + s0;
     const long long s_max = 4 * ((long long)Prec<T>::EMAX + 1) + 64;
     if (s_total > s_max) return ELRA_OVERFLOW;
     if (s_sel > 0) {
-        scale_pow2(ws.a, len, -s_sel);
-        scale_pow2(ws.a2, len, -2 * s_sel);
-        scale_pow2(ws.a4, len, -4 * s_sel);
-        scale_pow2(ws.a6, len, -6 * s_sel);
-        if (m == 9) scale_pow2(ws.a8, len, -8 * s_sel);
+        scale_pow2<T, Team>(ws.a, len, -s_sel);
+        scale_pow2<T, Team>(ws.a2, len, -2 * s_sel);
+        scale_pow2<T, Team>(ws.a4, len, -4 * s_sel);
+        scale_pow2<T, Team>(ws.a6, len, -6 * s_sel);
+        if (m == 9) scale_pow2<T, Team>(ws.a8, len, -8 * s_sel);
     }
     if (m == 9 && !ws.a8_formed) mul(ws, ws.a4, ws.a4, ws.a8);
     form_wv(ws, m);
     // U = A·W; D = V − U; N = V + U (in u).
     mul(ws, ws.a, ws.w, ws.u);
-    for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) {
+    for (int i = Team::rank(); i < len; i += Team::SIZE) {
         const T vi = ws.v[i];
         ws.d[i] = vi - ws.u[i];
         ws.u[i] += vi;
     }
-    __syncthreads();
+    Team::sync();
     if (!lu_factor(ws, ws.d)) return ELRA_SINGULAR;
     const bool need_r = want_exp || s_total > 0;
     if (need_r) {
-        copy(ws.u, ws.r, len);
+        copy<T, Team>(ws.u, ws.r, len);
         solve_pair(ws, ws.r);
     }
     if (want_phi) {
         const T two = T(1) + T(1);
-        for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) ws.p[i] = two * ws.w[i];
-        __syncthreads();
+        for (int i = Team::rank(); i < len; i += Team::SIZE) ws.p[i] = two * ws.w[i];
+        Team::sync();
         solve_pair(ws, ws.p);
     }
     const T half = T(0.5);
     for (long long step = 0; step < s_total; ++step) {
         if (want_phi) {
             mul(ws, ws.r, ws.p, ws.t);
-            for (int i = threadIdx.x; i < len; i += ELRA_BLOCK) ws.p[i] = half * (ws.p[i] + ws.t[i]);
-            __syncthreads();
+            for (int i = Team::rank(); i < len; i += Team::SIZE) ws.p[i] = half * (ws.p[i] + ws.t[i]);
+            Team::sync();
         }
         mul(ws, ws.r, ws.r, ws.a8);
         T* tmp = ws.r;
@@ -606,18 +657,20 @@ template <typename T> __device__ int run(Ws<T>& ws, bool want_exp, bool want_phi
     return ok ? ELRA_OK : ELRA_OVERFLOW;
 }
 
-// Binds the workspace of this block: 12 buffers of `len` entries in dynamic shared memory or in
-// global scratch, plus the static shared vectors.
-template <typename T>
-__device__ Ws<T> bind(int n, bool pair, T* work, int use_shared, T* ell_v, T* ell_w, int* piv, T* red,
+// Binds the workspace of this team: 12 buffers of `len` entries in dynamic shared memory (the
+// team's slice of the block's) or in global scratch (the team's slice by global team index),
+// plus the static shared vectors.
+template <typename T, typename Team>
+__device__ Ws<T, Team> bind(int n, bool pair, T* work, int use_shared, T* ell_v, T* ell_w, int* piv, T* red,
                       double* redd, int* sh_int) {
-    Ws<T> ws;
+    Ws<T, Team> ws;
     ws.n = n;
     ws.nn = n * n;
     ws.pair = pair;
     ws.len = pair ? 2 * n * n : n * n;
-    T* base = use_shared ? reinterpret_cast<T*>(elra_dyn_smem)
-                         : work + (size_t)blockIdx.x * (size_t)ELRA_NBUF * (size_t)ws.len;
+    const size_t per_team = (size_t)ELRA_NBUF * (size_t)ws.len;
+    T* base = use_shared ? reinterpret_cast<T*>(elra_dyn_smem) + (size_t)Team::index_in_block() * per_team
+                         : work + (size_t)Team::global_index() * per_team;
     T** bufs[ELRA_NBUF] = {&ws.a, &ws.a2, &ws.a4, &ws.a6, &ws.a8, &ws.t,
                            &ws.w, &ws.v,  &ws.u,  &ws.d,  &ws.r,  &ws.p};
     for (int k = 0; k < ELRA_NBUF; ++k) *bufs[k] = base + (size_t)k * ws.len;
@@ -635,61 +688,75 @@ __device__ Ws<T> bind(int n, bool pair, T* work, int use_shared, T* ell_v, T* el
     return ws;
 }
 
-// One matrix per block: E = e^Z and P = φ1(Z) (expm.rs `expm_phi1`).
-template <typename T>
-__device__ void expm_phi1_block(const T* z_all, int n, T* exp_all, T* phi_all, T* work, int use_shared,
+// One matrix per team (team index b < batch): E = e^Z and P = φ1(Z) (expm.rs `expm_phi1`).
+template <typename T, typename Team>
+__device__ void expm_phi1_team(const T* z_all, int n, long long batch, T* exp_all, T* phi_all, T* work, int use_shared,
                                 int* status) {
-    __shared__ T ell_v[2 * ELRA_MAX_N], ell_w[2 * ELRA_MAX_N], red[ELRA_BLOCK];
-    __shared__ double redd[ELRA_BLOCK];
-    __shared__ int piv[ELRA_MAX_N], sh_int[1];
-    const size_t b = blockIdx.x, nn = (size_t)n * n;
+    __shared__ T ell_v_[Team::MAX_PER_BLOCK][2 * ELRA_MAX_N], ell_w_[Team::MAX_PER_BLOCK][2 * ELRA_MAX_N],
+        red_[Team::MAX_PER_BLOCK][ELRA_NWARPS];
+    __shared__ double redd_[Team::MAX_PER_BLOCK][ELRA_NWARPS];
+    __shared__ int piv_[Team::MAX_PER_BLOCK][ELRA_MAX_N], sh_int_[Team::MAX_PER_BLOCK][1];
+    const long long gb = Team::global_index();
+    if (gb >= batch) return;  // a whole team leaves together (warp teams of the last block)
+    const int ti = Team::index_in_block();
+    T *ell_v = ell_v_[ti], *ell_w = ell_w_[ti], *red = red_[ti];
+    double* redd = redd_[ti];
+    int *piv = piv_[ti], *sh_int = sh_int_[ti];
+    const size_t b = (size_t)gb, nn = (size_t)n * n;
     const T* z = z_all + b * nn;
     T* e_out = exp_all + b * nn;
     T* p_out = phi_all + b * nn;
     if (n < 1 || n > ELRA_MAX_N) {
-        fill(e_out, (int)nn, quiet_nan<T>());
-        fill(p_out, (int)nn, quiet_nan<T>());
-        if (threadIdx.x == 0) status[b] = ELRA_BAD_SIZE;
+        fill<T, Team>(e_out, (int)nn, quiet_nan<T>());
+        fill<T, Team>(p_out, (int)nn, quiet_nan<T>());
+        if (Team::rank() == 0) status[b] = ELRA_BAD_SIZE;
         return;
     }
-    Ws<T> ws = bind<T>(n, false, work, use_shared, ell_v, ell_w, piv, red, redd, sh_int);
-    copy(z, ws.a, (int)nn);
+    Ws<T, Team> ws = bind<T, Team>(n, false, work, use_shared, ell_v, ell_w, piv, red, redd, sh_int);
+    copy<T, Team>(z, ws.a, (int)nn);
     const int st = run(ws, true, true);
-    for (int i = threadIdx.x; i < (int)nn; i += ELRA_BLOCK) {
+    for (int i = Team::rank(); i < (int)nn; i += Team::SIZE) {
         e_out[i] = st == ELRA_OK ? ws.r[i] : quiet_nan<T>();
         p_out[i] = st == ELRA_OK ? ws.p[i] : quiet_nan<T>();
     }
-    if (threadIdx.x == 0) status[b] = st;
+    if (Team::rank() == 0) status[b] = st;
 }
 
-// One matrix per block: out = L_φ1(Zᵀ, G), the adjoint of the Fréchet derivative of φ1 at Z
+// One matrix per team: out = L_φ1(Zᵀ, G), the adjoint of the Fréchet derivative of φ1 at Z
 // applied to G (the top-right block of φ1([[Zᵀ, G], [0, Zᵀ]]) on pairs, with G scaled by 2^k,
 // k = round(log2(‖Zᵀ‖₁/‖G‖₁)), and the result by 2^-k; expm.rs `load_transposed`,
 // `load_direction`, `run(pair)`).
-template <typename T>
-__device__ void phi1_adjoint_block(const T* z_all, const T* g_all, int n, T* out_all, T* work, int use_shared,
+template <typename T, typename Team>
+__device__ void phi1_adjoint_team(const T* z_all, const T* g_all, int n, long long batch, T* out_all, T* work, int use_shared,
                                    int* status) {
-    __shared__ T ell_v[2 * ELRA_MAX_N], ell_w[2 * ELRA_MAX_N], red[ELRA_BLOCK];
-    __shared__ double redd[ELRA_BLOCK];
-    __shared__ int piv[ELRA_MAX_N], sh_int[1];
-    const size_t b = blockIdx.x, nn = (size_t)n * n;
+    __shared__ T ell_v_[Team::MAX_PER_BLOCK][2 * ELRA_MAX_N], ell_w_[Team::MAX_PER_BLOCK][2 * ELRA_MAX_N],
+        red_[Team::MAX_PER_BLOCK][ELRA_NWARPS];
+    __shared__ double redd_[Team::MAX_PER_BLOCK][ELRA_NWARPS];
+    __shared__ int piv_[Team::MAX_PER_BLOCK][ELRA_MAX_N], sh_int_[Team::MAX_PER_BLOCK][1];
+    const long long gb = Team::global_index();
+    if (gb >= batch) return;  // a whole team leaves together (warp teams of the last block)
+    const int ti = Team::index_in_block();
+    T *ell_v = ell_v_[ti], *ell_w = ell_w_[ti], *red = red_[ti];
+    double* redd = redd_[ti];
+    int *piv = piv_[ti], *sh_int = sh_int_[ti];
+    const size_t b = (size_t)gb, nn = (size_t)n * n;
     const T* z = z_all + b * nn;
     const T* g = g_all + b * nn;
     T* out = out_all + b * nn;
     if (n < 1 || n > ELRA_MAX_N) {
-        fill(out, (int)nn, quiet_nan<T>());
-        if (threadIdx.x == 0) status[b] = ELRA_BAD_SIZE;
+        fill<T, Team>(out, (int)nn, quiet_nan<T>());
+        if (Team::rank() == 0) status[b] = ELRA_BAD_SIZE;
         return;
     }
-    Ws<T> ws = bind<T>(n, true, work, use_shared, ell_v, ell_w, piv, red, redd, sh_int);
+    Ws<T, Team> ws = bind<T, Team>(n, true, work, use_shared, ell_v, ell_w, piv, red, redd, sh_int);
     const int N = n;
     // a = (Zᵀ, G)
-    for (int idx = threadIdx.x; idx < (int)nn; idx += ELRA_BLOCK) {
+    for (int idx = Team::rank(); idx < (int)nn; idx += Team::SIZE) {
         const int i = idx / N, j = idx - i * N;
         ws.a[idx] = z[j * N + i];
         ws.a[nn + idx] = g[idx];
     }
-    __syncthreads();
+    Team::sync();
     int st;
     if (!all_finite_(ws, ws.a, 2 * (int)nn)) {
         st = ELRA_NONFINITE_INPUT;
@@ -700,52 +767,60 @@ __device__ void phi1_adjoint_block(const T* z_all, const T* g_all, int n, T* out
         if (isinf(ne)) {
             // finite entries whose 1-norm overflows: scale down exactly before measuring
             pre = -64;
-            scale_pow2(ws.a + nn, (int)nn, pre);
+            scale_pow2<T, Team>(ws.a + nn, (int)nn, pre);
             ne = norm1(ws, ws.a + nn, (int)nn);
         }
         if (ne == 0.0) {
             // E = 0: L = 0 (linear in E).
-            for (int i = threadIdx.x; i < (int)nn; i += ELRA_BLOCK) out[i] = T(0);
-            if (threadIdx.x == 0) status[b] = ELRA_OK;
+            for (int i = Team::rank(); i < (int)nn; i += Team::SIZE) out[i] = T(0);
+            if (Team::rank() == 0) status[b] = ELRA_OK;
             return;
         }
         const double na = norm1(ws, ws.a, (int)nn);
         const double target = (na > 0.0 && isfinite(na)) ? na : 1.0;
         const long long k = pre + (long long)round(log2(target) - log2(ne));
-        scale_pow2(ws.a + nn, (int)nn, k - pre);
+        scale_pow2<T, Team>(ws.a + nn, (int)nn, k - pre);
         st = run(ws, false, true);
         if (st == ELRA_OK) {
-            scale_pow2(ws.p + nn, (int)nn, -k);
+            scale_pow2<T, Team>(ws.p + nn, (int)nn, -k);
             if (!all_finite_(ws, ws.p + nn, (int)nn)) st = ELRA_OVERFLOW;
         }
     }
-    for (int i = threadIdx.x; i < (int)nn; i += ELRA_BLOCK) out[i] = st == ELRA_OK ? ws.p[nn + i] : quiet_nan<T>();
-    if (threadIdx.x == 0) status[b] = st;
+    for (int i = Team::rank(); i < (int)nn; i += Team::SIZE) out[i] = st == ELRA_OK ? ws.p[nn + i] : quiet_nan<T>();
+    if (Team::rank() == 0) status[b] = st;
 }
 
 }  // namespace pade
 }  // namespace elra
 
-// ---- entry points: {op}_{dtype}; grid = batch, block = ELRA_BLOCK threads ------------------------
+// ---- entry points: {op}_{dtype} (a block team per matrix: grid = batch blocks of ELRA_BLOCK
+// threads) and {op}_warp_{dtype} (a warp team per matrix: blocks of blockDim.x = W·ELRA_WARP
+// threads, W ≤ ELRA_NWARPS matrices each, grid = ⌈batch / W⌉; the dynamic shared memory, when
+// used, holds W workspaces) -------------------------------------------------------------------
 
-extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
-    expm_phi1_f32(const float* z, int n, float* exp_out, float* phi_out, float* work, int use_shared, int* status) {
-    elra::pade::expm_phi1_block<float>(z, n, exp_out, phi_out, work, use_shared, status);
-}
+#define ELRA_PHI1_ENTRIES(T, SUFFIX)                                                                               \
+    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)                                                       \
+        expm_phi1_##SUFFIX(const T* z, int n, int batch, T* exp_out, T* phi_out, T* work, int use_shared,         \
+                           int* status) {                                                                          \
+        elra::pade::expm_phi1_team<T, elra::pade::BlockTeam>(z, n, batch, exp_out, phi_out, work, use_shared,     \
+                                                             status);                                              \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)                                                       \
+        expm_phi1_warp_##SUFFIX(const T* z, int n, int batch, T* exp_out, T* phi_out, T* work, int use_shared,    \
+                                int* status) {                                                                     \
+        elra::pade::expm_phi1_team<T, elra::pade::WarpTeam>(z, n, batch, exp_out, phi_out, work, use_shared,      \
+                                                            status);                                               \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)                                                       \
+        phi1_adjoint_##SUFFIX(const T* z, const T* g, int n, int batch, T* out, T* work, int use_shared,          \
+                              int* status) {                                                                       \
+        elra::pade::phi1_adjoint_team<T, elra::pade::BlockTeam>(z, g, n, batch, out, work, use_shared, status);   \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)                                                       \
+        phi1_adjoint_warp_##SUFFIX(const T* z, const T* g, int n, int batch, T* out, T* work, int use_shared,     \
+                                   int* status) {                                                                  \
+        elra::pade::phi1_adjoint_team<T, elra::pade::WarpTeam>(z, g, n, batch, out, work, use_shared, status);    \
+    }
 
-extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
-    expm_phi1_f64(const double* z, int n, double* exp_out, double* phi_out, double* work, int use_shared,
-                  int* status) {
-    elra::pade::expm_phi1_block<double>(z, n, exp_out, phi_out, work, use_shared, status);
-}
-
-extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
-    phi1_adjoint_f32(const float* z, const float* g, int n, float* out, float* work, int use_shared, int* status) {
-    elra::pade::phi1_adjoint_block<float>(z, g, n, out, work, use_shared, status);
-}
-
-extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
-    phi1_adjoint_f64(const double* z, const double* g, int n, double* out, double* work, int use_shared,
-                     int* status) {
-    elra::pade::phi1_adjoint_block<double>(z, g, n, out, work, use_shared, status);
-}
+ELRA_PHI1_ENTRIES(float, f32)
+ELRA_PHI1_ENTRIES(double, f64)

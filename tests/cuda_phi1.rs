@@ -21,7 +21,7 @@ mod common;
 
 use elra::cuda::{
     cuda_available, gemm, kernels, spectral_norm_sq, AdapterGrams, CudaDevice, DeviceGrams,
-    DeviceMatrices, DeviceScalar, FloatKernel, MatrixStatus, Transpose, Workspace,
+    DeviceMatrices, DeviceScalar, FloatKernel, MatrixStatus, MatrixTeam, Transpose, Workspace,
 };
 use elra::linalg::Real;
 use elra::ElraError;
@@ -407,9 +407,10 @@ fn cuda_phi1_adjoint_f32_matches_cpu() {
     adjoint_suite::<f32>(&dev, 14);
 }
 
-/// The shared-memory and global-scratch workspaces run the same arithmetic: bit-identical.
+/// The shared-memory and global-scratch workspaces and the block and warp thread teams run the
+/// same arithmetic: bit-identical outputs, for sizes on both sides of the Auto team switch.
 #[test]
-fn cuda_shared_and_global_workspaces_agree_bitwise() {
+fn cuda_workspaces_and_thread_teams_agree_bitwise() {
     let mut dev = device_or_skip!();
     fn run<T: FloatKernel>(dev: &mut CudaDevice, n: usize, rng: &mut ChaCha8Rng) {
         let zs = matrices::<T>(n, 40, rng);
@@ -418,14 +419,21 @@ fn cuda_shared_and_global_workspaces_agree_bitwise() {
             .collect();
         let mut outs = Vec::new();
         for ws in [Workspace::Auto, Workspace::Global] {
-            dev.set_workspace(ws);
-            let (e, p) = kernels::expm_phi1_host(dev, &zs).unwrap();
-            let l = kernels::phi1_adjoint_host(dev, &zs, &gs).unwrap();
-            outs.push((e, p, l));
+            for team in [MatrixTeam::Block, MatrixTeam::Warp] {
+                dev.set_workspace(ws);
+                dev.set_team(team);
+                let (e, p) = kernels::expm_phi1_host(dev, &zs).unwrap();
+                let l = kernels::phi1_adjoint_host(dev, &zs, &gs).unwrap();
+                outs.push((e, p, l));
+            }
         }
         dev.set_workspace(Workspace::Auto);
-        let (a, b) = (&outs[0], &outs[1]);
-        for i in 0..zs.len() {
+        dev.set_team(MatrixTeam::Auto);
+        let a = &outs[0];
+        for (b, i) in outs[1..]
+            .iter()
+            .flat_map(|b| (0..zs.len()).map(move |i| (b, i)))
+        {
             assert!(bits_equal(&a.0[i], &b.0[i]), "{} n={n} exp #{i}", T::NAME);
             assert!(bits_equal(&a.1[i], &b.1[i]), "{} n={n} phi1 #{i}", T::NAME);
             assert!(
@@ -436,7 +444,7 @@ fn cuda_shared_and_global_workspaces_agree_bitwise() {
         }
     }
     let mut rng = rng(21);
-    for n in [1, 7, 16, 32] {
+    for n in [1, 7, 16, 32, 33, 64] {
         run::<f32>(&mut dev, n, &mut rng);
         run::<f64>(&mut dev, n, &mut rng);
     }
@@ -1219,17 +1227,23 @@ fn parse_status(tokens: &[String]) -> Vec<MatrixStatus> {
         .collect()
 }
 
-/// `(statuses, e^Z, φ1(Z))` from the emulated `expm_phi1` kernel.
+/// Workspace placement × thread team of the emulated launches: `(use_shared, warp team)`.
+const EMU_LAUNCHES: [(bool, bool); 4] =
+    [(false, false), (true, false), (true, true), (false, true)];
+
+/// `(statuses, e^Z, φ1(Z))` from the emulated `expm_phi1` kernel (block or warp team).
 fn emu_expm_phi1<T: EmuBits>(
     zs: &[DMatrix<T>],
     use_shared: bool,
+    warp: bool,
 ) -> (Vec<MatrixStatus>, Vec<DMatrix<T>>, Vec<DMatrix<T>>) {
     let n = zs[0].nrows();
     let mut job = format!(
-        "expm_phi1 {} {n} {} {}",
+        "expm_phi1 {} {n} {} {} {}",
         T::NAME,
         zs.len(),
-        u8::from(use_shared)
+        u8::from(use_shared),
+        u8::from(warp)
     );
     hex_row_major(zs, &mut job);
     let out = emu::run(&job);
@@ -1246,13 +1260,15 @@ fn emu_phi1_adjoint<T: EmuBits>(
     zs: &[DMatrix<T>],
     gs: &[DMatrix<T>],
     use_shared: bool,
+    warp: bool,
 ) -> (Vec<MatrixStatus>, Vec<DMatrix<T>>) {
     let n = zs[0].nrows();
     let mut job = format!(
-        "phi1_adjoint {} {n} {} {}",
+        "phi1_adjoint {} {n} {} {} {}",
         T::NAME,
         zs.len(),
-        u8::from(use_shared)
+        u8::from(use_shared),
+        u8::from(warp)
     );
     hex_row_major(zs, &mut job);
     hex_row_major(gs, &mut job);
@@ -1296,8 +1312,8 @@ fn emu_expm_phi1_suite<T: EmuBits>(seed: u64) {
     for n in SIZES {
         let mut zs = all_kinds::<T>(n, &mut rng);
         zs.extend(matrices::<T>(n, if n == 64 { 6 } else { 24 }, &mut rng));
-        for use_shared in [false, true] {
-            let (st, eg, pg) = emu_expm_phi1(&zs, use_shared);
+        for (use_shared, warp) in EMU_LAUNCHES {
+            let (st, eg, pg) = emu_expm_phi1(&zs, use_shared, warp);
             for (b, z) in zs.iter().enumerate() {
                 assert_eq!(st[b], MatrixStatus::Ok, "n={n} #{b}");
                 let (ec, pc) = elra::linalg::expm_phi1(z).unwrap();
@@ -1330,8 +1346,8 @@ fn emu_adjoint_suite<T: EmuBits>(seed: u64) {
             .map(|i| random_f64(n, g_norms[i % 3], &mut rng).map(T::of))
             .collect();
         gs[1] = DMatrix::zeros(n, n);
-        for use_shared in [false, true] {
-            let (st, lg) = emu_phi1_adjoint(&zs, &gs, use_shared);
+        for (use_shared, warp) in EMU_LAUNCHES {
+            let (st, lg) = emu_phi1_adjoint(&zs, &gs, use_shared, warp);
             for b in 0..zs.len() {
                 assert_eq!(st[b], MatrixStatus::Ok, "n={n} #{b}");
                 let c = elra::linalg::phi1_frechet_adjoint(&zs[b], &gs[b]).unwrap();
@@ -1405,12 +1421,12 @@ fn cuda_kernels_emulated_on_cpu_statuses_match_cpu_errors() {
             Overflow,
             Overflow,
         ];
-        let (st, eg, pg) = emu_expm_phi1(&zs, false);
+        let (st, eg, pg) = emu_expm_phi1(&zs, false, true);
         assert_eq!(st, expect, "{}", T::NAME);
         let gs: Vec<DMatrix<T>> = (0..8)
             .map(|_| random_f64(n, 1.0, &mut rng).map(T::of))
             .collect();
-        let (st2, lg) = emu_phi1_adjoint(&zs, &gs, false);
+        let (st2, lg) = emu_phi1_adjoint(&zs, &gs, false, false);
         assert_eq!(st2, expect, "{} adjoint", T::NAME);
         for b in 0..8 {
             let cpu = elra::linalg::expm_phi1(&zs[b]);
@@ -1450,7 +1466,7 @@ fn cuda_kernels_emulated_on_cpu_statuses_match_cpu_errors() {
         // NaN only in the direction G
         let mut gs2 = gs.clone();
         gs2[3][(1, 1)] = T::of(f64::NAN);
-        let (st3, _) = emu_phi1_adjoint(&zs, &gs2, true);
+        let (st3, _) = emu_phi1_adjoint(&zs, &gs2, true, true);
         assert_eq!(st3[3], NonFiniteInput);
     }
     run::<f64>();

@@ -60,6 +60,11 @@ static_assert(ELRA_BLOCK <= 32, "the emulation runs one warp per block");
 
 inline void __syncwarp(unsigned = 0xffffffffu) { __syncthreads(); }
 
+inline int __any_sync(unsigned, int p) { return __syncthreads_or(p); }
+
+// Every emulated launch runs blocks of ELRA_BLOCK threads.
+#define blockDim (EmuDim3{ELRA_BLOCK, 1, 1})
+
 template <typename T> inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
     static T slot[ELRA_BLOCK];
     slot[threadIdx.x] = v;

@@ -2,8 +2,9 @@
 // stdin, runs the kernel block by block with ELRA_BLOCK threads each, writes the results to stdout.
 //
 // Input (whitespace-separated; floats as the hex of their IEEE bits):
-//   expm_phi1    f32|f64 n batch use_shared   z[batch·n·n]
-//   phi1_adjoint f32|f64 n batch use_shared   z[batch·n·n] g[batch·n·n]
+//   expm_phi1    f32|f64 n batch use_shared team   z[batch·n·n]
+//   phi1_adjoint f32|f64 n batch use_shared team   z[batch·n·n] g[batch·n·n]
+// (team: 0 = a block per matrix, 1 = a warp per matrix; here a block is one warp of ELRA_BLOCK)
 //   adapter_grams f32|f64 d r batch           A[batch·d·r] C[batch·r·d]
 // Output: `status s_0 … s_{batch−1}` then one line per output array (same hex encoding):
 //   expm_phi1: exp, phi1; phi1_adjoint: out; adapter_grams: Z, S, K, SK, energy.
@@ -82,8 +83,8 @@ static void write_status(const std::vector<int>& st) {
 
 template <typename T> int run_job(const std::string& op) {
     if (op == "expm_phi1" || op == "phi1_adjoint") {
-        int n, batch, use_shared;
-        std::cin >> n >> batch >> use_shared;
+        int n, batch, use_shared, team;
+        std::cin >> n >> batch >> use_shared >> team;
         const size_t nn = (size_t)n * n, total = nn * batch;
         std::vector<T> z = read_vec<T>(total), g;
         if (op == "phi1_adjoint") g = read_vec<T>(total);
@@ -93,7 +94,12 @@ template <typename T> int run_job(const std::string& op) {
         if (op == "expm_phi1") {
             std::vector<T> e(total, T(-7)), p(total, T(-7));
             launch(batch, [&] {
-                elra::pade::expm_phi1_block<T>(z.data(), n, e.data(), p.data(), work.data(), use_shared, status.data());
+                if (team)
+                    elra::pade::expm_phi1_team<T, elra::pade::WarpTeam>(z.data(), n, batch, e.data(), p.data(),
+                                                                        work.data(), use_shared, status.data());
+                else
+                    elra::pade::expm_phi1_team<T, elra::pade::BlockTeam>(z.data(), n, batch, e.data(), p.data(),
+                                                                         work.data(), use_shared, status.data());
             });
             write_status(status);
             write_vec("exp", e);
@@ -101,8 +107,12 @@ template <typename T> int run_job(const std::string& op) {
         } else {
             std::vector<T> out(total, T(-7));
             launch(batch, [&] {
-                elra::pade::phi1_adjoint_block<T>(z.data(), g.data(), n, out.data(), work.data(), use_shared,
-                                                  status.data());
+                if (team)
+                    elra::pade::phi1_adjoint_team<T, elra::pade::WarpTeam>(z.data(), g.data(), n, batch, out.data(),
+                                                                           work.data(), use_shared, status.data());
+                else
+                    elra::pade::phi1_adjoint_team<T, elra::pade::BlockTeam>(z.data(), g.data(), n, batch, out.data(),
+                                                                            work.data(), use_shared, status.data());
             });
             write_status(status);
             write_vec("out", out);

@@ -22,6 +22,12 @@ pub(crate) struct Kernels {
     pub(crate) expm_phi1_f64: CudaFunction,
     pub(crate) phi1_adjoint_f32: CudaFunction,
     pub(crate) phi1_adjoint_f64: CudaFunction,
+    pub(crate) expm_phi1_warp_f32: CudaFunction,
+    pub(crate) expm_phi1_warp_f64: CudaFunction,
+    pub(crate) phi1_adjoint_warp_f32: CudaFunction,
+    pub(crate) phi1_adjoint_warp_f64: CudaFunction,
+    /// Streaming multiprocessors of the device.
+    pub(crate) sm_count: usize,
     pub(crate) adapter_grams_f32: CudaFunction,
     pub(crate) adapter_grams_f64: CudaFunction,
     /// Largest dynamic shared memory (bytes) every matrix-function kernel accepts per block.
@@ -53,6 +59,19 @@ pub enum Workspace {
     Global,
 }
 
+/// Which thread team computes one matrix in the batched matrix-function kernels
+/// (`cuda/phi1.cu`). The results are bit-identical either way (tested); only the speed differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MatrixTeam {
+    /// A warp per matrix for n ≤ [`crate::cuda::kernels::WARP_TEAM_MAX_N`], else a block.
+    #[default]
+    Auto,
+    /// Always a thread block per matrix.
+    Block,
+    /// Always a warp per matrix.
+    Warp,
+}
+
 /// A CUDA device: the device's primary context, a stream owned by this handle, a cuBLAS handle
 /// bound to that stream, and the kernel module (loaded once per context and shared).
 ///
@@ -63,6 +82,7 @@ pub struct CudaDevice {
     blas: CudaBlas,
     allow_tf32: bool,
     workspace: Workspace,
+    team: MatrixTeam,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -71,6 +91,7 @@ impl std::fmt::Debug for CudaDevice {
             .field("ordinal", &self.loaded.ctx.ordinal())
             .field("allow_tf32", &self.allow_tf32)
             .field("workspace", &self.workspace)
+            .field("team", &self.team)
             .finish()
     }
 }
@@ -158,6 +179,7 @@ impl CudaDevice {
             blas,
             allow_tf32: false,
             workspace: Workspace::Auto,
+            team: MatrixTeam::Auto,
         })
     }
 
@@ -218,6 +240,17 @@ impl CudaDevice {
     /// Chooses where the matrix-function kernels keep their work matrices.
     pub fn set_workspace(&mut self, workspace: Workspace) {
         self.workspace = workspace;
+    }
+
+    /// The thread-team policy of the batched matrix-function kernels.
+    pub fn team(&self) -> MatrixTeam {
+        self.team
+    }
+
+    /// Sets the thread-team policy of the batched matrix-function kernels (results are the same
+    /// bits; [`MatrixTeam::Auto`] is the fast choice).
+    pub fn set_team(&mut self, team: MatrixTeam) {
+        self.team = team;
     }
 
     pub(crate) fn kernels(&self) -> &Kernels {
@@ -300,6 +333,13 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     let expm_phi1_f64 = get("expm_phi1_f64")?;
     let phi1_adjoint_f32 = get("phi1_adjoint_f32")?;
     let phi1_adjoint_f64 = get("phi1_adjoint_f64")?;
+    let expm_phi1_warp_f32 = get("expm_phi1_warp_f32")?;
+    let expm_phi1_warp_f64 = get("expm_phi1_warp_f64")?;
+    let phi1_adjoint_warp_f32 = get("phi1_adjoint_warp_f32")?;
+    let phi1_adjoint_warp_f64 = get("phi1_adjoint_warp_f64")?;
+    let sm_count = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+        .max(1) as usize;
     // Opt in to dynamic shared memory above the default 48 KiB for the matrix-function kernels.
     let mut max_dynamic_smem = usize::MAX;
     for f in [
@@ -307,6 +347,10 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         &expm_phi1_f64,
         &phi1_adjoint_f32,
         &phi1_adjoint_f64,
+        &expm_phi1_warp_f32,
+        &expm_phi1_warp_f64,
+        &phi1_adjoint_warp_f32,
+        &phi1_adjoint_warp_f64,
     ] {
         let static_smem =
             f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
@@ -322,6 +366,11 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         expm_phi1_f64,
         phi1_adjoint_f32,
         phi1_adjoint_f64,
+        expm_phi1_warp_f32,
+        expm_phi1_warp_f64,
+        phi1_adjoint_warp_f32,
+        phi1_adjoint_warp_f64,
+        sm_count,
         adapter_grams_f32: get("adapter_grams_f32")?,
         adapter_grams_f64: get("adapter_grams_f64")?,
         max_dynamic_smem,

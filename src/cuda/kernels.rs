@@ -12,12 +12,20 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use nalgebra::DMatrix;
 
 use super::device::BLOCK_THREADS;
-use super::{CudaDevice, DeviceMatrices, DeviceScalar, Workspace};
+use super::{CudaDevice, DeviceMatrices, DeviceScalar, MatrixTeam, Workspace};
 use crate::linalg::Real;
 use crate::{ElraError, Result};
 
 /// Largest matrix size of the batched matrix-function kernels (`ELRA_MAX_N` in `cuda/phi1.cu`).
 pub const MAX_N: usize = 64;
+
+/// Largest matrix size that [`MatrixTeam::Auto`] gives to a warp team (`{op}_warp_*` kernels):
+/// for small n the Padé algorithm is a chain of short, barrier-separated steps, which one warp
+/// runs without block barriers; larger n has enough entries per product to use a block.
+pub const WARP_TEAM_MAX_N: usize = 32;
+
+/// Threads of a warp team.
+const WARP: usize = 32;
 
 /// Work matrices per block of the matrix-function kernels (`ELRA_NBUF` in `cuda/phi1.cu`; the
 /// buffers of the CPU core's `Workspace`).
@@ -159,19 +167,50 @@ fn check_status_len(status: &CudaSlice<i32>, batch: usize) -> Result<()> {
     Ok(())
 }
 
-/// Workspace placement for a batch whose work matrices hold `len` entries each: dynamic shared
-/// memory when all NBUF fit and the device policy allows it, else global scratch.
-/// Returns `(use_shared, shared bytes, scratch buffer)`; no buffer (a null `work` pointer, which
-/// the kernel never dereferences in shared mode) in the shared case, so the common launch
-/// allocates nothing.
-fn workspace<T: FloatKernel>(
-    dev: &CudaDevice,
-    batch: usize,
-    len: usize,
-) -> Result<(i32, u32, Option<CudaSlice<T>>)> {
-    let bytes = NBUF * len * std::mem::size_of::<T>();
-    if dev.workspace() == Workspace::Auto && bytes <= dev.kernels().max_dynamic_smem {
-        Ok((1, bytes as u32, None))
+/// The launch of one batched matrix-function kernel: which team runs a matrix, the grid, and
+/// where the work matrices live.
+struct Plan<T: FloatKernel> {
+    warp: bool,
+    cfg: LaunchConfig,
+    use_shared: i32,
+    /// Global scratch (batch · NBUF · len entries) when the work matrices are not in shared
+    /// memory; `None` passes a null `work` pointer, which the kernel never dereferences then.
+    work: Option<CudaSlice<T>>,
+}
+
+/// Plans a launch for `batch` matrices of size n whose work matrices hold `len` entries each.
+/// Warp teams: W = ⌈batch / SMs⌉ matrices per block (at most 8, and at most what the shared
+/// memory holds), so the teams spread over all SMs; block teams: one matrix per block. Work
+/// matrices go to dynamic shared memory when they fit and the device policy allows it, else to
+/// global scratch (allocated here; nothing is allocated in the shared case).
+fn plan<T: FloatKernel>(dev: &CudaDevice, batch: usize, n: usize, len: usize) -> Result<Plan<T>> {
+    let k = dev.kernels();
+    let per_team = NBUF * len * std::mem::size_of::<T>();
+    let warp = match dev.team() {
+        MatrixTeam::Auto => n <= WARP_TEAM_MAX_N,
+        MatrixTeam::Block => false,
+        MatrixTeam::Warp => true,
+    };
+    let max_warps = BLOCK_THREADS as usize / WARP;
+    let shared_ok = dev.workspace() == Workspace::Auto && per_team <= k.max_dynamic_smem;
+    let teams_per_block = if warp {
+        let spread = batch.div_ceil(k.sm_count).clamp(1, max_warps);
+        if shared_ok {
+            spread.min((k.max_dynamic_smem / per_team).max(1))
+        } else {
+            spread
+        }
+    } else {
+        1
+    };
+    let blocks = batch.div_ceil(teams_per_block);
+    let threads = if warp {
+        (teams_per_block * WARP) as u32
+    } else {
+        BLOCK_THREADS
+    };
+    let (use_shared, smem, work) = if shared_ok {
+        (1, (teams_per_block * per_team) as u32, None)
     } else {
         let total = batch
             .checked_mul(NBUF * len)
@@ -180,12 +219,19 @@ fn workspace<T: FloatKernel>(
         // the kernel writes each work matrix before reading it and the host never reads it back,
         // so skipping the memset (up to ~200 MB for r = 64 f64 adjoints) changes no result.
         let work = unsafe { dev.stream().alloc::<T>(total) }?;
-        Ok((0, 0, Some(work)))
-    }
+        (0, 0, Some(work))
+    };
+    Ok(Plan {
+        warp,
+        cfg: LaunchConfig {
+            grid_dim: (i32_of("batch", blocks)? as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
+        },
+        use_shared,
+        work,
+    })
 }
-
-/// The null device pointer passed as `work` when the workspace is in shared memory.
-const NULL_WORK: u64 = 0;
 
 fn launch_config(batch: usize, smem: u32) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
@@ -194,6 +240,9 @@ fn launch_config(batch: usize, smem: u32) -> Result<LaunchConfig> {
         shared_mem_bytes: smem,
     })
 }
+
+/// The null device pointer passed as `work` when the workspace is in shared memory.
+const NULL_WORK: u64 = 0;
 
 /// Launches `expm_phi1_{f32,f64}`: for every matrix `Z[b]` of the batch, `E[b] = e^{Z[b]}` and
 /// `P[b] = φ1(Z[b])` by Padé scaling and squaring (Al-Mohy & Higham 2009 Alg. 3.1/5.1 and the φ1
@@ -218,31 +267,36 @@ pub fn launch_expm_phi1<T: FloatKernel>(
     exp_out.check_shape("exp_out", batch, n, n)?;
     phi_out.check_shape("phi_out", batch, n, n)?;
     check_status_len(status, batch)?;
-    let (use_shared, smem, mut work) = workspace::<T>(dev, batch, n * n)?;
-    let cfg = launch_config(batch, smem)?;
-    let n_i = i32_of("n", n)?;
+    let mut plan = plan::<T>(dev, batch, n, n * n)?;
+    let (n_i, batch_i) = (i32_of("n", n)?, i32_of("batch", batch)?);
     let k = dev.kernels();
-    let f = pick::<T>(&k.expm_phi1_f32, &k.expm_phi1_f64);
+    let f = match plan.warp {
+        false => pick::<T>(&k.expm_phi1_f32, &k.expm_phi1_f64),
+        true => pick::<T>(&k.expm_phi1_warp_f32, &k.expm_phi1_warp_f64),
+    };
     let mut args = dev.stream().launch_builder(f);
     args.arg(z.slice())
         .arg(&n_i)
+        .arg(&batch_i)
         .arg(exp_out.slice_mut())
         .arg(phi_out.slice_mut());
-    match work.as_mut() {
+    match plan.work.as_mut() {
         Some(w) => args.arg(w),
         None => args.arg(&NULL_WORK),
     };
-    args.arg(&use_shared).arg(status);
-    // SAFETY: the argument list matches the kernel signature
-    // `(const T* z, int n, T* exp_out, T* phi_out, T* work, int use_shared, int* status)` with T
-    // the element type of every buffer (f32 or f64 kernel picked by T). Grid = batch blocks of
-    // BLOCK_THREADS (= ELRA_BLOCK) threads; block b reads z[b·n²..(b+1)·n²], writes the same range
-    // of exp_out and phi_out and status[b], all checked above to exist (shapes batch×n×n,
-    // status.len() ≥ batch). n ≤ MAX_N = ELRA_MAX_N bounds the static shared arrays. With
-    // use_shared = 1 the 12·n² work entries are dynamic shared memory of `smem` bytes, at most the
-    // opt-in limit set on the function at load time, and `work` is null (`bind` in phi1.cu only
-    // offsets it when use_shared = 0); otherwise `work` holds batch·12·n² entries.
-    // Outputs are distinct allocations from the input (Rust borrows).
+    args.arg(&plan.use_shared).arg(status);
+    // SAFETY: the argument list matches the kernel signature `(const T* z, int n, int batch,
+    // T* exp_out, T* phi_out, T* work, int use_shared, int* status)` of both `expm_phi1_{dtype}`
+    // and `expm_phi1_warp_{dtype}`, with T the element type of every buffer (kernel picked by
+    // T). Team b < batch (a block, or warp b % W of block b / W with blockDim = W·32 ≤ 256 —
+    // `plan`) reads z[b·n²..(b+1)·n²], writes the same range of exp_out and phi_out and
+    // status[b], all checked above to exist (shapes batch×n×n, status.len() ≥ batch); teams with
+    // b ≥ batch in the last block return at once. n ≤ MAX_N bounds the static shared arrays. With
+    // use_shared = 1 the W·12·n² work entries are dynamic shared memory of `shared_mem_bytes`,
+    // at most the opt-in limit set on every such function at load time, and `work` is null
+    // (`bind` in phi1.cu only offsets it when use_shared = 0); otherwise `work` holds
+    // batch·12·n² entries. Outputs are distinct allocations from the input (Rust borrows).
+    let cfg = plan.cfg;
     unsafe { args.launch(cfg) }?;
     Ok(())
 }
@@ -297,29 +351,33 @@ pub fn launch_phi1_adjoint<T: FloatKernel>(
     g.check_shape("g", batch, n, n)?;
     out.check_shape("out", batch, n, n)?;
     check_status_len(status, batch)?;
-    let (use_shared, smem, mut work) = workspace::<T>(dev, batch, 2 * n * n)?;
-    let cfg = launch_config(batch, smem)?;
-    let n_i = i32_of("n", n)?;
+    let mut plan = plan::<T>(dev, batch, n, 2 * n * n)?;
+    let (n_i, batch_i) = (i32_of("n", n)?, i32_of("batch", batch)?);
     let k = dev.kernels();
-    let f = pick::<T>(&k.phi1_adjoint_f32, &k.phi1_adjoint_f64);
+    let f = match plan.warp {
+        false => pick::<T>(&k.phi1_adjoint_f32, &k.phi1_adjoint_f64),
+        true => pick::<T>(&k.phi1_adjoint_warp_f32, &k.phi1_adjoint_warp_f64),
+    };
     let mut args = dev.stream().launch_builder(f);
     args.arg(z.slice())
         .arg(g.slice())
         .arg(&n_i)
+        .arg(&batch_i)
         .arg(out.slice_mut());
-    match work.as_mut() {
+    match plan.work.as_mut() {
         Some(w) => args.arg(w),
         None => args.arg(&NULL_WORK),
     };
-    args.arg(&use_shared).arg(status);
-    // SAFETY: the argument list matches
-    // `(const T* z, const T* g, int n, T* out, T* work, int use_shared, int* status)`. Grid =
-    // batch blocks of BLOCK_THREADS threads; block b reads z and g at [b·n², (b+1)·n²), writes that
-    // range of out and status[b]; shapes and status length were checked above. n ≤ MAX_N bounds
-    // the static shared arrays (vectors of 2n entries). Work matrices hold 2n² entries (block
-    // pairs): 12·2n² per block in dynamic shared memory of `smem` bytes (≤ the opt-in limit set at
-    // load time) when use_shared = 1, with `work` null and never dereferenced, else `work` holds
-    // batch·12·2n² entries.
+    args.arg(&plan.use_shared).arg(status);
+    // SAFETY: the argument list matches `(const T* z, const T* g, int n, int batch, T* out,
+    // T* work, int use_shared, int* status)` of `phi1_adjoint_{dtype}` and
+    // `phi1_adjoint_warp_{dtype}`. Team b < batch (see `plan`) reads z and g at [b·n², (b+1)·n²),
+    // writes that range of out and status[b]; shapes and status length were checked above; teams
+    // with b ≥ batch return at once. n ≤ MAX_N bounds the static shared arrays (vectors of 2n
+    // entries). Work matrices hold 2n² entries (block pairs): W·12·2n² per block in dynamic shared
+    // memory of `shared_mem_bytes` (≤ the opt-in limit set at load time) when use_shared = 1, with
+    // `work` null and never dereferenced, else `work` holds batch·12·2n² entries.
+    let cfg = plan.cfg;
     unsafe { args.launch(cfg) }?;
     Ok(())
 }

@@ -46,7 +46,7 @@ pub mod layer;
 mod skinny;
 
 pub use buffer::{DeviceMatrices, DeviceScalar};
-pub use device::{cuda_available, device_count, CudaDevice, Workspace};
+pub use device::{cuda_available, device_count, CudaDevice, MatrixTeam, Workspace};
 pub use gemm::{gemm, Transpose};
 pub use kernels::{
     adapter_grams, expm_phi1, phi1_adjoint, spectral_norm_sq, AdapterGrams, DeviceGrams,
