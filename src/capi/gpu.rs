@@ -157,6 +157,31 @@ fn invalid(arg: &'static str, why: impl Into<String>) -> CError {
     CError::Elra(ElraError::invalid(arg, why))
 }
 
+/// Restores the calling thread's current CUDA context when dropped. cudarc binds the handle's
+/// primary context to the thread; an engine that had another device's context current (the CUDA
+/// runtime's "current device") gets it back. Create only once the driver is known to be loaded.
+struct CtxRestore(Option<cu::CUcontext>);
+
+impl CtxRestore {
+    fn new() -> Self {
+        CtxRestore(cudarc::driver::result::ctx::get_current().ok().flatten())
+    }
+}
+
+impl Drop for CtxRestore {
+    fn drop(&mut self) {
+        if let Some(prev) = self.0 {
+            let now = cudarc::driver::result::ctx::get_current().ok().flatten();
+            if now != Some(prev) {
+                // SAFETY: `prev` was the thread's current context when the export was entered
+                // (owned by whoever made it current; the library never destroys contexts), so
+                // making it current again is what the thread had before the call.
+                let _ = unsafe { cudarc::driver::result::ctx::set_current(prev) };
+            }
+        }
+    }
+}
+
 /// Makes the caller's stream wait for the library's stream when dropped, so that work enqueued
 /// before an early return (or a panic) is still ordered before the caller's later work.
 struct JoinBack {
@@ -529,23 +554,27 @@ pub unsafe extern "C" fn elra_gpu_adapter_create(
         let req = parse_config(&c)?;
         // Argument checks that need no device first, so that they work on any machine.
         check_w0(None, req.dtype, w0, &c, ld_w0)?;
+        device_count()?;
+        let _ctx = CtxRestore::new();
         let dev = CudaDevice::new(device)?;
         let w0m = check_w0(Some(&dev), req.dtype, w0, &c, ld_w0)?;
         let ctx = dev.context().clone();
         let ev_in = Arc::new(drv(ctx.new_event(None))?);
         let ev_out = Arc::new(drv(ctx.new_event(None))?);
-        let inner = match req.dtype {
-            // SAFETY: forwarded caller contract on `w0` and `stream`.
-            ElraGpuDtype::ELRA_GPU_DTYPE_F32 => {
-                Inner::F32(unsafe { build::<f32>(&dev, &req, &w0m, &ev_in, &ev_out, stream)? })
-            }
-            // SAFETY: as above.
-            ElraGpuDtype::ELRA_GPU_DTYPE_F16 => {
-                Inner::F16(unsafe { build::<f16>(&dev, &req, &w0m, &ev_in, &ev_out, stream)? })
-            }
-            // SAFETY: as above.
-            ElraGpuDtype::ELRA_GPU_DTYPE_BF16 => {
-                Inner::Bf16(unsafe { build::<bf16>(&dev, &req, &w0m, &ev_in, &ev_out, stream)? })
+        let (d, s) = (&dev, stream);
+        // SAFETY: (all three arms) the caller's contract on `w0` (validated above) and `stream`
+        // is forwarded to `build`.
+        let inner = unsafe {
+            match req.dtype {
+                ElraGpuDtype::ELRA_GPU_DTYPE_F32 => {
+                    Inner::F32(build::<f32>(d, &req, &w0m, &ev_in, &ev_out, s)?)
+                }
+                ElraGpuDtype::ELRA_GPU_DTYPE_F16 => {
+                    Inner::F16(build::<f16>(d, &req, &w0m, &ev_in, &ev_out, s)?)
+                }
+                ElraGpuDtype::ELRA_GPU_DTYPE_BF16 => {
+                    Inner::Bf16(build::<bf16>(d, &req, &w0m, &ev_in, &ev_out, s)?)
+                }
             }
         };
         let config = match (&req.elra, &req.lora) {
@@ -667,6 +696,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_destroy(adapter: *mut ElraGpuAdapter) 
         }
         // SAFETY: the caller guarantees a live handle with exclusive access.
         let a = unsafe { gpu_handle(adapter)? };
+        let _ctx = CtxRestore::new();
         a.magic = 0;
         // SAFETY: the pointer came from Box::into_raw in elra_gpu_adapter_create; freed once.
         drop(unsafe { Box::from_raw(adapter) });
@@ -687,6 +717,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_config(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle_ref(adapter)? };
+        let _ctx = CtxRestore::new();
         check_scalar_out("out", out)?;
         // SAFETY: validated; the caller guarantees writability.
         unsafe { out.write(a.config) };
@@ -709,6 +740,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_param_shape(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle_ref(adapter)? };
+        let _ctx = CtxRestore::new();
         check_scalar_out("rows", rows)?;
         check_scalar_out("cols", cols)?;
         let (r, c) = a.param_shape(which)?;
@@ -734,6 +766,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_set_step(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle(adapter)? };
+        let _ctx = CtxRestore::new();
         if let Some(cfg) = &a.elra {
             let spec = gpu_spec(cfg, step)?;
             with_typed!(&mut a.inner, t => match &mut t.layer {
@@ -761,6 +794,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_step(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle_ref(adapter)? };
+        let _ctx = CtxRestore::new();
         check_scalar_out("step", step)?;
         check_scalar_out("alpha", alpha)?;
         let al = match &a.elra {
@@ -828,6 +862,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_set_param(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle(adapter)? };
+        let _ctx = CtxRestore::new();
         if which == 3 {
             return Err(invalid(
                 "which",
@@ -887,6 +922,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_param(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle_ref(adapter)? };
+        let _ctx = CtxRestore::new();
         if which == 3 {
             return Err(invalid(
                 "which",
@@ -947,6 +983,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_grads(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle_ref(adapter)? };
+        let _ctx = CtxRestore::new();
         let (ar, ac) = a.param_shape(0)?;
         let l_da = out_layout("da", da, ar, ac, ld_da)?;
         let l_db = if a.uses_b() {
@@ -1003,6 +1040,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_energy(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle(adapter)? };
+        let _ctx = CtxRestore::new();
         check_scalar_out("energy", energy)?;
         check_scalar_out("penalty", penalty)?;
         let lambda = match &a.elra {
@@ -1036,6 +1074,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_synchronize(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle_ref(adapter)? };
+        let _ctx = CtxRestore::new();
         a.dev.synchronize()?;
         with_typed!(&a.inner, t => match &t.layer {
             Layer::Elra(l) => l.check_status(&a.dev)?,
@@ -1109,6 +1148,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_forward(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle(adapter)? };
+        let _ctx = CtxRestore::new();
         let dims = a.dims();
         let (d, k, _) = dims;
         let (xm, ym) = check_pair(
@@ -1221,6 +1261,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_backward(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle(adapter)? };
+        let _ctx = CtxRestore::new();
         let dims = a.dims();
         let (d, k, _) = dims;
         let recompute = match flags {
@@ -1286,6 +1327,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_merge(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle(adapter)? };
+        let _ctx = CtxRestore::new();
         let (d, k, _) = a.dims();
         let wm = check_one(&a.dev, &a.inner, ("w_new", w_new.cast_const(), d, k, ld))?;
         let dev = &a.dev;
@@ -1324,6 +1366,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_unmerge(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { gpu_handle(adapter)? };
+        let _ctx = CtxRestore::new();
         let (d, k, _) = a.dims();
         let (wm, om) = check_pair(
             &a.dev,
@@ -1347,4 +1390,225 @@ pub unsafe extern "C" fn elra_gpu_adapter_unmerge(
             })
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capi::{elra_adapter_config_default, elra_last_error_message};
+    use std::ptr::{null, null_mut};
+
+    fn message() -> String {
+        let mut buf = vec![0 as std::ffi::c_char; 512];
+        // SAFETY: buf is a live local buffer of 512 bytes.
+        unsafe { elra_last_error_message(buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: the function NUL-terminates within the buffer.
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// A valid GPU config: `variant`, d = 8, k = 6, r = 2, f32 activations, no clip.
+    fn config(variant: u32) -> ElraAdapterConfig {
+        let mut c = std::mem::MaybeUninit::<ElraAdapterConfig>::uninit();
+        // SAFETY: `c` is a writable local config.
+        let s = unsafe { elra_adapter_config_default(variant, 0, 8, 6, 2, 100, c.as_mut_ptr()) };
+        assert_eq!(s, ElraStatus::ELRA_OK);
+        // SAFETY: initialised by the successful call.
+        let mut c = unsafe { c.assume_init() };
+        c.tau = 0.0;
+        c
+    }
+
+    /// A non-null pointer aligned for every activation type. It is never dereferenced: every
+    /// call below fails its argument checks (or finds no device) before touching memory.
+    const FAKE: *const c_void = 0x1000 as *const c_void;
+
+    fn create(c: &ElraAdapterConfig, w0: *const c_void, ld: usize) -> ElraStatus {
+        let mut out: *mut ElraGpuAdapter = null_mut();
+        // SAFETY: `c` and `out` are live locals; `w0` is never dereferenced on these paths.
+        let s = unsafe { elra_gpu_adapter_create(c, 0, w0, ld, null_mut(), &mut out) };
+        assert!(out.is_null(), "out must stay untouched on error");
+        s
+    }
+
+    #[test]
+    fn create_rejects_bad_arguments_before_touching_a_device() {
+        use ElraStatus::*;
+        let ok = config(0);
+        let with = |f: &dyn Fn(&mut ElraAdapterConfig)| {
+            let mut c = ok;
+            f(&mut c);
+            c
+        };
+        let cases: Vec<(ElraAdapterConfig, *const c_void, usize, ElraStatus, &str)> = vec![
+            (
+                with(&|c| c.dtype = 1),
+                FAKE,
+                6,
+                ELRA_INVALID_ARGUMENT,
+                "f64",
+            ),
+            (
+                with(&|c| c.dtype = 7),
+                FAKE,
+                6,
+                ELRA_INVALID_ARGUMENT,
+                "ElraGpuDtype",
+            ),
+            (
+                with(&|c| c.variant = 9),
+                FAKE,
+                6,
+                ELRA_INVALID_ARGUMENT,
+                "variant",
+            ),
+            (
+                with(&|c| c.tau = 2.0),
+                FAKE,
+                6,
+                ELRA_INVALID_ARGUMENT,
+                "tau",
+            ),
+            (with(&|c| c.r = 0), FAKE, 6, ELRA_INVALID_ARGUMENT, "r"),
+            (with(&|c| c.d = 0), FAKE, 6, ELRA_INVALID_ARGUMENT, "d"),
+            (
+                with(&|c| c.eta = -1.0),
+                FAKE,
+                6,
+                ELRA_INVALID_ARGUMENT,
+                "eta",
+            ),
+            (
+                with(&|c| {
+                    c.d = 200;
+                    c.r = MAX_RANK + 1
+                }),
+                FAKE,
+                6,
+                ELRA_INVALID_ARGUMENT,
+                "ranks",
+            ),
+            (ok, null(), 6, ELRA_NULL_POINTER, "w0"),
+            (ok, FAKE, 7, ELRA_INVALID_ARGUMENT, "contiguous"),
+            (ok, FAKE, 5, ELRA_INVALID_ARGUMENT, "leading dimension"),
+            (
+                ok,
+                0x1002 as *const c_void,
+                6,
+                ELRA_INVALID_ARGUMENT,
+                "aligned",
+            ),
+        ];
+        for (i, (c, w0, ld, want, needle)) in cases.into_iter().enumerate() {
+            let s = create(&c, w0, ld);
+            let m = message();
+            assert_eq!(s, want, "case {i}: {m}");
+            assert!(
+                m.contains(needle),
+                "case {i}: `{m}` should mention `{needle}`"
+            );
+        }
+        // NULL config and NULL out.
+        let mut out: *mut ElraGpuAdapter = null_mut();
+        // SAFETY: NULL config is the checked case; `out` is a live local.
+        let s = unsafe { elra_gpu_adapter_create(null(), 0, FAKE, 6, null_mut(), &mut out) };
+        assert_eq!(s, ELRA_NULL_POINTER);
+        // SAFETY: NULL out is the checked case.
+        let s = unsafe { elra_gpu_adapter_create(&ok, 0, FAKE, 6, null_mut(), null_mut()) };
+        assert_eq!(s, ELRA_NULL_POINTER);
+        // bf16 needs only 2-byte alignment: 0x1002 passes that check and fails later (no
+        // device here, or not device memory on a GPU machine) — never on alignment.
+        let mut c = ok;
+        c.dtype = ElraGpuDtype::ELRA_GPU_DTYPE_BF16 as u32;
+        let s = create(&c, 0x1002 as *const c_void, 6);
+        assert_ne!(s, ELRA_OK);
+        assert!(!message().contains("aligned"), "{}", message());
+    }
+
+    #[test]
+    fn without_a_device_the_gpu_abi_reports_no_device_not_a_panic() {
+        if let Ok(()) = crate::cuda::cuda_available() {
+            eprintln!("skipped: a CUDA device is present (this test checks the no-device path)");
+            return;
+        }
+        let mut n = usize::MAX;
+        // SAFETY: `n` is a live local.
+        let s = unsafe { elra_cuda_device_count(&mut n) };
+        assert_eq!(s, ElraStatus::ELRA_NO_DEVICE);
+        assert_eq!(n, usize::MAX, "count untouched on error");
+        assert!(!message().is_empty());
+        for variant in 0..4 {
+            for dtype in [0, 2, 3] {
+                let mut c = config(variant);
+                c.dtype = dtype;
+                let s = create(&c, FAKE, 6);
+                assert_eq!(s, ElraStatus::ELRA_NO_DEVICE, "{}", message());
+                assert!(!message().is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn null_handles_are_reported_by_every_export() {
+        use ElraStatus::ELRA_NULL_POINTER as NUL;
+        let h: *mut ElraGpuAdapter = null_mut();
+        let mut f = [0f32; 64];
+        let (mut r, mut c, mut st) = (0usize, 0usize, 0usize);
+        let (mut e, mut p, mut al) = (0f64, 0f64, 0f64);
+        let mut cfg = config(0);
+        let fp = f.as_mut_ptr();
+        let v = FAKE.cast_mut();
+        // SAFETY: every call gets a NULL handle, which each export rejects before reading any
+        // other argument; the other pointers are live locals (or FAKE, never dereferenced).
+        unsafe {
+            let all = [
+                elra_gpu_adapter_get_config(h, &mut cfg),
+                elra_gpu_adapter_param_shape(h, 0, &mut r, &mut c),
+                elra_gpu_adapter_set_step(h, 1),
+                elra_gpu_adapter_get_step(h, &mut st, &mut al),
+                elra_gpu_adapter_set_param(h, 0, fp, 8, 2, 2),
+                elra_gpu_adapter_get_param(h, 0, fp, 8, 2, 2),
+                elra_gpu_adapter_get_grads(h, fp, 2, fp, 8, fp),
+                elra_gpu_adapter_energy(h, &mut e, &mut p),
+                elra_gpu_adapter_synchronize(h),
+                elra_gpu_adapter_forward(h, 1, FAKE, 6, v, 8, null_mut()),
+                elra_gpu_adapter_backward(h, 1, FAKE, 6, FAKE, 8, v, 6, 0, null_mut()),
+                elra_gpu_adapter_merge(h, v, 6, null_mut()),
+                elra_gpu_adapter_unmerge(h, FAKE, 6, v, 6, null_mut()),
+            ];
+            for (i, s) in all.into_iter().enumerate() {
+                assert_eq!(s, NUL, "export #{i}: {}", message());
+                assert!(message().contains("adapter"));
+            }
+            elra_gpu_adapter_destroy(h);
+        }
+        assert!(f.iter().all(|&x| x == 0.0), "no output written");
+    }
+
+    #[test]
+    fn device_matrix_checks_without_a_device() {
+        let ok = dev_mat::<f32>(None, "x", FAKE, 3, 4, 4).unwrap();
+        assert_eq!((ok.rows, ok.cols, ok.bytes), (3, 4, 48));
+        let err = |r: CResult<DevMat>| match r {
+            Err(CError::Elra(e)) => e.to_string(),
+            Err(CError::Null(a)) => format!("null {a}"),
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(err(dev_mat::<f32>(None, "x", null(), 3, 4, 4)).contains("null x"));
+        assert!(err(dev_mat::<f32>(None, "x", FAKE, 0, 4, 4)).contains("zero"));
+        assert!(err(dev_mat::<f32>(None, "x", FAKE, 3, 0, 0)).contains("zero"));
+        assert!(err(dev_mat::<f32>(None, "x", FAKE, 3, 4, 5)).contains("contiguous"));
+        assert!(err(dev_mat::<f32>(None, "x", FAKE, 3, 4, 3)).contains("contiguous"));
+        assert!(err(dev_mat::<f32>(None, "x", 0x1002 as _, 3, 4, 4)).contains("aligned"));
+        assert!(dev_mat::<f16>(None, "x", 0x1002 as _, 3, 4, 4).is_ok());
+        let huge = usize::MAX / 2;
+        assert!(err(dev_mat::<f32>(None, "x", FAKE, huge, 4, 4)).contains("address space"));
+        // Overlap: y = [0x1000, 0x1030) against x at 0x1020 (overlaps) and at 0x1030 (adjacent).
+        let y = dev_mat::<f32>(None, "y", FAKE, 3, 4, 4).unwrap();
+        let x1 = dev_mat::<f32>(None, "x", 0x1020 as _, 1, 4, 4).unwrap();
+        let x2 = dev_mat::<f32>(None, "x", 0x1030 as _, 1, 4, 4).unwrap();
+        assert!(err(no_overlap(&[y], &[x1, y]).map(|_| y)).contains("overlaps `x`"));
+        assert!(no_overlap(&[y], &[x2, y]).is_ok());
+    }
 }
