@@ -184,21 +184,6 @@ template <typename T> __device__ bool all_finite_(const Ws<T>& ws, const T* x, i
     return !block_any(bad);
 }
 
-// max over the block of per-thread candidates with expm.rs's `if c > m { c } else { m }` from 0.
-template <typename T> __device__ T block_max_ignore_nan(T c, T* red) {
-    red[threadIdx.x] = c;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        T m = T(0);
-        for (int t = 0; t < ELRA_BLOCK; ++t) m = red[t] > m ? red[t] : m;
-        red[0] = m;
-    }
-    __syncthreads();
-    const T m = red[0];
-    __syncthreads();
-    return m;
-}
-
 // expm.rs `abs_vecmat_step`: w = v·|X| (pairs: [a, b]·|[[X, Y], [0, X]]| = [a|X|, a|Y| + b|X|]),
 // each w_j summed over i in order from 0. Returns max_j w_j (NaN-ignoring, from 0) to every thread.
 template <typename T>
@@ -230,41 +215,69 @@ template <typename T> __device__ T vmax(const Ws<T>& ws, const T* v) {
 
 // expm.rs `lu_factor`: in-place LU with partial pivoting of the n×n `d` (row-major), full-row
 // swaps, multipliers stored below the diagonal. false if a pivot is zero or not finite.
+//
+// Per step k, two barriers: warp 0 stores the multipliers of column k−1 (deferred, see below),
+// finds the pivot by a shuffle arg-max and swaps the rows; then every thread updates the trailing
+// block with l = d_ik · (1/d_kk), the very product the CPU stores as the multiplier before using
+// it, so the arithmetic is the CPU's operation for operation. The multipliers of column k are
+// written at the start of step k+1: the update of step k still reads the unscaled column, and
+// the row swap of step k+1 must move them. The pivot is the CPU's scan `v > best` from i = k: the
+// first row holding the largest non-NaN |d_ik|, i ≥ k (a NaN |d_kk| fails the step as on the CPU).
 template <typename T> __device__ __noinline__ bool lu_factor(const Ws<T>& ws, T* d) {
     const int n = ws.n;
+    const int lane = threadIdx.x % ELRA_WARP;
+    const bool warp0 = threadIdx.x < ELRA_WARP;
     for (int k = 0; k < n; ++k) {
-        if (threadIdx.x == 0) {
-            int p = k;
-            T best = abs_(d[k * n + k]);
-            for (int i = k + 1; i < n; ++i) {
+        if (warp0) {
+            if (k > 0) {
+                const int c = k - 1;
+                const T inv = T(1) / d[c * n + c];
+                for (int i = k + lane; i < n; i += ELRA_WARP) d[i * n + c] = d[i * n + c] * inv;
+                __syncwarp();
+            }
+            const T dkk = abs_(d[k * n + k]);
+            T best = T(-1);
+            int p = 0x7fffffff;
+            for (int i = k + lane; i < n; i += ELRA_WARP) {
                 const T v = abs_(d[i * n + k]);
-                if (v > best) {
+                if (v > best) {  // NaN never replaces; rows ascend per lane, so ties keep the first
                     best = v;
                     p = i;
                 }
             }
-            ws.piv[k] = p;
-            ws.sh_int[0] = (best == T(0) || !finite_(best)) ? -1 : p;
+            for (int o = ELRA_WARP / 2; o > 0; o >>= 1) {
+                const T ob = __shfl_xor_sync(0xffffffffu, best, o);
+                const int op = __shfl_xor_sync(0xffffffffu, p, o);
+                if (ob > best || (ob == best && op < p)) {
+                    best = ob;
+                    p = op;
+                }
+            }
+            // best = −1 only if every |d_ik| is NaN; then (as with a NaN |d_kk|) the CPU fails.
+            const bool fail = dkk != dkk || best < T(0) || best == T(0) || !finite_(best);
+            if (lane == 0) {
+                ws.piv[k] = fail ? k : p;
+                ws.sh_int[0] = fail ? -1 : p;
+            }
+            if (!fail && p != k) {
+                for (int j = lane; j < n; j += ELRA_WARP) {
+                    const T tmp = d[k * n + j];
+                    d[k * n + j] = d[p * n + j];
+                    d[p * n + j] = tmp;
+                }
+            }
         }
         __syncthreads();
         const int p = ws.sh_int[0];
-        __syncthreads();  // sh_int is rewritten in the next iteration
-        if (p < 0) return false;
-        if (p != k) {
-            for (int j = threadIdx.x; j < n; j += ELRA_BLOCK) {
-                const T tmp = d[k * n + j];
-                d[k * n + j] = d[p * n + j];
-                d[p * n + j] = tmp;
-            }
-            __syncthreads();
+        if (p < 0) {
+            __syncthreads();  // sh_int is rewritten by a later call
+            return false;
         }
         const T inv = T(1) / d[k * n + k];
-        for (int i = k + 1 + threadIdx.x; i < n; i += ELRA_BLOCK) d[i * n + k] = d[i * n + k] * inv;
-        __syncthreads();
         const int m = n - k - 1;  // trailing size
         for (int idx = threadIdx.x; idx < m * m; idx += ELRA_BLOCK) {
             const int i = k + 1 + idx / m, j = k + 1 + idx % m;
-            const T l = d[i * n + k];
+            const T l = d[i * n + k] * inv;
             if (l != T(0)) d[i * n + j] -= l * d[k * n + j];
         }
         __syncthreads();

@@ -50,6 +50,25 @@ inline int __syncthreads_or(int p) {
     return r;
 }
 
+// Warp-level operations. The emulation runs blocks of at most 32 threads (ELRA_BLOCK), so a
+// block is one warp, and cuda/ only calls these from code that every thread of the warp (here:
+// the block) reaches together: a block barrier is then a faithful warp barrier.
+#ifndef ELRA_BLOCK
+#error "the emulation needs ELRA_BLOCK (at most 32) defined on the command line"
+#endif
+static_assert(ELRA_BLOCK <= 32, "the emulation runs one warp per block");
+
+inline void __syncwarp(unsigned = 0xffffffffu) { __syncthreads(); }
+
+template <typename T> inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+    static T slot[ELRA_BLOCK];
+    slot[threadIdx.x] = v;
+    __syncthreads();
+    const T r = slot[(threadIdx.x ^ (unsigned)lane_mask) % ELRA_BLOCK];
+    __syncthreads();
+    return r;
+}
+
 inline float __int_as_float(int x) {
     float f;
     std::memcpy(&f, &x, sizeof f);

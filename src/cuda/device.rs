@@ -34,6 +34,9 @@ pub(crate) struct Kernels {
 struct Loaded {
     ctx: Arc<CudaContext>,
     kernels: Kernels,
+    /// The one stream of this device: every handle, buffer, kernel and cuBLAS call of the crate
+    /// on this device is ordered on it.
+    stream: Arc<CudaStream>,
 }
 
 /// One entry per ordinal whose module is loaded; weak so that the context is released when the
@@ -122,7 +125,10 @@ pub fn device_count() -> Result<usize> {
 
 impl CudaDevice {
     /// Opens device `ordinal`: retains its primary context, loads the kernel module once per
-    /// context, and creates a stream and a cuBLAS handle (default math mode: no TF32).
+    /// context, and creates a cuBLAS handle (default math mode: no TF32) on the device's stream.
+    /// All handles of one device share that one stream (created with the context, with
+    /// cudarc's per-buffer event tracking off, since one stream orders everything): work from two
+    /// handles of the same device runs in submission order, never concurrently.
     ///
     /// Returns [`ElraError::NoDevice`] without a usable driver/device and never panics.
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -143,7 +149,7 @@ impl CudaDevice {
 
     fn open(ordinal: usize) -> Result<Self> {
         let loaded = loaded_for(ordinal)?;
-        let stream = loaded.ctx.new_stream()?;
+        let stream = loaded.stream.clone();
         let blas = CudaBlas::new(stream.clone())?;
         set_math_mode(&blas, false)?;
         Ok(CudaDevice {
@@ -175,7 +181,7 @@ impl CudaDevice {
         &self.loaded.ctx
     }
 
-    /// The stream all work of this handle is ordered on.
+    /// The stream all work of this handle is ordered on (the same for every handle of the device).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -246,8 +252,22 @@ fn loaded_for(ordinal: usize) -> Result<Arc<Loaded>> {
         return Ok(l);
     }
     let ctx = CudaContext::new(ordinal)?;
+    // SAFETY: cudarc's event tracking records and waits on a CUDA event per buffer argument of
+    // every launch (≈ 14 driver calls for a 7-argument kernel) to order buffers used on several
+    // streams. This crate uses exactly one stream per device (`Loaded::stream`, shared by every
+    // `CudaDevice` of this ordinal and created right below, before any buffer): all buffers it
+    // allocates are allocated, used by kernels and cuBLAS, and freed (stream-ordered) on that
+    // stream, so stream order already gives what the events would. No slice was created on this
+    // `CudaContext` before this call (it was just made), so none is left half-tracked. Memory
+    // owned by a caller on another stream is ordered by explicit events where it is used (C ABI).
+    unsafe { ctx.disable_event_tracking() };
     let kernels = load_kernels(&ctx)?;
-    let loaded = Arc::new(Loaded { ctx, kernels });
+    let stream = ctx.new_stream()?;
+    let loaded = Arc::new(Loaded {
+        ctx,
+        kernels,
+        stream,
+    });
     table.push((ordinal, Arc::downgrade(&loaded)));
     Ok(loaded)
 }

@@ -161,16 +161,17 @@ fn check_status_len(status: &CudaSlice<i32>, batch: usize) -> Result<()> {
 
 /// Workspace placement for a batch whose work matrices hold `len` entries each: dynamic shared
 /// memory when all NBUF fit and the device policy allows it, else global scratch.
-/// Returns `(use_shared, shared bytes, scratch buffer)`.
+/// Returns `(use_shared, shared bytes, scratch buffer)`; no buffer (a null `work` pointer, which
+/// the kernel never dereferences in shared mode) in the shared case, so the common launch
+/// allocates nothing.
 fn workspace<T: FloatKernel>(
     dev: &CudaDevice,
     batch: usize,
     len: usize,
-) -> Result<(i32, u32, CudaSlice<T>)> {
+) -> Result<(i32, u32, Option<CudaSlice<T>>)> {
     let bytes = NBUF * len * std::mem::size_of::<T>();
     if dev.workspace() == Workspace::Auto && bytes <= dev.kernels().max_dynamic_smem {
-        // The kernel ignores `work` in this mode; pass a valid one-element allocation.
-        Ok((1, bytes as u32, dev.stream().alloc_zeros::<T>(1)?))
+        Ok((1, bytes as u32, None))
     } else {
         let total = batch
             .checked_mul(NBUF * len)
@@ -179,9 +180,12 @@ fn workspace<T: FloatKernel>(
         // the kernel writes each work matrix before reading it and the host never reads it back,
         // so skipping the memset (up to ~200 MB for r = 64 f64 adjoints) changes no result.
         let work = unsafe { dev.stream().alloc::<T>(total) }?;
-        Ok((0, 0, work))
+        Ok((0, 0, Some(work)))
     }
 }
+
+/// The null device pointer passed as `work` when the workspace is in shared memory.
+const NULL_WORK: u64 = 0;
 
 fn launch_config(batch: usize, smem: u32) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
@@ -223,10 +227,12 @@ pub fn launch_expm_phi1<T: FloatKernel>(
     args.arg(z.slice())
         .arg(&n_i)
         .arg(exp_out.slice_mut())
-        .arg(phi_out.slice_mut())
-        .arg(&mut work)
-        .arg(&use_shared)
-        .arg(status);
+        .arg(phi_out.slice_mut());
+    match work.as_mut() {
+        Some(w) => args.arg(w),
+        None => args.arg(&NULL_WORK),
+    };
+    args.arg(&use_shared).arg(status);
     // SAFETY: the argument list matches the kernel signature
     // `(const T* z, int n, T* exp_out, T* phi_out, T* work, int use_shared, int* status)` with T
     // the element type of every buffer (f32 or f64 kernel picked by T). Grid = batch blocks of
@@ -234,7 +240,8 @@ pub fn launch_expm_phi1<T: FloatKernel>(
     // of exp_out and phi_out and status[b], all checked above to exist (shapes batch×n×n,
     // status.len() ≥ batch). n ≤ MAX_N = ELRA_MAX_N bounds the static shared arrays. With
     // use_shared = 1 the 12·n² work entries are dynamic shared memory of `smem` bytes, at most the
-    // opt-in limit set on the function at load time; otherwise `work` holds batch·12·n² entries.
+    // opt-in limit set on the function at load time, and `work` is null (`bind` in phi1.cu only
+    // offsets it when use_shared = 0); otherwise `work` holds batch·12·n² entries.
     // Outputs are distinct allocations from the input (Rust borrows).
     unsafe { args.launch(cfg) }?;
     Ok(())
@@ -299,17 +306,20 @@ pub fn launch_phi1_adjoint<T: FloatKernel>(
     args.arg(z.slice())
         .arg(g.slice())
         .arg(&n_i)
-        .arg(out.slice_mut())
-        .arg(&mut work)
-        .arg(&use_shared)
-        .arg(status);
+        .arg(out.slice_mut());
+    match work.as_mut() {
+        Some(w) => args.arg(w),
+        None => args.arg(&NULL_WORK),
+    };
+    args.arg(&use_shared).arg(status);
     // SAFETY: the argument list matches
     // `(const T* z, const T* g, int n, T* out, T* work, int use_shared, int* status)`. Grid =
     // batch blocks of BLOCK_THREADS threads; block b reads z and g at [b·n², (b+1)·n²), writes that
     // range of out and status[b]; shapes and status length were checked above. n ≤ MAX_N bounds
     // the static shared arrays (vectors of 2n entries). Work matrices hold 2n² entries (block
     // pairs): 12·2n² per block in dynamic shared memory of `smem` bytes (≤ the opt-in limit set at
-    // load time) when use_shared = 1, else `work` holds batch·12·2n² entries.
+    // load time) when use_shared = 1, with `work` null and never dereferenced, else `work` holds
+    // batch·12·2n² entries.
     unsafe { args.launch(cfg) }?;
     Ok(())
 }
