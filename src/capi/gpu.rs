@@ -698,6 +698,9 @@ pub unsafe extern "C" fn elra_gpu_adapter_destroy(adapter: *mut ElraGpuAdapter) 
         let a = unsafe { gpu_handle(adapter)? };
         let _ctx = CtxRestore::new();
         a.magic = 0;
+        // The handle's buffers are freed stream-ordered on its device: make its context current
+        // for the drop (CtxRestore puts the caller's back afterwards).
+        let _ = a.dev.context().bind_to_thread();
         // SAFETY: the pointer came from Box::into_raw in elra_gpu_adapter_create; freed once.
         drop(unsafe { Box::from_raw(adapter) });
         Ok(())

@@ -268,8 +268,9 @@ impl<T: DeviceScalar> DeviceMatrices<T> {
 /// `&mut DeviceMatrices` without copying, and dropping it never frees the memory.
 ///
 /// Internally the cudarc slice is created with `CudaStream::upgrade_device_ptr` on the device's
-/// stream and given back with `CudaSlice::leak` on drop (which releases only cudarc's events and
-/// its stream reference). The wrapped matrices are never handed out by value, so no code path
+/// stream and given back with `CudaSlice::leak` on drop (which releases only its stream reference,
+/// and cudarc's events where event tracking is on; the crate turns it off). Ordering with the
+/// owner's stream is the user's job (the C ABI records and waits on explicit events). The wrapped matrices are never handed out by value, so no code path
 /// can drop the owning slice. Crate-internal: a public `&mut DeviceMatrices` could be swapped out
 /// by safe code.
 pub(crate) struct BorrowedMatrices<T: DeviceScalar> {
