@@ -132,7 +132,7 @@ enum ElraDtype
    */
   ELRA_DTYPE_F32 = 0,
   /**
-   * 64-bit IEEE float.
+   * 64-bit IEEE float (CPU handles only).
    */
   ELRA_DTYPE_F64 = 1,
 };
@@ -235,10 +235,91 @@ typedef uint32_t ElraParam;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Activation (and `W0`) element type of a GPU handle, in `ElraAdapterConfig::dtype`. The f32
+ * value equals `ELRA_DTYPE_F32`; f64 (`ELRA_DTYPE_F64` = 1) is not available on the GPU.
+ */
+enum ElraGpuDtype
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+#if defined(ELRA_FEATURE_CUDA)
+  /**
+   * 32-bit IEEE float (GEMMs in full f32, no TF32).
+   */
+  ELRA_GPU_DTYPE_F32 = 0,
+#endif
+#if defined(ELRA_FEATURE_CUDA)
+  /**
+   * IEEE half precision (f32 accumulation).
+   */
+  ELRA_GPU_DTYPE_F16 = 2,
+#endif
+#if defined(ELRA_FEATURE_CUDA)
+  /**
+   * bfloat16 (f32 accumulation).
+   */
+  ELRA_GPU_DTYPE_BF16 = 3,
+#endif
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ElraGpuDtype ElraGpuDtype;
+#else
+typedef uint32_t ElraGpuDtype;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * How [`elra_gpu_adapter_backward`] obtains the forward tape (its `flags` argument).
+ */
+enum ElraGpuBackward
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+#if defined(ELRA_FEATURE_CUDA)
+  /**
+   * Recompute the forward pass of `x` inside the backward (always correct; one more forward).
+   */
+  ELRA_GPU_BACKWARD_RECOMPUTE = 0,
+#endif
+#if defined(ELRA_FEATURE_CUDA)
+  /**
+   * Reuse the tape of the last [`elra_gpu_adapter_forward`] on this handle. Allowed only when
+   * that forward had the same `x` pointer, `n` and `ld_x` and no parameter or step was set
+   * since (else `ELRA_INVALID_ARGUMENT`); the caller guarantees that `x`'s contents did not
+   * change in between (as autograd requires of saved tensors).
+   */
+  ELRA_GPU_BACKWARD_REUSE_FORWARD = 1,
+#endif
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ElraGpuBackward ElraGpuBackward;
+#else
+typedef uint32_t ElraGpuBackward;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+#endif
+
 /**
  * An adapter: a frozen weight W0 with its ELRA or LoRA parameters (opaque to C).
  */
 typedef struct ElraAdapter ElraAdapter;
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * An ELRA or LoRA adapter on a CUDA device (opaque to C): the device's primary context, a
+ * stream and cuBLAS handle of its own, a library-owned copy of `W0`, the parameters and
+ * gradients in f32 device memory, and the activation tapes.
+ */
+typedef struct ElraGpuAdapter ElraGpuAdapter;
+#endif
 
 /**
  * Configuration of an adapter. Enumerations are stored as `uint32_t` holding the values of
@@ -663,6 +744,276 @@ ElraStatus elra_adapter_save_merged(size_t n,
                                     const ElraAdapter *const *adapters,
                                     const char *const *modules,
                                     const char *path);
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Number of CUDA devices in `*count`; `ELRA_NO_DEVICE` (with the reason in the error text) when
+ * the driver or cuBLAS cannot be loaded or no device is present.
+ *
+ * # Safety
+ * `count` must point to a writable `size_t`.
+ */
+ElraStatus elra_cuda_device_count(size_t *count);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Creates a GPU adapter on device `device` (a CUDA ordinal) from `config` (as for
+ * [`super::elra_adapter_create`], with `dtype` an [`ElraGpuDtype`] and `tau = 0`) on the frozen
+ * weight `w0`: a **device** pointer to d×k elements of the activation type, row-major with
+ * `ld_w0 == k`. `W0` is copied once into library-owned device memory, ordered on `stream` (NULL:
+ * the legacy default stream), so the caller may reuse `w0` after its stream reaches the call.
+ *
+ * ELRA factors start from the same seeded Xavier-uniform initialisation as an f32 CPU handle
+ * (App. H) with η = η₀ at step 0; LoRA as PEFT (`lora_A` Kaiming-uniform, `lora_B` = 0).
+ * Parameters, r×r work and gradients are f32 on the device; the generator is
+ * `C = η m(t) (αAᵀ + (1−α)B)` (eq. 2, §4.2.1, eq. 19) with `Z = CA` and `M = φ1(Z)` (Prop. 1).
+ *
+ * Errors: `ELRA_NULL_POINTER`, `ELRA_INVALID_ARGUMENT` (config out of range, `tau ≠ 0`, f64,
+ * r above the GPU limit, `ld_w0 ≠ k`, `w0` not on the device), `ELRA_NO_DEVICE` (no driver or
+ * no such device), `ELRA_CUDA`. On error `*out` is untouched.
+ *
+ * # Safety
+ * `config` must point to a readable config, `out` to a writable pointer; `w0` must be device
+ * memory of the primary context of `device` covering the described matrix, and `stream` NULL or
+ * a live stream of that context.
+ */
+ElraStatus elra_gpu_adapter_create(const ElraAdapterConfig *config,
+                                   size_t device,
+                                   const void *w0,
+                                   size_t ld_w0,
+                                   void *stream,
+                                   ElraGpuAdapter **out);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Frees a GPU adapter. NULL is ignored. Work already enqueued finishes on the library's stream
+ * (its memory is released in stream order); the handle must not be used afterwards.
+ *
+ * # Safety
+ * `adapter` must be NULL or a live handle from [`elra_gpu_adapter_create`], not used concurrently.
+ */
+void elra_gpu_adapter_destroy(ElraGpuAdapter *adapter);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Writes the handle's configuration to `*out` (`dtype` is its [`ElraGpuDtype`]; `eta` the
+ * initial η₀).
+ *
+ * # Safety
+ * `adapter` must be a live handle, `out` a writable `ElraAdapterConfig`.
+ */
+ElraStatus elra_gpu_adapter_get_config(const ElraGpuAdapter *adapter, ElraAdapterConfig *out);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Shape `(rows, cols)` of parameter `which` ([`super::ElraParam`]), as
+ * [`super::elra_adapter_param_shape`].
+ *
+ * # Safety
+ * `adapter` must be a live handle; `rows` and `cols` writable.
+ */
+ElraStatus elra_gpu_adapter_param_shape(const ElraGpuAdapter *adapter,
+                                        uint32_t which,
+                                        size_t *rows,
+                                        size_t *cols);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Sets the optimiser step t, which drives the α schedule (eq. 19, eq. 75) and the η multiplier
+ * (App. H) of ELRA handles; LoRA ignores it.
+ *
+ * # Safety
+ * `adapter` must be a live handle with exclusive access.
+ */
+ElraStatus elra_gpu_adapter_set_step(ElraGpuAdapter *adapter, size_t step);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The current step (`*step`) and α at that step (`*alpha`: the schedule's value for Hyb, 1 for
+ * PSD, 0 for general ELRA and LoRA).
+ *
+ * # Safety
+ * `adapter` must be a live handle; the outputs writable.
+ */
+ElraStatus elra_gpu_adapter_get_step(const ElraGpuAdapter *adapter, size_t *step, double *alpha);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Sets parameter `which` ([`super::ElraParam`]: A, B or η; W0 is fixed at creation) from the
+ * **host** f32 buffer `data` (rows×cols, row-major, `ld ≥ cols`); `(rows, cols)` must equal
+ * [`elra_gpu_adapter_param_shape`], values finite, η > 0. The upload is enqueued on the handle's
+ * stream, after the handle's earlier work; the r×r work (`Z = CA`, `φ1(Z)`, Prop. 1) is redone
+ * before the next forward. On error the parameters are unchanged.
+ *
+ * # Safety
+ * `adapter` must be a live handle with exclusive access; `data` must cover the described host
+ * layout.
+ */
+ElraStatus elra_gpu_adapter_set_param(ElraGpuAdapter *adapter,
+                                      uint32_t which,
+                                      const float *data,
+                                      size_t rows,
+                                      size_t cols,
+                                      size_t ld);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Copies parameter `which` (A, B or η) into the **host** f32 buffer `out` (rows×cols,
+ * `ld ≥ cols`); `(rows, cols)` must equal [`elra_gpu_adapter_param_shape`]. Synchronises the
+ * handle's stream.
+ *
+ * # Safety
+ * `adapter` must be a live handle; `out` must cover the described host layout for writing.
+ */
+ElraStatus elra_gpu_adapter_get_param(const ElraGpuAdapter *adapter,
+                                      uint32_t which,
+                                      float *out,
+                                      size_t rows,
+                                      size_t cols,
+                                      size_t ld);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The gradients of the last [`elra_gpu_adapter_backward`] into **host** f32 buffers: `da` =
+ * ∂L/∂A and `db` = ∂L/∂B with the shapes of [`elra_gpu_adapter_param_shape`] (leading
+ * dimensions `ld_da`, `ld_db`), and for ELRA `*deta` = ∂L/∂η. `db` is ignored (may be NULL)
+ * for ELRA-PSD and `deta` for LoRA. For ELRA `L = ⟨y, ∂y⟩ + λ‖G‖²_F` (eq. 20–21).
+ * Synchronises the handle's stream and checks the statuses of the r×r kernels (φ1 and its
+ * adjoint, Prop. 1): a failure there is `ELRA_NUMERICAL`/`ELRA_OVERFLOW`/`ELRA_NON_FINITE`.
+ * `ELRA_INVALID_ARGUMENT` before the first backward.
+ *
+ * # Safety
+ * `adapter` must be a live handle; the outputs must cover their host layouts.
+ */
+ElraStatus elra_gpu_adapter_get_grads(const ElraGpuAdapter *adapter,
+                                      float *da,
+                                      size_t ld_da,
+                                      float *db,
+                                      size_t ld_db,
+                                      float *deta);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * `‖G‖²_F = tr((AᵀA)(CCᵀ))` of the generator at the current step from r×r Grams (eq. 21) in
+ * `*energy` and `λ‖G‖²_F` (eq. 20) in `*penalty`. Synchronises the handle's stream. LoRA:
+ * `ELRA_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `adapter` must be a live handle with exclusive access; the outputs writable.
+ */
+ElraStatus elra_gpu_adapter_energy(ElraGpuAdapter *adapter,
+                                   double *energy,
+                                   double *penalty);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Blocks until all work enqueued through the handle has finished and reports deferred errors:
+ * an asynchronous CUDA fault (`ELRA_CUDA`) or a failure of the r×r matrix functions of the last
+ * step (φ1, its adjoint, φ1(−Z) of an unmerge; Prop. 1, Al-Mohy & Higham 2009).
+ *
+ * # Safety
+ * `adapter` must be a live handle.
+ */
+ElraStatus elra_gpu_adapter_synchronize(const ElraGpuAdapter *adapter);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Forward pass `y = x W_newᵀ` on device memory, without forming `W_new` for small N (ELRA:
+ * eq. 5, `u = x W0ᵀ`, `y = u + ((u Cᵀ) φ1(CA)ᵀ) Aᵀ`) or through `W_eff = W0 + A φ1(Z) C W0`
+ * (eq. 30) when that moves fewer bytes ([`crate::cuda::choose_route`]); LoRA:
+ * `x W0ᵀ + s (x Aᵀ) Bᵀ`. `x` is n×k (`ld_x == k`), `y` n×d (`ld_y == d`), both of the
+ * handle's activation type in device memory; rows are samples. Ordered on `stream` (module
+ * docs); asynchronous. Keeps the tape for
+ * [`ElraGpuBackward::ELRA_GPU_BACKWARD_REUSE_FORWARD`].
+ *
+ * # Safety
+ * `adapter` must be a live handle with exclusive access; `x` and `y` device memory of the
+ * handle's device covering their layouts, alive until `stream` has passed this call; `stream`
+ * NULL or a live stream of the device's primary context.
+ */
+ElraStatus elra_gpu_adapter_forward(ElraGpuAdapter *adapter,
+                                    size_t n,
+                                    const void *x,
+                                    size_t ld_x,
+                                    void *y,
+                                    size_t ld_y,
+                                    void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Reverse mode of [`elra_gpu_adapter_forward`] on device memory: given `x` (n×k) and
+ * `dy = ∂L/∂y` (n×d), writes `dx = ∂L/∂x` (n×k) to caller device memory and keeps the adapter
+ * gradients (∂A, ∂B, ∂η; read them with [`elra_gpu_adapter_get_grads`]). For ELRA the
+ * gradients include the energy penalty, `L = ⟨y, dy⟩ + λ‖G‖²_F` (eq. 20–21), and run through
+ * α/η of the current step (eq. 19) and the adjoint Fréchet derivative of φ1 (Prop. 1, eq. 5;
+ * Algorithm 1 line 12) with N×r, r×d and r×r intermediates only (no dense weight gradient).
+ * `flags` is an [`ElraGpuBackward`]: recompute the forward of `x` (0) or reuse the last
+ * forward's tape (1). All ld must equal their column counts; `dx` may not overlap `x` or `dy`.
+ * Ordered on `stream`; asynchronous.
+ *
+ * # Safety
+ * `adapter` must be a live handle with exclusive access; the pointers device memory of the
+ * handle's device covering their layouts, alive until `stream` has passed this call; `stream`
+ * NULL or a live stream of the device's primary context.
+ */
+ElraStatus elra_gpu_adapter_backward(ElraGpuAdapter *adapter,
+                                     size_t n,
+                                     const void *x,
+                                     size_t ld_x,
+                                     const void *dy,
+                                     size_t ld_dy,
+                                     void *dx,
+                                     size_t ld_dx,
+                                     uint32_t flags,
+                                     void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The merged weight `W_new` (d×k, `ld == k`, activation type) into caller device memory `w_new`
+ * (ELRA: `W0 + A (φ1(Z) (C W0))`, Prop. 1 / eq. 30; LoRA: `W0 + s·B·A`). Ordered on `stream`;
+ * asynchronous.
+ *
+ * # Safety
+ * `adapter` must be a live handle with exclusive access; `w_new` device memory of the handle's
+ * device covering the layout, alive until `stream` has passed this call; `stream` NULL or a live
+ * stream of the device's primary context.
+ */
+ElraStatus elra_gpu_adapter_merge(ElraGpuAdapter *adapter, void *w_new, size_t ld, void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Recovers `W0` from a merged weight with the current parameters: `w0_out = exp(−G) w_new`
+ * (ELRA: `w_new − A φ1(−Z) (C w_new)`, Prop. 3 with Prop. 1; LoRA: `w_new − s·B·A`). Both d×k
+ * in caller device memory with `ld == k`; they may not overlap. Ordered on `stream`;
+ * asynchronous.
+ *
+ * # Safety
+ * `adapter` must be a live handle with exclusive access; both pointers device memory of the
+ * handle's device covering their layouts, alive until `stream` has passed this call; `stream`
+ * NULL or a live stream of the device's primary context.
+ */
+ElraStatus elra_gpu_adapter_unmerge(ElraGpuAdapter *adapter,
+                                    const void *w_new,
+                                    size_t ld_w_new,
+                                    void *w0_out,
+                                    size_t ld_w0_out,
+                                    void *stream);
+#endif
 
 /**
  * Batched matrix exponential `out_b = e^{Z_b}` in f64 (Padé scaling and squaring,

@@ -50,7 +50,7 @@ pub enum ElraVariant {
 pub enum ElraDtype {
     /// 32-bit IEEE float.
     ELRA_DTYPE_F32 = 0,
-    /// 64-bit IEEE float.
+    /// 64-bit IEEE float (CPU handles only).
     ELRA_DTYPE_F64 = 1,
 }
 
@@ -263,7 +263,7 @@ unsafe fn handle_mut<'a>(h: *mut ElraAdapter) -> CResult<&'a mut ElraAdapter> {
     Ok(unsafe { &mut *h })
 }
 
-fn variant_of(v: u32) -> CResult<Option<Variant>> {
+pub(super) fn variant_of(v: u32) -> CResult<Option<Variant>> {
     Ok(match v {
         0 => Some(Variant::General),
         1 => Some(Variant::Psd),
@@ -281,12 +281,20 @@ fn dtype_of(v: u32) -> CResult<ElraDtype> {
     match v {
         0 => Ok(ElraDtype::ELRA_DTYPE_F32),
         1 => Ok(ElraDtype::ELRA_DTYPE_F64),
+        2 | 3 => Err(ElraError::invalid(
+            "dtype",
+            format!(
+                "value {v} is an f16/bf16 activation type of GPU handles (ElraGpuDtype, \
+                 elra_gpu_adapter_create); CPU adapters are f32 (0) or f64 (1)"
+            ),
+        )
+        .into()),
         _ => Err(ElraError::invalid("dtype", format!("unknown ElraDtype value {v}")).into()),
     }
 }
 
 /// The crate's ELRA configuration from the C struct (validated).
-fn elra_config(c: &ElraAdapterConfig, variant: Variant) -> CResult<ElraConfig> {
+pub(super) fn elra_config(c: &ElraAdapterConfig, variant: Variant) -> CResult<ElraConfig> {
     let schedule = match c.schedule {
         0 => AlphaSchedule::Exponential {
             warmup_steps: c.warmup_steps,
@@ -334,7 +342,7 @@ fn elra_config(c: &ElraAdapterConfig, variant: Variant) -> CResult<ElraConfig> {
     Ok(config)
 }
 
-fn lora_config(c: &ElraAdapterConfig) -> CResult<LoraConfig> {
+pub(super) fn lora_config(c: &ElraAdapterConfig) -> CResult<LoraConfig> {
     let config = LoraConfig {
         d: c.d,
         k: c.k,
@@ -348,7 +356,7 @@ fn lora_config(c: &ElraAdapterConfig) -> CResult<LoraConfig> {
 }
 
 /// The C struct of an ELRA configuration.
-fn c_config_elra(c: &ElraConfig, dtype: ElraDtype) -> ElraAdapterConfig {
+pub(super) fn c_config_elra(c: &ElraConfig, dtype: ElraDtype) -> ElraAdapterConfig {
     let (schedule, warmup_steps, gamma, alpha) = match c.schedule {
         AlphaSchedule::Exponential {
             warmup_steps,
@@ -386,7 +394,7 @@ fn c_config_elra(c: &ElraConfig, dtype: ElraDtype) -> ElraAdapterConfig {
     }
 }
 
-fn c_config_lora(c: &LoraConfig, dtype: ElraDtype) -> ElraAdapterConfig {
+pub(super) fn c_config_lora(c: &LoraConfig, dtype: ElraDtype) -> ElraAdapterConfig {
     let mut out = c_config_elra(&ElraConfig::new(Variant::General, c.d, c.k, c.r, 0), dtype);
     out.variant = ElraVariant::ELRA_VARIANT_LORA as u32;
     out.lora_alpha = c.lora_alpha;
@@ -398,7 +406,7 @@ fn c_config_lora(c: &LoraConfig, dtype: ElraDtype) -> ElraAdapterConfig {
 ///
 /// # Safety
 /// `p` must cover the described layout for reading.
-unsafe fn read_matrix<T: Real>(
+pub(super) unsafe fn read_matrix<T: Real>(
     arg: &'static str,
     p: *const T,
     rows: usize,
@@ -419,7 +427,7 @@ unsafe fn read_matrix<T: Real>(
 }
 
 /// Row-major copy of a matrix.
-fn row_major<T: Real>(m: &DMatrix<T>) -> Vec<T> {
+pub(super) fn row_major<T: Real>(m: &DMatrix<T>) -> Vec<T> {
     let mut v = Vec::with_capacity(m.len());
     for i in 0..m.nrows() {
         v.extend(m.row(i).iter().copied());
@@ -428,7 +436,7 @@ fn row_major<T: Real>(m: &DMatrix<T>) -> Vec<T> {
 }
 
 /// A validated output layout for a rows×cols matrix.
-fn out_layout<T>(
+pub(super) fn out_layout<T>(
     arg: &'static str,
     p: *mut T,
     rows: usize,

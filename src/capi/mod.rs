@@ -39,9 +39,13 @@ pub mod adapter;
 /// Self-checking driver of the exports for the fuzz targets (`fuzz/`) and unit tests.
 #[doc(hidden)]
 pub mod fuzz;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod matfn;
 
 pub use adapter::*;
+#[cfg(feature = "cuda")]
+pub use gpu::*;
 pub use matfn::*;
 
 /// Version of the C ABI described by `include/elra.h`. It changes whenever a declaration in the

@@ -1,6 +1,9 @@
 //! Typed device buffers: a batch of row-major matrices.
 
+use std::mem::ManuallyDrop;
+
 use cudarc::cublas::sys::cudaDataType_t;
+use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use nalgebra::DMatrix;
 
@@ -257,5 +260,73 @@ impl<T: DeviceScalar> DeviceMatrices<T> {
                 got: format!("{}×{}×{}", self.batch, self.rows, self.cols),
             })
         }
+    }
+}
+
+/// A non-owning [`DeviceMatrices`] over device memory that someone else owns (the C ABI's
+/// caller-owned activations, e.g. PyTorch tensors): it lends the layer a `&DeviceMatrices` /
+/// `&mut DeviceMatrices` without copying, and dropping it never frees the memory.
+///
+/// Internally the cudarc slice is created with `CudaStream::upgrade_device_ptr` on the device's
+/// stream and given back with `CudaSlice::leak` on drop (which releases only its stream reference,
+/// and cudarc's events where event tracking is on; the crate turns it off). Ordering with the
+/// owner's stream is the user's job (the C ABI records and waits on explicit events). The wrapped matrices are never handed out by value, so no code path
+/// can drop the owning slice. Crate-internal: a public `&mut DeviceMatrices` could be swapped out
+/// by safe code.
+pub(crate) struct BorrowedMatrices<T: DeviceScalar> {
+    inner: ManuallyDrop<DeviceMatrices<T>>,
+}
+
+impl<T: DeviceScalar> BorrowedMatrices<T> {
+    /// Wraps `batch` row-major `rows × cols` matrices stored contiguously at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must address `batch·rows·cols` elements of `T` (aligned for `T`) in device memory
+    /// accessible from `dev`'s context, and the memory must stay allocated until all work
+    /// enqueued through the wrapper on `dev`'s stream has finished (the C ABI orders the
+    /// caller's stream after that work). For a wrapper used through [`Self::get_mut`], no other
+    /// work may write or read the memory concurrently.
+    pub(crate) unsafe fn new(
+        dev: &CudaDevice,
+        ptr: CUdeviceptr,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        let len = check_dims(batch, rows, cols)?;
+        // SAFETY: forwarded contract: `ptr` covers `len` elements of T on this context. The
+        // slice is wrapped in ManuallyDrop at once and only ever released through `leak`, so
+        // cudarc never frees the caller's memory (not even on unwinding).
+        let data = unsafe { dev.stream().upgrade_device_ptr::<T>(ptr, len) };
+        Ok(BorrowedMatrices {
+            inner: ManuallyDrop::new(DeviceMatrices::wrap(dev, data, batch, rows, cols)),
+        })
+    }
+
+    /// A device copy owned by the library (one device-to-device copy on `dev`'s stream).
+    pub(crate) fn to_owned(&self, dev: &CudaDevice) -> Result<DeviceMatrices<T>> {
+        let m = self.get();
+        let data = dev.stream().clone_dtod(m.slice())?;
+        Ok(DeviceMatrices::wrap(dev, data, m.batch, m.rows, m.cols))
+    }
+
+    /// The matrices, for reading.
+    pub(crate) fn get(&self) -> &DeviceMatrices<T> {
+        &self.inner
+    }
+
+    /// The matrices, for writing. Callers must not move the value out (e.g. `mem::swap`).
+    pub(crate) fn get_mut(&mut self) -> &mut DeviceMatrices<T> {
+        &mut self.inner
+    }
+}
+
+impl<T: DeviceScalar> Drop for BorrowedMatrices<T> {
+    fn drop(&mut self) {
+        // SAFETY: `inner` is taken exactly once, here, and not used afterwards.
+        let m = unsafe { ManuallyDrop::take(&mut self.inner) };
+        // `leak` makes the stream wait on the slice's events (a no-op on its own stream) and
+        // drops the events and the stream reference; the device memory stays the caller's.
+        let _caller_owned: CUdeviceptr = m.data.leak();
     }
 }

@@ -828,6 +828,11 @@ impl<T: Activation> GpuElraLayer<T> {
         (&mut self.gen.a, self.gen.b.as_mut(), &mut self.gen.eta)
     }
 
+    /// Device parameters `(A d×r, B r×d, η)`, for reading (e.g. to download them).
+    pub fn params(&self) -> (&CudaSlice<f32>, Option<&CudaSlice<f32>>, &CudaSlice<f32>) {
+        (&self.gen.a, self.gen.b.as_ref(), &self.gen.eta)
+    }
+
     /// Device gradients `(∂A d×r, ∂B r×d, ∂η)` of the last [`Self::backward`].
     pub fn grad_slices(&self) -> (&CudaSlice<f32>, Option<&CudaSlice<f32>>, &CudaSlice<f32>) {
         (&self.gen.abar, self.gen.bbar.as_ref(), &self.gen.etabar)
@@ -1801,6 +1806,11 @@ impl<T: Activation> GpuLoraLayer<T> {
     /// Device parameters `(lora_A r×k, lora_B d×r)`.
     pub fn params_mut(&mut self) -> (&mut CudaSlice<f32>, &mut CudaSlice<f32>) {
         (&mut self.lora_a, &mut self.lora_b)
+    }
+
+    /// Device parameters `(lora_A r×k, lora_B d×r)`, for reading.
+    pub fn params(&self) -> (&CudaSlice<f32>, &CudaSlice<f32>) {
+        (&self.lora_a, &self.lora_b)
     }
 
     /// `(∂lora_A, ∂lora_B)` of the last backward, downloaded (synchronises).

@@ -45,6 +45,7 @@ pub mod kernels;
 pub mod layer;
 mod skinny;
 
+pub(crate) use buffer::BorrowedMatrices;
 pub use buffer::{DeviceMatrices, DeviceScalar};
 pub use device::{cuda_available, device_count, CudaDevice, MatrixTeam, Workspace};
 pub use gemm::{gemm, Transpose};
