@@ -31,12 +31,11 @@ namespace pade {
 // A team is the set of threads that computes one matrix. Every helper below is written for a
 // team: `Team::rank()` is the thread's index in it, loops stride by `Team::SIZE`, `Team::sync()`
 // is its barrier and `Team::any`/`max_*` its reductions.
-//   BlockTeam: the whole block (ELRA_BLOCK threads, __syncthreads), one matrix per block — best
-//              for large n, where the products have n² ≥ ELRA_BLOCK entries to share out.
+//   BlockTeam: the whole block (ELRA_BLOCK threads, __syncthreads), one matrix per block.
 //   WarpTeam:  one warp (ELRA_WARP lanes, __syncwarp and shuffles), blockDim.x / ELRA_WARP
-//              matrices per block — for small n the algorithm is a chain of short steps
-//              (reductions, LU pivots, triangular solves), and a warp runs it without any block
-//              barrier.
+//              matrices per block, no block barrier at all. Measured slower than BlockTeam at
+//              n = 16 on an H100 (the products' n² entries on 32 lanes cost more than the
+//              barriers saved), so the host uses it only when asked (MatrixTeam::Warp).
 // Which thread computes an entry changes nothing in how it is computed (every entry is one
 // thread's sum in a fixed order; reductions are maxima), so both teams give the CPU's bits.
 struct BlockTeam {
@@ -60,9 +59,17 @@ struct WarpTeam {
         return (long long)blockIdx.x * (blockDim.x / ELRA_WARP) + threadIdx.x / ELRA_WARP;
     }
     __device__ static void sync() { __syncwarp(); }
-    __device__ static bool any(bool f) { return __any_sync(0xffffffffu, f) != 0; }
+    // Reductions end with __syncwarp like the block ones end with __syncthreads: callers rely on
+    // them to publish shared-memory writes made just before (e.g. the ℓ vector of
+    // abs_vecmat_step); shuffles alone order no memory (compute-sanitizer racecheck flagged it).
+    __device__ static bool any(bool f) {
+        const bool r = __any_sync(0xffffffffu, f) != 0;
+        __syncwarp();
+        return r;
+    }
     template <typename T, typename Op> __device__ static T butterfly(T v, Op op) {
         for (int o = ELRA_WARP / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+        __syncwarp();
         return v;
     }
     template <typename T> __device__ static T max_nan(T v, T*) {

@@ -79,6 +79,9 @@ def elra_reference(x, w0, dy, a, b, eta, alpha, eta_mult, lam):
         "deta": float(eta_t.grad),
         "deta_scale": eta_scale,
         "w_new": w_new.detach(),
+        # κ(e^G) = ‖e^G‖₂‖e^{−G}‖₂: unmerge applies e^{−G} to a W_new rounded to the activation
+        # type, so it cannot be more accurate than κ times that rounding (conditioning, not code).
+        "kappa": float(torch.linalg.cond(torch.linalg.matrix_exp(g.detach()), 2)),
     }
 
 
@@ -120,7 +123,10 @@ def test_elra_forward_backward_matches_torch_autograd(dtype, variant, fields, st
     ad.step = step
     # Parameters: random, so that G is O(1) and every term matters; rounded to float32 as the
     # library stores them.
-    a = rand(gen, D, R, scale=0.4).to(torch.float32)
+    # PSD: A Aᵀ has eigenvalues ≈ D·s², so the general scale 0.4 would give ‖G‖ ≈ 5 and
+    # κ(e^G) ≈ 10³–10⁴, and unmerge would lose that factor to conditioning alone (measured on the
+    # H100, 2026-11-22: 4.3e-4 in f32); 0.12 keeps G = O(1) as for the other variants.
+    a = rand(gen, D, R, scale=0.4 if variant != "psd" else 0.12).to(torch.float32)
     b = rand(gen, R, D, scale=0.4).to(torch.float32) if variant != "psd" else None
     eta = float(np.float32(0.7))
     ad.set("A", a.numpy())
@@ -176,7 +182,9 @@ def test_elra_forward_backward_matches_torch_autograd(dtype, variant, fields, st
     w_back = ad.unmerge(w_new)
     torch.cuda.synchronize()
     assert rel(w_new, ref["w_new"]) <= tol
-    assert rel(w_back, w064) <= 4 * tol  # two roundings of W_new / W0 to the activation type
+    # Two roundings (W_new, then W0) to the activation type, amplified by κ(e^G) = O(1) here.
+    assert ref["kappa"] < 20
+    assert rel(w_back, w064) <= 4 * tol * ref["kappa"]
     ad.synchronize()
     if dtype == torch.float32:
         e, p = ad.energy()
@@ -223,7 +231,10 @@ def test_work_on_a_side_stream_is_ordered_with_that_stream():
     after the call must see the output. Only the side stream is synchronised."""
     gen, (x, w0, dy), (x64, w064, dy64) = setup(torch.float32, 31)
     ad = gpu.GpuAdapter(w0, "hyb", r=R, schedule="constant", alpha=0.5, lambda_=0.0)
-    a = rand(gen, D, R, scale=0.4).to(torch.float32)
+    # PSD: A Aᵀ has eigenvalues ≈ D·s², so the general scale 0.4 would give ‖G‖ ≈ 5 and
+    # κ(e^G) ≈ 10³–10⁴, and unmerge would lose that factor to conditioning alone (measured on the
+    # H100, 2026-11-22: 4.3e-4 in f32); 0.12 keeps G = O(1) as for the other variants.
+    a = rand(gen, D, R, scale=0.4 if variant != "psd" else 0.12).to(torch.float32)
     b = rand(gen, R, D, scale=0.4).to(torch.float32)
     ad.set("A", a.numpy())
     ad.set("B", b.numpy())

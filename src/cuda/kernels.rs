@@ -19,11 +19,6 @@ use crate::{ElraError, Result};
 /// Largest matrix size of the batched matrix-function kernels (`ELRA_MAX_N` in `cuda/phi1.cu`).
 pub const MAX_N: usize = 64;
 
-/// Largest matrix size that [`MatrixTeam::Auto`] gives to a warp team (`{op}_warp_*` kernels):
-/// for small n the Padé algorithm is a chain of short, barrier-separated steps, which one warp
-/// runs without block barriers; larger n has enough entries per product to use a block.
-pub const WARP_TEAM_MAX_N: usize = 32;
-
 /// Threads of a warp team.
 const WARP: usize = 32;
 
@@ -178,19 +173,15 @@ struct Plan<T: FloatKernel> {
     work: Option<CudaSlice<T>>,
 }
 
-/// Plans a launch for `batch` matrices of size n whose work matrices hold `len` entries each.
+/// Plans a launch for `batch` matrices whose work matrices hold `len` entries each.
 /// Warp teams: W = ⌈batch / SMs⌉ matrices per block (at most 8, and at most what the shared
 /// memory holds), so the teams spread over all SMs; block teams: one matrix per block. Work
 /// matrices go to dynamic shared memory when they fit and the device policy allows it, else to
 /// global scratch (allocated here; nothing is allocated in the shared case).
-fn plan<T: FloatKernel>(dev: &CudaDevice, batch: usize, n: usize, len: usize) -> Result<Plan<T>> {
+fn plan<T: FloatKernel>(dev: &CudaDevice, batch: usize, len: usize) -> Result<Plan<T>> {
     let k = dev.kernels();
     let per_team = NBUF * len * std::mem::size_of::<T>();
-    let warp = match dev.team() {
-        MatrixTeam::Auto => n <= WARP_TEAM_MAX_N,
-        MatrixTeam::Block => false,
-        MatrixTeam::Warp => true,
-    };
+    let warp = dev.team() == MatrixTeam::Warp;
     let max_warps = BLOCK_THREADS as usize / WARP;
     let shared_ok = dev.workspace() == Workspace::Auto && per_team <= k.max_dynamic_smem;
     let teams_per_block = if warp {
@@ -267,7 +258,7 @@ pub fn launch_expm_phi1<T: FloatKernel>(
     exp_out.check_shape("exp_out", batch, n, n)?;
     phi_out.check_shape("phi_out", batch, n, n)?;
     check_status_len(status, batch)?;
-    let mut plan = plan::<T>(dev, batch, n, n * n)?;
+    let mut plan = plan::<T>(dev, batch, n * n)?;
     let (n_i, batch_i) = (i32_of("n", n)?, i32_of("batch", batch)?);
     let k = dev.kernels();
     let f = match plan.warp {
@@ -351,7 +342,7 @@ pub fn launch_phi1_adjoint<T: FloatKernel>(
     g.check_shape("g", batch, n, n)?;
     out.check_shape("out", batch, n, n)?;
     check_status_len(status, batch)?;
-    let mut plan = plan::<T>(dev, batch, n, 2 * n * n)?;
+    let mut plan = plan::<T>(dev, batch, 2 * n * n)?;
     let (n_i, batch_i) = (i32_of("n", n)?, i32_of("batch", batch)?);
     let k = dev.kernels();
     let f = match plan.warp {
