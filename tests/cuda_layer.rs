@@ -626,17 +626,17 @@ fn cuda_layer_memory_flat_over_10k_steps() {
 // ---------------------------------------------------------------------------------------------
 //
 // cuda/emu/skinny_harness.cpp compiles cuda/skinny.cu with the host C++ compiler (cuda/emu/
-// cuda_emu.hpp: one OS thread per CUDA thread, ELRA_BLOCK = 8, std::barrier for __syncthreads;
-// f16 via _Float16, bf16 rounded to nearest even by hand). The device code runs unchanged — the
-// index arithmetic, strides, group loops over r, tree reductions, chunked reductions, null
-// operands and in-place aliasing — and is checked here against f64 references of each kernel's
-// stated formula. What only a GPU exercises: the 256-thread configuration, the launches and their
-// argument marshalling (src/cuda/skinny.rs), cuBLAS, the device conversions and the composition
-// of the kernels into the layer (the GPU tests above).
-//
-// Tolerances: kernel inputs are exactly representable in f32, so the f32 results differ from f64
-// only by f32 accumulation over ≤ 64 terms: ≤ 64·u ≈ 4e-6 relative; 1e-5 is asserted. Outputs
-// stored as bf16/f16 add one rounding (u = 3.9e-3 / 4.9e-4): 8e-3 and 1e-3 asserted.
+// cuda_emu.hpp: one OS thread per CUDA thread, ELRA_BLOCK = 8 = one warp, std::barrier for
+// __syncthreads and the warp shuffles; f16 via _Float16, bf16 rounded to nearest even by hand).
+// The device code runs unchanged — index arithmetic, strides, the vector (aligned, ld a multiple
+// of the chunk) and scalar (odd ld, misaligned, ragged ends) paths, shared-memory staging, rank
+// groups, warp butterflies, rows per warp, grid-stride loops, chunked reductions, null operands
+// and in-place aliasing — and is checked against f64 references of each kernel's stated formula,
+// with the gaps of strided outputs checked untouched. What only a GPU exercises: the 256-thread,
+// 32-lane configuration, the launches and their argument marshalling (src/cuda/skinny.rs),
+// cuBLAS, the device conversions and the composition of the kernels into the layer (the GPU
+// tests above). Tolerances are stated per test: f32 results differ from f64 only by f32
+// accumulation; outputs stored as bf16/f16 add one rounding (u = 3.9e-3 / 4.9e-4).
 
 mod skinny_emu {
     use std::path::PathBuf;
