@@ -8,9 +8,10 @@
 // partials summed in chunk order).
 //
 // Kernels:
-//   rows_fused_T        one block per row i:  v = Cm·in_i,  t = Mm·v (or m_scale·v),
-//                       out_i = base_i + Am·t  (Woodbury row pass, Prop. 1 / eq. 5; its reverse mode
-//                       with transposed roles; LoRA's adapter branch; v-only skinny products).
+//   rows_fused_T        per row i (a warp owns 1, 2 or 4 rows; grid-stride over rows):
+//                       v = Cm·in_i,  t = Mm·v (or m_scale·v), out_i = base_i + Am·t  (Woodbury row
+//                       pass, Prop. 1 / eq. 5; its reverse mode with transposed roles; LoRA's
+//                       adapter branch; v-only skinny products).
 //   col_reduce_partial_T / col_reduce_finish_f32
 //                       out = α·Yᵀ S + β·out  (Y n_rows×n in T, S n_rows×r in float): the reductions
 //                       over rows, e.g. ∂A = ∂Yᵀ T, P = C W0, ∂P = sᵀ x.
@@ -21,6 +22,10 @@
 //
 // Matrices with explicit strides are indexed X[i*s0 + j*s1]; "ld" is a row stride (column stride 1).
 // Null output pointers skip that output. Blocks have exactly ELRA_BLOCK threads (a power of two).
+// The passes over activations and weights are built for bandwidth: 8/16-byte vector accesses
+// where the pointer and the row stride allow (a scalar path otherwise and for ragged ends),
+// several independent loads in flight per thread, and the small operands (Cm, Am, S, R) staged
+// in shared memory in a canonical layout whatever their strides, each value serving several rows.
 #include "common.cuh"
 
 #ifndef ELRA_EMULATE
@@ -35,6 +40,27 @@ namespace skinny {
 #define ELRA_SKINNY_GROUP 8
 // Largest rank the row kernel supports (v and t live in shared memory).
 #define ELRA_SKINNY_MAX_R 64
+// Largest number of rows one warp of the row kernel processes at once (register blocking).
+#define ELRA_SKINNY_MAX_RPW 4
+// 8-element chunks per lane in one column tile of the row kernel: a tile is
+// ELRA_WARP · 8 · TILE_CHUNKS columns (1024 on the GPU), staged in shared memory for GROUP ranks.
+#ifndef ELRA_SKINNY_TILE_CHUNKS
+#define ELRA_SKINNY_TILE_CHUNKS 4
+#endif
+#define ELRA_SKINNY_TC (ELRA_WARP * 8 * ELRA_SKINNY_TILE_CHUNKS)
+// Column reduction: columns per thread, row lanes per block (warps on the GPU), column threads
+// per block, rows of S staged per piece, rows in flight per thread.
+#define ELRA_CR_V 4
+#define ELRA_CR_RL (ELRA_BLOCK >= 64 ? 8 : 2)
+#define ELRA_CR_CT (ELRA_BLOCK / ELRA_CR_RL)
+#define ELRA_CR_COLS (ELRA_CR_CT * ELRA_CR_V)
+#define ELRA_CR_SROWS (ELRA_CR_RL * 16)
+#define ELRA_CR_U 4
+// Merge: columns per lane and rows per warp (a block covers ELRA_WARP · 4 columns and
+// ELRA_NWARPS · 4 rows per step).
+#define ELRA_MA_V 4
+#define ELRA_MA_RW 4
+#define ELRA_MA_COLS (ELRA_WARP * ELRA_MA_V)
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
@@ -47,95 +73,405 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
     return __float2bfloat16_rn(x);
 }
 
-// Tree reduction of GROUP values per thread over the block, deterministic (fixed pairing).
-// red is shared [GROUP][ELRA_BLOCK]. On return red[q][0] holds the block sum of acc[q]. Ends with a
-// barrier; every thread must call it.
-__device__ void tree_sum_group(const float* acc, float* red) {
-    for (int q = 0; q < ELRA_SKINNY_GROUP; ++q) red[q * ELRA_BLOCK + threadIdx.x] = acc[q];
-    __syncthreads();
-    for (int s = ELRA_BLOCK / 2; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s) {
-            for (int q = 0; q < ELRA_SKINNY_GROUP; ++q)
-                red[q * ELRA_BLOCK + threadIdx.x] += red[q * ELRA_BLOCK + threadIdx.x + s];
+// ---- vector access -------------------------------------------------------------------------------
+// A chunk of V consecutive elements is moved as V·sizeof(T) bytes (8 or 16) when the address is
+// aligned to that size; element e of the chunk is 16-bit half e%2 (little end first) of word e/2,
+// or word e for float.
+
+// Elements per 16-byte access.
+template <typename T> struct Vec16 {
+    static constexpr int n = 16 / (int)sizeof(T);
+};
+
+template <int W> __device__ __forceinline__ void ld_words(const void* p, unsigned* w) {
+#ifdef ELRA_EMULATE
+    std::memcpy(w, p, 4 * W);
+#else
+    if constexpr (W == 4) {
+        const uint4 u = *reinterpret_cast<const uint4*>(p);
+        w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
+    } else if constexpr (W == 2) {
+        const uint2 u = *reinterpret_cast<const uint2*>(p);
+        w[0] = u.x, w[1] = u.y;
+    } else {
+        static_assert(W == 1, "1, 2 or 4 words");
+        w[0] = *reinterpret_cast<const unsigned*>(p);
+    }
+#endif
+}
+
+template <int W> __device__ __forceinline__ void st_words(void* p, const unsigned* w) {
+#ifdef ELRA_EMULATE
+    std::memcpy(p, w, 4 * W);
+#else
+    if constexpr (W == 4) {
+        *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else if constexpr (W == 2) {
+        *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+    } else {
+        static_assert(W == 1, "1, 2 or 4 words");
+        *reinterpret_cast<unsigned*>(p) = w[0];
+    }
+#endif
+}
+
+__device__ __forceinline__ float bits_to_f32(float*, unsigned b) { return __uint_as_float(b); }
+__device__ __forceinline__ float bits_to_f32(__half*, unsigned b) {
+    return __half2float(__ushort_as_half((unsigned short)b));
+}
+__device__ __forceinline__ float bits_to_f32(__nv_bfloat16*, unsigned b) { return __uint_as_float(b << 16); }
+__device__ __forceinline__ unsigned f32_to_bits(float*, float x) { return __float_as_uint(x); }
+__device__ __forceinline__ unsigned f32_to_bits(__half*, float x) {
+    return (unsigned)__half_as_ushort(__float2half_rn(x));
+}
+__device__ __forceinline__ unsigned f32_to_bits(__nv_bfloat16*, float x) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
+// Whether p is aligned to `bytes` (a power of two).
+__device__ __forceinline__ bool aligned(const void* p, int bytes) {
+    return ((unsigned long long)(size_t)p & (unsigned long long)(bytes - 1)) == 0;
+}
+
+// x[e] = p[e] for e < min(V, avail), 0 beyond. `vec`: p is aligned to V·sizeof(T) bytes, so a
+// full chunk is one vector load.
+template <typename T, int V> __device__ __forceinline__ void load_chunk(const T* p, int avail, bool vec, float* x) {
+    constexpr int W = V * (int)sizeof(T) / 4;
+    if (vec && avail >= V) {
+        unsigned w[W];
+        ld_words<W>(p, w);
+        if constexpr (sizeof(T) == 4) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) x[e] = bits_to_f32((T*)nullptr, w[e]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < W; ++e) {
+                x[2 * e] = bits_to_f32((T*)nullptr, w[e] & 0xffffu);
+                x[2 * e + 1] = bits_to_f32((T*)nullptr, w[e] >> 16);
+            }
         }
-        __syncthreads();
+    } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) x[e] = e < avail ? to_f32(p[e]) : 0.0f;
     }
 }
 
-// One block per row i (blockIdx.x):
+// p[e] = x[e] rounded to T for e < min(V, avail).
+template <typename T, int V> __device__ __forceinline__ void store_chunk(T* p, int avail, bool vec, const float* x) {
+    constexpr int W = V * (int)sizeof(T) / 4;
+    if (vec && avail >= V) {
+        unsigned w[W];
+        if constexpr (sizeof(T) == 4) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) w[e] = f32_to_bits((T*)nullptr, x[e]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < W; ++e)
+                w[e] = f32_to_bits((T*)nullptr, x[2 * e]) | (f32_to_bits((T*)nullptr, x[2 * e + 1]) << 16);
+        }
+        st_words<W>(p, w);
+    } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+            if (e < avail) p[e] = from_f32<T>(x[e]);
+    }
+}
+
+// o[0..4) = p[0..4) from 16-byte aligned shared memory.
+__device__ __forceinline__ void ld_f4(const float* p, float* o) {
+#ifdef ELRA_EMULATE
+    o[0] = p[0], o[1] = p[1], o[2] = p[2], o[3] = p[3];
+#else
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w;
+#endif
+}
+
+// Sum over the lanes of a warp by an xor butterfly. Every lane gets the same value (each step
+// adds the same two operands on both partners; float addition is commutative), and the order
+// is fixed. Every lane of the warp must call it.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = ELRA_WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Position of column c of a shared tile row of `width` columns (a multiple of V) holding V-column
+// chunks: the V/4 float4 quarters of a chunk are stored `width / (V/4)` apart, so the float4
+// reads of consecutive lanes are consecutive (no bank conflicts).
+template <int V> __device__ __forceinline__ int tile_pos(int c, int width) {
+    return ((c % V) / 4) * (width / (V / 4)) + (c / V) * 4 + (c % 4);
+}
+
+// ---- rows_fused ----------------------------------------------------------------------------------
+// Each warp owns RW consecutive rows; a block owns ELRA_NWARPS·RW rows per step of a grid-stride
+// loop over rows. For one step, per row i of the warp:
 //   v_q   = Σ_l Cm[q, l] · in[i, l]                       q < r, l < n_in
 //   t_q   = Σ_p Mm[q, p] · v_p   (Mm null: t = m_scale · v)
 //   out[i, j] = base[i, j] + Σ_q Am[j, q] · t_q           j < n_out (skipped when out is null;
 //                                                          base null reads as 0)
-// v_out, t_out (n_rows × r, row-major) receive v and t when not null. `in`, `base` and `out` may
-// alias: every read of `in` happens before the barrier that precedes the writes, and each base/out
-// entry is read and written by the same thread.
-template <typename T>
-__device__ void rows_fused(int n_in, int n_out, int r, const T* in, long long ld_in, const T* base,
-                           long long ld_base, T* out, long long ld_out, const float* Cm, long long cs0,
-                           long long cs1, const float* Mm, long long ms0, long long ms1, float m_scale,
-                           const float* Am, long long as0, long long as1, float* v_out, float* t_out) {
-    __shared__ float red[ELRA_SKINNY_GROUP * ELRA_BLOCK];
-    __shared__ float vs[ELRA_SKINNY_MAX_R], ts[ELRA_SKINNY_MAX_R];
-    const long long i = blockIdx.x;
-    const T* row = in + i * ld_in;
-    for (int g = 0; g < r; g += ELRA_SKINNY_GROUP) {
-        float acc[ELRA_SKINNY_GROUP];
-        for (int q = 0; q < ELRA_SKINNY_GROUP; ++q) acc[q] = 0.0f;
-        for (int l = threadIdx.x; l < n_in; l += ELRA_BLOCK) {
-            const float x = to_f32(row[l]);
-            for (int q = 0; q < ELRA_SKINNY_GROUP; ++q)
-                if (g + q < r) acc[q] = fmaf(Cm[(long long)(g + q) * cs0 + (long long)l * cs1], x, acc[q]);
+// Phase 1 walks column tiles of TC columns; per tile and group of GROUP ranks the block stages
+// Cm[g.., tile] in shared memory (any strides; zero-padded), and each lane accumulates, for its
+// V-column chunks (one 8/16-byte load per row when aligned), RW × GROUP partial dot products in
+// registers (each Cm value read from shared memory serves RW rows). Partials are summed over the
+// warp by a butterfly; with one group they stay in registers across tiles and are reduced once.
+// Phase 2 stages Am for all r ranks over column tiles of TC / n_groups columns and each lane
+// writes its chunks of out = base + Am t (t read from shared memory), RW rows at a time.
+// Summation orders are fixed (per lane in column order, then the butterfly, then tiles in order).
+// `in`, `base` and `out` may alias (in place): a row is read only by the warp that owns it,
+// entirely in phase 1, before the barriers that precede its phase-2 writes; each base/out chunk
+// is read and then written by one lane.
+template <typename T, int RW>
+__device__ void rows_fused_rw(int n_rows, int n_in, int n_out, int r, const T* in, long long ld_in, const T* base,
+                              long long ld_base, T* out, long long ld_out, const float* Cm, long long cs0,
+                              long long cs1, const float* Mm, long long ms0, long long ms1, float m_scale,
+                              const float* Am, long long as0, long long as1, float* v_out, float* t_out, float* tile,
+                              float* vsh, float* tsh) {
+    constexpr int V = Vec16<T>::n, VQ = V / 4, G = ELRA_SKINNY_GROUP, TC = ELRA_SKINNY_TC, MR = ELRA_SKINNY_MAX_R;
+    constexpr int CPL = TC / (V * ELRA_WARP);  // chunks per lane and tile
+    const int lane = threadIdx.x % ELRA_WARP, warp = threadIdx.x / ELRA_WARP;
+    const int n_groups = (r + G - 1) / G;
+    const bool vec_in = aligned(in, 16) && ld_in % V == 0;
+    const bool vec_out =
+        out && aligned(out, 16) && ld_out % V == 0 && (!base || (aligned(base, 16) && ld_base % V == 0));
+    // Phase-2 tile width: r ranks × TCo columns fit the GROUP × TC tile; a multiple of V.
+    const int TCo = (TC / n_groups) / V * V;
+    float* vs = vsh + warp * ELRA_SKINNY_MAX_RPW * MR;
+    float* ts = tsh + warp * ELRA_SKINNY_MAX_RPW * MR;
+    const long long step = (long long)ELRA_NWARPS * RW;
+    for (long long row0 = (long long)blockIdx.x * step; row0 < n_rows; row0 += (long long)gridDim.x * step) {
+        const long long wrow = row0 + (long long)warp * RW;
+        const int nr = wrow >= n_rows ? 0 : (n_rows - wrow < RW ? (int)(n_rows - wrow) : RW);
+        // ---- phase 1: v = Cm in_i ----
+        float acc[RW][G];
+#pragma unroll
+        for (int k = 0; k < RW; ++k)
+#pragma unroll
+            for (int q = 0; q < G; ++q) acc[k][q] = 0.0f;
+        for (int t0 = 0; t0 < n_in; t0 += TC) {
+            const int tw = n_in - t0 < TC ? n_in - t0 : TC;
+            for (int g = 0; g < r; g += G) {
+                const int gq = r - g < G ? r - g : G;
+                __syncthreads();  // every warp is done with the previous tile
+                for (int e = threadIdx.x; e < G * TC; e += ELRA_BLOCK) {
+                    int q, c;
+                    if (cs1 == 1) {
+                        q = e / TC, c = e - (e / TC) * TC;
+                    } else {
+                        c = e / G, q = e - (e / G) * G;
+                    }
+                    tile[q * TC + tile_pos<V>(c, TC)] =
+                        (q < gq && c < tw) ? Cm[(long long)(g + q) * cs0 + (long long)(t0 + c) * cs1] : 0.0f;
+                }
+                __syncthreads();
+#pragma unroll 1
+                for (int s = 0; s < CPL; ++s) {
+                    const int c = (lane + s * ELRA_WARP) * V;
+                    if (c < tw) {
+                        float x[RW][V];
+#pragma unroll
+                        for (int k = 0; k < RW; ++k) {
+                            if (k < nr)
+                                load_chunk<T, V>(in + (wrow + k) * ld_in + t0 + c, tw - c, vec_in, x[k]);
+                            else
+#pragma unroll
+                                for (int e = 0; e < V; ++e) x[k][e] = 0.0f;
+                        }
+#pragma unroll
+                        for (int q = 0; q < G; ++q) {
+                            float cv[V];
+#pragma unroll
+                            for (int h = 0; h < VQ; ++h) ld_f4(tile + q * TC + h * (TC / VQ) + (c / V) * 4, cv + 4 * h);
+#pragma unroll
+                            for (int k = 0; k < RW; ++k)
+#pragma unroll
+                                for (int e = 0; e < V; ++e) acc[k][q] = fmaf(cv[e], x[k][e], acc[k][q]);
+                        }
+                    }
+                }
+                if (n_groups > 1 || t0 + TC >= n_in) {
+                    const bool assign = n_groups == 1 || t0 == 0;
+#pragma unroll
+                    for (int k = 0; k < RW; ++k)
+#pragma unroll
+                        for (int q = 0; q < G; ++q) {
+                            const float s = warp_sum(acc[k][q]);
+                            acc[k][q] = 0.0f;
+                            if (lane == 0 && q < gq) vs[k * MR + g + q] = assign ? s : vs[k * MR + g + q] + s;
+                        }
+                }
+            }
         }
-        tree_sum_group(acc, red);
-        if ((int)threadIdx.x < ELRA_SKINNY_GROUP && g + (int)threadIdx.x < r)
-            vs[g + threadIdx.x] = red[threadIdx.x * ELRA_BLOCK];
-        __syncthreads();
-    }
-    for (int q = threadIdx.x; q < r; q += ELRA_BLOCK) {
-        float t;
-        if (Mm) {
-            t = 0.0f;
-            for (int p = 0; p < r; ++p) t = fmaf(Mm[(long long)q * ms0 + (long long)p * ms1], vs[p], t);
-        } else {
-            t = m_scale * vs[q];
+        __syncwarp();  // lane 0's v visible to the warp
+        // ---- t = Mm v ----
+        for (int idx = lane; idx < RW * r; idx += ELRA_WARP) {
+            const int k = idx / r, q = idx - (idx / r) * r;
+            float t;
+            if (Mm) {
+                t = 0.0f;
+                for (int p = 0; p < r; ++p) t = fmaf(Mm[(long long)q * ms0 + (long long)p * ms1], vs[k * MR + p], t);
+            } else {
+                t = m_scale * vs[k * MR + q];
+            }
+            ts[k * MR + q] = t;
+            if (k < nr) {
+                if (v_out) v_out[(wrow + k) * r + q] = vs[k * MR + q];
+                if (t_out) t_out[(wrow + k) * r + q] = t;
+            }
         }
-        ts[q] = t;
-        if (v_out) v_out[i * r + q] = vs[q];
-        if (t_out) t_out[i * r + q] = t;
-    }
-    __syncthreads();
-    if (!out) return;
-    const T* brow = base ? base + i * ld_base : nullptr;
-    T* orow = out + i * ld_out;
-    for (int j = threadIdx.x; j < n_out; j += ELRA_BLOCK) {
-        float acc = brow ? to_f32(brow[j]) : 0.0f;
-        for (int q = 0; q < r; ++q) acc = fmaf(Am[(long long)j * as0 + (long long)q * as1], ts[q], acc);
-        orow[j] = from_f32<T>(acc);
+        __syncwarp();  // t visible to the warp; vs may be rewritten by the next step
+        if (!out) continue;
+        // ---- phase 2: out_i = base_i + Am t ----
+        for (int t0 = 0; t0 < n_out; t0 += TCo) {
+            const int tw = n_out - t0 < TCo ? n_out - t0 : TCo;
+            __syncthreads();  // every warp is done with the previous tile
+            for (int e = threadIdx.x; e < r * TCo; e += ELRA_BLOCK) {
+                int q, c;
+                if (as0 == 1) {
+                    q = e / TCo, c = e - (e / TCo) * TCo;
+                } else {
+                    c = e / r, q = e - (e / r) * r;
+                }
+                tile[q * TCo + tile_pos<V>(c, TCo)] =
+                    c < tw ? Am[(long long)(t0 + c) * as0 + (long long)q * as1] : 0.0f;
+            }
+            __syncthreads();
+            for (int c = lane * V; c < tw; c += ELRA_WARP * V) {
+                float y[RW][V];
+#pragma unroll
+                for (int k = 0; k < RW; ++k) {
+                    if (k < nr && base)
+                        load_chunk<T, V>(base + (wrow + k) * ld_base + t0 + c, tw - c, vec_out, y[k]);
+                    else
+#pragma unroll
+                        for (int e = 0; e < V; ++e) y[k][e] = 0.0f;
+                }
+                for (int q = 0; q < r; ++q) {
+                    float a[V];
+#pragma unroll
+                    for (int h = 0; h < VQ; ++h) ld_f4(tile + q * TCo + h * (TCo / VQ) + (c / V) * 4, a + 4 * h);
+#pragma unroll
+                    for (int k = 0; k < RW; ++k) {
+                        const float tq = ts[k * MR + q];
+#pragma unroll
+                        for (int e = 0; e < V; ++e) y[k][e] = fmaf(a[e], tq, y[k][e]);
+                    }
+                }
+#pragma unroll
+                for (int k = 0; k < RW; ++k)
+                    if (k < nr) store_chunk<T, V>(out + (wrow + k) * ld_out + t0 + c, tw - c, vec_out, y[k]);
+            }
+        }
     }
 }
 
-// Grid (ceil(n / ELRA_BLOCK), n_chunks). Thread (column j, chunk c) sums
+// The row pass with `rows_per_warp` ∈ {1, 2, 4} rows per warp (results do not depend on it: each
+// row's sums are formed in the same order). Every thread of the block must call it.
+template <typename T>
+__device__ void rows_fused(int n_rows, int rows_per_warp, int n_in, int n_out, int r, const T* in, long long ld_in,
+                           const T* base, long long ld_base, T* out, long long ld_out, const float* Cm, long long cs0,
+                           long long cs1, const float* Mm, long long ms0, long long ms1, float m_scale,
+                           const float* Am, long long as0, long long as1, float* v_out, float* t_out) {
+    __align__(16) __shared__ float tile[ELRA_SKINNY_GROUP * ELRA_SKINNY_TC];
+    __shared__ float vsh[ELRA_NWARPS * ELRA_SKINNY_MAX_RPW * ELRA_SKINNY_MAX_R];
+    __shared__ float tsh[ELRA_NWARPS * ELRA_SKINNY_MAX_RPW * ELRA_SKINNY_MAX_R];
+    if (rows_per_warp >= 4)
+        rows_fused_rw<T, 4>(n_rows, n_in, n_out, r, in, ld_in, base, ld_base, out, ld_out, Cm, cs0, cs1, Mm, ms0, ms1,
+                            m_scale, Am, as0, as1, v_out, t_out, tile, vsh, tsh);
+    else if (rows_per_warp == 2)
+        rows_fused_rw<T, 2>(n_rows, n_in, n_out, r, in, ld_in, base, ld_base, out, ld_out, Cm, cs0, cs1, Mm, ms0, ms1,
+                            m_scale, Am, as0, as1, v_out, t_out, tile, vsh, tsh);
+    else
+        rows_fused_rw<T, 1>(n_rows, n_in, n_out, r, in, ld_in, base, ld_base, out, ld_out, Cm, cs0, cs1, Mm, ms0, ms1,
+                            m_scale, Am, as0, as1, v_out, t_out, tile, vsh, tsh);
+}
+
+// ---- col_reduce ----------------------------------------------------------------------------------
+// Grid (ceil(n / COLS), n_chunks), COLS = CT·V columns per block. Block (x, chunk c) computes
 //   partial[(c·n + j)·r + q] = Σ_{i in chunk c} Y[i, j] · S[i·ss0 + q·ss1]
-// over rows i ∈ [c·rows_per_chunk, min(n_rows, (c+1)·rows_per_chunk)), in row order.
+// for its COLS columns j over rows i ∈ [c·rows_per_chunk, min(n_rows, (c+1)·rows_per_chunk)).
+// Thread (row lane rl, column thread ct) owns V consecutive columns (one 8/16-byte load per row
+// when aligned) and the rows rl, rl + RL, … of each piece of SROWS rows, U rows in flight; S for
+// a piece is staged in shared memory. The RL per-thread partials are then summed in row-lane
+// order through shared memory. Per (j, q) the order is fixed: each row lane's rows in order,
+// then row lanes 0..RL-1. r > GROUP loops over groups of ranks (re-reading Y).
 template <typename T>
 __device__ void col_reduce_partial(int n_rows, int n, int r, int rows_per_chunk, const T* Y, long long ldy,
                                    const float* S, long long ss0, long long ss1, float* partial) {
-    const long long j = (long long)blockIdx.x * ELRA_BLOCK + threadIdx.x;
+    constexpr int V = ELRA_CR_V, G = ELRA_SKINNY_GROUP, RL = ELRA_CR_RL, CT = ELRA_CR_CT, U = ELRA_CR_U;
+    constexpr int SR = ELRA_CR_SROWS, VG1 = V * G + 1;
+    __align__(16) __shared__ float ssh[SR * G];
+    __shared__ float red[RL * CT * VG1];
+    const int ct = threadIdx.x % CT, rl = threadIdx.x / CT;
     const long long c = blockIdx.y;
-    if (j >= n) return;
+    const int jb = blockIdx.x * ELRA_CR_COLS;  // first column of the block
+    const int j0 = jb + ct * V;
+    const int avail = n - j0;  // columns of this thread's chunk inside the matrix (≤ 0: none)
+    const bool vec = aligned(Y, V * (int)sizeof(T)) && ldy % V == 0;
     const long long i0 = c * rows_per_chunk;
     const long long i1 = i0 + rows_per_chunk < n_rows ? i0 + rows_per_chunk : n_rows;
-    for (int g = 0; g < r; g += ELRA_SKINNY_GROUP) {
-        float acc[ELRA_SKINNY_GROUP];
-        for (int q = 0; q < ELRA_SKINNY_GROUP; ++q) acc[q] = 0.0f;
-        for (long long i = i0; i < i1; ++i) {
-            const float y = to_f32(Y[i * ldy + j]);
-            for (int q = 0; q < ELRA_SKINNY_GROUP; ++q)
-                if (g + q < r) acc[q] = fmaf(y, S[i * ss0 + (long long)(g + q) * ss1], acc[q]);
+    for (int g = 0; g < r; g += G) {
+        const int gq = r - g < G ? r - g : G;
+        float acc[V][G];
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+#pragma unroll
+            for (int q = 0; q < G; ++q) acc[e][q] = 0.0f;
+        for (long long p0 = i0; p0 < i1; p0 += SR) {
+            const int pr = i1 - p0 < SR ? (int)(i1 - p0) : SR;
+            __syncthreads();  // the previous piece is consumed
+            for (int e = threadIdx.x; e < SR * G; e += ELRA_BLOCK) {
+                int i, q;
+                if (ss1 == 1) {
+                    i = e / G, q = e - (e / G) * G;
+                } else {
+                    q = e / SR, i = e - (e / SR) * SR;
+                }
+                ssh[i * G + q] = (i < pr && q < gq) ? S[(p0 + i) * ss0 + (long long)(g + q) * ss1] : 0.0f;
+            }
+            __syncthreads();
+            if (avail > 0) {
+                for (int i = rl; i < pr; i += RL * U) {
+                    float y[U][V];
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const int ii = i + u * RL;
+                        if (ii < pr)
+                            load_chunk<T, V>(Y + (p0 + ii) * ldy + j0, avail, vec, y[u]);
+                        else
+#pragma unroll
+                            for (int e = 0; e < V; ++e) y[u][e] = 0.0f;
+                    }
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const int ii = i + u * RL;
+                        if (ii < pr) {
+                            float s[G];
+#pragma unroll
+                            for (int h = 0; h < G / 4; ++h) ld_f4(ssh + ii * G + 4 * h, s + 4 * h);
+#pragma unroll
+                            for (int e = 0; e < V; ++e)
+#pragma unroll
+                                for (int q = 0; q < G; ++q) acc[e][q] = fmaf(y[u][e], s[q], acc[e][q]);
+                        }
+                    }
+                }
+            }
         }
-        for (int q = 0; q < ELRA_SKINNY_GROUP; ++q)
-            if (g + q < r) partial[(c * n + j) * r + g + q] = acc[q];
+        __syncthreads();  // red is free (previous group's sums read)
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+#pragma unroll
+            for (int q = 0; q < G; ++q) red[(rl * CT + ct) * VG1 + e * G + q] = acc[e][q];
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < CT * V * G; idx += ELRA_BLOCK) {
+            const int ct2 = idx / (V * G), rem = idx - (idx / (V * G)) * (V * G);
+            const int e = rem / G, q = rem - (rem / G) * G;
+            float s = red[ct2 * VG1 + rem];
+            for (int l = 1; l < RL; ++l) s += red[(l * CT + ct2) * VG1 + rem];
+            const long long j = (long long)jb + ct2 * V + e;
+            if (j < n && q < gq) partial[(c * n + j) * r + g + q] = s;
+        }
     }
 }
 
@@ -146,24 +482,74 @@ __device__ void col_reduce_finish(int n, int r, int n_chunks, const float* parti
     const long long idx = (long long)blockIdx.x * ELRA_BLOCK + threadIdx.x;
     if (idx >= (long long)n * r) return;
     const long long j = idx / r, q = idx - (idx / r) * r;
+    const long long nr = (long long)n * r;
     float s = 0.0f;
-    for (long long c = 0; c < n_chunks; ++c) s += partial[(c * n + j) * r + q];
+#pragma unroll 8
+    for (long long c = 0; c < n_chunks; ++c) s += partial[c * nr + idx];
     float* o = out + j * os0 + q * os1;
     *o = beta != 0.0f ? fmaf(alpha, s, beta * *o) : alpha * s;
 }
 
+// ---- merge_apply ---------------------------------------------------------------------------------
 // W_out[i, j] = W_in[i, j] + scale · Σ_q L[i·ls0 + q·ls1] · R[q·rs0 + j·rs1], accumulated in float
-// and rounded once. Grid ceil(d·k / ELRA_BLOCK). W_out may alias W_in (same thread reads and writes).
+// (q in order) and rounded once. Grid (ceil(k / COLS), any y), COLS = ELRA_WARP·V: block x stages
+// R[:, its COLS columns] in shared memory once, then steps over row groups of ELRA_NWARPS·RW rows
+// (grid-stride in y); each lane owns V consecutive columns (one vector load/store when aligned)
+// of RW rows, each R value read from shared memory serving RW rows. W_out may alias W_in (each
+// entry is read and then written by the same lane).
 template <typename T>
 __device__ void merge_apply(int d, int k, int r, const T* W_in, long long ld_in, T* W_out, long long ld_out,
-                            float scale, const float* L, long long ls0, long long ls1, const float* R,
-                            long long rs0, long long rs1) {
-    const long long idx = (long long)blockIdx.x * ELRA_BLOCK + threadIdx.x;
-    if (idx >= (long long)d * k) return;
-    const long long i = idx / k, j = idx - (idx / k) * k;
-    float acc = 0.0f;
-    for (int q = 0; q < r; ++q) acc = fmaf(L[i * ls0 + q * ls1], R[q * rs0 + j * rs1], acc);
-    W_out[i * ld_out + j] = from_f32<T>(fmaf(scale, acc, to_f32(W_in[i * ld_in + j])));
+                            float scale, const float* L, long long ls0, long long ls1, const float* R, long long rs0,
+                            long long rs1) {
+    constexpr int V = ELRA_MA_V, RW = ELRA_MA_RW, COLS = ELRA_MA_COLS;
+    __align__(16) __shared__ float rsh[ELRA_SKINNY_MAX_R * COLS];
+    const int lane = threadIdx.x % ELRA_WARP, warp = threadIdx.x / ELRA_WARP;
+    const int jb = blockIdx.x * COLS;
+    const int tw = k - jb < COLS ? k - jb : COLS;
+    for (int e = threadIdx.x; e < r * COLS; e += ELRA_BLOCK) {
+        int q, c;
+        if (rs1 == 1) {
+            q = e / COLS, c = e - (e / COLS) * COLS;
+        } else {
+            c = e / r, q = e - (e / r) * r;
+        }
+        rsh[q * COLS + c] = c < tw ? R[(long long)q * rs0 + (long long)(jb + c) * rs1] : 0.0f;
+    }
+    __syncthreads();
+    const int c = lane * V;
+    if (c >= tw) return;  // no barrier follows
+    const int bytes = V * (int)sizeof(T);
+    const bool vec = aligned(W_in, bytes) && aligned(W_out, bytes) && ld_in % V == 0 && ld_out % V == 0;
+    const long long step = (long long)ELRA_NWARPS * RW;
+    for (long long i0 = (long long)blockIdx.y * step + (long long)warp * RW; i0 < d; i0 += (long long)gridDim.y * step) {
+        const int nr = d - i0 < RW ? (int)(d - i0) : RW;
+        float w[RW][V], acc[RW][V];
+#pragma unroll
+        for (int kk = 0; kk < RW; ++kk) {
+            if (kk < nr) load_chunk<T, V>(W_in + (i0 + kk) * ld_in + jb + c, tw - c, vec, w[kk]);
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[kk][e] = 0.0f;
+        }
+        for (int q = 0; q < r; ++q) {
+            float rv[V];
+            ld_f4(rsh + q * COLS + c, rv);
+#pragma unroll
+            for (int kk = 0; kk < RW; ++kk) {
+                const float l = kk < nr ? L[(i0 + kk) * ls0 + (long long)q * ls1] : 0.0f;
+#pragma unroll
+                for (int e = 0; e < V; ++e) acc[kk][e] = fmaf(l, rv[e], acc[kk][e]);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < RW; ++kk) {
+            if (kk < nr) {
+                float o[V];
+#pragma unroll
+                for (int e = 0; e < V; ++e) o[e] = fmaf(scale, acc[kk][e], w[kk][e]);
+                store_chunk<T, V>(W_out + (i0 + kk) * ld_out + jb + c, tw - c, vec, o);
+            }
+        }
+    }
 }
 
 }  // namespace skinny
@@ -249,11 +635,12 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
 
 #define ELRA_SKINNY_ENTRIES(T, SUFFIX)                                                                            \
     extern "C" __global__ void __launch_bounds__(ELRA_BLOCK) rows_fused_##SUFFIX(                                  \
-        int n_in, int n_out, int r, const T* in, long long ld_in, const T* base, long long ld_base, T* out,        \
-        long long ld_out, const float* Cm, long long cs0, long long cs1, const float* Mm, long long ms0,           \
-        long long ms1, float m_scale, const float* Am, long long as0, long long as1, float* v_out, float* t_out) { \
-        elra::skinny::rows_fused<T>(n_in, n_out, r, in, ld_in, base, ld_base, out, ld_out, Cm, cs0, cs1, Mm, ms0,  \
-                                    ms1, m_scale, Am, as0, as1, v_out, t_out);                                     \
+        int n_rows, int rows_per_warp, int n_in, int n_out, int r, const T* in, long long ld_in, const T* base,    \
+        long long ld_base, T* out, long long ld_out, const float* Cm, long long cs0, long long cs1, const float* Mm, \
+        long long ms0, long long ms1, float m_scale, const float* Am, long long as0, long long as1, float* v_out,   \
+        float* t_out) {                                                                                            \
+        elra::skinny::rows_fused<T>(n_rows, rows_per_warp, n_in, n_out, r, in, ld_in, base, ld_base, out, ld_out,  \
+                                    Cm, cs0, cs1, Mm, ms0, ms1, m_scale, Am, as0, as1, v_out, t_out);              \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(ELRA_BLOCK) col_reduce_partial_##SUFFIX(                          \
         int n_rows, int n, int r, int rows_per_chunk, const T* Y, long long ldy, const float* S, long long ss0,    \

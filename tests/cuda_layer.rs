@@ -626,17 +626,17 @@ fn cuda_layer_memory_flat_over_10k_steps() {
 // ---------------------------------------------------------------------------------------------
 //
 // cuda/emu/skinny_harness.cpp compiles cuda/skinny.cu with the host C++ compiler (cuda/emu/
-// cuda_emu.hpp: one OS thread per CUDA thread, ELRA_BLOCK = 8, std::barrier for __syncthreads;
-// f16 via _Float16, bf16 rounded to nearest even by hand). The device code runs unchanged — the
-// index arithmetic, strides, group loops over r, tree reductions, chunked reductions, null
-// operands and in-place aliasing — and is checked here against f64 references of each kernel's
-// stated formula. What only a GPU exercises: the 256-thread configuration, the launches and their
-// argument marshalling (src/cuda/skinny.rs), cuBLAS, the device conversions and the composition
-// of the kernels into the layer (the GPU tests above).
-//
-// Tolerances: kernel inputs are exactly representable in f32, so the f32 results differ from f64
-// only by f32 accumulation over ≤ 64 terms: ≤ 64·u ≈ 4e-6 relative; 1e-5 is asserted. Outputs
-// stored as bf16/f16 add one rounding (u = 3.9e-3 / 4.9e-4): 8e-3 and 1e-3 asserted.
+// cuda_emu.hpp: one OS thread per CUDA thread, ELRA_BLOCK = 8 = one warp, std::barrier for
+// __syncthreads and the warp shuffles; f16 via _Float16, bf16 rounded to nearest even by hand).
+// The device code runs unchanged — index arithmetic, strides, the vector (aligned, ld a multiple
+// of the chunk) and scalar (odd ld, misaligned, ragged ends) paths, shared-memory staging, rank
+// groups, warp butterflies, rows per warp, grid-stride loops, chunked reductions, null operands
+// and in-place aliasing — and is checked against f64 references of each kernel's stated formula,
+// with the gaps of strided outputs checked untouched. What only a GPU exercises: the 256-thread,
+// 32-lane configuration, the launches and their argument marshalling (src/cuda/skinny.rs),
+// cuBLAS, the device conversions and the composition of the kernels into the layer (the GPU
+// tests above). Tolerances are stated per test: f32 results differ from f64 only by f32
+// accumulation; outputs stored as bf16/f16 add one rounding (u = 3.9e-3 / 4.9e-4).
 
 mod skinny_emu {
     use std::path::PathBuf;
@@ -732,29 +732,83 @@ fn out_tol(dt: &str) -> f64 {
     }
 }
 
+/// Row stride and offset (elements) of an activation matrix with `cols` columns in the
+/// emulation: 0 = dense (ld = cols), 1 = aligned (ld a multiple of 8 with slack, offset 0: the
+/// vector paths with a ragged end), 2 = aligned with offset 8 (still 16-byte aligned), 3 = offset 1
+/// (misaligned: the scalar paths).
+fn layout(kind: usize, cols: usize) -> (usize, usize) {
+    let up = cols.div_ceil(8) * 8;
+    match kind {
+        0 => (cols, 0),
+        1 => (up + 8, 0),
+        2 => (up, 8),
+        _ => (up, 1),
+    }
+}
+
+/// Checks the harness's `pad` output: no entry outside the output matrix changed.
+fn assert_pad(out: &[(String, Vec<f32>)], label: &str) {
+    let pad = out.iter().find(|(n, _)| n == "pad").expect("pad output");
+    assert_eq!(
+        pad.1,
+        vec![0.0],
+        "{label}: entries outside the output written"
+    );
+}
+
+// rows_fused in the emulation (ELRA_BLOCK = 8 = one warp; column tiles of 64 columns): n_in = 150
+// spans 3 tiles with a ragged end (not a multiple of 4 or 8), n_out = 77 (phase-2 tiles of
+// 64 / ⌈r/8⌉ columns), 11 rows (not a multiple of the 1, 2 or 4 rows per warp) over 2 blocks (the
+// grid-stride loop takes the rest). Tolerances: v and t are dot products of ≤ 150 (≤ 64) f32
+// products; γ_n-type error n·u ≈ 9e-6 in the worst case, ≈ √n·u ≈ 1e-6 typically: 1e-5 on the
+// Frobenius-relative error. `out` in f32 adds ≤ 64 more products (1e-5); stored in bf16/f16 one
+// rounding (u = 3.9e-3 / 4.9e-4): 8e-3 / 1e-3.
 #[test]
 fn cuda_layer_kernels_emulated_on_cpu_rows_fused() {
     emu_or_skip!();
     let mut rng = rng(800);
-    let (n_rows, n_in, n_out) = (5usize, 19usize, 13usize);
+    let n_rows = 11usize;
     for dt in ["f32", "bf16", "f16"] {
         for r in [1usize, 9, 64] {
-            for case in 0..4 {
-                let (has_base, alias, has_out, has_mm) =
-                    [(1, 1, 1, 1), (1, 0, 1, 0), (0, 0, 1, 1), (0, 0, 0, 1)][case];
-                // Transposed storage of Cm and Am in odd cases, Mᵀ in even cases.
-                let tr = case % 2 == 1;
+            // (has_base, alias, has_out, has_mm, transposed factors, rows per warp, layout)
+            // alias 1: out = base; alias 2: in = base = out (in place, n_out = n_in).
+            let cases = [
+                (1, 1, 1, 1, false, 4, 1),
+                (1, 0, 1, 0, true, 2, 0),
+                (0, 0, 1, 1, false, 1, 3),
+                (0, 0, 0, 1, true, 4, 1),
+                (1, 2, 1, 1, true, 4, 2),
+                (1, 2, 1, 0, false, 2, 0),
+                (1, 0, 1, 1, false, 1, 2),
+            ];
+            for (case, &(has_base, alias, has_out, has_mm, tr, rpw, lay)) in
+                cases.iter().enumerate()
+            {
+                let n_in = 150usize;
+                let n_out = if alias == 2 { n_in } else { 77 };
+                let (ld_in, off) = layout(lay, n_in);
+                let ld_out = if alias == 2 {
+                    ld_in
+                } else {
+                    layout(lay, n_out).0
+                };
+                let gx = 2;
+                // Transposed storage of Cm and Am when `tr`, Mᵀ otherwise.
                 let (cs0, cs1) = if tr { (1, r) } else { (n_in, 1) };
                 let (ms0, ms1) = if tr { (r, 1) } else { (1, r) };
                 let (as0, as1) = if tr { (1, n_out) } else { (r, 1) };
                 let input = rand_vals(n_rows * n_in, dt, &mut rng);
-                let base = rand_vals(n_rows * n_out, dt, &mut rng);
+                let base = if alias == 2 {
+                    input.clone()
+                } else {
+                    rand_vals(n_rows * n_out, dt, &mut rng)
+                };
                 let cm = rand_vals(r * n_in, "f32", &mut rng);
                 let mm = rand_vals(r * r, "f32", &mut rng);
                 let am = rand_vals(n_out * r, "f32", &mut rng);
                 let m_scale = 0.75f32;
                 let mut job = format!(
-                    "rows_fused {dt} {n_rows} {n_in} {n_out} {r} {has_base} {alias} {has_out} {has_mm} {} {cs0} {cs1} {ms0} {ms1} {as0} {as1} {} {} {}",
+                    "rows_fused {dt} {n_rows} {n_in} {n_out} {r} {rpw} {gx} {ld_in} {ld_out} {off} {has_base} {alias} {has_out} {has_mm} {} {cs0} {cs1} {ms0} {ms1} {as0} {as1} {} {} {}",
                     h1(m_scale),
                     cm.len(),
                     mm.len(),
@@ -806,6 +860,7 @@ fn cuda_layer_kernels_emulated_on_cpu_rows_fused() {
                 let ev = rel_flat(&out[0].1, &v, &label);
                 let et = rel_flat(&out[1].1, &t, &label);
                 assert!(ev <= 1e-5 && et <= 1e-5, "{label}: v {ev:.2e} t {et:.2e}");
+                assert_pad(&out, &label);
                 if has_out == 1 {
                     let eo = rel_flat(&out[2].1, &o, &label);
                     assert!(eo <= out_tol(dt), "{label}: out {eo:.2e}");
@@ -821,17 +876,23 @@ fn cuda_layer_kernels_emulated_on_cpu_rows_fused() {
     }
 }
 
+// col_reduce in the emulation (blocks of 2 row lanes × 4 column threads × 4 columns = 16
+// columns; S staged 32 rows at a time): 70 rows (several pieces per chunk when rows_per_chunk
+// ≥ 33), 37 columns (3 column blocks, ragged), r = 1, 10 (two rank groups) and 64, the dense
+// (scalar, odd ld), aligned (vector) and offset (scalar) layouts. Tolerance: sums of ≤ 70 f32
+// products, γ_n ≈ 4e-6 worst case: 1e-5.
 #[test]
 fn cuda_layer_kernels_emulated_on_cpu_col_reduce() {
     emu_or_skip!();
     let mut rng = rng(801);
-    let (n_rows, n) = (23usize, 11usize);
+    let (n_rows, n) = (70usize, 37usize);
     for dt in ["f32", "bf16", "f16"] {
-        for r in [3usize, 10] {
-            for rpc in [1usize, 4, 23] {
+        for (r, lay) in [(1usize, 1usize), (10, 0), (64, 3), (10, 2)] {
+            for rpc in [1usize, 17, 70] {
                 for beta in [0.0f32, 0.5] {
-                    // S stored transposed (ss0 = 1, ss1 = n_rows); out stored transposed.
-                    let (ss0, ss1) = (1usize, n_rows);
+                    let (ldy, off) = layout(lay, n);
+                    // S stored transposed (ss0 = 1, ss1 = n_rows) or row-major; out transposed.
+                    let (ss0, ss1) = if rpc == 17 { (r, 1) } else { (1, n_rows) };
                     let (os0, os1) = (1usize, n);
                     let y = rand_vals(n_rows * n, dt, &mut rng);
                     let s = rand_vals(n_rows * r, "f32", &mut rng);
@@ -841,7 +902,7 @@ fn cuda_layer_kernels_emulated_on_cpu_col_reduce() {
                     }
                     let alpha = -1.25f32;
                     let mut job = format!(
-                        "col_reduce {dt} {n_rows} {n} {r} {rpc} {ss0} {ss1} {os0} {os1} {} {} {} {}",
+                        "col_reduce {dt} {n_rows} {n} {r} {rpc} {ldy} {off} {ss0} {ss1} {os0} {os1} {} {} {} {}",
                         h1(alpha),
                         h1(beta),
                         s.len(),
@@ -868,7 +929,7 @@ fn cuda_layer_kernels_emulated_on_cpu_col_reduce() {
                     let e = rel_flat(&out[0].1, &want, "col_reduce");
                     assert!(
                         e <= 1e-5,
-                        "col_reduce {dt} r={r} rpc={rpc} β={beta}: {e:.2e}"
+                        "col_reduce {dt} r={r} rpc={rpc} layout {lay} β={beta}: {e:.2e}"
                     );
                 }
             }
@@ -876,41 +937,53 @@ fn cuda_layer_kernels_emulated_on_cpu_col_reduce() {
     }
 }
 
+// merge_apply in the emulation (blocks of 32 columns, steps of 4 rows): d = 13 rows over 2 row
+// blocks (grid-stride), k = 45 columns (2 column blocks, ragged), r = 1, 5, 64, L stored
+// transposed, R row-major or transposed, in place and not, the four layouts. Tolerance: ≤ 64
+// f32 products then one rounding to the output type: out_tol.
 #[test]
 fn cuda_layer_kernels_emulated_on_cpu_merge_gemm_factor() {
     emu_or_skip!();
     let mut rng = rng(802);
     // merge_apply: W_out = W_in + scale L R, L stored transposed, in place and not.
-    let (d, k, r) = (7usize, 13usize, 5usize);
+    let (d, k) = (13usize, 45usize);
     for dt in ["f32", "bf16", "f16"] {
-        for alias in [0, 1] {
-            let w = rand_vals(d * k, dt, &mut rng);
-            let l = rand_vals(d * r, "f32", &mut rng);
-            let rr = rand_vals(r * k, "f32", &mut rng);
-            let (ls0, ls1, rs0, rs1) = (1usize, d, k, 1usize);
-            let scale = -0.5f32;
-            let mut job = format!(
-                "merge_apply {dt} {d} {k} {r} {alias} {} {ls0} {ls1} {rs0} {rs1} {} {}",
-                h1(scale),
-                l.len(),
-                rr.len()
-            );
-            hex(&w, &mut job);
-            hex(&l, &mut job);
-            hex(&rr, &mut job);
-            let out = skinny_emu::run(&job);
-            let want: Vec<f64> = (0..d * k)
-                .map(|idx| {
-                    let (i, j) = (idx / k, idx % k);
-                    w[idx] as f64
-                        + scale as f64
-                            * (0..r)
-                                .map(|q| l[i * ls0 + q * ls1] as f64 * rr[q * rs0 + j * rs1] as f64)
-                                .sum::<f64>()
-                })
-                .collect();
-            let e = rel_flat(&out[0].1, &want, "merge_apply");
-            assert!(e <= out_tol(dt), "merge_apply {dt} alias={alias}: {e:.2e}");
+        for (r, lay) in [(1usize, 1usize), (5, 0), (64, 2), (5, 3)] {
+            for alias in [0, 1] {
+                let (ld, off) = layout(lay, k);
+                let w = rand_vals(d * k, dt, &mut rng);
+                let l = rand_vals(d * r, "f32", &mut rng);
+                let rr = rand_vals(r * k, "f32", &mut rng);
+                let (ls0, ls1) = (1usize, d);
+                let (rs0, rs1) = if alias == 0 { (k, 1usize) } else { (1, r) };
+                let scale = -0.5f32;
+                let mut job = format!(
+                    "merge_apply {dt} {d} {k} {r} {alias} {ld} {off} 2 {} {ls0} {ls1} {rs0} {rs1} {} {}",
+                    h1(scale),
+                    l.len(),
+                    rr.len()
+                );
+                hex(&w, &mut job);
+                hex(&l, &mut job);
+                hex(&rr, &mut job);
+                let out = skinny_emu::run(&job);
+                let want: Vec<f64> = (0..d * k)
+                    .map(|idx| {
+                        let (i, j) = (idx / k, idx % k);
+                        w[idx] as f64
+                            + scale as f64
+                                * (0..r)
+                                    .map(|q| {
+                                        l[i * ls0 + q * ls1] as f64 * rr[q * rs0 + j * rs1] as f64
+                                    })
+                                    .sum::<f64>()
+                    })
+                    .collect();
+                let label = format!("merge_apply {dt} r={r} layout {lay} alias={alias}");
+                let e = rel_flat(&out[0].1, &want, &label);
+                assert!(e <= out_tol(dt), "{label}: {e:.2e}");
+                assert_pad(&out, &label);
+            }
         }
     }
     // small_gemm with transposed A and strided C, β = 0 (C poisoned) and β ≠ 0.

@@ -7,10 +7,18 @@
 // `__nv_bfloat16` rounds to nearest even by hand.
 //
 // Jobs (integers decimal, floats as hex bits of f32):
-//   rows_fused DT n_rows n_in n_out r has_base alias_base has_out has_mm m_scale cs0 cs1 ms0 ms1 as0 as1
-//              len_cm len_mm len_am | in base cm mm am            -> v t out
-//   col_reduce DT n_rows n r rows_per_chunk ss0 ss1 os0 os1 alpha beta len_s len_out | Y S out0 -> out
-//   merge_apply DT d k r alias scale ls0 ls1 rs0 rs1 len_l len_r | W L R                         -> w
+//   rows_fused DT n_rows n_in n_out r rpw gx ld_in ld_out off has_base alias has_out has_mm m_scale cs0 cs1
+//              ms0 ms1 as0 as1 len_cm len_mm len_am | in base cm mm am            -> v t out pad
+//   col_reduce DT n_rows n r rows_per_chunk ldy off ss0 ss1 os0 os1 alpha beta len_s len_out | Y S out0 -> out
+//   merge_apply DT d k r alias ld off gy scale ls0 ls1 rs0 rs1 len_l len_r | W L R             -> w pad
+//
+// Activation matrices are laid out with row stride ld (≥ cols) starting `off` elements after a
+// 64-byte aligned address (off = 0 with ld a multiple of 8 takes the vector paths; an odd off or
+// ld the scalar ones); the gaps hold NaN in inputs and the sentinel -7 in outputs, and `pad`
+// reports how many gap entries of the output buffer changed (must be 0). rows_fused: `rpw` rows
+// per warp and `gx` blocks (a grid-stride loop covers the rest); alias 1: out = base, alias 2:
+// in = base = out (in place; n_in = n_out, ld_in = ld_out, the base input is ignored). merge_apply:
+// `gy` row blocks.
 //   small_gemm m n kk alpha beta as0 as1 bs0 bs1 cs0 cs1 len_a len_b len_c | A B C0              -> c
 //   factor_c d r has_b mult alpha | A B eta                                                        -> ct
 //   factor_backward d r has_b lambda alpha mult | A Ct S K eta Abar CbarT                       -> abar cbar_t bbar etabar
@@ -26,6 +34,34 @@ struct __nv_bfloat16 {
     uint16_t bits;
 };
 inline float __half2float(__half x) { return (float)x.h; }
+inline __half __ushort_as_half(unsigned short b) {
+    __half h;
+    std::memcpy(&h, &b, 2);
+    return h;
+}
+inline unsigned short __half_as_ushort(__half h) {
+    unsigned short b;
+    std::memcpy(&b, &h, 2);
+    return b;
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit activation types");
+
+// The grid of the launch (set per block by launch() below).
+thread_local EmuDim3 gridDim;
+
+// Small tiles so that the emulated tests cross several column tiles cheaply.
+#define ELRA_SKINNY_TILE_CHUNKS 1
 inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
 inline float __bfloat162float(__nv_bfloat16 x) {
     uint32_t u = (uint32_t)x.bits << 16;
@@ -103,6 +139,8 @@ static void launch(unsigned gx, unsigned gy, const std::function<void()>& kernel
                     threadIdx.x = t;
                     blockIdx.x = bx;
                     blockIdx.y = by;
+                    gridDim.x = gx;
+                    gridDim.y = gy;
                     kernel();
                 });
             for (auto& th : threads) th.join();
@@ -112,42 +150,93 @@ static void launch(unsigned gx, unsigned gy, const std::function<void()>& kernel
 
 static unsigned blocks(long long total) { return (unsigned)((total + ELRA_BLOCK - 1) / ELRA_BLOCK); }
 
+// A rows × cols matrix of T with row stride ld, starting off elements after a 64-byte aligned
+// address inside `buf`; the other entries of buf are gaps.
+template <typename T> struct Strided {
+    long long rows, cols, ld, start;
+    std::vector<T> buf;
+    Strided(long long rows_, long long cols_, long long ld_, long long off, float gap)
+        : rows(rows_), cols(cols_), ld(ld_) {
+        buf.assign(rows * ld + off + 64, elra::skinny::from_f32<T>(gap));
+        const uintptr_t a = (uintptr_t)buf.data();
+        start = (long long)(((a + 63) / 64 * 64 - a) / sizeof(T)) + off;
+    }
+    T* at() { return buf.data() + start; }
+    bool in_matrix(long long idx) const {
+        const long long rel = idx - start;
+        return rel >= 0 && rel / ld < rows && rel % ld < cols;
+    }
+    void set(const std::vector<float>& v) {
+        for (long long i = 0; i < rows; ++i)
+            for (long long j = 0; j < cols; ++j) buf[start + i * ld + j] = elra::skinny::from_f32<T>(v[i * cols + j]);
+    }
+    std::vector<float> get() const {
+        std::vector<float> v(rows * cols);
+        for (long long i = 0; i < rows; ++i)
+            for (long long j = 0; j < cols; ++j) v[i * cols + j] = elra::skinny::to_f32(buf[start + i * ld + j]);
+        return v;
+    }
+    void fill_gaps(float x) {
+        for (long long idx = 0; idx < (long long)buf.size(); ++idx)
+            if (!in_matrix(idx)) buf[idx] = elra::skinny::from_f32<T>(x);
+    }
+    long long gap_changes(const std::vector<T>& before) const {
+        long long n = 0;
+        for (long long idx = 0; idx < (long long)buf.size(); ++idx)
+            if (!in_matrix(idx) && std::memcmp(&buf[idx], &before[idx], sizeof(T)) != 0) ++n;
+        return n;
+    }
+};
+
 template <typename T> static int job_typed(const std::string& op) {
     if (op == "rows_fused") {
-        long long n_rows, n_in, n_out, r, has_base, alias, has_out, has_mm, cs0, cs1, ms0, ms1, as0, as1, lc, lm,
-            la;
-        std::cin >> n_rows >> n_in >> n_out >> r >> has_base >> alias >> has_out >> has_mm;
+        long long n_rows, n_in, n_out, r, rpw, gx, ld_in, ld_out, off, has_base, alias, has_out, has_mm, cs0, cs1,
+            ms0, ms1, as0, as1, lc, lm, la;
+        std::cin >> n_rows >> n_in >> n_out >> r >> rpw >> gx >> ld_in >> ld_out >> off >> has_base >> alias >>
+            has_out >> has_mm;
         const float m_scale = read_hex();
         std::cin >> cs0 >> cs1 >> ms0 >> ms1 >> as0 >> as1 >> lc >> lm >> la;
-        std::vector<T> in = to_t<T>(read_f32(n_rows * n_in));
-        std::vector<T> base = has_base ? to_t<T>(read_f32(n_rows * n_out)) : std::vector<T>();
+        const std::vector<float> in_v = read_f32(n_rows * n_in);
+        const std::vector<float> base_v = has_base ? read_f32(n_rows * n_out) : std::vector<float>();
         std::vector<float> cm = read_f32(lc), mm = read_f32(lm), am = read_f32(la);
-        std::vector<T> out_sep(n_rows * n_out, elra::skinny::from_f32<T>(-7.0f));
-        T* out = has_out ? (alias ? base.data() : out_sep.data()) : nullptr;
+        Strided<T> in(n_rows, n_in, ld_in, off, NAN), base(n_rows, n_out, ld_out, off, NAN),
+            out_sep(n_rows, n_out, ld_out, off, -7.0f);
+        in.set(in_v);
+        if (has_base) base.set(base_v);
+        T* in_p = in.at();
+        T* base_p = has_base ? base.at() : nullptr;
+        Strided<T>* out_buf = &out_sep;
+        if (alias == 1) out_buf = &base;
+        if (alias == 2) base_p = in_p, out_buf = &in;
+        T* out_p = has_out ? out_buf->at() : nullptr;
+        // Gaps of the output buffer hold -7 (so that `pad` counts changes).
+        if (alias != 0) out_buf->fill_gaps(-7.0f);
+        const std::vector<T> before = out_buf->buf;
         std::vector<float> v(n_rows * r, -7.0f), t(n_rows * r, -7.0f);
-        launch((unsigned)n_rows, 1, [&] {
-            elra::skinny::rows_fused<T>((int)n_in, (int)n_out, (int)r, in.data(), n_in,
-                                        has_base ? base.data() : nullptr, n_out, out, n_out, cm.data(), cs0, cs1,
-                                        has_mm ? mm.data() : nullptr, ms0, ms1, m_scale, am.data(), as0, as1, v.data(),
-                                        t.data());
+        launch((unsigned)gx, 1, [&] {
+            elra::skinny::rows_fused<T>((int)n_rows, (int)rpw, (int)n_in, (int)n_out, (int)r, in_p, ld_in, base_p,
+                                        ld_out, out_p, ld_out, cm.data(), cs0, cs1, has_mm ? mm.data() : nullptr, ms0,
+                                        ms1, m_scale, am.data(), as0, as1, v.data(), t.data());
         });
         write_f32("v", v);
         write_f32("t", t);
-        write_f32("out", from_t(alias ? base : out_sep));
+        write_f32("out", out_buf->get());
+        write_f32("pad", {(float)out_buf->gap_changes(before)});
         return 0;
     }
     if (op == "col_reduce") {
-        long long n_rows, n, r, rpc, ss0, ss1, os0, os1, ls, lo;
-        std::cin >> n_rows >> n >> r >> rpc >> ss0 >> ss1 >> os0 >> os1;
+        long long n_rows, n, r, rpc, ldy, off, ss0, ss1, os0, os1, ls, lo;
+        std::cin >> n_rows >> n >> r >> rpc >> ldy >> off >> ss0 >> ss1 >> os0 >> os1;
         const float alpha = read_hex(), beta = read_hex();
         std::cin >> ls >> lo;
-        std::vector<T> Y = to_t<T>(read_f32(n_rows * n));
+        Strided<T> Y(n_rows, n, ldy, off, NAN);
+        Y.set(read_f32(n_rows * n));
         std::vector<float> S = read_f32(ls), out = read_f32(lo);
         const long long chunks = (n_rows + rpc - 1) / rpc;
         std::vector<float> partial(chunks * n * r, -7.0f);
-        launch(blocks(n), (unsigned)chunks, [&] {
-            elra::skinny::col_reduce_partial<T>((int)n_rows, (int)n, (int)r, (int)rpc, Y.data(), n, S.data(), ss0,
-                                                ss1, partial.data());
+        launch((unsigned)((n + ELRA_CR_COLS - 1) / ELRA_CR_COLS), (unsigned)chunks, [&] {
+            elra::skinny::col_reduce_partial<T>((int)n_rows, (int)n, (int)r, (int)rpc, Y.at(), ldy, S.data(), ss0, ss1,
+                                                partial.data());
         });
         launch(blocks(n * r), 1, [&] {
             elra::skinny::col_reduce_finish((int)n, (int)r, (int)chunks, partial.data(), alpha, beta, out.data(), os0,
@@ -157,19 +246,22 @@ template <typename T> static int job_typed(const std::string& op) {
         return 0;
     }
     if (op == "merge_apply") {
-        long long d, k, r, alias, ls0, ls1, rs0, rs1, ll, lr;
-        std::cin >> d >> k >> r >> alias;
+        long long d, k, r, alias, ld, off, gy, ls0, ls1, rs0, rs1, ll, lr;
+        std::cin >> d >> k >> r >> alias >> ld >> off >> gy;
         const float scale = read_hex();
         std::cin >> ls0 >> ls1 >> rs0 >> rs1 >> ll >> lr;
-        std::vector<T> W = to_t<T>(read_f32(d * k));
+        Strided<T> W(d, k, ld, off, NAN), Wo(d, k, ld, off, -7.0f);
+        W.set(read_f32(d * k));
         std::vector<float> L = read_f32(ll), R = read_f32(lr);
-        std::vector<T> Wo(d * k, elra::skinny::from_f32<T>(-7.0f));
-        T* out = alias ? W.data() : Wo.data();
-        launch(blocks(d * k), 1, [&] {
-            elra::skinny::merge_apply<T>((int)d, (int)k, (int)r, W.data(), k, out, k, scale, L.data(), ls0, ls1,
+        Strided<T>& out = alias ? W : Wo;
+        out.fill_gaps(-7.0f);
+        const std::vector<T> before = out.buf;
+        launch((unsigned)((k + ELRA_MA_COLS - 1) / ELRA_MA_COLS), (unsigned)gy, [&] {
+            elra::skinny::merge_apply<T>((int)d, (int)k, (int)r, W.at(), ld, out.at(), ld, scale, L.data(), ls0, ls1,
                                          R.data(), rs0, rs1);
         });
-        write_f32("w", from_t(alias ? W : Wo));
+        write_f32("w", out.get());
+        write_f32("pad", {(float)out.gap_changes(before)});
         return 0;
     }
     std::fprintf(stderr, "skinny harness: unknown op %s\n", op.c_str());

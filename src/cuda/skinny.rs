@@ -29,6 +29,19 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/elra_kernels.fa
 /// Largest adapter rank of the row kernel (`ELRA_SKINNY_MAX_R` in `cuda/skinny.cu`).
 pub const MAX_RANK: usize = 64;
 
+/// Warps per block (`ELRA_NWARPS` for blocks of [`BLOCK_THREADS`] threads, 32 lanes a warp).
+const NWARPS: usize = BLOCK_THREADS as usize / 32;
+/// Columns per block of `col_reduce_partial` (`ELRA_CR_COLS`: 32 column threads × 4 columns).
+const CR_COLS: usize = 128;
+/// Columns per block of `merge_apply` (`ELRA_MA_COLS`: 32 lanes × 4 columns).
+const MA_COLS: usize = 128;
+/// Rows per step of a `merge_apply` block (`ELRA_NWARPS · ELRA_MA_RW`).
+const MA_ROWS: usize = NWARPS * 4;
+/// Blocks the launches aim for: several resident blocks per SM on a 132-SM GPU.
+const TARGET_BLOCKS: usize = 1024;
+/// Largest grid dimension used (the kernels loop over what a smaller grid leaves).
+const MAX_GRID: usize = 65_535;
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
@@ -286,8 +299,17 @@ pub(crate) struct RowPass<'a, T> {
     pub t_out: Option<View<'a, f32>>,
 }
 
-/// One block per row: `v = Cm x_i`, `t = Mm v`, `out_i = base_i + Am t` (`cuda/skinny.cu`
-/// `rows_fused`): the Woodbury row pass `y = u + A M C u` of Prop. 1 / eq. (5), its reverse
+/// Rows per warp of [`rows_fused`] for `n_rows` rows: 4 (each staged `Cm`/`Am` value serves four
+/// rows) while that still gives at least 256 blocks of `NWARPS` warps, else 2, else 1.
+fn rows_per_warp(n_rows: usize) -> usize {
+    [4, 2]
+        .into_iter()
+        .find(|&rpw| n_rows.div_ceil(NWARPS * rpw) >= 256)
+        .unwrap_or(1)
+}
+
+/// Per row (a warp owns 1, 2 or 4 rows, [`rows_per_warp`]): `v = Cm x_i`, `t = Mm v`,
+/// `out_i = base_i + Am t` (`cuda/skinny.cu` `rows_fused`): the Woodbury row pass `y = u + A M C u` of Prop. 1 / eq. (5), its reverse
 /// mode with transposed roles (`T̄ = Ȳ A`, `V̄ = T̄ M`, `X̄ = Ȳ + V̄ C`, module docs of
 /// [`crate::grad::rows`]), the LoRA branch, and skinny products `v = X Cmᵀ` (no output).
 pub(crate) fn rows_fused<T: Activation>(
@@ -335,8 +357,11 @@ pub(crate) fn rows_fused<T: Activation>(
         None => (0, 0),
     };
     let (n_in_i, n_out_i, r_i) = (int("n_in", n_in)?, int("n_out", n_out)?, int("r", r)?);
+    let n_rows_i = int("n_rows", n_rows)?;
+    let rpw = rows_per_warp(n_rows);
+    let rpw_i = rpw as i32;
     let cfg = LaunchConfig {
-        grid_dim: (int("n_rows", n_rows)? as u32, 1, 1),
+        grid_dim: (n_rows.div_ceil(NWARPS * rpw).min(MAX_GRID) as u32, 1, 1),
         block_dim: (BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -349,7 +374,9 @@ pub(crate) fn rows_fused<T: Activation>(
     let (v_p, _g7) = opt_ptr(dev, &p.v_out);
     let (t_p, _g8) = opt_ptr(dev, &p.t_out);
     let mut args = dev.stream().launch_builder(&k.rows_fused[T::INDEX]);
-    args.arg(&n_in_i)
+    args.arg(&n_rows_i)
+        .arg(&rpw_i)
+        .arg(&n_in_i)
         .arg(&n_out_i)
         .arg(&r_i)
         .arg(&in_p)
@@ -370,29 +397,34 @@ pub(crate) fn rows_fused<T: Activation>(
         .arg(&as1)
         .arg(&v_p)
         .arg(&t_p);
-    // SAFETY: the arguments match `rows_fused_{dtype}(int n_in, int n_out, int r, const T* in,
-    // long long ld_in, const T* base, long long ld_base, T* out, long long ld_out, const float* Cm,
-    // long long cs0, long long cs1, const float* Mm, long long ms0, long long ms1, float m_scale,
-    // const float* Am, long long as0, long long as1, float* v_out, float* t_out)` for the element
-    // type T (kernel picked by T::INDEX). Grid = n_rows blocks of BLOCK_THREADS; block i touches
-    // row i of in/base/out (extents n_in/n_out checked above with unit column stride), entries
-    // (q, l) of Cm for q < r, l < n_in, (q, p) of Mm, (j, q) of Am for j < n_out, and row i of
-    // v_out/t_out (n_rows × r contiguous): every view was checked to lie inside its allocation.
-    // r ≤ MAX_RANK bounds the kernel's shared vectors. Null pointers (0) are passed exactly for
-    // the outputs/operands the kernel skips. in/base/out may alias (the kernel reads a row before
-    // the barrier that precedes its writes; base and out entries are read and written by one
-    // thread). All accesses are ordered on dev's stream, on which the guards `_g*` are recorded.
+    // SAFETY: the arguments match `rows_fused_{dtype}(int n_rows, int rows_per_warp, int n_in,
+    // int n_out, int r, const T* in, long long ld_in, const T* base, long long ld_base, T* out,
+    // long long ld_out, const float* Cm, long long cs0, long long cs1, const float* Mm, long long
+    // ms0, long long ms1, float m_scale, const float* Am, long long as0, long long as1, float*
+    // v_out, float* t_out)` for the element type T (kernel picked by T::INDEX); rows_per_warp ∈
+    // {1, 2, 4}. Blocks of BLOCK_THREADS step over rows i < n_rows (grid-stride; the kernel clamps
+    // every row index to n_rows) and touch columns < n_in of row i of in and < n_out of rows i
+    // of base/out (extents checked above with unit column stride; vector accesses are used only
+    // for whole aligned chunks inside those extents), entries (q, l) of Cm for q < r, l < n_in,
+    // (q, p) of Mm, (j, q) of Am for j < n_out, and row i of v_out/t_out (n_rows × r contiguous):
+    // every view was checked to lie inside its allocation. r ≤ MAX_RANK bounds the kernel's
+    // shared vectors. Null pointers (0) are passed exactly for the outputs/operands the kernel
+    // skips. in/base/out may alias (a row is owned by one warp, which reads all of `in` before
+    // the barriers that precede its writes; each base/out chunk is read and then written by one
+    // lane). All accesses are ordered on dev's stream, on which the guards `_g*` are recorded.
     unsafe { args.launch(cfg) }?;
     Ok(())
 }
 
 /// Rows per chunk of [`col_reduce`] for `n_rows` rows and `n` columns: enough chunks to give
-/// about 512 blocks, at least 16 rows each. Returns `(rows_per_chunk, chunks)`.
+/// about [`TARGET_BLOCKS`] blocks of `CR_COLS` columns, at most 256 chunks and at least 64 rows
+/// each (the partial scratch, chunks·n·r floats, stays a small fraction of the data read).
+/// Returns `(rows_per_chunk, chunks)`.
 pub(crate) fn chunking(n_rows: usize, n: usize) -> (usize, usize) {
-    let tiles = n.div_ceil(BLOCK_THREADS as usize).max(1);
-    let want = 512usize
+    let tiles = n.div_ceil(CR_COLS).max(1);
+    let want = TARGET_BLOCKS
         .div_ceil(tiles)
-        .clamp(1, n_rows.div_ceil(16).max(1));
+        .clamp(1, (n_rows / 64).clamp(1, 256));
     let rpc = n_rows.div_ceil(want).max(1);
     (rpc, n_rows.div_ceil(rpc))
 }
@@ -448,11 +480,7 @@ pub(crate) fn col_reduce<T: Activation>(
         let (s_p, _g2) = dptr(dev, &s);
         let (w_p, _g3) = dptr(dev, &scratch_view);
         let cfg = LaunchConfig {
-            grid_dim: (
-                int("n", n.div_ceil(BLOCK_THREADS as usize))? as u32,
-                chunks_i as u32,
-                1,
-            ),
+            grid_dim: (int("n", n.div_ceil(CR_COLS))? as u32, chunks_i as u32, 1),
             block_dim: (BLOCK_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -469,10 +497,11 @@ pub(crate) fn col_reduce<T: Activation>(
             .arg(&w_p);
         // SAFETY: matches `col_reduce_partial_{dtype}(int n_rows, int n, int r, int
         // rows_per_chunk, const T* Y, long long ldy, const float* S, long long ss0, long long ss1,
-        // float* partial)`. Thread (j < n, chunk c < chunks) reads Y(i, j) and S(i, q) for rows i
-        // of its chunk (< n_rows, as chunks·rows_per_chunk ≥ n_rows and the kernel clamps), all
-        // inside the views checked above, and writes partial[(c·n + j)·r + q] < chunks·n·r ≤
-        // scratch.len(). The scratch is not aliased by Y or S (distinct buffers by construction in
+        // float* partial)`. Block (column block x < ⌈n / CR_COLS⌉, chunk c < chunks) reads Y(i, j)
+        // for j < n (vector loads only for whole aligned chunks inside the row) and S(i, q) for
+        // rows i of its chunk (< n_rows, as chunks·rows_per_chunk ≥ n_rows and the kernel
+        // clamps), all inside the views checked above, and writes partial[(c·n + j)·r + q] for
+        // j < n, q < r: < chunks·n·r ≤ scratch.len(). The scratch is not aliased by Y or S (distinct buffers by construction in
         // the layer). Ordered on dev's stream.
         unsafe { args.launch(cfg) }?;
     }
@@ -522,6 +551,18 @@ pub(crate) fn merge_apply<T: Activation>(
     let (wo, _g2) = dptr(dev, &w_out);
     let (lp, _g3) = dptr(dev, &l);
     let (rp, _g4) = dptr(dev, &r_mat);
+    let tiles = kk.div_ceil(MA_COLS);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            int("k", tiles)? as u32,
+            TARGET_BLOCKS
+                .div_ceil(tiles)
+                .clamp(1, d.div_ceil(MA_ROWS).min(MAX_GRID)) as u32,
+            1,
+        ),
+        block_dim: (BLOCK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut args = dev.stream().launch_builder(&k.merge_apply[T::INDEX]);
     args.arg(&d_i)
         .arg(&k_i)
@@ -539,10 +580,12 @@ pub(crate) fn merge_apply<T: Activation>(
         .arg(&rs1);
     // SAFETY: matches `merge_apply_{dtype}(int d, int k, int r, const T* W_in, long long ld_in,
     // T* W_out, long long ld_out, float scale, const float* L, long long ls0, long long ls1, const
-    // float* R, long long rs0, long long rs1)`. Thread idx < d·k touches (i, j) of W_in/W_out,
-    // row i of L and column j of R, all inside the views checked above; W_out may alias W_in
-    // (each entry is read and then written by the same thread).
-    unsafe { args.launch(grid(d * kk)?) }?;
+    // float* R, long long rs0, long long rs1)`. Block x stages R(q, j) for q < r ≤ MAX_RANK (its
+    // shared tile holds MAX_RANK × MA_COLS floats) and j < k of its MA_COLS columns, then steps
+    // over rows i < d (grid-stride in y, clamped): it touches (i, j) of W_in/W_out (vector
+    // accesses only for whole aligned chunks inside the row) and L(i, q), all inside the views
+    // checked above; W_out may alias W_in (each entry is read and then written by one lane).
+    unsafe { args.launch(cfg) }?;
     Ok(())
 }
 
