@@ -18,7 +18,8 @@
 //   merge_apply_T       W_out = W_in + L R  (L d×r, R r×k float): the rank-r merge (eq. 30).
 //   small_gemm_f32      C = α A B + β C for small float operands with arbitrary strides.
 //   factor_c_f32        C = η m (α Aᵀ + (1−α) B)   (eq. 2, §4.2.1, eq. 19).
-//   factor_backward_f32 energy gradient (eq. 20–21) and the chain through eq. 19 to (∂A, ∂B, ∂η).
+//   factor_backward_f32 energy gradient (eq. 20–21) and the chain through eq. 19 to (∂A, ∂B);
+//   factor_eta_f32      ∂η of eq. 19 (one block).
 //
 // Matrices with explicit strides are indexed X[i*s0 + j*s1]; "ld" is a row stride (column stride 1).
 // Null output pointers skip that output. Blocks have exactly ELRA_BLOCK threads (a power of two).
@@ -584,45 +585,53 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
     Ct[idx] = c;
 }
 
-// One block. Given Ā (d×r) and C̄ᵀ (d×r) of the effective factors (in place), A (d×r), Cᵀ (d×r)
-// and the Grams S = AᵀA, K = CCᵀ (r×r):
-//   energy (eq. 20–21, λ > 0):  Ā += 2λ A K,  C̄ᵀ += 2λ Cᵀ S   (S = AᵀA, K = CCᵀ, both symmetric)
-//   chain (eq. 19, no clip):    ∂η = m ⟨C̄, C⟩ / η_eff,  Ā += η_eff α C̄ᵀ,  B̄ = η_eff (1−α) C̄
-// (src/grad/generator.rs `energy_backward`, `FactorChain::backward`). B̄ null: PSD.
+// Given Ā (d×r) and C̄ᵀ (d×r) of the effective factors (in place), A (d×r), Cᵀ (d×r) and the
+// Grams S = AᵀA, K = CCᵀ (r×r):
+//   energy (eq. 20–21, λ > 0):  Ā += 2λ A K,  C̄ᵀ += 2λ Cᵀ S   (S, K symmetric)
+//   chain (eq. 19, no clip):    Ā += η_eff α C̄ᵀ,  B̄ = η_eff (1−α) C̄
+// (src/grad/generator.rs `energy_backward`, `FactorChain::backward`). B̄ null: PSD. Every entry
+// (l, q) is independent: one thread each, over a grid of ⌈d·r / ELRA_BLOCK⌉ blocks, threads in
+// B̄'s order (q major) so that its writes are coalesced. (The first version ran all d·r entries
+// in one block: 79 µs at d = 4096, r = 8 on an H100, latency-bound.) ∂η needs C̄ after this
+// kernel: factor_eta_f32.
 extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
     factor_backward_f32(int d, int r, const float* A, const float* Ct, const float* S, const float* K, float lambda,
-                        float alpha, const float* eta, float mult, float* Abar, float* CbarT, float* Bbar,
-                        float* etabar) {
-    __shared__ float red[ELRA_BLOCK];
-    const long long dr = (long long)d * r;
+                        float alpha, const float* eta, float mult, float* Abar, float* CbarT, float* Bbar) {
+    const long long t = (long long)blockIdx.x * ELRA_BLOCK + threadIdx.x;
+    if (t >= (long long)d * r) return;
+    const long long q = t / d, l = t - q * d, idx = l * r + q;
     if (lambda > 0.0f) {
         const float two_l = lambda + lambda;
-        for (long long idx = threadIdx.x; idx < dr; idx += ELRA_BLOCK) {
-            const long long l = idx / r, q = idx - (idx / r) * r;
-            float ea = 0.0f, ec = 0.0f;
-            for (int p = 0; p < r; ++p) {
-                ea = fmaf(A[l * r + p], K[p * r + q], ea);
-                ec = fmaf(Ct[l * r + p], S[p * r + q], ec);
-            }
-            Abar[idx] = fmaf(two_l, ea, Abar[idx]);
-            CbarT[idx] = fmaf(two_l, ec, CbarT[idx]);
+        float ea = 0.0f, ec = 0.0f;
+        for (int p = 0; p < r; ++p) {
+            ea = fmaf(A[l * r + p], K[p * r + q], ea);
+            ec = fmaf(Ct[l * r + p], S[p * r + q], ec);
         }
-        __syncthreads();
+        Abar[idx] = fmaf(two_l, ea, Abar[idx]);
+        CbarT[idx] = fmaf(two_l, ec, CbarT[idx]);
     }
     const float eta_eff = eta[0] * mult;
-    float part = 0.0f;
-    for (long long idx = threadIdx.x; idx < dr; idx += ELRA_BLOCK) {
-        part = fmaf(CbarT[idx], Ct[idx], part);
+    const float cb = CbarT[idx];
+    if (alpha > 0.0f) Abar[idx] = fmaf(eta_eff * alpha, cb, Abar[idx]);
+    if (Bbar) Bbar[t] = (eta_eff * (1.0f - alpha)) * cb;
+}
+
+// One block: ∂η = m ⟨C̄, C⟩ / η_eff (eq. 19) from the C̄ᵀ left by factor_backward_f32. Each thread
+// keeps four partial sums over entries idx ≡ 4·tid + j (mod 4·ELRA_BLOCK), so four independent
+// loads are in flight, then the partials are added in a fixed order (deterministic).
+extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
+    factor_eta_f32(int d, int r, const float* Ct, const float* CbarT, const float* eta, float mult, float* etabar) {
+    __shared__ float red[ELRA_BLOCK];
+    const long long dr = (long long)d * r;
+    float p0 = 0.0f, p1 = 0.0f, p2 = 0.0f, p3 = 0.0f;
+    for (long long base = 4LL * threadIdx.x; base < dr; base += 4LL * ELRA_BLOCK) {
+        p0 = fmaf(CbarT[base], Ct[base], p0);
+        if (base + 1 < dr) p1 = fmaf(CbarT[base + 1], Ct[base + 1], p1);
+        if (base + 2 < dr) p2 = fmaf(CbarT[base + 2], Ct[base + 2], p2);
+        if (base + 3 < dr) p3 = fmaf(CbarT[base + 3], Ct[base + 3], p3);
     }
-    const float dot = elra::block_sum(part, red);
-    if (threadIdx.x == 0) etabar[0] = dot / eta_eff * mult;
-    const float wa = eta_eff * alpha, wb = eta_eff * (1.0f - alpha);
-    for (long long idx = threadIdx.x; idx < dr; idx += ELRA_BLOCK) {
-        const long long l = idx / r, q = idx - (idx / r) * r;
-        const float cb = CbarT[idx];
-        if (alpha > 0.0f) Abar[idx] = fmaf(wa, cb, Abar[idx]);
-        if (Bbar) Bbar[q * d + l] = wb * cb;
-    }
+    const float dot = elra::block_sum((p0 + p1) + (p2 + p3), red);
+    if (threadIdx.x == 0) etabar[0] = dot / (eta[0] * mult) * mult;
 }
 
 extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
@@ -633,8 +642,17 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
 
 // ---- entry points per activation type: {op}_{f32|f16|bf16} --------------------------------------
 
+// Minimum resident blocks per SM asked of ptxas for the two streaming kernels (occupancy vs.
+// registers; a tuning knob for measurements, e.g. ELRA_NVCC_FLAGS="-DELRA_ROWS_MIN_BLOCKS=3").
+#ifndef ELRA_ROWS_MIN_BLOCKS
+#define ELRA_ROWS_MIN_BLOCKS 1
+#endif
+#ifndef ELRA_COLRED_MIN_BLOCKS
+#define ELRA_COLRED_MIN_BLOCKS 1
+#endif
+
 #define ELRA_SKINNY_ENTRIES(T, SUFFIX)                                                                            \
-    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK) rows_fused_##SUFFIX(                                  \
+    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK, ELRA_ROWS_MIN_BLOCKS) rows_fused_##SUFFIX(                                  \
         int n_rows, int rows_per_warp, int n_in, int n_out, int r, const T* in, long long ld_in, const T* base,    \
         long long ld_base, T* out, long long ld_out, const float* Cm, long long cs0, long long cs1, const float* Mm, \
         long long ms0, long long ms1, float m_scale, const float* Am, long long as0, long long as1, float* v_out,   \
@@ -642,7 +660,7 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
         elra::skinny::rows_fused<T>(n_rows, rows_per_warp, n_in, n_out, r, in, ld_in, base, ld_base, out, ld_out,  \
                                     Cm, cs0, cs1, Mm, ms0, ms1, m_scale, Am, as0, as1, v_out, t_out);              \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK) col_reduce_partial_##SUFFIX(                          \
+    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK, ELRA_COLRED_MIN_BLOCKS) col_reduce_partial_##SUFFIX(                          \
         int n_rows, int n, int r, int rows_per_chunk, const T* Y, long long ldy, const float* S, long long ss0,    \
         long long ss1, float* partial) {                                                                           \
         elra::skinny::col_reduce_partial<T>(n_rows, n, r, rows_per_chunk, Y, ldy, S, ss0, ss1, partial);           \

@@ -312,10 +312,11 @@ int main() {
         std::vector<float> A = read_f32(d * r), Ct = read_f32(d * r), S = read_f32(r * r), K = read_f32(r * r),
                            eta = read_f32(1), Abar = read_f32(d * r), CbarT = read_f32(d * r);
         std::vector<float> Bbar(d * r, -7.0f), etabar(1, -7.0f);
-        launch(1, 1, [&] {
+        launch(blocks(d * r), 1, [&] {
             factor_backward_f32((int)d, (int)r, A.data(), Ct.data(), S.data(), K.data(), lambda, alpha, eta.data(),
-                                mult, Abar.data(), CbarT.data(), has_b ? Bbar.data() : nullptr, etabar.data());
+                                mult, Abar.data(), CbarT.data(), has_b ? Bbar.data() : nullptr);
         });
+        launch(1, 1, [&] { factor_eta_f32((int)d, (int)r, Ct.data(), CbarT.data(), eta.data(), mult, etabar.data()); });
         write_f32("abar", Abar);
         write_f32("cbar_t", CbarT);
         write_f32("bbar", Bbar);

@@ -103,6 +103,7 @@ pub(crate) struct SkinnyKernels {
     small_gemm: CudaFunction,
     factor_c: CudaFunction,
     factor_backward: CudaFunction,
+    factor_eta: CudaFunction,
     _module: Arc<CudaModule>,
 }
 
@@ -149,6 +150,7 @@ impl SkinnyKernels {
             small_gemm: get("small_gemm_f32".into())?,
             factor_c: get("factor_c_f32".into())?,
             factor_backward: get("factor_backward_f32".into())?,
+            factor_eta: get("factor_eta_f32".into())?,
             _module: module,
         });
         table.push((dev.ordinal(), Arc::downgrade(&k)));
@@ -698,9 +700,10 @@ pub(crate) struct FactorBackward<'a> {
     pub etabar: View<'a, f32>,
 }
 
-/// One block: the energy gradient `Ā += 2λ A K`, `C̄ += 2λ S C` (eq. 20–21, `S = AᵀA`,
-/// `K = CCᵀ`) and the chain through eq. (19): `∂η = m⟨C̄, C⟩/η_eff`, `Ā += η_eff α C̄ᵀ`,
-/// `B̄ = η_eff (1−α) C̄` ([`crate::grad::FactorChain::backward`] without the clip).
+/// The energy gradient `Ā += 2λ A K`, `C̄ += 2λ S C` (eq. 20–21, `S = AᵀA`, `K = CCᵀ`) and the
+/// chain through eq. (19): `Ā += η_eff α C̄ᵀ`, `B̄ = η_eff (1−α) C̄` (one thread per entry, a grid
+/// over d·r), then `∂η = m⟨C̄, C⟩/η_eff` (one block) ([`crate::grad::FactorChain::backward`]
+/// without the clip).
 pub(crate) fn factor_backward(
     dev: &CudaDevice,
     k: &SkinnyKernels,
@@ -752,13 +755,27 @@ pub(crate) fn factor_backward(
         .arg(&f.mult)
         .arg(&abp)
         .arg(&cbp)
-        .arg(&bbp)
-        .arg(&ebp);
+        .arg(&bbp);
     // SAFETY: matches `factor_backward_f32(int d, int r, const float* A, const float* Ct, const
     // float* S, const float* K, float lambda, float alpha, const float* eta, float mult, float*
-    // Abar, float* CbarT, float* Bbar, float* etabar)`; one block reads/writes entries < d·r of
-    // the d×r views, < r² of S and K, < r·d of Bbar (or null) and entry 0 of eta/etabar, all
-    // checked contiguous and in bounds above. Outputs are buffers distinct from the inputs.
+    // Abar, float* CbarT, float* Bbar)`; thread t < d·r (the grid covers d·r, the rest return)
+    // reads/writes entry (t mod d)·r + t/d of the d×r views, entry t of Bbar (r×d, or null), row
+    // and column entries < r² of S and K and entry 0 of eta, all checked contiguous and in bounds
+    // above. Each entry is read and written by one thread only. Outputs are buffers distinct from
+    // the inputs.
+    unsafe { args.launch(grid(d * r)?) }?;
+    let mut args = dev.stream().launch_builder(&k.factor_eta);
+    args.arg(&d_i)
+        .arg(&r_i)
+        .arg(&cp)
+        .arg(&cbp)
+        .arg(&ep)
+        .arg(&f.mult)
+        .arg(&ebp);
+    // SAFETY: matches `factor_eta_f32(int d, int r, const float* Ct, const float* CbarT, const
+    // float* eta, float mult, float* etabar)`: one block reads entries < d·r of the two d×r views
+    // (checked above) and eta[0], writes etabar[0]; ordered after factor_backward_f32 on the
+    // stream, whose C̄ᵀ it reads.
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (BLOCK_THREADS, 1, 1),
