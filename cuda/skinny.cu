@@ -642,17 +642,13 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
 
 // ---- entry points per activation type: {op}_{f32|f16|bf16} --------------------------------------
 
-// Minimum resident blocks per SM asked of ptxas for the two streaming kernels (occupancy vs.
-// registers; a tuning knob for measurements, e.g. ELRA_NVCC_FLAGS="-DELRA_ROWS_MIN_BLOCKS=3").
-#ifndef ELRA_ROWS_MIN_BLOCKS
-#define ELRA_ROWS_MIN_BLOCKS 1
-#endif
-#ifndef ELRA_COLRED_MIN_BLOCKS
-#define ELRA_COLRED_MIN_BLOCKS 1
-#endif
-
+// Launch bounds, as measured on an H100 (2026-11-22, bf16, N = 8192, d = k = 4096, r = 8, one
+// launch each): rows_fused with the plain bound (ptxas: 128 registers, 2 blocks/SM) 156 µs; asking
+// for 3 blocks/SM (80 registers, 152 B of spills) 193 µs; asking for 1 (more registers) 252 µs.
+// col_reduce_partial asking for 4 blocks/SM (64 registers, 16 B of spills) 50 µs; the plain bound
+// (79 registers) 66 µs; 1 block/SM 83 µs.
 #define ELRA_SKINNY_ENTRIES(T, SUFFIX)                                                                            \
-    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK, ELRA_ROWS_MIN_BLOCKS) rows_fused_##SUFFIX(                                  \
+    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK) rows_fused_##SUFFIX(                                  \
         int n_rows, int rows_per_warp, int n_in, int n_out, int r, const T* in, long long ld_in, const T* base,    \
         long long ld_base, T* out, long long ld_out, const float* Cm, long long cs0, long long cs1, const float* Mm, \
         long long ms0, long long ms1, float m_scale, const float* Am, long long as0, long long as1, float* v_out,   \
@@ -660,7 +656,7 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
         elra::skinny::rows_fused<T>(n_rows, rows_per_warp, n_in, n_out, r, in, ld_in, base, ld_base, out, ld_out,  \
                                     Cm, cs0, cs1, Mm, ms0, ms1, m_scale, Am, as0, as1, v_out, t_out);              \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK, ELRA_COLRED_MIN_BLOCKS) col_reduce_partial_##SUFFIX(                          \
+    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK, 4) col_reduce_partial_##SUFFIX(                          \
         int n_rows, int n, int r, int rows_per_chunk, const T* Y, long long ldy, const float* S, long long ss0,    \
         long long ss1, float* partial) {                                                                           \
         elra::skinny::col_reduce_partial<T>(n_rows, n, r, rows_per_chunk, Y, ldy, S, ss0, ss1, partial);           \
