@@ -138,6 +138,14 @@ fn check_a<T: Real>(arg: &'static str, a: &DMatrix<T>, n: usize, r: usize) -> Re
     Ok(())
 }
 
+/// [`check_eta`] naming the side's argument.
+fn check_side_eta<T: Real>(arg: &'static str, eta: T) -> Result<()> {
+    check_eta(eta).map_err(|e| match e {
+        ElraError::InvalidArgument { reason, .. } => ElraError::InvalidArgument { arg, reason },
+        other => other,
+    })
+}
+
 fn check_b<T: Real>(
     variant: Variant,
     arg: &'static str,
@@ -303,9 +311,9 @@ impl<T: Real> DoubleSidedLayer<T> {
         Ok(())
     }
 
-    /// Replaces η_L. Errors: not finite and > 0 (eq. 2 applied to `L`).
+    /// Replaces η_L. Errors: `eta_left` not finite and > 0 (eq. 2 applied to `L`).
     pub fn set_eta_left(&mut self, eta: T) -> Result<()> {
-        check_eta(eta)?;
+        check_side_eta("eta_left", eta)?;
         self.left.eta = eta;
         Ok(())
     }
@@ -326,9 +334,9 @@ impl<T: Real> DoubleSidedLayer<T> {
         Ok(())
     }
 
-    /// Replaces η_R. Errors: not finite and > 0 (eq. 2 applied to `R`).
+    /// Replaces η_R. Errors: `eta_right` not finite and > 0 (eq. 2 applied to `R`).
     pub fn set_eta_right(&mut self, eta: T) -> Result<()> {
-        check_eta(eta)?;
+        check_side_eta("eta_right", eta)?;
         self.right.eta = eta;
         Ok(())
     }

@@ -170,14 +170,7 @@ pub fn double_forward<T: Real>(
         b: layer.b_right(),
         eta: layer.eta_right(),
     };
-    double_forward_parts(
-        x,
-        layer.w0(),
-        left,
-        right,
-        &double_layer_spec(layer),
-        mask,
-    )
+    double_forward_parts(x, layer.w0(), left, right, &double_layer_spec(layer), mask)
 }
 
 /// [`double_backward_parts`] for a [`DoubleSidedLayer`] (App. B eq. 22, module docs); the tape
