@@ -139,7 +139,7 @@ pub fn double_backward_parts<T: Real>(
 /// (App. H), the spectral-clip τ (App. H, applied to each generator) and λ (eq. 20, applied to
 /// `‖L‖²_F + ‖R‖²_F`) of its configuration. This is the same setting
 /// [`DoubleSidedLayer::generators`] evaluates, so [`double_forward`] computes exactly
-/// [`Adapter::forward`](crate::adapter::Adapter::forward) of the layer.
+/// [`Adapter::forward`] of the layer.
 pub fn double_layer_spec<T: Real>(layer: &DoubleSidedLayer<T>) -> GeneratorSpec {
     let cfg = layer.config();
     GeneratorSpec {
