@@ -33,6 +33,18 @@ fn specs() -> Vec<AdapterSpec> {
             variant: Variant::Hyb,
             r: 2,
         },
+        AdapterSpec::ElraDouble {
+            variant: Variant::General,
+            r: 2,
+        },
+        AdapterSpec::ElraDouble {
+            variant: Variant::Psd,
+            r: 3,
+        },
+        AdapterSpec::ElraDouble {
+            variant: Variant::Hyb,
+            r: 2,
+        },
     ]
 }
 
@@ -141,6 +153,14 @@ fn training_recipe_lowers_the_loss() {
             variant: Variant::Hyb,
             r: 2,
         },
+        AdapterSpec::ElraDouble {
+            variant: Variant::General,
+            r: 2,
+        },
+        AdapterSpec::ElraDouble {
+            variant: Variant::Hyb,
+            r: 2,
+        },
     ] {
         let net = AdaptedNetwork::new(&base, spec, LossKind::Mse, 200, 1).unwrap();
         let first = net.eval_loss(&eval_x, &eval_t).unwrap();
@@ -222,22 +242,12 @@ fn training_errors_name_the_step() {
     ));
 }
 
-/// Training is bitwise deterministic for a seed.
+/// Training is bitwise deterministic for a seed (single- and double-sided ELRA-Hyb).
 #[test]
 fn training_is_bitwise_deterministic() {
-    let run = || {
+    let run = |spec: AdapterSpec| {
         let (base, teacher) = toy(11);
-        let net = AdaptedNetwork::new(
-            &base,
-            AdapterSpec::Elra {
-                variant: Variant::Hyb,
-                r: 2,
-            },
-            LossKind::Mse,
-            30,
-            3,
-        )
-        .unwrap();
+        let net = AdaptedNetwork::new(&base, spec, LossKind::Mse, 30, 3).unwrap();
         let mut tr = Trainer::new(net, TrainConfig::new(30, 1e-2)).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(12);
         let mut losses = Vec::new();
@@ -252,7 +262,22 @@ fn training_is_bitwise_deterministic() {
         }
         (losses, tr.network().params())
     };
-    assert_eq!(run(), run());
+    let single = AdapterSpec::Elra {
+        variant: Variant::Hyb,
+        r: 2,
+    };
+    assert_eq!(run(single), run(single));
+    let double = AdapterSpec::ElraDouble {
+        variant: Variant::Hyb,
+        r: 2,
+    };
+    let (a, b) = (run(double), run(double));
+    assert_eq!(a, b);
+    assert_eq!(
+        a.1.len(),
+        2 * 6,
+        "two layers × [A_L, B_L, log η_L, A_R, B_R, log η_R]"
+    );
 }
 
 /// A short `fit` twice with the same seed writes byte-identical CSVs, every method's held-out
@@ -272,6 +297,7 @@ fn training_fit_is_reproducible_and_learns() {
             FitMethod::ElraPsd,
             FitMethod::ElraHyb,
             FitMethod::ElraHybGa,
+            FitMethod::ElraDouble,
         ],
         ga_steps: 10,
         out: dir.join(sub),
@@ -292,7 +318,13 @@ fn training_fit_is_reproducible_and_learns() {
         std::fs::read(&r2.svg).unwrap()
     );
     let text = String::from_utf8(c1).unwrap();
-    assert_eq!(text.lines().count(), 1 + 5 * 200);
+    assert_eq!(text.lines().count(), 1 + 6 * 200);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("elra-double,"))
+            .count(),
+        200
+    );
     let svg = std::fs::read_to_string(&r1.svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     for row in &r1.rows {
@@ -304,8 +336,13 @@ fn training_fit_is_reproducible_and_learns() {
             row.final_loss
         );
     }
+    let params = |m: FitMethod| r1.rows.iter().find(|r| r.method == m).unwrap().params;
+    // Per layer: ELRA 2·8·16 + 1 (η); double-sided twice that (App. B: both sides, η_L, η_R).
+    assert_eq!(params(FitMethod::Elra), 2 * (2 * 8 * 16 + 1));
+    assert_eq!(params(FitMethod::ElraDouble), 2 * params(FitMethod::Elra));
     let shown = r1.to_string();
     assert!(shown.contains("elra-hyb-ga") && shown.contains("final loss"));
+    assert!(shown.contains("elra-double"));
     // No temporary files are left behind.
     let names: Vec<String> = std::fs::read_dir(dir.join("a"))
         .unwrap()
@@ -361,5 +398,229 @@ fn training_fit_rejects_bad_options() {
     }
     assert!(!dir.exists());
     assert!("elra-hyb-ga".parse::<FitMethod>().is_ok());
+    assert_eq!(
+        "elra-double".parse::<FitMethod>().unwrap(),
+        FitMethod::ElraDouble
+    );
+    assert_eq!(
+        "Double".parse::<FitMethod>().unwrap(),
+        FitMethod::ElraDouble
+    );
+    assert!(!FitMethod::DEFAULT.contains(&FitMethod::ElraDouble));
     assert!("dora".parse::<FitMethod>().is_err());
+}
+
+/// The harness's double-sided layer against the explicit-matrix reverse mode of
+/// `grad::double` (App. B eq. 22): a one-layer network (identity activation, MSE) at step 5
+/// of 40, factors large enough that the τ = 2 spectral clip is active on both sides and α of
+/// the Hyb schedule is strictly between 0 and 1. The oracle is built by hand: α from
+/// `AlphaSchedule::paper_default`, the App. H cosine η multiplier, τ = 2, λ = 1e-5, the dropout
+/// mask, `Ȳ = 2(Y + 1bᵀ − T)/(N d)`, and `∂/∂log η = η ∂/∂η`. Both sides run the same kernels in
+/// the same order, so the gradients agree to rounding: tolerance 1e-12 relative per block
+/// (observed: bitwise equal). The output also matches `X (exp(L) W0 exp(R))ᵀ + 1bᵀ` from the
+/// adapter's own merge (a separate evaluation, `GeneratorEval`) to 1e-12 relative.
+#[test]
+fn training_double_sided_gradient_matches_grad_double() {
+    use elra::adapter::{eta_cosine_multiplier, Adapter, AlphaSchedule};
+    use elra::grad::{double_backward_parts, double_forward_parts, GeneratorSpec, SideParams};
+    use elra::train::LayerAdapter;
+
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    let base = FrozenNetwork::<f64>::random(&[7, 5], Activation::Identity, Activation::Identity, 4)
+        .unwrap();
+    let (total, step) = (40, 5);
+    let spec = AdapterSpec::ElraDouble {
+        variant: Variant::Hyb,
+        r: 2,
+    };
+    let mut net = AdaptedNetwork::new(&base, spec, LossKind::Mse, total, 5).unwrap();
+    net.set_step(step);
+    let mut p = net.params();
+    assert_eq!(p.len(), 6);
+    for m in p.iter_mut() {
+        if m.len() == 1 {
+            m[0] = (0.8f64).ln();
+        } else {
+            *m = randn(&mut rng, m.nrows(), m.ncols()) * 1.5;
+        }
+    }
+    net.set_params(p.clone()).unwrap();
+    let (n, d) = (9, 5);
+    let x = randn(&mut rng, n, 7);
+    let t = randn(&mut rng, n, d);
+    let masks = net.sample_masks(n, 0.2, &mut rng).unwrap();
+    let lg = net
+        .loss_and_grad(&x, &Targets::Values(t.clone()), Some(&masks))
+        .unwrap();
+
+    let layer = match &net.layers[0].adapter {
+        LayerAdapter::Double(l) => l.clone(),
+        other => panic!("expected a double-sided layer, got {other:?}"),
+    };
+    assert_eq!(layer.config().tau, Some(2.0));
+    assert_eq!(layer.config().lambda, 1e-5);
+    let alpha = AlphaSchedule::paper_default(total).alpha(step);
+    assert!(alpha > 0.0 && alpha < 1.0, "α = {alpha}");
+    let gspec = GeneratorSpec {
+        alpha,
+        eta_mult: eta_cosine_multiplier(step, total),
+        tau: Some(2.0),
+        lambda: 1e-5,
+    };
+    let side = |a, b, eta| SideParams { a, b, eta };
+    let left = side(layer.a_left(), layer.b_left(), layer.eta_left());
+    let right = side(layer.a_right(), layer.b_right(), layer.eta_right());
+    let (y, tape) =
+        double_forward_parts(&x, layer.w0(), left, right, &gspec, masks[0].as_ref()).unwrap();
+    assert!(tape.left.chain.clip.is_some() && tape.right.chain.clip.is_some());
+    let bias = &net.layers[0].bias;
+    let mut out = y.clone();
+    for (j, mut col) in out.column_iter_mut().enumerate() {
+        col.add_scalar_mut(bias[j]);
+    }
+    assert_eq!(lg.output, out);
+    let energy = tape.left.energy + tape.right.energy;
+    assert!((lg.energy - energy).abs() <= 1e-12 * energy);
+    let ybar = (&out - &t) * (2.0 / (n * d) as f64);
+    let gr = double_backward_parts(&x, layer.w0(), &tape, ybar).unwrap();
+    let mut want = Vec::new();
+    for (fg, eta) in [(gr.left, layer.eta_left()), (gr.right, layer.eta_right())] {
+        want.push(fg.a);
+        want.push(fg.b.unwrap());
+        want.push(DMatrix::from_element(1, 1, fg.eta * eta));
+    }
+    assert_eq!(lg.grads.len(), want.len());
+    for (i, (g, w)) in lg.grads.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).norm() <= 1e-12 * w.norm(),
+            "block {i}: {} vs {}",
+            g.norm(),
+            w.norm()
+        );
+    }
+    // Without dropout the harness output is the adapter's merged weight applied to X.
+    let mut merged = &x * layer.merge().unwrap().transpose();
+    for (j, mut col) in merged.column_iter_mut().enumerate() {
+        col.add_scalar_mut(bias[j]);
+    }
+    let pred = net.predict(&x).unwrap();
+    assert!((&pred - &merged).norm() <= 1e-12 * merged.norm());
+}
+
+/// `DoubleSidedLayer` parameter access (App. B eq. 22–25): getters return what the setters
+/// stored; bad shapes, non-finite entries, η ≤ 0 and a `B` on ELRA-PSD are refused with typed
+/// errors naming the argument, leaving the layer unchanged. `set_params` of the harness
+/// reports the same errors.
+#[test]
+fn training_double_sided_parameter_access() {
+    use elra::adapter::{DoubleSidedConfig, DoubleSidedLayer};
+    let mut rng = ChaCha8Rng::seed_from_u64(43);
+    let (d, k) = (6, 4);
+    let mut cfg = DoubleSidedConfig::new(Variant::General, d, k, 2, 10);
+    cfg.r_right = 3;
+    let mut layer = DoubleSidedLayer::<f64>::new(cfg, randn(&mut rng, d, k)).unwrap();
+    let (al, bl, ar, br) = (
+        randn(&mut rng, d, 2),
+        randn(&mut rng, 2, d),
+        randn(&mut rng, k, 3),
+        randn(&mut rng, 3, k),
+    );
+    layer.set_a_left(al.clone()).unwrap();
+    layer.set_b_left(bl.clone()).unwrap();
+    layer.set_eta_left(0.25).unwrap();
+    layer.set_a_right(ar.clone()).unwrap();
+    layer.set_b_right(br.clone()).unwrap();
+    layer.set_eta_right(0.5).unwrap();
+    assert_eq!(layer.a_left(), &al);
+    assert_eq!(layer.b_left(), Some(&bl));
+    assert_eq!(layer.eta_left(), 0.25);
+    assert_eq!(layer.a_right(), &ar);
+    assert_eq!(layer.b_right(), Some(&br));
+    assert_eq!(layer.eta_right(), 0.5);
+    layer.set_step(7);
+    assert_eq!(layer.step(), 7);
+
+    let before = layer.clone();
+    let shape = |e: ElraError| match e {
+        ElraError::Shape { arg, .. } => arg,
+        other => panic!("expected a shape error, got {other:?}"),
+    };
+    assert_eq!(
+        shape(layer.set_a_left(randn(&mut rng, d, 3)).unwrap_err()),
+        "a_left"
+    );
+    assert_eq!(
+        shape(layer.set_b_left(randn(&mut rng, 2, k)).unwrap_err()),
+        "b_left"
+    );
+    assert_eq!(
+        shape(layer.set_a_right(randn(&mut rng, d, 3)).unwrap_err()),
+        "a_right"
+    );
+    assert_eq!(
+        shape(layer.set_b_right(randn(&mut rng, 2, k)).unwrap_err()),
+        "b_right"
+    );
+    let nonfinite = |e: ElraError| match e {
+        ElraError::NonFinite { arg } => arg,
+        other => panic!("expected a non-finite error, got {other:?}"),
+    };
+    let mut bad = al.clone();
+    bad[(1, 1)] = f64::NAN;
+    assert_eq!(nonfinite(layer.set_a_left(bad).unwrap_err()), "a_left");
+    let mut bad = br.clone();
+    bad[(0, 2)] = f64::INFINITY;
+    assert_eq!(nonfinite(layer.set_b_right(bad).unwrap_err()), "b_right");
+    let invalid = |e: ElraError| match e {
+        ElraError::InvalidArgument { arg, .. } => arg,
+        other => panic!("expected an invalid-argument error, got {other:?}"),
+    };
+    for eta in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        assert_eq!(invalid(layer.set_eta_left(eta).unwrap_err()), "eta_left");
+        assert_eq!(invalid(layer.set_eta_right(eta).unwrap_err()), "eta_right");
+    }
+    assert_eq!(layer, before, "a refused setter changed the layer");
+
+    // ELRA-PSD has no B on either side.
+    let cfg = DoubleSidedConfig::new(Variant::Psd, d, k, 2, 10);
+    let mut psd = DoubleSidedLayer::<f64>::new(cfg, randn(&mut rng, d, k)).unwrap();
+    assert!(psd.b_left().is_none() && psd.b_right().is_none());
+    assert_eq!(
+        invalid(psd.set_b_left(randn(&mut rng, 2, d)).unwrap_err()),
+        "b_left"
+    );
+    assert_eq!(
+        invalid(psd.set_b_right(randn(&mut rng, 2, k)).unwrap_err()),
+        "b_right"
+    );
+
+    // The harness: a non-finite log η or a misshapen factor is refused, nothing is written.
+    let base =
+        FrozenNetwork::<f64>::random(&[4, 6], Activation::Tanh, Activation::Identity, 1).unwrap();
+    let spec = AdapterSpec::ElraDouble {
+        variant: Variant::General,
+        r: 2,
+    };
+    let mut net = AdaptedNetwork::new(&base, spec, LossKind::Mse, 10, 2).unwrap();
+    let p = net.params();
+    assert_eq!(
+        net.decay_flags(),
+        vec![true, true, false, true, true, false]
+    );
+    let mut q = p.clone();
+    q[5][0] = f64::INFINITY;
+    assert_eq!(invalid(net.set_params(q).unwrap_err()), "eta_right");
+    let mut q = p.clone();
+    q[3] = randn(&mut rng, 3, 2);
+    assert_eq!(shape(net.set_params(q).unwrap_err()), "a_right");
+    assert_eq!(net.params(), p);
+    // r = 5 > k = 4 is refused for the right side.
+    let too_big = AdapterSpec::ElraDouble {
+        variant: Variant::General,
+        r: 5,
+    };
+    assert!(matches!(
+        AdaptedNetwork::new(&base, too_big, LossKind::Mse, 10, 2),
+        Err(ElraError::InvalidArgument { arg: "r_right", .. })
+    ));
 }

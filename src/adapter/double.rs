@@ -118,17 +118,9 @@ fn check_side<T: Real>(
     n: usize,
     r: usize,
 ) -> Result<()> {
-    if a.shape() != (n, r) {
-        return Err(ElraError::shape(a_arg, (n, r), a.shape()));
-    }
-    check_left_factor(a_arg, a)?;
+    check_a(a_arg, a, n, r)?;
     match (variant.uses_b(), b) {
-        (true, Some(b)) => {
-            if b.shape() != (r, n) {
-                return Err(ElraError::shape(b_arg, (r, n), b.shape()));
-            }
-            check_finite(b_arg, b)
-        }
+        (true, Some(b)) => check_b(variant, b_arg, b, n, r),
         (true, None) => Err(ElraError::invalid(
             b_arg,
             format!("variant {variant} needs this factor"),
@@ -136,6 +128,38 @@ fn check_side<T: Real>(
         (false, Some(_)) => Err(ElraError::invalid(b_arg, "ELRA-PSD has no factor B")),
         (false, None) => Ok(()),
     }
+}
+
+fn check_a<T: Real>(arg: &'static str, a: &DMatrix<T>, n: usize, r: usize) -> Result<()> {
+    if a.shape() != (n, r) {
+        return Err(ElraError::shape(arg, (n, r), a.shape()));
+    }
+    check_left_factor(arg, a)?;
+    Ok(())
+}
+
+/// [`check_eta`] naming the side's argument.
+fn check_side_eta<T: Real>(arg: &'static str, eta: T) -> Result<()> {
+    check_eta(eta).map_err(|e| match e {
+        ElraError::InvalidArgument { reason, .. } => ElraError::InvalidArgument { arg, reason },
+        other => other,
+    })
+}
+
+fn check_b<T: Real>(
+    variant: Variant,
+    arg: &'static str,
+    b: &DMatrix<T>,
+    n: usize,
+    r: usize,
+) -> Result<()> {
+    if !variant.uses_b() {
+        return Err(ElraError::invalid(arg, "ELRA-PSD has no factor B"));
+    }
+    if b.shape() != (r, n) {
+        return Err(ElraError::shape(arg, (r, n), b.shape()));
+    }
+    check_finite(arg, b)
 }
 
 impl<T: Real> DoubleSidedLayer<T> {
@@ -232,6 +256,88 @@ impl<T: Real> DoubleSidedLayer<T> {
         check_eta(eta_right)?;
         self.left.eta = eta_left;
         self.right.eta = eta_right;
+        Ok(())
+    }
+
+    /// The current optimiser step (α schedule of eq. 19/75, η multiplier of App. H).
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// `A_L` (d×r_L), the left factor of the left generator `L` (eq. 22–25).
+    pub fn a_left(&self) -> &DMatrix<T> {
+        &self.left.a
+    }
+
+    /// `B_L` (r_L×d) of the left generator (eq. 23, 25); `None` for ELRA-PSD (eq. 24).
+    pub fn b_left(&self) -> Option<&DMatrix<T>> {
+        self.left.b.as_ref()
+    }
+
+    /// η_L > 0 (before the multiplier), the step size of `L` (eq. 23–25).
+    pub fn eta_left(&self) -> T {
+        self.left.eta
+    }
+
+    /// `A_R` (k×r_R), the left factor of the right generator `R` (eq. 22–25).
+    pub fn a_right(&self) -> &DMatrix<T> {
+        &self.right.a
+    }
+
+    /// `B_R` (r_R×k) of the right generator (eq. 23, 25); `None` for ELRA-PSD (eq. 24).
+    pub fn b_right(&self) -> Option<&DMatrix<T>> {
+        self.right.b.as_ref()
+    }
+
+    /// η_R > 0 (before the multiplier), the step size of `R` (eq. 23–25).
+    pub fn eta_right(&self) -> T {
+        self.right.eta
+    }
+
+    /// Replaces `A_L` (eq. 22–25). Errors (as [`from_factors`](Self::from_factors)):
+    /// `a_left` not d×r_L or non-finite.
+    pub fn set_a_left(&mut self, a: DMatrix<T>) -> Result<()> {
+        check_a("a_left", &a, self.config.d, self.config.r_left)?;
+        self.left.a = a;
+        Ok(())
+    }
+
+    /// Replaces `B_L` (eq. 23, 25). Errors: ELRA-PSD (no `B`, eq. 24), `b_left` not r_L×d or
+    /// non-finite.
+    pub fn set_b_left(&mut self, b: DMatrix<T>) -> Result<()> {
+        let (v, n, r) = (self.config.variant, self.config.d, self.config.r_left);
+        check_b(v, "b_left", &b, n, r)?;
+        self.left.b = Some(b);
+        Ok(())
+    }
+
+    /// Replaces η_L. Errors: `eta_left` not finite and > 0 (eq. 2 applied to `L`).
+    pub fn set_eta_left(&mut self, eta: T) -> Result<()> {
+        check_side_eta("eta_left", eta)?;
+        self.left.eta = eta;
+        Ok(())
+    }
+
+    /// Replaces `A_R` (eq. 22–25). Errors: `a_right` not k×r_R or non-finite.
+    pub fn set_a_right(&mut self, a: DMatrix<T>) -> Result<()> {
+        check_a("a_right", &a, self.config.k, self.config.r_right)?;
+        self.right.a = a;
+        Ok(())
+    }
+
+    /// Replaces `B_R` (eq. 23, 25). Errors: ELRA-PSD (no `B`, eq. 24), `b_right` not r_R×k or
+    /// non-finite.
+    pub fn set_b_right(&mut self, b: DMatrix<T>) -> Result<()> {
+        let (v, n, r) = (self.config.variant, self.config.k, self.config.r_right);
+        check_b(v, "b_right", &b, n, r)?;
+        self.right.b = Some(b);
+        Ok(())
+    }
+
+    /// Replaces η_R. Errors: `eta_right` not finite and > 0 (eq. 2 applied to `R`).
+    pub fn set_eta_right(&mut self, eta: T) -> Result<()> {
+        check_side_eta("eta_right", eta)?;
+        self.right.eta = eta;
         Ok(())
     }
 

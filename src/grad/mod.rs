@@ -28,7 +28,10 @@ pub mod lora;
 pub mod ops;
 pub mod rows;
 
-pub use double::{double_backward_parts, double_forward_parts, DoubleGrad, DoubleTape, SideParams};
+pub use double::{
+    double_backward, double_backward_parts, double_forward, double_forward_parts,
+    double_layer_spec, DoubleGrad, DoubleTape, SideParams,
+};
 pub use elra::{
     elra_backward, elra_backward_parts, elra_forward, elra_forward_parts, layer_spec, ElraGrad,
     ElraTape, GeneratorSpec, GeneratorTape, Route, RouteTape,

@@ -17,7 +17,8 @@
 //! each method), the same dropout masks and the same number of steps, with the recipe of
 //! [`super::trainer`]: LoRA (r = 8), ELRA (r = 8), ELRA-PSD (r = 16, matched parameters),
 //! ELRA-Hyb (r = 8) and optionally ELRA-Hyb_GA (r = 8, seeded from the first `ga_steps`
-//! batches of the same stream, then trained on the stream from its start). The first and
+//! batches of the same stream, then trained on the stream from its start) and double-sided
+//! ELRA (`exp(L) W0 exp(R)`, App. B eq. 22, r = 8 per side). The first and
 //! final losses are evaluated without dropout on a fixed held-out set of 512 samples.
 //!
 //! Outputs, written atomically (temporary file + rename, both files only after every method
@@ -61,6 +62,9 @@ pub enum FitMethod {
     ElraHyb,
     /// ELRA-Hyb with GA seeding (App. H), r = 8.
     ElraHybGa,
+    /// Double-sided general ELRA `exp(L) W0 exp(R)` (App. B eq. 22, 23), `r_L = r_R = 8`;
+    /// not in [`FitMethod::DEFAULT`], selected with `--methods elra-double`.
+    ElraDouble,
 }
 
 impl FitMethod {
@@ -72,7 +76,7 @@ impl FitMethod {
         FitMethod::ElraHyb,
     ];
 
-    /// `lora`, `elra`, `elra-psd`, `elra-hyb`, `elra-hyb-ga`.
+    /// `lora`, `elra`, `elra-psd`, `elra-hyb`, `elra-hyb-ga`, `elra-double`.
     pub fn name(self) -> &'static str {
         match self {
             FitMethod::Lora => "lora",
@@ -80,10 +84,11 @@ impl FitMethod {
             FitMethod::ElraPsd => "elra-psd",
             FitMethod::ElraHyb => "elra-hyb",
             FitMethod::ElraHybGa => "elra-hyb-ga",
+            FitMethod::ElraDouble => "elra-double",
         }
     }
 
-    /// The adapter put on every layer (ranks of §5: 8, PSD 16).
+    /// The adapter put on every layer (ranks of §5: 8, PSD 16; double-sided 8 per side).
     pub fn spec(self) -> AdapterSpec {
         match self {
             FitMethod::Lora => AdapterSpec::Lora {
@@ -102,6 +107,10 @@ impl FitMethod {
                 variant: Variant::Hyb,
                 r: 8,
             },
+            FitMethod::ElraDouble => AdapterSpec::ElraDouble {
+                variant: Variant::General,
+                r: 8,
+            },
         }
     }
 }
@@ -114,7 +123,8 @@ impl fmt::Display for FitMethod {
 
 impl FromStr for FitMethod {
     type Err = ElraError;
-    /// Parses the names of [`FitMethod::name`] (case-insensitive; `psd`, `hyb`, `hyb-ga` too).
+    /// Parses the names of [`FitMethod::name`] (case-insensitive; `psd`, `hyb`, `hyb-ga`,
+    /// `double` too).
     fn from_str(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "lora" => Ok(FitMethod::Lora),
@@ -122,9 +132,10 @@ impl FromStr for FitMethod {
             "elra-psd" | "psd" => Ok(FitMethod::ElraPsd),
             "elra-hyb" | "hyb" => Ok(FitMethod::ElraHyb),
             "elra-hyb-ga" | "hyb-ga" | "elra-hyb_ga" => Ok(FitMethod::ElraHybGa),
+            "elra-double" | "double" => Ok(FitMethod::ElraDouble),
             other => Err(ElraError::invalid(
                 "methods",
-                format!("unknown method `{other}` (expected lora, elra, elra-psd, elra-hyb, elra-hyb-ga)"),
+                format!("unknown method `{other}` (expected lora, elra, elra-psd, elra-hyb, elra-hyb-ga, elra-double)"),
             )),
         }
     }
@@ -192,7 +203,9 @@ impl FitOptions {
             return Err(ElraError::invalid("methods", "name at least one method"));
         }
         let max_r = self.methods.iter().map(|m| match m.spec() {
-            AdapterSpec::Lora { r, .. } | AdapterSpec::Elra { r, .. } => r,
+            AdapterSpec::Lora { r, .. }
+            | AdapterSpec::Elra { r, .. }
+            | AdapterSpec::ElraDouble { r, .. } => r,
             AdapterSpec::None => 0,
         });
         if let Some(r) = max_r.max() {
@@ -520,6 +533,7 @@ fn svg_text(curves: &[Curve]) -> Result<String> {
             RGBColor(44, 160, 44),
             RGBColor(148, 103, 189),
             RGBColor(255, 127, 14),
+            RGBColor(140, 86, 75),
         ];
         for (i, c) in curves.iter().enumerate() {
             let color = palette[i % palette.len()];

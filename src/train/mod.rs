@@ -11,7 +11,8 @@
 //!   MSE or cross-entropy, dropout on adapter outputs, `log η` parametrisation;
 //! * [`trainer`]: one optimiser step with all of the above, errors reported as
 //!   [`crate::ElraError::Training`] with the step;
-//! * [`fit`](mod@fit): teacher–student adaptation comparing LoRA, ELRA, ELRA-PSD and ELRA-Hyb.
+//! * [`fit`](mod@fit): teacher–student adaptation comparing LoRA, ELRA, ELRA-PSD and ELRA-Hyb
+//!   (optionally ELRA-Hyb_GA and double-sided ELRA, App. B eq. 22).
 
 pub mod diagnostics;
 pub mod fit;

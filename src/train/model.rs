@@ -9,7 +9,8 @@
 //! seeded generator makes everything bitwise reproducible (single-threaded, no clocks).
 //!
 //! **Trainable parameters**, in a fixed order per layer: ELRA `[A, B, log η]` (`B` absent for
-//! ELRA-PSD), LoRA `[lora_A, lora_B]`. η is optimised through `log η` so that it stays > 0
+//! ELRA-PSD), double-sided ELRA (App. B eq. 22) `[A_L, B_L, log η_L, A_R, B_R, log η_R]`, LoRA
+//! `[lora_A, lora_B]`. η is optimised through `log η` so that it stays > 0
 //! (eq. 2 requires η > 0): `∂L/∂log η = η ∂L/∂η`, and an AdamW step changes η by a bounded
 //! factor `exp(±lr)` instead of possibly crossing zero. `log η` receives no weight decay.
 #![allow(non_snake_case)]
@@ -19,10 +20,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use crate::adapter::{Adapter, ElraConfig, ElraLayer, LoraConfig, LoraLayer, Variant};
+use crate::adapter::{
+    Adapter, DoubleSidedConfig, DoubleSidedLayer, ElraConfig, ElraLayer, LoraConfig, LoraLayer,
+    Variant,
+};
 use crate::grad::ops::{matmul, Op};
 use crate::grad::{
-    elra_backward, elra_forward, lora_backward, lora_forward, ElraTape, LoraTape, Route,
+    double_backward, double_forward, elra_backward, elra_forward, lora_backward, lora_forward,
+    DoubleTape, ElraTape, LoraTape, Route,
 };
 use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
@@ -241,6 +246,14 @@ impl<T: Real> FrozenNetwork<T> {
     }
 }
 
+/// `η = exp(log η)` from a 1×1 parameter (module docs). Errors: not 1×1.
+fn eta_of<T: Real>(log_eta: DMatrix<T>) -> Result<T> {
+    if log_eta.shape() != (1, 1) {
+        return Err(ElraError::shape("log_eta", (1, 1), log_eta.shape()));
+    }
+    Ok(log_eta[0].exp())
+}
+
 /// Which adapter to put on every layer.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AdapterSpec {
@@ -261,6 +274,16 @@ pub enum AdapterSpec {
         /// Rank.
         r: usize,
     },
+    /// Double-sided ELRA `W_new = exp(L) W0 exp(R)` (App. B eq. 22) of a variant (used on both
+    /// sides, eq. 23–25) with `r_L = r_R = r` and the App. H defaults of
+    /// [`DoubleSidedConfig::new`] (η₀ = 10⁻³ per side, λ = 10⁻⁵ on `‖L‖²_F + ‖R‖²_F`, τ = 2 per
+    /// generator, the same α schedule and η multiplier), Xavier factors.
+    ElraDouble {
+        /// Generator family of both sides.
+        variant: Variant,
+        /// Rank of each side (`r ≤ min(d, k)`).
+        r: usize,
+    },
 }
 
 /// The adapter of one layer.
@@ -272,6 +295,8 @@ pub enum LayerAdapter<T: Real> {
     Lora(LoraLayer<T>),
     /// ELRA (single-sided).
     Elra(ElraLayer<T>),
+    /// Double-sided ELRA (App. B eq. 22).
+    Double(DoubleSidedLayer<T>),
 }
 
 impl<T: Real> LayerAdapter<T> {
@@ -281,6 +306,7 @@ impl<T: Real> LayerAdapter<T> {
             LayerAdapter::Frozen(w) => w,
             LayerAdapter::Lora(l) => Adapter::w0(l),
             LayerAdapter::Elra(l) => l.w0(),
+            LayerAdapter::Double(l) => Adapter::w0(l),
         }
     }
 }
@@ -300,6 +326,7 @@ enum AdapterTape<T: Real> {
     Frozen,
     Lora(LoraTape<T>),
     Elra(Box<ElraTape<T>>),
+    Double(Box<DoubleTape<T>>),
 }
 
 /// The result of one forward/backward pass over the network.
@@ -307,12 +334,13 @@ enum AdapterTape<T: Real> {
 pub struct LossGrad<T: Real> {
     /// The task loss.
     pub loss: f64,
-    /// `Σ λ‖G‖²_F` over the ELRA layers (eq. 20).
+    /// `Σ λ‖G‖²_F` over the ELRA layers (eq. 20; both generators of a double-sided layer).
     pub energy: f64,
     /// Gradients of `loss + energy` in the order of [`AdaptedNetwork::params`].
     pub grads: Vec<DMatrix<T>>,
     /// Each adapted layer's generator factors of this pass (ELRA: `A`, effective `C`;
-    /// LoRA: `lora_B`, `s·lora_A`), for the speed diagnostics (§5.4).
+    /// double-sided ELRA: `(A_L, C_L)` then `(A_R, C_R)`; LoRA: `lora_B`, `s·lora_A`), for the
+    /// speed diagnostics (§5.4).
     pub generators: Vec<(DMatrix<T>, DMatrix<T>)>,
     /// The network output (N×d) of this pass.
     pub output: DMatrix<T>,
@@ -329,10 +357,12 @@ pub struct AdaptedNetwork<T: Real> {
 
 impl<T: Real> AdaptedNetwork<T> {
     /// Puts `spec` on every layer of `base`. ELRA layers get [`ElraConfig::new`] for
-    /// `total_steps` (schedules of App. H) with Xavier factors seeded by `seed + ℓ`; LoRA layers
-    /// PEFT's initialisation seeded the same way.
+    /// `total_steps` (schedules of App. H) with Xavier factors seeded by `seed + ℓ`; double-sided
+    /// layers [`DoubleSidedConfig::new`] likewise (App. B eq. 22); LoRA layers PEFT's
+    /// initialisation seeded the same way.
     ///
-    /// Errors: an invalid rank for some layer (r = 0, r > d for ELRA, r > min(d, k) for LoRA).
+    /// Errors: an invalid rank for some layer (r = 0, r > d for ELRA, r > min(d, k) for LoRA
+    /// and double-sided ELRA).
     pub fn new(
         base: &FrozenNetwork<T>,
         spec: AdapterSpec,
@@ -360,6 +390,11 @@ impl<T: Real> AdaptedNetwork<T> {
                         cfg.seed = s;
                         LayerAdapter::Elra(ElraLayer::new(cfg, l.w0.clone())?)
                     }
+                    AdapterSpec::ElraDouble { variant, r } => {
+                        let mut cfg = DoubleSidedConfig::new(variant, d, k, r, total_steps);
+                        cfg.seed = s;
+                        LayerAdapter::Double(DoubleSidedLayer::new(cfg, l.w0.clone())?)
+                    }
                 };
                 Ok(AdaptedLayer {
                     adapter,
@@ -371,8 +406,8 @@ impl<T: Real> AdaptedNetwork<T> {
         Ok(AdaptedNetwork { layers, loss })
     }
 
-    /// Trainable parameters in the order of the module docs (ELRA `[A, B, log η]`, LoRA
-    /// `[lora_A, lora_B]`).
+    /// Trainable parameters in the order of the module docs (ELRA `[A, B, log η]`, double-sided
+    /// `[A_L, B_L, log η_L, A_R, B_R, log η_R]`, LoRA `[lora_A, lora_B]`).
     pub fn params(&self) -> Vec<DMatrix<T>> {
         let mut out = Vec::new();
         for l in &self.layers {
@@ -388,6 +423,18 @@ impl<T: Real> AdaptedNetwork<T> {
                         out.push(b.clone());
                     }
                     out.push(DMatrix::from_element(1, 1, e.eta().ln()));
+                }
+                LayerAdapter::Double(e) => {
+                    for (a, b, eta) in [
+                        (e.a_left(), e.b_left(), e.eta_left()),
+                        (e.a_right(), e.b_right(), e.eta_right()),
+                    ] {
+                        out.push(a.clone());
+                        if let Some(b) = b {
+                            out.push(b.clone());
+                        }
+                        out.push(DMatrix::from_element(1, 1, eta.ln()));
+                    }
                 }
             }
         }
@@ -407,6 +454,15 @@ impl<T: Real> AdaptedNetwork<T> {
                         out.push(true);
                     }
                     out.push(false);
+                }
+                LayerAdapter::Double(e) => {
+                    for has_b in [e.b_left().is_some(), e.b_right().is_some()] {
+                        out.push(true);
+                        if has_b {
+                            out.push(true);
+                        }
+                        out.push(false);
+                    }
                 }
             }
         }
@@ -441,11 +497,19 @@ impl<T: Real> AdaptedNetwork<T> {
                     if e.b().is_some() {
                         e.set_b(next()?)?;
                     }
-                    let log_eta = next()?;
-                    if log_eta.shape() != (1, 1) {
-                        return Err(ElraError::shape("log_eta", (1, 1), log_eta.shape()));
+                    e.set_eta(eta_of(next()?)?)?;
+                }
+                LayerAdapter::Double(e) => {
+                    e.set_a_left(next()?)?;
+                    if e.b_left().is_some() {
+                        e.set_b_left(next()?)?;
                     }
-                    e.set_eta(log_eta[0].exp())?;
+                    e.set_eta_left(eta_of(next()?)?)?;
+                    e.set_a_right(next()?)?;
+                    if e.b_right().is_some() {
+                        e.set_b_right(next()?)?;
+                    }
+                    e.set_eta_right(eta_of(next()?)?)?;
                 }
             }
         }
@@ -456,8 +520,10 @@ impl<T: Real> AdaptedNetwork<T> {
     /// multiplier of App. H advance per optimiser step).
     pub fn set_step(&mut self, t: usize) {
         for l in &mut self.layers {
-            if let LayerAdapter::Elra(e) = &mut l.adapter {
-                e.set_step(t);
+            match &mut l.adapter {
+                LayerAdapter::Elra(e) => e.set_step(t),
+                LayerAdapter::Double(e) => e.set_step(t),
+                LayerAdapter::Frozen(_) | LayerAdapter::Lora(_) => {}
             }
         }
     }
@@ -470,6 +536,7 @@ impl<T: Real> AdaptedNetwork<T> {
                 LayerAdapter::Frozen(_) => 0,
                 LayerAdapter::Lora(lo) => lo.total_param_count(),
                 LayerAdapter::Elra(e) => e.total_param_count(),
+                LayerAdapter::Double(e) => e.total_param_count(),
             })
             .sum()
     }
@@ -526,6 +593,7 @@ impl<T: Real> AdaptedNetwork<T> {
                 }
                 LayerAdapter::Lora(lo) => lo.forward(&h)?,
                 LayerAdapter::Elra(e) => e.forward(&h)?,
+                LayerAdapter::Double(e) => e.forward(&h)?,
             };
             add_bias(&mut y, &l.bias);
             l.activation.apply(&mut y);
@@ -582,6 +650,11 @@ impl<T: Real> AdaptedNetwork<T> {
                     energy += t.generator.energy.f64();
                     (y, AdapterTape::Elra(Box::new(t)))
                 }
+                LayerAdapter::Double(e) => {
+                    let (y, t) = double_forward(e, &h, mask)?;
+                    energy += t.left.energy.f64() + t.right.energy.f64();
+                    (y, AdapterTape::Double(Box::new(t)))
+                }
             };
             add_bias(&mut y, &l.bias);
             l.activation.apply(&mut y);
@@ -616,6 +689,18 @@ impl<T: Real> AdaptedNetwork<T> {
                     per_layer[i] = v;
                     gr.x
                 }
+                (LayerAdapter::Double(e), AdapterTape::Double(t)) => {
+                    let gr = double_backward(e, h, t, g)?;
+                    let mut v = Vec::with_capacity(6);
+                    for (fg, eta) in [(gr.left, e.eta_left()), (gr.right, e.eta_right())] {
+                        v.push(fg.a);
+                        v.extend(fg.b);
+                        // ∂L/∂log η = η ∂L/∂η (module docs).
+                        v.push(DMatrix::from_element(1, 1, fg.eta * eta));
+                    }
+                    per_layer[i] = v;
+                    gr.x
+                }
                 _ => return Err(ElraError::invalid("tape", "adapter and tape kinds differ")),
             };
             g = gx;
@@ -628,6 +713,10 @@ impl<T: Real> AdaptedNetwork<T> {
                 }
                 (LayerAdapter::Elra(_), AdapterTape::Elra(t)) => {
                     gens.push((t.generator.a.clone(), t.generator.c.clone()));
+                }
+                (LayerAdapter::Double(_), AdapterTape::Double(t)) => {
+                    gens.push((t.left.a.clone(), t.left.c.clone()));
+                    gens.push((t.right.a.clone(), t.right.c.clone()));
                 }
                 _ => {}
             }
