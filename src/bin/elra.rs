@@ -18,7 +18,8 @@ USAGE:
                [--threads T]
     elra help
 
-With no subcommand, `elra` runs `fit` with its defaults.";
+With no subcommand, `elra` runs `fit` with its defaults. `--methods` takes a comma-separated
+list of lora, elra, elra-psd, elra-hyb, elra-hyb-ga, elra-double (default: the first four).";
 
 /// Parsed `--flag value` pairs of one subcommand.
 struct Flags {
