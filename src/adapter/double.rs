@@ -243,11 +243,9 @@ impl<T: Real> DoubleSidedLayer<T> {
 
     /// α at the current step (eq. 19 convention: 1 = PSD, 0 = general).
     pub fn alpha(&self) -> f64 {
-        match self.config.variant {
-            Variant::General => 0.0,
-            Variant::Psd => 1.0,
-            Variant::Hyb => self.config.schedule.alpha(self.step),
-        }
+        self.config
+            .variant
+            .alpha_at(&self.config.schedule, self.step)
     }
 
     /// Replaces `(η_L, η_R)`. Errors: either not finite and > 0.

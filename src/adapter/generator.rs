@@ -51,6 +51,16 @@ impl Variant {
     pub fn uses_b(self) -> bool {
         !matches!(self, Variant::Psd)
     }
+
+    /// α of eq. (19) at `step`: 0 for general ELRA, 1 for PSD, the schedule's value (eq. 75) for
+    /// Hyb.
+    pub fn alpha_at(self, schedule: &crate::adapter::AlphaSchedule, step: usize) -> f64 {
+        match self {
+            Variant::General => 0.0,
+            Variant::Psd => 1.0,
+            Variant::Hyb => schedule.alpha(step),
+        }
+    }
 }
 
 impl std::fmt::Display for Variant {

@@ -300,11 +300,9 @@ impl<T: Real> ElraLayer<T> {
     /// α at the current step: the schedule's value for ELRA-Hyb (eq. 19, eq. 75), 1 for
     /// ELRA-PSD and 0 for general ELRA.
     pub fn alpha(&self) -> f64 {
-        match self.config.variant {
-            Variant::General => 0.0,
-            Variant::Psd => 1.0,
-            Variant::Hyb => self.config.schedule.alpha(self.step),
-        }
+        self.config
+            .variant
+            .alpha_at(&self.config.schedule, self.step)
     }
 
     /// `η_eff = η · m(t)` (App. H cosine multiplier).

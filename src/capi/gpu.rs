@@ -50,7 +50,7 @@ use super::adapter::{
     variant_of, ElraAdapterConfig, ElraDtype,
 };
 use super::{check_scalar_out, guard, write_out, CError, CResult, ElraStatus};
-use crate::adapter::{kaiming_uniform, xavier_uniform, ElraConfig, LoraConfig, LoraInit, Variant};
+use crate::adapter::{kaiming_uniform, xavier_uniform, ElraConfig, LoraConfig, LoraInit};
 use crate::cuda::{
     choose_route, device_count, Activation, BorrowedMatrices, CudaDevice, DeviceMatrices,
     GpuElraLayer, GpuLoraLayer, GpuSpec, MAX_RANK,
@@ -360,11 +360,7 @@ unsafe fn borrow<T: Activation>(dev: &CudaDevice, m: &DevMat) -> CResult<Borrowe
 /// α (eq. 19), the η multiplier (App. H) and λ (eq. 20) of an ELRA config at `step`.
 fn gpu_spec(cfg: &ElraConfig, step: usize) -> CResult<GpuSpec> {
     let s = GpuSpec {
-        alpha: match cfg.variant {
-            Variant::General => 0.0,
-            Variant::Psd => 1.0,
-            Variant::Hyb => cfg.schedule.alpha(step),
-        },
+        alpha: cfg.variant.alpha_at(&cfg.schedule, step),
         eta_mult: cfg.eta_multiplier.at(step),
         lambda: cfg.lambda,
     };
