@@ -42,8 +42,9 @@ pub(crate) fn relu_mut(m: &mut DMatrix<f64>) {
 /// `X Wᵀ + 1 bᵀ` for a row-sample batch.
 pub(crate) fn affine(x: &DMatrix<f64>, w: &DMatrix<f64>, b: &DVector<f64>) -> DMatrix<f64> {
     let mut y = x * w.transpose();
-    for mut row in y.row_iter_mut() {
-        row += b.transpose();
+    // Column by column: contiguous in the column-major layout (same sums as row by row).
+    for (mut col, &bj) in y.column_iter_mut().zip(b.iter()) {
+        col.add_scalar_mut(bj);
     }
     y
 }

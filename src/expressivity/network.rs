@@ -8,7 +8,7 @@
 
 use super::fnn::{affine, relu_mut, Fnn};
 use super::linear::LinearModel;
-use super::tfn::{seq_apply, seq_apply_t, seq_scores, Tfn};
+use super::tfn::{attention_backward, to_position_major, Tfn};
 use crate::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
 
@@ -51,6 +51,18 @@ pub trait Network: Clone + Send + Sync + std::fmt::Debug {
     fn forward(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>>;
     /// Reverse mode: the gradient of `⟨dy, f(x)⟩ = Σ dy ⊙ f(x)` w.r.t. every weight and bias.
     fn vjp(&self, x: &DMatrix<f64>, dy: &DMatrix<f64>) -> Result<Grads>;
+    /// The per-entry MSE between `f(x)` and `y` and its gradient with respect to every weight
+    /// and bias ([`mse_loss_and_grads`]); a model may override it to share one forward pass
+    /// between the loss and the reverse mode.
+    fn mse_loss_and_grads(&self, x: &DMatrix<f64>, y: &DMatrix<f64>) -> Result<(f64, Grads)> {
+        let f = self.forward(x)?;
+        let loss = mse(&f, y)?;
+        if !loss.is_finite() {
+            return Err(ElraError::NonFinite { arg: "loss" });
+        }
+        let dy = (f - y) * (2.0 / y.len() as f64);
+        Ok((loss, self.vjp(x, &dy)?))
+    }
     /// The weight slots that carry adapters in the paper's setting (every layer for linear
     /// models and FNNs — §2.1; attention weights, `W_2L` and `W_o` for TFNs — Thm. 6).
     fn adapted_slots(&self) -> Vec<usize>;
@@ -78,13 +90,7 @@ pub fn mse_loss_and_grads<N: Network>(
     x: &DMatrix<f64>,
     y: &DMatrix<f64>,
 ) -> Result<(f64, Grads)> {
-    let f = net.forward(x)?;
-    let loss = mse(&f, y)?;
-    if !loss.is_finite() {
-        return Err(ElraError::NonFinite { arg: "loss" });
-    }
-    let dy = (f - y) * (2.0 / y.len() as f64);
-    Ok((loss, net.vjp(x, &dy)?))
+    net.mse_loss_and_grads(x, y)
 }
 
 fn col_sums(m: &DMatrix<f64>) -> DVector<f64> {
@@ -135,7 +141,7 @@ impl Network for LinearModel {
         let mut g = dy.clone();
         let mut gw = vec![DMatrix::zeros(0, 0); self.layers()];
         for l in (0..self.layers()).rev() {
-            gw[l] = g.transpose() * &acts[l];
+            gw[l] = g.tr_mul(&acts[l]);
             g = &g * &self.weights[l];
         }
         Ok(Grads {
@@ -199,7 +205,7 @@ impl Network for Fnn {
                     *gi = 0.0
                 }
             });
-            gw[l] = g.transpose() * &acts[l];
+            gw[l] = g.tr_mul(&acts[l]);
             gb[l] = col_sums(&g);
             g = &g * &self.weights[l];
         }
@@ -235,6 +241,60 @@ impl Tfn {
     /// `l`; `W_1l` is `head_slot(l, H, 0)`, `W_2l` is `+1`.
     fn head_slot(&self, l: usize, h: usize, part: usize) -> usize {
         l * self.slots_per_block() + 4 * h + part
+    }
+
+    /// Reverse mode from a position-major forward pass ([`Tfn::forward_pm`]): the gradient of
+    /// `⟨dY, f(X)⟩` with respect to every weight and bias, `dY` position-major too.
+    fn backward_pm(
+        &self,
+        caches: &[super::tfn::BlockCache],
+        zl: &DMatrix<f64>,
+        y: &DMatrix<f64>,
+        dy: &DMatrix<f64>,
+    ) -> Grads {
+        let n = self.seq_len;
+        let nslots = self.layers() * self.slots_per_block() + 1;
+        let mut gw = vec![DMatrix::zeros(0, 0); nslots];
+        let mut gb = vec![DVector::zeros(0); 2 * self.layers()];
+        // Output layer: Y = softmax_rows(Z_L W_oᵀ).
+        let dt = softmax_rows_backward(y, dy);
+        gw[nslots - 1] = dt.transpose() * zl;
+        let mut dz = &dt * &self.Wo;
+        for l in (0..self.layers()).rev() {
+            let (c, b) = (&caches[l], &self.blocks[l]);
+            // Z_l = H W_2ᵀ + 1 b_2ᵀ.
+            let w2 = self.head_slot(l, self.heads(), 1);
+            gw[w2] = dz.tr_mul(&c.h);
+            gb[2 * l + 1] = col_sums(&dz);
+            let mut du = &dz * &b.W2;
+            du.zip_apply(&c.u, |g, u| {
+                if u <= 0.0 {
+                    *g = 0.0
+                }
+            });
+            // U = A W_1ᵀ + 1 b_1ᵀ.
+            gw[w2 - 1] = du.tr_mul(&c.attn);
+            gb[2 * l] = col_sums(&du);
+            let dattn = &du * &b.W1;
+            let mut dzin = DMatrix::zeros(c.z_in.nrows(), c.z_in.ncols());
+            for (h, head) in b.heads.iter().enumerate() {
+                // A += (P V) W_Oᵀ.
+                gw[self.head_slot(l, h, 3)] = dattn.tr_mul(&c.pv[h]);
+                let dpv = &dattn * &head.O;
+                // PV = P V, P = softmax_rows(S), S = Q Kᵀ per sequence.
+                let (dq, dk, dv) = attention_backward(&c.p[h], &c.q[h], &c.k[h], &c.v[h], &dpv, n);
+                // q = Z W_Qᵀ, k = Z W_Kᵀ, v = Z W_Vᵀ.
+                gw[self.head_slot(l, h, 0)] = dq.tr_mul(&c.z_in);
+                gw[self.head_slot(l, h, 1)] = dk.tr_mul(&c.z_in);
+                gw[self.head_slot(l, h, 2)] = dv.tr_mul(&c.z_in);
+                dzin += &dq * &head.Q + &dk * &head.K + &dv * &head.V;
+            }
+            dz = dzin;
+        }
+        Grads {
+            weights: gw,
+            biases: gb,
+        }
     }
 }
 
@@ -300,68 +360,26 @@ impl Network for Tfn {
         Tfn::forward(self, x)
     }
     fn vjp(&self, x: &DMatrix<f64>, dy: &DMatrix<f64>) -> Result<Grads> {
-        let (caches, zl, y) = self.forward_cached(x)?;
-        check_dy(y.shape(), dy)?;
+        self.check_input(x)?;
+        check_dy(x.shape(), dy)?;
         let n = self.seq_len;
-        let nslots = self.layers() * self.slots_per_block() + 1;
-        let mut gw = vec![DMatrix::zeros(0, 0); nslots];
-        let mut gb = vec![DVector::zeros(0); 2 * self.layers()];
-        // Output layer: Y = softmax_rows(Z_L W_oᵀ).
-        let dt = softmax_rows_backward(&y, dy);
-        gw[nslots - 1] = dt.transpose() * &zl;
-        let mut dz = &dt * &self.Wo;
-        for l in (0..self.layers()).rev() {
-            let (c, b) = (&caches[l], &self.blocks[l]);
-            // Z_l = H W_2ᵀ + 1 b_2ᵀ.
-            let w2 = self.head_slot(l, self.heads(), 1);
-            gw[w2] = dz.transpose() * &c.h;
-            gb[2 * l + 1] = col_sums(&dz);
-            let mut du = &dz * &b.W2;
-            du.zip_apply(&c.u, |g, u| {
-                if u <= 0.0 {
-                    *g = 0.0
-                }
-            });
-            // U = A W_1ᵀ + 1 b_1ᵀ.
-            gw[w2 - 1] = du.transpose() * &c.attn;
-            gb[2 * l] = col_sums(&du);
-            let dattn = &du * &b.W1;
-            let mut dzin = DMatrix::zeros(c.z_in.nrows(), c.z_in.ncols());
-            for (h, head) in b.heads.iter().enumerate() {
-                // A += (P V) W_Oᵀ.
-                gw[self.head_slot(l, h, 3)] = dattn.transpose() * &c.pv[h];
-                let dpv = &dattn * &head.O;
-                let mut dq = DMatrix::zeros(dzin.nrows(), dzin.ncols());
-                let mut dk = dq.clone();
-                let mut dv = dq.clone();
-                let mut dp = vec![0.0; n * n];
-                for (s, p) in c.p[h].chunks_exact(n * n).enumerate() {
-                    let r0 = s * n;
-                    // PV_s = P V_s; P = softmax_rows(S); S = Q_s K_sᵀ.
-                    seq_scores(&dpv, &c.v[h], r0, n, &mut dp); // dP = dPV_s V_sᵀ
-                    seq_apply_t(p, &dpv, r0, n, &mut dv); // dV_s = Pᵀ dPV_s
-                                                          // dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place in dp.
-                    for j in 0..n {
-                        let r: f64 = (0..n).map(|i| dp[i * n + j] * p[i * n + j]).sum();
-                        for i in 0..n {
-                            dp[i * n + j] = p[i * n + j] * (dp[i * n + j] - r);
-                        }
-                    }
-                    seq_apply(&dp, &c.k[h], r0, n, &mut dq); // dQ_s = dS K_s
-                    seq_apply_t(&dp, &c.q[h], r0, n, &mut dk); // dK_s = dSᵀ Q_s
-                }
-                // q = Z W_Qᵀ, k = Z W_Kᵀ, v = Z W_Vᵀ.
-                gw[self.head_slot(l, h, 0)] = dq.transpose() * &c.z_in;
-                gw[self.head_slot(l, h, 1)] = dk.transpose() * &c.z_in;
-                gw[self.head_slot(l, h, 2)] = dv.transpose() * &c.z_in;
-                dzin += &dq * &head.Q + &dk * &head.K + &dv * &head.V;
-            }
-            dz = dzin;
+        let (caches, zl, y) = self.forward_pm(&to_position_major(x, n));
+        Ok(self.backward_pm(&caches, &zl, &y, &to_position_major(dy, n)))
+    }
+    fn mse_loss_and_grads(&self, x: &DMatrix<f64>, y: &DMatrix<f64>) -> Result<(f64, Grads)> {
+        self.check_input(x)?;
+        check_dy(x.shape(), y)?;
+        // One forward pass serves the loss and the reverse mode (the per-entry MSE does not
+        // depend on the order of rows, so it is taken in the position-major order).
+        let n = self.seq_len;
+        let (caches, zl, f) = self.forward_pm(&to_position_major(x, n));
+        let yp = to_position_major(y, n);
+        let loss = mse(&f, &yp)?;
+        if !loss.is_finite() {
+            return Err(ElraError::NonFinite { arg: "loss" });
         }
-        Ok(Grads {
-            weights: gw,
-            biases: gb,
-        })
+        let dy = (&f - yp) * (2.0 / f.len() as f64);
+        Ok((loss, self.backward_pm(&caches, &zl, &f, &dy)))
     }
     fn adapted_slots(&self) -> Vec<usize> {
         let mut v = Vec::new();

@@ -64,33 +64,33 @@ pub struct Tfn {
     pub seq_len: usize,
 }
 
-/// Row-wise softmax (numerically stable: the row maximum is subtracted).
+/// Row-wise softmax (numerically stable: the row maximum is subtracted), computed a column at a
+/// time (the matrix is column-major, so every pass is a contiguous sweep).
 pub(crate) fn softmax_rows(s: &DMatrix<f64>) -> DMatrix<f64> {
+    let (rows, cols) = s.shape();
     let mut p = s.clone();
-    for mut row in p.row_iter_mut() {
-        let m = row.max();
-        row.apply(|x| *x = exp_nonpos(*x - m));
-        let z = row.sum();
-        row /= z;
+    if cols == 0 {
+        return p;
     }
-    p
-}
-
-/// `S = Q_s K_sᵀ` for the sequence occupying rows `[r0, r0+n)` of `q`, `k` (column-major
-/// `n×n` into `s`, `S[j, i]` at `i·n + j`).
-pub(crate) fn seq_scores(q: &DMatrix<f64>, k: &DMatrix<f64>, r0: usize, n: usize, s: &mut [f64]) {
-    let rows = q.nrows();
-    let (qs, ks) = (q.as_slice(), k.as_slice());
-    s.fill(0.0);
-    for c in 0..q.ncols() {
-        let qc = &qs[c * rows + r0..c * rows + r0 + n];
-        let kc = &ks[c * rows + r0..c * rows + r0 + n];
-        for (i, &kv) in kc.iter().enumerate() {
-            for (sj, &qj) in s[i * n..(i + 1) * n].iter_mut().zip(qc) {
-                *sj += qj * kv;
-            }
+    let mut m = vec![f64::NEG_INFINITY; rows];
+    for col in s.column_iter() {
+        for (mi, &x) in m.iter_mut().zip(col.iter()) {
+            *mi = mi.max(x);
         }
     }
+    let mut z = vec![0.0; rows];
+    for mut col in p.column_iter_mut() {
+        for ((x, &mi), zi) in col.iter_mut().zip(&m).zip(z.iter_mut()) {
+            *x = exp_nonpos(*x - mi);
+            *zi += *x;
+        }
+    }
+    for mut col in p.column_iter_mut() {
+        for (x, &zi) in col.iter_mut().zip(&z) {
+            *x /= zi;
+        }
+    }
+    p
 }
 
 /// `eˣ` for `x ≤ 0`, returning 0 directly below the underflow threshold (saturated softmax
@@ -105,63 +105,140 @@ fn exp_nonpos(x: f64) -> f64 {
     }
 }
 
-/// Row-wise softmax of a column-major `n×n` block, in place.
-pub(crate) fn softmax_rows_slice(s: &mut [f64], n: usize) {
-    for j in 0..n {
-        let m = (0..n)
-            .map(|i| s[i * n + j])
-            .fold(f64::NEG_INFINITY, f64::max);
-        let mut z = 0.0;
-        for i in 0..n {
-            let e = exp_nonpos(s[i * n + j] - m);
-            s[i * n + j] = e;
-            z += e;
-        }
-        for i in 0..n {
-            s[i * n + j] /= z;
-        }
+/// Rows of a sequence-major batch (`row = s·N + j`, token `j` of sequence `s`) reordered
+/// position-major (`row = j·B + s`), the layout of the attention core below: for a fixed feature
+/// and position the `B` sequences are contiguous, so every attention operation is a
+/// vectorisable sweep of length `B` instead of a loop of length `N`. Every other operation of
+/// the model is token-wise, so the order of rows does not matter to it.
+pub(crate) fn to_position_major(x: &DMatrix<f64>, n: usize) -> DMatrix<f64> {
+    let b = x.nrows() / n;
+    DMatrix::from_fn(x.nrows(), x.ncols(), |r, c| x[((r % b) * n + r / b, c)])
+}
+
+/// The inverse of [`to_position_major`].
+pub(crate) fn from_position_major(x: &DMatrix<f64>, n: usize) -> DMatrix<f64> {
+    let b = x.nrows() / n;
+    DMatrix::from_fn(x.nrows(), x.ncols(), |r, c| x[((r % n) * b + r / n, c)])
+}
+
+/// `o += x ⊙ y` over one contiguous sweep.
+#[inline]
+fn fma_into(o: &mut [f64], x: &[f64], y: &[f64]) {
+    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+        *o += x * y;
     }
 }
 
-/// `out[r0.., :] = P V_s` for the sequence at rows `[r0, r0+n)` (`P` column-major `n×n`).
-pub(crate) fn seq_apply(p: &[f64], v: &DMatrix<f64>, r0: usize, n: usize, out: &mut DMatrix<f64>) {
-    let rows = v.nrows();
-    let vs = v.as_slice();
-    let os = out.as_mut_slice();
-    for c in 0..v.ncols() {
-        let oc = &mut os[c * rows + r0..c * rows + r0 + n];
-        oc.fill(0.0);
+/// The attention core of one head on a position-major batch of `B` sequences of `N` tokens
+/// (§3.1, tokens as rows): `S[j, i] = q_j·k_i`, `P = softmax_i(S)`, `PV_j = Σ_i P[j, i] v_i`.
+/// Returns `P` (entry `(j, i)` of sequence `s` at `(j·N + i)·B + s`) and `PV` (position-major,
+/// like `q`, `k`, `v`).
+pub(crate) fn attention_forward(
+    q: &DMatrix<f64>,
+    k: &DMatrix<f64>,
+    v: &DMatrix<f64>,
+    n: usize,
+) -> (Vec<f64>, DMatrix<f64>) {
+    let (rows, d) = q.shape();
+    let b = rows / n;
+    let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
+    let at = |c: usize, j: usize| c * rows + j * b..c * rows + (j + 1) * b;
+    let mut p = vec![0.0; n * n * b];
+    for j in 0..n {
+        let pj = &mut p[j * n * b..(j + 1) * n * b];
         for i in 0..n {
-            let vv = vs[c * rows + r0 + i];
-            for (o, &pj) in oc.iter_mut().zip(&p[i * n..(i + 1) * n]) {
-                *o += pj * vv;
+            let sji = &mut pj[i * b..(i + 1) * b];
+            for c in 0..d {
+                fma_into(sji, &qs[at(c, j)], &ks[at(c, i)]);
+            }
+        }
+        // Row-wise softmax over i, for all sequences at once.
+        let mut m = vec![f64::NEG_INFINITY; b];
+        for sji in pj.chunks_exact(b) {
+            for (mi, &x) in m.iter_mut().zip(sji) {
+                *mi = mi.max(x);
+            }
+        }
+        let mut z = vec![0.0; b];
+        for sji in pj.chunks_exact_mut(b) {
+            for ((x, &mi), zi) in sji.iter_mut().zip(&m).zip(z.iter_mut()) {
+                *x = exp_nonpos(*x - mi);
+                *zi += *x;
+            }
+        }
+        for sji in pj.chunks_exact_mut(b) {
+            for (x, &zi) in sji.iter_mut().zip(&z) {
+                *x /= zi;
             }
         }
     }
-}
-
-/// `out[r0 + i, c] = Σ_j P[j, i] X[r0 + j, c]`, i.e. `Pᵀ X_s`, for the sequence at rows
-/// `[r0, r0+n)`.
-pub(crate) fn seq_apply_t(
-    p: &[f64],
-    x: &DMatrix<f64>,
-    r0: usize,
-    n: usize,
-    out: &mut DMatrix<f64>,
-) {
-    let rows = x.nrows();
-    let xs = x.as_slice();
-    let os = out.as_mut_slice();
-    for c in 0..x.ncols() {
-        let xc = &xs[c * rows + r0..c * rows + r0 + n];
-        for i in 0..n {
-            os[c * rows + r0 + i] = p[i * n..(i + 1) * n]
-                .iter()
-                .zip(xc)
-                .map(|(a, b)| a * b)
-                .sum();
+    let mut pv = DMatrix::zeros(rows, d);
+    let pvs = pv.as_mut_slice();
+    for c in 0..d {
+        for j in 0..n {
+            let o = &mut pvs[at(c, j)];
+            for i in 0..n {
+                fma_into(o, &p[(j * n + i) * b..(j * n + i + 1) * b], &vs[at(c, i)]);
+            }
         }
     }
+    (p, pv)
+}
+
+/// Reverse mode of [`attention_forward`]: from `dPV` (position-major) the gradients
+/// `(dQ, dK, dV)`: `dP[j, i] = dPV_j·v_i`, `dv_i = Σ_j P[j, i] dPV_j`,
+/// `dS[j, i] = P[j, i] (dP[j, i] − Σ_i' dP[j, i'] P[j, i'])` (softmax), `dq_j = Σ_i dS[j, i] k_i`,
+/// `dk_i = Σ_j dS[j, i] q_j`.
+pub(crate) fn attention_backward(
+    p: &[f64],
+    q: &DMatrix<f64>,
+    k: &DMatrix<f64>,
+    v: &DMatrix<f64>,
+    dpv: &DMatrix<f64>,
+    n: usize,
+) -> (DMatrix<f64>, DMatrix<f64>, DMatrix<f64>) {
+    let (rows, d) = q.shape();
+    let b = rows / n;
+    let (qs, ks, vs, gs) = (q.as_slice(), k.as_slice(), v.as_slice(), dpv.as_slice());
+    let at = |c: usize, j: usize| c * rows + j * b..c * rows + (j + 1) * b;
+    let pat = |j: usize, i: usize| (j * n + i) * b..(j * n + i + 1) * b;
+    let mut dq = DMatrix::zeros(rows, d);
+    let mut dk = DMatrix::zeros(rows, d);
+    let mut dv = DMatrix::zeros(rows, d);
+    let (dqs, dks, dvs) = (dq.as_mut_slice(), dk.as_mut_slice(), dv.as_mut_slice());
+    // One query position j at a time: row j of dS (all sequences) is all the scratch needed.
+    let mut ds = vec![0.0; n * b];
+    let mut r = vec![0.0; b];
+    for j in 0..n {
+        ds.fill(0.0);
+        for (i, o) in ds.chunks_exact_mut(b).enumerate() {
+            for c in 0..d {
+                fma_into(o, &gs[at(c, j)], &vs[at(c, i)]);
+            }
+        }
+        r.fill(0.0);
+        for (i, o) in ds.chunks_exact(b).enumerate() {
+            fma_into(&mut r, o, &p[pat(j, i)]);
+        }
+        for (i, o) in ds.chunks_exact_mut(b).enumerate() {
+            for ((o, &pp), &r) in o.iter_mut().zip(&p[pat(j, i)]).zip(&r) {
+                *o = pp * (*o - r);
+            }
+        }
+        for c in 0..d {
+            let o = &mut dqs[at(c, j)];
+            for (i, dsi) in ds.chunks_exact(b).enumerate() {
+                fma_into(o, dsi, &ks[at(c, i)]);
+            }
+            let qcj = &qs[at(c, j)];
+            let gcj = &gs[at(c, j)];
+            for (i, dsi) in ds.chunks_exact(b).enumerate() {
+                fma_into(&mut dks[at(c, i)], dsi, qcj);
+                fma_into(&mut dvs[at(c, i)], &p[pat(j, i)], gcj);
+            }
+        }
+    }
+    (dq, dk, dv)
 }
 
 /// Intermediate values of one block's forward pass, kept for the reverse mode.
@@ -173,8 +250,8 @@ pub(crate) struct BlockCache {
     pub q: Vec<DMatrix<f64>>,
     pub k: Vec<DMatrix<f64>>,
     pub v: Vec<DMatrix<f64>>,
-    /// Per head: attention probabilities `softmax(S)` of every sequence, sequence `s` at
-    /// offset `s·N²`, column-major `N×N` (`P[j, i]` at `i·N + j`).
+    /// Per head: attention probabilities `softmax(S)` of every sequence, `P[j, i]` of sequence
+    /// `s` at `(j·N + i)·B + s` (see [`attention_forward`]).
     pub p: Vec<Vec<f64>>,
     /// Per head: `softmax(S) V` for all tokens (before `W_O`).
     pub pv: Vec<DMatrix<f64>>,
@@ -191,6 +268,8 @@ impl Block {
         self.W1.nrows()
     }
 
+    /// One block on a position-major batch (see [`to_position_major`]), every intermediate
+    /// kept for the reverse mode.
     pub(crate) fn forward_cached(
         &self,
         z: &DMatrix<f64>,
@@ -198,21 +277,13 @@ impl Block {
     ) -> (DMatrix<f64>, BlockCache) {
         let d = self.dim();
         let rows = z.nrows();
-        let nseq = rows / seq_len;
         let mut attn = DMatrix::zeros(rows, d);
         let (mut qs, mut ks, mut vs, mut ps, mut pvs) = (vec![], vec![], vec![], vec![], vec![]);
         for head in &self.heads {
             let q = z * head.Q.transpose();
             let k = z * head.K.transpose();
             let v = z * head.V.transpose();
-            let mut pv = DMatrix::zeros(rows, d);
-            let mut p_h = vec![0.0; nseq * seq_len * seq_len];
-            for s in 0..nseq {
-                let p = &mut p_h[s * seq_len * seq_len..(s + 1) * seq_len * seq_len];
-                seq_scores(&q, &k, s * seq_len, seq_len, p);
-                softmax_rows_slice(p, seq_len);
-                seq_apply(p, &v, s * seq_len, seq_len, &mut pv);
-            }
+            let (p_h, pv) = attention_forward(&q, &k, &v, seq_len);
             attn += &pv * head.O.transpose();
             qs.push(q);
             ks.push(k);
@@ -365,13 +436,14 @@ impl Tfn {
         Ok(())
     }
 
-    /// Forward pass with every intermediate kept: (block caches, `Z_L`, output).
-    pub(crate) fn forward_cached(
+    /// Forward pass on a **position-major** batch (see [`to_position_major`]) with every
+    /// intermediate kept: (block caches, `Z_L`, output), all position-major. The input must have
+    /// passed [`Tfn::check_input`].
+    pub(crate) fn forward_pm(
         &self,
-        x: &DMatrix<f64>,
-    ) -> Result<(Vec<BlockCache>, DMatrix<f64>, DMatrix<f64>)> {
-        self.check_input(x)?;
-        let mut z = x.clone();
+        xp: &DMatrix<f64>,
+    ) -> (Vec<BlockCache>, DMatrix<f64>, DMatrix<f64>) {
+        let mut z = xp.clone();
         let mut caches = Vec::with_capacity(self.layers());
         for b in &self.blocks {
             let (out, c) = b.forward_cached(&z, self.seq_len);
@@ -379,18 +451,25 @@ impl Tfn {
             z = out;
         }
         let y = softmax_rows(&(&z * self.Wo.transpose()));
-        Ok((caches, z, y))
+        (caches, z, y)
     }
 
     /// `softmax(W_o Z_L)` for a batch of sequences (`(B·seq_len)×D`, tokens as rows; §3.1).
     pub fn forward(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>> {
-        Ok(self.forward_cached(x)?.2)
+        self.check_input(x)?;
+        let (_, _, y) = self.forward_pm(&to_position_major(x, self.seq_len));
+        Ok(from_position_major(&y, self.seq_len))
     }
 
     /// The output layer's logits `W_o Z_L` (before the softmax), tokens as rows. Theorem 6's
     /// construction matches these exactly, not only their softmax.
     pub fn logits(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>> {
-        Ok(self.forward_cached(x)?.1 * self.Wo.transpose())
+        self.check_input(x)?;
+        let (_, zl, _) = self.forward_pm(&to_position_major(x, self.seq_len));
+        Ok(from_position_major(
+            &(zl * self.Wo.transpose()),
+            self.seq_len,
+        ))
     }
 }
 
