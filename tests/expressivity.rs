@@ -539,6 +539,73 @@ fn reverse_mode_tfn_matches_central_differences() {
     assert!(!adapted.iter().any(|n| n.ends_with("W1")));
 }
 
+/// The batched TFN evaluates its sequences in a position-major order internally (src/expressivity/
+/// tfn.rs): a batch of `B` sequences must give, row for row, what each sequence gives alone, and
+/// its gradient must be the sum of the per-sequence gradients (the loss is a sum over
+/// sequences). Tolerances: the same arithmetic in another row order, so a few ulps of the
+/// values' size (1e-13 relative for values, 1e-12 for gradients summed over 7 sequences).
+/// Sizes: `B = 7`, `N = 4` so that neither divides the other and position-major ≠ sequence-major.
+#[test]
+fn tfn_batch_equals_its_sequences_one_by_one() {
+    let mut r = rng(21);
+    let (d, n, b) = (5, 4, 7);
+    let mut net = Tfn::random(d, 2, 2, n, &mut r).unwrap();
+    for blk in &mut net.blocks {
+        for h in &mut blk.heads {
+            h.Q *= 0.3; // keep the softmax unsaturated so every entry matters
+            h.K *= 0.3;
+        }
+    }
+    let x = inputs(b * n, d, &mut r);
+    let dy = inputs(b * n, d, &mut r);
+    let y = net.forward(&x).unwrap();
+    let z = net.logits(&x).unwrap();
+    let g = net.vjp(&x, &dy).unwrap();
+    let mut gsum: Option<elra::expressivity::network::Grads> = None;
+    for s in 0..b {
+        let xs = x.rows(s * n, n).into_owned();
+        let ys = net.forward(&xs).unwrap();
+        let zs = net.logits(&xs).unwrap();
+        assert!((y.rows(s * n, n) - &ys).amax() <= 1e-13 * ys.amax().max(1.0), "seq {s}");
+        assert!((z.rows(s * n, n) - &zs).amax() <= 1e-13 * zs.amax().max(1.0), "seq {s}");
+        let gs = net.vjp(&xs, &dy.rows(s * n, n).into_owned()).unwrap();
+        gsum = Some(match gsum {
+            None => gs,
+            Some(mut acc) => {
+                for (a, b) in acc.weights.iter_mut().zip(&gs.weights) {
+                    *a += b;
+                }
+                for (a, b) in acc.biases.iter_mut().zip(&gs.biases) {
+                    *a += b;
+                }
+                acc
+            }
+        });
+    }
+    let gsum = gsum.unwrap();
+    for (k, (a, e)) in g.weights.iter().zip(&gsum.weights).enumerate() {
+        assert!((a - e).amax() <= 1e-12 * e.amax().max(1.0), "weight slot {k}");
+    }
+    for (k, (a, e)) in g.biases.iter().zip(&gsum.biases).enumerate() {
+        assert!((a - e).amax() <= 1e-12 * e.amax().max(1.0), "bias slot {k}");
+    }
+    // The TFN's one-forward-pass loss and gradient equal forward + vjp (the trait's default).
+    let target = inputs(b * n, d, &mut r).map(|v| v.abs());
+    let (loss, gl) = mse_loss_and_grads(&net, &x, &target).unwrap();
+    let f = net.forward(&x).unwrap();
+    let loss_ref = (&f - &target).norm_squared() / f.len() as f64;
+    let g_ref = net
+        .vjp(&x, &((&f - &target) * (2.0 / f.len() as f64)))
+        .unwrap();
+    assert!((loss - loss_ref).abs() <= 1e-13 * loss_ref);
+    for (a, e) in gl.weights.iter().zip(&g_ref.weights) {
+        assert!((a - e).amax() <= 1e-12 * e.amax().max(1e-300));
+    }
+    for (a, e) in gl.biases.iter().zip(&g_ref.biases) {
+        assert!((a - e).amax() <= 1e-12 * e.amax().max(1e-300));
+    }
+}
+
 /// Shapes and bad inputs of the model constructors are typed errors.
 #[test]
 fn models_reject_bad_input() {
