@@ -423,17 +423,6 @@ fn assemble<N: Network, A: WeightAdapter>(
     Ok(())
 }
 
-/// A training step allocates and frees a few dozen `(B·N)×D` matrices (≈ 0.3 MB each at
-/// App. G's sizes). With glibc's default allocator settings such blocks are served by `mmap`
-/// or by heap growth that is trimmed again on free, so every step re-faults ≈ 15 MB of fresh
-/// pages (measured: 40 % of a TFN step in the kernel). glibc raises its mmap threshold to the
-/// size of any mmap-served block that is freed (up to 32 MB) and keeps twice that much at the
-/// top of the heap before trimming; allocating and freeing one 16 MB block moves both
-/// thresholds past this working set. Other allocators are unaffected by it.
-fn raise_allocator_reuse_threshold() {
-    drop(std::hint::black_box(Vec::<u8>::with_capacity(16 << 20)));
-}
-
 /// Trains adapters of one family and rank on the adapted slots of `frozen` (and, with
 /// `train_biases`, its biases) to match `target`: `iterations` Adam steps on fresh `N(0, I)`
 /// batches of `batch` samples, per-entry MSE loss (App. G). The gradient flows
@@ -456,7 +445,6 @@ pub fn train_adapters<N: Network, F: AdapterFamily>(
     data_seed: u64,
     val: (&DMatrix<f64>, &DMatrix<f64>),
 ) -> Result<Trained<N>> {
-    raise_allocator_reuse_threshold();
     let slots = frozen.adapted_slots();
     let w0: Vec<DMatrix<f64>> = slots.iter().map(|&s| frozen.weights()[s].clone()).collect();
     let mut init_rng = ChaCha8Rng::seed_from_u64(init_seed);

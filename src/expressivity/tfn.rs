@@ -67,30 +67,39 @@ pub struct Tfn {
 /// Row-wise softmax (numerically stable: the row maximum is subtracted), computed a column at a
 /// time (the matrix is column-major, so every pass is a contiguous sweep).
 pub(crate) fn softmax_rows(s: &DMatrix<f64>) -> DMatrix<f64> {
-    let (rows, cols) = s.shape();
     let mut p = s.clone();
-    if cols == 0 {
-        return p;
+    let rows = p.nrows();
+    softmax_across_slices(p.as_mut_slice(), rows);
+    p
+}
+
+/// Softmax across the consecutive slices of length `len` of `data`, separately for each
+/// position within a slice: for every `t < len`, `data[i·len + t]` over `i` becomes
+/// `exp(x_i − max) / Σ exp(x_j − max)`. Every pass is a contiguous sweep of length `len`. Serves
+/// the row-wise softmax of a column-major matrix (slices = columns) and the attention softmax
+/// of [`attention_forward`] (slices = key positions, `len` = sequences).
+fn softmax_across_slices(data: &mut [f64], len: usize) {
+    if len == 0 {
+        return;
     }
-    let mut m = vec![f64::NEG_INFINITY; rows];
-    for col in s.column_iter() {
-        for (mi, &x) in m.iter_mut().zip(col.iter()) {
+    let mut m = vec![f64::NEG_INFINITY; len];
+    for sl in data.chunks_exact(len) {
+        for (mi, &x) in m.iter_mut().zip(sl) {
             *mi = mi.max(x);
         }
     }
-    let mut z = vec![0.0; rows];
-    for mut col in p.column_iter_mut() {
-        for ((x, &mi), zi) in col.iter_mut().zip(&m).zip(z.iter_mut()) {
+    let mut z = vec![0.0; len];
+    for sl in data.chunks_exact_mut(len) {
+        for ((x, &mi), zi) in sl.iter_mut().zip(&m).zip(z.iter_mut()) {
             *x = exp_nonpos(*x - mi);
             *zi += *x;
         }
     }
-    for mut col in p.column_iter_mut() {
-        for (x, &zi) in col.iter_mut().zip(&z) {
+    for sl in data.chunks_exact_mut(len) {
+        for (x, &zi) in sl.iter_mut().zip(&z) {
             *x /= zi;
         }
     }
-    p
 }
 
 /// `eˣ` for `x ≤ 0`, returning 0 directly below the underflow threshold (saturated softmax
@@ -153,24 +162,7 @@ pub(crate) fn attention_forward(
             }
         }
         // Row-wise softmax over i, for all sequences at once.
-        let mut m = vec![f64::NEG_INFINITY; b];
-        for sji in pj.chunks_exact(b) {
-            for (mi, &x) in m.iter_mut().zip(sji) {
-                *mi = mi.max(x);
-            }
-        }
-        let mut z = vec![0.0; b];
-        for sji in pj.chunks_exact_mut(b) {
-            for ((x, &mi), zi) in sji.iter_mut().zip(&m).zip(z.iter_mut()) {
-                *x = exp_nonpos(*x - mi);
-                *zi += *x;
-            }
-        }
-        for sji in pj.chunks_exact_mut(b) {
-            for (x, &zi) in sji.iter_mut().zip(&z) {
-                *x /= zi;
-            }
-        }
+        softmax_across_slices(pj, b);
     }
     let mut pv = DMatrix::zeros(rows, d);
     let pvs = pv.as_mut_slice();
