@@ -8,7 +8,7 @@ use elra::expressivity::elra::{
     hyb_alpha, prop3_rank_experiment, Elra, ElraFamily, ElraVariant, RankCase,
 };
 use elra::expressivity::experiment;
-use elra::expressivity::runner::{run_cli, CliOpts};
+use elra::expressivity::runner::{merge_csvs, run_cli, CliOpts};
 use elra::expressivity::standard_normal;
 use elra::linalg::expm;
 use nalgebra::DMatrix;
@@ -236,6 +236,7 @@ fn expressivity_quick_run_writes_csv_and_svg() {
         out: out.clone(),
         threads: 2,
         iterations: None,
+        ranks: None,
     };
     let t0 = std::time::Instant::now();
     let summary = run_cli("all", &opts).unwrap();
@@ -285,6 +286,138 @@ fn expressivity_quick_run_writes_csv_and_svg() {
         }
     )
     .is_err());
+}
+
+/// A run made in rank shards and merged equals the single run: `run_cli("linear", quick)` over
+/// ranks {1, 2, 3} in one call, and over {2} and {3, 1} in two calls whose CSVs
+/// [`merge_csvs`] joins — the merged CSV and SVG of both settings are byte-identical to the
+/// single run's and so is the summary (exact: rows depend only on seed, setting and rank, and
+/// CSV floats round-trip). Merging refuses, with a typed error, a shard given twice, no files, a
+/// file that is not a runner CSV, and shards of different protocols (another iteration count).
+/// Also: an empty or repeated `--ranks` list is refused.
+#[test]
+fn merging_rank_shards_gives_the_single_run() {
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("merge_rank_shards");
+    let _ = std::fs::remove_dir_all(&base);
+    let run = |dir: &str, ranks: &[usize], iterations: Option<usize>| {
+        run_cli(
+            "linear",
+            &CliOpts {
+                quick: true,
+                seed: 4,
+                out: base.join(dir),
+                threads: 2,
+                iterations,
+                ranks: Some(ranks.to_vec()),
+            },
+        )
+        .unwrap()
+    };
+    let whole = run("whole", &[1, 2, 3], None);
+    let a = run("a", &[2], None);
+    let b = run("b", &[3, 1], None);
+    let csvs = |s: &elra::expressivity::runner::Summary| -> Vec<std::path::PathBuf> {
+        s.lines.iter().map(|l| l.csv.clone()).collect()
+    };
+    let shards: Vec<_> = csvs(&a).into_iter().chain(csvs(&b)).collect();
+    assert_eq!(shards.len(), 4);
+    let merged = merge_csvs(&shards, &base.join("merged")).unwrap();
+    assert_eq!(merged.rows, whole.rows);
+    assert_eq!(format!("{merged}"), format!("{whole}"));
+    assert_eq!(merged.lines.len(), 2);
+    for (m, w) in merged.lines.iter().zip(&whole.lines) {
+        assert_eq!(m.setting, w.setting);
+        assert_eq!(m.first_exact, w.first_exact);
+        let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+        assert_eq!(read(&m.csv), read(&w.csv), "{}", m.setting);
+        assert_eq!(
+            read(&m.csv.with_extension("svg")),
+            read(&w.csv.with_extension("svg")),
+            "{}",
+            m.setting
+        );
+    }
+    let out = base.join("refused");
+    let twice: Vec<_> = shards.iter().chain(&csvs(&a)).cloned().collect();
+    assert!(merge_csvs(&twice, &out).is_err());
+    assert!(merge_csvs(&[], &out).is_err());
+    let not_csv = base.join("not.csv");
+    std::fs::write(
+        &not_csv,
+        "rank,mse
+1,0.5
+",
+    )
+    .unwrap();
+    assert!(merge_csvs(&[not_csv], &out).is_err());
+    assert!(merge_csvs(&[base.join("missing.csv")], &out).is_err());
+    let other = run("other", &[4], Some(7));
+    let mixed: Vec<_> = csvs(&a).into_iter().chain(csvs(&other)).collect();
+    assert!(merge_csvs(&mixed, &out).is_err());
+    for bad in [vec![], vec![2, 2]] {
+        let opts = CliOpts {
+            quick: true,
+            seed: 4,
+            out: out.clone(),
+            threads: 1,
+            iterations: None,
+            ranks: Some(bad),
+        };
+        assert!(run_cli("linear", &opts).is_err());
+    }
+}
+
+/// [`experiment::from_csv`] inverts [`experiment::to_csv`] bit for bit — NaN and infinite
+/// MSEs, a note with quotes and commas — and any text after a valid header gives rows or a
+/// typed error, never a panic.
+#[test]
+fn csv_round_trip_is_exact() {
+    let row = |rank: usize, v: f64, note: &str| experiment::Row {
+        setting: "tfn_L1_H2".into(),
+        frozen_init: "pretrained".into(),
+        dim: 16,
+        rank,
+        frozen_mse: 4.120354087639162e-2,
+        construction_mse: v,
+        adapter: "elra_hyb".into(),
+        trained_mse: 1.0 / 3.0,
+        best_val_mse: f64::INFINITY,
+        best_lr: 1e-2,
+        best_wd: 0.0,
+        iterations: 5000,
+        pretrain_steps: 1000,
+        note: note.into(),
+    };
+    let rows = vec![
+        row(1, f64::NAN, "construction failed: \"x\", y"),
+        row(2, 5.580515226225276e-27, ""),
+        row(3, f64::MIN_POSITIVE / 3.0, "a,b,,\"\""),
+    ];
+    let text = experiment::to_csv(&rows);
+    let back = experiment::from_csv(&text).unwrap();
+    assert_eq!(back.len(), 3);
+    assert_eq!(experiment::to_csv(&back), text);
+    for (x, y) in rows.iter().zip(&back) {
+        assert_eq!(x.construction_mse.to_bits(), y.construction_mse.to_bits());
+        assert_eq!(x.note, y.note);
+        assert_eq!(x.best_val_mse, y.best_val_mse);
+    }
+    let header = experiment::CSV_HEADER;
+    for junk in [
+        "",
+        "x",
+        "a,b,c",
+        "tfn,random,16,1,1e-2,1e-2,lora,1,1,1,1,5000,0,note-unquoted",
+        "tfn,random,16,-1,1e-2,1e-2,lora,1,1,1,1,5000,0,\"\"",
+        "tfn,random,16,1,one,1e-2,lora,1,1,1,1,5000,0,\"\"",
+        "tfn,random,16,1,1e-2,1e-2,lora,1,1,1,1,5000,\"\"",
+        "\u{0},,,,,,,,,,,,,\"",
+    ] {
+        let r = experiment::from_csv(&format!("{header}\n{junk}\n"));
+        assert!(junk.is_empty() == r.is_ok(), "{junk:?}: {r:?}");
+    }
+    assert!(experiment::from_csv("").is_err());
+    assert!(experiment::from_csv("setting,rank\n").is_err());
 }
 
 /// `det exp(G) = e^{tr G} > 0` (Prop. 3): ELRA never flips the sign of det of the adapted

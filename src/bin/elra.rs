@@ -4,7 +4,8 @@
 //!   issue 3 — LoRA, ELRA, ELRA-PSD and ELRA-Hyb adapt a frozen network toward a target.
 //! - `elra verify`: seeded random instances of Propositions 1–7 (and Lemma 1, eq. 21, merge/unmerge)
 //!   checked against the dense nalgebra oracle, printed as a table.
-//! - `elra expressivity <linear|fnn|tfn|all>`: the App. G experiments of the expressive-power paper.
+//! - `elra expressivity <linear|fnn|tfn|all>`: the App. G experiments of the expressive-power paper
+//!   (`--ranks` runs a shard of the ranks; `elra expressivity merge CSV...` joins shards).
 use std::process::ExitCode;
 
 const USAGE: &str = "\
@@ -15,11 +16,15 @@ USAGE:
                [--no-progress]
     elra verify [--seed S] [--cases N] [--max-dim D]
     elra expressivity <linear|fnn|tfn|all> [--quick] [--seed S] [--out DIR] [--iterations N]
-               [--threads T]
+               [--threads T] [--ranks R1,R2,..]
+    elra expressivity merge CSV... [--out DIR]
     elra help
 
 With no subcommand, `elra` runs `fit` with its defaults. `--methods` takes a comma-separated
-list of lora, elra, elra-psd, elra-hyb, elra-hyb-ga, elra-double (default: the first four).";
+list of lora, elra, elra-psd, elra-hyb, elra-hyb-ga, elra-double (default: the first four).
+`expressivity --ranks` runs only those ranks (a shard: rows depend only on seed, setting and
+rank); `expressivity merge` joins the shards' mse_vs_rank.csv files into one CSV, plot and
+summary per setting.";
 
 /// Parsed `--flag value` pairs of one subcommand.
 struct Flags {
@@ -168,25 +173,47 @@ fn fit(flags: &Flags) -> Result<bool, String> {
 }
 
 fn expressivity(flags: &Flags) -> Result<bool, String> {
-    flags.check_known(&["seed", "out", "threads", "iterations"])?;
+    let out = flags.get("out", std::path::PathBuf::from("elra-out/expressivity"))?;
+    if flags.positional.first().map(String::as_str) == Some("merge") {
+        flags.check_known(&["out"])?;
+        let files: Vec<std::path::PathBuf> = flags.positional[1..].iter().map(Into::into).collect();
+        let summary =
+            elra::expressivity::runner::merge_csvs(&files, &out).map_err(|e| e.to_string())?;
+        println!("{summary}");
+        return Ok(true);
+    }
+    flags.check_known(&["seed", "out", "threads", "iterations", "ranks"])?;
     let group = match flags.positional.as_slice() {
         [g] => g.clone(),
-        [] => return Err("expressivity needs one of linear, fnn, tfn, all".into()),
+        [] => return Err("expressivity needs one of linear, fnn, tfn, all, merge".into()),
         more => {
             return Err(format!(
                 "expressivity takes one setting group, got {more:?}"
             ))
         }
     };
+    let ranks = match flags.str("ranks") {
+        None => None,
+        Some(list) => Some(
+            list.split(',')
+                .map(|r| {
+                    r.trim()
+                        .parse::<usize>()
+                        .map_err(|_| format!("--ranks: {r:?} is not a rank"))
+                })
+                .collect::<Result<Vec<_>, String>>()?,
+        ),
+    };
     let opts = elra::expressivity::runner::CliOpts {
         quick: flags.switch("quick"),
         seed: flags.get("seed", 0)?,
-        out: flags.get("out", std::path::PathBuf::from("elra-out/expressivity"))?,
+        out,
         threads: flags.get("threads", 0)?,
         iterations: match flags.str("iterations") {
             None => None,
             Some(_) => Some(flags.get("iterations", 0usize)?),
         },
+        ranks,
     };
     let summary = elra::expressivity::runner::run_cli(&group, &opts).map_err(|e| e.to_string())?;
     println!("{summary}");

@@ -806,7 +806,8 @@ where
 /// The CSV header of [`to_csv`].
 pub const CSV_HEADER: &str = "setting,frozen_init,dim,rank,frozen_mse,construction_mse,adapter,trained_mse,best_val_mse,best_lr,best_wd,iterations,pretrain_steps,note";
 
-/// Rows as CSV text (header [`CSV_HEADER`], floats in `{:e}` notation, the note quoted).
+/// Rows as CSV text (header [`CSV_HEADER`], floats in `{:e}` notation, the note quoted and on
+/// one line); [`from_csv`] reads it back.
 pub fn to_csv(rows: &[Row]) -> String {
     let mut s = String::from(CSV_HEADER);
     s.push('\n');
@@ -827,7 +828,7 @@ pub fn to_csv(rows: &[Row]) -> String {
             r.best_wd,
             r.iterations,
             r.pretrain_steps,
-            r.note.replace('"', "\"\"")
+            r.note.replace('"', "\"\"").replace(['\n', '\r'], " ")
         );
     }
     s
@@ -841,4 +842,62 @@ pub fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
         path: path.display().to_string(),
         reason: e.to_string(),
     })
+}
+
+/// Parses the text of [`to_csv`] back into rows — the inverse of [`to_csv`]: `{:e}` prints the
+/// shortest digits that round-trip, so `from_csv(&to_csv(rows))` gives the same bits (NaN
+/// included). Used to concatenate the CSVs of a run made rank by rank
+/// ([`super::runner::merge_csvs`]).
+///
+/// Errors: [`ElraError::InvalidArgument`] (`"csv"`) naming the line, if the header is not
+/// [`CSV_HEADER`], a line has another number of fields, a number does not parse or the note is
+/// not quoted.
+pub fn from_csv(text: &str) -> Result<Vec<Row>> {
+    let mut lines = text.lines();
+    if lines.next().map(str::trim_end) != Some(CSV_HEADER) {
+        return Err(ElraError::invalid(
+            "csv",
+            format!("first line is not the runner's header {CSV_HEADER:?}"),
+        ));
+    }
+    let columns = CSV_HEADER.split(',').count();
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let n = i + 2;
+        let bad = |what: &str| ElraError::invalid("csv", format!("line {n}: {what}"));
+        // Every field but the last (the quoted note, which may hold commas) is comma-free.
+        let f: Vec<&str> = line.trim_end().splitn(columns, ',').collect();
+        if f.len() != columns {
+            return Err(bad(&format!("{} fields, expected {columns}", f.len())));
+        }
+        let num = |k: usize| -> Result<f64> {
+            f[k].parse()
+                .map_err(|_| bad(&format!("column {k}: {:?} is not a number", f[k])))
+        };
+        let int = |k: usize| -> Result<usize> {
+            f[k].parse()
+                .map_err(|_| bad(&format!("column {k}: {:?} is not a count", f[k])))
+        };
+        let note = f[columns - 1]
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .ok_or_else(|| bad("the note is not quoted"))?;
+        rows.push(Row {
+            setting: f[0].to_string(),
+            frozen_init: f[1].to_string(),
+            dim: int(2)?,
+            rank: int(3)?,
+            frozen_mse: num(4)?,
+            construction_mse: num(5)?,
+            adapter: f[6].to_string(),
+            trained_mse: num(7)?,
+            best_val_mse: num(8)?,
+            best_lr: num(9)?,
+            best_wd: num(10)?,
+            iterations: int(11)?,
+            pretrain_steps: int(12)?,
+            note: note.replace("\"\"", "\""),
+        });
+    }
+    Ok(rows)
 }

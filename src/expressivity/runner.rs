@@ -124,6 +124,8 @@ pub struct CliOpts {
     pub threads: usize,
     /// Adam iterations per configuration instead of App. G's 5000 (in quick mode, at most 20).
     pub iterations: Option<usize>,
+    /// Only these ranks (`None`: `1..=D`) — a shard of the run; [`merge_csvs`] joins shards.
+    pub ranks: Option<Vec<usize>>,
 }
 
 /// The settings of a group: `linear`, `fnn`, `tfn` or `all` (App. G.1, G.2, G.3), each with a
@@ -231,7 +233,8 @@ fn io_err(path: &Path, e: impl fmt::Display) -> ElraError {
 }
 
 /// The runner of App. G with the ELRA comparison: for each setting of `group`
-/// ([`settings_of_group`]) and every rank `R = 1..=D`, the construction and every
+/// ([`settings_of_group`]) and every rank `R = 1..=D` (or the ranks of `opts.ranks`, a shard
+/// that [`merge_csvs`] can join with the others), the construction and every
 /// [`Method::all`] trained with the App. G protocol (lr {1e-2, 1e-3, 1e-4} × wd {0, 1e-2, 1e-3,
 /// 1e-4}, 5000 Adam steps on 256 fresh `N(0, I)` samples, best validation MSE on 256 samples,
 /// test MSE on 5000), unless `opts.quick` or `opts.iterations` reduce it. Writes
@@ -254,13 +257,20 @@ pub fn run_cli(setting: &str, opts: &CliOpts) -> Result<Summary> {
         }
         o.iterations = it;
     }
-    run_settings(&settings, None, &o, &Method::all(), &opts.out)
+    run_settings(
+        &settings,
+        opts.ranks.as_deref(),
+        &o,
+        &Method::all(),
+        &opts.out,
+    )
 }
 
 /// [`run_cli`] with explicit settings, ranks (`None`: `1..=D`), protocol and methods (the
 /// driver uses it for reduced protocols).
 ///
-/// Errors: as [`run_cli`].
+/// Errors: as [`run_cli`]; no methods; an empty or repeated rank list, or a rank outside
+/// `[1, D]`.
 pub fn run_settings(
     settings: &[Setting],
     ranks: Option<&[usize]>,
@@ -268,6 +278,20 @@ pub fn run_settings(
     methods: &[Method],
     out: &Path,
 ) -> Result<Summary> {
+    if methods.is_empty() {
+        return Err(ElraError::invalid("methods", "no method to train"));
+    }
+    if let Some(rs) = ranks {
+        let mut sorted = rs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if rs.is_empty() || sorted.len() != rs.len() {
+            return Err(ElraError::invalid(
+                "ranks",
+                format!("expected distinct ranks, got {rs:?}"),
+            ));
+        }
+    }
     let configs = if opts.quick {
         1
     } else {
@@ -295,35 +319,162 @@ pub fn run_settings(
         let rs = ranks.unwrap_or(&all);
         let tick = || bar.inc(1);
         let rows = run_setting_families(s, rs, opts, methods, &tick)?;
-        let dir = out.join(&id);
-        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-        let csv = dir.join("mse_vs_rank.csv");
-        std::fs::write(&csv, to_csv(&rows)).map_err(|e| io_err(&csv, e))?;
-        let svg = dir.join("mse_vs_rank.svg");
-        plot_mse_vs_rank(&svg, &id, &rows, threshold_rank(s))?;
-        let mut first_exact = vec![(
-            "construction".to_string(),
-            first_below(&rows, EXACT_MSE, |r| {
-                (r.adapter == methods[0].name()).then_some(r.construction_mse)
-            }),
-        )];
-        for m in methods {
-            first_exact.push((
-                m.name().to_string(),
-                first_below(&rows, EXACT_MSE, |r| {
-                    (r.adapter == m.name()).then_some(r.trained_mse)
-                }),
-            ));
-        }
-        summary.lines.push(SummaryLine {
-            setting: id,
-            threshold: threshold_rank(s),
-            first_exact,
-            csv,
-        });
+        let names: Vec<String> = methods.iter().map(|m| m.name()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        summary
+            .lines
+            .push(write_setting(out, &id, threshold_rank(s), &rows, &names)?);
         summary.rows.extend(rows);
     }
     bar.finish_and_clear();
+    Ok(summary)
+}
+
+/// Writes one setting's rows as `<out>/<id>/mse_vs_rank.csv` and `.svg` and returns its summary
+/// line (`methods`: the adapter names, in column order).
+fn write_setting(
+    out: &Path,
+    id: &str,
+    threshold: usize,
+    rows: &[Row],
+    methods: &[&str],
+) -> Result<SummaryLine> {
+    let dir = out.join(id);
+    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    let csv = dir.join("mse_vs_rank.csv");
+    std::fs::write(&csv, to_csv(rows)).map_err(|e| io_err(&csv, e))?;
+    plot_mse_vs_rank(&dir.join("mse_vs_rank.svg"), id, rows, threshold)?;
+    let mut first_exact = vec![(
+        "construction".to_string(),
+        first_below(rows, EXACT_MSE, |r| {
+            (r.adapter == methods[0]).then_some(r.construction_mse)
+        }),
+    )];
+    for &m in methods {
+        first_exact.push((
+            m.to_string(),
+            first_below(rows, EXACT_MSE, |r| {
+                (r.adapter == m).then_some(r.trained_mse)
+            }),
+        ));
+    }
+    Ok(SummaryLine {
+        setting: id.to_string(),
+        threshold,
+        first_exact,
+        csv,
+    })
+}
+
+/// Merges runner CSVs made rank by rank (`--ranks`) into one CSV, SVG plot and summary line per
+/// setting, as one run over all those ranks would have written them. This is sound because a
+/// row depends only on (seed, setting, rank): every rank draws its initialisation, samples and
+/// pretraining from streams seeded by those three (test
+/// `app_g_rows_do_not_depend_on_the_other_ranks`), so concatenating shards gives the rows of the
+/// single run bit for bit (test `merging_rank_shards_gives_the_single_run`).
+///
+/// Rows are grouped by [`setting_id`] (first appearance order) and sorted by rank, methods in
+/// first-appearance order. The summary's "smallest rank with MSE < 1e-8" is over the ranks
+/// present.
+///
+/// Errors: [`ElraError::Io`] for a file that cannot be read or written; `InvalidArgument` for no
+/// files, a file that is not a runner CSV ([`super::experiment::from_csv`]), an unknown setting,
+/// shards of one setting that disagree on the protocol (dimension, iterations, pretraining
+/// steps, frozen model's test MSE, construction MSE of a rank) or a (rank, method) present twice.
+pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
+    if paths.is_empty() {
+        return Err(ElraError::invalid("csv files", "nothing to merge"));
+    }
+    let mut rows = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).map_err(|e| io_err(p, e))?;
+        rows.extend(super::experiment::from_csv(&text).map_err(|e| match e {
+            ElraError::InvalidArgument { arg, reason } => ElraError::InvalidArgument {
+                arg,
+                reason: format!("{}: {reason}", p.display()),
+            },
+            e => e,
+        })?);
+    }
+    let settings = app_g_settings();
+    let mut ids: Vec<String> = Vec::new();
+    for r in &rows {
+        let id = format!("{}_{}", r.setting, r.frozen_init);
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let mut summary = Summary {
+        lines: Vec::new(),
+        rows: Vec::new(),
+    };
+    for id in ids {
+        let setting = settings
+            .iter()
+            .find(|s| setting_id(s) == id)
+            .ok_or_else(|| ElraError::invalid("csv", format!("unknown setting {id:?}")))?;
+        let mut group: Vec<Row> = rows
+            .iter()
+            .filter(|r| format!("{}_{}", r.setting, r.frozen_init) == id)
+            .cloned()
+            .collect();
+        let mut methods: Vec<String> = Vec::new();
+        for r in &group {
+            if !methods.contains(&r.adapter) {
+                methods.push(r.adapter.clone());
+            }
+        }
+        let order = |r: &Row| methods.iter().position(|m| *m == r.adapter);
+        group.sort_by_key(|r| (r.rank, order(r)));
+        let first = &group[0];
+        let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        for r in &group {
+            let mismatch = |what: &str| {
+                ElraError::invalid(
+                    "csv",
+                    format!(
+                        "{id}: rank {} {} disagrees with rank {} {} on {what} — shards of different protocols, seeds or code?",
+                        r.rank, r.adapter, first.rank, first.adapter
+                    ),
+                )
+            };
+            if r.dim != first.dim {
+                return Err(mismatch("the dimension"));
+            }
+            if r.iterations != first.iterations {
+                return Err(mismatch("the iterations"));
+            }
+            if r.pretrain_steps != first.pretrain_steps {
+                return Err(mismatch("the pretraining steps"));
+            }
+            if !same(r.frozen_mse, first.frozen_mse) {
+                return Err(mismatch("the frozen model's test MSE"));
+            }
+        }
+        for w in group.windows(2) {
+            if w[0].rank == w[1].rank && w[0].adapter == w[1].adapter {
+                return Err(ElraError::invalid(
+                    "csv",
+                    format!("{id}: rank {} {} appears twice", w[0].rank, w[0].adapter),
+                ));
+            }
+            if w[0].rank == w[1].rank && !same(w[0].construction_mse, w[1].construction_mse) {
+                return Err(ElraError::invalid(
+                    "csv",
+                    format!("{id}: two construction MSEs at rank {}", w[0].rank),
+                ));
+            }
+        }
+        let names: Vec<&str> = methods.iter().map(String::as_str).collect();
+        summary.lines.push(write_setting(
+            out,
+            &id,
+            threshold_rank(setting),
+            &group,
+            &names,
+        )?);
+        summary.rows.extend(group);
+    }
     Ok(summary)
 }
 
