@@ -294,7 +294,7 @@ fn expressivity_quick_run_writes_csv_and_svg() {
 /// single run's and so is the summary (exact: rows depend only on seed, setting and rank, and
 /// CSV floats round-trip). Merging refuses, with a typed error, a shard given twice, no files, a
 /// file that is not a runner CSV, and shards of different protocols (another iteration count).
-/// Also: an empty or repeated `--ranks` list is refused.
+/// Also: an empty or repeated `--ranks` list is refused, and the summary lists the ranks run.
 #[test]
 fn merging_rank_shards_gives_the_single_run() {
     let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("merge_rank_shards");
@@ -325,6 +325,9 @@ fn merging_rank_shards_gives_the_single_run() {
     assert_eq!(merged.rows, whole.rows);
     assert_eq!(format!("{merged}"), format!("{whole}"));
     assert_eq!(merged.lines.len(), 2);
+    assert_eq!(b.lines[0].ranks, [1, 3]);
+    assert!(format!("{b}").contains("  1,3\n"), "{b}");
+    assert!(format!("{whole}").contains("  1-3\n"), "{whole}");
     for (m, w) in merged.lines.iter().zip(&whole.lines) {
         assert_eq!(m.setting, w.setting);
         assert_eq!(m.first_exact, w.first_exact);

@@ -181,8 +181,12 @@ pub struct SummaryLine {
     pub setting: String,
     /// [`threshold_rank`].
     pub threshold: usize,
-    /// `(method, smallest rank with MSE < EXACT_MSE)`; the construction is listed first.
+    /// `(method, smallest rank with MSE < EXACT_MSE)` among [`SummaryLine::ranks`]; the
+    /// construction is listed first.
     pub first_exact: Vec<(String, Option<usize>)>,
+    /// The ranks the rows cover, ascending (all of `1..=D` for a whole run; a shard or a merge
+    /// of shards may leave gaps, and "smallest rank" is then among these).
+    pub ranks: Vec<usize>,
     /// Where the CSV was written.
     pub csv: PathBuf,
 }
@@ -198,7 +202,8 @@ pub struct Summary {
 
 impl fmt::Display for Summary {
     /// A table: setting, the theorem's threshold rank, then the smallest rank with
-    /// `MSE < 1e-8` per method (`-` when no rank reaches it).
+    /// `MSE < 1e-8` per method (`-` when no rank reaches it), then the ranks run (as ranges,
+    /// e.g. `1-3,5,8-16`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let methods: Vec<String> = self
             .lines
@@ -210,7 +215,7 @@ impl fmt::Display for Summary {
         for m in &methods {
             write!(f, " {m:>12}")?;
         }
-        writeln!(f)?;
+        writeln!(f, "  ranks run")?;
         for l in &self.lines {
             write!(f, "{:<26} {:>9}", l.setting, l.threshold)?;
             for (_, r) in &l.first_exact {
@@ -219,10 +224,29 @@ impl fmt::Display for Summary {
                     None => write!(f, " {:>12}", "-")?,
                 }
             }
-            writeln!(f)?;
+            writeln!(f, "  {}", rank_ranges(&l.ranks))?;
         }
         Ok(())
     }
+}
+
+/// Ascending ranks as ranges: `[1, 2, 3, 5, 8, 9]` → `"1-3,5,8-9"`.
+fn rank_ranges(ranks: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j == i {
+            ranks[i].to_string()
+        } else {
+            format!("{}-{}", ranks[i], ranks[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 fn io_err(path: &Path, e: impl fmt::Display) -> ElraError {
@@ -281,17 +305,23 @@ pub fn run_settings(
     if methods.is_empty() {
         return Err(ElraError::invalid("methods", "no method to train"));
     }
-    if let Some(rs) = ranks {
-        let mut sorted = rs.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        if rs.is_empty() || sorted.len() != rs.len() {
-            return Err(ElraError::invalid(
-                "ranks",
-                format!("expected distinct ranks, got {rs:?}"),
-            ));
+    // Rows (CSV lines, plot points) come in ascending rank order whatever order was asked.
+    let sorted: Option<Vec<usize>> = match ranks {
+        None => None,
+        Some(rs) => {
+            let mut sorted = rs.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if rs.is_empty() || sorted.len() != rs.len() {
+                return Err(ElraError::invalid(
+                    "ranks",
+                    format!("expected distinct ranks, got {rs:?}"),
+                ));
+            }
+            Some(sorted)
         }
-    }
+    };
+    let ranks = sorted.as_deref();
     let configs = if opts.quick {
         1
     } else {
@@ -358,10 +388,14 @@ fn write_setting(
             }),
         ));
     }
+    let mut ranks: Vec<usize> = rows.iter().map(|r| r.rank).collect();
+    ranks.sort_unstable();
+    ranks.dedup();
     Ok(SummaryLine {
         setting: id.to_string(),
         threshold,
         first_exact,
+        ranks,
         csv,
     })
 }
@@ -478,12 +512,13 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
     Ok(summary)
 }
 
-/// The smallest rank whose selected value is `< tol` (rows in rank order).
+/// The smallest rank whose selected value is `< tol`.
 fn first_below(rows: &[Row], tol: f64, sel: impl Fn(&Row) -> Option<f64>) -> Option<usize> {
     rows.iter()
         .filter_map(|r| sel(r).map(|v| (r.rank, v)))
-        .find(|&(_, v)| v < tol)
+        .filter(|&(_, v)| v < tol)
         .map(|(r, _)| r)
+        .min()
 }
 
 /// Lower clip of the log-scale plot: MSEs below it (exact constructions give ≈ 1e-31) are drawn
