@@ -526,7 +526,7 @@ fn first_below(rows: &[Row], tol: f64, sel: impl Fn(&Row) -> Option<f64>) -> Opt
 pub const PLOT_FLOOR: f64 = 1e-16;
 
 /// Writes an SVG plot of test MSE (log scale, clipped below at [`PLOT_FLOOR`]) against rank: one
-/// line per method plus the construction, and a vertical line at the theorem's threshold rank
+/// line per method plus the construction (a marker at every rank run), and a vertical line at the theorem's threshold rank
 /// (the App. G figures' layout).
 ///
 /// Errors: no rows; [`ElraError::Io`] if drawing or writing fails.
@@ -587,6 +587,13 @@ pub fn plot_mse_vs_rank(path: &Path, title: &str, rows: &[Row], threshold: usize
             .map_err(|x| e(&x))?
             .label(name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        // A marker per rank run, so that the ranks a merged set of shards covers are visible.
+        chart
+            .draw_series(
+                pts.iter()
+                    .map(|&p| Circle::new(p, 3, c.filled()).into_dyn()),
+            )
+            .map_err(|x| e(&x))?;
     }
     let t = threshold as f64;
     chart
