@@ -3,7 +3,7 @@
 # budget, so that a full-protocol setting can be spread over sessions and machines (a lent GPU
 # machine has 16 CPU cores). Each shard is one `app_g_elra SETTING --ranks R` run written to
 # OUT/SETTING_rR/; join the shards with
-#   cargo run --release -- expressivity merge OUT/*/*/mse_vs_rank.csv [older shards...] --out DIR
+#   cargo run --release -- expressivity merge OUT/*_r*/*/mse_vs_rank.csv [older shards...] --out DIR
 # (rows depend only on seed, setting and rank, so the join equals one run over those ranks).
 #
 #   scripts/app-g-shards.sh [--bin PATH] [--jobs J] [--threads T] [--budget S] [--estimate S]
@@ -21,12 +21,18 @@
 #   scripts/app-g-shards.sh --bin .gpu/app_g_elra --jobs 4 --threads 4 --budget 560 \
 #     --estimate 500 --out "$OUT" tfn_L1_H2_random:9 tfn_L1_H2_random:10 tfn_L1_H2_pretrained:9
 # Prints one line per shard (start, end, seconds, exit status) and a summary; exits non-zero if
-# a shard failed. Shards not started for lack of budget are listed as "skipped".
+# a shard failed. Shards not started for lack of budget are listed as "skipped". Give every
+# shard of a setting the same EXTRA args: the merge checks what the CSV records (iterations,
+# frozen model, pretraining), not the lr/wd grids or the batch. Needs bash >= 4.4.
 set -uo pipefail
 bin=target/release/examples/app_g_elra
 jobs=1 threads=2 budget=0 estimate=0 out=runs/shards
 queue=() extra=()
 while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin|--jobs|--threads|--budget|--estimate|--out)
+      if [ $# -lt 2 ]; then echo "app-g-shards: $1 needs a value" >&2; exit 2; fi ;;
+  esac
   case "$1" in
     --bin) bin=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
@@ -35,7 +41,7 @@ while [ $# -gt 0 ]; do
     --estimate) estimate=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *:*) queue+=("$1"); shift ;;
     *) echo "app-g-shards: expected SETTING:RANK, got '$1'" >&2; exit 2 ;;
   esac
@@ -45,6 +51,9 @@ if [ ${#queue[@]} -eq 0 ]; then echo "app-g-shards: no SETTING:RANK given" >&2; 
 for n in "$jobs" "$threads" "$budget" "$estimate"; do
   case "$n" in ''|*[!0-9]*) echo "app-g-shards: '$n' is not a count" >&2; exit 2 ;; esac
 done
+if [ "$jobs" -lt 1 ] || [ "$threads" -lt 1 ]; then
+  echo "app-g-shards: --jobs and --threads must be at least 1" >&2; exit 2
+fi
 mkdir -p "$out"
 t0=$(date +%s)
 status=0

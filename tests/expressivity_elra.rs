@@ -292,8 +292,9 @@ fn expressivity_quick_run_writes_csv_and_svg() {
 /// ranks {1, 2, 3} in one call, and over {2} and {3, 1} in two calls whose CSVs
 /// [`merge_csvs`] joins — the merged CSV and SVG of both settings are byte-identical to the
 /// single run's and so is the summary (exact: rows depend only on seed, setting and rank, and
-/// CSV floats round-trip). Merging refuses, with a typed error, a shard given twice, no files, a
-/// file that is not a runner CSV, and shards of different protocols (another iteration count).
+/// CSV floats round-trip). Merging refuses, with a typed error and before writing anything, a
+/// shard given twice, no files, a file that is not a runner CSV, shards of different protocols
+/// (another iteration count), an output that would overwrite an input, a rank missing a method.
 /// Also: an empty or repeated `--ranks` list is refused, and the summary lists the ranks run.
 #[test]
 fn merging_rank_shards_gives_the_single_run() {
@@ -357,6 +358,29 @@ fn merging_rank_shards_gives_the_single_run() {
     let other = run("other", &[4], Some(7));
     let mixed: Vec<_> = csvs(&a).into_iter().chain(csvs(&other)).collect();
     assert!(merge_csvs(&mixed, &out).is_err());
+    // Nothing is written when any setting is refused (the second setting fails here).
+    let half_bad: Vec<_> = vec![
+        csvs(&a)[0].clone(),
+        csvs(&a)[1].clone(),
+        csvs(&other)[1].clone(),
+    ];
+    assert!(merge_csvs(&half_bad, &out).is_err());
+    assert!(!out.exists());
+    // The merged CSV may not overwrite an input.
+    assert!(merge_csvs(&csvs(&a), &base.join("a")).is_err());
+    // A rank with a method missing (line 3: rank 1's second method), then the same file whole.
+    let text = std::fs::read_to_string(&csvs(&whole)[0]).unwrap();
+    let short = base.join("short.csv");
+    let kept: Vec<&str> = text
+        .lines()
+        .enumerate()
+        .filter(|&(i, _)| i != 2)
+        .map(|(_, l)| l)
+        .collect();
+    std::fs::write(&short, kept.join("\n")).unwrap();
+    assert!(merge_csvs(std::slice::from_ref(&short), &out).is_err());
+    std::fs::write(&short, &text).unwrap();
+    assert!(merge_csvs(&[short], &out).is_ok());
     for bad in [vec![], vec![2, 2]] {
         let opts = CliOpts {
             quick: true,

@@ -176,6 +176,9 @@ fn expressivity(flags: &Flags) -> Result<bool, String> {
     let out = flags.get("out", std::path::PathBuf::from("elra-out/expressivity"))?;
     if flags.positional.first().map(String::as_str) == Some("merge") {
         flags.check_known(&["out"])?;
+        if flags.switch("quick") {
+            return Err("expressivity merge takes no --quick".into());
+        }
         let files: Vec<std::path::PathBuf> = flags.positional[1..].iter().map(Into::into).collect();
         let summary =
             elra::expressivity::runner::merge_csvs(&files, &out).map_err(|e| e.to_string())?;

@@ -845,9 +845,10 @@ pub fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
 }
 
 /// Parses the text of [`to_csv`] back into rows — the inverse of [`to_csv`]: `{:e}` prints the
-/// shortest digits that round-trip, so `from_csv(&to_csv(rows))` gives the same bits (NaN
-/// included). Used to concatenate the CSVs of a run made rank by rank
-/// ([`super::runner::merge_csvs`]).
+/// shortest digits that round-trip, so every finite or infinite number comes back with the same
+/// bits, and `to_csv(&from_csv(&to_csv(rows)))` is the same text. Not kept: a NaN's sign and
+/// payload (any NaN reads back as `f64::NAN`), and line breaks in a note (written as spaces).
+/// Used to join the CSVs of a run made rank by rank ([`super::runner::merge_csvs`]).
 ///
 /// Errors: [`ElraError::InvalidArgument`] (`"csv"`) naming the line, if the header is not
 /// [`CSV_HEADER`], a line has another number of fields, a number does not parse or the note is

@@ -409,12 +409,19 @@ fn write_setting(
 ///
 /// Rows are grouped by [`setting_id`] (first appearance order) and sorted by rank, methods in
 /// first-appearance order. The summary's "smallest rank with MSE < 1e-8" is over the ranks
-/// present.
+/// present. Everything is checked before anything is written.
+///
+/// What is checked is what the CSV records: dimension, iterations, pretraining steps, the frozen
+/// model's test MSE (bit for bit — it changes with the seed, the test-sample count and the
+/// code's rounding), one construction MSE per rank, every method at every rank, the same
+/// methods in every setting. The learning-rate and weight-decay grids, the batch and the
+/// validation-sample count are not in the CSV: shards must be run with the same options for
+/// the merge to mean one run.
 ///
 /// Errors: [`ElraError::Io`] for a file that cannot be read or written; `InvalidArgument` for no
-/// files, a file that is not a runner CSV ([`super::experiment::from_csv`]), an unknown setting,
-/// shards of one setting that disagree on the protocol (dimension, iterations, pretraining
-/// steps, frozen model's test MSE, construction MSE of a rank) or a (rank, method) present twice.
+/// files, an output CSV that is also an input, a file that is not a runner CSV
+/// ([`super::experiment::from_csv`]), an unknown setting, shards that disagree on any of the
+/// recorded items above, or a (rank, method) present twice.
 pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
     if paths.is_empty() {
         return Err(ElraError::invalid("csv files", "nothing to merge"));
@@ -438,15 +445,25 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
             ids.push(id);
         }
     }
-    let mut summary = Summary {
-        lines: Vec::new(),
-        rows: Vec::new(),
-    };
+    let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+    let mut groups: Vec<(String, usize, Vec<Row>, Vec<String>)> = Vec::new();
     for id in ids {
+        let bad = |what: String| ElraError::invalid("csv", format!("{id}: {what}"));
         let setting = settings
             .iter()
             .find(|s| setting_id(s) == id)
-            .ok_or_else(|| ElraError::invalid("csv", format!("unknown setting {id:?}")))?;
+            .ok_or_else(|| bad("unknown setting".into()))?;
+        let dest = out.join(&id).join("mse_vs_rank.csv");
+        let dest_c = std::fs::canonicalize(&dest).ok();
+        if paths
+            .iter()
+            .any(|p| *p == dest || (dest_c.is_some() && std::fs::canonicalize(p).ok() == dest_c))
+        {
+            return Err(bad(format!(
+                "the merged CSV {} would overwrite an input",
+                dest.display()
+            )));
+        }
         let mut group: Vec<Row> = rows
             .iter()
             .filter(|r| format!("{}_{}", r.setting, r.frozen_init) == id)
@@ -458,19 +475,22 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
                 methods.push(r.adapter.clone());
             }
         }
+        if let Some((_, _, _, first)) = groups.first() {
+            if *first != methods {
+                return Err(bad(format!(
+                    "methods {methods:?} differ from the first setting's {first:?}"
+                )));
+            }
+        }
         let order = |r: &Row| methods.iter().position(|m| *m == r.adapter);
         group.sort_by_key(|r| (r.rank, order(r)));
         let first = &group[0];
-        let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
         for r in &group {
             let mismatch = |what: &str| {
-                ElraError::invalid(
-                    "csv",
-                    format!(
-                        "{id}: rank {} {} disagrees with rank {} {} on {what} — shards of different protocols, seeds or code?",
-                        r.rank, r.adapter, first.rank, first.adapter
-                    ),
-                )
+                bad(format!(
+                    "rank {} {} disagrees with rank {} {} on {what} — shards of different protocols, seeds or code?",
+                    r.rank, r.adapter, first.rank, first.adapter
+                ))
             };
             if r.dim != first.dim {
                 return Err(mismatch("the dimension"));
@@ -485,28 +505,35 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
                 return Err(mismatch("the frozen model's test MSE"));
             }
         }
-        for w in group.windows(2) {
-            if w[0].rank == w[1].rank && w[0].adapter == w[1].adapter {
-                return Err(ElraError::invalid(
-                    "csv",
-                    format!("{id}: rank {} {} appears twice", w[0].rank, w[0].adapter),
-                ));
+        for rank_rows in group.chunk_by(|a, b| a.rank == b.rank) {
+            let rank = rank_rows[0].rank;
+            for w in rank_rows.windows(2) {
+                if w[0].adapter == w[1].adapter {
+                    return Err(bad(format!("rank {rank} {} appears twice", w[0].adapter)));
+                }
+                if !same(w[0].construction_mse, w[1].construction_mse) {
+                    return Err(bad(format!("two construction MSEs at rank {rank}")));
+                }
             }
-            if w[0].rank == w[1].rank && !same(w[0].construction_mse, w[1].construction_mse) {
-                return Err(ElraError::invalid(
-                    "csv",
-                    format!("{id}: two construction MSEs at rank {}", w[0].rank),
-                ));
+            if rank_rows.len() != methods.len() {
+                return Err(bad(format!(
+                    "rank {rank} has {} of the {} methods",
+                    rank_rows.len(),
+                    methods.len()
+                )));
             }
         }
+        groups.push((id, threshold_rank(setting), group, methods));
+    }
+    let mut summary = Summary {
+        lines: Vec::new(),
+        rows: Vec::new(),
+    };
+    for (id, threshold, group, methods) in groups {
         let names: Vec<&str> = methods.iter().map(String::as_str).collect();
-        summary.lines.push(write_setting(
-            out,
-            &id,
-            threshold_rank(setting),
-            &group,
-            &names,
-        )?);
+        summary
+            .lines
+            .push(write_setting(out, &id, threshold, &group, &names)?);
         summary.rows.extend(group);
     }
     Ok(summary)
