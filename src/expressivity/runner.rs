@@ -438,13 +438,9 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
         })?);
     }
     let settings = app_g_settings();
-    let mut ids: Vec<String> = Vec::new();
-    for r in &rows {
-        let id = format!("{}_{}", r.setting, r.frozen_init);
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
+    // A row's setting_id: the CSV stores the setting's name and frozen initialisation apart.
+    let row_id = |r: &Row| format!("{}_{}", r.setting, r.frozen_init);
+    let ids = first_appearance(rows.iter().map(row_id));
     let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
     let mut groups: Vec<(String, usize, Vec<Row>, Vec<String>)> = Vec::new();
     for id in ids {
@@ -464,17 +460,8 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
                 dest.display()
             )));
         }
-        let mut group: Vec<Row> = rows
-            .iter()
-            .filter(|r| format!("{}_{}", r.setting, r.frozen_init) == id)
-            .cloned()
-            .collect();
-        let mut methods: Vec<String> = Vec::new();
-        for r in &group {
-            if !methods.contains(&r.adapter) {
-                methods.push(r.adapter.clone());
-            }
-        }
+        let mut group: Vec<Row> = rows.iter().filter(|r| row_id(r) == id).cloned().collect();
+        let methods = first_appearance(group.iter().map(|r| r.adapter.clone()));
         if let Some((_, _, _, first)) = groups.first() {
             if *first != methods {
                 return Err(bad(format!(
@@ -539,6 +526,17 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
     Ok(summary)
 }
 
+/// The distinct items, in the order they first appear.
+fn first_appearance(items: impl Iterator<Item = String>) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for x in items {
+        if !seen.contains(&x) {
+            seen.push(x);
+        }
+    }
+    seen
+}
+
 /// The smallest rank whose selected value is `< tol`.
 fn first_below(rows: &[Row], tol: f64, sel: impl Fn(&Row) -> Option<f64>) -> Option<usize> {
     rows.iter()
@@ -553,8 +551,8 @@ fn first_below(rows: &[Row], tol: f64, sel: impl Fn(&Row) -> Option<f64>) -> Opt
 pub const PLOT_FLOOR: f64 = 1e-16;
 
 /// Writes an SVG plot of test MSE (log scale, clipped below at [`PLOT_FLOOR`]) against rank: one
-/// line per method plus the construction (a marker at every rank run), and a vertical line at the theorem's threshold rank
-/// (the App. G figures' layout).
+/// line per method plus the construction (a marker at every rank run), and a vertical line at
+/// the theorem's threshold rank (the App. G figures' layout).
 ///
 /// Errors: no rows; [`ElraError::Io`] if drawing or writing fails.
 pub fn plot_mse_vs_rank(path: &Path, title: &str, rows: &[Row], threshold: usize) -> Result<()> {
