@@ -168,7 +168,13 @@ pub fn threshold_rank(setting: &Setting) -> usize {
 
 /// `<name>_<random|pretrained>`: the directory name of a setting.
 pub fn setting_id(setting: &Setting) -> String {
-    format!("{}_{}", setting.name, setting.frozen.name())
+    id_of(&setting.name, setting.frozen.name())
+}
+
+/// The one spelling of a setting id, shared by [`setting_id`] and the CSV rows read back by
+/// [`merge_csvs`] (which store the name and the frozen initialisation in separate columns).
+fn id_of(name: &str, frozen_init: &str) -> String {
+    format!("{name}_{frozen_init}")
 }
 
 /// The MSE threshold of the summary ("exact up to optimisation/rounding").
@@ -438,8 +444,7 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
         })?);
     }
     let settings = app_g_settings();
-    // A row's setting_id: the CSV stores the setting's name and frozen initialisation apart.
-    let row_id = |r: &Row| format!("{}_{}", r.setting, r.frozen_init);
+    let row_id = |r: &Row| id_of(&r.setting, &r.frozen_init);
     let ids = first_appearance(rows.iter().map(row_id));
     let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
     let mut groups: Vec<(String, usize, Vec<Row>, Vec<String>)> = Vec::new();
