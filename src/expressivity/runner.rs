@@ -556,8 +556,9 @@ fn first_below(rows: &[Row], tol: f64, sel: impl Fn(&Row) -> Option<f64>) -> Opt
 pub const PLOT_FLOOR: f64 = 1e-16;
 
 /// Writes an SVG plot of test MSE (log scale, clipped below at [`PLOT_FLOOR`]) against rank: one
-/// line per method plus the construction (a marker at every rank run), and a vertical line at
-/// the theorem's threshold rank (the App. G figures' layout).
+/// line per method plus the construction (a marker at every rank run), and a dashed vertical line
+/// at the theorem's threshold rank (the App. G figures' layout). The legend sits in the lower left,
+/// where no App. G curve goes: below the threshold no method is exact.
 ///
 /// Errors: no rows; [`ElraError::Io`] if drawing or writing fails.
 pub fn plot_mse_vs_rank(path: &Path, title: &str, rows: &[Row], threshold: usize) -> Result<()> {
@@ -604,8 +605,10 @@ pub fn plot_mse_vs_rank(path: &Path, title: &str, rows: &[Row], threshold: usize
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
+        .x_labels(max_rank as usize + 1)
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .x_desc("rank R (LoRA-equivalent: 2·R·D trainable entries per layer)")
-        .y_desc("test MSE (per entry)")
+        .y_desc("test MSE (per entry; below 1e-16 drawn at 1e-16)")
         .y_label_formatter(&|v| format!("{v:.0e}"))
         .draw()
         .map_err(|x| e(&x))?;
@@ -626,19 +629,22 @@ pub fn plot_mse_vs_rank(path: &Path, title: &str, rows: &[Row], threshold: usize
             .map_err(|x| e(&x))?;
     }
     let t = threshold as f64;
+    let grey = RGBColor(110, 110, 110);
     chart
-        .draw_series(LineSeries::new(
+        .draw_series(DashedLineSeries::new(
             vec![(t, PLOT_FLOOR), (t, ymax)],
-            BLACK.mix(0.5).stroke_width(1),
+            8,
+            5,
+            grey.stroke_width(2),
         ))
         .map_err(|x| e(&x))?
         .label(format!("threshold R = {threshold}"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], grey.stroke_width(2)));
     chart
         .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
+        .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::LowerLeft)
         .draw()
         .map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
