@@ -608,7 +608,9 @@ pub fn plot_mse_vs_rank(path: &Path, title: &str, rows: &[Row], threshold: usize
         .x_labels(max_rank as usize + 1)
         .x_label_formatter(&|v| format!("{v:.0}"))
         .x_desc("rank R (LoRA-equivalent: 2·R·D trainable entries per layer)")
-        .y_desc("test MSE (per entry; below 1e-16 drawn at 1e-16)")
+        .y_desc(format!(
+            "test MSE (per entry; below {PLOT_FLOOR:.0e} drawn at {PLOT_FLOOR:.0e})"
+        ))
         .y_label_formatter(&|v| format!("{v:.0e}"))
         .draw()
         .map_err(|x| e(&x))?;
