@@ -216,29 +216,49 @@ impl SortedSvd {
                 filled.push(k);
             }
         }
-        // Complete U for (numerically) zero singular values: Gram–Schmidt (twice) on e_i.
+        // Complete U for (numerically) zero singular values: Gram–Schmidt (twice) on e_i, the
+        // first `e_i` (in order) whose residual keeps more than half its norm; when none of the
+        // remaining ones does, the one with the largest residual. Such an `e_i` always exists:
+        // the squared residuals of all `e_i` sum to the co-dimension `rows − filled ≥ 1`, so the
+        // largest is at least `1/√rows` (a 9×9 rank-8 matrix whose null vector has no entry
+        // above 0.5 once left a zero column here).
+        let residual = |U: &DMatrix<f64>, filled: &[usize], i: usize| {
+            let mut x = DVector::<f64>::zeros(rows);
+            x[i] = 1.0;
+            for _ in 0..2 {
+                for &f in filled {
+                    let proj = U.column(f).dot(&x);
+                    x -= U.column(f) * proj;
+                }
+            }
+            x
+        };
         let mut e = 0;
         for k in 0..n {
             if filled.contains(&k) {
                 continue;
             }
+            let mut chosen = None;
             while e < rows {
-                let mut x = DVector::<f64>::zeros(rows);
-                x[e] = 1.0;
+                let x = residual(&U, &filled, e);
                 e += 1;
-                for _ in 0..2 {
-                    for &f in &filled {
-                        let proj = U.column(f).dot(&x);
-                        x -= U.column(f) * proj;
-                    }
-                }
-                let nx = x.norm();
-                if nx > 0.5 {
-                    U.set_column(k, &(x / nx));
-                    filled.push(k);
+                if x.norm() > 0.5 {
+                    chosen = Some(x);
                     break;
                 }
             }
+            let x = match chosen {
+                Some(x) => x,
+                None => (0..rows)
+                    .map(|i| residual(&U, &filled, i))
+                    .max_by(|a, b| a.norm().total_cmp(&b.norm()))
+                    .unwrap_or_else(|| DVector::zeros(rows)),
+            };
+            let nx = x.norm();
+            if nx > 0.0 {
+                U.set_column(k, &(x / nx));
+            }
+            filled.push(k);
         }
         Ok(SortedSvd { U, sigma, V })
     }
