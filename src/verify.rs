@@ -363,6 +363,19 @@ impl Sample {
         })
     }
 
+    /// The same factors with the mixing weight `alpha` (Hyb), `η` re-normalised so that
+    /// `‖G‖₂ = scale` again. The rng stream is untouched.
+    fn with_alpha(mut self, alpha: f64, scale: f64) -> Result<Sample> {
+        self.alpha = alpha;
+        self.eta = 1.0;
+        let n1 = oracle::sigma_max(&self.dense()?)?;
+        if n1 <= 0.0 {
+            return Err(ElraError::Numerical("random generator is zero".into()));
+        }
+        self.eta = scale / n1;
+        Ok(self)
+    }
+
     fn dense(&self) -> Result<DMatrix<f64>> {
         oracle::dense_elra_generator(self.variant, &self.a, self.b.as_ref(), self.eta, self.alpha)
     }
@@ -818,7 +831,7 @@ fn amplification(g: &DMatrix<f64>) -> Result<f64> {
 
 /// Merge/unmerge round trip on a Gaussian `W0`: a random ELRA layer (any variant,
 /// `‖G‖₂ = scale`), a double-sided layer (left `‖L‖₂ = scale`, right `‖R‖₂ = scale/2`, same
-/// variant) and a LoRA layer with random factors. Each relative error
+/// variant and α) and a LoRA layer with random factors. Each relative error
 /// `‖unmerge(merge) − W0‖_F/‖W0‖_F` is divided by the amplification of the map undone,
 /// `ν(G) = (1 + ‖exp G‖₂)(1 + ‖exp(−G)‖₂)` (dense oracle; `ν(L)ν(R)` for the double-sided layer,
 /// 1 for LoRA): the merge is exact up to `u(1 + ‖exp G‖)‖W0‖`, and the unmerge
@@ -834,7 +847,12 @@ pub fn check_merge_unmerge_roundtrip(case: &Case) -> Result<f64> {
     let e1 = rel(&(layer.unmerge(&layer.merge()?)? - &w0), &w0) / kappa_l;
 
     let rr = r.min(k);
-    let right = Sample::draw_variant(&mut rng, s.variant, k, rr, case.scale / 2.0)?;
+    // The double-sided layer has one α for both sides (its schedule), so the right sample is
+    // normalised with the left one's α: ν(R) must be the amplification of the map the layer
+    // applies (with the right sample's own α it was not, and a Hyb case at k = 1 whose two αs
+    // differed gave a normalised error of 5e-10).
+    let right = Sample::draw_variant(&mut rng, s.variant, k, rr, case.scale / 2.0)?
+        .with_alpha(s.alpha, case.scale / 2.0)?;
     let kappa_r = amplification(&right.dense()?)?;
     let mut cfg = DoubleSidedConfig::new(s.variant, d, k, r, 1);
     cfg.r_right = rr;
