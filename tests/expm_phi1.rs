@@ -1,6 +1,8 @@
 //! Claims about the r×r matrix functions of `elra::linalg` (expm, φ1, Fréchet, batch).
 #![allow(non_snake_case)]
 
+#[path = "common/seeded.rs"]
+mod seeded;
 use elra::linalg::{
     expm, expm_frechet, expm_frechet_adjoint, expm_phi1, pade_plan, phi1, phi1_frechet,
     phi1_frechet_adjoint, MatFnBatch,
@@ -309,7 +311,7 @@ fn phi1_block(z: &DMatrix<f64>) -> (DMatrix<f64>, DMatrix<f64>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(seeded::config(256))]
 
     /// Claim: expm and φ1 agree with nalgebra's own `exp` (φ1 via exp([[Z, I],[0, 0]])) within
     /// the conditioning tolerance of [`cond_tol`] (both algorithms backward stable).
@@ -431,7 +433,7 @@ fn frechet_bad_inputs_are_typed_errors() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(seeded::config(256))]
 
     /// Claim: L_exp(Z,E) equals the top-right block of nalgebra's exp([[Z,E],[0,Z]]) and
     /// L_φ1(Z,E) the corresponding block of exp([[Z,E,0],[0,Z,I]…]) = φ1 of the block, within the

@@ -6,6 +6,8 @@
 //! of the inverses taken in eq. (8). Each test states the scale its tolerance is relative to.
 #![allow(non_snake_case, clippy::needless_range_loop)]
 
+#[path = "common/seeded.rs"]
+mod seeded;
 use elra::expressivity::fnn::{self, Fnn};
 use elra::expressivity::linear::{self, lemma_10, lemma_9, LinearModel};
 use elra::expressivity::network::{mse_loss_and_grads, Network};
@@ -35,10 +37,7 @@ fn max_abs(m: &DMatrix<f64>) -> f64 {
 }
 
 fn cases(n: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases: n,
-        ..ProptestConfig::default()
-    }
+    seeded::config(n)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -69,6 +68,26 @@ proptest! {
         }
         prop_assert!(s.numerical_rank() == k);
     }
+}
+
+/// A 9×9 rank-8 matrix (found by the proptest above) whose null vector has no entry above 0.5:
+/// the completion of `U` must still give an orthonormal column for the zero singular value
+/// (it once left that column zero, `UᵀU` then had a 0 on the diagonal). Orthonormal to 1e-13 as
+/// above.
+#[test]
+fn svd_completes_the_null_space_when_no_unit_vector_is_close_to_it() {
+    let mut r = rng(4415932023432290328);
+    let m = standard_normal(9, 8, &mut r) * standard_normal(8, 9, &mut r);
+    let s = SortedSvd::new("m", &m).unwrap();
+    assert_eq!(s.numerical_rank(), 8);
+    let null = s.U.column(8);
+    assert!(
+        null.iter().all(|x| x.abs() <= 0.5),
+        "case no longer exercises the fallback"
+    );
+    assert!((s.U.transpose() * &s.U - DMatrix::<f64>::identity(9, 9)).amax() <= 1e-13);
+    let rec = &s.U * DMatrix::from_diagonal(&s.sigma) * s.V.transpose();
+    assert!((rec - &m).amax() <= 1e-13 * s.sigma[0]);
 }
 
 /// nalgebra 0.34's `svd(true, true)` returns σ₁ = 0.690 for this rank-one matrix (its Frobenius

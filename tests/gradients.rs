@@ -36,6 +36,8 @@
 //! every run; `ELRA_PROPTEST_SEED=<u64>` explores new ones.
 #![allow(non_snake_case)]
 
+#[path = "common/seeded.rs"]
+mod seeded;
 use elra::adapter::{
     Adapter, AlphaSchedule, DoubleSidedConfig, DoubleSidedLayer, ElraConfig, ElraLayer,
     EtaMultiplier, LoraConfig, LoraLayer, Variant,
@@ -55,13 +57,6 @@ use rand_distr::StandardNormal;
 const TOL: f64 = 1e-6;
 const TAU: f64 = 2.0;
 const TOTAL_STEPS: usize = 100;
-/// Seed of the proptest case generator; `ELRA_PROPTEST_SEED=<u64>` explores other cases.
-fn proptest_seed() -> u64 {
-    std::env::var("ELRA_PROPTEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x00e1_7a00)
-}
 
 fn randn(rng: &mut ChaCha8Rng, r: usize, c: usize) -> DMatrix<f64> {
     DMatrix::from_fn(r, c, |_, _| rng.sample::<f64, _>(StandardNormal))
@@ -433,11 +428,9 @@ fn check_elra_case(case: &ElraCase, h: f64, seed: u64) -> Result<(), TestCaseErr
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 64,
         max_global_rejects: 4096,
-        rng_seed: proptest::test_runner::RngSeed::Fixed(proptest_seed()),
         failure_persistence: None,
-        ..ProptestConfig::default()
+        ..seeded::config(64)
     })]
 
     #[test]
