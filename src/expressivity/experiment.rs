@@ -295,13 +295,51 @@ fn rng_for(seed: u64, tag: &str, extra: u64) -> ChaCha8Rng {
 ///
 /// Errors: a setting that is not linear; invalid options; pretraining failures.
 pub fn linear_setting_models(setting: &Setting, opts: &Opts) -> Result<(LinearModel, LinearModel)> {
-    let o = opts.effective()?;
     let Architecture::Linear { frozen_layers } = setting.arch else {
         return Err(ElraError::invalid("setting", "not a linear setting"));
     };
+    setting_models(setting, opts, |mr| {
+        let target = LinearModel::random(setting.dim, 1, mr)?;
+        Ok((LinearModel::random(setting.dim, frozen_layers, mr)?, target))
+    })
+}
+
+/// The (frozen, target) pair of a TFN App. G.3 setting exactly as [`run_setting`] builds it
+/// (§3.1 models, App. G.3 initialisation: [`Tfn::random`] for the target, then the frozen model,
+/// from the setting's seed stream; [`FrozenInit::Pretrained`] pretrains the frozen model with the
+/// same options). Returns the frozen model and the target.
+///
+/// Errors: a setting that is not a TFN; invalid options; pretraining failures.
+pub fn tfn_setting_models(setting: &Setting, opts: &Opts) -> Result<(Tfn, Tfn)> {
+    let Architecture::Tfn {
+        layers,
+        heads,
+        seq_len,
+    } = setting.arch
+    else {
+        return Err(ElraError::invalid("setting", "not a TFN setting"));
+    };
+    setting_models(setting, opts, |mr| {
+        let target = Tfn::random(setting.dim, layers, heads, seq_len, mr)?;
+        Ok((
+            Tfn::random(setting.dim, layers, heads, seq_len, mr)?,
+            target,
+        ))
+    })
+}
+
+/// The shared part of [`linear_setting_models`] and [`tfn_setting_models`]: `draw` returns
+/// (frozen, target) from the setting's model stream (the order of draws is the caller's, as in
+/// [`run_setting_families`]); the frozen model is then pretrained for
+/// [`FrozenInit::Pretrained`].
+fn setting_models<N: Network>(
+    setting: &Setting,
+    opts: &Opts,
+    draw: impl FnOnce(&mut ChaCha8Rng) -> Result<(N, N)>,
+) -> Result<(N, N)> {
+    let o = opts.effective()?;
     let mut mr = rng_for(o.seed, &setting.name, 0);
-    let target = LinearModel::random(setting.dim, 1, &mut mr)?;
-    let frozen = LinearModel::random(setting.dim, frozen_layers, &mut mr)?;
+    let (frozen, target) = draw(&mut mr)?;
     let frozen = match setting.frozen {
         FrozenInit::Random => frozen,
         FrozenInit::Pretrained => {
@@ -319,6 +357,25 @@ pub fn linear_setting_models(setting: &Setting, opts: &Opts) -> Result<(LinearMo
         }
     };
     Ok((frozen, target))
+}
+
+/// The test inputs of a setting exactly as [`run_setting`] draws them (App. G: `test_samples`
+/// samples of i.i.d. `N(0, 1)` entries, `rows_per_sample` rows each, from the setting's test
+/// stream), for analyses of a run's test set outside the runner.
+///
+/// Errors: invalid options.
+pub fn setting_test_inputs<N: Network>(
+    setting: &Setting,
+    opts: &Opts,
+    net: &N,
+) -> Result<DMatrix<f64>> {
+    let o = opts.effective()?;
+    Ok(test_inputs(setting, &o, net))
+}
+
+/// The runner's test set: `o.test_samples` samples from stream 3 of the setting.
+fn test_inputs<N: Network>(setting: &Setting, o: &Opts, net: &N) -> DMatrix<f64> {
+    gaussian_batch(net, o.test_samples, &mut rng_for(o.seed, &setting.name, 3))
 }
 
 /// A batch of `n` samples (`n·rows_per_sample` rows) with i.i.d. `N(0,1)` entries.
@@ -671,11 +728,7 @@ where
         &mut rng_for(o.seed, &setting.name, 2),
     );
     let y_val = target.forward(&x_val)?;
-    let x_test = gaussian_batch(
-        &frozen,
-        o.test_samples,
-        &mut rng_for(o.seed, &setting.name, 3),
-    );
+    let x_test = test_inputs(setting, o, &frozen);
     let y_test = target.forward(&x_test)?;
     let frozen_mse = mse(&frozen.forward(&x_test)?, &y_test)?;
     let configs: Vec<(f64, f64)> = o
