@@ -347,8 +347,9 @@ impl CheckedLu {
         let inv_condition = if smax > 0.0 { smin / smax } else { 0.0 };
         if inv_condition.is_nan() || inv_condition <= d as f64 * f64::EPSILON {
             return Err(ElraError::Numerical(format!(
-                "{what} is singular (σ_min/σ_max = {inv_condition:.3e}); the paper's \
-                 non-singularity assumption does not hold"
+                "{what} is singular to working precision (σ_min/σ_max = {inv_condition:.3e} \
+                 ≤ D·ε): the paper's non-singularity assumption fails, exactly or through the \
+                 rounding of inverses of ill-conditioned frozen weights"
             )));
         }
         Ok(CheckedLu {
