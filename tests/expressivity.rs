@@ -177,7 +177,9 @@ fn max_condition<'a>(ws: impl IntoIterator<Item = &'a DMatrix<f64>>) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The property tests' claims are for frozen weights of 2-norm condition number at most this:
+/// The property tests' claims are for frozen weights (for TFNs also the target's weights,
+/// which Theorem 6's proof inverts and multiplies: a target `κ₂(W̄_2) = 4·10⁴` made
+/// `Cᵀ W̄_Kᵀ W̄_Q C` singular to working precision at D = 3) of 2-norm condition number at most this:
 /// the constructions multiply by inverses of frozen weights (eq. 8, Thm. 6's proof), so their
 /// rounding errors grow with κ, and above it they may even report an adapted weight singular to
 /// working precision although Lemma 8's non-singularity holds exactly. Random seeds found both:
@@ -493,7 +495,12 @@ proptest! {
         let gaps = tfn::functionality_gaps(&frozen, &target).unwrap();
         prop_assert_eq!(*gaps.iter().max().unwrap(), d);
         let R = (d.div_ceil(2) + extra_rank).min(d);
-        let c = built(tfn::construct(&frozen, &target, R), frozen.weights())?;
+        // Theorem 6's proof also inverts and multiplies target weights (C = W_2⁻¹W̄_2, then
+        // Cᵀ W̄_Kᵀ W̄_Q C), so their conditioning bounds the claim as well.
+        let c = built(
+            tfn::construct(&frozen, &target, R),
+            frozen.weights().into_iter().chain(target.weights()),
+        )?;
         let x = standard_normal(8 * n, d, &mut r);
         let err = max_abs(&(c.model.forward(&x).unwrap() - target.forward(&x).unwrap()));
         prop_assert!(err <= 1e-6, "max|f − f̄| = {}", err);
