@@ -349,22 +349,18 @@ impl Sample {
         };
         let a = gaussian(rng, d, r);
         let b = variant.uses_b().then(|| gaussian(rng, r, d));
-        let g1 = oracle::dense_elra_generator(variant, &a, b.as_ref(), 1.0, alpha)?;
-        let n1 = oracle::sigma_max(&g1)?;
-        if n1 <= 0.0 {
-            return Err(ElraError::Numerical("random generator is zero".into()));
-        }
-        Ok(Sample {
+        Sample {
             variant,
             a,
             b,
-            eta: scale / n1,
+            eta: 1.0,
             alpha,
-        })
+        }
+        .with_alpha(alpha, scale)
     }
 
-    /// The same factors with the mixing weight `alpha` (Hyb), `η` re-normalised so that
-    /// `‖G‖₂ = scale` again. The rng stream is untouched.
+    /// The same factors with the mixing weight `alpha` (Hyb) and `η` set so that
+    /// `‖G‖₂ = scale`. The rng stream is untouched.
     fn with_alpha(mut self, alpha: f64, scale: f64) -> Result<Sample> {
         self.alpha = alpha;
         self.eta = 1.0;

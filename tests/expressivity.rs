@@ -16,6 +16,7 @@ use elra::expressivity::{
     input_radius, product, spectral_norm, standard_normal, uniform_partition, xavier_uniform,
     SortedSvd,
 };
+use elra::reference::condition_number;
 use elra::ElraError;
 use nalgebra::{DMatrix, DVector};
 use proptest::prelude::*;
@@ -167,13 +168,11 @@ proptest! {
     }
 }
 
-/// Largest 2-norm condition number `σ_max/σ_min` among `ws` (∞ for a singular one).
+/// Largest 2-norm condition number among `ws` (`elra::reference::condition_number`; ∞ for a
+/// singular one).
 fn max_condition<'a>(ws: impl IntoIterator<Item = &'a DMatrix<f64>>) -> f64 {
     ws.into_iter()
-        .map(|w| {
-            let s = SortedSvd::new("w", w).unwrap();
-            s.sigma_1based(1) / s.sigma_1based(w.nrows().min(w.ncols()))
-        })
+        .map(|w| condition_number(w).unwrap())
         .fold(0.0, f64::max)
 }
 

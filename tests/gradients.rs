@@ -871,19 +871,19 @@ impl DoubleCase {
         let (gl, gr) = (&self.al * cl, &self.ar * cr);
         let (hl, rl) = clip_step(&gl, self.spec.tau)?;
         let (hr, rr) = clip_step(&gr, self.spec.tau)?;
-        let (a, e) = (self.spec.alpha, m);
+        let alpha = self.spec.alpha;
         let fl = factor_scale(
             &self.al,
             self.bl.as_ref(),
-            self.eta_l * e,
-            a,
+            self.eta_l * m,
+            alpha,
             rl / sigma_max(&gl),
         );
         let fr = factor_scale(
             &self.ar,
             self.br.as_ref(),
-            self.eta_r * e,
-            a,
+            self.eta_r * m,
+            alpha,
             rr / sigma_max(&gr),
         );
         Some(curvature_step(hl.min(hr), &[rl.max(fl), rr.max(fr)]))
