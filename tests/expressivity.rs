@@ -189,7 +189,8 @@ fn max_condition<'a>(ws: impl IntoIterator<Item = &'a DMatrix<f64>>) -> f64 {
 /// frozen weights is rejected in about 1–2 % of draws.
 const KAPPA_MAX: f64 = 1e4;
 
-/// `res` for a frozen model whose weights all have `κ₂ ≤` [`KAPPA_MAX`] (any error fails the
+/// `res` when the weights given (frozen, and for TFNs also the target's) all have `κ₂ ≤`
+/// [`KAPPA_MAX`] (any error fails the
 /// test); a rejected case otherwise — there the library's typed error
 /// (`ElraError::Numerical`) or a less accurate construction is the expected outcome, not a
 /// claim the test checks.
@@ -200,7 +201,7 @@ fn built<'a, T>(
     let kappa = max_condition(frozen);
     if kappa > KAPPA_MAX {
         return Err(TestCaseError::reject(format!(
-            "frozen weight with κ₂ = {kappa:.1e} > {KAPPA_MAX:e}"
+            "weight with κ₂ = {kappa:.1e} > {KAPPA_MAX:e}"
         )));
     }
     res.map_err(|e| TestCaseError::fail(format!("construction failed: {e}")))
