@@ -7,14 +7,12 @@
 
 use elra::expressivity::experiment::{app_g_settings, Opts};
 use elra::expressivity::runner::{run_settings, setting_id, settings_of_group, Method};
+use elra::ElraError;
 use std::path::PathBuf;
 
-fn list<T: std::str::FromStr>(s: &str) -> Vec<T>
-where
-    T::Err: std::fmt::Debug,
-{
-    s.split(',').map(|x| x.parse().expect("number")).collect()
-}
+#[allow(dead_code)] // each example uses a subset of the shared parsers
+mod common;
+use common::{flag, flag_list, flag_value};
 
 fn main() -> elra::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,22 +23,20 @@ fn main() -> elra::Result<()> {
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
-        let mut val = || {
-            i += 1;
-            args[i].clone()
-        };
         match a {
             "--quick" => opts.quick = true,
-            "--seed" => opts.seed = val().parse().expect("seed"),
-            "--out" => out = PathBuf::from(val()),
-            "--iterations" => opts.iterations = val().parse().expect("iterations"),
-            "--threads" => opts.threads = val().parse().expect("threads"),
-            "--ranks" => ranks = Some(list(&val())),
-            "--lr" => opts.lr_grid = list(&val()),
-            "--wd" => opts.wd_grid = list(&val()),
-            "--test-samples" => opts.test_samples = val().parse().expect("n"),
-            "--batch" => opts.batch = val().parse().expect("batch"),
-            "--pretrain-max-steps" => opts.pretrain_max_steps = val().parse().expect("steps"),
+            "--seed" => opts.seed = flag(&args, &mut i, "--seed")?,
+            "--out" => out = PathBuf::from(flag_value(&args, &mut i, "--out")?),
+            "--iterations" => opts.iterations = flag(&args, &mut i, "--iterations")?,
+            "--threads" => opts.threads = flag(&args, &mut i, "--threads")?,
+            "--ranks" => ranks = Some(flag_list(&args, &mut i, "--ranks")?),
+            "--lr" => opts.lr_grid = flag_list(&args, &mut i, "--lr")?,
+            "--wd" => opts.wd_grid = flag_list(&args, &mut i, "--wd")?,
+            "--test-samples" => opts.test_samples = flag(&args, &mut i, "--test-samples")?,
+            "--batch" => opts.batch = flag(&args, &mut i, "--batch")?,
+            "--pretrain-max-steps" => {
+                opts.pretrain_max_steps = flag(&args, &mut i, "--pretrain-max-steps")?
+            }
             _ => names.push(a.to_string()),
         }
         i += 1;
@@ -49,7 +45,20 @@ fn main() -> elra::Result<()> {
     for n in &names {
         match settings_of_group(n) {
             Ok(s) => settings.extend(s),
-            Err(_) => settings.extend(app_g_settings().into_iter().filter(|s| &setting_id(s) == n)),
+            Err(_) => {
+                let before = settings.len();
+                settings.extend(app_g_settings().into_iter().filter(|s| &setting_id(s) == n));
+                if settings.len() == before {
+                    let ids: Vec<String> = app_g_settings().iter().map(setting_id).collect();
+                    return Err(ElraError::invalid(
+                        "SETTING",
+                        format!(
+                            "{n:?} is neither a group (linear, fnn, tfn, all) nor a setting id ({})",
+                            ids.join(", ")
+                        ),
+                    ));
+                }
+            }
         }
     }
     if settings.is_empty() {

@@ -5,10 +5,13 @@ use elra::expressivity::elra::det_sign_floor;
 use elra::expressivity::experiment::{linear_setting_models, Opts};
 use elra::expressivity::runner::{setting_id, settings_of_group};
 
+#[allow(dead_code)] // each example uses a subset of the shared parsers
+mod common;
+use common::positional;
+
 fn main() -> elra::Result<()> {
-    let seed = std::env::args()
-        .nth(1)
-        .map_or(0, |s| s.parse().expect("seed"));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let seed = positional(&args, 0, "SEED", 0)?;
     let opts = Opts {
         seed,
         ..Opts::default()

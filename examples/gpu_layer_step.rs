@@ -11,6 +11,10 @@
 
 use std::time::Instant;
 
+#[allow(dead_code)] // each example uses a subset of the shared parsers
+mod common;
+use common::{parse, positional};
+
 use elra::cuda::{
     cuda_available, gemm, CudaDevice, DeviceMatrices, GpuElraLayer, GpuLoraLayer, GpuSpec,
     Transpose,
@@ -27,12 +31,12 @@ fn rand_dev(
     cols: usize,
     scale: f32,
     seed: u64,
-) -> DeviceMatrices<bf16> {
+) -> elra::Result<DeviceMatrices<bf16>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let v: Vec<bf16> = (0..rows * cols)
         .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) * scale))
         .collect();
-    DeviceMatrices::from_row_major(dev, 1, rows, cols, &v).expect("upload")
+    DeviceMatrices::from_row_major(dev, 1, rows, cols, &v)
 }
 
 fn rand_host(rows: usize, cols: usize, scale: f32, seed: u64) -> DMatrix<f32> {
@@ -52,18 +56,28 @@ fn main() -> elra::Result<()> {
         println!("no GPU: {reason}");
         return Ok(());
     }
-    let num = |i: usize| -> usize { args[i].parse().expect("a number") };
-    let (n, d, k, r) = (num(2), num(3), num(4), num(5));
-    let steps = if args.len() > 6 { num(6) } else { 3 };
+    let (n, d, k, r): (usize, usize, usize, usize) = (
+        parse("N", &args[2])?,
+        parse("d", &args[3])?,
+        parse("k", &args[4])?,
+        parse("r", &args[5])?,
+    );
+    let steps: usize = positional(&args, 6, "steps", 3)?;
     let route = match args[1].as_str() {
         "merged" => Route::Merged,
-        _ => Route::Woodbury,
+        "woodbury" => Route::Woodbury,
+        other => {
+            return Err(elra::ElraError::invalid(
+                "route",
+                format!("{other:?}: expected woodbury or merged"),
+            ))
+        }
     };
     let owned = CudaDevice::new(0)?;
     let dev = &owned;
-    let x = rand_dev(dev, n, k, 1.0, 1);
-    let dy = rand_dev(dev, n, d, 1.0, 2);
-    let w0 = rand_dev(dev, d, k, 1.0 / (k as f32).sqrt(), 3);
+    let x = rand_dev(dev, n, k, 1.0, 1)?;
+    let dy = rand_dev(dev, n, d, 1.0, 2)?;
+    let w0 = rand_dev(dev, d, k, 1.0 / (k as f32).sqrt(), 3)?;
     let mut y = DeviceMatrices::<bf16>::zeros(dev, 1, n, d)?;
     let mut dx = DeviceMatrices::<bf16>::zeros(dev, 1, n, k)?;
     let mut step: Box<dyn FnMut() -> elra::Result<()>> = match args[0].as_str() {
@@ -94,7 +108,7 @@ fn main() -> elra::Result<()> {
             let lb = rand_host(d, r, 0.01, 5);
             let mut lora = GpuLoraLayer::new(
                 dev,
-                rand_dev(dev, d, k, 1.0 / (k as f32).sqrt(), 3),
+                rand_dev(dev, d, k, 1.0 / (k as f32).sqrt(), 3)?,
                 &la,
                 &lb,
                 16.0 / r as f32,
@@ -108,7 +122,13 @@ fn main() -> elra::Result<()> {
             let alpha = match v {
                 "general" => 0.0,
                 "psd" => 1.0,
-                _ => 0.5,
+                "hyb" => 0.5,
+                other => {
+                    return Err(elra::ElraError::invalid(
+                        "variant",
+                        format!("{other:?}: expected hyb, general, psd, lora or base"),
+                    ))
+                }
             };
             let a = rand_host(d, r, 1.0 / (d as f32).sqrt(), 6);
             let b = rand_host(r, d, 1.0 / (r as f32).sqrt(), 7);
@@ -120,7 +140,7 @@ fn main() -> elra::Result<()> {
             let bopt = (alpha < 1.0).then_some(&b);
             let mut layer = GpuElraLayer::new(
                 dev,
-                rand_dev(dev, d, k, 1.0 / (k as f32).sqrt(), 3),
+                rand_dev(dev, d, k, 1.0 / (k as f32).sqrt(), 3)?,
                 &a,
                 bopt,
                 0.5,

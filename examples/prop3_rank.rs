@@ -4,12 +4,16 @@
 
 use elra::expressivity::elra::{prop3_rank_experiment, RankCase};
 
+#[allow(dead_code)] // each example uses a subset of the shared parsers
+mod common;
+use common::positional;
+
 fn main() -> elra::Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    let d: usize = a.first().map_or(16, |s| s.parse().expect("D"));
-    let it: usize = a.get(1).map_or(5000, |s| s.parse().expect("iterations"));
-    let lr: f64 = a.get(2).map_or(1e-2, |s| s.parse().expect("lr"));
-    let seed: u64 = a.get(3).map_or(0, |s| s.parse().expect("seed"));
+    let d: usize = positional(&a, 0, "D", 16)?;
+    let it: usize = positional(&a, 1, "ITERATIONS", 5000)?;
+    let lr: f64 = positional(&a, 2, "LR", 1e-2)?;
+    let seed: u64 = positional(&a, 3, "SEED", 0)?;
     let ranks: Vec<usize> = (1..=d).collect();
     for case in [RankCase::DeficientFrozen, RankCase::DeficientTarget] {
         let (frozen, floor, rows) = prop3_rank_experiment(case, d, &ranks, it, lr, seed)?;

@@ -32,6 +32,10 @@ use elra::expressivity::runner::setting_id;
 use elra::expressivity::tfn::Tfn;
 use nalgebra::DMatrix;
 
+#[allow(dead_code)] // each example uses a subset of the shared parsers
+mod common;
+use common::{parse_list, positional};
+
 /// Row-wise softmax of a small matrix.
 fn softmax_rows(s: &DMatrix<f64>) -> DMatrix<f64> {
     let mut p = s.clone();
@@ -173,18 +177,17 @@ fn describe(label: &str, y: &DMatrix<f64>, logits: &DMatrix<f64>, sat: Option<&[
     println!();
 }
 
-fn list<T: std::str::FromStr>(s: &str) -> Vec<T>
-where
-    T::Err: std::fmt::Debug,
-{
-    s.split(',').map(|x| x.parse().expect("number")).collect()
-}
-
 fn main() -> elra::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let steps: Vec<usize> = args.next().map_or(vec![10, 100, 1000], |s| list(&s));
-    let rank: usize = args.next().map_or(8, |s| s.parse().expect("rank"));
-    let lrs: Vec<f64> = args.next().map_or(vec![1e-2, 1e-3, 1e-4], |s| list(&s));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let steps: Vec<usize> = match args.first() {
+        Some(s) => parse_list("STEPS", s)?,
+        None => vec![10, 100, 1000],
+    };
+    let rank: usize = positional(&args, 1, "RANK", 8)?;
+    let lrs: Vec<f64> = match args.get(2) {
+        Some(s) => parse_list("LR", s)?,
+        None => vec![1e-2, 1e-3, 1e-4],
+    };
     let opts = Opts::default();
     for setting in app_g_settings() {
         if !matches!(setting.arch, Architecture::Tfn { .. }) {

@@ -129,9 +129,10 @@ struct TapeKey {
     generation: u64,
 }
 
-/// An ELRA or LoRA adapter on a CUDA device (opaque to C): the device's primary context, a
-/// stream and cuBLAS handle of its own, a library-owned copy of `W0`, the parameters and
-/// gradients in f32 device memory, and the activation tapes.
+/// An ELRA or LoRA adapter on a CUDA device (opaque to C): the device's primary context, the
+/// device's one stream (shared with every other handle on that device), a cuBLAS handle of its
+/// own, a library-owned copy of `W0`, the parameters and gradients in f32 device memory, and the
+/// activation tapes.
 pub struct ElraGpuAdapter {
     magic: u64,
     config: ElraAdapterConfig,

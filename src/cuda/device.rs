@@ -73,10 +73,11 @@ pub enum MatrixTeam {
     Warp,
 }
 
-/// A CUDA device: the device's primary context, a stream owned by this handle, a cuBLAS handle
-/// bound to that stream, and the kernel module (loaded once per context and shared).
+/// A CUDA device: the device's primary context, the device's one stream (shared by every handle
+/// on the same ordinal), a cuBLAS handle of this handle's own bound to that stream, and the
+/// kernel module (loaded once per context and shared).
 ///
-/// All work submitted through one `CudaDevice` is ordered on its stream.
+/// All work submitted through any `CudaDevice` of one ordinal is ordered on that stream.
 pub struct CudaDevice {
     loaded: Arc<Loaded>,
     stream: Arc<CudaStream>,

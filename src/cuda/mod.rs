@@ -2,8 +2,9 @@
 //! and a row-major GEMM over cuBLAS.
 //!
 //! # What runs where
-//! - [`CudaDevice`] holds the CUDA context (`Arc<CudaContext>`, the device's primary context), its
-//!   own stream, a cuBLAS handle bound to that stream, and the kernel module. The module is the
+//! - [`CudaDevice`] holds the CUDA context (`Arc<CudaContext>`, the device's primary context), the
+//!   device's one stream (shared by all handles of that ordinal), a cuBLAS handle bound to that
+//!   stream, and the kernel module. The module is the
 //!   fatbin that `build.rs` compiles from `cuda/*.cu` with nvcc; it is embedded in the library and
 //!   loaded once per context (all devices on the same ordinal share it).
 //! - [`DeviceMatrices`] is a batch of row-major matrices in device memory (nalgebra's `DMatrix` is
