@@ -14,6 +14,7 @@ use nalgebra::{DMatrix, SymmetricEigen, SVD};
 
 use crate::adapter::Variant;
 use crate::linalg::check_finite;
+use crate::linalg::jacobi::one_sided_jacobi;
 use crate::{ElraError, Result};
 
 /// Largest 1-norm of `G` accepted by [`dense_exp`]: beyond it `exp(G)` may overflow f64
@@ -209,67 +210,24 @@ fn nalgebra_svd(m: &DMatrix<f64>) -> Option<Svd> {
     })
 }
 
-/// One-sided Jacobi SVD (Hestenes 1958; Demmel & Veselić 1992) of a tall or square matrix:
-/// rotate column pairs until all are mutually orthogonal (`|a_pᵀa_q| ≤ ε‖a_p‖‖a_q‖`), then
-/// `σ_j = ‖a_j‖`, `u_j = a_j/σ_j`, `V` = the accumulated rotations.
+/// One-sided Jacobi SVD (Hestenes 1958; Demmel & Veselić 1992) of a tall or square matrix
+/// (`linalg/jacobi.rs`, the sweeps `SortedSvd` uses too): `σ_j = ‖a_j‖`, `u_j = a_j/σ_j` (zero
+/// columns of `U` for zero `σ_j`), `V` = the accumulated rotations, sorted by decreasing `σ`.
 fn jacobi_svd_tall(m: &DMatrix<f64>) -> Option<Svd> {
     let (rows, n) = m.shape();
-    let mut w = m.clone();
-    let mut v = DMatrix::<f64>::identity(n, n);
-    // convergence threshold sqrt(rows)·ε (as LAPACK's dgesvj); columns below ε‖m‖_F are
-    // rounding noise and are not rotated (their effect on the result is at the backward-error
-    // level, and the a-posteriori check still applies)
-    let conv = (rows as f64).sqrt() * f64::EPSILON;
-    let negligible = (f64::EPSILON * m.norm()).powi(2);
-    for _sweep in 0..60 {
-        let mut rotated = false;
-        for p in 0..n {
-            for q in p + 1..n {
-                let alpha = w.column(p).norm_squared();
-                let beta = w.column(q).norm_squared();
-                let gamma = w.column(p).dot(&w.column(q));
-                if gamma == 0.0
-                    || alpha.min(beta) <= negligible
-                    || gamma.abs() <= conv * (alpha.sqrt() * beta.sqrt())
-                {
-                    continue;
-                }
-                rotated = true;
-                let zeta = (beta - alpha) / (2.0 * gamma);
-                let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
-                let c = 1.0 / (1.0 + t * t).sqrt();
-                let s = c * t;
-                for i in 0..rows {
-                    let (x, y) = (w[(i, p)], w[(i, q)]);
-                    w[(i, p)] = c * x - s * y;
-                    w[(i, q)] = s * x + c * y;
-                }
-                for i in 0..n {
-                    let (x, y) = (v[(i, p)], v[(i, q)]);
-                    v[(i, p)] = c * x - s * y;
-                    v[(i, q)] = s * x + c * y;
-                }
-            }
+    let sw = one_sided_jacobi(m, 80)?;
+    let mut u = DMatrix::zeros(rows, n);
+    let mut vs = DMatrix::zeros(n, n);
+    let mut s = Vec::with_capacity(n);
+    for (dst, &src) in sw.order.iter().enumerate() {
+        let sj = sw.norms[src];
+        if sj > 0.0 {
+            u.set_column(dst, &(sw.a.column(src) / sj));
         }
-        if !rotated {
-            let mut order: Vec<usize> = (0..n).collect();
-            let norms: Vec<f64> = (0..n).map(|j| w.column(j).norm()).collect();
-            order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]));
-            let mut u = DMatrix::zeros(rows, n);
-            let mut vs = DMatrix::zeros(n, n);
-            let mut s = Vec::with_capacity(n);
-            for (dst, &src) in order.iter().enumerate() {
-                let sj = norms[src];
-                if sj > 0.0 {
-                    u.set_column(dst, &(w.column(src) / sj));
-                }
-                vs.set_column(dst, &v.column(src));
-                s.push(sj);
-            }
-            return Some(Svd { u, s, v: vs });
-        }
+        vs.set_column(dst, &sw.v.column(src));
+        s.push(sj);
     }
-    None
+    Some(Svd { u, s, v: vs })
 }
 
 fn jacobi_svd(m: &DMatrix<f64>) -> Option<Svd> {

@@ -38,6 +38,7 @@ pub mod optim;
 pub mod runner;
 pub mod tfn;
 
+use crate::linalg::jacobi::{one_sided_jacobi, JacobiSweeps};
 use crate::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
 use rand::Rng;
@@ -130,7 +131,8 @@ impl SortedSvd {
     /// The SVD of `m` (notation paragraph of §1: `W = U D Vᵀ`, `σ_1 ≥ σ_2 ≥ …`), thin:
     /// `U` is `m×k`, `V` is `n×k`, `k = min(m, n)`.
     ///
-    /// Computed by one-sided Jacobi (Hestenes 1958; Demmel & Veselić 1992), which is accurate to
+    /// Computed by one-sided Jacobi (Hestenes 1958; Demmel & Veselić 1992; the sweeps of
+    /// `linalg/jacobi.rs`, shared with [`crate::reference::svd`]), which is accurate to
     /// a few ulps relative to `‖m‖` and, unlike nalgebra 0.34/0.35's bidiagonal QR SVD, never
     /// returns wrong singular values when vectors are requested (dimforge/nalgebra#1172: e.g.
     /// the 2×2 rank-one matrix `[[0.1599, −0.5228], [−0.0856, 0.2797]]` gets σ₁ = 0.690 instead
@@ -149,58 +151,18 @@ impl SortedSvd {
             });
         }
         let (rows, n) = m.shape();
-        let mut a = m.clone();
-        let mut v = DMatrix::<f64>::identity(n, n);
-        // Rotation threshold: the computed `a_p·a_q` carries rounding errors of order
-        // `rows·ε·‖a_p‖‖a_q‖` (LAPACK's dgesvj uses `√rows·ε`); columns below `ε‖M‖_F` are noise.
-        let tol = rows as f64 * f64::EPSILON;
-        let tiny = (f64::EPSILON * m.norm()).powi(2);
-        let mut converged = n < 2;
-        for _sweep in 0..80 {
-            let mut rotated = false;
-            for p in 0..n.saturating_sub(1) {
-                for q in p + 1..n {
-                    let alpha = a.column(p).norm_squared();
-                    let beta = a.column(q).norm_squared();
-                    let gamma = a.column(p).dot(&a.column(q));
-                    if gamma == 0.0
-                        || alpha <= tiny
-                        || beta <= tiny
-                        || gamma.abs() <= tol * (alpha * beta).sqrt()
-                    {
-                        continue;
-                    }
-                    rotated = true;
-                    let zeta = (beta - alpha) / (2.0 * gamma);
-                    let sign = if zeta >= 0.0 { 1.0 } else { -1.0 };
-                    let t = sign / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
-                    let c = 1.0 / (1.0 + t * t).sqrt();
-                    let s = c * t;
-                    for i in 0..rows {
-                        let (x, y) = (a[(i, p)], a[(i, q)]);
-                        a[(i, p)] = c * x - s * y;
-                        a[(i, q)] = s * x + c * y;
-                    }
-                    for i in 0..n {
-                        let (x, y) = (v[(i, p)], v[(i, q)]);
-                        v[(i, p)] = c * x - s * y;
-                        v[(i, q)] = s * x + c * y;
-                    }
-                }
-            }
-            if !rotated {
-                converged = true;
-                break;
-            }
-        }
-        if !converged {
+        let Some(JacobiSweeps {
+            a,
+            v,
+            norms,
+            order,
+            negligible: tiny,
+        }) = one_sided_jacobi(m, 80)
+        else {
             return Err(ElraError::Numerical(format!(
                 "Jacobi SVD of `{arg}` did not converge in 80 sweeps"
             )));
-        }
-        let norms: Vec<f64> = (0..n).map(|j| a.column(j).norm()).collect();
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&i, &j| norms[j].total_cmp(&norms[i]));
+        };
         let sigma = DVector::from_iterator(n, order.iter().map(|&j| norms[j]));
         let V = DMatrix::from_fn(n, n, |i, k| v[(i, order[k])]);
         let mut U = DMatrix::<f64>::zeros(rows, n);

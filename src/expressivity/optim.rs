@@ -1,6 +1,7 @@
 //! Adam (Kingma & Ba 2015, Alg. 1) with PyTorch's coupled L2 weight decay (`torch.optim.Adam`,
 //! the optimiser of App. G) or decoupled weight decay (AdamW, Loshchilov & Hutter 2019, Alg. 2).
 
+use crate::train::optim::{adam_bias_corrections, adam_entry_step, AdamWConfig};
 use crate::{ElraError, Result};
 
 /// Hyper-parameters of [`Adam`].
@@ -42,28 +43,30 @@ impl AdamConfig {
         }
     }
 
+    /// The moment hyper-parameters in the form the shared entry update takes.
+    fn moments(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
-        let ok = |x: f64| x.is_finite();
-        if !(ok(self.lr) && self.lr > 0.0) {
-            return Err(ElraError::invalid("lr", "must be finite and > 0"));
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(ElraError::invalid(
+                "lr",
+                format!("must be finite and > 0, got {}", self.lr),
+            ));
         }
-        if !(ok(self.beta1) && (0.0..1.0).contains(&self.beta1)) {
-            return Err(ElraError::invalid("beta1", "must be in [0, 1)"));
-        }
-        if !(ok(self.beta2) && (0.0..1.0).contains(&self.beta2)) {
-            return Err(ElraError::invalid("beta2", "must be in [0, 1)"));
-        }
-        if !(ok(self.eps) && self.eps > 0.0) {
-            return Err(ElraError::invalid("eps", "must be finite and > 0"));
-        }
-        if !(ok(self.weight_decay) && self.weight_decay >= 0.0) {
-            return Err(ElraError::invalid("weight_decay", "must be finite and ≥ 0"));
-        }
-        Ok(())
+        self.moments().validate()
     }
 }
 
-/// Adam / AdamW state over a fixed list of parameter tensors, each seen as a flat slice.
+/// Adam / AdamW state over a fixed list of parameter tensors, each seen as a flat slice. The
+/// per-entry moment arithmetic is the one [`crate::train::optim::AdamW`] uses
+/// (`train::optim::adam_entry_step`); this type adds App. G's coupled L2 decay and slices.
 #[derive(Debug, Clone)]
 pub struct Adam {
     cfg: AdamConfig,
@@ -122,8 +125,8 @@ impl Adam {
         }
         self.t += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        let moments = c.moments();
+        let bc = adam_bias_corrections(&moments, self.t);
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
             for j in 0..p.len() {
@@ -133,11 +136,7 @@ impl Adam {
                 } else {
                     gj += c.weight_decay * p[j];
                 }
-                m[j] = c.beta1 * m[j] + (1.0 - c.beta1) * gj;
-                v[j] = c.beta2 * v[j] + (1.0 - c.beta2) * gj * gj;
-                let mhat = m[j] / bc1;
-                let vhat = v[j] / bc2;
-                p[j] -= c.lr * mhat / (vhat.sqrt() + c.eps);
+                p[j] -= adam_entry_step(&moments, bc, c.lr, &mut m[j], &mut v[j], gj);
             }
         }
         Ok(())

@@ -75,4 +75,5 @@ pub use expm::{expm, expm_phi1, pade_plan, phi1, PadePlan};
 pub mod frechet;
 pub use frechet::{expm_frechet, expm_frechet_adjoint, phi1_frechet, phi1_frechet_adjoint};
 pub mod batch;
+pub(crate) mod jacobi;
 pub use batch::MatFnBatch;

@@ -60,6 +60,33 @@ impl AdamWConfig {
     }
 }
 
+/// The moment updates and the step of one entry (Kingma & Ba 2015, Alg. 1, bias-corrected), the
+/// arithmetic shared by [`AdamW`] and the App. G optimiser
+/// ([`crate::expressivity::optim::Adam`]): `m ← β1 m + (1−β1) g`, `v ← β2 v + (1−β2) g²`, and
+/// the returned step `lr · m̂ / (sqrt(v̂) + ε)` with `m̂ = m / bc1`, `v̂ = v / bc2`,
+/// `bc1 = 1 − β1ᵗ`, `bc2 = 1 − β2ᵗ` (weight decay is the caller's).
+#[inline]
+pub(crate) fn adam_entry_step(
+    c: &AdamWConfig,
+    (bc1, bc2): (f64, f64),
+    lr: f64,
+    m: &mut f64,
+    v: &mut f64,
+    g: f64,
+) -> f64 {
+    *m = c.beta1 * *m + (1.0 - c.beta1) * g;
+    *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
+    let mh = *m / bc1;
+    let vh = *v / bc2;
+    lr * mh / (vh.sqrt() + c.eps)
+}
+
+/// `(1 − β1ᵗ, 1 − β2ᵗ)`, the bias corrections of step `t ≥ 1` (Kingma & Ba 2015, Alg. 1).
+pub(crate) fn adam_bias_corrections(c: &AdamWConfig, t: u64) -> (f64, f64) {
+    let t = t.min(i32::MAX as u64) as i32;
+    (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t))
+}
+
 /// AdamW over a fixed list of matrix parameters (Loshchilov & Hutter 2019, Alg. 2, with
 /// PyTorch's bias correction): `m ← β1 m + (1−β1) g`, `v ← β2 v + (1−β2) g²`,
 /// `θ ← θ − lr (m̂ / (sqrt(v̂) + ε) + wd θ)` with `m̂ = m/(1−β1ᵗ)`, `v̂ = v/(1−β2ᵗ)`.
@@ -136,21 +163,16 @@ impl AdamW {
         }
         self.t += 1;
         let c = self.config;
-        let bc1 = 1.0 - c.beta1.powi(self.t.min(i32::MAX as u64) as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t.min(i32::MAX as u64) as i32);
+        let bc = adam_bias_corrections(&c, self.t);
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
             for j in 0..p.len() {
-                let gj = g[j].f64();
-                m[j] = c.beta1 * m[j] + (1.0 - c.beta1) * gj;
-                v[j] = c.beta2 * v[j] + (1.0 - c.beta2) * gj * gj;
-                let mh = m[j] / bc1;
-                let vh = v[j] / bc2;
+                let step = adam_entry_step(&c, bc, lr, &mut m[j], &mut v[j], g[j].f64());
                 let mut th = p[j].f64();
                 if decay[i] {
                     th -= lr * c.weight_decay * th;
                 }
-                th -= lr * mh / (vh.sqrt() + c.eps);
+                th -= step;
                 p[j] = T::of(th);
             }
         }
