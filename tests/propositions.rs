@@ -154,3 +154,31 @@ fn merge_unmerge_roundtrip_normalises_the_double_sided_hyb_layer_it_applies() {
     let err = verify::check_merge_unmerge_roundtrip(&case).unwrap();
     assert!(err <= verify::TOL_ROUNDTRIP, "normalised error {err:e}");
 }
+
+/// The cases (found with random seeds) where the oracle's SVD failed its own a-posteriori check
+/// after its Jacobi sweeps were given `SortedSvd`'s looser `rows·ε` pair threshold: `UᵀU − I`
+/// exceeded `10·max(d,k)·ε` on these 17×56 and 63×27 products, and nalgebra's fallback SVD
+/// failed too, so the check errored. With the reference's `√rows·ε` (LAPACK `dgesvj`) both pass
+/// Prop. 3's check; tolerance `TOL_PROP3` as above.
+#[test]
+fn proposition_3_oracle_svd_passes_on_the_cases_a_looser_jacobi_threshold_failed() {
+    for case in [
+        Case {
+            d: 17,
+            k: 56,
+            r: 10,
+            scale: 0.4922878367700605,
+            seed: 11831036937342427381,
+        },
+        Case {
+            d: 63,
+            k: 27,
+            r: 15,
+            scale: 0.0023480000564331774,
+            seed: 1655828003666763150,
+        },
+    ] {
+        let err = verify::check_proposition_3(&case).unwrap();
+        assert!(err <= verify::TOL_PROP3, "error {err:e} for {case:?}");
+    }
+}

@@ -38,7 +38,7 @@ pub mod optim;
 pub mod runner;
 pub mod tfn;
 
-use crate::linalg::jacobi::{one_sided_jacobi, JacobiSweeps};
+use crate::linalg::jacobi::{one_sided_jacobi, JacobiSweeps, JacobiTolerance};
 use crate::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
 use rand::Rng;
@@ -157,7 +157,7 @@ impl SortedSvd {
             norms,
             order,
             negligible: tiny,
-        }) = one_sided_jacobi(m, 80)
+        }) = one_sided_jacobi(m, JacobiTolerance::Rows, 80)
         else {
             return Err(ElraError::Numerical(format!(
                 "Jacobi SVD of `{arg}` did not converge in 80 sweeps"

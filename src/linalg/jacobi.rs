@@ -4,17 +4,28 @@
 //!
 //! For a tall or square `M` (`rows ≥ n`) the sweeps rotate column pairs `(a_p, a_q)` of a copy
 //! `A` of `M` by the plane rotation that makes them orthogonal, accumulating the rotations in `V`
-//! (so `A = M V` throughout), until every pair satisfies `|a_pᵀa_q| ≤ rows·ε‖a_p‖‖a_q‖`. Then
+//! (so `A = M V` throughout), until every pair satisfies `|a_pᵀa_q| ≤ τ‖a_p‖‖a_q‖`. Then
 //! `σ_j = ‖a_j‖`, `u_j = a_j/σ_j`, and `M = U diag(σ) Vᵀ`. Unlike a bidiagonal QR SVD it computes
 //! every singular value to a few ulps relative to `‖M‖`, and it never mis-pairs values and
 //! vectors (nalgebra 0.34/0.35's SVD does for some rank-deficient inputs, dimforge/nalgebra#1172).
 //!
-//! Thresholds: the computed `a_pᵀa_q` carries rounding errors of order `rows·ε‖a_p‖‖a_q‖`, so a
-//! pair below that is treated as orthogonal (LAPACK's `dgesvj` uses `√rows·ε`; the factor `√rows`
-//! more tolerance never left a measured residual above the callers' a-posteriori checks). Columns
-//! whose squared norm is at or below `(ε‖M‖_F)²` are rounding noise and are never rotated.
+//! Thresholds: the caller picks `τ` ([`JacobiTolerance`]). LAPACK's `dgesvj` uses `√rows·ε`, what
+//! the oracle needs to pass its a-posteriori orthogonality check (`10·max(d,k)·ε` on `UᵀU − I` in
+//! Frobenius norm: with `rows·ε` per pair that check failed on 17×56 products); `SortedSvd` keeps
+//! the `rows·ε` it was written with (the order of the computed `a_pᵀa_q`'s rounding error), which
+//! its App. G results depend on bit for bit. Columns whose squared norm is at or below
+//! `(ε‖M‖_F)²` are rounding noise and are never rotated.
 
 use nalgebra::DMatrix;
+
+/// The orthogonality threshold `τ` of the sweeps (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JacobiTolerance {
+    /// `τ = √rows·ε` (LAPACK `dgesvj`): the reference SVD.
+    SqrtRows,
+    /// `τ = rows·ε`: `expressivity::SortedSvd`.
+    Rows,
+}
 
 /// The result of the sweeps on a tall or square `M`: `A = M V` with mutually orthogonal columns.
 #[derive(Debug, Clone)]
@@ -32,13 +43,21 @@ pub(crate) struct JacobiSweeps {
 }
 
 /// Runs cyclic one-sided Jacobi sweeps (row-cyclic pair order) on `m`, which must have
-/// `rows ≥ cols`, for at most `max_sweeps` sweeps. `None` when a sweep still rotated at the end.
-pub(crate) fn one_sided_jacobi(m: &DMatrix<f64>, max_sweeps: usize) -> Option<JacobiSweeps> {
+/// `rows ≥ cols`, with orthogonality threshold `tol`, for at most `max_sweeps` sweeps. `None` when
+/// a sweep still rotated at the end.
+pub(crate) fn one_sided_jacobi(
+    m: &DMatrix<f64>,
+    tol: JacobiTolerance,
+    max_sweeps: usize,
+) -> Option<JacobiSweeps> {
     let (rows, n) = m.shape();
     debug_assert!(rows >= n, "one_sided_jacobi needs a tall or square matrix");
     let mut a = m.clone();
     let mut v = DMatrix::<f64>::identity(n, n);
-    let tol = rows as f64 * f64::EPSILON;
+    let tol = match tol {
+        JacobiTolerance::SqrtRows => (rows as f64).sqrt() * f64::EPSILON,
+        JacobiTolerance::Rows => rows as f64 * f64::EPSILON,
+    };
     let negligible = (f64::EPSILON * m.norm()).powi(2);
     let mut converged = n < 2;
     for _sweep in 0..max_sweeps {
@@ -106,7 +125,7 @@ mod tests {
         let b = DMatrix::from_fn(7, 3, |i, j| ((i * 3 + j * 5) % 11) as f64 / 7.0 - 0.6);
         let c = DMatrix::from_fn(3, 5, |i, j| ((i * 7 + j * 2) % 5) as f64 / 3.0 - 0.5);
         let m = &b * &c;
-        let s = one_sided_jacobi(&m, 80).expect("converges");
+        let s = one_sided_jacobi(&m, JacobiTolerance::SqrtRows, 80).expect("converges");
         assert!((&m * &s.v - &s.a).norm() < 1e-13);
         assert!((s.v.transpose() * &s.v - DMatrix::identity(5, 5)).norm() < 1e-13);
         for p in 0..5 {
