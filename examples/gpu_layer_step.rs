@@ -52,10 +52,6 @@ fn main() -> elra::Result<()> {
         );
         std::process::exit(2);
     }
-    if let Err(reason) = cuda_available() {
-        println!("no GPU: {reason}");
-        return Ok(());
-    }
     let (n, d, k, r): (usize, usize, usize, usize) = (
         parse("N", &args[2])?,
         parse("d", &args[3])?,
@@ -73,6 +69,20 @@ fn main() -> elra::Result<()> {
             ))
         }
     };
+    if !matches!(
+        args[0].as_str(),
+        "base" | "lora" | "general" | "psd" | "hyb"
+    ) {
+        return Err(elra::ElraError::invalid(
+            "variant",
+            format!("{:?}: expected hyb, general, psd, lora or base", args[0]),
+        ));
+    }
+    // Arguments are checked first, so that a bad command line is an error with or without a GPU.
+    if let Err(reason) = cuda_available() {
+        println!("no GPU: {reason}");
+        return Ok(());
+    }
     let owned = CudaDevice::new(0)?;
     let dev = &owned;
     let x = rand_dev(dev, n, k, 1.0, 1)?;

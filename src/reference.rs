@@ -215,7 +215,7 @@ fn nalgebra_svd(m: &DMatrix<f64>) -> Option<Svd> {
 /// columns of `U` for zero `σ_j`), `V` = the accumulated rotations, sorted by decreasing `σ`.
 fn jacobi_svd_tall(m: &DMatrix<f64>) -> Option<Svd> {
     let (rows, n) = m.shape();
-    let sw = one_sided_jacobi(m, JacobiTolerance::SqrtRows, 80)?;
+    let sw = one_sided_jacobi(m, JacobiTolerance::SqrtRows, 60)?;
     let mut u = DMatrix::zeros(rows, n);
     let mut vs = DMatrix::zeros(n, n);
     let mut s = Vec::with_capacity(n);

@@ -11,14 +11,18 @@
 //!
 //! Thresholds: the caller picks `τ` ([`JacobiTolerance`]). LAPACK's `dgesvj` uses `√rows·ε`, what
 //! the oracle needs to pass its a-posteriori orthogonality check (`10·max(d,k)·ε` on `UᵀU − I` in
-//! Frobenius norm: with `rows·ε` per pair that check failed on 17×56 products); `SortedSvd` keeps
+//! Frobenius norm: with `rows·ε` per pair that check failed on 17×56 and 63×27 products of
+//! Prop. 3's cases); `SortedSvd` keeps
 //! the `rows·ε` it was written with (the order of the computed `a_pᵀa_q`'s rounding error), which
 //! its App. G results depend on bit for bit. Columns whose squared norm is at or below
 //! `(ε‖M‖_F)²` are rounding noise and are never rotated.
 
 use nalgebra::DMatrix;
 
-/// The orthogonality threshold `τ` of the sweeps (see the module docs).
+/// The orthogonality threshold `τ` of the sweeps (see the module docs), and with it the exact
+/// arithmetic of each caller's previous implementation: `‖a_p‖‖a_q‖` as `√α·√β` (reference; no
+/// overflow) or `√(αβ)` (`SortedSvd`, which overflows for column norms beyond ~1e77, far from
+/// App. G's inputs), and the sign of `t` at `ζ = −0.0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum JacobiTolerance {
     /// `τ = √rows·ε` (LAPACK `dgesvj`): the reference SVD.
@@ -30,7 +34,7 @@ pub(crate) enum JacobiTolerance {
 /// The result of the sweeps on a tall or square `M`: `A = M V` with mutually orthogonal columns.
 #[derive(Debug, Clone)]
 pub(crate) struct JacobiSweeps {
-    /// `A = M V` (`rows × n`), columns mutually orthogonal to `rows·ε`.
+    /// `A = M V` (`rows × n`), columns mutually orthogonal to `τ` (see [`JacobiTolerance`]).
     pub a: DMatrix<f64>,
     /// The accumulated rotations (`n × n`, orthogonal).
     pub v: DMatrix<f64>,
@@ -43,18 +47,18 @@ pub(crate) struct JacobiSweeps {
 }
 
 /// Runs cyclic one-sided Jacobi sweeps (row-cyclic pair order) on `m`, which must have
-/// `rows ≥ cols`, with orthogonality threshold `tol`, for at most `max_sweeps` sweeps. `None` when
-/// a sweep still rotated at the end.
+/// `rows ≥ cols`, with the orthogonality threshold and arithmetic of `kind`, for at most
+/// `max_sweeps` sweeps. `None` when a sweep still rotated at the end.
 pub(crate) fn one_sided_jacobi(
     m: &DMatrix<f64>,
-    tol: JacobiTolerance,
+    kind: JacobiTolerance,
     max_sweeps: usize,
 ) -> Option<JacobiSweeps> {
     let (rows, n) = m.shape();
     debug_assert!(rows >= n, "one_sided_jacobi needs a tall or square matrix");
     let mut a = m.clone();
     let mut v = DMatrix::<f64>::identity(n, n);
-    let tol = match tol {
+    let tol = match kind {
         JacobiTolerance::SqrtRows => (rows as f64).sqrt() * f64::EPSILON,
         JacobiTolerance::Rows => rows as f64 * f64::EPSILON,
     };
@@ -67,17 +71,34 @@ pub(crate) fn one_sided_jacobi(
                 let alpha = a.column(p).norm_squared();
                 let beta = a.column(q).norm_squared();
                 let gamma = a.column(p).dot(&a.column(q));
+                // `‖a_p‖‖a_q‖`: as a product of square roots for the reference (no overflow
+                // for norms beyond 1e77), as the square root of the product for `SortedSvd`
+                // (its App. G bits depend on it).
+                let norms = match kind {
+                    JacobiTolerance::SqrtRows => alpha.sqrt() * beta.sqrt(),
+                    JacobiTolerance::Rows => (alpha * beta).sqrt(),
+                };
                 if gamma == 0.0
                     || alpha <= negligible
                     || beta <= negligible
-                    || gamma.abs() <= tol * (alpha * beta).sqrt()
+                    || gamma.abs() <= tol * norms
                 {
                     continue;
                 }
                 rotated = true;
                 // The rotation angle θ with tan θ = t, the smaller root of t² + 2ζt − 1 = 0.
+                // The two callers' sign rules differ only at ζ = −0.0 (both rotations are valid).
                 let zeta = (beta - alpha) / (2.0 * gamma);
-                let sign = if zeta >= 0.0 { 1.0 } else { -1.0 };
+                let sign = match kind {
+                    JacobiTolerance::SqrtRows => zeta.signum(),
+                    JacobiTolerance::Rows => {
+                        if zeta >= 0.0 {
+                            1.0
+                        } else {
+                            -1.0
+                        }
+                    }
+                };
                 let t = sign / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
                 let c = 1.0 / (1.0 + t * t).sqrt();
                 let s = c * t;
