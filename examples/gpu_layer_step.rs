@@ -44,6 +44,14 @@ fn rand_host(rows: usize, cols: usize, scale: f32, seed: u64) -> DMatrix<f32> {
     DMatrix::from_fn(rows, cols, |_, _| rng.random_range(-1.0f32..1.0) * scale)
 }
 
+/// What one timed step runs: the base GEMMs, a LoRA layer, or an ELRA layer with Hyb weight
+/// `alpha` (0 general, 1 PSD).
+enum Variant {
+    Base,
+    Lora,
+    Elra { alpha: f64 },
+}
+
 fn main() -> elra::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 6 {
@@ -69,15 +77,19 @@ fn main() -> elra::Result<()> {
             ))
         }
     };
-    if !matches!(
-        args[0].as_str(),
-        "base" | "lora" | "general" | "psd" | "hyb"
-    ) {
-        return Err(elra::ElraError::invalid(
-            "variant",
-            format!("{:?}: expected hyb, general, psd, lora or base", args[0]),
-        ));
-    }
+    let variant = match args[0].as_str() {
+        "base" => Variant::Base,
+        "lora" => Variant::Lora,
+        "general" => Variant::Elra { alpha: 0.0 },
+        "psd" => Variant::Elra { alpha: 1.0 },
+        "hyb" => Variant::Elra { alpha: 0.5 },
+        other => {
+            return Err(elra::ElraError::invalid(
+                "variant",
+                format!("{other:?}: expected hyb, general, psd, lora or base"),
+            ))
+        }
+    };
     // Arguments are checked first, so that a bad command line is an error with or without a GPU.
     if let Err(reason) = cuda_available() {
         println!("no GPU: {reason}");
@@ -90,8 +102,8 @@ fn main() -> elra::Result<()> {
     let w0 = rand_dev(dev, d, k, 1.0 / (k as f32).sqrt(), 3)?;
     let mut y = DeviceMatrices::<bf16>::zeros(dev, 1, n, d)?;
     let mut dx = DeviceMatrices::<bf16>::zeros(dev, 1, n, k)?;
-    let mut step: Box<dyn FnMut() -> elra::Result<()>> = match args[0].as_str() {
-        "base" => Box::new(move || {
+    let mut step: Box<dyn FnMut() -> elra::Result<()>> = match variant {
+        Variant::Base => Box::new(move || {
             gemm(
                 dev,
                 1.0,
@@ -113,7 +125,7 @@ fn main() -> elra::Result<()> {
                 &mut dx,
             )
         }),
-        "lora" => {
+        Variant::Lora => {
             let la = rand_host(r, k, 1.0 / (k as f32).sqrt(), 4);
             let lb = rand_host(d, r, 0.01, 5);
             let mut lora = GpuLoraLayer::new(
@@ -128,18 +140,7 @@ fn main() -> elra::Result<()> {
                 lora.backward(dev, &x, &dy, &mut dx)
             })
         }
-        v => {
-            let alpha = match v {
-                "general" => 0.0,
-                "psd" => 1.0,
-                "hyb" => 0.5,
-                other => {
-                    return Err(elra::ElraError::invalid(
-                        "variant",
-                        format!("{other:?}: expected hyb, general, psd, lora or base"),
-                    ))
-                }
-            };
+        Variant::Elra { alpha } => {
             let a = rand_host(d, r, 1.0 / (d as f32).sqrt(), 6);
             let b = rand_host(r, d, 1.0 / (r as f32).sqrt(), 7);
             let spec = GpuSpec {

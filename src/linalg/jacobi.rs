@@ -74,14 +74,14 @@ pub(crate) fn one_sided_jacobi(
                 // `‖a_p‖‖a_q‖`: as a product of square roots for the reference (no overflow
                 // for norms beyond 1e77), as the square root of the product for `SortedSvd`
                 // (its App. G bits depend on it).
-                let norms = match kind {
+                let norm_pq = match kind {
                     JacobiTolerance::SqrtRows => alpha.sqrt() * beta.sqrt(),
                     JacobiTolerance::Rows => (alpha * beta).sqrt(),
                 };
                 if gamma == 0.0
                     || alpha <= negligible
                     || beta <= negligible
-                    || gamma.abs() <= tol * norms
+                    || gamma.abs() <= tol * norm_pq
                 {
                     continue;
                 }
