@@ -8,6 +8,9 @@
 //!   uniform output `1/D` and of the best input-independent output (the test-set mean of the
 //!   target's outputs, `ȳ`): every output is a probability vector (the model ends in a softmax),
 //!   so `E‖y − ȳ‖²/D ≤ (1 − 1/D)/D` — no constant output can be worse than the uniform one;
+//! - the per-entry test MSE, to every digit, of the one-hot output of the target's most frequent
+//!   class for every token (what a trained model whose output softmax has saturated to exact
+//!   0/1 scores: rows of the CSVs that equal it bit for bit are such models);
 //! - how peaked the outputs are (mean largest probability, share of tokens whose largest
 //!   probability exceeds 0.99) and how concentrated their argmax is (share of the most frequent
 //!   class);
@@ -217,6 +220,23 @@ fn main() -> elra::Result<()> {
             mse(&uniform, &y)?,
             mse(&constant, &y)?,
             (1.0 - 1.0 / d) / d
+        );
+        let (_, _, _, top_class) = peakedness(&y);
+        let one_hot =
+            DMatrix::from_fn(
+                y.nrows(),
+                y.ncols(),
+                |_, c| {
+                    if c == top_class {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                },
+            );
+        println!(
+            "  test MSE of the one-hot output of class {top_class} for every token: {:e}",
+            mse(&one_hot, &y)?
         );
         describe("target", &y, &target.logits(&x)?, Some(&sat_target));
         describe("frozen", &y_frozen, &frozen.logits(&x)?, Some(&sat_frozen));
