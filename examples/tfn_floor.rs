@@ -37,7 +37,7 @@ use nalgebra::DMatrix;
 
 #[allow(dead_code)] // each example uses a subset of the shared parsers
 mod common;
-use common::{parse_list, positional};
+use common::{parse_list, peakedness, positional};
 
 /// Row-wise softmax of a small matrix.
 fn softmax_rows(s: &DMatrix<f64>) -> DMatrix<f64> {
@@ -89,34 +89,6 @@ fn forward_with_saturation(net: &Tfn, x: &DMatrix<f64>) -> (DMatrix<f64>, Vec<Ve
         .map(|v| v.into_iter().map(|c| c as f64 / rows).collect())
         .collect();
     (out, shares)
-}
-
-/// Peakedness of probability rows: (mean largest probability, share of rows above 0.99,
-/// share of the most frequent argmax class, that class).
-fn peakedness(y: &DMatrix<f64>) -> (f64, f64, f64, usize) {
-    let mut counts = vec![0usize; y.ncols()];
-    let (mut sum_max, mut above) = (0.0, 0usize);
-    for row in y.row_iter() {
-        let (arg, m) =
-            row.iter().enumerate().fold(
-                (0, f64::NEG_INFINITY),
-                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-            );
-        counts[arg] += 1;
-        sum_max += m;
-        above += usize::from(m > 0.99);
-    }
-    let rows = y.nrows() as f64;
-    let (class, top) = counts
-        .iter()
-        .enumerate()
-        .fold((0, 0), |b, (i, &c)| if c > b.1 { (i, c) } else { b });
-    (
-        sum_max / rows,
-        above as f64 / rows,
-        top as f64 / rows,
-        class,
-    )
 }
 
 /// Mean over entries of the variance across rows (the MSE of the best constant output, when

@@ -1,4 +1,5 @@
-//! Command-line parsing shared by the examples: a malformed or missing value is an
+//! Command-line parsing shared by the examples (and [`peakedness`], the output statistic of the
+//! TFN probes): a malformed or missing value is an
 //! [`ElraError::InvalidArgument`] naming the flag or position, never a panic (each example uses
 //! a subset of these).
 
@@ -59,4 +60,32 @@ where
     T::Err: Display,
 {
     parse_list(name, flag_value(args, i, name)?)
+}
+
+/// Peakedness of probability rows: (mean largest probability, share of rows above 0.99,
+/// share of the most frequent argmax class, that class).
+pub fn peakedness(y: &nalgebra::DMatrix<f64>) -> (f64, f64, f64, usize) {
+    let mut counts = vec![0usize; y.ncols()];
+    let (mut sum_max, mut above) = (0.0, 0usize);
+    for row in y.row_iter() {
+        let (arg, m) =
+            row.iter().enumerate().fold(
+                (0, f64::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            );
+        counts[arg] += 1;
+        sum_max += m;
+        above += usize::from(m > 0.99);
+    }
+    let rows = y.nrows() as f64;
+    let (class, top) = counts
+        .iter()
+        .enumerate()
+        .fold((0, 0), |b, (i, &c)| if c > b.1 { (i, c) } else { b });
+    (
+        sum_max / rows,
+        above as f64 / rows,
+        top as f64 / rows,
+        class,
+    )
 }

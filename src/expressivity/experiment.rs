@@ -289,6 +289,19 @@ fn rng_for(seed: u64, tag: &str, extra: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(derive_seed(seed, tag, extra))
 }
 
+/// The seeds [`run_setting`] trains every configuration of `rank` with: (adapter
+/// initialisation, training-sample stream), both derived from `opts.seed` and the setting's
+/// name (the frozen-initialisation variant shares them). With [`tfn_setting_models`] /
+/// [`linear_setting_models`] and [`train_adapters`] they reproduce one runner configuration
+/// outside the runner — and, varied, measure how much a row depends on them (App. G trains one
+/// seed per configuration).
+pub fn rank_seeds(setting: &Setting, opts: &Opts, rank: usize) -> (u64, u64) {
+    (
+        derive_seed(opts.seed, &setting.name, 1000 + rank as u64),
+        derive_seed(opts.seed, &setting.name, 2000 + rank as u64),
+    )
+}
+
 /// The (frozen, target) pair of a linear App. G.1 setting exactly as [`run_setting`] builds it:
 /// drawn from the setting's seed stream and, for [`FrozenInit::Pretrained`], pretrained with the
 /// same options. Returns the frozen model and the target.
@@ -754,8 +767,7 @@ where
         };
         // All families and configurations of one rank share the initialisation seed and the
         // sample stream (as the released code does for its configurations).
-        let init_seed = derive_seed(o.seed, &setting.name, 1000 + rank as u64);
-        let data_seed = derive_seed(o.seed, &setting.name, 2000 + rank as u64);
+        let (init_seed, data_seed) = rank_seeds(setting, o, rank);
         let results = run_grid(&jobs, o.threads, |&(fi, lr, wd)| {
             let cfg = if o.decoupled_weight_decay {
                 AdamConfig::adamw(lr, wd)
