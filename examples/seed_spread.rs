@@ -20,18 +20,17 @@
 //! tokens whose argmax is the most frequent class).
 
 use elra::expressivity::experiment::{
-    app_g_settings, rank_seeds, setting_test_inputs, tfn_setting_models, train_adapters,
+    app_g_settings, rank_seeds, run_grid, setting_test_inputs, tfn_setting_models, train_adapters,
     Architecture, Opts,
 };
 use elra::expressivity::network::mse;
 use elra::expressivity::optim::AdamConfig;
 use elra::expressivity::runner::{setting_id, Method};
 use elra::{ElraError, Result};
-use nalgebra::DMatrix;
 
 #[allow(dead_code)] // each example uses a subset of the shared parsers
 mod common;
-use common::{parse, peakedness, positional};
+use common::{one_hot_mse, parse, peakedness, positional};
 
 /// One retraining: a label, the (initialisation, data) seeds.
 struct Variant {
@@ -69,14 +68,10 @@ fn main() -> Result<()> {
     let y = target.forward(&x)?;
     let (_, _, _, top_class) = peakedness(&y);
     // Test MSE of the output that is one-hot in class k for every token, for each k.
-    let one_hot_mse = (0..y.ncols())
-        .map(|k| {
-            let one_hot =
-                DMatrix::from_fn(y.nrows(), y.ncols(), |_, c| f64::from(u8::from(c == k)));
-            mse(&one_hot, &y)
-        })
+    let one_hot = (0..y.ncols())
+        .map(|k| one_hot_mse(&y, k))
         .collect::<Result<Vec<f64>>>()?;
-    let floor = one_hot_mse[top_class];
+    let floor = one_hot[top_class];
     println!(
         "{} {} R = {rank}, lr {lr:e}, wd {wd:e}, {} steps; frozen test MSE {:.4e}; floor (one-hot class {top_class}) {floor:e}",
         args[0],
@@ -84,7 +79,7 @@ fn main() -> Result<()> {
         opts.iterations,
         mse(&frozen.forward(&x)?, &y)?
     );
-    let per_class: Vec<String> = one_hot_mse.iter().map(|v| format!("{v:.4e}")).collect();
+    let per_class: Vec<String> = one_hot.iter().map(|v| format!("{v:.4e}")).collect();
     println!(
         "  test MSE of the one-hot output of class k = 0 … {}: {}",
         y.ncols() - 1,
@@ -139,7 +134,7 @@ fn main() -> Result<()> {
                     v.label,
                     m - floor,
                     t.last_loss,
-                    one_hot_mse[class]
+                    one_hot[class]
                 )
             }
             Err(ElraError::Training { step, reason }) => {
@@ -148,32 +143,16 @@ fn main() -> Result<()> {
             Err(e) => return Err(e),
         })
     };
-    let threads = threads.clamp(1, variants.len());
-    let lines: Vec<Result<String>> = if threads == 1 {
+    if threads <= 1 {
         // Sequential: print each line as it finishes (a run is minutes).
         for v in &variants {
             println!("{}", run(v)?);
         }
-        Vec::new()
     } else {
-        let mut out: Vec<Option<Result<String>>> = (0..variants.len()).map(|_| None).collect();
-        std::thread::scope(|s| {
-            for (chunk_out, chunk) in out
-                .chunks_mut(variants.len().div_ceil(threads))
-                .zip(variants.chunks(variants.len().div_ceil(threads)))
-            {
-                let run = &run;
-                s.spawn(move || {
-                    for (o, v) in chunk_out.iter_mut().zip(chunk) {
-                        *o = Some(run(v));
-                    }
-                });
-            }
-        });
-        out.into_iter().flatten().collect()
-    };
-    for line in lines {
-        println!("{}", line?);
+        // The runner's own worker pool; lines in variant order once all have run.
+        for line in run_grid(&variants, threads, run) {
+            println!("{}", line?);
+        }
     }
     Ok(())
 }

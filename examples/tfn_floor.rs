@@ -37,7 +37,7 @@ use nalgebra::DMatrix;
 
 #[allow(dead_code)] // each example uses a subset of the shared parsers
 mod common;
-use common::{parse_list, peakedness, positional};
+use common::{one_hot_mse, parse_list, peakedness, positional};
 
 /// Row-wise softmax of a small matrix.
 fn softmax_rows(s: &DMatrix<f64>) -> DMatrix<f64> {
@@ -194,21 +194,9 @@ fn main() -> elra::Result<()> {
             (1.0 - 1.0 / d) / d
         );
         let (_, _, _, top_class) = peakedness(&y);
-        let one_hot =
-            DMatrix::from_fn(
-                y.nrows(),
-                y.ncols(),
-                |_, c| {
-                    if c == top_class {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                },
-            );
         println!(
             "  test MSE of the one-hot output of class {top_class} for every token: {:e}",
-            mse(&one_hot, &y)?
+            one_hot_mse(&y, top_class)?
         );
         describe("target", &y, &target.logits(&x)?, Some(&sat_target));
         describe("frozen", &y_frozen, &frozen.logits(&x)?, Some(&sat_frozen));

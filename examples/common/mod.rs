@@ -1,5 +1,5 @@
-//! Command-line parsing shared by the examples (and [`peakedness`], the output statistic of the
-//! TFN probes): a malformed or missing value is an
+//! Command-line parsing shared by the examples (and [`peakedness`], [`one_hot_mse`], the output
+//! statistics of the TFN probes): a malformed or missing value is an
 //! [`ElraError::InvalidArgument`] naming the flag or position, never a panic (each example uses
 //! a subset of these).
 
@@ -60,6 +60,24 @@ where
     T::Err: Display,
 {
     parse_list(name, flag_value(args, i, name)?)
+}
+
+/// Per-entry MSE of the output that is one-hot in `class` for every row against `y` (the TFN
+/// collapse floor when `class` is the target's most frequent one, EXPERIMENTS.md).
+pub fn one_hot_mse(y: &nalgebra::DMatrix<f64>, class: usize) -> elra::Result<f64> {
+    let one_hot =
+        nalgebra::DMatrix::from_fn(
+            y.nrows(),
+            y.ncols(),
+            |_, c| {
+                if c == class {
+                    1.0
+                } else {
+                    0.0
+                }
+            },
+        );
+    elra::expressivity::network::mse(&one_hot, y)
 }
 
 /// Peakedness of probability rows: (mean largest probability, share of rows above 0.99,

@@ -836,8 +836,9 @@ where
 }
 
 /// Runs `f` on every configuration with up to `threads` scoped worker threads; results in
-/// configuration order.
-fn run_grid<T, R, G>(configs: &[T], threads: usize, f: G) -> Vec<R>
+/// configuration order (the runner's grid of App. G configurations; also used by the examples
+/// that retrain configurations outside it).
+pub fn run_grid<T, R, G>(configs: &[T], threads: usize, f: G) -> Vec<R>
 where
     T: Sync,
     R: Send,
