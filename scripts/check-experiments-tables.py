@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Checks that every MSE-vs-rank table in EXPERIMENTS.md is exactly what
+docs/figures/csv_to_md.py prints for one of the committed CSVs of its setting.
+
+A table starts at a line "frozen model test MSE ..." under a bold setting name
+("**tfn_L2_H2_random** ..."); its block runs to the end of the table and the "note:" lines
+after it. The candidates are docs/figures/<setting>{,_full,_1000}.csv, each rendered with and
+without --best. A table edited by hand (a row out of order, a value retyped, a CSV re-run
+without its table) fails here. Exit status 1 lists every mismatch.
+"""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIG = os.path.join(ROOT, "docs", "figures")
+
+
+def render(csv_path, best):
+    cmd = [sys.executable, os.path.join(FIG, "csv_to_md.py"), csv_path] + (["--best"] if best else [])
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+
+
+def blocks(lines):
+    """(setting, first line number, block lines) for every table in the document."""
+    setting = None
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^\*\*([A-Za-z0-9_]+)\*\*", lines[i])
+        if m:
+            setting = m.group(1)
+        if lines[i].startswith("frozen model test MSE"):
+            start = i
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("|"):
+                j += 1
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            # optional "note:" lines, each after one blank line
+            while j + 1 < len(lines) and lines[j] == "" and lines[j + 1].startswith("note:"):
+                j += 2
+            yield setting, start + 1, lines[start:j]
+            i = j
+            continue
+        i += 1
+
+
+def main():
+    doc = os.path.join(ROOT, "EXPERIMENTS.md")
+    lines = open(doc, encoding="utf-8").read().splitlines()
+    bad = 0
+    n = 0
+    for setting, lineno, block in blocks(lines):
+        n += 1
+        if setting is None:
+            print(f"EXPERIMENTS.md:{lineno}: table with no bold setting name above it")
+            bad += 1
+            continue
+        cands = [os.path.join(FIG, f"{setting}{s}.csv") for s in ("", "_full", "_1000")]
+        cands = [c for c in cands if os.path.exists(c)]
+        if not any(render(c, b) == block for c in cands for b in (False, True)):
+            names = ", ".join(os.path.basename(c) for c in cands) or "no CSV found"
+            print(f"EXPERIMENTS.md:{lineno}: the {setting} table matches none of {names}")
+            bad += 1
+    if n == 0:
+        print("no tables found in EXPERIMENTS.md")
+        return 1
+    print(f"{n} tables checked, {bad} mismatched")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
