@@ -518,3 +518,45 @@ fn elra_cannot_flip_the_determinant_sign() {
         pop(&l.model)
     );
 }
+
+/// The committed App. G results are what the current code makes of them (EXPERIMENTS.md, "Files"):
+/// for every `docs/figures/*.csv`, [`merge_csvs`] of that one file (which validates it as a
+/// runner CSV of one known setting with every method at every rank) rewrites the CSV byte for
+/// byte — so it is in the runner's canonical order and format — and draws the committed SVG
+/// byte for byte. A hand-edited CSV, a figure left behind by a plot change, or a CSV re-run
+/// without its figure fails here.
+#[test]
+fn committed_figures_are_drawn_from_their_csvs() {
+    let figures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/figures");
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("committed_figures");
+    let mut csvs: Vec<_> = std::fs::read_dir(&figures)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
+        .collect();
+    csvs.sort();
+    assert!(
+        csvs.len() >= 18,
+        "{} CSVs in {}",
+        csvs.len(),
+        figures.display()
+    );
+    for (i, csv) in csvs.iter().enumerate() {
+        let out = base.join(i.to_string());
+        let _ = std::fs::remove_dir_all(&out);
+        let merged = merge_csvs(std::slice::from_ref(csv), &out).unwrap();
+        assert_eq!(merged.lines.len(), 1, "{}", csv.display());
+        let line = &merged.lines[0];
+        let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+        assert!(
+            read(&line.csv) == read(csv),
+            "{} is not in the runner's canonical form (re-merge it)",
+            csv.display()
+        );
+        assert!(
+            read(&line.csv.with_extension("svg")) == read(&csv.with_extension("svg")),
+            "{} is not what the current plot code draws from its CSV",
+            csv.with_extension("svg").display()
+        );
+    }
+}
