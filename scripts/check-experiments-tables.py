@@ -8,6 +8,7 @@ after it. The candidates are docs/figures/<setting>{,_full,_1000}.csv, each rend
 without --best. A table edited by hand (a row out of order, a value retyped, a CSV re-run
 without its table) fails here. Exit status 1 lists every mismatch.
 """
+import functools
 import os
 import re
 import subprocess
@@ -17,7 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIG = os.path.join(ROOT, "docs", "figures")
 
 
+@functools.lru_cache(maxsize=None)
 def render(csv_path, best):
+    """csv_to_md.py's output lines for one CSV (cached: several tables share a setting's CSVs)."""
     cmd = [sys.executable, os.path.join(FIG, "csv_to_md.py"), csv_path] + (["--best"] if best else [])
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
 
