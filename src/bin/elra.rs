@@ -96,6 +96,9 @@ impl Flags {
 
 fn verify(flags: &Flags) -> Result<bool, String> {
     flags.check_known(&["seed", "cases", "max-dim"])?;
+    if let Some(p) = flags.positional.first() {
+        return Err(format!("verify takes no positional argument, got {p:?}"));
+    }
     let seed: u64 = flags.get("seed", 2024)?;
     let cases: usize = flags.get("cases", 64)?;
     let max_dim: usize = flags.get("max-dim", 32)?;
@@ -227,7 +230,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = match args.first().map(String::as_str) {
         None => ("fit", &args[..]),
-        Some(a) if a.starts_with("--") => ("fit", &args[..]),
+        Some(a) if a.starts_with("--") && a != "--help" => ("fit", &args[..]),
         Some(a) => (a, &args[1..]),
     };
     let result = match cmd {
