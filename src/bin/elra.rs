@@ -228,13 +228,18 @@ fn expressivity(flags: &Flags) -> Result<bool, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `--help` anywhere (`elra --help`, `elra fit --help`) asks for the usage, before any
+    // subcommand's flag parser could read it as a flag wanting a value.
+    let asks_help = args.iter().any(|a| a == "--help")
+        || matches!(args.first().map(String::as_str), Some("help" | "-h"));
     let (cmd, rest) = match args.first().map(String::as_str) {
+        _ if asks_help => ("help", &args[..0]),
         None => ("fit", &args[..]),
-        Some(a) if a.starts_with("--") && a != "--help" => ("fit", &args[..]),
+        Some(a) if a.starts_with("--") => ("fit", &args[..]),
         Some(a) => (a, &args[1..]),
     };
     let result = match cmd {
-        "help" | "-h" | "--help" => {
+        "help" => {
             println!("{USAGE}");
             Ok(true)
         }
