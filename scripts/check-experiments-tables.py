@@ -6,7 +6,9 @@ A table starts at a line "frozen model test MSE ..." under a bold setting name
 ("**tfn_L2_H2_random** ..."); its block runs to the end of the table and the "note:" lines
 after it. The candidates are docs/figures/<setting>{,_full,_1000}.csv, each rendered with and
 without --best. A table edited by hand (a row out of order, a value retyped, a CSV re-run
-without its table) fails here. Exit status 1 lists every mismatch.
+without its table) fails here. The two Prop. 3 tables must be docs/figures/prop3_rank.txt
+(the prop3_rank example's output) with its '## ' headings as '#### '. Exit status 1 lists every
+mismatch.
 """
 import functools
 import os
@@ -49,6 +51,27 @@ def blocks(lines):
         i += 1
 
 
+def prop3_blocks(lines):
+    """The "#### DeficientFrozen" / "#### DeficientTarget" blocks of the Prop. 3 section, each to
+    the end of its table."""
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith("#### Deficient"):
+            j = i + 1
+            while j < len(lines) and lines[j] != "":
+                j += 1
+            out.append(lines[i:j])
+    return out
+
+
+def prop3_file_blocks():
+    """docs/figures/prop3_rank.txt (examples/prop3_rank.rs's output, which a test re-derives)
+    split into its blank-line-separated blocks, headings raised to the section's level."""
+    text = open(os.path.join(FIG, "prop3_rank.txt"), encoding="utf-8").read()
+    blocks = [b.splitlines() for b in text.split("\n\n") if b.strip()]
+    return [["#" * 2 + b[0]] + b[1:] for b in blocks]
+
+
 def main():
     doc = os.path.join(ROOT, "EXPERIMENTS.md")
     lines = open(doc, encoding="utf-8").read().splitlines()
@@ -69,6 +92,15 @@ def main():
     if n == 0:
         print("no tables found in EXPERIMENTS.md")
         return 1
+    p3 = prop3_blocks(lines)
+    want = prop3_file_blocks()
+    if p3 != want:
+        print(
+            f"EXPERIMENTS.md: the Prop. 3 tables ({len(p3)} found) are not docs/figures/prop3_rank.txt"
+            f" ({len(want)} blocks) with '## ' headings as '#### '"
+        )
+        bad += 1
+    n += len(p3)
     print(f"{n} tables checked, {bad} mismatched")
     return 1 if bad else 0
 

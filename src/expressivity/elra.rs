@@ -492,6 +492,46 @@ pub fn prop3_rank_experiment(
     Ok((pop(&frozen)?, floor, rows))
 }
 
+/// [`prop3_rank_experiment`] (Prop. 3, ELRA paper eq. 7; LoRA optimum by Eckart–Young, Lemma 9
+/// of the LoRA paper) rendered as the markdown block of EXPERIMENTS.md: a `## {case}` heading
+/// with the protocol, the frozen MSE and the floor, then one table row per rank (MSEs and `σ_min`
+/// to 4 significant digits, the generator-norm bound to 2 decimals). `examples/prop3_rank.rs`
+/// prints it; the committed `docs/figures/prop3_rank.txt` is its output for D = 16, 3000 steps,
+/// lr 1e-2, seed 0, and a test re-derives rows of it (each rank is trained from its own seeds, so
+/// a subset of ranks gives the same rows).
+///
+/// Errors: those of [`prop3_rank_experiment`].
+pub fn prop3_rank_table(
+    case: RankCase,
+    d: usize,
+    ranks: &[usize],
+    iterations: usize,
+    lr: f64,
+    seed: u64,
+) -> Result<String> {
+    let (frozen, floor, rows) = prop3_rank_experiment(case, d, ranks, iterations, lr, seed)?;
+    let mut t = format!(
+        "## {case:?}: D = {d}, {iterations} Adam steps, lr {lr:e}, seed {seed}\n\
+         frozen population MSE {frozen:.4e}; ELRA floor ‖T V0‖²_F/D = {floor:?}\n\
+         | R | LoRA optimum (Lemma 9 error) | LoRA trained | ELRA trained | ELRA-Hyb trained | rank(ELRA product) | σ_min(ELRA product) | ‖G‖₂ ≥ |\n\
+         |---|---|---|---|---|---|---|---|\n"
+    );
+    for r in rows {
+        t += &format!(
+            "| {} | {:.3e} | {:.3e} | {:.3e} | {:.3e} | {} | {:.3e} | {:.2} |\n",
+            r.rank,
+            r.lora_optimum,
+            r.lora_trained,
+            r.elra_trained,
+            r.elra_hyb_trained,
+            r.elra_product_rank,
+            r.elra_sigma_min,
+            r.elra_generator_norm
+        );
+    }
+    Ok(t)
+}
+
 /// The determinant-sign floor of ELRA on a product of adapted square layers: `det(exp(G) W0) =
 /// e^{tr G} det W0` (Prop. 3, `det exp(G) = exp(tr G) > 0`), so no ELRA adapters change the sign
 /// of `det(∏ W_l)`. If it differs from the sign of `det T`, every ELRA-adapted product `X`
