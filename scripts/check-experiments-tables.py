@@ -69,7 +69,7 @@ def prop3_file_blocks():
     split into its blank-line-separated blocks, headings raised to the section's level."""
     text = open(os.path.join(FIG, "prop3_rank.txt"), encoding="utf-8").read()
     blocks = [b.splitlines() for b in text.split("\n\n") if b.strip()]
-    return [["#" * 2 + b[0]] + b[1:] for b in blocks]
+    return [["##" + b[0]] + b[1:] for b in blocks]
 
 
 def main():
