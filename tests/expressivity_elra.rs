@@ -15,6 +15,12 @@ use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+// The helpers `examples/tfn_floor.rs` and `examples/seed_spread.rs` print their one-hot lines
+// with, so the committed outputs are checked against the code that wrote them.
+#[path = "../examples/common/mod.rs"]
+#[allow(dead_code)]
+mod example_common;
+
 fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }
@@ -595,5 +601,90 @@ fn prop3_committed_table_is_reproduced() {
             .collect();
         let got = prop3_rank_table(case, 16, &ranks, 3000, 1e-2, 0).unwrap();
         assert_eq!(got.lines().collect::<Vec<_>>(), want, "{case:?}");
+    }
+}
+
+/// The TFN error floor of EXPERIMENTS.md ("What the TFN error floor is made of") as committed in
+/// `docs/figures/tfn_floor.txt` and `docs/figures/seed_spread_tfn_L2_random.txt` is what the
+/// current code computes, without training: for the random-frozen L = 1 and L = 2 settings
+/// (full-size test set; the target and test set are those of the pretrained variant too) the
+/// frozen / uniform / best-constant line and the one-hot line of `tfn_floor.txt`, and for L = 2
+/// the per-class one-hot line of every `seed_spread` entry, character for character; L = 2's
+/// one-hot value is 6.292147597868976e-2 to all 16 digits (the value the full-protocol rows
+/// recur on bit for bit). Also the decomposition the section states: the one-hot output's MSE is
+/// the best constant ȳ's plus the one-hot vector's squared distance from ȳ (per entry; the
+/// cross term vanishes because ȳ is the mean), to 1e-12 relative (sums of 8e5 terms in f64).
+#[test]
+fn tfn_floor_is_the_committed_one_hot_value() {
+    use elra::expressivity::experiment::Opts;
+    use elra::expressivity::network::mse;
+    use elra::expressivity::runner::setting_id;
+    use example_common::{one_hot_mse, peakedness};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let floor_txt = std::fs::read_to_string(root.join("docs/figures/tfn_floor.txt")).unwrap();
+    let spread_txt =
+        std::fs::read_to_string(root.join("docs/figures/seed_spread_tfn_L2_random.txt")).unwrap();
+    let opts = Opts::default();
+    for s in experiment::app_g_settings() {
+        let id = setting_id(&s);
+        if !(id == "tfn_L1_H2_random" || id == "tfn_L2_H2_random") {
+            continue;
+        }
+        let (frozen, target) = experiment::tfn_setting_models(&s, &opts).unwrap();
+        let x = experiment::setting_test_inputs(&s, &opts, &frozen).unwrap();
+        let y = target.forward(&x).unwrap();
+        let d = y.ncols() as f64;
+        let ybar = y.row_mean();
+        let constant = DMatrix::from_fn(y.nrows(), y.ncols(), |_, c| ybar[c]);
+        let uniform = DMatrix::from_element(y.nrows(), y.ncols(), 1.0 / d);
+        let (_, _, _, top) = peakedness(&y);
+        let floor = one_hot_mse(&y, top).unwrap();
+        let lines = [
+            format!(
+                "  test MSE: frozen {:.4e}; uniform output {:.4e}; best constant ȳ {:.4e} (bound (1 − 1/D)/D = {:.4e})",
+                mse(&frozen.forward(&x).unwrap(), &y).unwrap(),
+                mse(&uniform, &y).unwrap(),
+                mse(&constant, &y).unwrap(),
+                (1.0 - 1.0 / d) / d
+            ),
+            format!("  test MSE of the one-hot output of class {top} for every token: {floor:e}"),
+        ];
+        let committed: Vec<&str> = floor_txt
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("{id} (")))
+            .skip(1)
+            .take(2)
+            .collect();
+        assert_eq!(committed, lines, "{id}: tfn_floor.txt");
+        let dist = (0..y.ncols())
+            .map(|c| (f64::from(u8::from(c == top)) - ybar[c]).powi(2))
+            .sum::<f64>()
+            / d;
+        let split = mse(&constant, &y).unwrap() + dist;
+        assert!(
+            (split - floor).abs() <= 1e-12 * floor,
+            "{id}: {split:e} vs {floor:e}"
+        );
+        if id == "tfn_L2_H2_random" {
+            assert_eq!(top, 7);
+            assert_eq!(format!("{floor:e}"), "6.292147597868976e-2");
+            let per_class: Vec<String> = (0..y.ncols())
+                .map(|k| format!("{:.4e}", one_hot_mse(&y, k).unwrap()))
+                .collect();
+            let want = format!(
+                "  test MSE of the one-hot output of class k = 0 … {}: {}",
+                y.ncols() - 1,
+                per_class.join(", ")
+            );
+            let found: Vec<&str> = spread_txt
+                .lines()
+                .filter(|l| l.starts_with("  test MSE of the one-hot output of class k"))
+                .collect();
+            assert!(!found.is_empty(), "seed_spread file has no one-hot line");
+            for l in found {
+                assert_eq!(l, want, "seed_spread_tfn_L2_random.txt");
+            }
+            assert!(spread_txt.contains(&format!("floor (one-hot class 7) {floor:e}")));
+        }
     }
 }
