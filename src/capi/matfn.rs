@@ -42,6 +42,30 @@ struct Out<T> {
     stride: usize,
 }
 
+impl<T> In<T> {
+    /// The argument `name` of an export, as the caller passed it (checked later by `run`).
+    fn new(name: &'static str, p: *const T, ld: usize, stride: usize) -> Self {
+        In {
+            name,
+            p,
+            ld,
+            stride,
+        }
+    }
+}
+
+impl<T> Out<T> {
+    /// The argument `name` of an export, as the caller passed it (checked later by `run`).
+    fn new(name: &'static str, p: *mut T, ld: usize, stride: usize) -> Self {
+        Out {
+            name,
+            p,
+            ld,
+            stride,
+        }
+    }
+}
+
 fn layout(batch: usize, r: usize, ld: usize, stride: usize) -> Layout {
     Layout {
         batch,
@@ -156,19 +180,9 @@ pub unsafe extern "C" fn elra_expm_f64(
     ld_out: usize,
     stride_out: usize,
 ) -> ElraStatus {
-    let z = In {
-        name: "z",
-        p: z,
-        ld: ldz,
-        stride: stride_z,
-    };
+    let z = In::new("z", z, ldz, stride_z);
     let g = None;
-    let outs = [Out {
-        name: "out",
-        p: out,
-        ld: ld_out,
-        stride: stride_out,
-    }];
+    let outs = [Out::new("out", out, ld_out, stride_out)];
     // SAFETY: the pointer contract is forwarded unchanged from this export's caller.
     guard(|| unsafe { run::<f64>(Op::Expm, batch, r, z, g, &outs) })
 }
@@ -199,19 +213,9 @@ pub unsafe extern "C" fn elra_phi1_f64(
     ld_out: usize,
     stride_out: usize,
 ) -> ElraStatus {
-    let z = In {
-        name: "z",
-        p: z,
-        ld: ldz,
-        stride: stride_z,
-    };
+    let z = In::new("z", z, ldz, stride_z);
     let g = None;
-    let outs = [Out {
-        name: "out",
-        p: out,
-        ld: ld_out,
-        stride: stride_out,
-    }];
+    let outs = [Out::new("out", out, ld_out, stride_out)];
     // SAFETY: the pointer contract is forwarded unchanged from this export's caller.
     guard(|| unsafe { run::<f64>(Op::Phi1, batch, r, z, g, &outs) })
 }
@@ -245,26 +249,11 @@ pub unsafe extern "C" fn elra_expm_phi1_f64(
     ld_phi1: usize,
     stride_phi1: usize,
 ) -> ElraStatus {
-    let z = In {
-        name: "z",
-        p: z,
-        ld: ldz,
-        stride: stride_z,
-    };
+    let z = In::new("z", z, ldz, stride_z);
     let g = None;
     let outs = [
-        Out {
-            name: "exp_out",
-            p: exp_out,
-            ld: ld_exp,
-            stride: stride_exp,
-        },
-        Out {
-            name: "phi1_out",
-            p: phi1_out,
-            ld: ld_phi1,
-            stride: stride_phi1,
-        },
+        Out::new("exp_out", exp_out, ld_exp, stride_exp),
+        Out::new("phi1_out", phi1_out, ld_phi1, stride_phi1),
     ];
     // SAFETY: the pointer contract is forwarded unchanged from this export's caller.
     guard(|| unsafe { run::<f64>(Op::ExpmPhi1, batch, r, z, g, &outs) })
@@ -300,24 +289,9 @@ pub unsafe extern "C" fn elra_expm_frechet_adjoint_f64(
     ld_out: usize,
     stride_out: usize,
 ) -> ElraStatus {
-    let z = In {
-        name: "z",
-        p: z,
-        ld: ldz,
-        stride: stride_z,
-    };
-    let g = Some(In {
-        name: "g",
-        p: g,
-        ld: ldg,
-        stride: stride_g,
-    });
-    let outs = [Out {
-        name: "out",
-        p: out,
-        ld: ld_out,
-        stride: stride_out,
-    }];
+    let z = In::new("z", z, ldz, stride_z);
+    let g = Some(In::new("g", g, ldg, stride_g));
+    let outs = [Out::new("out", out, ld_out, stride_out)];
     // SAFETY: the pointer contract is forwarded unchanged from this export's caller.
     guard(|| unsafe { run::<f64>(Op::ExpmAdjoint, batch, r, z, g, &outs) })
 }
@@ -352,24 +326,9 @@ pub unsafe extern "C" fn elra_phi1_frechet_adjoint_f64(
     ld_out: usize,
     stride_out: usize,
 ) -> ElraStatus {
-    let z = In {
-        name: "z",
-        p: z,
-        ld: ldz,
-        stride: stride_z,
-    };
-    let g = Some(In {
-        name: "g",
-        p: g,
-        ld: ldg,
-        stride: stride_g,
-    });
-    let outs = [Out {
-        name: "out",
-        p: out,
-        ld: ld_out,
-        stride: stride_out,
-    }];
+    let z = In::new("z", z, ldz, stride_z);
+    let g = Some(In::new("g", g, ldg, stride_g));
+    let outs = [Out::new("out", out, ld_out, stride_out)];
     // SAFETY: the pointer contract is forwarded unchanged from this export's caller.
     guard(|| unsafe { run::<f64>(Op::Phi1Adjoint, batch, r, z, g, &outs) })
 }
@@ -400,19 +359,9 @@ pub unsafe extern "C" fn elra_expm_f32(
     ld_out: usize,
     stride_out: usize,
 ) -> ElraStatus {
-    let z = In {
-        name: "z",
-        p: z,
-        ld: ldz,
-        stride: stride_z,
-    };
+    let z = In::new("z", z, ldz, stride_z);
     let g = None;
-    let outs = [Out {
-        name: "out",
-        p: out,
-        ld: ld_out,
-        stride: stride_out,
-    }];
+    let outs = [Out::new("out", out, ld_out, stride_out)];
     // SAFETY: the pointer contract is forwarded unchanged from this export's caller.
     guard(|| unsafe { run::<f32>(Op::Expm, batch, r, z, g, &outs) })
 }
@@ -443,19 +392,9 @@ pub unsafe extern "C" fn elra_phi1_f32(
     ld_out: usize,
     stride_out: usize,
 ) -> ElraStatus {
-    let z = In {
-        name: "z",
-        p: z,
-        ld: ldz,
-        stride: stride_z,
-    };
+    let z = In::new("z", z, ldz, stride_z);
     let g = None;
-    let outs = [Out {
-        name: "out",
-        p: out,
-        ld: ld_out,
-        stride: stride_out,
-    }];
+    let outs = [Out::new("out", out, ld_out, stride_out)];
     // SAFETY: the pointer contract is forwarded unchanged from this export's caller.
     guard(|| unsafe { run::<f32>(Op::Phi1, batch, r, z, g, &outs) })
 }
@@ -489,26 +428,11 @@ pub unsafe extern "C" fn elra_expm_phi1_f32(
     ld_phi1: usize,
     stride_phi1: usize,
 ) -> ElraStatus {
-    let z = In {
-        name: "z",
-        p: z,
-        ld: ldz,
-        stride: stride_z,
-    };
+    let z = In::new("z", z, ldz, stride_z);
     let g = None;
     let outs = [
-        Out {
-            name: "exp_out",
-            p: exp_out,
-            ld: ld_exp,
-            stride: stride_exp,
-        },
-        Out {
-            name: "phi1_out",
-            p: phi1_out,
-            ld: ld_phi1,
-            stride: stride_phi1,
-        },
+        Out::new("exp_out", exp_out, ld_exp, stride_exp),
+        Out::new("phi1_out", phi1_out, ld_phi1, stride_phi1),
     ];
     // SAFETY: the pointer contract is forwarded unchanged from this export's caller.
     guard(|| unsafe { run::<f32>(Op::ExpmPhi1, batch, r, z, g, &outs) })
@@ -544,24 +468,9 @@ pub unsafe extern "C" fn elra_expm_frechet_adjoint_f32(
     ld_out: usize,
     stride_out: usize,
 ) -> ElraStatus {
-    let z = In {
-        name: "z",
-        p: z,
-        ld: ldz,
-        stride: stride_z,
-    };
-    let g = Some(In {
-        name: "g",
-        p: g,
-        ld: ldg,
-        stride: stride_g,
-    });
-    let outs = [Out {
-        name: "out",
-        p: out,
-        ld: ld_out,
-        stride: stride_out,
-    }];
+    let z = In::new("z", z, ldz, stride_z);
+    let g = Some(In::new("g", g, ldg, stride_g));
+    let outs = [Out::new("out", out, ld_out, stride_out)];
     // SAFETY: the pointer contract is forwarded unchanged from this export's caller.
     guard(|| unsafe { run::<f32>(Op::ExpmAdjoint, batch, r, z, g, &outs) })
 }
@@ -596,24 +505,9 @@ pub unsafe extern "C" fn elra_phi1_frechet_adjoint_f32(
     ld_out: usize,
     stride_out: usize,
 ) -> ElraStatus {
-    let z = In {
-        name: "z",
-        p: z,
-        ld: ldz,
-        stride: stride_z,
-    };
-    let g = Some(In {
-        name: "g",
-        p: g,
-        ld: ldg,
-        stride: stride_g,
-    });
-    let outs = [Out {
-        name: "out",
-        p: out,
-        ld: ld_out,
-        stride: stride_out,
-    }];
+    let z = In::new("z", z, ldz, stride_z);
+    let g = Some(In::new("g", g, ldg, stride_g));
+    let outs = [Out::new("out", out, ld_out, stride_out)];
     // SAFETY: the pointer contract is forwarded unchanged from this export's caller.
     guard(|| unsafe { run::<f32>(Op::Phi1Adjoint, batch, r, z, g, &outs) })
 }
