@@ -128,13 +128,7 @@ fn main() -> elra::Result<()> {
         Variant::Lora => {
             let la = rand_host(r, k, 1.0 / (k as f32).sqrt(), 4);
             let lb = rand_host(d, r, 0.01, 5);
-            let mut lora = GpuLoraLayer::new(
-                dev,
-                rand_dev(dev, d, k, 1.0 / (k as f32).sqrt(), 3)?,
-                &la,
-                &lb,
-                16.0 / r as f32,
-            )?;
+            let mut lora = GpuLoraLayer::new(dev, w0, &la, &lb, 16.0 / r as f32)?;
             Box::new(move || {
                 lora.forward(dev, &x, &mut y)?;
                 lora.backward(dev, &x, &dy, &mut dx)
@@ -149,14 +143,7 @@ fn main() -> elra::Result<()> {
                 lambda: 0.0,
             };
             let bopt = (alpha < 1.0).then_some(&b);
-            let mut layer = GpuElraLayer::new(
-                dev,
-                rand_dev(dev, d, k, 1.0 / (k as f32).sqrt(), 3)?,
-                &a,
-                bopt,
-                0.5,
-                spec,
-            )?;
+            let mut layer = GpuElraLayer::new(dev, w0, &a, bopt, 0.5, spec)?;
             Box::new(move || {
                 let _ = layer.params_mut();
                 layer.forward(dev, &x, &mut y, route)?;
