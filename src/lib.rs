@@ -32,10 +32,14 @@
 //! - [`capi`]: the C ABI (`include/elra.h`).
 //! - `cuda` (feature `cuda`): the device layer and kernels compiled from `cuda/*.cu`.
 #![warn(missing_docs)]
+// `unsafe` lives in the C ABI and the CUDA back end only, every block with a `// SAFETY:` note.
+#![deny(unsafe_code)]
 
 pub mod adapter;
+#[allow(unsafe_code)]
 pub mod capi;
 #[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
 pub mod cuda;
 pub mod error;
 pub mod expressivity;

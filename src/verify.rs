@@ -20,11 +20,23 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use crate::adapter::{
-    Adapter, AlphaSchedule, DoubleSidedConfig, DoubleSidedLayer, ElraConfig, ElraLayer,
-    EtaMultiplier, ExpAction, LoraConfig, LoraLayer, LowRankGenerator, Variant,
+    AlphaSchedule, DoubleSidedConfig, DoubleSidedLayer, ElraConfig, ElraLayer, EtaMultiplier,
+    ExpAction, GeneratorConfig, LoraConfig, LoraLayer, LowRankGenerator, Variant,
 };
 use crate::reference as oracle;
 use crate::{ElraError, Result};
+
+/// A generator with a fixed α, no clip and no η schedule (the setting of a drawn sample).
+fn fixed_generator(variant: Variant, eta: f64, alpha: f64) -> GeneratorConfig {
+    GeneratorConfig {
+        variant,
+        eta,
+        lambda: crate::adapter::DEFAULT_LAMBDA,
+        tau: None,
+        schedule: AlphaSchedule::Constant { alpha },
+        eta_multiplier: EtaMultiplier::None,
+    }
+}
 
 /// Largest factor rank drawn by [`Case::random`] (and used by the property tests).
 pub const MAX_RANK: usize = 16;
@@ -383,15 +395,10 @@ impl Sample {
     fn layer(&self, w0: &DMatrix<f64>) -> Result<ElraLayer<f64>> {
         let (d, r) = self.a.shape();
         let config = ElraConfig {
-            variant: self.variant,
+            generator: fixed_generator(self.variant, self.eta, self.alpha),
             d,
             k: w0.ncols(),
             r,
-            eta: self.eta,
-            lambda: crate::adapter::generator::DEFAULT_LAMBDA,
-            tau: None,
-            schedule: AlphaSchedule::Constant(self.alpha),
-            eta_multiplier: EtaMultiplier::None,
             seed: 0,
         };
         ElraLayer::from_factors(config, w0.clone(), self.a.clone(), self.b.clone())
@@ -852,17 +859,14 @@ pub fn check_merge_unmerge_roundtrip(case: &Case) -> Result<f64> {
     let kappa_r = amplification(&right.dense()?)?;
     let mut cfg = DoubleSidedConfig::new(s.variant, d, k, r, 1);
     cfg.r_right = rr;
-    cfg.eta_left = s.eta;
-    cfg.eta_right = right.eta;
-    cfg.tau = None;
-    cfg.schedule = AlphaSchedule::Constant(s.alpha);
-    cfg.eta_multiplier = EtaMultiplier::None;
-    let double = DoubleSidedLayer::from_factors(
+    cfg.generator = fixed_generator(s.variant, s.eta, s.alpha);
+    let mut double = DoubleSidedLayer::from_factors(
         cfg,
         w0.clone(),
         (s.a.clone(), s.b.clone()),
         (right.a.clone(), right.b.clone()),
     )?;
+    double.set_etas(s.eta, right.eta)?;
     let e2 = rel(&(double.unmerge(&double.merge()?)? - &w0), &w0) / (kappa_l * kappa_r);
 
     let rl = r.min(d.min(k));

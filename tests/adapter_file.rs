@@ -2,10 +2,10 @@
 //! trips, atomic writes, and that truncated, oversized, wrongly shaped or hostile files are
 //! rejected with an error naming the problem (never a panic, never a partial adapter).
 
+use elra::adapter::{AlphaSchedule, EtaMultiplier, GeneratorConfig, Variant};
 use elra::io::{
-    load_merged, save_merged, AdapterFile, AlphaScheduleSpec, ElraFileConfig, EtaMultiplierSpec,
-    FileConfig, LoadLimits, LoraFileConfig, ModuleWeights, CONFIG_FILE, ELRA_FORMAT_VERSION,
-    WEIGHTS_FILE,
+    load_merged, save_merged, AdapterFile, ElraFileConfig, FileConfig, LoadLimits, LoraFileConfig,
+    ModuleWeights, CONFIG_FILE, ELRA_FORMAT_VERSION, WEIGHTS_FILE,
 };
 use elra::ElraError;
 use nalgebra::DMatrix;
@@ -55,16 +55,18 @@ fn lora_file(rng: &mut ChaCha8Rng) -> AdapterFile<f64> {
 fn elra_config(variant: &str, r: usize) -> ElraFileConfig {
     ElraFileConfig {
         peft_type: "ELRA".into(),
-        variant: variant.into(),
-        r,
-        eta: 1e-3,
-        lambda: 1e-5,
-        tau: Some(2.0),
-        alpha_schedule: AlphaScheduleSpec::Exponential {
-            warmup_steps: 25,
-            gamma: 5.0,
+        generator: GeneratorConfig {
+            variant: variant.parse::<Variant>().unwrap(),
+            eta: 1e-3,
+            lambda: 1e-5,
+            tau: Some(2.0),
+            schedule: AlphaSchedule::Exponential {
+                warmup_steps: 25,
+                gamma: 5.0,
+            },
+            eta_multiplier: EtaMultiplier::Cosine { total_steps: 100 },
         },
-        eta_multiplier: EtaMultiplierSpec::Cosine { total_steps: 100 },
+        r,
         seed: 3,
         step: 42,
         target_modules: MODS.iter().map(|s| s.to_string()).collect(),
@@ -514,7 +516,7 @@ fn merged_weights_export_round_trips() {
 
 #[test]
 fn elra_and_lora_layers_round_trip_through_a_directory() {
-    use elra::adapter::{Adapter, ElraConfig, ElraLayer, LoraConfig, LoraLayer, Variant};
+    use elra::adapter::{ElraConfig, ElraLayer, LoraConfig, LoraLayer, Variant};
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let dir = tmpdir("layers");
     for variant in [Variant::General, Variant::Psd, Variant::Hyb] {

@@ -5,7 +5,7 @@
 
 use elra::adapter::{
     clip_scale, energy_eq21, frobenius_sq_from_grams, generator_factor, spectral_norm_from_grams,
-    Adapter, AlphaSchedule, DoubleSidedConfig, DoubleSidedLayer, ElraConfig, ElraLayer, ExpAction,
+    AlphaSchedule, DoubleSidedConfig, DoubleSidedLayer, ElraConfig, ElraLayer, ExpAction,
     LoraConfig, LoraLayer, LowRankGenerator, Variant,
 };
 use elra::{reference, verify, ElraError};
@@ -35,7 +35,7 @@ fn arg_of<T: std::fmt::Debug>(r: elra::Result<T>) -> (&'static str, &'static str
 
 fn cfg(variant: Variant) -> ElraConfig {
     let mut c = ElraConfig::new(variant, 6, 4, 2, 100);
-    c.eta = 0.3;
+    c.generator.eta = 0.3;
     c
 }
 
@@ -50,20 +50,26 @@ fn config_rejects_bad_dimensions_and_scalars() {
     assert_eq!(bad(&|c| c.r = 7), ("invalid", "r"));
     assert_eq!(bad(&|c| c.d = 0), ("invalid", "d"));
     assert_eq!(bad(&|c| c.k = 0), ("invalid", "k"));
-    assert_eq!(bad(&|c| c.eta = 0.0), ("invalid", "eta"));
-    assert_eq!(bad(&|c| c.eta = -1.0), ("invalid", "eta"));
-    assert_eq!(bad(&|c| c.eta = f64::NAN), ("invalid", "eta"));
-    assert_eq!(bad(&|c| c.eta = f64::INFINITY), ("invalid", "eta"));
-    assert_eq!(bad(&|c| c.tau = Some(0.0)), ("invalid", "tau"));
-    assert_eq!(bad(&|c| c.tau = Some(-2.0)), ("invalid", "tau"));
-    assert_eq!(bad(&|c| c.tau = Some(f64::NAN)), ("invalid", "tau"));
-    assert_eq!(bad(&|c| c.lambda = -1e-5), ("invalid", "lambda"));
+    assert_eq!(bad(&|c| c.generator.eta = 0.0), ("invalid", "eta"));
+    assert_eq!(bad(&|c| c.generator.eta = -1.0), ("invalid", "eta"));
+    assert_eq!(bad(&|c| c.generator.eta = f64::NAN), ("invalid", "eta"));
     assert_eq!(
-        bad(&|c| c.schedule = AlphaSchedule::Constant(1.5)),
+        bad(&|c| c.generator.eta = f64::INFINITY),
+        ("invalid", "eta")
+    );
+    assert_eq!(bad(&|c| c.generator.tau = Some(0.0)), ("invalid", "tau"));
+    assert_eq!(bad(&|c| c.generator.tau = Some(-2.0)), ("invalid", "tau"));
+    assert_eq!(
+        bad(&|c| c.generator.tau = Some(f64::NAN)),
+        ("invalid", "tau")
+    );
+    assert_eq!(bad(&|c| c.generator.lambda = -1e-5), ("invalid", "lambda"));
+    assert_eq!(
+        bad(&|c| c.generator.schedule = AlphaSchedule::Constant { alpha: 1.5 }),
         ("invalid", "alpha")
     );
     assert_eq!(
-        bad(&|c| c.schedule = AlphaSchedule::Exponential {
+        bad(&|c| c.generator.schedule = AlphaSchedule::Exponential {
             warmup_steps: 10,
             gamma: -1.0
         }),
@@ -170,19 +176,19 @@ fn layer_rejects_bad_matrices() {
 fn huge_generators_are_errors_or_clipped_never_panics() {
     // η so large that η·B overflows: a typed error
     let mut c = cfg(Variant::General);
-    c.eta = 1e308;
-    c.tau = None;
+    c.generator.eta = 1e308;
+    c.generator.tau = None;
     let layer =
         ElraLayer::from_factors(c.clone(), m(6, 4), m(6, 2) * 10.0, Some(m(2, 6) * 10.0)).unwrap();
     assert_eq!(arg_of(layer.forward(&m(2, 4))), ("nonfinite", "c"));
     assert_eq!(arg_of(layer.merge()), ("nonfinite", "c"));
     // a finite generator without clip whose exponential overflows: Overflow from φ1, not Inf/NaN
-    c.eta = 1e6;
+    c.generator.eta = 1e6;
     let layer = ElraLayer::from_factors(c.clone(), m(6, 4), m(6, 2), Some(m(2, 6))).unwrap();
     assert_eq!(arg_of(layer.forward(&m(2, 4))), ("overflow", ""));
     assert_eq!(arg_of(layer.unmerge(&m(6, 4))), ("overflow", ""));
     // the same with the spectral clip: finite, and ‖G‖₂ = τ
-    c.tau = Some(2.0);
+    c.generator.tau = Some(2.0);
     let layer = ElraLayer::from_factors(c, m(6, 4), m(6, 2), Some(m(2, 6))).unwrap();
     let y = layer.forward(&m(2, 4)).unwrap();
     assert!(y.iter().all(|v| v.is_finite()));
@@ -282,12 +288,12 @@ fn double_sided_rejects_bad_input() {
         ("invalid", "r_left")
     );
     c.r_left = 2;
-    c.eta_right = 0.0;
+    c.generator.eta = 0.0;
     assert_eq!(
         arg_of(DoubleSidedLayer::<f64>::new(c.clone(), m(6, 4))),
         ("invalid", "eta")
     );
-    c.eta_right = 0.1;
+    c.generator.eta = 0.1;
     assert_eq!(
         arg_of(DoubleSidedLayer::from_factors(
             c.clone(),

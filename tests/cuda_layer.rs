@@ -19,6 +19,7 @@
 #[macro_use]
 mod common;
 
+use elra::adapter::GeneratorSpec;
 use elra::cuda::layer::{download_matrix, upload_matrix};
 use elra::cuda::{
     Activation, CudaDevice, DeviceMatrices, GpuDoubleSidedLayer, GpuElraLayer, GpuLoraLayer,
@@ -26,7 +27,7 @@ use elra::cuda::{
 };
 use elra::grad::{
     double_backward_parts, double_forward_parts, elra_backward_parts, elra_forward_parts,
-    lora_backward_parts, lora_forward_parts, GeneratorSpec, GeneratorTape, Route, SideParams,
+    lora_backward_parts, lora_forward_parts, GeneratorTape, Route, SideParams,
 };
 use elra::ElraError;
 use nalgebra::DMatrix;

@@ -10,7 +10,7 @@
 //!    Woodbury, no φ1) and the clip from a dense SVD; its gradient is taken by central
 //!    differences coordinate by coordinate, and `‖g_hand − g_fd‖ ≤ 1e-6 ‖g_fd‖`.
 //! 2. **The adapter's own forward, random directions.** Central differences of the adapter's
-//!    forward (`Adapter::forward` + its energy) along three random directions `D`, compared with
+//!    forward (the layer's forward + its energy) along three random directions `D`, compared with
 //!    `⟨g_hand, D⟩`; the error is taken relative to `Σ_blocks ‖g_block‖‖D_block‖` (the
 //!    Cauchy–Schwarz bound of the directional derivative), tolerance 1e-6.
 //!
@@ -41,13 +41,13 @@
 #[path = "common/seeded.rs"]
 mod seeded;
 use elra::adapter::{
-    Adapter, AlphaSchedule, DoubleSidedConfig, DoubleSidedLayer, ElraConfig, ElraLayer,
-    EtaMultiplier, LoraConfig, LoraLayer, Variant,
+    AlphaSchedule, DoubleSidedConfig, DoubleSidedLayer, ElraConfig, ElraLayer, EtaMultiplier,
+    GeneratorSpec, LoraConfig, LoraLayer, Variant,
 };
 use elra::grad::{
     double_backward_parts, double_forward_parts, elra_backward, elra_backward_parts, elra_forward,
     elra_forward_parts, energy_backward, exp_rows_backward, exp_rows_forward, lora_backward,
-    lora_forward, GeneratorSpec, Route, SideParams,
+    lora_forward, Route, SideParams,
 };
 use elra::reference::dense_exp;
 use nalgebra::DMatrix;
@@ -412,11 +412,13 @@ impl ElraCase {
         let (a, b, eta, _) = self.unpack(p);
         let (d, k) = self.w0.shape();
         let mut cfg = ElraConfig::new(self.variant, d, k, a.ncols(), TOTAL_STEPS);
-        cfg.eta = eta;
-        cfg.tau = self.spec.tau;
-        cfg.lambda = self.spec.lambda;
-        cfg.schedule = AlphaSchedule::Constant(self.spec.alpha);
-        cfg.eta_multiplier = EtaMultiplier::Cosine {
+        cfg.generator.eta = eta;
+        cfg.generator.tau = self.spec.tau;
+        cfg.generator.lambda = self.spec.lambda;
+        cfg.generator.schedule = AlphaSchedule::Constant {
+            alpha: self.spec.alpha,
+        };
+        cfg.generator.eta_multiplier = EtaMultiplier::Cosine {
             total_steps: TOTAL_STEPS,
         };
         let mut l = ElraLayer::from_factors(cfg, self.w0.clone(), a.clone(), b.cloned()).unwrap();
@@ -939,12 +941,12 @@ impl DoubleCase {
         let (d, k) = self.w0.shape();
         let mut cfg = DoubleSidedConfig::new(self.variant, d, k, al.ncols(), TOTAL_STEPS);
         cfg.r_right = ar.ncols();
-        cfg.eta_left = el;
-        cfg.eta_right = er;
-        cfg.tau = self.spec.tau;
-        cfg.lambda = self.spec.lambda;
-        cfg.schedule = AlphaSchedule::Constant(self.spec.alpha);
-        cfg.eta_multiplier = EtaMultiplier::Cosine {
+        cfg.generator.tau = self.spec.tau;
+        cfg.generator.lambda = self.spec.lambda;
+        cfg.generator.schedule = AlphaSchedule::Constant {
+            alpha: self.spec.alpha,
+        };
+        cfg.generator.eta_multiplier = EtaMultiplier::Cosine {
             total_steps: TOTAL_STEPS,
         };
         let mut layer = DoubleSidedLayer::from_factors(
@@ -954,6 +956,7 @@ impl DoubleCase {
             (ar.clone(), br.cloned()),
         )
         .unwrap();
+        layer.set_etas(el, er).unwrap();
         layer.set_step(self.step);
         let (el2, er2) = layer.energies().unwrap();
         self.ybar.dot(&layer.forward(x).unwrap()) + self.spec.lambda * (el2 + er2)

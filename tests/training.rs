@@ -61,7 +61,7 @@ fn training_network_gradient_matches_finite_differences() {
     for (si, spec) in specs().into_iter().enumerate() {
         for loss in [LossKind::Mse, LossKind::CrossEntropy] {
             let mut net = AdaptedNetwork::new(&base, spec, loss, 50, 7 + si as u64).unwrap();
-            net.set_step(9);
+            net.set_step(9).unwrap();
             // Move away from the initial point (LoRA's B' = 0, ELRA's tiny η) so every term
             // of the gradient is exercised.
             let mut p = net.params();
@@ -421,9 +421,9 @@ fn training_fit_rejects_bad_options() {
 /// adapter's own merge (a separate evaluation, `GeneratorEval`) to 1e-12 relative.
 #[test]
 fn training_double_sided_gradient_matches_grad_double() {
-    use elra::adapter::{eta_cosine_multiplier, Adapter, AlphaSchedule};
-    use elra::grad::{double_backward_parts, double_forward_parts, GeneratorSpec, SideParams};
-    use elra::train::LayerAdapter;
+    use elra::adapter::{eta_cosine_multiplier, AlphaSchedule};
+    use elra::adapter::{DoubleSidedLayer, GeneratorSpec};
+    use elra::grad::{double_backward_parts, double_forward_parts, SideParams};
 
     let mut rng = ChaCha8Rng::seed_from_u64(41);
     let base = FrozenNetwork::<f64>::random(&[7, 5], Activation::Identity, Activation::Identity, 4)
@@ -434,7 +434,7 @@ fn training_double_sided_gradient_matches_grad_double() {
         r: 2,
     };
     let mut net = AdaptedNetwork::new(&base, spec, LossKind::Mse, total, 5).unwrap();
-    net.set_step(step);
+    net.set_step(step).unwrap();
     let mut p = net.params();
     assert_eq!(p.len(), 6);
     for m in p.iter_mut() {
@@ -453,12 +453,16 @@ fn training_double_sided_gradient_matches_grad_double() {
         .loss_and_grad(&x, &Targets::Values(t.clone()), Some(&masks))
         .unwrap();
 
-    let layer = match &net.layers[0].adapter {
-        LayerAdapter::Double(l) => l.clone(),
-        other => panic!("expected a double-sided layer, got {other:?}"),
+    let any = net.layers[0].adapter.as_any();
+    let layer = match any.downcast_ref::<DoubleSidedLayer<f64>>() {
+        Some(l) => l.clone(),
+        None => panic!(
+            "expected a double-sided layer, got {:?}",
+            net.layers[0].adapter
+        ),
     };
-    assert_eq!(layer.config().tau, Some(2.0));
-    assert_eq!(layer.config().lambda, 1e-5);
+    assert_eq!(layer.config().generator.tau, Some(2.0));
+    assert_eq!(layer.config().generator.lambda, 1e-5);
     let alpha = AlphaSchedule::paper_default(total).alpha(step);
     assert!(alpha > 0.0 && alpha < 1.0, "α = {alpha}");
     let gspec = GeneratorSpec {

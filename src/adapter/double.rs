@@ -12,21 +12,22 @@ use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::generator::{
-    check_eta, check_lambda, check_left_factor, check_tau, Variant, DEFAULT_ETA, DEFAULT_LAMBDA,
-    DEFAULT_TAU,
-};
+use super::config::{check_eta, GeneratorConfig, GeneratorSpec};
+use super::generator::{check_left_factor, Variant};
 use super::layer::GeneratorEval;
-use super::schedule::{AlphaSchedule, EtaMultiplier};
-use super::{check_batch, check_dims, check_weight, xavier_uniform, Adapter};
+use super::{check_batch, check_dims, check_weight, xavier_uniform, TrainState};
+use crate::grad::{DoubleTape, FactorGrad};
 use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
 
-/// Configuration of a [`DoubleSidedLayer`] (App. B eq. 23–26).
+/// Configuration of a [`DoubleSidedLayer`] (App. B eq. 23–26): one [`GeneratorConfig`] for both
+/// generators (variant, η₀ of both sides, λ applied to `‖L‖²_F + ‖R‖²_F`, τ applied to each
+/// generator, the α schedule and η multiplier), the shape, the two ranks and the seed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DoubleSidedConfig {
-    /// Generator family, used on both sides (eq. 23–25).
-    pub variant: Variant,
+    /// Settings shared by `L` and `R` (eq. 23–25, App. H); `generator.eta` is the initial
+    /// η_L = η_R (set them apart with [`DoubleSidedLayer::set_etas`]).
+    pub generator: GeneratorConfig,
     /// Output dimension `d` (size of `L`).
     pub d: usize,
     /// Input dimension `k` (size of `R`).
@@ -35,37 +36,20 @@ pub struct DoubleSidedConfig {
     pub r_left: usize,
     /// Rank of the right generator, `1 ≤ r_right ≤ k`.
     pub r_right: usize,
-    /// Initial η_L > 0.
-    pub eta_left: f64,
-    /// Initial η_R > 0.
-    pub eta_right: f64,
-    /// Energy-penalty weight λ ≥ 0, applied to `‖L‖²_F + ‖R‖²_F`.
-    pub lambda: f64,
-    /// Spectral-clip threshold τ > 0 applied to each generator (App. H), or `None`.
-    pub tau: Option<f64>,
-    /// α schedule for the Hyb variant (eq. 19 / eq. 75).
-    pub schedule: AlphaSchedule,
-    /// Multiplier of both step sizes over the steps (App. H).
-    pub eta_multiplier: EtaMultiplier,
     /// Seed of the Xavier initialisation in [`DoubleSidedLayer::new`].
     pub seed: u64,
 }
 
 impl DoubleSidedConfig {
-    /// App. H defaults with `r_L = r_R = r` (App. B "r_L = r_R = r by default").
+    /// App. H defaults ([`GeneratorConfig::paper_default`]) with `r_L = r_R = r` (App. B
+    /// "r_L = r_R = r by default").
     pub fn new(variant: Variant, d: usize, k: usize, r: usize, total_steps: usize) -> Self {
         DoubleSidedConfig {
-            variant,
+            generator: GeneratorConfig::paper_default(variant, total_steps),
             d,
             k,
             r_left: r,
             r_right: r,
-            eta_left: DEFAULT_ETA,
-            eta_right: DEFAULT_ETA,
-            lambda: DEFAULT_LAMBDA,
-            tau: Some(DEFAULT_TAU),
-            schedule: AlphaSchedule::paper_default(total_steps),
-            eta_multiplier: EtaMultiplier::Cosine { total_steps },
             seed: 0,
         }
     }
@@ -75,18 +59,16 @@ impl DoubleSidedConfig {
     pub fn validate(&self) -> Result<()> {
         check_dims(self.d, self.k, self.r_left, "r_left", self.d)?;
         check_dims(self.d, self.k, self.r_right, "r_right", self.k)?;
-        check_eta(self.eta_left)?;
-        check_eta(self.eta_right)?;
-        check_lambda(self.lambda)?;
-        if let Some(t) = self.tau {
-            check_tau(t)?;
-        }
-        self.schedule.validate()
+        self.generator.validate()
     }
 
     /// Trainable matrix entries: `2 r_L d + 2 r_R k` (general, Hyb) or `r_L d + r_R k` (PSD).
     pub fn param_count(&self) -> usize {
-        let m = if self.variant.uses_b() { 2 } else { 1 };
+        let m = if self.generator.variant.uses_b() {
+            2
+        } else {
+            1
+        };
         m * (self.r_left * self.d + self.r_right * self.k)
     }
 }
@@ -107,6 +89,9 @@ pub struct DoubleSidedLayer<T: Real> {
     left: Side<T>,
     right: Side<T>,
     step: usize,
+    /// Tape and gradients of the [`crate::adapter::Adapter`] training calls
+    /// (`crate::grad::double`).
+    pub(crate) train: TrainState<DoubleTape<T>, (FactorGrad<T>, FactorGrad<T>)>,
 }
 
 fn check_side<T: Real>(
@@ -172,11 +157,13 @@ impl<T: Real> DoubleSidedLayer<T> {
         let (d, k, rl, rr) = (config.d, config.k, config.r_left, config.r_right);
         let a_l = xavier_uniform(&mut rng, d, rl);
         let b_l = config
+            .generator
             .variant
             .uses_b()
             .then(|| xavier_uniform(&mut rng, rl, d));
         let a_r = xavier_uniform(&mut rng, k, rr);
         let b_r = config
+            .generator
             .variant
             .uses_b()
             .then(|| xavier_uniform(&mut rng, rr, k));
@@ -195,7 +182,7 @@ impl<T: Real> DoubleSidedLayer<T> {
     ) -> Result<Self> {
         config.validate()?;
         check_weight("w0", &w0, config.d, config.k)?;
-        let v = config.variant;
+        let v = config.generator.variant;
         check_side(
             v,
             "a_left",
@@ -218,16 +205,17 @@ impl<T: Real> DoubleSidedLayer<T> {
             left: Side {
                 a: left.0,
                 b: left.1,
-                eta: T::of(config.eta_left),
+                eta: T::of(config.generator.eta),
             },
             right: Side {
                 a: right.0,
                 b: right.1,
-                eta: T::of(config.eta_right),
+                eta: T::of(config.generator.eta),
             },
             w0,
             step: 0,
             config,
+            train: TrainState::default(),
         })
     }
 
@@ -239,13 +227,32 @@ impl<T: Real> DoubleSidedLayer<T> {
     /// Moves to optimiser step `t` (α and the η multiplier follow their schedules).
     pub fn set_step(&mut self, step: usize) {
         self.step = step;
+        self.train.invalidate();
+    }
+
+    /// The frozen weight `W0` (d×k).
+    pub fn w0(&self) -> &DMatrix<T> {
+        &self.w0
+    }
+
+    /// Replaces `W0`, keeping the parameters and the step. Errors: not d×k or non-finite.
+    pub fn set_w0(&mut self, w0: DMatrix<T>) -> Result<()> {
+        check_weight("w0", &w0, self.config.d, self.config.k)?;
+        self.w0 = w0;
+        self.train.invalidate();
+        Ok(())
     }
 
     /// α at the current step (eq. 19 convention: 1 = PSD, 0 = general).
     pub fn alpha(&self) -> f64 {
-        self.config
-            .variant
-            .alpha_at(&self.config.schedule, self.step)
+        self.config.generator.alpha_at(self.step)
+    }
+
+    /// The settings of the current step shared by `L` and `R` ([`GeneratorConfig::spec_at`]):
+    /// α, the η multiplier, τ (applied to each generator) and λ (applied to
+    /// `‖L‖²_F + ‖R‖²_F`).
+    pub fn spec(&self) -> GeneratorSpec {
+        self.config.generator.spec_at(self.step)
     }
 
     /// Replaces `(η_L, η_R)`. Errors: either not finite and > 0.
@@ -254,6 +261,7 @@ impl<T: Real> DoubleSidedLayer<T> {
         check_eta(eta_right)?;
         self.left.eta = eta_left;
         self.right.eta = eta_right;
+        self.train.invalidate();
         Ok(())
     }
 
@@ -297,15 +305,21 @@ impl<T: Real> DoubleSidedLayer<T> {
     pub fn set_a_left(&mut self, a: DMatrix<T>) -> Result<()> {
         check_a("a_left", &a, self.config.d, self.config.r_left)?;
         self.left.a = a;
+        self.train.invalidate();
         Ok(())
     }
 
     /// Replaces `B_L` (eq. 23, 25). Errors: ELRA-PSD (no `B`, eq. 24), `b_left` not r_L×d or
     /// non-finite.
     pub fn set_b_left(&mut self, b: DMatrix<T>) -> Result<()> {
-        let (v, n, r) = (self.config.variant, self.config.d, self.config.r_left);
+        let (v, n, r) = (
+            self.config.generator.variant,
+            self.config.d,
+            self.config.r_left,
+        );
         check_b(v, "b_left", &b, n, r)?;
         self.left.b = Some(b);
+        self.train.invalidate();
         Ok(())
     }
 
@@ -313,6 +327,7 @@ impl<T: Real> DoubleSidedLayer<T> {
     pub fn set_eta_left(&mut self, eta: T) -> Result<()> {
         check_side_eta("eta_left", eta)?;
         self.left.eta = eta;
+        self.train.invalidate();
         Ok(())
     }
 
@@ -320,15 +335,21 @@ impl<T: Real> DoubleSidedLayer<T> {
     pub fn set_a_right(&mut self, a: DMatrix<T>) -> Result<()> {
         check_a("a_right", &a, self.config.k, self.config.r_right)?;
         self.right.a = a;
+        self.train.invalidate();
         Ok(())
     }
 
     /// Replaces `B_R` (eq. 23, 25). Errors: ELRA-PSD (no `B`, eq. 24), `b_right` not r_R×k or
     /// non-finite.
     pub fn set_b_right(&mut self, b: DMatrix<T>) -> Result<()> {
-        let (v, n, r) = (self.config.variant, self.config.k, self.config.r_right);
+        let (v, n, r) = (
+            self.config.generator.variant,
+            self.config.k,
+            self.config.r_right,
+        );
         check_b(v, "b_right", &b, n, r)?;
         self.right.b = Some(b);
+        self.train.invalidate();
         Ok(())
     }
 
@@ -336,18 +357,19 @@ impl<T: Real> DoubleSidedLayer<T> {
     pub fn set_eta_right(&mut self, eta: T) -> Result<()> {
         check_side_eta("eta_right", eta)?;
         self.right.eta = eta;
+        self.train.invalidate();
         Ok(())
     }
 
     fn eval(&self, side: &Side<T>) -> Result<GeneratorEval<T>> {
-        let m = T::of(self.config.eta_multiplier.at(self.step));
+        let m = T::of(self.config.generator.eta_multiplier.at(self.step));
         GeneratorEval::evaluate(
-            self.config.variant,
+            self.config.generator.variant,
             &side.a,
             side.b.as_ref(),
             side.eta * m,
             self.alpha(),
-            self.config.tau,
+            self.config.generator.tau,
         )
     }
 
@@ -365,48 +387,42 @@ impl<T: Real> DoubleSidedLayer<T> {
             r.action.generator().frobenius_norm_sq(),
         ))
     }
-}
 
-impl<T: Real> Adapter<T> for DoubleSidedLayer<T> {
-    fn name(&self) -> &'static str {
-        match self.config.variant {
+    /// `"elra-double"`, `"elra-psd-double"` or `"elra-hyb-double"`.
+    pub fn name(&self) -> &'static str {
+        match self.config.generator.variant {
             Variant::General => "elra-double",
             Variant::Psd => "elra-psd-double",
             Variant::Hyb => "elra-hyb-double",
         }
     }
-    fn dims(&self) -> (usize, usize) {
-        (self.config.d, self.config.k)
-    }
-    fn w0(&self) -> &DMatrix<T> {
-        &self.w0
-    }
+
     /// `Y = X exp(R)ᵀ W0ᵀ exp(L)ᵀ`: Woodbury on the rows twice (Prop. 1, eq. 5).
-    fn forward(&self, x: &DMatrix<T>) -> Result<DMatrix<T>> {
+    pub fn forward(&self, x: &DMatrix<T>) -> Result<DMatrix<T>> {
         check_batch(x, self.config.k)?;
         let (l, r) = self.generators()?;
         let xr = r.action.rows(x)?;
         let u = xr * self.w0.transpose();
         l.action.rows(&u)
     }
+
     /// `exp(L) (W0 exp(R))` (eq. 22) via Prop. 1 on both sides.
-    fn merge(&self) -> Result<DMatrix<T>> {
+    pub fn merge(&self) -> Result<DMatrix<T>> {
         let (l, r) = self.generators()?;
         l.action.left(&r.action.right(&self.w0)?)
     }
+
     /// `exp(−L) W_new exp(−R)` (Prop. 3 on both sides). Errors: `w_new` not d×k or non-finite.
-    fn unmerge(&self, w_new: &DMatrix<T>) -> Result<DMatrix<T>> {
+    pub fn unmerge(&self, w_new: &DMatrix<T>) -> Result<DMatrix<T>> {
         check_weight("w_new", w_new, self.config.d, self.config.k)?;
         let (l, r) = self.generators()?;
         let inner = r.action.inverse()?.right(w_new)?;
         l.action.inverse()?.left(&inner)
     }
-    fn param_count(&self) -> usize {
+
+    /// Trainable matrix entries: `2 r_L d + 2 r_R k` (general, Hyb) or `r_L d + r_R k` (PSD).
+    pub fn param_count(&self) -> usize {
         self.config.param_count()
-    }
-    /// η_L and η_R.
-    fn scalar_param_count(&self) -> usize {
-        2
     }
 }
 
@@ -425,10 +441,9 @@ mod tests {
         for variant in [Variant::General, Variant::Psd, Variant::Hyb] {
             let mut cfg = DoubleSidedConfig::new(variant, d, k, 2, 40);
             cfg.r_right = 3;
-            cfg.eta_left = 0.6;
-            cfg.eta_right = 0.9;
-            cfg.tau = None;
+            cfg.generator.tau = None;
             let mut layer = DoubleSidedLayer::new(cfg, w0.clone()).unwrap();
+            layer.set_etas(0.6, 0.9).unwrap();
             layer.set_step(3);
             let (l, r) = layer.generators().unwrap();
             let dl = l.action.generator().a() * l.c();
@@ -446,7 +461,7 @@ mod tests {
             } else {
                 2 * (2 * d + 3 * k)
             };
-            assert_eq!(Adapter::param_count(&layer), pc);
+            assert_eq!(crate::adapter::Adapter::param_count(&layer), pc);
         }
     }
 }

@@ -16,18 +16,14 @@
 
 use nalgebra::{DMatrix, SymmetricEigen, QR};
 
+use super::config::{check_alpha, check_eta, check_lambda, check_tau};
 use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
 
-/// Default energy-penalty weight λ of `λ‖G‖²_F` (eq. 20, App. H: λ = 10⁻⁵).
-pub const DEFAULT_LAMBDA: f64 = 1e-5;
-/// Default spectral-clip threshold τ (App. H: "if ‖G‖₂ > τ rescale G", τ = 2.0).
-pub const DEFAULT_TAU: f64 = 2.0;
-/// Default initial step size η₀ (App. H: η₀ = 10⁻³).
-pub const DEFAULT_ETA: f64 = 1e-3;
-
-/// Which generator family an ELRA layer uses (eq. 2, §4.2.1, eq. 19).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Which generator family an ELRA layer uses (eq. 2, §4.2.1, eq. 19). Serialised (adapter
+/// files) as `"general"`, `"psd"`, `"hyb"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Variant {
     /// General ELRA, `G = ηAB` (eq. 2): `A` d×r and `B` r×d are trained, `2rd` parameters.
     General,
@@ -142,12 +138,7 @@ pub fn generator_factor<T: Real>(
         Variant::General => Ok(need_b()? * eta),
         Variant::Psd => Ok(a.transpose() * eta),
         Variant::Hyb => {
-            if !alpha.is_finite() || !(0.0..=1.0).contains(&alpha) {
-                return Err(ElraError::invalid(
-                    "alpha",
-                    format!("must lie in [0, 1], got {alpha}"),
-                ));
-            }
+            check_alpha(alpha)?;
             let b = need_b()?;
             let ea = eta * T::of(alpha);
             let eb = eta * T::of(1.0 - alpha);
@@ -160,40 +151,6 @@ pub fn generator_factor<T: Real>(
             Ok(c)
         }
     }
-}
-
-/// Checks η: finite and strictly positive (eq. 2: "a trainable positive scaling factor η > 0").
-pub(crate) fn check_eta<T: Real>(eta: T) -> Result<()> {
-    let e = eta.f64();
-    if !e.is_finite() || e <= 0.0 {
-        return Err(ElraError::invalid(
-            "eta",
-            format!("the step size η must be finite and > 0, got {e}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Checks τ: finite and strictly positive (App. H spectral clip).
-pub(crate) fn check_tau(tau: f64) -> Result<()> {
-    if !tau.is_finite() || tau <= 0.0 {
-        return Err(ElraError::invalid(
-            "tau",
-            format!("the spectral-clip threshold τ must be finite and > 0, got {tau}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Checks λ: finite and ≥ 0 (eq. 20 energy penalty weight).
-pub(crate) fn check_lambda(lambda: f64) -> Result<()> {
-    if !lambda.is_finite() || lambda < 0.0 {
-        return Err(ElraError::invalid(
-            "lambda",
-            format!("the energy-penalty weight λ must be finite and ≥ 0, got {lambda}"),
-        ));
-    }
-    Ok(())
 }
 
 /// The clip factor of App. H: `min(1, τ/‖G‖₂)` (1 when `‖G‖₂ ≤ τ`, including `G = 0`).

@@ -11,75 +11,58 @@ use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::generator::{
-    check_eta, check_lambda, check_left_factor, check_tau, generator_factor, ExpAction,
-    LowRankGenerator, Variant, DEFAULT_ETA, DEFAULT_LAMBDA, DEFAULT_TAU,
-};
-use super::schedule::{AlphaSchedule, EtaMultiplier};
-use super::{check_batch, check_dims, check_weight, xavier_uniform, Adapter};
+use super::config::{check_eta, GeneratorConfig, GeneratorSpec};
+use super::generator::{check_left_factor, generator_factor, ExpAction, LowRankGenerator, Variant};
+use super::{check_batch, check_dims, check_weight, xavier_uniform, TrainState};
+use crate::grad::{ElraTape, FactorGrad};
 use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
 
-/// Configuration of an [`ElraLayer`] (§3.2, §4.2, App. H).
+/// Configuration of an [`ElraLayer`] (§3.2, §4.2, App. H): the shared [`GeneratorConfig`] plus
+/// the layer's shape and seed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ElraConfig {
-    /// Generator family (eq. 2, §4.2.1, eq. 19).
-    pub variant: Variant,
+    /// Variant, η₀, λ, τ, α schedule and η multiplier (eq. 2, §4.2.1, eq. 19–20, App. H).
+    pub generator: GeneratorConfig,
     /// Output dimension `d` (rows of `W0`, size of the generator).
     pub d: usize,
     /// Input dimension `k` (columns of `W0`).
     pub k: usize,
     /// Factor rank `r`, `1 ≤ r ≤ d`.
     pub r: usize,
-    /// Initial step size η > 0 (eq. 2; App. H: η₀ = 10⁻³).
-    pub eta: f64,
-    /// Energy-penalty weight λ ≥ 0 of `λ‖G‖²_F` (eq. 20; App. H: 10⁻⁵).
-    pub lambda: f64,
-    /// Spectral-clip threshold τ > 0 (App. H: 2.0), or `None` for no clipping.
-    pub tau: Option<f64>,
-    /// The α schedule of ELRA-Hyb (eq. 19, eq. 75); ignored by the other variants.
-    pub schedule: AlphaSchedule,
-    /// Multiplier of η over the steps (App. H cosine multiplier); the generator uses
-    /// `η_eff(t) = η · m(t)`.
-    pub eta_multiplier: EtaMultiplier,
     /// Seed of the ChaCha8 generator used by [`ElraLayer::new`] for the Xavier initialisation.
     pub seed: u64,
 }
 
 impl ElraConfig {
-    /// The paper's defaults (App. H) for a d×k layer trained for `total_steps` steps:
-    /// η₀ = 10⁻³, λ = 10⁻⁵, τ = 2.0, exponential α schedule with `T_warm` = 25 % and γ = 5,
-    /// cosine η multiplier over `total_steps`, seed 0.
+    /// The paper's defaults (App. H, [`GeneratorConfig::paper_default`]) for a d×k layer trained
+    /// for `total_steps` steps: η₀ = 10⁻³, λ = 10⁻⁵, τ = 2.0, exponential α schedule with
+    /// `T_warm` = 25 % and γ = 5, cosine η multiplier over `total_steps`, seed 0.
     pub fn new(variant: Variant, d: usize, k: usize, r: usize, total_steps: usize) -> Self {
         ElraConfig {
-            variant,
+            generator: GeneratorConfig::paper_default(variant, total_steps),
             d,
             k,
             r,
-            eta: DEFAULT_ETA,
-            lambda: DEFAULT_LAMBDA,
-            tau: Some(DEFAULT_TAU),
-            schedule: AlphaSchedule::paper_default(total_steps),
-            eta_multiplier: EtaMultiplier::Cosine { total_steps },
             seed: 0,
         }
+    }
+
+    /// The generator family.
+    pub fn variant(&self) -> Variant {
+        self.generator.variant
     }
 
     /// Checks every field; errors name the field (`d`, `k`, `r`, `eta`, `lambda`, `tau`,
     /// `alpha`, `gamma`).
     pub fn validate(&self) -> Result<()> {
         check_dims(self.d, self.k, self.r, "r", self.d)?;
-        check_eta(self.eta)?;
-        check_lambda(self.lambda)?;
-        if let Some(tau) = self.tau {
-            check_tau(tau)?;
-        }
-        self.schedule.validate()
+        self.generator.validate()
     }
 
     /// Trainable matrix entries (Remark 1): `2rd` for ELRA and ELRA-Hyb, `rd` for ELRA-PSD.
     pub fn param_count(&self) -> usize {
-        match self.variant {
+        match self.generator.variant {
             Variant::Psd => self.r * self.d,
             Variant::General | Variant::Hyb => 2 * self.r * self.d,
         }
@@ -206,18 +189,20 @@ pub struct ElraLayer<T: Real> {
     b: Option<DMatrix<T>>,
     eta: T,
     step: usize,
+    /// Tape and gradients of the [`Adapter`] training calls (`crate::grad::elra`).
+    pub(crate) train: TrainState<ElraTape<T>, FactorGrad<T>>,
 }
 
 impl<T: Real> ElraLayer<T> {
     /// A layer with Xavier-uniform factors (App. H "Xavier initialization for trainable low-rank
-    /// factors"), seeded by `config.seed`, `η = config.eta`, at step 0.
+    /// factors"), seeded by `config.seed`, `η = config.generator.eta`, at step 0.
     ///
     /// Errors: invalid config ([`ElraConfig::validate`]), `w0` not d×k or non-finite.
     pub fn new(config: ElraConfig, w0: DMatrix<T>) -> Result<Self> {
         config.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let a = xavier_uniform(&mut rng, config.d, config.r);
-        let b = if config.variant.uses_b() {
+        let b = if config.generator.variant.uses_b() {
             Some(xavier_uniform(&mut rng, config.r, config.d))
         } else {
             None
@@ -226,7 +211,7 @@ impl<T: Real> ElraLayer<T> {
     }
 
     /// A layer with given factors `A` (d×r) and `B` (r×d; `None` for ELRA-PSD), at step 0 with
-    /// `η = config.eta`.
+    /// `η = config.generator.eta`.
     ///
     /// Errors: invalid config, `w0`/`a`/`b` of the wrong shape or non-finite, `b` given for
     /// ELRA-PSD or missing for the other variants.
@@ -239,21 +224,25 @@ impl<T: Real> ElraLayer<T> {
         config.validate()?;
         check_weight("w0", &w0, config.d, config.k)?;
         let mut layer = ElraLayer {
-            eta: T::of(config.eta),
+            eta: T::of(config.generator.eta),
             w0,
             a: DMatrix::zeros(config.d, config.r),
             b: None,
             step: 0,
             config,
+            train: TrainState::default(),
         };
         check_eta(layer.eta)?;
         layer.set_a(a)?;
-        match (layer.config.variant.uses_b(), b) {
+        match (layer.config.generator.variant.uses_b(), b) {
             (true, Some(b)) => layer.set_b(b)?,
             (true, None) => {
                 return Err(ElraError::invalid(
                     "b",
-                    format!("variant {} needs the factor B (r×d)", layer.config.variant),
+                    format!(
+                        "variant {} needs the factor B (r×d)",
+                        layer.config.generator.variant
+                    ),
                 ))
             }
             (false, Some(_)) => {
@@ -300,14 +289,18 @@ impl<T: Real> ElraLayer<T> {
     /// α at the current step: the schedule's value for ELRA-Hyb (eq. 19, eq. 75), 1 for
     /// ELRA-PSD and 0 for general ELRA.
     pub fn alpha(&self) -> f64 {
-        self.config
-            .variant
-            .alpha_at(&self.config.schedule, self.step)
+        self.config.generator.alpha_at(self.step)
+    }
+
+    /// The settings of the current step ([`GeneratorConfig::spec_at`]): α, the η multiplier,
+    /// τ and λ.
+    pub fn spec(&self) -> GeneratorSpec {
+        self.config.generator.spec_at(self.step)
     }
 
     /// `η_eff = η · m(t)` (App. H cosine multiplier).
     pub fn eta_effective(&self) -> T {
-        self.eta * T::of(self.config.eta_multiplier.at(self.step))
+        self.eta * T::of(self.config.generator.eta_multiplier.at(self.step))
     }
 
     /// Replaces `A`. Errors: `a` not d×r or non-finite.
@@ -321,12 +314,13 @@ impl<T: Real> ElraLayer<T> {
         }
         check_left_factor("a", &a)?;
         self.a = a;
+        self.train.invalidate();
         Ok(())
     }
 
     /// Replaces `B`. Errors: ELRA-PSD (no `B`), `b` not r×d or non-finite.
     pub fn set_b(&mut self, b: DMatrix<T>) -> Result<()> {
-        if !self.config.variant.uses_b() {
+        if !self.config.generator.variant.uses_b() {
             return Err(ElraError::invalid(
                 "b",
                 "ELRA-PSD has no factor B (G = ηAAᵀ)",
@@ -341,6 +335,7 @@ impl<T: Real> ElraLayer<T> {
         }
         check_finite("b", &b)?;
         self.b = Some(b);
+        self.train.invalidate();
         Ok(())
     }
 
@@ -348,6 +343,7 @@ impl<T: Real> ElraLayer<T> {
     pub fn set_eta(&mut self, eta: T) -> Result<()> {
         check_eta(eta)?;
         self.eta = eta;
+        self.train.invalidate();
         Ok(())
     }
 
@@ -355,12 +351,27 @@ impl<T: Real> ElraLayer<T> {
     /// (eq. 75, App. H).
     pub fn set_step(&mut self, step: usize) {
         self.step = step;
+        self.train.invalidate();
+    }
+
+    /// Replaces the frozen weight `W0`, keeping the parameters and the step. Errors: `w0` not
+    /// d×k or non-finite.
+    pub fn set_w0(&mut self, w0: DMatrix<T>) -> Result<()> {
+        check_weight("w0", &w0, self.config.d, self.config.k)?;
+        self.w0 = w0;
+        self.train.invalidate();
+        Ok(())
+    }
+
+    /// `"elra"`, `"elra-psd"` or `"elra-hyb"`.
+    pub fn name(&self) -> &'static str {
+        self.config.generator.variant.name()
     }
 
     /// The generator before the spectral clip: `C` of eq. (2)/§4.2.1/eq. (19) with `η_eff`.
     pub fn raw_generator(&self) -> Result<LowRankGenerator<T>> {
         LowRankGenerator::from_variant(
-            self.config.variant,
+            self.config.generator.variant,
             &self.a,
             self.b.as_ref(),
             self.eta_effective(),
@@ -371,7 +382,7 @@ impl<T: Real> ElraLayer<T> {
     /// The right factor `C` used before clipping (Algorithm 1 line 4).
     pub fn factor_c(&self) -> Result<DMatrix<T>> {
         generator_factor(
-            self.config.variant,
+            self.config.generator.variant,
             &self.a,
             self.b.as_ref(),
             self.eta_effective(),
@@ -383,12 +394,12 @@ impl<T: Real> ElraLayer<T> {
     /// when τ is set, `Z = CA` and `M = φ1(Z)`.
     pub fn generator(&self) -> Result<GeneratorEval<T>> {
         GeneratorEval::evaluate(
-            self.config.variant,
+            self.config.generator.variant,
             &self.a,
             self.b.as_ref(),
             self.eta_effective(),
             self.alpha(),
-            self.config.tau,
+            self.config.generator.tau,
         )
     }
 
@@ -397,9 +408,9 @@ impl<T: Real> ElraLayer<T> {
         Ok(self.generator()?.action.generator().frobenius_norm_sq())
     }
 
-    /// `λ‖G‖²_F` (eq. 20) of the effective generator, with `λ = config.lambda`.
+    /// `λ‖G‖²_F` (eq. 20) of the effective generator, with `λ = config.generator.lambda`.
     pub fn energy_penalty(&self) -> Result<T> {
-        Ok(self.energy()? * T::of(self.config.lambda))
+        Ok(self.energy()? * T::of(self.config.generator.lambda))
     }
 
     /// The forward pass with every intermediate (eq. 5 / Algorithm 1 lines 4–8, samples as rows):
@@ -472,34 +483,6 @@ impl<T: Real> ElraLayer<T> {
     }
 }
 
-impl<T: Real> Adapter<T> for ElraLayer<T> {
-    fn name(&self) -> &'static str {
-        self.config.variant.name()
-    }
-    fn dims(&self) -> (usize, usize) {
-        (self.config.d, self.config.k)
-    }
-    fn w0(&self) -> &DMatrix<T> {
-        &self.w0
-    }
-    fn forward(&self, x: &DMatrix<T>) -> Result<DMatrix<T>> {
-        ElraLayer::forward(self, x)
-    }
-    fn merge(&self) -> Result<DMatrix<T>> {
-        ElraLayer::merge(self)
-    }
-    fn unmerge(&self, w_new: &DMatrix<T>) -> Result<DMatrix<T>> {
-        ElraLayer::unmerge(self, w_new)
-    }
-    fn param_count(&self) -> usize {
-        self.config.param_count()
-    }
-    /// The step size η (App. I: "one scalar per adapted matrix").
-    fn scalar_param_count(&self) -> usize {
-        1
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,7 +504,7 @@ mod tests {
         for variant in [Variant::General, Variant::Psd, Variant::Hyb] {
             let (d, k, r) = (12, 9, 3);
             let mut cfg = ElraConfig::new(variant, d, k, r, 100);
-            cfg.eta = 0.4;
+            cfg.generator.eta = 0.4;
             let w0 = rand_mat(&mut rng, d, k);
             let mut layer = ElraLayer::new(cfg, w0).unwrap();
             layer.set_step(10);
@@ -569,8 +552,8 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(12);
         let (d, k, r) = (10, 10, 4);
         let mut cfg = ElraConfig::new(Variant::General, d, k, r, 10);
-        cfg.eta = 5.0;
-        cfg.tau = Some(1.0);
+        cfg.generator.eta = 5.0;
+        cfg.generator.tau = Some(1.0);
         let layer = ElraLayer::new(cfg, rand_mat(&mut rng, d, k)).unwrap();
         let g = layer.generator().unwrap();
         assert!(g.clipped());
@@ -591,8 +574,8 @@ mod tests {
         let a = rand_mat(&mut rng, d, r) * 0.3;
         let b = rand_mat(&mut rng, r, d) * 0.3;
         let mut cfg = ElraConfig::new(Variant::Hyb, d, k, r, 100);
-        cfg.eta = 0.5;
-        cfg.tau = None;
+        cfg.generator.eta = 0.5;
+        cfg.generator.tau = None;
         let l64 =
             ElraLayer::from_factors(cfg.clone(), w0.clone(), a.clone(), Some(b.clone())).unwrap();
         let c = |m: &DMatrix<f64>| m.map(|v| v as f32);
@@ -610,6 +593,7 @@ mod tests {
 
     #[test]
     fn param_counts() {
+        use crate::adapter::Adapter;
         let cfg = ElraConfig::new(Variant::General, 16, 40, 4, 1);
         let l = ElraLayer::<f64>::new(cfg, DMatrix::zeros(16, 40)).unwrap();
         assert_eq!(Adapter::param_count(&l), 2 * 4 * 16);

@@ -11,8 +11,9 @@ use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{check_batch, check_dims, check_weight, kaiming_uniform, xavier_uniform, Adapter};
-use crate::linalg::{check_finite, Real};
+use super::{check_batch, check_dims, check_weight, kaiming_uniform, xavier_uniform, TrainState};
+use crate::grad::{LoraGrad, LoraTape};
+use crate::linalg::Real;
 use crate::{ElraError, Result};
 
 /// How `lora_A` is initialised (`lora_B` always starts at zero).
@@ -87,6 +88,9 @@ pub struct LoraLayer<T: Real> {
     w0: DMatrix<T>,
     lora_a: DMatrix<T>,
     lora_b: DMatrix<T>,
+    /// Tape and gradients of the [`crate::adapter::Adapter`] training calls
+    /// (`crate::grad::lora`).
+    pub(crate) train: TrainState<LoraTape<T>, LoraGrad<T>>,
 }
 
 impl<T: Real> LoraLayer<T> {
@@ -122,6 +126,7 @@ impl<T: Real> LoraLayer<T> {
             w0,
             lora_a,
             lora_b,
+            train: TrainState::default(),
         })
     }
 
@@ -144,14 +149,15 @@ impl<T: Real> LoraLayer<T> {
     pub fn set_lora_a(&mut self, a: DMatrix<T>) -> Result<()> {
         check_weight("lora_a", &a, self.config.r, self.config.k)?;
         self.lora_a = a;
+        self.train.invalidate();
         Ok(())
     }
 
     /// Replaces `lora_B`. Errors: not d×r or non-finite.
     pub fn set_lora_b(&mut self, b: DMatrix<T>) -> Result<()> {
         check_weight("lora_b", &b, self.config.d, self.config.r)?;
-        check_finite("lora_b", &b)?;
         self.lora_b = b;
+        self.train.invalidate();
         Ok(())
     }
 
@@ -159,39 +165,42 @@ impl<T: Real> LoraLayer<T> {
     pub fn delta(&self) -> DMatrix<T> {
         (&self.lora_b * &self.lora_a) * T::of(self.config.scaling())
     }
-}
 
-impl<T: Real> Adapter<T> for LoraLayer<T> {
-    fn name(&self) -> &'static str {
-        "lora"
-    }
-    fn dims(&self) -> (usize, usize) {
-        (self.config.d, self.config.k)
-    }
-    fn w0(&self) -> &DMatrix<T> {
+    /// The frozen weight `W0` (d×k).
+    pub fn w0(&self) -> &DMatrix<T> {
         &self.w0
     }
+
+    /// Replaces `W0`, keeping `lora_A` and `lora_B`. Errors: not d×k or non-finite.
+    pub fn set_w0(&mut self, w0: DMatrix<T>) -> Result<()> {
+        check_weight("w0", &w0, self.config.d, self.config.k)?;
+        self.w0 = w0;
+        self.train.invalidate();
+        Ok(())
+    }
+
     /// `Y = X W0ᵀ + (α/r)·(X A'ᵀ) B'ᵀ` (PEFT `Linear.forward`, samples as rows).
-    fn forward(&self, x: &DMatrix<T>) -> Result<DMatrix<T>> {
+    pub fn forward(&self, x: &DMatrix<T>) -> Result<DMatrix<T>> {
         check_batch(x, self.config.k)?;
         let base = x * self.w0.transpose();
         let down = x * self.lora_a.transpose();
         Ok((down * self.lora_b.transpose()) * T::of(self.config.scaling()) + base)
     }
+
     /// `W0 + (α/r)·B'A'` (PEFT `merge`).
-    fn merge(&self) -> Result<DMatrix<T>> {
+    pub fn merge(&self) -> Result<DMatrix<T>> {
         Ok(self.delta() + &self.w0)
     }
+
     /// `W_new − (α/r)·B'A'` (PEFT `unmerge`). Errors: `w_new` not d×k or non-finite.
-    fn unmerge(&self, w_new: &DMatrix<T>) -> Result<DMatrix<T>> {
+    pub fn unmerge(&self, w_new: &DMatrix<T>) -> Result<DMatrix<T>> {
         check_weight("w_new", w_new, self.config.d, self.config.k)?;
         Ok(w_new - self.delta())
     }
-    fn param_count(&self) -> usize {
+
+    /// Trainable entries `r(d + k)` (Remark 1).
+    pub fn param_count(&self) -> usize {
         self.config.param_count()
-    }
-    fn scalar_param_count(&self) -> usize {
-        0
     }
 }
 
@@ -219,8 +228,8 @@ mod tests {
         let y = l.forward(&x).unwrap();
         assert!((y - &x * w_new.transpose()).norm() < 1e-12);
         assert!((l.unmerge(&w_new).unwrap() - &w0).norm() < 1e-13);
-        assert_eq!(Adapter::param_count(&l), r * (d + k));
-        assert_eq!(l.total_param_count(), r * (d + k));
+        assert_eq!(crate::adapter::Adapter::param_count(&l), r * (d + k));
+        assert_eq!(crate::adapter::Adapter::total_param_count(&l), r * (d + k));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! * The η multiplier (App. H, "cosine schedule multiplier in [0.5, 1.0] tied to the main
 //!   scheduler") is `m(t) = 0.75 + 0.25·cos(π·t/T)`, so `m(0) = 1` and `m(T) = 0.5`.
 
+use serde::{Deserialize, Serialize};
+
 use crate::{ElraError, Result};
 
 /// Default fraction of the total number of steps used as the α warm-up (App. H: 25 %).
@@ -19,7 +21,12 @@ pub const DEFAULT_GAMMA: f64 = 5.0;
 /// Every decaying schedule satisfies `α(0) = 1` and `α(t) = 0` for `t > T_warm`. A warm-up of
 /// zero steps is accepted and means "general from the first step on": `α(0) = 1`, `α(t) = 0`
 /// for `t ≥ 1`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+///
+/// Serialised (in `adapter_config.json`) as `{"type": "exponential", "warmup_steps": …,
+/// "gamma": …}`, `{"type": "cosine", …}`, `{"type": "linear", …}`, `{"type": "constant",
+/// "alpha": …}`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum AlphaSchedule {
     /// App. H eq. (75): `α_t = exp(−γ t/T_warm)` for `t ≤ T_warm`, then 0.
     Exponential {
@@ -39,7 +46,10 @@ pub enum AlphaSchedule {
         warmup_steps: usize,
     },
     /// A fixed α ∈ [0, 1] (α = 1: ELRA-PSD generator, α = 0: general ELRA, eq. 19).
-    Constant(f64),
+    Constant {
+        /// The value of α.
+        alpha: f64,
+    },
 }
 
 impl AlphaSchedule {
@@ -92,14 +102,7 @@ impl AlphaSchedule {
                     ));
                 }
             }
-            AlphaSchedule::Constant(a) => {
-                if !a.is_finite() || !(0.0..=1.0).contains(&a) {
-                    return Err(ElraError::invalid(
-                        "alpha",
-                        format!("must lie in [0, 1], got {a}"),
-                    ));
-                }
-            }
+            AlphaSchedule::Constant { alpha } => super::config::check_alpha(alpha)?,
             AlphaSchedule::Cosine { .. } | AlphaSchedule::Linear { .. } => {}
         }
         Ok(())
@@ -110,7 +113,7 @@ impl AlphaSchedule {
     /// (NaN becomes 0), so this never returns a non-finite number.
     pub fn alpha(&self, step: usize) -> f64 {
         let a = match *self {
-            AlphaSchedule::Constant(a) => a,
+            AlphaSchedule::Constant { alpha } => alpha,
             AlphaSchedule::Exponential {
                 warmup_steps,
                 gamma,
@@ -176,7 +179,10 @@ pub fn eta_cosine_multiplier(step: usize, total_steps: usize) -> f64 {
 }
 
 /// How the effective step size `η_eff(t) = η · m(t)` of a layer evolves with the step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// Serialised as `{"type": "none"}` or `{"type": "cosine", "total_steps": …}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum EtaMultiplier {
     /// `m(t) = 1`: η is used as is.
     #[default]
@@ -251,10 +257,12 @@ mod tests {
         };
         assert_eq!(e.alpha(0), 1.0);
         assert_eq!(e.alpha(3), 0.0);
-        assert_eq!(AlphaSchedule::Constant(0.3).alpha(17), 0.3);
-        assert!(AlphaSchedule::Constant(1.5).validate().is_err());
-        assert!(AlphaSchedule::Constant(f64::NAN).validate().is_err());
-        assert_eq!(AlphaSchedule::Constant(f64::NAN).alpha(0), 0.0);
+        assert_eq!(AlphaSchedule::Constant { alpha: 0.3 }.alpha(17), 0.3);
+        assert!(AlphaSchedule::Constant { alpha: 1.5 }.validate().is_err());
+        assert!(AlphaSchedule::Constant { alpha: f64::NAN }
+            .validate()
+            .is_err());
+        assert_eq!(AlphaSchedule::Constant { alpha: f64::NAN }.alpha(0), 0.0);
         assert!(AlphaSchedule::exponential(10, 0.25, -1.0).is_err());
         assert!(AlphaSchedule::cosine(10, 1.5).is_err());
     }

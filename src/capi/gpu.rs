@@ -45,11 +45,9 @@ use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::adapter::{
-    c_config_elra, c_config_lora, elra_config, lora_config, out_layout, read_matrix, row_major,
-    variant_of, ElraAdapterConfig, ElraDtype,
-};
-use super::{check_scalar_out, guard, write_out, CError, CResult, ElraStatus};
+use super::config::{variant_of, ElraAdapterConfig};
+use super::layout::{check_scalar_out, out_layout, read_matrix, row_major};
+use super::{guard, write_out, CError, CResult, ElraStatus};
 use crate::adapter::{kaiming_uniform, xavier_uniform, ElraConfig, LoraConfig, LoraInit};
 use crate::cuda::{
     choose_route, device_count, Activation, BorrowedMatrices, CudaDevice, DeviceMatrices,
@@ -360,10 +358,11 @@ unsafe fn borrow<T: Activation>(dev: &CudaDevice, m: &DevMat) -> CResult<Borrowe
 
 /// α (eq. 19), the η multiplier (App. H) and λ (eq. 20) of an ELRA config at `step`.
 fn gpu_spec(cfg: &ElraConfig, step: usize) -> CResult<GpuSpec> {
+    let g = &cfg.generator;
     let s = GpuSpec {
-        alpha: cfg.variant.alpha_at(&cfg.schedule, step),
-        eta_mult: cfg.eta_multiplier.at(step),
-        lambda: cfg.lambda,
+        alpha: g.alpha_at(step),
+        eta_mult: g.eta_multiplier.at(step),
+        lambda: g.lambda,
     };
     if !s.eta_mult.is_finite() || s.eta_mult <= 0.0 {
         return Err(invalid(
@@ -425,7 +424,7 @@ impl ElraGpuAdapter {
     }
 
     fn uses_b(&self) -> bool {
-        self.elra.as_ref().is_none_or(|c| c.variant.uses_b())
+        self.elra.as_ref().is_none_or(|c| c.variant().uses_b())
     }
 
     /// `(rows, cols)` of parameter `which` ([`super::ElraParam`]); W0 is not addressable here.
@@ -493,8 +492,8 @@ fn parse_config(c: &ElraAdapterConfig) -> CResult<Request> {
     let dtype = gpu_dtype(c.dtype)?;
     let (elra, lora) = match variant_of(c.variant)? {
         Some(v) => {
-            let cfg = elra_config(c, v)?;
-            if cfg.tau.is_some() {
+            let cfg = c.elra(v)?;
+            if cfg.generator.tau.is_some() {
                 return Err(invalid(
                     "tau",
                     "the GPU layer has no spectral clip (App. H): set tau = 0",
@@ -502,7 +501,7 @@ fn parse_config(c: &ElraAdapterConfig) -> CResult<Request> {
             }
             (Some(cfg), None)
         }
-        None => (None, Some(lora_config(c)?)),
+        None => (None, Some(c.lora()?)),
     };
     if c.r > MAX_RANK {
         return Err(invalid(
@@ -575,13 +574,9 @@ pub unsafe extern "C" fn elra_gpu_adapter_create(
             }
         };
         let config = match (&req.elra, &req.lora) {
-            (Some(e), _) => c_config_elra(e, ElraDtype::ELRA_DTYPE_F32),
-            (None, Some(l)) => c_config_lora(l, ElraDtype::ELRA_DTYPE_F32),
+            (Some(e), _) => ElraAdapterConfig::of_elra(e, req.dtype as u32),
+            (None, Some(l)) => ElraAdapterConfig::of_lora(l, req.dtype as u32),
             (None, None) => return Err(invalid("config", "no variant")),
-        };
-        let config = ElraAdapterConfig {
-            dtype: req.dtype as u32,
-            ..config
         };
         let h = Box::into_raw(Box::new(ElraGpuAdapter {
             magic: GPU_MAGIC,
@@ -641,7 +636,7 @@ unsafe fn build<T: Activation>(
             // The CPU handle's initialisation (ElraLayer::new) in f32.
             let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
             let a: DMatrix<f32> = xavier_uniform(&mut rng, cfg.d, cfg.r);
-            let b: Option<DMatrix<f32>> = if cfg.variant.uses_b() {
+            let b: Option<DMatrix<f32>> = if cfg.variant().uses_b() {
                 Some(xavier_uniform(&mut rng, cfg.r, cfg.d))
             } else {
                 None
@@ -652,7 +647,7 @@ unsafe fn build<T: Activation>(
                 w0_own,
                 &a,
                 b.as_ref(),
-                cfg.eta as f32,
+                cfg.generator.eta as f32,
                 spec,
             )?)
         }
@@ -1044,7 +1039,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_energy(
         check_scalar_out("energy", energy)?;
         check_scalar_out("penalty", penalty)?;
         let lambda = match &a.elra {
-            Some(c) => c.lambda,
+            Some(c) => c.generator.lambda,
             None => return Err(invalid("adapter", "LoRA has no generator energy")),
         };
         let dev = &a.dev;

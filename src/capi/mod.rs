@@ -29,23 +29,29 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-use crate::linalg::Real;
 use crate::ElraError;
 use std::cell::RefCell;
 use std::os::raw::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 pub mod adapter;
+pub mod config;
+pub mod files;
 /// Self-checking driver of the exports for the fuzz targets (`fuzz/`) and unit tests.
 #[doc(hidden)]
 pub mod fuzz;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+mod handle;
+mod layout;
 pub mod matfn;
 
 pub use adapter::*;
+pub use config::*;
+pub use files::*;
 #[cfg(feature = "cuda")]
 pub use gpu::*;
+pub(crate) use layout::{check_in, check_out, read_in, write_out, Layout};
 pub use matfn::*;
 
 /// Version of the C ABI described by `include/elra.h`. It changes whenever a declaration in the
@@ -205,158 +211,6 @@ pub unsafe extern "C" fn elra_last_error_message(buf: *mut c_char, len: usize) -
     r.unwrap_or(0)
 }
 
-/// A row-major strided batch of matrices described by the caller (see the module docs).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Layout {
-    /// Number of matrices.
-    pub batch: usize,
-    /// Rows of each matrix.
-    pub rows: usize,
-    /// Columns of each matrix.
-    pub cols: usize,
-    /// Leading dimension (distance between rows, in elements).
-    pub ld: usize,
-    /// Distance between matrices, in elements (ignored when `batch == 1`).
-    pub stride: usize,
-}
-
-impl Layout {
-    /// Checks the dimensions: all ≥ 1, `ld ≥ cols`, `stride ≥ (rows−1)·ld + cols` when
-    /// `batch > 1`, and a total span of at most `isize::MAX` bytes. Names `arg` in the error.
-    pub fn check<T>(&self, arg: &'static str) -> CResult<()> {
-        let bad = |why: String| CError::Elra(ElraError::invalid(arg, why));
-        if self.batch == 0 || self.rows == 0 || self.cols == 0 {
-            return Err(bad(format!(
-                "zero dimension (batch = {}, rows = {}, cols = {})",
-                self.batch, self.rows, self.cols
-            )));
-        }
-        if self.ld < self.cols {
-            return Err(bad(format!(
-                "leading dimension {} is smaller than the {} columns",
-                self.ld, self.cols
-            )));
-        }
-        let too_big = || bad("the described memory exceeds the address space".to_string());
-        let one = (self.rows - 1)
-            .checked_mul(self.ld)
-            .and_then(|x| x.checked_add(self.cols))
-            .ok_or_else(too_big)?;
-        let total = if self.batch > 1 {
-            if self.stride < one {
-                return Err(bad(format!(
-                    "batch stride {} is smaller than one matrix's span {one} (matrices overlap)",
-                    self.stride
-                )));
-            }
-            (self.batch - 1)
-                .checked_mul(self.stride)
-                .and_then(|x| x.checked_add(one))
-                .ok_or_else(too_big)?
-        } else {
-            one
-        };
-        match total.checked_mul(std::mem::size_of::<T>()) {
-            Some(bytes) if bytes <= isize::MAX as usize => Ok(()),
-            _ => Err(too_big()),
-        }
-    }
-
-    /// Number of entries of the dense (packed) copy: `batch·rows·cols`.
-    pub fn dense_len(&self) -> usize {
-        self.batch * self.rows * self.cols
-    }
-
-    /// Offset of row `i` of matrix `b`.
-    fn row_offset(&self, b: usize, i: usize) -> usize {
-        b * self.stride + i * self.ld
-    }
-}
-
-/// Checks a pointer for NULL and alignment.
-fn check_ptr<T>(arg: &'static str, p: *const T) -> CResult<()> {
-    if p.is_null() {
-        return Err(CError::Null(arg));
-    }
-    if (p as usize) % std::mem::align_of::<T>() != 0 {
-        return Err(CError::Elra(ElraError::invalid(
-            arg,
-            format!(
-                "pointer is not aligned to {} bytes",
-                std::mem::align_of::<T>()
-            ),
-        )));
-    }
-    Ok(())
-}
-
-/// Validates a caller input (pointer + layout) without reading it.
-pub(crate) fn check_in<T>(arg: &'static str, p: *const T, l: &Layout) -> CResult<()> {
-    check_ptr(arg, p)?;
-    l.check::<T>(arg)
-}
-
-/// Validates a caller output (pointer + layout) without touching it.
-pub(crate) fn check_out<T>(arg: &'static str, p: *mut T, l: &Layout) -> CResult<()> {
-    check_ptr(arg, p.cast_const())?;
-    l.check::<T>(arg)
-}
-
-/// Copies a caller matrix batch into a packed row-major vector (`batch·rows·cols` entries) and
-/// checks every entry for NaN/Inf (reported as `ElraError::NonFinite` naming `arg`).
-///
-/// # Safety
-/// `p` must have passed [`check_in`] with `l`, and the caller of the export must guarantee that
-/// every entry the layout describes is readable for the duration of the call.
-pub(crate) unsafe fn read_in<T: Real>(
-    arg: &'static str,
-    p: *const T,
-    l: &Layout,
-) -> CResult<Vec<T>> {
-    let mut out = Vec::with_capacity(l.dense_len());
-    for b in 0..l.batch {
-        for i in 0..l.rows {
-            // SAFETY: `check_in` verified that p is non-null, aligned, and that the span of the
-            // layout fits the address space; the export's caller guarantees the described
-            // entries (row i of matrix b: `cols` elements at `row_offset`) are readable. Only
-            // that row is borrowed, and only until it is copied.
-            let row = unsafe { std::slice::from_raw_parts(p.add(l.row_offset(b, i)), l.cols) };
-            out.extend_from_slice(row);
-        }
-    }
-    if out.iter().all(|x| x.is_finite()) {
-        Ok(out)
-    } else {
-        Err(CError::Elra(ElraError::NonFinite { arg }))
-    }
-}
-
-/// Writes a packed row-major vector to a caller matrix batch.
-///
-/// # Safety
-/// `p` must have passed [`check_out`] with `l`, `data` must hold `l.dense_len()` entries, and the
-/// caller of the export must guarantee that every entry the layout describes is writable and not
-/// borrowed elsewhere during the call.
-pub(crate) unsafe fn write_out<T: Copy>(p: *mut T, l: &Layout, data: &[T]) {
-    debug_assert_eq!(data.len(), l.dense_len());
-    for b in 0..l.batch {
-        for i in 0..l.rows {
-            let src = &data[(b * l.rows + i) * l.cols..][..l.cols];
-            // SAFETY: `check_out` verified that p is non-null, aligned and that the layout's span
-            // fits the address space; the export's caller guarantees these `cols` entries are
-            // writable. `src` is library-owned memory, so the regions do not overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.as_ptr(), p.add(l.row_offset(b, i)), l.cols)
-            };
-        }
-    }
-}
-
-/// Validates a scalar out-pointer (non-null, aligned).
-pub(crate) fn check_scalar_out<T>(arg: &'static str, p: *mut T) -> CResult<()> {
-    check_ptr(arg, p.cast_const())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,38 +287,5 @@ mod tests {
                 assert_eq!(nul, cut - 1);
             }
         }
-    }
-
-    fn single(rows: usize, cols: usize, ld: usize) -> Layout {
-        Layout {
-            batch: 1,
-            rows,
-            cols,
-            ld,
-            stride: 0,
-        }
-    }
-
-    #[test]
-    fn layout_checks() {
-        assert!(single(2, 3, 3).check::<f64>("x").is_ok());
-        assert!(single(2, 3, 2).check::<f64>("x").is_err());
-        assert!(single(0, 3, 3).check::<f64>("x").is_err());
-        let l = Layout {
-            batch: 2,
-            rows: 2,
-            cols: 2,
-            ld: 3,
-            stride: 4,
-        };
-        assert!(l.check::<f64>("x").is_err(), "stride 4 < span 5");
-        let l = Layout { stride: 5, ..l };
-        assert!(l.check::<f64>("x").is_ok());
-        let l = Layout {
-            batch: usize::MAX,
-            stride: usize::MAX / 2,
-            ..l
-        };
-        assert!(l.check::<f64>("x").is_err());
     }
 }

@@ -45,7 +45,8 @@ use super::skinny::{
     Activation, FactorBackward, RowPass, SkinnyKernels, View, MAX_RANK,
 };
 use super::{gemm, CudaDevice, DeviceMatrices, Transpose};
-use crate::grad::{GeneratorSpec, Route};
+use crate::adapter::GeneratorSpec;
+use crate::grad::Route;
 use crate::{ElraError, Result};
 
 // ---------------------------------------------------------------------------------------------
@@ -754,9 +755,9 @@ impl<T: Activation> GpuElraLayer<T> {
 
     /// The GPU copy of a CPU [`crate::adapter::ElraLayer`] at its current step: `W0` rounded to
     /// `T`, `A`, `B`, η, α of its variant and schedule, the η multiplier and λ
-    /// ([`crate::grad::layer_spec`]). Errors when the layer uses the spectral clip.
+    /// ([`crate::adapter::ElraLayer::spec`]). Errors when the layer uses the spectral clip.
     pub fn from_layer(dev: &CudaDevice, layer: &crate::adapter::ElraLayer<f32>) -> Result<Self> {
-        let spec = GpuSpec::from_spec(&crate::grad::layer_spec(layer))?;
+        let spec = GpuSpec::from_spec(&layer.spec())?;
         let w0 = upload_matrix::<T>(dev, &layer.w0().map(|x| x as f64))?;
         Self::new(dev, w0, layer.a(), layer.b(), layer.eta(), spec)
     }

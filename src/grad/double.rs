@@ -16,11 +16,11 @@
 
 use nalgebra::DMatrix;
 
-use super::elra::{GeneratorSpec, GeneratorTape};
+use super::elra::GeneratorTape;
 use super::generator::FactorGrad;
 use super::ops::{matmul, Op};
 use super::rows::{exp_rows_backward, exp_rows_forward, ExpRowsTape};
-use crate::adapter::{Adapter, DoubleSidedLayer};
+use crate::adapter::{DoubleSidedLayer, GeneratorSpec};
 use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
 
@@ -134,24 +134,8 @@ pub fn double_backward_parts<T: Real>(
     })
 }
 
-/// The [`GeneratorSpec`] of a [`DoubleSidedLayer`] at its current step, shared by `L` and `R`
-/// (App. B eq. 23–25): α of its variant and schedule (eq. 19, eq. 75), the η multiplier
-/// (App. H), the spectral-clip τ (App. H, applied to each generator) and λ (eq. 20, applied to
-/// `‖L‖²_F + ‖R‖²_F`) of its configuration. This is the same setting
-/// [`DoubleSidedLayer::generators`] evaluates, so [`double_forward`] computes exactly
-/// [`Adapter::forward`] of the layer.
-pub fn double_layer_spec<T: Real>(layer: &DoubleSidedLayer<T>) -> GeneratorSpec {
-    let cfg = layer.config();
-    GeneratorSpec {
-        alpha: layer.alpha(),
-        eta_mult: cfg.eta_multiplier.at(layer.step()),
-        tau: cfg.tau,
-        lambda: cfg.lambda,
-    }
-}
-
 /// [`double_forward_parts`] for a [`DoubleSidedLayer`] at its current step (App. B eq. 22): its
-/// `W0`, `(A_L, B_L, η_L)`, `(A_R, B_R, η_R)` and [`double_layer_spec`], with an optional dropout
+/// `W0`, `(A_L, B_L, η_L)`, `(A_R, B_R, η_R)` and [`DoubleSidedLayer::spec`], with an optional dropout
 /// mask (N×d) on the left (output-side) increment.
 ///
 /// Errors: as [`double_forward_parts`].
@@ -170,7 +154,7 @@ pub fn double_forward<T: Real>(
         b: layer.b_right(),
         eta: layer.eta_right(),
     };
-    double_forward_parts(x, layer.w0(), left, right, &double_layer_spec(layer), mask)
+    double_forward_parts(x, layer.w0(), left, right, &layer.spec(), mask)
 }
 
 /// [`double_backward_parts`] for a [`DoubleSidedLayer`] (App. B eq. 22, module docs); the tape

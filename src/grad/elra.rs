@@ -27,7 +27,8 @@ use super::generator::{energy_backward, FactorChain};
 use super::ops::{gemm, matmul, Op};
 use super::phi1_adjoint;
 use super::rows::{exp_rows_backward, exp_rows_forward_impl, ExpRowsTape};
-use crate::adapter::ElraLayer;
+use crate::adapter::config::check_lambda;
+use crate::adapter::{ElraLayer, GeneratorSpec};
 use crate::linalg::{check_finite, phi1, Real};
 use crate::{ElraError, Result};
 
@@ -39,19 +40,6 @@ pub enum Route {
     Woodbury,
     /// `W_new = W0 + A (M (C W0))` (eq. 30), then `Y = X W_newᵀ`; no dropout on this route.
     Merged,
-}
-
-/// The non-trainable settings of one generator at the current step.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GeneratorSpec {
-    /// α of eq. (19): 0 general, 1 PSD, the schedule's value for Hyb.
-    pub alpha: f64,
-    /// The η multiplier `m(t)` (App. H cosine in [0.5, 1]); 1 for none.
-    pub eta_mult: f64,
-    /// Spectral-clip threshold τ (App. H), `None` for no clip.
-    pub tau: Option<f64>,
-    /// Energy-penalty weight λ ≥ 0 (eq. 20).
-    pub lambda: f64,
 }
 
 /// A generator evaluated for one step: effective factors, `Z = CA`, `M = φ1(Z)`, the chain
@@ -86,15 +74,10 @@ impl<T: Real> GeneratorTape<T> {
         spec: &GeneratorSpec,
     ) -> Result<Self> {
         let (c, chain) = FactorChain::new(a, b, eta, spec.eta_mult, spec.alpha, spec.tau)?;
+        check_lambda(spec.lambda)?;
         let z = matmul(&c, Op::N, a, Op::N);
         let m = phi1(&z)?;
         check_finite("phi1(Z)", &m)?;
-        if !spec.lambda.is_finite() || spec.lambda < 0.0 {
-            return Err(ElraError::invalid(
-                "lambda",
-                format!("must be finite and ≥ 0, got {}", spec.lambda),
-            ));
-        }
         let energy = chain.frob_sq() * T::of(spec.lambda);
         Ok(GeneratorTape {
             a: a.clone(),
@@ -287,20 +270,8 @@ pub fn elra_backward_parts<T: Real>(
     })
 }
 
-/// The [`GeneratorSpec`] of an [`ElraLayer`] at its current step: α of its variant and
-/// schedule (eq. 19, eq. 75), the η multiplier (App. H), τ and λ of its configuration.
-pub fn layer_spec<T: Real>(layer: &ElraLayer<T>) -> GeneratorSpec {
-    let cfg = layer.config();
-    GeneratorSpec {
-        alpha: layer.alpha(),
-        eta_mult: cfg.eta_multiplier.at(layer.step()),
-        tau: cfg.tau,
-        lambda: cfg.lambda,
-    }
-}
-
 /// [`elra_forward_parts`] for an [`ElraLayer`] at its current step (its `W0`, `A`, `B`, η and
-/// [`layer_spec`]).
+/// [`ElraLayer::spec`]).
 pub fn elra_forward<T: Real>(
     layer: &ElraLayer<T>,
     x: &DMatrix<T>,
@@ -313,7 +284,7 @@ pub fn elra_forward<T: Real>(
         layer.a(),
         layer.b(),
         layer.eta(),
-        &layer_spec(layer),
+        &layer.spec(),
         route,
         mask,
     )

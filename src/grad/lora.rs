@@ -148,7 +148,7 @@ pub fn lora_forward<T: Real>(
 ) -> Result<(DMatrix<T>, LoraTape<T>)> {
     lora_forward_parts(
         x,
-        crate::adapter::Adapter::w0(layer),
+        layer.w0(),
         layer.lora_a(),
         layer.lora_b(),
         T::of(layer.config().scaling()),
@@ -165,7 +165,7 @@ pub fn lora_backward<T: Real>(
 ) -> Result<LoraGrad<T>> {
     lora_backward_parts(
         x,
-        crate::adapter::Adapter::w0(layer),
+        layer.w0(),
         layer.lora_a(),
         layer.lora_b(),
         T::of(layer.config().scaling()),

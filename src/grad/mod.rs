@@ -21,6 +21,7 @@
 //! nalgebra oracle in `tests/gradients.rs`.
 #![allow(non_snake_case)]
 
+mod adapters;
 pub mod double;
 pub mod elra;
 pub mod generator;
@@ -29,12 +30,12 @@ pub mod ops;
 pub mod rows;
 
 pub use double::{
-    double_backward, double_backward_parts, double_forward, double_forward_parts,
-    double_layer_spec, DoubleGrad, DoubleTape, SideParams,
+    double_backward, double_backward_parts, double_forward, double_forward_parts, DoubleGrad,
+    DoubleTape, SideParams,
 };
 pub use elra::{
-    elra_backward, elra_backward_parts, elra_forward, elra_forward_parts, layer_spec, ElraGrad,
-    ElraTape, GeneratorSpec, GeneratorTape, Route, RouteTape,
+    elra_backward, elra_backward_parts, elra_forward, elra_forward_parts, ElraGrad, ElraTape,
+    GeneratorTape, Route, RouteTape,
 };
 pub use generator::{
     energy_backward, top_singular, ClipTape, FactorChain, FactorGrad, TopSingular,

@@ -1,6 +1,7 @@
 //! Reading and writing adapter directories (PEFT layout) and merged weights; see the
 //! [module docs](super) for the format.
 
+use crate::adapter::GeneratorConfig;
 use crate::linalg::Real;
 use crate::{ElraError, Result};
 use nalgebra::DMatrix;
@@ -258,68 +259,19 @@ fn suffix_match(module: &str, target: &str) -> bool {
             && module.as_bytes()[module.len() - target.len() - 1] == b'.')
 }
 
-/// The α schedule of ELRA-Hyb (eq. 19, eq. 75), as stored in `adapter_config.json`
-/// (`{"type": "exponential", "warmup_steps": …, "gamma": …}` etc.).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum AlphaScheduleSpec {
-    /// `α(t) = exp(−γ t / T_warm)` during warm-up, then 0 (eq. 75).
-    Exponential {
-        /// `T_warm`.
-        warmup_steps: usize,
-        /// Decay rate γ.
-        gamma: f64,
-    },
-    /// Cosine decay from 1 to 0 over the warm-up.
-    Cosine {
-        /// `T_warm`.
-        warmup_steps: usize,
-    },
-    /// Linear decay from 1 to 0 over the warm-up.
-    Linear {
-        /// `T_warm`.
-        warmup_steps: usize,
-    },
-    /// A fixed α in [0, 1].
-    Constant {
-        /// The value of α.
-        alpha: f64,
-    },
-}
-
-/// Multiplier of η over the steps (App. H), as stored in `adapter_config.json`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum EtaMultiplierSpec {
-    /// `m(t) = 1`.
-    None,
-    /// Cosine multiplier over the main schedule of `total_steps` steps.
-    Cosine {
-        /// Length of the main schedule.
-        total_steps: usize,
-    },
-}
-
-/// `adapter_config.json` of an ELRA adapter (PEFT layout with ELRA's fields).
+/// `adapter_config.json` of an ELRA adapter (PEFT layout with ELRA's fields). The generator
+/// settings are the library's [`GeneratorConfig`] in its serde form: `variant` (`"general"`,
+/// `"psd"`, `"hyb"`), `eta` (η₀), `lambda`, `tau` (`null`: no clip), `alpha_schedule`,
+/// `eta_multiplier`, validated by [`GeneratorConfig::validate`] like every other entry point.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ElraFileConfig {
     /// Always `"ELRA"`.
     pub peft_type: String,
-    /// Generator family: `"general"` (G = ηAB, eq. 2), `"psd"` (G = ηAAᵀ, §4.2.1) or `"hyb"`
-    /// (G = η(αAAᵀ + (1−α)AB), eq. 19).
-    pub variant: String,
+    /// Variant, η₀, λ, τ, α schedule and η multiplier (eq. 2, §4.2.1, eq. 19–20, App. H).
+    #[serde(flatten)]
+    pub generator: GeneratorConfig,
     /// Factor rank r.
     pub r: usize,
-    /// Initial step size η₀ > 0 (eq. 2; the trained η of each module is the tensor `elra_eta`).
-    pub eta: f64,
-    /// Energy-penalty weight λ ≥ 0 (eq. 20).
-    pub lambda: f64,
-    /// Spectral clip threshold τ > 0, or `null` for no clipping (App. H).
-    pub tau: Option<f64>,
-    /// α schedule of ELRA-Hyb (eq. 19).
-    pub alpha_schedule: AlphaScheduleSpec,
-    /// η multiplier (App. H).
-    pub eta_multiplier: EtaMultiplierSpec,
     /// Seed of the initialisation.
     #[serde(default)]
     pub seed: u64,
@@ -340,7 +292,7 @@ pub struct ElraFileConfig {
 impl ElraFileConfig {
     /// Whether the variant trains `B` (general and hyb do, psd does not).
     pub fn uses_b(&self) -> bool {
-        self.variant != "psd"
+        self.generator.variant.uses_b()
     }
 
     fn validate(&self) -> Result<()> {
@@ -357,38 +309,10 @@ impl ElraFileConfig {
                 self.format_version
             ));
         }
-        if !matches!(self.variant.as_str(), "general" | "psd" | "hyb") {
-            return bad(format!(
-                "variant {:?} is not one of \"general\", \"psd\", \"hyb\"",
-                self.variant
-            ));
-        }
         if self.r == 0 {
             return bad("rank r = 0".to_string());
         }
-        if !(self.eta.is_finite() && self.eta > 0.0) {
-            return bad(format!("eta = {} must be finite and > 0", self.eta));
-        }
-        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
-            return bad(format!("lambda = {} must be finite and ≥ 0", self.lambda));
-        }
-        if let Some(tau) = self.tau {
-            if !(tau.is_finite() && tau > 0.0) {
-                return bad(format!("tau = {tau} must be finite and > 0"));
-            }
-        }
-        match self.alpha_schedule {
-            AlphaScheduleSpec::Exponential { gamma, .. } if !(gamma.is_finite() && gamma > 0.0) => {
-                return bad(format!(
-                    "alpha_schedule.gamma = {gamma} must be finite and > 0"
-                ))
-            }
-            AlphaScheduleSpec::Constant { alpha } if !(0.0..=1.0).contains(&alpha) => {
-                return bad(format!("alpha_schedule.alpha = {alpha} is outside [0, 1]"))
-            }
-            _ => {}
-        }
-        Ok(())
+        self.generator.validate().or_else(|e| bad(e.to_string()))
     }
 }
 
@@ -743,7 +667,7 @@ impl<T: Real> AdapterFile<T> {
                         (None, true) => {
                             return Err(ElraError::invalid(
                                 "b",
-                                format!("module `{name}`: variant {} needs B", c.variant),
+                                format!("module `{name}`: variant {} needs B", c.generator.variant),
                             ))
                         }
                     }

@@ -3,77 +3,13 @@
 //! frozen weight `W0`.
 
 use super::adapter_file::{
-    AdapterFile, AlphaScheduleSpec, ElraFileConfig, EtaMultiplierSpec, FileConfig, LoraFileConfig,
-    ModuleWeights, ELRA_FORMAT_VERSION,
+    AdapterFile, ElraFileConfig, FileConfig, LoraFileConfig, ModuleWeights, ELRA_FORMAT_VERSION,
 };
-use crate::adapter::{
-    AlphaSchedule, ElraConfig, ElraLayer, EtaMultiplier, LoraConfig, LoraLayer, Variant,
-};
+use crate::adapter::{ElraConfig, ElraLayer, LoraConfig, LoraLayer};
 use crate::linalg::Real;
 use crate::{ElraError, Result};
 use nalgebra::DMatrix;
 use std::collections::BTreeMap;
-
-impl From<AlphaSchedule> for AlphaScheduleSpec {
-    fn from(s: AlphaSchedule) -> Self {
-        match s {
-            AlphaSchedule::Exponential {
-                warmup_steps,
-                gamma,
-            } => AlphaScheduleSpec::Exponential {
-                warmup_steps,
-                gamma,
-            },
-            AlphaSchedule::Cosine { warmup_steps } => AlphaScheduleSpec::Cosine { warmup_steps },
-            AlphaSchedule::Linear { warmup_steps } => AlphaScheduleSpec::Linear { warmup_steps },
-            AlphaSchedule::Constant(alpha) => AlphaScheduleSpec::Constant { alpha },
-        }
-    }
-}
-
-impl From<AlphaScheduleSpec> for AlphaSchedule {
-    fn from(s: AlphaScheduleSpec) -> Self {
-        match s {
-            AlphaScheduleSpec::Exponential {
-                warmup_steps,
-                gamma,
-            } => AlphaSchedule::Exponential {
-                warmup_steps,
-                gamma,
-            },
-            AlphaScheduleSpec::Cosine { warmup_steps } => AlphaSchedule::Cosine { warmup_steps },
-            AlphaScheduleSpec::Linear { warmup_steps } => AlphaSchedule::Linear { warmup_steps },
-            AlphaScheduleSpec::Constant { alpha } => AlphaSchedule::Constant(alpha),
-        }
-    }
-}
-
-impl From<EtaMultiplier> for EtaMultiplierSpec {
-    fn from(m: EtaMultiplier) -> Self {
-        match m {
-            EtaMultiplier::None => EtaMultiplierSpec::None,
-            EtaMultiplier::Cosine { total_steps } => EtaMultiplierSpec::Cosine { total_steps },
-        }
-    }
-}
-
-impl From<EtaMultiplierSpec> for EtaMultiplier {
-    fn from(m: EtaMultiplierSpec) -> Self {
-        match m {
-            EtaMultiplierSpec::None => EtaMultiplier::None,
-            EtaMultiplierSpec::Cosine { total_steps } => EtaMultiplier::Cosine { total_steps },
-        }
-    }
-}
-
-/// The file name of a variant (`"general"`, `"psd"`, `"hyb"`).
-fn variant_name(v: Variant) -> &'static str {
-    match v {
-        Variant::General => "general",
-        Variant::Psd => "psd",
-        Variant::Hyb => "hyb",
-    }
-}
 
 impl ElraFileConfig {
     /// The file config of layers sharing `config` (its d and k are per module and not stored),
@@ -81,13 +17,8 @@ impl ElraFileConfig {
     pub fn from_layer_config(config: &ElraConfig, step: usize, modules: Vec<String>) -> Self {
         ElraFileConfig {
             peft_type: "ELRA".to_string(),
-            variant: variant_name(config.variant).to_string(),
+            generator: config.generator,
             r: config.r,
-            eta: config.eta,
-            lambda: config.lambda,
-            tau: config.tau,
-            alpha_schedule: config.schedule.into(),
-            eta_multiplier: config.eta_multiplier.into(),
             seed: config.seed,
             step,
             target_modules: modules,
@@ -100,15 +31,10 @@ impl ElraFileConfig {
     /// The [`ElraConfig`] of one module whose frozen weight is d×k (eq. 2, eq. 19, App. H).
     pub fn layer_config(&self, d: usize, k: usize) -> Result<ElraConfig> {
         let config = ElraConfig {
-            variant: self.variant.parse()?,
+            generator: self.generator,
             d,
             k,
             r: self.r,
-            eta: self.eta,
-            lambda: self.lambda,
-            tau: self.tau,
-            schedule: self.alpha_schedule.into(),
-            eta_multiplier: self.eta_multiplier.into(),
             seed: self.seed,
         };
         config.validate()?;
@@ -118,14 +44,23 @@ impl ElraFileConfig {
 
 /// The ELRA settings two layers must share to live in one file (everything but d and k).
 fn same_settings(a: &ElraConfig, b: &ElraConfig) -> bool {
-    a.variant == b.variant
-        && a.r == b.r
-        && a.eta.to_bits() == b.eta.to_bits()
-        && a.lambda.to_bits() == b.lambda.to_bits()
-        && a.tau.map(f64::to_bits) == b.tau.map(f64::to_bits)
-        && a.schedule == b.schedule
-        && a.eta_multiplier == b.eta_multiplier
-        && a.seed == b.seed
+    a.generator == b.generator && a.r == b.r && a.seed == b.seed
+}
+
+/// Adds one module's tensors; a name given twice is an error.
+fn insert_module<T: Real>(
+    modules: &mut BTreeMap<String, ModuleWeights<T>>,
+    name: String,
+    w: ModuleWeights<T>,
+) -> Result<()> {
+    if modules.contains_key(&name) {
+        return Err(ElraError::invalid(
+            "layers",
+            format!("module `{name}` appears twice"),
+        ));
+    }
+    modules.insert(name, w);
+    Ok(())
 }
 
 impl<T: Real> AdapterFile<T> {
@@ -133,12 +68,26 @@ impl<T: Real> AdapterFile<T> {
     /// their settings (variant, r, η₀, λ, τ, schedules, seed) and step; their `W0` is not
     /// stored (PEFT layout: the base model provides it).
     pub fn from_elra_layers(layers: &[(&str, &ElraLayer<T>)]) -> Result<Self> {
-        let Some((_, first)) = layers.first() else {
-            return Err(ElraError::invalid("layers", "no layer to save"));
-        };
-        let mut modules = BTreeMap::new();
-        for (name, l) in layers {
-            if !same_settings(l.config(), first.config()) || l.step() != first.step() {
+        Self::from_elra_modules(layers.iter().map(|(name, l)| {
+            let w = ModuleWeights::Elra {
+                a: l.a().clone(),
+                b: l.b().cloned(),
+                eta: l.eta(),
+            };
+            (name.to_string(), l.config().clone(), l.step(), w)
+        }))
+    }
+
+    /// [`from_elra_layers`](Self::from_elra_layers) from each module's layer config, step and
+    /// tensors (what a caller holding layers behind locks can hand over one at a time).
+    pub fn from_elra_modules(
+        modules: impl IntoIterator<Item = (String, ElraConfig, usize, ModuleWeights<T>)>,
+    ) -> Result<Self> {
+        let mut first: Option<(ElraConfig, usize)> = None;
+        let mut out = BTreeMap::new();
+        for (name, config, step, w) in modules {
+            let (c0, s0) = first.get_or_insert_with(|| (config.clone(), step));
+            if !same_settings(&config, c0) || step != *s0 {
                 return Err(ElraError::invalid(
                     "layers",
                     format!(
@@ -147,26 +96,15 @@ impl<T: Real> AdapterFile<T> {
                     ),
                 ));
             }
-            let w = ModuleWeights::Elra {
-                a: l.a().clone(),
-                b: l.b().cloned(),
-                eta: l.eta(),
-            };
-            if modules.insert(name.to_string(), w).is_some() {
-                return Err(ElraError::invalid(
-                    "layers",
-                    format!("module `{name}` appears twice"),
-                ));
-            }
+            insert_module(&mut out, name, w)?;
         }
-        let config = ElraFileConfig::from_layer_config(
-            first.config(),
-            first.step(),
-            modules.keys().cloned().collect(),
-        );
+        let Some((c0, s0)) = first else {
+            return Err(ElraError::invalid("layers", "no layer to save"));
+        };
+        let config = ElraFileConfig::from_layer_config(&c0, s0, out.keys().cloned().collect());
         let file = AdapterFile {
             config: FileConfig::Elra(config),
-            modules,
+            modules: out,
         };
         file.validate()?;
         Ok(file)
@@ -175,13 +113,24 @@ impl<T: Real> AdapterFile<T> {
     /// A PEFT LoRA adapter file from named layers; they must share r and `lora_alpha`.
     /// `target_modules` lists the full module names.
     pub fn from_lora_layers(layers: &[(&str, &LoraLayer<T>)]) -> Result<Self> {
-        let Some((_, first)) = layers.first() else {
-            return Err(ElraError::invalid("layers", "no layer to save"));
-        };
-        let (r, alpha) = (first.config().r, first.config().lora_alpha);
-        let mut modules = BTreeMap::new();
-        for (name, l) in layers {
-            if l.config().r != r || l.config().lora_alpha.to_bits() != alpha.to_bits() {
+        Self::from_lora_modules(layers.iter().map(|(name, l)| {
+            let w = ModuleWeights::Lora {
+                lora_a: l.lora_a().clone(),
+                lora_b: l.lora_b().clone(),
+            };
+            (name.to_string(), l.config().clone(), w)
+        }))
+    }
+
+    /// [`from_lora_layers`](Self::from_lora_layers) from each module's layer config and tensors.
+    pub fn from_lora_modules(
+        modules: impl IntoIterator<Item = (String, LoraConfig, ModuleWeights<T>)>,
+    ) -> Result<Self> {
+        let mut first: Option<(usize, f64)> = None;
+        let mut out = BTreeMap::new();
+        for (name, config, w) in modules {
+            let (r, alpha) = *first.get_or_insert((config.r, config.lora_alpha));
+            if config.r != r || config.lora_alpha.to_bits() != alpha.to_bits() {
                 return Err(ElraError::invalid(
                     "layers",
                     format!(
@@ -189,21 +138,15 @@ impl<T: Real> AdapterFile<T> {
                     ),
                 ));
             }
-            let w = ModuleWeights::Lora {
-                lora_a: l.lora_a().clone(),
-                lora_b: l.lora_b().clone(),
-            };
-            if modules.insert(name.to_string(), w).is_some() {
-                return Err(ElraError::invalid(
-                    "layers",
-                    format!("module `{name}` appears twice"),
-                ));
-            }
+            insert_module(&mut out, name, w)?;
         }
-        let config = LoraFileConfig::new(r, alpha, modules.keys().cloned().collect());
+        let Some((r, alpha)) = first else {
+            return Err(ElraError::invalid("layers", "no layer to save"));
+        };
+        let config = LoraFileConfig::new(r, alpha, out.keys().cloned().collect());
         let file = AdapterFile {
             config: FileConfig::Lora(config),
-            modules,
+            modules: out,
         };
         file.validate()?;
         Ok(file)

@@ -21,7 +21,6 @@ pub mod adapter_file;
 pub mod convert;
 
 pub use adapter_file::{
-    load_merged, save_merged, AdapterFile, AlphaScheduleSpec, ElraFileConfig, EtaMultiplierSpec,
-    FileConfig, LoadLimits, LoraFileConfig, ModuleWeights, TargetModules, CONFIG_FILE,
-    ELRA_FORMAT_VERSION, WEIGHTS_FILE,
+    load_merged, save_merged, AdapterFile, ElraFileConfig, FileConfig, LoadLimits, LoraFileConfig,
+    ModuleWeights, TargetModules, CONFIG_FILE, ELRA_FORMAT_VERSION, WEIGHTS_FILE,
 };

@@ -27,7 +27,7 @@
 
 use nalgebra::{DMatrix, SVD};
 
-use super::model::{loss_and_grad, AdaptedNetwork, FrozenNetwork, LayerAdapter, LossKind, Targets};
+use super::model::{loss_and_grad, AdaptedNetwork, FrozenNetwork, LossKind, Targets};
 use crate::grad::ops::{matmul, Op};
 use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
@@ -152,20 +152,20 @@ pub fn ga_initialise<T: Real>(
         ));
     }
     for (l, s) in net.layers.iter_mut().zip(&sums) {
-        if let LayerAdapter::Elra(e) = &mut l.adapter {
-            if e.w0().nrows() != s.nrows() {
-                return Err(ElraError::shape(
-                    "base",
-                    (e.w0().nrows(), e.w0().ncols()),
-                    (s.nrows(), s.nrows()),
-                ));
-            }
-            let mean = s / k as f64;
-            if let Some((a, b)) = ga_factors(&mean, e.a().ncols())? {
-                e.set_a(a.map(T::of))?;
-                if e.b().is_some() {
-                    e.set_b(b.map(T::of))?;
-                }
+        // The single-sided ELRA layers: the adapters with a generator factor named `a`.
+        let e = &mut l.adapter;
+        let Some(ia) = e.param_index("a") else {
+            continue;
+        };
+        let (d, k0) = e.dims();
+        if d != s.nrows() {
+            return Err(ElraError::shape("base", (d, k0), (s.nrows(), s.nrows())));
+        }
+        let mean = s / k as f64;
+        if let Some((a, b)) = ga_factors(&mean, e.params()[ia].cols)? {
+            e.set_param(ia, &a.map(T::of))?;
+            if let Some(ib) = e.param_index("b") {
+                e.set_param(ib, &b.map(T::of))?;
             }
         }
     }

@@ -26,7 +26,7 @@ pub use fit::{fit, FitMethod, FitOptions, FitReport, MethodResult};
 pub use init::{frozen_generator_grads, ga_factors, ga_initialise, DEFAULT_GA_STEPS};
 pub use model::{
     loss_and_grad, Activation, AdaptedLayer, AdaptedNetwork, AdapterSpec, FrozenLayer,
-    FrozenNetwork, LayerAdapter, LossGrad, LossKind, Targets,
+    FrozenNetwork, LossGrad, LossKind, Targets,
 };
 pub use optim::{clip_global_norm, global_norm, AdamW, AdamWConfig, LrSchedule};
 pub use trainer::{StepRecord, TrainConfig, Trainer};

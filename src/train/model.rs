@@ -21,14 +21,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use crate::adapter::{
-    Adapter, DoubleSidedConfig, DoubleSidedLayer, ElraConfig, ElraLayer, LoraConfig, LoraLayer,
-    Variant,
+    DoubleSidedConfig, DoubleSidedLayer, ElraConfig, ElraLayer, Frozen, HostAdapter, LoraConfig,
+    LoraLayer, Variant,
 };
 use crate::grad::ops::{matmul, Op};
-use crate::grad::{
-    double_backward, double_forward, elra_backward, elra_forward, lora_backward, lora_forward,
-    DoubleTape, ElraTape, LoraTape, Route,
-};
 use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
 
@@ -247,11 +243,11 @@ impl<T: Real> FrozenNetwork<T> {
 }
 
 /// `η = exp(log η)` from a 1×1 parameter (module docs). Errors: not 1×1.
-fn eta_of<T: Real>(log_eta: DMatrix<T>) -> Result<T> {
+fn eta_of<T: Real>(log_eta: &DMatrix<T>) -> Result<DMatrix<T>> {
     if log_eta.shape() != (1, 1) {
         return Err(ElraError::shape("log_eta", (1, 1), log_eta.shape()));
     }
-    Ok(log_eta[0].exp())
+    Ok(log_eta.map(|v| v.exp()))
 }
 
 /// Which adapter to put on every layer.
@@ -286,47 +282,51 @@ pub enum AdapterSpec {
     },
 }
 
-/// The adapter of one layer.
-#[derive(Debug, Clone, PartialEq)]
-pub enum LayerAdapter<T: Real> {
-    /// No adapter: the frozen weight.
-    Frozen(DMatrix<T>),
-    /// LoRA.
-    Lora(LoraLayer<T>),
-    /// ELRA (single-sided).
-    Elra(ElraLayer<T>),
-    /// Double-sided ELRA (App. B eq. 22).
-    Double(DoubleSidedLayer<T>),
-}
-
-impl<T: Real> LayerAdapter<T> {
-    /// The frozen weight `W0`.
-    pub fn w0(&self) -> &DMatrix<T> {
-        match self {
-            LayerAdapter::Frozen(w) => w,
-            LayerAdapter::Lora(l) => Adapter::w0(l),
-            LayerAdapter::Elra(l) => l.w0(),
-            LayerAdapter::Double(l) => Adapter::w0(l),
-        }
+impl AdapterSpec {
+    /// The adapter of this spec on a frozen weight `w0` (d×k) for a run of `total_steps` steps,
+    /// seeded by `seed`: [`Frozen`], [`LoraLayer`] (PEFT's initialisation), [`ElraLayer`] or
+    /// [`DoubleSidedLayer`] (App. H defaults, Xavier factors).
+    ///
+    /// Errors: an invalid rank (r = 0, r > d for ELRA, r > min(d, k) for LoRA and double-sided
+    /// ELRA).
+    pub fn build<T: Real>(
+        &self,
+        w0: DMatrix<T>,
+        total_steps: usize,
+        seed: u64,
+    ) -> Result<Box<dyn HostAdapter<T>>> {
+        let (d, k) = w0.shape();
+        Ok(match *self {
+            AdapterSpec::None => Box::new(Frozen::new(w0)?),
+            AdapterSpec::Lora { r, lora_alpha } => {
+                let mut cfg = LoraConfig::new(d, k, r);
+                cfg.lora_alpha = lora_alpha;
+                cfg.seed = seed;
+                Box::new(LoraLayer::new(cfg, w0)?)
+            }
+            AdapterSpec::Elra { variant, r } => {
+                let mut cfg = ElraConfig::new(variant, d, k, r, total_steps);
+                cfg.seed = seed;
+                Box::new(ElraLayer::new(cfg, w0)?)
+            }
+            AdapterSpec::ElraDouble { variant, r } => {
+                let mut cfg = DoubleSidedConfig::new(variant, d, k, r, total_steps);
+                cfg.seed = seed;
+                Box::new(DoubleSidedLayer::new(cfg, w0)?)
+            }
+        })
     }
 }
 
 /// One adapted layer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct AdaptedLayer<T: Real> {
-    /// The adapter (owning `W0`).
-    pub adapter: LayerAdapter<T>,
+    /// The adapter (owning `W0`): any [`HostAdapter`].
+    pub adapter: Box<dyn HostAdapter<T>>,
     /// Frozen bias.
     pub bias: DVector<T>,
     /// Activation.
     pub activation: Activation,
-}
-
-enum AdapterTape<T: Real> {
-    Frozen,
-    Lora(LoraTape<T>),
-    Elra(Box<ElraTape<T>>),
-    Double(Box<DoubleTape<T>>),
 }
 
 /// The result of one forward/backward pass over the network.
@@ -347,7 +347,7 @@ pub struct LossGrad<T: Real> {
 }
 
 /// A frozen network with an adapter on every layer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct AdaptedNetwork<T: Real> {
     /// The layers, input first.
     pub layers: Vec<AdaptedLayer<T>>,
@@ -356,10 +356,9 @@ pub struct AdaptedNetwork<T: Real> {
 }
 
 impl<T: Real> AdaptedNetwork<T> {
-    /// Puts `spec` on every layer of `base`. ELRA layers get [`ElraConfig::new`] for
-    /// `total_steps` (schedules of App. H) with Xavier factors seeded by `seed + ℓ`; double-sided
-    /// layers [`DoubleSidedConfig::new`] likewise (App. B eq. 22); LoRA layers PEFT's
-    /// initialisation seeded the same way.
+    /// Puts `spec` on every layer of `base` ([`AdapterSpec::build`]): ELRA and double-sided
+    /// layers get the schedules of App. H for `total_steps`, and every layer ℓ is seeded by
+    /// `seed + ℓ`.
     ///
     /// Errors: an invalid rank for some layer (r = 0, r > d for ELRA, r > min(d, k) for LoRA
     /// and double-sided ELRA).
@@ -375,29 +374,9 @@ impl<T: Real> AdaptedNetwork<T> {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                let (d, k) = l.w0.shape();
                 let s = seed.wrapping_add(i as u64);
-                let adapter = match spec {
-                    AdapterSpec::None => LayerAdapter::Frozen(l.w0.clone()),
-                    AdapterSpec::Lora { r, lora_alpha } => {
-                        let mut cfg = LoraConfig::new(d, k, r);
-                        cfg.lora_alpha = lora_alpha;
-                        cfg.seed = s;
-                        LayerAdapter::Lora(LoraLayer::new(cfg, l.w0.clone())?)
-                    }
-                    AdapterSpec::Elra { variant, r } => {
-                        let mut cfg = ElraConfig::new(variant, d, k, r, total_steps);
-                        cfg.seed = s;
-                        LayerAdapter::Elra(ElraLayer::new(cfg, l.w0.clone())?)
-                    }
-                    AdapterSpec::ElraDouble { variant, r } => {
-                        let mut cfg = DoubleSidedConfig::new(variant, d, k, r, total_steps);
-                        cfg.seed = s;
-                        LayerAdapter::Double(DoubleSidedLayer::new(cfg, l.w0.clone())?)
-                    }
-                };
                 Ok(AdaptedLayer {
-                    adapter,
+                    adapter: spec.build(l.w0.clone(), total_steps, s)?,
                     bias: l.bias.clone(),
                     activation: l.activation,
                 })
@@ -406,35 +385,26 @@ impl<T: Real> AdaptedNetwork<T> {
         Ok(AdaptedNetwork { layers, loss })
     }
 
+    /// Every layer's parameters as the adapters list them ([`HostAdapter`] order), η itself.
+    fn raw_params(&self) -> Result<Vec<DMatrix<T>>> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            for i in 0..l.adapter.params().len() {
+                out.push(l.adapter.param(i)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Trainable parameters in the order of the module docs (ELRA `[A, B, log η]`, double-sided
     /// `[A_L, B_L, log η_L, A_R, B_R, log η_R]`, LoRA `[lora_A, lora_B]`).
     pub fn params(&self) -> Vec<DMatrix<T>> {
         let mut out = Vec::new();
         for l in &self.layers {
-            match &l.adapter {
-                LayerAdapter::Frozen(_) => {}
-                LayerAdapter::Lora(lo) => {
-                    out.push(lo.lora_a().clone());
-                    out.push(lo.lora_b().clone());
-                }
-                LayerAdapter::Elra(e) => {
-                    out.push(e.a().clone());
-                    if let Some(b) = e.b() {
-                        out.push(b.clone());
-                    }
-                    out.push(DMatrix::from_element(1, 1, e.eta().ln()));
-                }
-                LayerAdapter::Double(e) => {
-                    for (a, b, eta) in [
-                        (e.a_left(), e.b_left(), e.eta_left()),
-                        (e.a_right(), e.b_right(), e.eta_right()),
-                    ] {
-                        out.push(a.clone());
-                        if let Some(b) = b {
-                            out.push(b.clone());
-                        }
-                        out.push(DMatrix::from_element(1, 1, eta.ln()));
-                    }
+            for (i, spec) in l.adapter.params().iter().enumerate() {
+                // In range by construction: i indexes the adapter's own list.
+                if let Ok(p) = l.adapter.param(i) {
+                    out.push(if spec.positive { p.map(|v| v.ln()) } else { p });
                 }
             }
         }
@@ -443,101 +413,68 @@ impl<T: Real> AdaptedNetwork<T> {
 
     /// Whether each parameter of [`params`](Self::params) takes weight decay (`log η` does not).
     pub fn decay_flags(&self) -> Vec<bool> {
-        let mut out = Vec::new();
-        for l in &self.layers {
-            match &l.adapter {
-                LayerAdapter::Frozen(_) => {}
-                LayerAdapter::Lora(_) => out.extend([true, true]),
-                LayerAdapter::Elra(e) => {
-                    out.push(true);
-                    if e.b().is_some() {
-                        out.push(true);
-                    }
-                    out.push(false);
-                }
-                LayerAdapter::Double(e) => {
-                    for has_b in [e.b_left().is_some(), e.b_right().is_some()] {
-                        out.push(true);
-                        if has_b {
-                            out.push(true);
-                        }
-                        out.push(false);
-                    }
-                }
-            }
-        }
-        out
+        self.layers
+            .iter()
+            .flat_map(|l| l.adapter.params().into_iter().map(|p| p.decay))
+            .collect()
     }
 
-    /// Writes parameters back (same order and shapes as [`params`](Self::params)).
+    /// Writes parameters back (same order and shapes as [`params`](Self::params)). All or
+    /// nothing: on error the network is unchanged.
     ///
     /// Errors: wrong count or shapes, non-finite values, η = exp(log η) not finite and > 0.
     pub fn set_params(&mut self, params: Vec<DMatrix<T>>) -> Result<()> {
-        let expected = self.params().len();
+        let expected: usize = self.layers.iter().map(|l| l.adapter.params().len()).sum();
         if params.len() != expected {
             return Err(ElraError::invalid(
                 "params",
                 format!("expected {expected} parameters, got {}", params.len()),
             ));
         }
-        let mut it = params.into_iter();
-        let mut next = || {
-            it.next()
-                .ok_or_else(|| ElraError::invalid("params", "too few parameters"))
-        };
+        let before = self.raw_params()?;
+        let result = self.write_params(params.iter(), true);
+        if result.is_err() {
+            // Every value of `before` was accepted by the adapters, so restoring cannot fail.
+            self.write_params(before.iter(), false)?;
+        }
+        result
+    }
+
+    /// Sets every adapter parameter in order; `log_eta` says whether step sizes come as log η.
+    fn write_params<'a>(
+        &mut self,
+        mut values: impl Iterator<Item = &'a DMatrix<T>>,
+        log_eta: bool,
+    ) -> Result<()> {
         for l in &mut self.layers {
-            match &mut l.adapter {
-                LayerAdapter::Frozen(_) => {}
-                LayerAdapter::Lora(lo) => {
-                    lo.set_lora_a(next()?)?;
-                    lo.set_lora_b(next()?)?;
-                }
-                LayerAdapter::Elra(e) => {
-                    e.set_a(next()?)?;
-                    if e.b().is_some() {
-                        e.set_b(next()?)?;
-                    }
-                    e.set_eta(eta_of(next()?)?)?;
-                }
-                LayerAdapter::Double(e) => {
-                    e.set_a_left(next()?)?;
-                    if e.b_left().is_some() {
-                        e.set_b_left(next()?)?;
-                    }
-                    e.set_eta_left(eta_of(next()?)?)?;
-                    e.set_a_right(next()?)?;
-                    if e.b_right().is_some() {
-                        e.set_b_right(next()?)?;
-                    }
-                    e.set_eta_right(eta_of(next()?)?)?;
+            for (i, spec) in l.adapter.params().iter().enumerate() {
+                let v = values
+                    .next()
+                    .ok_or_else(|| ElraError::invalid("params", "too few parameters"))?;
+                if spec.positive && log_eta {
+                    l.adapter.set_param(i, &eta_of(v)?)?;
+                } else {
+                    l.adapter.set_param(i, v)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Moves every ELRA layer to optimiser step `t` (α schedule of eq. 19/75 and the η
-    /// multiplier of App. H advance per optimiser step).
-    pub fn set_step(&mut self, t: usize) {
+    /// Moves every adapter to optimiser step `t` (α schedule of eq. 19/75 and the η multiplier
+    /// of App. H advance per optimiser step).
+    pub fn set_step(&mut self, t: usize) -> Result<()> {
         for l in &mut self.layers {
-            match &mut l.adapter {
-                LayerAdapter::Elra(e) => e.set_step(t),
-                LayerAdapter::Double(e) => e.set_step(t),
-                LayerAdapter::Frozen(_) | LayerAdapter::Lora(_) => {}
-            }
+            l.adapter.set_step(t)?;
         }
+        Ok(())
     }
 
     /// Trainable entries including the η scalars (Remark 1, App. I).
     pub fn trainable_param_count(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| match &l.adapter {
-                LayerAdapter::Frozen(_) => 0,
-                LayerAdapter::Lora(lo) => lo.total_param_count(),
-                LayerAdapter::Elra(e) => e.total_param_count(),
-                LayerAdapter::Double(e) => e.total_param_count(),
-            })
+            .map(|l| l.adapter.total_param_count())
             .sum()
     }
 
@@ -561,18 +498,18 @@ impl<T: Real> AdaptedNetwork<T> {
         Ok(self
             .layers
             .iter()
-            .map(|l| match (&l.adapter, p > 0.0) {
-                (LayerAdapter::Frozen(_), _) | (_, false) => None,
-                (a, true) => {
-                    let d = a.w0().nrows();
-                    Some(DMatrix::from_fn(n, d, |_, _| {
-                        if rng.random::<f64>() < p {
-                            T::zero()
-                        } else {
-                            keep
-                        }
-                    }))
+            .map(|l| {
+                if p == 0.0 || l.adapter.params().is_empty() {
+                    return None;
                 }
+                let d = l.adapter.dims().0;
+                Some(DMatrix::from_fn(n, d, |_, _| {
+                    if rng.random::<f64>() < p {
+                        T::zero()
+                    } else {
+                        keep
+                    }
+                }))
             })
             .collect())
     }
@@ -584,17 +521,7 @@ impl<T: Real> AdaptedNetwork<T> {
         check_finite("x", x)?;
         let mut h = x.clone();
         for l in &self.layers {
-            let mut y = match &l.adapter {
-                LayerAdapter::Frozen(w) => {
-                    if h.ncols() != w.ncols() {
-                        return Err(ElraError::shape("x", (h.nrows(), w.ncols()), h.shape()));
-                    }
-                    matmul(&h, Op::N, w, Op::T)
-                }
-                LayerAdapter::Lora(lo) => lo.forward(&h)?,
-                LayerAdapter::Elra(e) => e.forward(&h)?,
-                LayerAdapter::Double(e) => e.forward(&h)?,
-            };
+            let mut y = l.adapter.apply(&h)?;
             add_bias(&mut y, &l.bias);
             l.activation.apply(&mut y);
             h = y;
@@ -608,12 +535,13 @@ impl<T: Real> AdaptedNetwork<T> {
         Ok(loss_and_grad(self.loss, &y, targets)?.0)
     }
 
-    /// Forward with tapes, loss, energy and reverse mode through every layer ([`crate::grad`]).
-    /// `masks` (one per layer, from [`sample_masks`](Self::sample_masks)) drop out adapter outputs.
+    /// Forward with tapes, loss, energy and reverse mode through every layer ([`Adapter`]
+    /// forward and backward, [`crate::grad`]). `masks` (one per layer, from
+    /// [`sample_masks`](Self::sample_masks)) drop out adapter outputs.
     ///
     /// Errors: shapes, non-finite values (inputs, outputs, loss, gradients), φ1 failures.
     pub fn loss_and_grad(
-        &self,
+        &mut self,
         x: &DMatrix<T>,
         targets: &Targets<T>,
         masks: Option<&[Option<DMatrix<T>>]>,
@@ -629,38 +557,19 @@ impl<T: Real> AdaptedNetwork<T> {
         check_finite("x", x)?;
         let mut inputs: Vec<DMatrix<T>> = Vec::with_capacity(self.layers.len());
         let mut outputs: Vec<DMatrix<T>> = Vec::with_capacity(self.layers.len());
-        let mut tapes: Vec<AdapterTape<T>> = Vec::with_capacity(self.layers.len());
         let mut energy = 0.0;
-        for (i, l) in self.layers.iter().enumerate() {
+        for (i, l) in self.layers.iter_mut().enumerate() {
             let h = outputs.last().unwrap_or(x).clone();
             let mask = masks.and_then(|m| m[i].as_ref());
-            let (mut y, tape) = match &l.adapter {
-                LayerAdapter::Frozen(w) => {
-                    if h.ncols() != w.ncols() {
-                        return Err(ElraError::shape("x", (h.nrows(), w.ncols()), h.shape()));
-                    }
-                    (matmul(&h, Op::N, w, Op::T), AdapterTape::Frozen)
-                }
-                LayerAdapter::Lora(lo) => {
-                    let (y, t) = lora_forward(lo, &h, mask)?;
-                    (y, AdapterTape::Lora(t))
-                }
-                LayerAdapter::Elra(e) => {
-                    let (y, t) = elra_forward(e, &h, Route::Woodbury, mask)?;
-                    energy += t.generator.energy.f64();
-                    (y, AdapterTape::Elra(Box::new(t)))
-                }
-                LayerAdapter::Double(e) => {
-                    let (y, t) = double_forward(e, &h, mask)?;
-                    energy += t.left.energy.f64() + t.right.energy.f64();
-                    (y, AdapterTape::Double(Box::new(t)))
-                }
-            };
+            let mut y = DMatrix::zeros(h.nrows(), l.adapter.dims().0);
+            l.adapter.forward(&h, mask, &mut y)?;
+            if let Some(e) = l.adapter.energy()? {
+                energy += e.penalty;
+            }
             add_bias(&mut y, &l.bias);
             l.activation.apply(&mut y);
             inputs.push(h);
             outputs.push(y);
-            tapes.push(tape);
         }
         let out = outputs.last().cloned().unwrap_or_else(|| x.clone());
         let (loss, mut g) = loss_and_grad(self.loss, &out, targets)?;
@@ -669,57 +578,27 @@ impl<T: Real> AdaptedNetwork<T> {
         }
         // Reverse pass; parameter gradients are collected per layer, then flattened in order.
         let mut per_layer: Vec<Vec<DMatrix<T>>> = vec![Vec::new(); self.layers.len()];
-        let mut gens: Vec<(DMatrix<T>, DMatrix<T>)> = Vec::new();
         for i in (0..self.layers.len()).rev() {
-            let l = &self.layers[i];
+            let l = &mut self.layers[i];
             l.activation.backward(&outputs[i], &mut g);
             let h = &inputs[i];
-            let gx = match (&l.adapter, &tapes[i]) {
-                (LayerAdapter::Frozen(w), _) => matmul(&g, Op::N, w, Op::N),
-                (LayerAdapter::Lora(lo), AdapterTape::Lora(t)) => {
-                    let gr = lora_backward(lo, h, t, g)?;
-                    per_layer[i] = vec![gr.lora_a, gr.lora_b];
-                    gr.x
-                }
-                (LayerAdapter::Elra(e), AdapterTape::Elra(t)) => {
-                    let gr = elra_backward(e, h, t, g)?;
-                    let mut v = vec![gr.a];
-                    v.extend(gr.b);
-                    v.push(DMatrix::from_element(1, 1, gr.eta * e.eta()));
-                    per_layer[i] = v;
-                    gr.x
-                }
-                (LayerAdapter::Double(e), AdapterTape::Double(t)) => {
-                    let gr = double_backward(e, h, t, g)?;
-                    let mut v = Vec::with_capacity(6);
-                    for (fg, eta) in [(gr.left, e.eta_left()), (gr.right, e.eta_right())] {
-                        v.push(fg.a);
-                        v.extend(fg.b);
-                        // ∂L/∂log η = η ∂L/∂η (module docs).
-                        v.push(DMatrix::from_element(1, 1, fg.eta * eta));
-                    }
-                    per_layer[i] = v;
-                    gr.x
-                }
-                _ => return Err(ElraError::invalid("tape", "adapter and tape kinds differ")),
-            };
+            let mut gx = DMatrix::zeros(h.nrows(), h.ncols());
+            l.adapter.backward(h, &g, &mut gx)?;
+            for (j, spec) in l.adapter.params().iter().enumerate() {
+                let gp = l.adapter.grad(j)?;
+                per_layer[i].push(if spec.positive {
+                    // ∂L/∂log η = η ∂L/∂η (module docs).
+                    let eta = l.adapter.param(j)?;
+                    gp.component_mul(&eta)
+                } else {
+                    gp
+                });
+            }
             g = gx;
         }
-        for (l, t) in self.layers.iter().zip(&tapes) {
-            match (&l.adapter, t) {
-                (LayerAdapter::Lora(lo), AdapterTape::Lora(_)) => {
-                    let s = T::of(lo.config().scaling());
-                    gens.push((lo.lora_b().clone(), lo.lora_a() * s));
-                }
-                (LayerAdapter::Elra(_), AdapterTape::Elra(t)) => {
-                    gens.push((t.generator.a.clone(), t.generator.c.clone()));
-                }
-                (LayerAdapter::Double(_), AdapterTape::Double(t)) => {
-                    gens.push((t.left.a.clone(), t.left.c.clone()));
-                    gens.push((t.right.a.clone(), t.right.c.clone()));
-                }
-                _ => {}
-            }
+        let mut gens: Vec<(DMatrix<T>, DMatrix<T>)> = Vec::new();
+        for l in &self.layers {
+            gens.extend(l.adapter.generator_factors()?);
         }
         let grads: Vec<DMatrix<T>> = per_layer.into_iter().flatten().collect();
         for gm in &grads {

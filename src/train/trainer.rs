@@ -150,7 +150,7 @@ impl<T: Real> Trainer<T> {
                 reason: format!("all {} steps are done", self.config.steps),
             });
         }
-        self.net.set_step(t);
+        self.net.set_step(t).map_err(wrap)?;
         let masks = self
             .net
             .sample_masks(x.nrows(), self.config.dropout, &mut self.dropout_rng)
@@ -167,13 +167,11 @@ impl<T: Real> Trainer<T> {
         self.opt
             .step(&mut params, &grads, &decay, lr)
             .map_err(wrap)?;
-        // Validate the whole update before committing it.
-        let mut next = self.net.clone();
-        next.set_params(params).map_err(wrap)?;
+        // All or nothing: a rejected update leaves the parameters as they were.
+        self.net.set_params(params).map_err(wrap)?;
         let gens: Vec<(&DMatrix<T>, &DMatrix<T>)> =
             lg.generators.iter().map(|(a, c)| (a, c)).collect();
         let speed = self.speeds.record(&gens).map_err(wrap)?;
-        self.net = next;
         self.step += 1;
         Ok(StepRecord {
             step: t,
