@@ -1,0 +1,862 @@
+//! The opaque adapter handle `ElraAdapter`: one frozen d×k weight `W0` adapted by ELRA
+//! (`W_new = exp(G) W0`, eq. 3, through the Woodbury form of Prop. 1) or by LoRA, in f32 or f64.
+//!
+//! Life cycle: fill an [`ElraAdapterConfig`] (e.g. with [`elra_adapter_config_default`]), create
+//! with [`elra_adapter_create`] (W0 is copied), set and get parameters, run
+//! [`elra_adapter_forward_f64`] / [`elra_adapter_backward_f64`] (∂x and the adapter gradients),
+//! merge / unmerge, read the energy (eq. 21) and parameter counts (Remark 1), save / load adapter
+//! directories ([`super::files`]), and free with [`elra_adapter_destroy`].
+//! Typed functions end in `_f32`/`_f64` and must match the handle's dtype
+//! (`ELRA_INVALID_ARGUMENT` otherwise).
+//!
+//! The handle holds the layer as a [`HostAdapter`] trait object, so every export below is the
+//! same few lines for ELRA and LoRA: check the arguments, lock, call the [`Adapter`] method,
+//! copy the result out.
+//!
+//! Threads: functions taking `const ElraAdapter *` may be called concurrently on one handle (the
+//! handle serialises them with a lock); functions taking `ElraAdapter *` need exclusive access.
+
+use std::ffi::c_void;
+use std::sync::{Mutex, MutexGuard};
+
+use nalgebra::DMatrix;
+
+use super::config::{
+    dtype_of, missing_param, param_names, variant_of, ElraAdapterConfig, ElraDtype,
+};
+use super::handle::{self, Handle};
+use super::layout::{check_scalar_out, out_layout, read_matrix, row_major, write_out};
+use super::{guard, CError, CResult, ElraStatus};
+use crate::adapter::{Adapter, ElraConfig, ElraLayer, HostAdapter, LoraConfig, LoraLayer};
+use crate::linalg::Real;
+use crate::ElraError;
+
+/// The adapter behind a handle, by element type.
+pub(crate) enum Host {
+    F32(Box<dyn HostAdapter<f32>>),
+    F64(Box<dyn HostAdapter<f64>>),
+}
+
+/// Runs `$body` with `$a` bound to the handle's adapter (`&mut dyn HostAdapter<f32 | f64>`).
+macro_rules! any_dtype {
+    ($host:expr, $a:ident => $body:expr) => {
+        match $host {
+            Host::F32($a) => $body,
+            Host::F64($a) => $body,
+        }
+    };
+}
+
+/// An element type a CPU handle can hold.
+pub(crate) trait HostReal: Real {
+    /// The handle dtype of `Self`.
+    const DTYPE: ElraDtype;
+    /// The adapter if the handle holds `Self`.
+    fn adapter_of(h: &mut Host) -> Option<&mut dyn HostAdapter<Self>>;
+    /// A handle's adapter of `Self`.
+    fn wrap(a: Box<dyn HostAdapter<Self>>) -> Host;
+}
+
+impl HostReal for f32 {
+    const DTYPE: ElraDtype = ElraDtype::ELRA_DTYPE_F32;
+    fn adapter_of(h: &mut Host) -> Option<&mut dyn HostAdapter<f32>> {
+        match h {
+            Host::F32(a) => Some(a.as_mut()),
+            Host::F64(_) => None,
+        }
+    }
+    fn wrap(a: Box<dyn HostAdapter<f32>>) -> Host {
+        Host::F32(a)
+    }
+}
+
+impl HostReal for f64 {
+    const DTYPE: ElraDtype = ElraDtype::ELRA_DTYPE_F64;
+    fn adapter_of(h: &mut Host) -> Option<&mut dyn HostAdapter<f64>> {
+        match h {
+            Host::F64(a) => Some(a.as_mut()),
+            Host::F32(_) => None,
+        }
+    }
+    fn wrap(a: Box<dyn HostAdapter<f64>>) -> Host {
+        Host::F64(a)
+    }
+}
+
+/// An adapter: a frozen weight W0 with its ELRA or LoRA parameters (opaque to C).
+pub struct ElraAdapter {
+    magic: u64,
+    config: ElraAdapterConfig,
+    dtype: ElraDtype,
+    inner: Mutex<Host>,
+}
+
+impl Handle for ElraAdapter {
+    const MAGIC: u64 = 0x454c_5241_4144_5054; // "ELRAADPT"
+    const KIND: &'static str = "elra adapter";
+    fn tag(&self) -> u64 {
+        self.magic
+    }
+    fn set_tag(&mut self, tag: u64) {
+        self.magic = tag;
+    }
+}
+
+impl ElraAdapter {
+    /// A handle for `layer`, described to C by `config`.
+    pub(crate) fn new<T: HostReal>(
+        config: ElraAdapterConfig,
+        layer: Box<dyn HostAdapter<T>>,
+    ) -> Self {
+        ElraAdapter {
+            magic: 0,
+            config: ElraAdapterConfig {
+                dtype: T::DTYPE as u32,
+                ..config
+            },
+            dtype: T::DTYPE,
+            inner: Mutex::new(T::wrap(layer)),
+        }
+    }
+
+    /// The handle's element type.
+    pub(crate) fn dtype(&self) -> ElraDtype {
+        self.dtype
+    }
+
+    /// The adapter, locked. A lock poisoned by a panic (a library bug, reported as
+    /// `ELRA_PANIC`) is taken over: every parameter change is validated before it is applied,
+    /// so the adapter is consistent.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Host> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the adapter if the handle holds `T` (`ELRA_INVALID_ARGUMENT` otherwise).
+    pub(crate) fn with<T: HostReal, R>(
+        &self,
+        f: impl FnOnce(&mut dyn HostAdapter<T>) -> CResult<R>,
+    ) -> CResult<R> {
+        let mut host = self.lock();
+        match T::adapter_of(&mut host) {
+            Some(a) => f(a),
+            None => Err(ElraError::invalid(
+                "adapter",
+                format!(
+                    "the handle holds {:?} but a {} function was called",
+                    self.dtype,
+                    T::NAME
+                ),
+            )
+            .into()),
+        }
+    }
+}
+
+/// The adapter's parameter index of [`super::ElraParam`] `which`; `None` for W0.
+fn param_index<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<Option<usize>> {
+    match param_names(which)? {
+        None => Ok(None),
+        Some(names) => names
+            .iter()
+            .find_map(|n| a.param_index(n))
+            .map(Some)
+            .ok_or_else(|| missing_param(which).into()),
+    }
+}
+
+/// `(rows, cols)` of [`super::ElraParam`] `which` (W0: d×k).
+fn param_shape<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<(usize, usize)> {
+    Ok(match param_index(a, which)? {
+        Some(i) => {
+            let p = a.params()[i];
+            (p.rows, p.cols)
+        }
+        None => a.dims(),
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Creation, destruction, information
+// ------------------------------------------------------------------------------------------
+
+/// Fills `*out` with the paper's defaults (App. H) for a `variant` adapter of dtype `dtype` on a
+/// d×k weight with rank r trained for `total_steps` steps: η₀ = 1e-3, λ = 1e-5, τ = 2, exponential
+/// α schedule with `T_warm` = 25 % of the steps and γ = 5, cosine η multiplier, seed 0; LoRA:
+/// `lora_alpha = r`. Does not validate d, k, r (creation does).
+///
+/// # Safety
+/// `out` must point to a writable `ElraAdapterConfig`.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_config_default(
+    variant: u32,
+    dtype: u32,
+    d: usize,
+    k: usize,
+    r: usize,
+    total_steps: usize,
+    out: *mut ElraAdapterConfig,
+) -> ElraStatus {
+    guard(|| {
+        check_scalar_out("out", out)?;
+        let dt = dtype_of(dtype)? as u32;
+        let c = match variant_of(variant)? {
+            Some(v) => ElraAdapterConfig::of_elra(&ElraConfig::new(v, d, k, r, total_steps), dt),
+            None => ElraAdapterConfig::of_lora(&LoraConfig::new(d, k, r), dt),
+        };
+        // SAFETY: validated non-null and aligned; the caller guarantees it is writable.
+        unsafe { out.write(c) };
+        Ok(())
+    })
+}
+
+/// Creates an adapter from `config` on the frozen weight `w0` (d×k, row-major with leading
+/// dimension `ld_w0 ≥ k`, elements of `config->dtype`; copied). ELRA factors start from the
+/// seeded Xavier-uniform initialisation (App. H) with η = η₀ at step 0; LoRA starts as PEFT does
+/// (`lora_A` Kaiming-uniform, `lora_B` = 0). On success `*out` receives a handle to free with
+/// [`elra_adapter_destroy`]; on error `*out` is untouched.
+///
+/// # Safety
+/// `config` must point to a readable config, `w0` to d×k readable elements of the config's dtype
+/// laid out as described, `out` to a writable pointer.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_create(
+    config: *const ElraAdapterConfig,
+    w0: *const c_void,
+    ld_w0: usize,
+    out: *mut *mut ElraAdapter,
+) -> ElraStatus {
+    guard(|| {
+        if config.is_null() {
+            return Err(CError::Null("config"));
+        }
+        check_scalar_out("out", out)?;
+        // SAFETY: non-null; the caller guarantees a readable, initialised config (plain data).
+        let c = unsafe { config.read_unaligned() };
+        let h = match dtype_of(c.dtype)? {
+            // SAFETY: the caller guarantees w0 covers d×k elements of the config's dtype.
+            ElraDtype::ELRA_DTYPE_F32 => unsafe { build::<f32>(&c, w0.cast(), ld_w0)? },
+            // SAFETY: as above.
+            ElraDtype::ELRA_DTYPE_F64 => unsafe { build::<f64>(&c, w0.cast(), ld_w0)? },
+        };
+        // SAFETY: validated non-null and aligned; the caller guarantees it is writable.
+        unsafe { out.write(handle::into_raw(h)) };
+        Ok(())
+    })
+}
+
+/// Validates `c`, reads `W0` and builds the layer (ELRA: Xavier factors, App. H; LoRA: PEFT's
+/// initialisation).
+///
+/// # Safety
+/// `w0` must cover the d×k layout with leading dimension `ld_w0`.
+unsafe fn build<T: HostReal>(
+    c: &ElraAdapterConfig,
+    w0: *const T,
+    ld_w0: usize,
+) -> CResult<ElraAdapter> {
+    // The config is validated before W0 is read, so dimension errors name the config fields.
+    let variant = variant_of(c.variant)?;
+    let elra = variant.map(|v| c.elra(v)).transpose()?;
+    let lora = if elra.is_none() {
+        Some(c.lora()?)
+    } else {
+        None
+    };
+    // SAFETY: forwarded contract.
+    let w0 = unsafe { read_matrix("w0", w0, c.d, c.k, ld_w0)? };
+    let layer: Box<dyn HostAdapter<T>> = match (elra, lora) {
+        (Some(e), _) => Box::new(ElraLayer::new(e, w0)?),
+        (None, Some(l)) => Box::new(LoraLayer::new(l, w0)?),
+        (None, None) => return Err(ElraError::invalid("variant", "no variant").into()),
+    };
+    Ok(ElraAdapter::new(*c, layer))
+}
+
+/// Frees an adapter. NULL is ignored. The handle must not be used afterwards.
+///
+/// # Safety
+/// `adapter` must be NULL or a live handle from this library, not used concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_destroy(adapter: *mut ElraAdapter) {
+    let _ = guard(|| {
+        // SAFETY: the caller guarantees NULL or a live handle with exclusive access.
+        unsafe { handle::destroy(adapter) }
+    });
+}
+
+/// Writes the adapter's configuration to `*out` (variant, dtype, d, k, r and the settings it was
+/// created or loaded with; `eta` is the initial η₀ — the trained η is [`ElraParam::ELRA_PARAM_ETA`]).
+///
+/// # Safety
+/// `adapter` must be a live handle, `out` a writable `ElraAdapterConfig`.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_get_config(
+    adapter: *const ElraAdapter,
+    out: *mut ElraAdapterConfig,
+) -> ElraStatus {
+    guard(|| {
+        // SAFETY: caller contract.
+        let a = unsafe { handle::live_ref(adapter)? };
+        check_scalar_out("out", out)?;
+        // SAFETY: validated; caller guarantees writability.
+        unsafe { out.write(a.config) };
+        Ok(())
+    })
+}
+
+/// Shape of a parameter: `(rows, cols)` of [`ElraParam`] `which` (A: d×r / LoRA r×k; B: r×d /
+/// LoRA d×r; η: 1×1; W0: d×k). A parameter the variant lacks (B of ELRA-PSD, η of LoRA) is
+/// `ELRA_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `adapter` must be a live handle; `rows` and `cols` writable.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_param_shape(
+    adapter: *const ElraAdapter,
+    which: u32,
+    rows: *mut usize,
+    cols: *mut usize,
+) -> ElraStatus {
+    guard(|| {
+        // SAFETY: caller contract.
+        let a = unsafe { handle::live_ref(adapter)? };
+        check_scalar_out("rows", rows)?;
+        check_scalar_out("cols", cols)?;
+        let (r, c) = any_dtype!(&*a.lock(), l => param_shape(l.as_ref(), which)?);
+        // SAFETY: validated; caller guarantees writability.
+        unsafe {
+            rows.write(r);
+            cols.write(c);
+        }
+        Ok(())
+    })
+}
+
+/// Matrix entries trained (`*matrix_entries`: 2rd for ELRA/Hyb, rd for PSD, r(d+k) for LoRA,
+/// Remark 1) and trainable scalars (`*scalars`: η of ELRA, 0 for LoRA).
+///
+/// # Safety
+/// `adapter` must be a live handle; the outputs writable.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_param_count(
+    adapter: *const ElraAdapter,
+    matrix_entries: *mut usize,
+    scalars: *mut usize,
+) -> ElraStatus {
+    guard(|| {
+        // SAFETY: caller contract.
+        let a = unsafe { handle::live_ref(adapter)? };
+        check_scalar_out("matrix_entries", matrix_entries)?;
+        check_scalar_out("scalars", scalars)?;
+        let (m, s) = any_dtype!(&*a.lock(), l => (l.param_count(), l.scalar_param_count()));
+        // SAFETY: validated; caller guarantees writability.
+        unsafe {
+            matrix_entries.write(m);
+            scalars.write(s);
+        }
+        Ok(())
+    })
+}
+
+/// Sets the optimiser step t, which drives the α schedule (eq. 19, eq. 75) and the η multiplier
+/// (App. H). LoRA ignores it.
+///
+/// # Safety
+/// `adapter` must be a live handle with exclusive access.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_set_step(
+    adapter: *mut ElraAdapter,
+    step: usize,
+) -> ElraStatus {
+    guard(|| {
+        // SAFETY: caller contract.
+        let a = unsafe { handle::live(adapter)? };
+        any_dtype!(&mut *a.lock(), l => l.set_step(step)?);
+        Ok(())
+    })
+}
+
+/// The current optimiser step (`*step`) and α at that step (`*alpha`: the schedule's value for
+/// ELRA-Hyb, 1 for PSD, 0 for general ELRA and LoRA).
+///
+/// # Safety
+/// `adapter` must be a live handle; the outputs writable.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_get_step(
+    adapter: *const ElraAdapter,
+    step: *mut usize,
+    alpha: *mut f64,
+) -> ElraStatus {
+    guard(|| {
+        // SAFETY: caller contract.
+        let a = unsafe { handle::live_ref(adapter)? };
+        check_scalar_out("step", step)?;
+        check_scalar_out("alpha", alpha)?;
+        let (s, al) = any_dtype!(&*a.lock(), l => (l.step(), l.alpha()));
+        // SAFETY: validated; caller guarantees writability.
+        unsafe {
+            step.write(s);
+            alpha.write(al);
+        }
+        Ok(())
+    })
+}
+
+/// `‖G‖²_F` of the effective (clipped) generator from r×r Grams (eq. 21) in `*energy`, and the
+/// penalty `λ‖G‖²_F` (eq. 20) in `*penalty`. LoRA has no generator: `ELRA_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `adapter` must be a live handle; the outputs writable.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_energy(
+    adapter: *const ElraAdapter,
+    energy: *mut f64,
+    penalty: *mut f64,
+) -> ElraStatus {
+    guard(|| {
+        // SAFETY: caller contract.
+        let a = unsafe { handle::live_ref(adapter)? };
+        check_scalar_out("energy", energy)?;
+        check_scalar_out("penalty", penalty)?;
+        let e = any_dtype!(&mut *a.lock(), l => l.energy()?)
+            .ok_or_else(|| ElraError::invalid("adapter", "LoRA has no generator energy"))?;
+        // SAFETY: validated; caller guarantees writability.
+        unsafe {
+            energy.write(e.frobenius_sq);
+            penalty.write(e.penalty);
+        }
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Typed operations (generic bodies, exported per dtype below)
+// ------------------------------------------------------------------------------------------
+
+/// # Safety
+/// `data` covers rows×cols with leading dimension `ld`; exclusive access to the handle.
+unsafe fn set_param<T: HostReal>(
+    h: *mut ElraAdapter,
+    which: u32,
+    data: *const T,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> CResult<()> {
+    // SAFETY: caller contract.
+    let a = unsafe { handle::live(h)? };
+    a.with::<T, _>(|l| {
+        let shape = param_shape(l, which)?;
+        if (rows, cols) != shape {
+            return Err(ElraError::shape("data", shape, (rows, cols)).into());
+        }
+        // SAFETY: caller contract.
+        let m = unsafe { read_matrix("data", data, rows, cols, ld)? };
+        match param_index(l, which)? {
+            Some(i) => l.set_param(i, &m)?,
+            None => l.set_w0(&m)?,
+        }
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `out` covers rows×cols with leading dimension `ld` for writing.
+unsafe fn get_param<T: HostReal>(
+    h: *const ElraAdapter,
+    which: u32,
+    out: *mut T,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> CResult<()> {
+    // SAFETY: caller contract.
+    let a = unsafe { handle::live_ref(h)? };
+    let m = a.with::<T, _>(|l| {
+        let shape = param_shape(l, which)?;
+        if (rows, cols) != shape {
+            return Err(ElraError::shape("out", shape, (rows, cols)).into());
+        }
+        Ok(match param_index(l, which)? {
+            Some(i) => l.param(i)?,
+            None => l.w0().clone(),
+        })
+    })?;
+    let lo = out_layout("out", out, rows, cols, ld)?;
+    // SAFETY: validated layout; caller guarantees writability.
+    unsafe { write_out(out, &lo, &row_major(&m)) };
+    Ok(())
+}
+
+/// # Safety
+/// `x` covers n×k (ld_x), `y` covers n×d (ld_y).
+unsafe fn forward<T: HostReal>(
+    h: *const ElraAdapter,
+    n: usize,
+    x: *const T,
+    ld_x: usize,
+    y: *mut T,
+    ld_y: usize,
+) -> CResult<()> {
+    // SAFETY: caller contract.
+    let a = unsafe { handle::live_ref(h)? };
+    let (ly, ym) = a.with::<T, _>(|l| {
+        let (d, k) = l.dims();
+        let ly = out_layout("y", y, n, d, ld_y)?;
+        // SAFETY: caller contract.
+        let xm = unsafe { read_matrix("x", x, n, k, ld_x)? };
+        Ok((ly, l.apply(&xm)?))
+    })?;
+    // SAFETY: validated layout; caller guarantees writability.
+    unsafe { write_out(y, &ly, &row_major(&ym)) };
+    Ok(())
+}
+
+/// # Safety
+/// `w_new` covers d×k (ld) for writing.
+unsafe fn merge<T: HostReal>(h: *const ElraAdapter, w_new: *mut T, ld: usize) -> CResult<()> {
+    // SAFETY: caller contract.
+    let a = unsafe { handle::live_ref(h)? };
+    let m = a.with::<T, _>(|l| {
+        let (d, k) = l.dims();
+        let mut m = DMatrix::zeros(d, k);
+        l.merge(&mut m)?;
+        Ok(m)
+    })?;
+    let lo = out_layout("w_new", w_new, m.nrows(), m.ncols(), ld)?;
+    // SAFETY: validated layout; caller guarantees writability.
+    unsafe { write_out(w_new, &lo, &row_major(&m)) };
+    Ok(())
+}
+
+/// # Safety
+/// `w_new` covers d×k (ld_w_new) for reading, `w0_out` d×k (ld_w0_out) for writing.
+unsafe fn unmerge<T: HostReal>(
+    h: *const ElraAdapter,
+    w_new: *const T,
+    ld_w_new: usize,
+    w0_out: *mut T,
+    ld_w0_out: usize,
+) -> CResult<()> {
+    // SAFETY: caller contract.
+    let a = unsafe { handle::live_ref(h)? };
+    let (lo, w0) = a.with::<T, _>(|l| {
+        let (d, k) = l.dims();
+        let lo = out_layout("w0_out", w0_out, d, k, ld_w0_out)?;
+        // SAFETY: caller contract.
+        let wn = unsafe { read_matrix("w_new", w_new, d, k, ld_w_new)? };
+        let mut w0 = DMatrix::zeros(d, k);
+        l.unmerge(&wn, &mut w0)?;
+        Ok((lo, w0))
+    })?;
+    // SAFETY: validated layout; caller guarantees writability.
+    unsafe { write_out(w0_out, &lo, &row_major(&w0)) };
+    Ok(())
+}
+
+/// Sets parameter `which` ([`ElraParam`]) from `data` (rows×cols, row-major, leading dimension
+/// `ld ≥ cols`), f64 handles. `(rows, cols)` must equal [`elra_adapter_param_shape`]
+/// (`ELRA_SHAPE_MISMATCH` otherwise); values must be finite, η > 0. Setting W0 keeps A, B, η and
+/// the step. On error the adapter is unchanged.
+///
+/// # Safety
+/// `adapter` must be a live handle with exclusive access; `data` must cover the described layout.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_set_param_f64(
+    adapter: *mut ElraAdapter,
+    which: u32,
+    data: *const f64,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe { set_param::<f64>(adapter, which, data, rows, cols, ld) })
+}
+
+/// [`elra_adapter_set_param_f64`] for f32 handles.
+///
+/// # Safety
+/// As [`elra_adapter_set_param_f64`].
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_set_param_f32(
+    adapter: *mut ElraAdapter,
+    which: u32,
+    data: *const f32,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe { set_param::<f32>(adapter, which, data, rows, cols, ld) })
+}
+
+/// Copies parameter `which` ([`ElraParam`]) into `out` (rows×cols, leading dimension `ld`), f64
+/// handles; `(rows, cols)` must equal [`elra_adapter_param_shape`].
+///
+/// # Safety
+/// `adapter` must be a live handle; `out` must cover the described layout for writing.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_get_param_f64(
+    adapter: *const ElraAdapter,
+    which: u32,
+    out: *mut f64,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe { get_param::<f64>(adapter, which, out, rows, cols, ld) })
+}
+
+/// [`elra_adapter_get_param_f64`] for f32 handles.
+///
+/// # Safety
+/// As [`elra_adapter_get_param_f64`].
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_get_param_f32(
+    adapter: *const ElraAdapter,
+    which: u32,
+    out: *mut f32,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe { get_param::<f32>(adapter, which, out, rows, cols, ld) })
+}
+
+/// Forward pass `Y = X W_newᵀ` without forming `W_new` (ELRA: eq. 5 / Algorithm 1 lines 4–8,
+/// `U = X W0ᵀ, Y = U + ((U Cᵀ) φ1(CA)ᵀ) Aᵀ`; LoRA: `X W0ᵀ + s (X Aᵀ) Bᵀ`), f64 handles. `x` is
+/// n×k (leading dimension `ld_x ≥ k`), `y` n×d (`ld_y ≥ d`); rows are samples.
+///
+/// # Safety
+/// `adapter` must be a live handle; `x` and `y` must cover their layouts (y may alias x only with
+/// an identical layout, i.e. when d = k).
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_forward_f64(
+    adapter: *const ElraAdapter,
+    n: usize,
+    x: *const f64,
+    ld_x: usize,
+    y: *mut f64,
+    ld_y: usize,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe { forward::<f64>(adapter, n, x, ld_x, y, ld_y) })
+}
+
+/// [`elra_adapter_forward_f64`] for f32 handles.
+///
+/// # Safety
+/// As [`elra_adapter_forward_f64`].
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_forward_f32(
+    adapter: *const ElraAdapter,
+    n: usize,
+    x: *const f32,
+    ld_x: usize,
+    y: *mut f32,
+    ld_y: usize,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe { forward::<f32>(adapter, n, x, ld_x, y, ld_y) })
+}
+
+/// The merged weight `W_new` (d×k, leading dimension `ld ≥ k`) into `w_new`, f64 handles (ELRA:
+/// `W0 + A(φ1(Z)(C W0))`, Prop. 1 / eq. 30; LoRA: `W0 + s·B·A`).
+///
+/// # Safety
+/// `adapter` must be a live handle; `w_new` must cover the layout for writing.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_merge_f64(
+    adapter: *const ElraAdapter,
+    w_new: *mut f64,
+    ld: usize,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe { merge::<f64>(adapter, w_new, ld) })
+}
+
+/// [`elra_adapter_merge_f64`] for f32 handles.
+///
+/// # Safety
+/// As [`elra_adapter_merge_f64`].
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_merge_f32(
+    adapter: *const ElraAdapter,
+    w_new: *mut f32,
+    ld: usize,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe { merge::<f32>(adapter, w_new, ld) })
+}
+
+/// Recovers `W0` from a merged weight with the current parameters into `w0_out`, f64 handles
+/// (ELRA: `exp(−G) W_new = W_new + A φ1(−Z)(−C) W_new`, Prop. 3 with Prop. 1; LoRA:
+/// `W_new − s·B·A`). Both d×k with their leading dimensions.
+///
+/// # Safety
+/// `adapter` must be a live handle; `w_new` and `w0_out` must cover their layouts (they may
+/// alias with identical layouts).
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_unmerge_f64(
+    adapter: *const ElraAdapter,
+    w_new: *const f64,
+    ld_w_new: usize,
+    w0_out: *mut f64,
+    ld_w0_out: usize,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe { unmerge::<f64>(adapter, w_new, ld_w_new, w0_out, ld_w0_out) })
+}
+
+/// [`elra_adapter_unmerge_f64`] for f32 handles.
+///
+/// # Safety
+/// As [`elra_adapter_unmerge_f64`].
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_unmerge_f32(
+    adapter: *const ElraAdapter,
+    w_new: *const f32,
+    ld_w_new: usize,
+    w0_out: *mut f32,
+    ld_w0_out: usize,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe { unmerge::<f32>(adapter, w_new, ld_w_new, w0_out, ld_w0_out) })
+}
+
+/// # Safety
+/// Every pointer must cover its described layout (`db` and `deta` may be NULL where unused).
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward<T: HostReal>(
+    h: *const ElraAdapter,
+    n: usize,
+    x: *const T,
+    ld_x: usize,
+    dy: *const T,
+    ld_dy: usize,
+    dx: *mut T,
+    ld_dx: usize,
+    da: *mut T,
+    ld_da: usize,
+    db: *mut T,
+    ld_db: usize,
+    deta: *mut T,
+) -> CResult<()> {
+    // SAFETY: caller contract.
+    let a = unsafe { handle::live_ref(h)? };
+    let (layouts, gx, grads) = a.with::<T, _>(|l| {
+        let (d, k) = l.dims();
+        // Validate every output before any work.
+        let l_dx = out_layout("dx", dx, n, k, ld_dx)?;
+        let (ar, ac) = param_shape(l, 0)?;
+        let l_da = out_layout("da", da, ar, ac, ld_da)?;
+        let b = param_index(l, 1).ok().flatten();
+        let l_db = match b {
+            Some(i) => {
+                let p = l.params()[i];
+                Some(out_layout("db", db, p.rows, p.cols, ld_db)?)
+            }
+            None => None,
+        };
+        let eta = param_index(l, 2).ok().flatten();
+        if eta.is_some() {
+            check_scalar_out("deta", deta)?;
+        }
+        // SAFETY: caller contract.
+        let xm = unsafe { read_matrix("x", x, n, k, ld_x)? };
+        // SAFETY: caller contract.
+        let dym = unsafe { read_matrix("dy", dy, n, d, ld_dy)? };
+        l.recompute(&xm)?;
+        let mut gx = DMatrix::zeros(n, k);
+        l.backward(&xm, &dym, &mut gx)?;
+        let ga = l.grad(param_index(l, 0)?.unwrap_or(0))?;
+        let gb = b.map(|i| l.grad(i)).transpose()?;
+        let geta = eta.map(|i| l.grad(i)).transpose()?;
+        Ok(((l_dx, l_da, l_db), gx, (ga, gb, geta)))
+    })?;
+    let (l_dx, l_da, l_db) = layouts;
+    let (ga, gb, geta) = grads;
+    // SAFETY: layouts validated above; the caller guarantees writability. All results are
+    // computed, so nothing is written unless the whole call succeeds.
+    unsafe {
+        write_out(dx, &l_dx, &row_major(&gx));
+        write_out(da, &l_da, &row_major(&ga));
+        if let (Some(l), Some(g)) = (l_db, gb) {
+            write_out(db, &l, &row_major(&g));
+        }
+        if let Some(e) = geta {
+            deta.write(e[(0, 0)]);
+        }
+    }
+    Ok(())
+}
+
+/// Reverse mode of [`elra_adapter_forward_f64`], f64 handles: given the input `x` (n×k) and the
+/// gradient `dy = ∂L/∂Y` (n×d), writes `dx = ∂L/∂X` (n×k), `da = ∂L/∂A` and `db = ∂L/∂B` (the
+/// shapes of [`elra_adapter_param_shape`]) and, for ELRA, `*deta = ∂L/∂η`. For ELRA the
+/// parameter gradients include the energy penalty `λ‖G‖²_F` (eq. 20–21), so
+/// `L = ⟨Y, dy⟩ + λ‖G‖²_F`; the chain runs through the spectral clip, the α/η schedules at the
+/// current step and the adjoint Fréchet derivative of φ1 (Prop. 1, eq. 5; Algorithm 1 line 12),
+/// with only N×r, r×d and r×r intermediates (no d×d matrix, no dense weight gradient). The
+/// forward pass is recomputed inside the call. `db` is ignored (may be NULL) for ELRA-PSD; `deta`
+/// is ignored (may be NULL) for LoRA. `dx` may alias `x` with an identical layout.
+///
+/// # Safety
+/// `adapter` must be a live handle; every pointer must cover its described layout.
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_backward_f64(
+    adapter: *const ElraAdapter,
+    n: usize,
+    x: *const f64,
+    ld_x: usize,
+    dy: *const f64,
+    ld_dy: usize,
+    dx: *mut f64,
+    ld_dx: usize,
+    da: *mut f64,
+    ld_da: usize,
+    db: *mut f64,
+    ld_db: usize,
+    deta: *mut f64,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe {
+        backward::<f64>(
+            adapter, n, x, ld_x, dy, ld_dy, dx, ld_dx, da, ld_da, db, ld_db, deta,
+        )
+    })
+}
+
+/// [`elra_adapter_backward_f64`] for f32 handles.
+///
+/// # Safety
+/// As [`elra_adapter_backward_f64`].
+#[no_mangle]
+pub unsafe extern "C" fn elra_adapter_backward_f32(
+    adapter: *const ElraAdapter,
+    n: usize,
+    x: *const f32,
+    ld_x: usize,
+    dy: *const f32,
+    ld_dy: usize,
+    dx: *mut f32,
+    ld_dx: usize,
+    da: *mut f32,
+    ld_da: usize,
+    db: *mut f32,
+    ld_db: usize,
+    deta: *mut f32,
+) -> ElraStatus {
+    // SAFETY: the caller's contract is forwarded unchanged.
+    guard(|| unsafe {
+        backward::<f32>(
+            adapter, n, x, ld_x, dy, ld_dy, dx, ld_dx, da, ld_da, db, ld_db, deta,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests;
