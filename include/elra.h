@@ -84,6 +84,11 @@ typedef enum {
    * A Rust panic was caught at the ABI boundary (a bug in the library; please report it).
    */
   ELRA_PANIC = 12,
+  /**
+   * The memory a call needs could not be allocated; nothing was written
+   * (`ElraError::OutOfMemory`).
+   */
+  ELRA_OUT_OF_MEMORY = 13,
 } ElraStatus;
 
 /**

@@ -67,12 +67,27 @@ pub enum ElraError {
     /// A CUDA driver, cuBLAS or kernel error.
     #[error("CUDA error: {0}")]
     Cuda(String),
+    /// Memory for a request could not be allocated (sizes a caller controls are reserved
+    /// fallibly before any work, so a request too large for the machine is an error, not an
+    /// abort).
+    #[error("out of memory: {what}")]
+    OutOfMemory {
+        /// What needed the memory, with the size asked for.
+        what: String,
+    },
 }
 
 /// `Result` with [`ElraError`] as the default error type.
 pub type Result<T, E = ElraError> = std::result::Result<T, E>;
 
 impl ElraError {
+    /// Shorthand for [`ElraError::OutOfMemory`] for `bytes` bytes needed by `what`.
+    pub fn out_of_memory(what: &str, bytes: usize) -> Self {
+        ElraError::OutOfMemory {
+            what: format!("{what} needs {bytes} bytes, which could not be allocated"),
+        }
+    }
+
     /// Shorthand for [`ElraError::InvalidArgument`].
     pub fn invalid(arg: &'static str, reason: impl Into<String>) -> Self {
         ElraError::InvalidArgument {

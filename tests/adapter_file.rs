@@ -484,6 +484,22 @@ fn saving_over_an_existing_adapter_replaces_it_whole() {
     }
     assert!(bad.save(&dir).is_err());
     assert_eq!(AdapterFile::<f64>::load(&dir).unwrap(), f2);
+    // A directory where the config goes: the save fails and changes nothing — the previous
+    // weights stay, no new weights appear beside an old config, no temporary file remains.
+    let dir2 = tmpdir("overwrite-blocked");
+    f1.save(&dir2).unwrap();
+    let weights_before = std::fs::read(dir2.join(WEIGHTS_FILE)).unwrap();
+    std::fs::remove_file(dir2.join(CONFIG_FILE)).unwrap();
+    std::fs::create_dir(dir2.join(CONFIG_FILE)).unwrap();
+    assert!(matches!(f2.save(&dir2), Err(ElraError::Io { .. })));
+    assert_eq!(std::fs::read(dir2.join(WEIGHTS_FILE)).unwrap(), weights_before);
+    let mut names: Vec<String> = std::fs::read_dir(&dir2)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [CONFIG_FILE, WEIGHTS_FILE]);
+    std::fs::remove_dir_all(&dir2).unwrap();
     // A missing directory is an I/O error naming the path.
     match AdapterFile::<f64>::load(dir.join("nope")) {
         Err(ElraError::Io { path, .. }) => assert!(path.contains("nope")),

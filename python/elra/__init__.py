@@ -58,6 +58,7 @@ class Status(enum.IntEnum):
     NO_DEVICE = 10
     CUDA = 11
     PANIC = 12
+    OUT_OF_MEMORY = 13
 
 
 class ElraError(Exception):

@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use super::config::{check_eta, GeneratorConfig, GeneratorSpec};
 use super::generator::{check_left_factor, Variant};
 use super::layer::GeneratorEval;
-use super::{check_batch, check_dims, check_weight, xavier_uniform, TrainState};
+use super::{check_batch, check_dims, check_weight, finite_output, xavier_uniform, TrainState};
 use crate::grad::{DoubleTape, FactorGrad};
 use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
@@ -403,13 +403,13 @@ impl<T: Real> DoubleSidedLayer<T> {
         let (l, r) = self.generators()?;
         let xr = r.action.rows(x)?;
         let u = xr * self.w0.transpose();
-        l.action.rows(&u)
+        finite_output("y", l.action.rows(&u)?)
     }
 
     /// `exp(L) (W0 exp(R))` (eq. 22) via Prop. 1 on both sides.
     pub fn merge(&self) -> Result<DMatrix<T>> {
         let (l, r) = self.generators()?;
-        l.action.left(&r.action.right(&self.w0)?)
+        finite_output("w_new", l.action.left(&r.action.right(&self.w0)?)?)
     }
 
     /// `exp(−L) W_new exp(−R)` (Prop. 3 on both sides). Errors: `w_new` not d×k or non-finite.
@@ -417,7 +417,7 @@ impl<T: Real> DoubleSidedLayer<T> {
         check_weight("w_new", w_new, self.config.d, self.config.k)?;
         let (l, r) = self.generators()?;
         let inner = r.action.inverse()?.right(w_new)?;
-        l.action.inverse()?.left(&inner)
+        finite_output("w0", l.action.inverse()?.left(&inner)?)
     }
 
     /// Trainable matrix entries: `2 r_L d + 2 r_R k` (general, Hyb) or `r_L d + r_R k` (PSD).

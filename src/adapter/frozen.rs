@@ -5,11 +5,11 @@ use nalgebra::DMatrix;
 
 use super::ParamSpec;
 use super::{
-    check_batch, check_out, check_weight, param_spec, Adapter, Energy, Factors, GeneratorConfig,
-    HostAdapter,
+    check_batch, check_out, check_weight, finite_output, param_spec, Adapter, Energy, Factors,
+    GeneratorConfig, HostAdapter,
 };
 use crate::grad::ops::{matmul, Op};
-use crate::linalg::Real;
+use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
 
 /// A frozen d×k weight with no trainable parameter: `W_new = W0`.
@@ -82,7 +82,7 @@ impl<T: Real> Adapter for Frozen<T> {
         let (d, k) = self.w0.shape();
         check_batch(x, k)?;
         check_out("y", y, x.nrows(), d)?;
-        *y = matmul(x, Op::N, &self.w0, Op::T);
+        *y = finite_output("y", matmul(x, Op::N, &self.w0, Op::T))?;
         Ok(())
     }
     /// `∂X = ∂Y W0`.
@@ -90,7 +90,8 @@ impl<T: Real> Adapter for Frozen<T> {
         let (d, k) = self.w0.shape();
         check_out("dy", dy, x.nrows(), d)?;
         check_out("dx", dx, x.nrows(), k)?;
-        *dx = matmul(dy, Op::N, &self.w0, Op::N);
+        check_finite("dy", dy)?;
+        *dx = finite_output("dx", matmul(dy, Op::N, &self.w0, Op::N))?;
         Ok(())
     }
     fn recompute(&mut self, _: &DMatrix<T>) -> Result<()> {
@@ -123,7 +124,7 @@ impl<T: Real> Adapter for Frozen<T> {
 impl<T: Real> HostAdapter<T> for Frozen<T> {
     fn apply(&self, x: &DMatrix<T>) -> Result<DMatrix<T>> {
         check_batch(x, self.w0.ncols())?;
-        Ok(matmul(x, Op::N, &self.w0, Op::T))
+        finite_output("y", matmul(x, Op::N, &self.w0, Op::T))
     }
 
     fn clone_box(&self) -> Box<dyn HostAdapter<T>> {

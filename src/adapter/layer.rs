@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::{check_eta, GeneratorConfig, GeneratorSpec};
 use super::generator::{check_left_factor, generator_factor, ExpAction, LowRankGenerator, Variant};
-use super::{check_batch, check_dims, check_weight, xavier_uniform, TrainState};
+use super::{check_batch, check_dims, check_weight, finite_output, xavier_uniform, TrainState};
 use crate::grad::{ElraTape, FactorGrad};
 use crate::linalg::{check_finite, Real};
 use crate::{ElraError, Result};
@@ -452,19 +452,19 @@ impl<T: Real> ElraLayer<T> {
 
     /// `Y = X W_newᵀ` through eq. (5) (see [`forward_cached`](Self::forward_cached)).
     pub fn forward(&self, x: &DMatrix<T>) -> Result<DMatrix<T>> {
-        Ok(self.forward_cached(x)?.y)
+        finite_output("y", self.forward_cached(x)?.y)
     }
 
     /// The exact merge `W_new = W0 + A(M(C W0))` (Prop. 1, eq. 30).
     pub fn merge(&self) -> Result<DMatrix<T>> {
-        self.generator()?.action.left(&self.w0)
+        finite_output("w_new", self.generator()?.action.left(&self.w0)?)
     }
 
     /// The exact unmerge `W0 = exp(−G) W_new = W_new + A φ1(−Z)(−C) W_new` (Prop. 3 with
     /// Prop. 1) for the current parameters. Errors: `w_new` not d×k or non-finite.
     pub fn unmerge(&self, w_new: &DMatrix<T>) -> Result<DMatrix<T>> {
         check_weight("w_new", w_new, self.config.d, self.config.k)?;
-        self.generator()?.action.inverse()?.left(w_new)
+        finite_output("w0", self.generator()?.action.inverse()?.left(w_new)?)
     }
 
     /// The inference cache of App. H: `K = M C W0` (r×k) with the current parameters.

@@ -11,7 +11,10 @@ use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{check_batch, check_dims, check_weight, kaiming_uniform, xavier_uniform, TrainState};
+use super::{
+    check_batch, check_dims, check_weight, finite_output, kaiming_uniform, xavier_uniform,
+    TrainState,
+};
 use crate::grad::{LoraGrad, LoraTape};
 use crate::linalg::Real;
 use crate::{ElraError, Result};
@@ -184,18 +187,21 @@ impl<T: Real> LoraLayer<T> {
         check_batch(x, self.config.k)?;
         let base = x * self.w0.transpose();
         let down = x * self.lora_a.transpose();
-        Ok((down * self.lora_b.transpose()) * T::of(self.config.scaling()) + base)
+        finite_output(
+            "y",
+            (down * self.lora_b.transpose()) * T::of(self.config.scaling()) + base,
+        )
     }
 
     /// `W0 + (α/r)·B'A'` (PEFT `merge`).
     pub fn merge(&self) -> Result<DMatrix<T>> {
-        Ok(self.delta() + &self.w0)
+        finite_output("w_new", self.delta() + &self.w0)
     }
 
     /// `W_new − (α/r)·B'A'` (PEFT `unmerge`). Errors: `w_new` not d×k or non-finite.
     pub fn unmerge(&self, w_new: &DMatrix<T>) -> Result<DMatrix<T>> {
         check_weight("w_new", w_new, self.config.d, self.config.k)?;
-        Ok(w_new - self.delta())
+        finite_output("w0", w_new - self.delta())
     }
 
     /// Trainable entries `r(d + k)` (Remark 1).

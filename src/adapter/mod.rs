@@ -381,6 +381,19 @@ impl<Tape, Grads> std::fmt::Debug for TrainState<Tape, Grads> {
     }
 }
 
+/// The overflow rule of every CPU output: inputs and parameters are checked finite on entry, so
+/// a non-finite entry in a result means the computation left the floating-point range
+/// ([`ElraError::Overflow`] naming `what`), never a silent `Inf`/`NaN`.
+pub(crate) fn finite_output<T: Real>(what: &'static str, m: DMatrix<T>) -> Result<DMatrix<T>> {
+    if m.iter().all(|v| v.is_finite()) {
+        Ok(m)
+    } else {
+        Err(ElraError::Overflow {
+            what: format!("`{what}` leaves the floating-point range (every input is finite)"),
+        })
+    }
+}
+
 /// Checks that an output buffer has the shape the operation writes.
 pub(crate) fn check_out<T: Real>(
     arg: &'static str,

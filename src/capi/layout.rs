@@ -119,7 +119,7 @@ pub(crate) unsafe fn read_in<T: Real>(
     p: *const T,
     l: &Layout,
 ) -> CResult<Vec<T>> {
-    let mut out = Vec::with_capacity(l.dense_len());
+    let mut out = try_with_capacity(arg, l.dense_len())?;
     for b in 0..l.batch {
         for i in 0..l.rows {
             // SAFETY: `check_in` verified that p is non-null, aligned, and that the span of the
@@ -182,18 +182,77 @@ pub(crate) unsafe fn read_matrix<T: Real>(
         stride: 0,
     };
     check_in(arg, p, &l)?;
-    // SAFETY: validated; the caller guarantees readability of the layout.
-    let v = unsafe { read_in(arg, p, &l)? };
-    Ok(DMatrix::from_row_slice(rows, cols, &v))
+    // nalgebra stores columns: fill the column-major buffer directly (one allocation).
+    let mut v = try_with_capacity(arg, rows * cols)?;
+    v.resize(rows * cols, T::zero());
+    for i in 0..rows {
+        // SAFETY: `check_in` validated the layout; the export's caller guarantees that row i
+        // (`cols` elements at `i·ld`) is readable. It is borrowed only until it is copied.
+        let row = unsafe { std::slice::from_raw_parts(p.add(i * ld), cols) };
+        for (j, &x) in row.iter().enumerate() {
+            if !x.is_finite() {
+                return Err(CError::Elra(ElraError::NonFinite { arg }));
+            }
+            v[j * rows + i] = x;
+        }
+    }
+    Ok(DMatrix::from_vec(rows, cols, v))
 }
 
-/// Row-major copy of a matrix.
+/// Row-major copy of a (small) matrix.
+#[cfg(any(test, feature = "cuda"))]
 pub(crate) fn row_major<T: Real>(m: &DMatrix<T>) -> Vec<T> {
     let mut v = Vec::with_capacity(m.len());
     for i in 0..m.nrows() {
         v.extend(m.row(i).iter().copied());
     }
     v
+}
+
+/// Writes a host matrix to a caller matrix (rows of `m` at `p + i·ld`), without an intermediate
+/// copy.
+///
+/// # Safety
+/// `p` must have passed [`check_out`] with `l` (a single matrix of `m`'s shape), and the export's
+/// caller must guarantee that the described entries are writable and not borrowed elsewhere.
+pub(crate) unsafe fn write_matrix<T: Real>(p: *mut T, l: &Layout, m: &DMatrix<T>) {
+    debug_assert_eq!((l.batch, l.rows, l.cols), (1, m.nrows(), m.ncols()));
+    for i in 0..l.rows {
+        for j in 0..l.cols {
+            // SAFETY: (i, j) lies in the validated layout; the caller guarantees writability.
+            unsafe { p.add(l.row_offset(0, i) + j).write(m[(i, j)]) };
+        }
+    }
+}
+
+/// An empty vector with room for `len` elements, or `ELRA_OUT_OF_MEMORY` (never an abort).
+pub(crate) fn try_with_capacity<T>(what: &str, len: usize) -> CResult<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        ElraError::out_of_memory(what, len.saturating_mul(std::mem::size_of::<T>()))
+    })?;
+    Ok(v)
+}
+
+/// The number of elements of a call's working set: `Σ aᵢ·bᵢ` over `terms`, `None` when it
+/// overflows `usize` (certainly more than any machine has).
+pub(crate) fn elements(terms: &[(usize, usize)]) -> Option<usize> {
+    terms
+        .iter()
+        .try_fold(0usize, |acc, &(a, b)| acc.checked_add(a.checked_mul(b)?))
+}
+
+/// Checks, before any work, that the working set of a call (`elements` values of `T`, from
+/// [`elements`]) can be allocated now: the memory is reserved and released at once, so that a
+/// request too large for the machine is `ELRA_OUT_OF_MEMORY` instead of an abort inside the
+/// computation (whose own allocations cannot fail gracefully). A best-effort check: memory
+/// taken by other threads in between can still run out.
+pub(crate) fn reserve<T>(what: &str, elements: Option<usize>) -> CResult<()> {
+    let bytes = elements
+        .and_then(|n| n.checked_mul(std::mem::size_of::<T>()))
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| ElraError::out_of_memory(what, usize::MAX))?;
+    try_with_capacity::<u8>(what, bytes).map(drop)
 }
 
 /// A validated output layout for a rows×cols matrix.

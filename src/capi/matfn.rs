@@ -10,6 +10,7 @@
 //! through one [`MatFnBatch`] workspace, so the results equal the single-matrix functions of
 //! [`crate::linalg`] bit for bit.
 
+use super::layout::{elements, reserve, try_with_capacity};
 use super::{check_in, check_out, guard, read_in, write_out, CResult, ElraStatus, Layout};
 use crate::linalg::{MatFnBatch, Real};
 use crate::ElraError;
@@ -105,8 +106,10 @@ unsafe fn run<T: Real>(
     g: Option<In<T>>,
     outs: &[Out<T>],
 ) -> CResult<()> {
-    // MatFnBatch::new rejects r = 0 with an error naming `r`.
-    let mut ws = MatFnBatch::<T>::new(r)?;
+    if r == 0 {
+        return Err(ElraError::invalid("r", "r = 0: matrices must be at least 1×1").into());
+    }
+    // Every layout is checked before anything is allocated.
     let lz = layout(batch, r, z.ld, z.stride);
     check_in(z.name, z.p, &lz)?;
     if let Some(g) = &g {
@@ -115,6 +118,12 @@ unsafe fn run<T: Real>(
     for o in outs {
         check_out(o.name, o.p, &layout(batch, r, o.ld, o.stride))?;
     }
+    // The packed inputs and results, and the workspace (≈ 25 r×r matrices, linalg::MatFnBatch).
+    // batch·r² fits: the layouts above span at least that many elements of the address space.
+    let packed = batch * r * r;
+    let buffers = 1 + usize::from(g.is_some()) + outs.len();
+    reserve::<T>("the batch", elements(&[(buffers, packed), (26 * r, r)]))?;
+    let mut ws = MatFnBatch::<T>::new(r)?;
     // SAFETY: validated above; the export's caller guarantees the described memory is readable.
     let zin = unsafe { read_in(z.name, z.p, &lz)? };
     let gin = match &g {
@@ -130,13 +139,18 @@ unsafe fn run<T: Real>(
         check_norms("g", g, r)?;
     }
     let n = zin.len();
-    let mut res0 = vec![T::zero(); n];
+    let zeros = |len: usize| -> CResult<Vec<T>> {
+        let mut v = try_with_capacity("the results", len)?;
+        v.resize(len, T::zero());
+        Ok(v)
+    };
+    let mut res0 = zeros(n)?;
     let mut res1 = Vec::new();
     match op {
         Op::Expm => ws.expm(&zin, &mut res0)?,
         Op::Phi1 => ws.phi1(&zin, &mut res0)?,
         Op::ExpmPhi1 => {
-            res1 = vec![T::zero(); n];
+            res1 = zeros(n)?;
             ws.expm_phi1(&zin, &mut res0, &mut res1)?
         }
         Op::ExpmAdjoint => {

@@ -92,6 +92,9 @@ pub enum ElraStatus {
     ELRA_CUDA = 11,
     /// A Rust panic was caught at the ABI boundary (a bug in the library; please report it).
     ELRA_PANIC = 12,
+    /// The memory a call needs could not be allocated; nothing was written
+    /// (`ElraError::OutOfMemory`).
+    ELRA_OUT_OF_MEMORY = 13,
 }
 
 pub use ElraStatus::ELRA_OK;
@@ -109,6 +112,7 @@ pub fn status_of(e: &ElraError) -> ElraStatus {
         ElraError::Format(_) => ElraStatus::ELRA_FORMAT,
         ElraError::NoDevice(_) => ElraStatus::ELRA_NO_DEVICE,
         ElraError::Cuda(_) => ElraStatus::ELRA_CUDA,
+        ElraError::OutOfMemory { .. } => ElraStatus::ELRA_OUT_OF_MEMORY,
     }
 }
 
@@ -234,6 +238,7 @@ mod tests {
             ElraError::Format("x".into()),
             ElraError::NoDevice("x".into()),
             ElraError::Cuda("x".into()),
+            ElraError::out_of_memory("x", 1),
         ];
         let mut codes: Vec<i32> = errs.iter().map(|e| status_of(e) as i32).collect();
         codes.push(ElraStatus::ELRA_NULL_POINTER as i32);

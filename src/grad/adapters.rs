@@ -11,8 +11,8 @@ use super::elra::{elra_backward, elra_forward, GeneratorTape, Route};
 use super::generator::{FactorChain, FactorGrad};
 use super::lora::{lora_backward, lora_forward};
 use crate::adapter::{
-    check_out, param_spec, scalar_of, Adapter, DoubleSidedLayer, ElraLayer, Energy, Factors,
-    GeneratorConfig, GeneratorSpec, HostAdapter, InputKey, LoraLayer, ParamSpec,
+    check_out, finite_output, param_spec, scalar_of, Adapter, DoubleSidedLayer, ElraLayer, Energy,
+    Factors, GeneratorConfig, GeneratorSpec, HostAdapter, InputKey, LoraLayer, ParamSpec,
 };
 use crate::linalg::Real;
 use crate::Result;
@@ -54,6 +54,15 @@ fn side_energy<T: Real>(
 /// parameters or the step discards the tape).
 fn tape_energy<T: Real>(g: &GeneratorTape<T>) -> (f64, f64) {
     (g.chain.frob_sq().f64(), g.energy.f64())
+}
+
+/// The gradients of one generator side, checked finite ([`finite_output`]).
+fn finite_grads<T: Real>(g: FactorGrad<T>) -> Result<FactorGrad<T>> {
+    Ok(FactorGrad {
+        a: finite_output("a gradient", g.a)?,
+        b: g.b.map(|b| finite_output("b gradient", b)).transpose()?,
+        eta: finite_output("eta gradient", DMatrix::from_element(1, 1, g.eta))?[(0, 0)],
+    })
 }
 
 /// `(A, C)` of a generator tape.
@@ -116,7 +125,7 @@ impl<T: Real> Adapter for ElraLayer<T> {
     ) -> Result<()> {
         check_out("y", y, x.nrows(), self.config().d)?;
         let (out, tape) = elra_forward(self, x, Route::Woodbury, dropout)?;
-        *y = out;
+        *y = finite_output("y", out)?;
         self.train.set_tape(InputKey::of(x), tape);
         Ok(())
     }
@@ -125,12 +134,13 @@ impl<T: Real> Adapter for ElraLayer<T> {
         check_out("dx", dx, x.nrows(), self.config().k)?;
         let tape = self.train.tape_for(InputKey::of(x))?;
         let g = elra_backward(self, x, tape, dy.clone())?;
-        *dx = g.x;
-        self.train.set_grads(FactorGrad {
+        let grads = finite_grads(FactorGrad {
             a: g.a,
             b: g.b,
             eta: g.eta,
-        });
+        })?;
+        *dx = finite_output("dx", g.x)?;
+        self.train.set_grads(grads);
         Ok(())
     }
     fn recompute(&mut self, x: &DMatrix<T>) -> Result<()> {
@@ -236,7 +246,7 @@ impl<T: Real> Adapter for DoubleSidedLayer<T> {
     ) -> Result<()> {
         check_out("y", y, x.nrows(), self.config().d)?;
         let (out, tape) = double_forward(self, x, dropout)?;
-        *y = out;
+        *y = finite_output("y", out)?;
         self.train.set_tape(InputKey::of(x), tape);
         Ok(())
     }
@@ -245,8 +255,9 @@ impl<T: Real> Adapter for DoubleSidedLayer<T> {
         check_out("dx", dx, x.nrows(), self.config().k)?;
         let tape = self.train.tape_for(InputKey::of(x))?;
         let g = double_backward(self, x, tape, dy.clone())?;
-        *dx = g.x;
-        self.train.set_grads((g.left, g.right));
+        let grads = (finite_grads(g.left)?, finite_grads(g.right)?);
+        *dx = finite_output("dx", g.x)?;
+        self.train.set_grads(grads);
         Ok(())
     }
     fn recompute(&mut self, x: &DMatrix<T>) -> Result<()> {
@@ -350,7 +361,7 @@ impl<T: Real> Adapter for LoraLayer<T> {
     ) -> Result<()> {
         check_out("y", y, x.nrows(), self.config().d)?;
         let (out, tape) = lora_forward(self, x, dropout)?;
-        *y = out;
+        *y = finite_output("y", out)?;
         self.train.set_tape(InputKey::of(x), tape);
         Ok(())
     }
@@ -359,7 +370,10 @@ impl<T: Real> Adapter for LoraLayer<T> {
         check_out("dx", dx, x.nrows(), self.config().k)?;
         let tape = self.train.tape_for(InputKey::of(x))?;
         let mut g = lora_backward(self, x, tape, dy.clone())?;
-        *dx = std::mem::replace(&mut g.x, DMatrix::zeros(0, 0));
+        let gx = std::mem::replace(&mut g.x, DMatrix::zeros(0, 0));
+        g.lora_a = finite_output("lora_a gradient", g.lora_a)?;
+        g.lora_b = finite_output("lora_b gradient", g.lora_b)?;
+        *dx = finite_output("dx", gx)?;
         self.train.set_grads(g);
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Reading and writing adapter directories (PEFT layout) and merged weights; see the
 //! [module docs](super) for the format.
 
+use super::atomic::write_files_atomically;
 use crate::adapter::GeneratorConfig;
 use crate::linalg::Real;
 use crate::{ElraError, Result};
@@ -8,9 +9,8 @@ use nalgebra::DMatrix;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::Read;
+use std::path::Path;
 
 /// File name of the tensors inside an adapter directory (PEFT's name).
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -882,16 +882,14 @@ impl<T: Real> AdapterFile<T> {
     }
 
     /// Writes `dir/adapter_model.safetensors` and `dir/adapter_config.json`, creating `dir` if
-    /// needed: both are first written to temporary files in `dir` and `fsync`ed, then renamed over
-    /// the targets (weights first), so a failed write leaves the previous files untouched; only
-    /// a failure between the two renames (after both files were fully written) can leave new
-    /// weights beside the old config, which the loader then rejects if they disagree.
+    /// needed, as one set ([`write_files_atomically`]): on any failure both previous files are
+    /// left as they were and no temporary file remains.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         let (json, weights) = self.to_bytes()?;
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let (wp, cp) = (dir.join(WEIGHTS_FILE), dir.join(CONFIG_FILE));
-        write_atomic_all(&[(&wp, &weights), (&cp, &json)])
+        write_files_atomically(&[(&wp, &weights), (&cp, &json)])
     }
 
     /// Loads `dir` with default [`LoadLimits`].
@@ -943,82 +941,6 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `bytes` to a new temporary file next to `path` and `fsync`s it; returns its path. On
-/// error nothing is left behind.
-fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
-    let dir = parent_dir(path);
-    let name = path
-        .file_name()
-        .ok_or_else(|| io_err(path, std::io::Error::other("not a file path")))?;
-    let tmp: PathBuf = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    match res {
-        Ok(()) => Ok(tmp),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(io_err(path, e))
-        }
-    }
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    path.parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or_else(|| Path::new("."))
-}
-
-/// Atomically replaces each `path` by its `bytes`: every temporary file is written and
-/// `fsync`ed first, then they are renamed over their targets in order (each rename is atomic)
-/// and the directory is `fsync`ed (best effort). If any temporary file cannot be written, no
-/// target is touched and the temporaries are removed.
-fn write_atomic_all(files: &[(&Path, &[u8])]) -> Result<()> {
-    let mut temps = Vec::with_capacity(files.len());
-    for (path, bytes) in files {
-        match write_temp(path, bytes) {
-            Ok(t) => temps.push(t),
-            Err(e) => {
-                for t in &temps {
-                    let _ = std::fs::remove_file(t);
-                }
-                return Err(e);
-            }
-        }
-    }
-    for (i, ((path, _), tmp)) in files.iter().zip(&temps).enumerate() {
-        if let Err(e) = std::fs::rename(tmp, path) {
-            for t in &temps[i..] {
-                let _ = std::fs::remove_file(t);
-            }
-            return Err(io_err(path, e));
-        }
-    }
-    for (path, _) in files {
-        if let Ok(d) = std::fs::File::open(parent_dir(path)) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
-/// Writes `bytes` to `path` atomically (see [`write_atomic_all`]).
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_all(&[(path, bytes)])
-}
-
 /// Writes merged weights `W_new` (e.g. from an ELRA merge `W_new = W0 + A φ1(Z) C W0`, Prop. 1)
 /// as a safetensors file with keys `<module>.weight` (d×k, `T`'s dtype, row-major) — the key
 /// layout of the base model's own state dict — atomically.
@@ -1050,7 +972,7 @@ pub fn save_merged<T: Real>(path: impl AsRef<Path>, weights: &[(&str, &DMatrix<T
         return Err(ElraError::invalid("weights", "nothing to save"));
     }
     let bytes = serialize_tensors::<T>(&tensors)?;
-    write_atomic(path.as_ref(), &bytes)
+    write_files_atomically(&[(path.as_ref(), &bytes)])
 }
 
 /// Reads a file written by [`save_merged`] (or any safetensors file of 2-D `<module>.weight`

@@ -11,16 +11,19 @@
 //!   `…<module>.elra_eta` (a scalar, shape `[]`), and an ELRA config (`peft_type: "ELRA"`, variant,
 //!   r, η, α schedule (eq. 19), λ (eq. 20), τ, η multiplier, step, …).
 //!
-//! Writes are atomic per file (temporary file in the same directory, `fsync`, rename); both
-//! temporary files are complete before either target is replaced. Loading validates everything — sizes, header, dtypes, shapes, key names, finite
+//! The two files of a directory are replaced as one set ([`atomic::write_files_atomically`]):
+//! after a failed save both previous files are in place and no temporary remains. Loading
+//! validates everything — sizes, header, dtypes, shapes, key names, finite
 //! values, consistency with the config — before it returns, so a truncated, oversized, wrongly
 //! shaped or hostile file gives an [`crate::ElraError::Format`] (or `Io`) naming the problem,
 //! never a panic and never a partially filled adapter.
 
 pub mod adapter_file;
+pub mod atomic;
 pub mod convert;
 
 pub use adapter_file::{
     load_merged, save_merged, AdapterFile, ElraFileConfig, FileConfig, LoadLimits, LoraFileConfig,
     ModuleWeights, TargetModules, CONFIG_FILE, ELRA_FORMAT_VERSION, WEIGHTS_FILE,
 };
+pub use atomic::write_files_atomically;

@@ -25,7 +25,7 @@ use super::config::{
     dtype_of, missing_param, param_names, variant_of, ElraAdapterConfig, ElraDtype,
 };
 use super::handle::{self, Handle};
-use super::layout::{check_scalar_out, out_layout, read_matrix, row_major, write_out};
+use super::layout::{check_scalar_out, elements, out_layout, read_matrix, reserve, write_matrix};
 use super::{guard, CError, CResult, ElraStatus};
 use crate::adapter::{Adapter, ElraConfig, ElraLayer, HostAdapter, LoraConfig, LoraLayer};
 use crate::linalg::Real;
@@ -164,6 +164,20 @@ fn param_index<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<Option<usize>>
     }
 }
 
+/// The elements of `T` a call works with: `terms` (its batch-sized buffers, as `(rows, cols)`
+/// pairs), N×r intermediates for `n` rows, and twice the parameters (values and gradients or
+/// generator factors). Generously counted: only requests far beyond the machine should fail.
+fn work<A: Adapter + ?Sized>(a: &A, n: usize, terms: &[(usize, usize)]) -> Option<usize> {
+    let params: usize = a.params().iter().map(|p| p.rows * p.cols).sum();
+    let r = a
+        .params()
+        .iter()
+        .map(|p| p.rows.min(p.cols))
+        .max()
+        .unwrap_or(0);
+    elements(terms)?.checked_add(elements(&[(n, 4 * r), (params, 2)])?)
+}
+
 /// `(rows, cols)` of [`super::ElraParam`] `which` (W0: d×k).
 fn param_shape<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<(usize, usize)> {
     Ok(match param_index(a, which)? {
@@ -262,6 +276,18 @@ unsafe fn build<T: HostReal>(
     } else {
         None
     };
+    // W0 (read and kept), the factors and their initialisation draws.
+    let need = c.d.checked_add(c.k).and_then(|dk| {
+        elements(&[
+            (c.d, c.k),
+            (c.d, c.k),
+            (c.r, dk),
+            (c.r, dk),
+            (c.r, dk),
+            (c.r, dk),
+        ])
+    });
+    reserve::<T>("the adapter", need)?;
     // SAFETY: forwarded contract.
     let w0 = unsafe { read_matrix("w0", w0, c.d, c.k, ld_w0)? };
     let layer: Box<dyn HostAdapter<T>> = match (elra, lora) {
@@ -450,6 +476,7 @@ unsafe fn set_param<T: HostReal>(
         if (rows, cols) != shape {
             return Err(ElraError::shape("data", shape, (rows, cols)).into());
         }
+        reserve::<T>("the parameter", elements(&[(rows, cols), (rows, cols)]))?;
         // SAFETY: caller contract.
         let m = unsafe { read_matrix("data", data, rows, cols, ld)? };
         match param_index(l, which)? {
@@ -477,6 +504,7 @@ unsafe fn get_param<T: HostReal>(
         if (rows, cols) != shape {
             return Err(ElraError::shape("out", shape, (rows, cols)).into());
         }
+        reserve::<T>("the parameter", elements(&[(rows, cols), (rows, cols)]))?;
         Ok(match param_index(l, which)? {
             Some(i) => l.param(i)?,
             None => l.w0().clone(),
@@ -484,7 +512,7 @@ unsafe fn get_param<T: HostReal>(
     })?;
     let lo = out_layout("out", out, rows, cols, ld)?;
     // SAFETY: validated layout; caller guarantees writability.
-    unsafe { write_out(out, &lo, &row_major(&m)) };
+    unsafe { write_matrix(out, &lo, &m) };
     Ok(())
 }
 
@@ -503,12 +531,13 @@ unsafe fn forward<T: HostReal>(
     let (ly, ym) = a.with::<T, _>(|l| {
         let (d, k) = l.dims();
         let ly = out_layout("y", y, n, d, ld_y)?;
+        reserve::<T>("the forward", work(l, n, &[(n, k), (n, 3 * d)]))?;
         // SAFETY: caller contract.
         let xm = unsafe { read_matrix("x", x, n, k, ld_x)? };
         Ok((ly, l.apply(&xm)?))
     })?;
     // SAFETY: validated layout; caller guarantees writability.
-    unsafe { write_out(y, &ly, &row_major(&ym)) };
+    unsafe { write_matrix(y, &ly, &ym) };
     Ok(())
 }
 
@@ -519,13 +548,14 @@ unsafe fn merge<T: HostReal>(h: *const ElraAdapter, w_new: *mut T, ld: usize) ->
     let a = unsafe { handle::live_ref(h)? };
     let m = a.with::<T, _>(|l| {
         let (d, k) = l.dims();
+        reserve::<T>("the merge", work(l, d, &[(k, 3)]))?;
         let mut m = DMatrix::zeros(d, k);
         l.merge(&mut m)?;
         Ok(m)
     })?;
     let lo = out_layout("w_new", w_new, m.nrows(), m.ncols(), ld)?;
     // SAFETY: validated layout; caller guarantees writability.
-    unsafe { write_out(w_new, &lo, &row_major(&m)) };
+    unsafe { write_matrix(w_new, &lo, &m) };
     Ok(())
 }
 
@@ -543,6 +573,7 @@ unsafe fn unmerge<T: HostReal>(
     let (lo, w0) = a.with::<T, _>(|l| {
         let (d, k) = l.dims();
         let lo = out_layout("w0_out", w0_out, d, k, ld_w0_out)?;
+        reserve::<T>("the unmerge", work(l, d, &[(k, 4)]))?;
         // SAFETY: caller contract.
         let wn = unsafe { read_matrix("w_new", w_new, d, k, ld_w_new)? };
         let mut w0 = DMatrix::zeros(d, k);
@@ -550,7 +581,7 @@ unsafe fn unmerge<T: HostReal>(
         Ok((lo, w0))
     })?;
     // SAFETY: validated layout; caller guarantees writability.
-    unsafe { write_out(w0_out, &lo, &row_major(&w0)) };
+    unsafe { write_matrix(w0_out, &lo, &w0) };
     Ok(())
 }
 
@@ -765,6 +796,8 @@ unsafe fn backward<T: HostReal>(
         if eta.is_some() {
             check_scalar_out("deta", deta)?;
         }
+        // x, ∂y, ∂x, the recomputed forward's tape and the backward's temporaries.
+        reserve::<T>("the backward", work(l, n, &[(n, 2 * k), (n, 5 * d)]))?;
         // SAFETY: caller contract.
         let xm = unsafe { read_matrix("x", x, n, k, ld_x)? };
         // SAFETY: caller contract.
@@ -782,10 +815,10 @@ unsafe fn backward<T: HostReal>(
     // SAFETY: layouts validated above; the caller guarantees writability. All results are
     // computed, so nothing is written unless the whole call succeeds.
     unsafe {
-        write_out(dx, &l_dx, &row_major(&gx));
-        write_out(da, &l_da, &row_major(&ga));
+        write_matrix(dx, &l_dx, &gx);
+        write_matrix(da, &l_da, &ga);
         if let (Some(l), Some(g)) = (l_db, gb) {
-            write_out(db, &l, &row_major(&g));
+            write_matrix(db, &l, &g);
         }
         if let Some(e) = geta {
             deta.write(e[(0, 0)]);

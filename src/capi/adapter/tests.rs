@@ -1,6 +1,7 @@
 //! Unit tests of the CPU adapter handle through its exports.
 
 use super::*;
+use crate::capi::layout::row_major;
 use crate::capi::*;
 use crate::grad;
 use rand::{Rng, SeedableRng};
