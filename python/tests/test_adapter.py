@@ -3,6 +3,7 @@
 differences of that reference, status codes, and adapter files read and written independently."""
 
 import ctypes
+import os
 import json
 import struct
 
@@ -244,3 +245,55 @@ def test_loads_an_independently_written_peft_lora_directory(rng, tmp_path):
     assert tensors[f"{key}.lora_B.weight"].shape == (d, r)
     cfg = json.load(open(out / "adapter_config.json"))
     assert cfg["peft_type"] == "LORA" and cfg["lora_alpha"] == alpha and cfg["bias"] == "none"
+
+
+def test_finite_inputs_with_an_overflowing_result_raise_overflow(rng):
+    """Issue 28: finite inputs whose result leaves the floating-point range give OVERFLOW (as
+    the matrix functions do), never Inf/NaN with status OK."""
+    d, k, r = 6, 5, 2
+    W0 = rng.standard_normal((d, k))
+    big = np.full((3, k), 1e308)
+    a = elra.Adapter(W0, "hyb", r=r)
+    with pytest.raises(elra.ElraError) as e:
+        a.forward(big)
+    assert e.value.status == elra.Status.OVERFLOW
+    for dtype, alpha in [(np.float64, 1e308), (np.float32, 1e38)]:
+        lora = elra.Adapter(W0, "lora", r=r, dtype=dtype, lora_alpha=alpha)
+        lora.set("B", np.full((d, r), 100.0))
+        with pytest.raises(elra.ElraError) as e:
+            lora.forward(np.ones((3, k)))
+        assert e.value.status == elra.Status.OVERFLOW, e.value
+        assert "floating-point range" in e.value.message
+
+
+def test_oversized_requests_return_a_status_not_an_abort():
+    """Issue 28: layouts are checked before anything is allocated and caller-sized working sets
+    are reserved fallibly, so these calls return a status. Each runs in a child interpreter, so
+    a regression (an abort) fails this test instead of killing pytest."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import ctypes, sys
+        import numpy as np
+        import elra
+        r = int(sys.argv[1])
+        z = np.zeros(16)
+        out = np.zeros(16)
+        p = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+        s = elra.lib.elra_expm_f64(1, r, p(z), r, 0, p(out), r, 0)
+        print(int(s), elra.last_error_message())
+    """)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    for r, status, text in [
+        (2**32, elra.Status.INVALID_ARGUMENT, "address space"),
+        (2**62, elra.Status.INVALID_ARGUMENT, "address space"),
+        (2**22, elra.Status.OUT_OF_MEMORY, "out of memory"),
+    ]:
+        p = subprocess.run([sys.executable, "-c", code, str(r)], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert p.returncode == 0, (r, p.returncode, p.stderr)
+        got, msg = p.stdout.strip().split(" ", 1)
+        assert int(got) == status and text in msg, (r, p.stdout)
