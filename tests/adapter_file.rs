@@ -492,7 +492,10 @@ fn saving_over_an_existing_adapter_replaces_it_whole() {
     std::fs::remove_file(dir2.join(CONFIG_FILE)).unwrap();
     std::fs::create_dir(dir2.join(CONFIG_FILE)).unwrap();
     assert!(matches!(f2.save(&dir2), Err(ElraError::Io { .. })));
-    assert_eq!(std::fs::read(dir2.join(WEIGHTS_FILE)).unwrap(), weights_before);
+    assert_eq!(
+        std::fs::read(dir2.join(WEIGHTS_FILE)).unwrap(),
+        weights_before
+    );
     let mut names: Vec<String> = std::fs::read_dir(&dir2)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -79,7 +79,15 @@ pub fn abi_fuzz_one(data: &[u8]) -> ElraStatus {
     let op = s.u8() % 5;
     let flags = s.u8();
     let mut batch = (s.u8() % 5) as usize;
-    let r = (s.u8() % 6) as usize;
+    let mut r = (s.u8() % 6) as usize;
+    // Sometimes a huge r (2^27 … 2^30): the layout fits `isize::MAX` bytes but no machine's
+    // address space (≥ 2^57 bytes), so the call must fail before touching memory — a layout
+    // error or OUT_OF_MEMORY from the fallible reservation, never an abort.
+    let huge = flags & 128 != 0 && flags & 16 == 0;
+    if huge {
+        r = (1 << 27) + ((s.u8() as usize) << 21) * 3;
+        batch = 1 + (s.u8() % 2) as usize;
+    }
     let mut ldz = r + (s.u8() % 4) as usize;
     ldz = ldz.saturating_sub((flags & 1) as usize); // sometimes ld < r
     let ldo = r.max(1) + (s.u8() % 3) as usize;
@@ -102,7 +110,11 @@ pub fn abi_fuzz_one(data: &[u8]) -> ElraStatus {
     // Buffers: the contract span when valid, else a small buffer (the library must not touch it).
     let len_z = valid_z.filter(|&n| n <= 4096).unwrap_or(8);
     let len_o = valid_o.filter(|&n| n <= 4096).unwrap_or(8);
-    if expect_ok_args && (len_z != valid_z.unwrap_or(0) || len_o != valid_o.unwrap_or(0)) {
+    let oversized = expect_ok_args && huge;
+    if expect_ok_args
+        && !oversized
+        && (len_z != valid_z.unwrap_or(0) || len_o != valid_o.unwrap_or(0))
+    {
         return ELRA_OK; // a valid call on memory we did not allocate would break the caller's side
     }
     let z: Vec<f64> = (0..len_z).map(|_| s.f64()).collect();
@@ -115,8 +127,9 @@ pub fn abi_fuzz_one(data: &[u8]) -> ElraStatus {
     } else {
         out.as_mut_ptr()
     };
-    // SAFETY: when the arguments are valid the buffers are exactly the contract span; when they
-    // are not, the library must reject them before touching memory (that is what is checked).
+    // SAFETY: when the arguments are valid and not oversized the buffers are exactly the
+    // contract span; when they are invalid or oversized (a span beyond any address space), the
+    // library must reject them before touching memory (that is what is checked).
     let status = unsafe {
         match op {
             0 => elra_expm_f64(batch, r, zp, ldz, stride_z, op_, ldo, stride_o),
@@ -163,6 +176,15 @@ pub fn abi_fuzz_one(data: &[u8]) -> ElraStatus {
         }
     };
     assert_ne!(status, ElraStatus::ELRA_PANIC, "panic inside the library");
+    if oversized {
+        assert!(
+            matches!(
+                status,
+                ElraStatus::ELRA_INVALID_ARGUMENT | ElraStatus::ELRA_OUT_OF_MEMORY
+            ),
+            "an r = {r} request beyond any address space: status {status:?}"
+        );
+    }
     if !expect_ok_args {
         assert!(
             matches!(
@@ -219,6 +241,168 @@ pub fn abi_fuzz_one(data: &[u8]) -> ElraStatus {
     status
 }
 
+/// A call on an adapter handle whose outputs may be checked for "untouched on error".
+fn untouched(out: &[f64]) -> bool {
+    out.iter().all(|&x| x == SENTINEL)
+}
+
+/// Decodes an adapter configuration and a sequence of calls from `data` and runs them on one
+/// f64 handle: creation (with huge dimensions sometimes, which must fail with a status before
+/// the weight is read), step, parameters of the right or a wrong shape, forward, backward,
+/// merge, unmerge, energy. Checks: no call panics; outputs are untouched on error and finite on
+/// success; an oversized request is `ELRA_OUT_OF_MEMORY` or `ELRA_INVALID_ARGUMENT`. Returns the
+/// status of the creation.
+#[doc(hidden)]
+pub fn adapter_fuzz_one(data: &[u8]) -> ElraStatus {
+    let mut s = Bytes(data);
+    let flags = s.u8();
+    let small = |b: u8| (b % 7) as usize;
+    let (mut d, mut k, r, n) = (
+        small(s.u8()),
+        small(s.u8()),
+        small(s.u8()),
+        small(s.u8()) + 1,
+    );
+    // Sometimes a W0 beyond any address space (2^27 … rows, 2^57+ bytes): refused unread.
+    let huge = flags & 3 == 3;
+    if huge {
+        d = (1 << 27) + s.u8() as usize;
+        k = d + s.u8() as usize;
+    }
+    let cfg = ElraAdapterConfig {
+        variant: (s.u8() % 5) as u32,
+        dtype: 1,
+        d,
+        k,
+        r,
+        eta: s.f64(),
+        lambda: s.f64().abs() * 1e-3,
+        tau: if flags & 4 != 0 { s.f64().abs() } else { 0.0 },
+        schedule: (s.u8() % 5) as u32,
+        warmup_steps: s.u8() as usize,
+        gamma: s.f64(),
+        alpha: s.f64(),
+        eta_multiplier: (s.u8() % 3) as u32,
+        total_steps: s.u8() as usize,
+        seed: s.u8() as u64,
+        lora_alpha: s.f64() * 1e3,
+    };
+    let w0: Vec<f64> = if huge {
+        vec![0.0; 8]
+    } else {
+        (0..d * k).map(|_| s.f64()).collect()
+    };
+    let mut h: *mut ElraAdapter = std::ptr::null_mut();
+    // SAFETY: `cfg` and `h` are live locals; `w0` covers d×k with ld = k when not huge, and a
+    // huge request must be refused before `w0` is read (what is checked).
+    let st = unsafe { elra_adapter_create(&cfg, w0.as_ptr().cast(), k, &mut h) };
+    assert_ne!(st, ElraStatus::ELRA_PANIC, "panic in create");
+    if huge {
+        assert!(
+            matches!(
+                st,
+                ElraStatus::ELRA_OUT_OF_MEMORY | ElraStatus::ELRA_INVALID_ARGUMENT
+            ),
+            "a {d}×{k} W0 was not refused: {st:?}"
+        );
+    }
+    if st != ELRA_OK {
+        assert!(h.is_null(), "handle returned on error");
+        return st;
+    }
+    let x: Vec<f64> = (0..n * k).map(|_| s.f64()).collect();
+    let dy: Vec<f64> = (0..n * d).map(|_| s.f64()).collect();
+    let check = |st: ElraStatus, outs: &[&[f64]], what: &str| {
+        assert_ne!(st, ElraStatus::ELRA_PANIC, "panic in {what}");
+        for o in outs {
+            if st == ELRA_OK {
+                assert!(o.iter().all(|v| v.is_finite()), "non-finite {what} output");
+            } else {
+                assert!(untouched(o), "{what} wrote on error {st:?}");
+            }
+        }
+    };
+    for _ in 0..(s.u8() % 4) {
+        // SAFETY: every buffer below is a live local of the size passed with it.
+        unsafe {
+            match s.u8() % 7 {
+                0 => check(elra_adapter_set_step(h, s.u8() as usize), &[], "set_step"),
+                1 => {
+                    let which = (s.u8() % 5) as u32;
+                    let (rows, cols) = (small(s.u8()) + 1, small(s.u8()) + 1);
+                    let v: Vec<f64> = (0..rows * cols).map(|_| s.f64()).collect();
+                    let st = elra_adapter_set_param_f64(h, which, v.as_ptr(), rows, cols, cols);
+                    check(st, &[], "set_param");
+                    let mut out = vec![SENTINEL; rows * cols];
+                    let st =
+                        elra_adapter_get_param_f64(h, which, out.as_mut_ptr(), rows, cols, cols);
+                    check(st, &[&out], "get_param");
+                }
+                2 => {
+                    let mut y = vec![SENTINEL; n * d];
+                    let st = elra_adapter_forward_f64(h, n, x.as_ptr(), k, y.as_mut_ptr(), d);
+                    check(st, &[&y], "forward");
+                }
+                3 => {
+                    let (mut dx, mut da, mut db) = (
+                        vec![SENTINEL; n * k],
+                        vec![SENTINEL; d * r.max(k)],
+                        vec![SENTINEL; d * r.max(k)],
+                    );
+                    let mut de = SENTINEL;
+                    let (mut ar, mut ac, mut br, mut bc) = (0, 0, 0, 0);
+                    elra_adapter_param_shape(h, 0, &mut ar, &mut ac);
+                    if elra_adapter_param_shape(h, 1, &mut br, &mut bc) != ELRA_OK {
+                        (br, bc) = (1, 1);
+                    }
+                    let st = elra_adapter_backward_f64(
+                        h,
+                        n,
+                        x.as_ptr(),
+                        k,
+                        dy.as_ptr(),
+                        d,
+                        dx.as_mut_ptr(),
+                        k,
+                        da.as_mut_ptr(),
+                        ac,
+                        db.as_mut_ptr(),
+                        bc,
+                        &mut de,
+                    );
+                    check(st, &[&dx, &da[..ar * ac], &db[..br * bc]], "backward");
+                }
+                4 => {
+                    let mut w = vec![SENTINEL; d * k];
+                    let st = elra_adapter_merge_f64(h, w.as_mut_ptr(), k);
+                    check(st, &[&w], "merge");
+                    if st == ELRA_OK {
+                        let mut back = vec![SENTINEL; d * k];
+                        let st = elra_adapter_unmerge_f64(h, w.as_ptr(), k, back.as_mut_ptr(), k);
+                        check(st, &[&back], "unmerge");
+                    }
+                }
+                5 => {
+                    let (mut e, mut p) = (SENTINEL, SENTINEL);
+                    let st = elra_adapter_energy(h, &mut e, &mut p);
+                    check(st, &[&[e, p]], "energy");
+                }
+                _ => {
+                    let mut c = std::mem::MaybeUninit::<ElraAdapterConfig>::uninit();
+                    check(
+                        elra_adapter_get_config(h, c.as_mut_ptr()),
+                        &[],
+                        "get_config",
+                    );
+                }
+            }
+        }
+    }
+    // SAFETY: a live handle from the creation above, destroyed once.
+    unsafe { elra_adapter_destroy(h) };
+    st
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +424,28 @@ mod tests {
             ElraStatus::ELRA_NULL_POINTER,
             ElraStatus::ELRA_INVALID_ARGUMENT,
             ElraStatus::ELRA_NON_FINITE,
+            ElraStatus::ELRA_OUT_OF_MEMORY,
+        ] {
+            assert!(
+                seen.get(&(st as i32)).copied().unwrap_or(0) > 30,
+                "{st:?}: {seen:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn random_adapter_calls_respect_the_contract() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..3000 {
+            let n = rng.random_range(0..600);
+            let data: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+            *seen.entry(adapter_fuzz_one(&data) as i32).or_insert(0) += 1;
+        }
+        for st in [
+            ELRA_OK,
+            ElraStatus::ELRA_INVALID_ARGUMENT,
+            ElraStatus::ELRA_OUT_OF_MEMORY,
         ] {
             assert!(
                 seen.get(&(st as i32)).copied().unwrap_or(0) > 30,
