@@ -24,6 +24,8 @@
 //! - [`reference`](mod@reference): the dense nalgebra oracle (dense `exp(G)`, never Woodbury).
 //! - [`verify`]: Propositions 1–7 as executable claim checks (`elra verify`, tests/propositions.rs).
 //! - [`grad`]: hand-rolled reverse mode of the adapter path.
+//! - [`ops`]: the functional layer on caller memory (forward, backward, output-side form, merge,
+//!   energy) that engines train with.
 //! - [`train`]: AdamW, schedules, initialisation (Xavier, GA), stability diagnostics (§5.4), the
 //!   model harness and the `fit` demo.
 //! - [`expressivity`]: the constructions and App. G experiments of "The Expressive Power of
@@ -46,6 +48,7 @@ pub mod expressivity;
 pub mod grad;
 pub mod io;
 pub mod linalg;
+pub mod ops;
 pub mod reference;
 pub mod train;
 pub mod verify;

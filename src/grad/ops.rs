@@ -12,7 +12,7 @@
 //! callers check shapes first) and are exposed for the benches and the training harness.
 #![allow(non_snake_case)]
 
-use nalgebra::{DMatrix, Dyn, MatrixView};
+use nalgebra::{DMatrix, Dyn, MatrixView, MatrixViewMut};
 
 use crate::linalg::Real;
 
@@ -25,39 +25,163 @@ pub enum Op {
     T,
 }
 
-/// A strided view of `m` (`Op::N`) or of `mᵀ` (`Op::T`) without copying.
-pub fn view<T: Real>(m: &DMatrix<T>, op: Op) -> MatrixView<'_, T, Dyn, Dyn, Dyn, Dyn> {
-    let (r, c) = m.shape();
-    match op {
-        Op::N => MatrixView::from_slice_with_strides_generic(
-            m.as_slice(),
-            Dyn(r),
-            Dyn(c),
-            Dyn(1),
-            Dyn(r),
-        ),
-        Op::T => MatrixView::from_slice_with_strides_generic(
-            m.as_slice(),
-            Dyn(c),
-            Dyn(r),
-            Dyn(r),
-            Dyn(1),
-        ),
+/// A matrix over a slice with explicit strides: entry `(i, j)` is `s[i·rs + j·cs]`. A
+/// column-major `DMatrix` is `(rs, cs) = (1, rows)`, a row-major caller matrix with leading
+/// dimension `ld` is `(ld, 1)`, and a transpose swaps both the shape and the strides.
+#[derive(Debug, Clone, Copy)]
+pub struct Strided<'a, T> {
+    s: &'a [T],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+/// The mutable counterpart of [`Strided`].
+#[derive(Debug)]
+pub struct StridedMut<'a, T> {
+    s: &'a mut [T],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+/// The slice length a `rows × cols` matrix with strides `(rs, cs)` needs (`None` on overflow).
+fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
+    if rows == 0 || cols == 0 {
+        return Some(0);
+    }
+    (rows - 1)
+        .checked_mul(rs)?
+        .checked_add((cols - 1).checked_mul(cs)?)?
+        .checked_add(1)
+}
+
+impl<'a, T: Real> Strided<'a, T> {
+    /// `rows × cols` at `s` with strides `(rs, cs)`; `None` if `s` is too short.
+    pub fn new(s: &'a [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Option<Self> {
+        (span(rows, cols, rs, cs)? <= s.len()).then_some(Strided {
+            s,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
+    }
+
+    /// A row-major matrix with leading dimension `ld` (entry `(i, j)` at `s[i·ld + j]`).
+    pub fn row_major(s: &'a [T], rows: usize, cols: usize, ld: usize) -> Option<Self> {
+        Self::new(s, rows, cols, ld, 1)
+    }
+
+    /// `m` itself (`Op::N`) or `mᵀ` (`Op::T`), without copying.
+    pub fn of(m: &'a DMatrix<T>, op: Op) -> Self {
+        let (r, c) = m.shape();
+        let s = Strided {
+            s: m.as_slice(),
+            rows: r,
+            cols: c,
+            rs: 1,
+            cs: r,
+        };
+        match op {
+            Op::N => s,
+            Op::T => s.t(),
+        }
+    }
+
+    /// The transpose (a view).
+    pub fn t(self) -> Self {
+        Strided {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Entry `(i, j)`.
+    pub fn at(&self, i: usize, j: usize) -> T {
+        self.s[i * self.rs + j * self.cs]
+    }
+
+    /// An owned copy.
+    pub fn to_matrix(&self) -> DMatrix<T> {
+        DMatrix::from_fn(self.rows, self.cols, |i, j| self.at(i, j))
+    }
+
+    fn view(&self) -> MatrixView<'a, T, Dyn, Dyn, Dyn, Dyn> {
+        MatrixView::from_slice_with_strides_generic(
+            &self.s[..span(self.rows, self.cols, self.rs, self.cs).unwrap_or(0)],
+            Dyn(self.rows),
+            Dyn(self.cols),
+            Dyn(self.rs),
+            Dyn(self.cs),
+        )
     }
 }
 
-fn dims<T: Real>(m: &DMatrix<T>, op: Op) -> (usize, usize) {
-    match op {
-        Op::N => m.shape(),
-        Op::T => (m.ncols(), m.nrows()),
+impl<'a, T: Real> StridedMut<'a, T> {
+    /// `rows × cols` at `s` with strides `(rs, cs)`; `None` if `s` is too short.
+    pub fn new(s: &'a mut [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Option<Self> {
+        (span(rows, cols, rs, cs)? <= s.len()).then_some(StridedMut {
+            s,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
+    }
+
+    /// A row-major matrix with leading dimension `ld`.
+    pub fn row_major(s: &'a mut [T], rows: usize, cols: usize, ld: usize) -> Option<Self> {
+        Self::new(s, rows, cols, ld, 1)
+    }
+
+    /// A column-major `DMatrix`, mutably.
+    pub fn of(m: &'a mut DMatrix<T>) -> Self {
+        let (r, c) = m.shape();
+        StridedMut {
+            s: m.as_mut_slice(),
+            rows: r,
+            cols: c,
+            rs: 1,
+            cs: r,
+        }
+    }
+
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Entry `(i, j)`, mutably.
+    pub fn at_mut(&mut self, i: usize, j: usize) -> &mut T {
+        &mut self.s[i * self.rs + j * self.cs]
+    }
+
+    /// The same memory, read-only.
+    pub fn as_ref(&self) -> Strided<'_, T> {
+        Strided {
+            s: self.s,
+            rows: self.rows,
+            cols: self.cols,
+            rs: self.rs,
+            cs: self.cs,
+        }
     }
 }
 
-/// `C ← α·op(A)·op(B) + β·C` (BLAS `gemm`). When `β = 0`, `C` is not read.
+/// `C ← α·op(A)·op(B) + β·C` (BLAS `gemm`) on column-major matrices; see [`gemm_strided`].
 ///
 /// Panics if the shapes do not agree (internal building block; callers check shapes).
-/// Products whose dimensions all exceed 5 go to nalgebra's `gemm` (matrixmultiply) on strided
-/// views; smaller ones to a plain loop (see the comment inside).
 pub fn gemm<T: Real>(
     c: &mut DMatrix<T>,
     alpha: T,
@@ -67,75 +191,73 @@ pub fn gemm<T: Real>(
     tb: Op,
     beta: T,
 ) {
-    let (m, ka) = dims(a, ta);
-    let (kb, n) = dims(b, tb);
+    gemm_strided(
+        &mut StridedMut::of(c),
+        alpha,
+        Strided::of(a, ta),
+        Strided::of(b, tb),
+        beta,
+    );
+}
+
+/// `C ← α·A·B + β·C` on strided matrices (transposes are views: [`Strided::t`]). When `β = 0`,
+/// `C` is not read. Products whose dimensions all exceed 5 go to nalgebra's `gemm`
+/// (matrixmultiply with the views' strides); smaller ones to a plain loop (see the comment
+/// inside).
+///
+/// Panics if the shapes do not agree (internal building block; callers check shapes).
+pub fn gemm_strided<T: Real>(
+    c: &mut StridedMut<'_, T>,
+    alpha: T,
+    a: Strided<'_, T>,
+    b: Strided<'_, T>,
+    beta: T,
+) {
+    let (m, ka) = a.shape();
+    let (kb, n) = b.shape();
     assert_eq!(ka, kb, "gemm: inner dimensions differ");
     assert_eq!(c.shape(), (m, n), "gemm: output shape");
-    if ka == 0 {
-        // nalgebra's gemm is correct here too, but make the β semantics explicit.
-        if beta == T::zero() {
-            c.fill(T::zero());
-        } else {
-            *c *= beta;
-        }
-        return;
-    }
     if m > SMALL && n > SMALL && ka > SMALL {
         // nalgebra hands these to matrixmultiply with the views' strides.
-        c.gemm(alpha, &view(a, ta), &view(b, tb), beta);
+        let len = span(m, n, c.rs, c.cs).unwrap_or(0);
+        let mut cv = MatrixViewMut::from_slice_with_strides_generic(
+            &mut c.s[..len],
+            Dyn(m),
+            Dyn(n),
+            Dyn(c.rs),
+            Dyn(c.cs),
+        );
+        cv.gemm(alpha, &a.view(), &b.view(), beta);
     } else {
         // nalgebra's gemv fallback for small dimensions mishandles views whose row stride is
-        // not 1 (it iterates over the view's backing slice length), so small products run
-        // this plain loop instead.
-        small_gemm(c, alpha, a, ta, b, tb, beta);
+        // not 1 (it iterates over the view's backing slice length), so small products (and
+        // k = 0, where only the β scaling remains) run this plain loop instead.
+        for j in 0..n {
+            for i in 0..m {
+                let v = c.at_mut(i, j);
+                if beta == T::zero() {
+                    *v = T::zero();
+                } else if beta != T::one() {
+                    *v *= beta;
+                }
+            }
+            for l in 0..ka {
+                let w = alpha * b.at(l, j);
+                for i in 0..m {
+                    *c.at_mut(i, j) += a.at(i, l) * w;
+                }
+            }
+        }
     }
 }
 
 /// nalgebra routes a product to matrixmultiply only when all of m, n, k exceed this.
 const SMALL: usize = 5;
 
-fn small_gemm<T: Real>(
-    c: &mut DMatrix<T>,
-    alpha: T,
-    a: &DMatrix<T>,
-    ta: Op,
-    b: &DMatrix<T>,
-    tb: Op,
-    beta: T,
-) {
-    let (m, n) = c.shape();
-    let k = dims(a, ta).1;
-    let (ar, br) = (a.nrows(), b.nrows());
-    let (sa, sb) = (a.as_slice(), b.as_slice());
-    let at = |i: usize, l: usize| match ta {
-        Op::N => sa[i + l * ar],
-        Op::T => sa[l + i * ar],
-    };
-    let bt = |l: usize, j: usize| match tb {
-        Op::N => sb[l + j * br],
-        Op::T => sb[j + l * br],
-    };
-    let sc = c.as_mut_slice();
-    for j in 0..n {
-        let col = &mut sc[j * m..(j + 1) * m];
-        if beta == T::zero() {
-            col.fill(T::zero());
-        } else if beta != T::one() {
-            col.iter_mut().for_each(|v| *v *= beta);
-        }
-        for l in 0..k {
-            let w = alpha * bt(l, j);
-            for (i, v) in col.iter_mut().enumerate() {
-                *v += at(i, l) * w;
-            }
-        }
-    }
-}
-
 /// `op(A)·op(B)` as a new matrix (see [`gemm`]).
 pub fn matmul<T: Real>(a: &DMatrix<T>, ta: Op, b: &DMatrix<T>, tb: Op) -> DMatrix<T> {
-    let (m, _) = dims(a, ta);
-    let (_, n) = dims(b, tb);
+    let m = Strided::of(a, ta).shape().0;
+    let n = Strided::of(b, tb).shape().1;
     let mut c = DMatrix::zeros(m, n);
     gemm(&mut c, T::one(), a, ta, b, tb, T::zero());
     c

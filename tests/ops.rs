@@ -1,0 +1,532 @@
+//! The functional operations (`elra::ops`) against the hand-written reverse mode (`elra::grad`,
+//! itself checked against central differences and the dense oracle in tests/gradients.rs):
+//! the fused layer, the output-side form, merge/unmerge and the energy, for every variant, with
+//! and without the spectral clip and dropout, on row-major caller buffers with gaps between rows
+//! (which must stay untouched), in f64 and f32.
+
+use elra::adapter::{ElraConfig, ElraLayer, GeneratorSpec, Variant};
+use elra::grad::ops::{Strided, StridedMut};
+use elra::grad::{
+    elra_backward_parts, elra_forward_parts, energy_backward, exp_rows_backward, exp_rows_forward,
+    FactorChain, Route,
+};
+use elra::ops::{self, ElraOp, Generator, GeneratorGrads};
+use nalgebra::DMatrix;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const GAP: f64 = -12345.0;
+
+fn rand(rng: &mut ChaCha8Rng, r: usize, c: usize, s: f64) -> DMatrix<f64> {
+    DMatrix::from_fn(r, c, |_, _| rng.random_range(-s..s))
+}
+
+/// A row-major buffer of `m` with leading dimension `ld > cols` (gaps filled with `GAP`).
+fn rows(m: &DMatrix<f64>, ld: usize) -> Vec<f64> {
+    let mut v = vec![GAP; m.nrows() * ld];
+    for i in 0..m.nrows() {
+        for j in 0..m.ncols() {
+            v[i * ld + j] = m[(i, j)];
+        }
+    }
+    v
+}
+
+/// The matrix in a row-major buffer; checks that the gaps are untouched.
+fn read(v: &[f64], r: usize, c: usize, ld: usize) -> DMatrix<f64> {
+    for i in 0..r {
+        for j in c..ld {
+            assert_eq!(v[i * ld + j], GAP, "gap ({i}, {j}) written");
+        }
+    }
+    DMatrix::from_fn(r, c, |i, j| v[i * ld + j])
+}
+
+fn rel(a: &DMatrix<f64>, b: &DMatrix<f64>) -> f64 {
+    (a - b).norm() / b.norm().max(1e-300)
+}
+
+struct Case {
+    variant: Variant,
+    spec: GeneratorSpec,
+    w0: DMatrix<f64>,
+    a: DMatrix<f64>,
+    b: Option<DMatrix<f64>>,
+    eta: f64,
+    x: DMatrix<f64>,
+    dy: DMatrix<f64>,
+    mask: Option<DMatrix<f64>>,
+}
+
+fn cases() -> Vec<Case> {
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    let mut out = Vec::new();
+    for variant in [Variant::General, Variant::Psd, Variant::Hyb] {
+        for (tau, dropout) in [(None, false), (Some(0.7), false), (None, true)] {
+            // Sizes straddle matrixmultiply's threshold (all dims > 5) and the loop below it.
+            for &(d, k, r, n) in &[(9, 7, 3, 6), (4, 3, 2, 2), (12, 10, 8, 11)] {
+                let alpha = match variant {
+                    Variant::Hyb => 0.35,
+                    Variant::Psd => 1.0,
+                    Variant::General => 0.0,
+                };
+                let mask = dropout.then(|| {
+                    DMatrix::from_fn(
+                        n,
+                        d,
+                        |_, _| if rng.random::<f64>() < 0.3 { 0.0 } else { 1.25 },
+                    )
+                });
+                out.push(Case {
+                    variant,
+                    spec: GeneratorSpec {
+                        alpha,
+                        eta_mult: 0.8,
+                        tau,
+                        lambda: 0.0,
+                    },
+                    w0: rand(&mut rng, d, k, 1.0),
+                    a: rand(&mut rng, d, r, 0.6),
+                    b: variant.uses_b().then(|| rand(&mut rng, r, d, 0.6)),
+                    eta: 0.9,
+                    x: rand(&mut rng, n, k, 1.0),
+                    dy: rand(&mut rng, n, d, 1.0),
+                    mask,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn op_of(c: &Case) -> ElraOp {
+    ElraOp {
+        variant: c.variant,
+        d: c.w0.nrows(),
+        k: c.w0.ncols(),
+        r: c.a.ncols(),
+    }
+}
+
+/// The fused forward and backward equal the reverse-mode reference (Woodbury route, λ = 0) to
+/// rounding: relative 1e-12 in f64 (products of length ≤ 12 and one φ1 / adjoint evaluation).
+#[test]
+fn fused_layer_matches_the_reverse_mode() {
+    for c in cases() {
+        let op = op_of(&c);
+        let (d, k, r) = (op.d, op.k, op.r);
+        let n = c.x.nrows();
+        let (ldw, ldx, ldy, lda, ldb) = (k + 2, k + 1, d + 3, r + 1, d + 2);
+        let (w0s, xs, dys) = (rows(&c.w0, ldw), rows(&c.x, ldx), rows(&c.dy, ldy));
+        let (as_, bs) = (rows(&c.a, lda), c.b.as_ref().map(|b| rows(b, ldb)));
+        let g = Generator {
+            a: Strided::row_major(&as_, d, r, lda).unwrap(),
+            b: bs
+                .as_ref()
+                .map(|b| Strided::row_major(b, r, d, ldb).unwrap()),
+            eta: c.eta,
+        };
+        let w0 = Strided::row_major(&w0s, d, k, ldw).unwrap();
+        let x = Strided::row_major(&xs, n, k, ldx).unwrap();
+        let ms = c.mask.as_ref().map(|m| rows(m, d));
+        let mask = ms.as_ref().map(|m| Strided::row_major(m, n, d, d).unwrap());
+        let mut ys = vec![GAP; n * ldy];
+        let mut saved = vec![0.0; ops::saved_len(n, r).unwrap()];
+        let mut ws = vec![0.0; ops::workspace_len(n, r).unwrap()];
+        ops::forward(
+            &op,
+            w0,
+            None,
+            &g,
+            &c.spec,
+            x,
+            mask,
+            &mut StridedMut::row_major(&mut ys, n, d, ldy).unwrap(),
+            &mut saved,
+            &mut ws,
+        )
+        .unwrap();
+        let (y_ref, tape) = elra_forward_parts(
+            &c.x,
+            &c.w0,
+            &c.a,
+            c.b.as_ref(),
+            c.eta,
+            &c.spec,
+            Route::Woodbury,
+            c.mask.as_ref(),
+        )
+        .unwrap();
+        let y = read(&ys, n, d, ldy);
+        assert!(
+            rel(&y, &y_ref) < 1e-12,
+            "{:?} y {}",
+            c.variant,
+            rel(&y, &y_ref)
+        );
+
+        let mut dxs = vec![GAP; n * ldx];
+        let mut das = vec![GAP; d * lda];
+        let mut dbs = vec![GAP; r * ldb];
+        let mut deta = 0.0;
+        ops::backward(
+            &op,
+            w0,
+            &g,
+            &c.spec,
+            x,
+            mask,
+            &saved,
+            Strided::row_major(&dys, n, d, ldy).unwrap(),
+            &mut StridedMut::row_major(&mut dxs, n, k, ldx).unwrap(),
+            GeneratorGrads {
+                a: StridedMut::row_major(&mut das, d, r, lda).unwrap(),
+                b: c.b
+                    .is_some()
+                    .then(|| StridedMut::row_major(&mut dbs, r, d, ldb).unwrap()),
+                eta: &mut deta,
+                accumulate: false,
+            },
+            &mut ws,
+        )
+        .unwrap();
+        let gr = elra_backward_parts(&c.x, &c.w0, &tape, c.dy.clone()).unwrap();
+        let tol = 1e-11;
+        assert!(
+            rel(&read(&dxs, n, k, ldx), &gr.x) < tol,
+            "{:?} dx",
+            c.variant
+        );
+        assert!(
+            rel(&read(&das, d, r, lda), &gr.a) < tol,
+            "{:?} da",
+            c.variant
+        );
+        if let Some(gb) = &gr.b {
+            assert!(rel(&read(&dbs, r, d, ldb), gb) < tol, "{:?} db", c.variant);
+        } else {
+            assert!(dbs.iter().all(|&v| v == GAP), "db written for PSD");
+        }
+        assert!(
+            (deta - gr.eta).abs() <= tol * gr.eta.abs().max(1e-3),
+            "{:?} deta",
+            c.variant
+        );
+
+        // accumulate = true adds: a second backward doubles every gradient.
+        let das1 = das.clone();
+        let deta1 = deta;
+        ops::backward(
+            &op,
+            w0,
+            &g,
+            &c.spec,
+            x,
+            mask,
+            &saved,
+            Strided::row_major(&dys, n, d, ldy).unwrap(),
+            &mut StridedMut::row_major(&mut dxs, n, k, ldx).unwrap(),
+            GeneratorGrads {
+                a: StridedMut::row_major(&mut das, d, r, lda).unwrap(),
+                b: c.b
+                    .is_some()
+                    .then(|| StridedMut::row_major(&mut dbs, r, d, ldb).unwrap()),
+                eta: &mut deta,
+                accumulate: true,
+            },
+            &mut ws,
+        )
+        .unwrap();
+        assert_eq!(deta, deta1 + deta1);
+        let twice = read(&das1, d, r, lda) * 2.0;
+        assert!(rel(&read(&das, d, r, lda), &twice) < 1e-15);
+    }
+}
+
+/// The output-side form equals the rows primitive of the reverse mode on `u = x W0ᵀ` with the
+/// generator chain (`∂u`, `∂A`, `∂B`, `∂η`), to rounding.
+#[test]
+fn output_side_form_matches_the_rows_primitive() {
+    for c in cases() {
+        let op = op_of(&c);
+        let (d, r) = (op.d, op.r);
+        let n = c.x.nrows();
+        let u = &c.x * c.w0.transpose();
+        let (ldu, lda) = (d + 1, r);
+        let us = rows(&u, ldu);
+        let as_ = rows(&c.a, lda);
+        let bs = c.b.as_ref().map(|b| rows(b, d));
+        let g = Generator {
+            a: Strided::row_major(&as_, d, r, lda).unwrap(),
+            b: bs.as_ref().map(|b| Strided::row_major(b, r, d, d).unwrap()),
+            eta: c.eta,
+        };
+        let ms = c.mask.as_ref().map(|m| rows(m, d));
+        let mask = ms.as_ref().map(|m| Strided::row_major(m, n, d, d).unwrap());
+        let us_view = Strided::row_major(&us, n, d, ldu).unwrap();
+        let mut ys = vec![GAP; n * d];
+        let mut saved = vec![0.0; ops::saved_len(n, r).unwrap()];
+        let mut ws = vec![0.0; ops::workspace_len(n, r).unwrap()];
+        ops::forward_out(
+            &op,
+            &g,
+            &c.spec,
+            us_view,
+            mask,
+            &mut StridedMut::row_major(&mut ys, n, d, d).unwrap(),
+            &mut saved,
+            &mut ws,
+        )
+        .unwrap();
+        let alpha = if c.variant == Variant::Hyb {
+            c.spec.alpha
+        } else if c.variant == Variant::Psd {
+            1.0
+        } else {
+            0.0
+        };
+        let (cc, chain) = FactorChain::new(
+            &c.a,
+            c.b.as_ref(),
+            c.eta,
+            c.spec.eta_mult,
+            alpha,
+            c.spec.tau,
+        )
+        .unwrap();
+        let z = &cc * &c.a;
+        let m = elra::linalg::phi1(&z).unwrap();
+        let (y_ref, tape) = exp_rows_forward(&u, &c.a, &cc, &m, c.mask.as_ref()).unwrap();
+        assert!(rel(&read(&ys, n, d, d), &y_ref) < 1e-12);
+        let dys = rows(&c.dy, d);
+        let mut dus = vec![GAP; n * ldu];
+        let mut das = vec![GAP; d * lda];
+        let mut dbs = vec![GAP; r * d];
+        let mut deta = 0.0;
+        ops::backward_out(
+            &op,
+            &g,
+            &c.spec,
+            us_view,
+            mask,
+            &saved,
+            Strided::row_major(&dys, n, d, d).unwrap(),
+            &mut StridedMut::row_major(&mut dus, n, d, ldu).unwrap(),
+            GeneratorGrads {
+                a: StridedMut::row_major(&mut das, d, r, lda).unwrap(),
+                b: c.b
+                    .is_some()
+                    .then(|| StridedMut::row_major(&mut dbs, r, d, d).unwrap()),
+                eta: &mut deta,
+                accumulate: false,
+            },
+            &mut ws,
+        )
+        .unwrap();
+        let gr = exp_rows_backward(&u, &c.a, &cc, &z, &m, &tape, c.dy.clone()).unwrap();
+        let fg = chain.backward(&c.a, gr.a, gr.c).unwrap();
+        let tol = 1e-11;
+        assert!(rel(&read(&dus, n, d, ldu), &gr.x) < tol);
+        assert!(rel(&read(&das, d, r, lda), &fg.a) < tol);
+        if let Some(gb) = &fg.b {
+            assert!(rel(&read(&dbs, r, d, d), gb) < tol);
+        }
+        assert!((deta - fg.eta).abs() <= tol * fg.eta.abs().max(1e-3));
+    }
+}
+
+/// What the fused forward saves is LoRA's activation memory plus two r×r matrices: N·r values
+/// besides `x` (LoRA keeps `x` and the N×r `x A'ᵀ`), never N×d.
+#[test]
+fn saved_activations_are_lora_sized() {
+    for &(n, r) in &[(512, 8), (8192, 16), (1, 1)] {
+        let lora = n * r;
+        assert_eq!(ops::saved_len(n, r), Some(lora + 2 * r * r));
+    }
+    assert_eq!(ops::saved_len(usize::MAX, 2), None);
+}
+
+/// Merge and unmerge equal the layer's (eq. 30, Prop. 3), and the energy and its gradient the
+/// reverse mode's `energy_backward` through the same chain.
+#[test]
+fn merge_unmerge_and_energy_match_the_layer() {
+    let mut rng = ChaCha8Rng::seed_from_u64(30);
+    for variant in [Variant::General, Variant::Psd, Variant::Hyb] {
+        let (d, k, r) = (8, 6, 3);
+        let mut cfg = ElraConfig::new(variant, d, k, r, 100);
+        cfg.generator.eta = 0.7;
+        cfg.generator.tau = Some(1.5);
+        cfg.generator.lambda = 0.01;
+        let w0 = rand(&mut rng, d, k, 1.0);
+        let mut layer = ElraLayer::new(cfg, w0.clone()).unwrap();
+        layer.set_step(10);
+        let spec = layer.spec();
+        let op = ElraOp { variant, d, k, r };
+        let a = layer.a().clone();
+        let b = layer.b().cloned();
+        let g = Generator {
+            a: Strided::of(&a, elra::grad::ops::Op::N),
+            b: b.as_ref().map(|b| Strided::of(b, elra::grad::ops::Op::N)),
+            eta: layer.eta(),
+        };
+        let mut out = DMatrix::zeros(d, k);
+        let w0v = Strided::of(&w0, elra::grad::ops::Op::N);
+        ops::merge(&op, &g, &spec, w0v, false, &mut StridedMut::of(&mut out)).unwrap();
+        let merged = layer.merge().unwrap();
+        assert!(rel(&out, &merged) < 1e-13);
+        let mut back = DMatrix::zeros(d, k);
+        let mv = Strided::of(&merged, elra::grad::ops::Op::N);
+        ops::merge(&op, &g, &spec, mv, true, &mut StridedMut::of(&mut back)).unwrap();
+        assert!(rel(&back, &w0) < 1e-13);
+
+        let mut da = DMatrix::zeros(d, r);
+        let mut db = DMatrix::zeros(r, d);
+        let mut deta = 0.0;
+        let e = ops::energy(
+            &op,
+            &g,
+            &spec,
+            Some(GeneratorGrads {
+                a: StridedMut::of(&mut da),
+                b: b.is_some().then(|| StridedMut::of(&mut db)),
+                eta: &mut deta,
+                accumulate: false,
+            }),
+        )
+        .unwrap();
+        assert!((e - layer.energy_penalty().unwrap()).abs() <= 1e-13 * e);
+        let (cc, chain) = FactorChain::new(
+            &a,
+            b.as_ref(),
+            layer.eta(),
+            spec.eta_mult,
+            layer.alpha(),
+            spec.tau,
+        )
+        .unwrap();
+        let (_, ea, ec) = energy_backward(&a, &cc, spec.lambda).unwrap();
+        let fg = chain.backward(&a, ea, ec).unwrap();
+        assert!(rel(&da, &fg.a) < 1e-13);
+        if let Some(gb) = &fg.b {
+            assert!(rel(&db, gb) < 1e-13);
+        }
+        assert!((deta - fg.eta).abs() <= 1e-13 * fg.eta.abs().max(1e-12));
+    }
+}
+
+/// f32 buffers give the f64 result to f32 rounding, and bad input is a typed error that leaves
+/// the outputs untouched.
+#[test]
+fn f32_and_bad_input() {
+    let c = &cases()[0];
+    let op = op_of(c);
+    let (d, k, r) = (op.d, op.k, op.r);
+    let n = c.x.nrows();
+    let f = |m: &DMatrix<f64>| -> Vec<f32> {
+        let mut v = Vec::new();
+        for i in 0..m.nrows() {
+            v.extend(m.row(i).iter().map(|&x| x as f32));
+        }
+        v
+    };
+    let (w0s, xs, as_) = (f(&c.w0), f(&c.x), f(&c.a));
+    let bs = c.b.as_ref().map(f);
+    let g = Generator {
+        a: Strided::row_major(&as_, d, r, r).unwrap(),
+        b: bs.as_ref().map(|b| Strided::row_major(b, r, d, d).unwrap()),
+        eta: c.eta as f32,
+    };
+    let mut ys = vec![0.0f32; n * d];
+    let mut saved = vec![0.0f32; ops::saved_len(n, r).unwrap()];
+    let mut ws = vec![0.0f32; ops::workspace_len(n, r).unwrap()];
+    let w0 = Strided::row_major(&w0s, d, k, k).unwrap();
+    let x = Strided::row_major(&xs, n, k, k).unwrap();
+    ops::forward(
+        &op,
+        w0,
+        None,
+        &g,
+        &c.spec,
+        x,
+        None,
+        &mut StridedMut::row_major(&mut ys, n, d, d).unwrap(),
+        &mut saved,
+        &mut ws,
+    )
+    .unwrap();
+    let (y_ref, _) = elra_forward_parts(
+        &c.x,
+        &c.w0,
+        &c.a,
+        c.b.as_ref(),
+        c.eta,
+        &c.spec,
+        Route::Woodbury,
+        None,
+    )
+    .unwrap();
+    let y = DMatrix::from_fn(n, d, |i, j| ys[i * d + j] as f64);
+    assert!(rel(&y, &y_ref) < 2e-6, "{}", rel(&y, &y_ref));
+    // Non-finite x, too small a workspace, a wrong bias length: errors, y untouched.
+    let mut bad = xs.clone();
+    bad[0] = f32::NAN;
+    let mut y2 = vec![7.0f32; n * d];
+    let xb = Strided::row_major(&bad, n, k, k).unwrap();
+    let e = ops::forward(
+        &op,
+        w0,
+        None,
+        &g,
+        &c.spec,
+        xb,
+        None,
+        &mut StridedMut::row_major(&mut y2, n, d, d).unwrap(),
+        &mut saved,
+        &mut ws,
+    );
+    assert!(
+        matches!(e, Err(elra::ElraError::NonFinite { arg: "x" })),
+        "{e:?}"
+    );
+    let mut small = vec![0.0f32; 1];
+    let e = ops::forward(
+        &op,
+        w0,
+        None,
+        &g,
+        &c.spec,
+        x,
+        None,
+        &mut StridedMut::row_major(&mut y2, n, d, d).unwrap(),
+        &mut saved,
+        &mut small,
+    );
+    assert!(
+        matches!(
+            e,
+            Err(elra::ElraError::InvalidArgument {
+                arg: "workspace",
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    let bias = vec![0.0f32; d + 1];
+    let e = ops::forward(
+        &op,
+        w0,
+        Some(&bias),
+        &g,
+        &c.spec,
+        x,
+        None,
+        &mut StridedMut::row_major(&mut y2, n, d, d).unwrap(),
+        &mut saved,
+        &mut ws,
+    );
+    assert!(
+        matches!(e, Err(elra::ElraError::Shape { arg: "bias", .. })),
+        "{e:?}"
+    );
+    assert!(y2.iter().all(|&v| v == 7.0));
+}
