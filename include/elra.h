@@ -399,6 +399,53 @@ typedef struct {
   double lora_alpha;
 } ElraAdapterConfig;
 
+/**
+ * The settings of one optimiser step (Algorithm 1 line 4, App. H): α of eq. (19) (used by
+ * Hyb), the η multiplier, the spectral-clip threshold τ (0: none) and the energy weight λ
+ * (eq. 20, used by [`elra_op_energy_f64`] only).
+ */
+typedef struct {
+  /**
+   * α ∈ [0, 1].
+   */
+  double alpha;
+  /**
+   * η multiplier m(t) > 0.
+   */
+  double eta_mult;
+  /**
+   * τ > 0, or 0 for no clip.
+   */
+  double tau;
+  /**
+   * λ ≥ 0.
+   */
+  double lambda;
+} ElraOpStep;
+
+/**
+ * The shape of an ELRA layer for the functional calls: `variant` is an ELRA value of
+ * [`super::ElraVariant`] (general, PSD or Hyb), `W0` is d×k, `A` d×r, `B` r×d.
+ */
+typedef struct {
+  /**
+   * An [`super::ElraVariant`] other than LoRA.
+   */
+  uint32_t variant;
+  /**
+   * Output dimension d.
+   */
+  size_t d;
+  /**
+   * Input dimension k.
+   */
+  size_t k;
+  /**
+   * Rank r, 1 ≤ r ≤ d.
+   */
+  size_t r;
+} ElraOpDesc;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -1302,6 +1349,351 @@ ElraStatus elra_phi1_frechet_adjoint_f32(size_t batch,
                                          float *out,
                                          size_t ld_out,
                                          size_t stride_out);
+
+/**
+ * α (eq. 19, eq. 75), the η multiplier (App. H), τ and λ of an ELRA `config` at optimiser step
+ * `step` ([`crate::adapter::GeneratorConfig::spec_at`]) into `*out`.
+ *
+ * # Safety
+ * `config` must point to a readable config, `out` to a writable `ElraOpStep`.
+ */
+ElraStatus elra_schedule_at(const ElraAdapterConfig *config, size_t step, ElraOpStep *out);
+
+/**
+ * The sizes, in elements of the call's type, of the `saved` array a forward of `n` rows fills
+ * and its backward reads (N·r + 2·r²: LoRA's N×r activation plus two r×r matrices, besides the
+ * input the engine keeps) and of the `workspace` a call needs (3·N·r).
+ *
+ * # Safety
+ * `desc` must point to a readable descriptor; the outputs to writable `size_t`s.
+ */
+ElraStatus elra_op_sizes(const ElraOpDesc *desc,
+                         size_t n,
+                         size_t *saved_len,
+                         size_t *workspace_len);
+
+/**
+ * The fused ELRA layer's forward on caller memory, f64 ([`crate::ops::forward`]):
+ * `y = x W0ᵀ + bias + D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)` with `C` from (A, B, η) and `step` (eq. 2,
+ * §4.2.1, eq. 19, App. H), `Z = C A`, `P = C W0` (eq. 5, Prop. 1). `x` is n×k, `y` n×d; `w0`
+ * d×k; `a` d×r; `b` r×d (ignored, may be NULL, for PSD); `bias` (d values) and `dropout` (n×d,
+ * dense, entries 0 or 1/(1−p), scaling the adapter's increment) may be NULL. Fills `saved`
+ * ([`elra_op_sizes`]) for the backward; `workspace` holds `workspace_len` values.
+ *
+ * # Safety
+ * Every non-NULL pointer must cover its described layout, readable (inputs) or writable
+ * (outputs), for the duration of the call.
+ */
+ElraStatus elra_op_forward_f64(const ElraOpDesc *desc,
+                               const ElraOpStep *step,
+                               size_t n,
+                               const double *w0,
+                               size_t ld_w0,
+                               const double *bias,
+                               const double *a,
+                               size_t ld_a,
+                               const double *b,
+                               size_t ld_b,
+                               double eta,
+                               const double *x,
+                               size_t ld_x,
+                               const double *dropout,
+                               double *y,
+                               size_t ld_y,
+                               double *saved,
+                               double *workspace,
+                               size_t workspace_len);
+
+/**
+ * [`elra_op_forward_f64`] for f32.
+ *
+ * # Safety
+ * As [`elra_op_forward_f64`].
+ */
+ElraStatus elra_op_forward_f32(const ElraOpDesc *desc,
+                               const ElraOpStep *step,
+                               size_t n,
+                               const float *w0,
+                               size_t ld_w0,
+                               const float *bias,
+                               const float *a,
+                               size_t ld_a,
+                               const float *b,
+                               size_t ld_b,
+                               float eta,
+                               const float *x,
+                               size_t ld_x,
+                               const float *dropout,
+                               float *y,
+                               size_t ld_y,
+                               float *saved,
+                               float *workspace,
+                               size_t workspace_len);
+
+/**
+ * Reverse mode of [`elra_op_forward_f64`] ([`crate::ops::backward`]): from `dy` (n×d) writes
+ * `dx` (n×k) and writes or adds (`accumulate` 0/1) `da` (d×r), `db` (r×d, not for PSD) and
+ * `*deta`, the gradients of `⟨y, dy⟩` (no energy term: [`elra_op_energy_f64`]). `x`, the
+ * parameters, `step`, `dropout` and `saved` must be the forward's. f64.
+ *
+ * # Safety
+ * As [`elra_op_forward_f64`].
+ */
+ElraStatus elra_op_backward_f64(const ElraOpDesc *desc,
+                                const ElraOpStep *step,
+                                size_t n,
+                                const double *w0,
+                                size_t ld_w0,
+                                const double *a,
+                                size_t ld_a,
+                                const double *b,
+                                size_t ld_b,
+                                double eta,
+                                const double *x,
+                                size_t ld_x,
+                                const double *dropout,
+                                const double *saved,
+                                const double *dy,
+                                size_t ld_dy,
+                                double *dx,
+                                size_t ld_dx,
+                                double *da,
+                                size_t ld_da,
+                                double *db,
+                                size_t ld_db,
+                                double *deta,
+                                uint32_t accumulate,
+                                double *workspace,
+                                size_t workspace_len);
+
+/**
+ * [`elra_op_backward_f64`] for f32.
+ *
+ * # Safety
+ * As [`elra_op_forward_f64`].
+ */
+ElraStatus elra_op_backward_f32(const ElraOpDesc *desc,
+                                const ElraOpStep *step,
+                                size_t n,
+                                const float *w0,
+                                size_t ld_w0,
+                                const float *a,
+                                size_t ld_a,
+                                const float *b,
+                                size_t ld_b,
+                                float eta,
+                                const float *x,
+                                size_t ld_x,
+                                const float *dropout,
+                                const float *saved,
+                                const float *dy,
+                                size_t ld_dy,
+                                float *dx,
+                                size_t ld_dx,
+                                float *da,
+                                size_t ld_da,
+                                float *db,
+                                size_t ld_db,
+                                float *deta,
+                                uint32_t accumulate,
+                                float *workspace,
+                                size_t workspace_len);
+
+/**
+ * The output-side form's forward, f64 ([`crate::ops::forward_out`]): `y = u + D∘(((u Cᵀ)
+ * φ1(Z)ᵀ) Aᵀ)` for the base layer's output `u` (n×d, without bias) from any base layer
+ * (quantised, fused, sharded). `y` (n×d) may not alias `u` (the backward needs `u`). Fills
+ * `saved` ([`elra_op_sizes`]).
+ *
+ * # Safety
+ * As [`elra_op_forward_f64`].
+ */
+ElraStatus elra_op_forward_out_f64(const ElraOpDesc *desc,
+                                   const ElraOpStep *step,
+                                   size_t n,
+                                   const double *a,
+                                   size_t ld_a,
+                                   const double *b,
+                                   size_t ld_b,
+                                   double eta,
+                                   const double *u,
+                                   size_t ld_u,
+                                   const double *dropout,
+                                   double *y,
+                                   size_t ld_y,
+                                   double *saved,
+                                   double *workspace,
+                                   size_t workspace_len);
+
+/**
+ * [`elra_op_forward_out_f64`] for f32.
+ *
+ * # Safety
+ * As [`elra_op_forward_f64`].
+ */
+ElraStatus elra_op_forward_out_f32(const ElraOpDesc *desc,
+                                   const ElraOpStep *step,
+                                   size_t n,
+                                   const float *a,
+                                   size_t ld_a,
+                                   const float *b,
+                                   size_t ld_b,
+                                   float eta,
+                                   const float *u,
+                                   size_t ld_u,
+                                   const float *dropout,
+                                   float *y,
+                                   size_t ld_y,
+                                   float *saved,
+                                   float *workspace,
+                                   size_t workspace_len);
+
+/**
+ * Reverse mode of [`elra_op_forward_out_f64`] ([`crate::ops::backward_out`]): `du = dy + V̄ C`
+ * (n×d, for the base layer's own backward) and the parameter gradients (written or added),
+ * from the forward's `u`, `saved`, parameters, `step` and `dropout`. f64.
+ *
+ * # Safety
+ * As [`elra_op_forward_f64`].
+ */
+ElraStatus elra_op_backward_out_f64(const ElraOpDesc *desc,
+                                    const ElraOpStep *step,
+                                    size_t n,
+                                    const double *a,
+                                    size_t ld_a,
+                                    const double *b,
+                                    size_t ld_b,
+                                    double eta,
+                                    const double *u,
+                                    size_t ld_u,
+                                    const double *dropout,
+                                    const double *saved,
+                                    const double *dy,
+                                    size_t ld_dy,
+                                    double *du,
+                                    size_t ld_du,
+                                    double *da,
+                                    size_t ld_da,
+                                    double *db,
+                                    size_t ld_db,
+                                    double *deta,
+                                    uint32_t accumulate,
+                                    double *workspace,
+                                    size_t workspace_len);
+
+/**
+ * [`elra_op_backward_out_f64`] for f32.
+ *
+ * # Safety
+ * As [`elra_op_forward_f64`].
+ */
+ElraStatus elra_op_backward_out_f32(const ElraOpDesc *desc,
+                                    const ElraOpStep *step,
+                                    size_t n,
+                                    const float *a,
+                                    size_t ld_a,
+                                    const float *b,
+                                    size_t ld_b,
+                                    float eta,
+                                    const float *u,
+                                    size_t ld_u,
+                                    const float *dropout,
+                                    const float *saved,
+                                    const float *dy,
+                                    size_t ld_dy,
+                                    float *du,
+                                    size_t ld_du,
+                                    float *da,
+                                    size_t ld_da,
+                                    float *db,
+                                    size_t ld_db,
+                                    float *deta,
+                                    uint32_t accumulate,
+                                    float *workspace,
+                                    size_t workspace_len);
+
+/**
+ * The merged weight `out = W + A (φ1(Z) (C W))` of `w` (d×k) (eq. 30, merge: pass `W0`), or
+ * with `inverse = 1` the unmerge `out = exp(−G) w` (Prop. 3), into `out` (d×k). f64.
+ *
+ * # Safety
+ * As [`elra_op_forward_f64`].
+ */
+ElraStatus elra_op_merge_f64(const ElraOpDesc *desc,
+                             const ElraOpStep *step,
+                             const double *a,
+                             size_t ld_a,
+                             const double *b,
+                             size_t ld_b,
+                             double eta,
+                             const double *w,
+                             size_t ld_w,
+                             uint32_t inverse,
+                             double *out,
+                             size_t ld_out);
+
+/**
+ * [`elra_op_merge_f64`] for f32.
+ *
+ * # Safety
+ * As [`elra_op_forward_f64`].
+ */
+ElraStatus elra_op_merge_f32(const ElraOpDesc *desc,
+                             const ElraOpStep *step,
+                             const float *a,
+                             size_t ld_a,
+                             const float *b,
+                             size_t ld_b,
+                             float eta,
+                             const float *w,
+                             size_t ld_w,
+                             uint32_t inverse,
+                             float *out,
+                             size_t ld_out);
+
+/**
+ * The energy penalty `*energy = λ‖G‖²_F` of the step's generator (eq. 20–21, λ = `step->lambda`)
+ * and, when `da` is not NULL, its gradient written or added into `da`, `db` (not for PSD) and
+ * `*deta`. f64.
+ *
+ * # Safety
+ * As [`elra_op_forward_f64`]; `da`, `db`, `deta` may be NULL together.
+ */
+ElraStatus elra_op_energy_f64(const ElraOpDesc *desc,
+                              const ElraOpStep *step,
+                              const double *a,
+                              size_t ld_a,
+                              const double *b,
+                              size_t ld_b,
+                              double eta,
+                              double *energy,
+                              double *da,
+                              size_t ld_da,
+                              double *db,
+                              size_t ld_db,
+                              double *deta,
+                              uint32_t accumulate);
+
+/**
+ * [`elra_op_energy_f64`] for f32.
+ *
+ * # Safety
+ * As [`elra_op_energy_f64`].
+ */
+ElraStatus elra_op_energy_f32(const ElraOpDesc *desc,
+                              const ElraOpStep *step,
+                              const float *a,
+                              size_t ld_a,
+                              const float *b,
+                              size_t ld_b,
+                              float eta,
+                              float *energy,
+                              float *da,
+                              size_t ld_da,
+                              float *db,
+                              size_t ld_db,
+                              float *deta,
+                              uint32_t accumulate);
 
 #ifdef __cplusplus
 }  // extern "C"

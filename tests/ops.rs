@@ -530,3 +530,225 @@ fn f32_and_bad_input() {
     );
     assert!(y2.iter().all(|&v| v == 7.0));
 }
+
+/// The C ABI of the functional calls gives the Rust functions' results bit for bit, refuses
+/// aliased outputs, short workspaces and bad flags with a status (outputs untouched), and
+/// `elra_schedule_at` is `GeneratorConfig::spec_at`.
+#[test]
+fn c_abi_matches_the_rust_functions() {
+    use elra::capi::*;
+    let c = &cases()[1];
+    let op = op_of(c);
+    let (d, k, r) = (op.d, op.k, op.r);
+    let n = c.x.nrows();
+    let rm = |m: &DMatrix<f64>| rows(m, m.ncols());
+    let (w0s, xs, as_, dys) = (rm(&c.w0), rm(&c.x), rm(&c.a), rm(&c.dy));
+    let bs = rm(c.b.as_ref().unwrap());
+    let desc = ElraOpDesc {
+        variant: 0,
+        d,
+        k,
+        r,
+    };
+    let step = ElraOpStep {
+        alpha: c.spec.alpha,
+        eta_mult: c.spec.eta_mult,
+        tau: c.spec.tau.unwrap_or(0.0),
+        lambda: 0.0,
+    };
+    let (mut sl, mut wl) = (0, 0);
+    // SAFETY: live locals.
+    assert_eq!(
+        unsafe { elra_op_sizes(&desc, n, &mut sl, &mut wl) },
+        ElraStatus::ELRA_OK
+    );
+    assert_eq!((sl, wl), (n * r + 2 * r * r, 3 * n * r));
+    let mut y = vec![0.0; n * d];
+    let mut saved = vec![0.0; sl];
+    let mut ws = vec![0.0; wl];
+    // SAFETY: every buffer is a live local of the described size.
+    let s = unsafe {
+        elra_op_forward_f64(
+            &desc,
+            &step,
+            n,
+            w0s.as_ptr(),
+            k,
+            std::ptr::null(),
+            as_.as_ptr(),
+            r,
+            bs.as_ptr(),
+            d,
+            c.eta,
+            xs.as_ptr(),
+            k,
+            std::ptr::null(),
+            y.as_mut_ptr(),
+            d,
+            saved.as_mut_ptr(),
+            ws.as_mut_ptr(),
+            wl,
+        )
+    };
+    assert_eq!(s, ElraStatus::ELRA_OK);
+    let g = Generator {
+        a: Strided::row_major(&as_, d, r, r).unwrap(),
+        b: Some(Strided::row_major(&bs, r, d, d).unwrap()),
+        eta: c.eta,
+    };
+    let mut y_rs = vec![0.0; n * d];
+    let mut saved_rs = vec![0.0; sl];
+    let w0 = Strided::row_major(&w0s, d, k, k).unwrap();
+    let x = Strided::row_major(&xs, n, k, k).unwrap();
+    elra::ops::forward(
+        &op,
+        w0,
+        None,
+        &g,
+        &c.spec,
+        x,
+        None,
+        &mut StridedMut::row_major(&mut y_rs, n, d, d).unwrap(),
+        &mut saved_rs,
+        &mut ws,
+    )
+    .unwrap();
+    assert_eq!(y, y_rs);
+    assert_eq!(saved, saved_rs);
+    let (mut dx, mut da, mut db, mut deta) =
+        (vec![0.0; n * k], vec![0.0; d * r], vec![0.0; r * d], 0.0);
+    // SAFETY: as above.
+    let s = unsafe {
+        elra_op_backward_f64(
+            &desc,
+            &step,
+            n,
+            w0s.as_ptr(),
+            k,
+            as_.as_ptr(),
+            r,
+            bs.as_ptr(),
+            d,
+            c.eta,
+            xs.as_ptr(),
+            k,
+            std::ptr::null(),
+            saved.as_ptr(),
+            dys.as_ptr(),
+            d,
+            dx.as_mut_ptr(),
+            k,
+            da.as_mut_ptr(),
+            r,
+            db.as_mut_ptr(),
+            d,
+            &mut deta,
+            0,
+            ws.as_mut_ptr(),
+            wl,
+        )
+    };
+    assert_eq!(s, ElraStatus::ELRA_OK);
+    let (mut dx2, mut da2, mut db2, mut deta2) =
+        (vec![0.0; n * k], vec![0.0; d * r], vec![0.0; r * d], 0.0);
+    elra::ops::backward(
+        &op,
+        w0,
+        &g,
+        &c.spec,
+        x,
+        None,
+        &saved_rs,
+        Strided::row_major(&dys, n, d, d).unwrap(),
+        &mut StridedMut::row_major(&mut dx2, n, k, k).unwrap(),
+        GeneratorGrads {
+            a: StridedMut::row_major(&mut da2, d, r, r).unwrap(),
+            b: Some(StridedMut::row_major(&mut db2, r, d, d).unwrap()),
+            eta: &mut deta2,
+            accumulate: false,
+        },
+        &mut ws,
+    )
+    .unwrap();
+    assert_eq!((dx, da, db, deta), (dx2, da2, db2, deta2));
+    // y aliasing x, a short workspace, accumulate = 2: statuses, y untouched.
+    let mut y3 = vec![5.0; n * d];
+    let mut xa = xs.clone();
+    // SAFETY: `xa` is used both as x and y: the library must refuse before touching it.
+    let s = unsafe {
+        elra_op_forward_f64(
+            &desc,
+            &step,
+            n,
+            w0s.as_ptr(),
+            k,
+            std::ptr::null(),
+            as_.as_ptr(),
+            r,
+            bs.as_ptr(),
+            d,
+            c.eta,
+            xa.as_ptr(),
+            k,
+            std::ptr::null(),
+            xa.as_mut_ptr(),
+            k.max(d),
+            saved.as_mut_ptr(),
+            ws.as_mut_ptr(),
+            wl,
+        )
+    };
+    assert!(matches!(
+        s,
+        ElraStatus::ELRA_INVALID_ARGUMENT | ElraStatus::ELRA_SHAPE_MISMATCH
+    ));
+    assert_eq!(xa, xs);
+    // SAFETY: live locals; workspace_len understated.
+    let s = unsafe {
+        elra_op_forward_f64(
+            &desc,
+            &step,
+            n,
+            w0s.as_ptr(),
+            k,
+            std::ptr::null(),
+            as_.as_ptr(),
+            r,
+            bs.as_ptr(),
+            d,
+            c.eta,
+            xs.as_ptr(),
+            k,
+            std::ptr::null(),
+            y3.as_mut_ptr(),
+            d,
+            saved.as_mut_ptr(),
+            ws.as_mut_ptr(),
+            wl - 1,
+        )
+    };
+    assert_eq!(s, ElraStatus::ELRA_INVALID_ARGUMENT);
+    assert!(y3.iter().all(|&v| v == 5.0));
+    // elra_schedule_at = GeneratorConfig::spec_at.
+    let mut cfg = std::mem::MaybeUninit::<ElraAdapterConfig>::uninit();
+    // SAFETY: writable locals.
+    unsafe { elra_adapter_config_default(2, 1, d, k, r, 200, cfg.as_mut_ptr()) };
+    // SAFETY: initialised above.
+    let cfg = unsafe { cfg.assume_init() };
+    let mut out = ElraOpStep {
+        alpha: 0.0,
+        eta_mult: 0.0,
+        tau: 0.0,
+        lambda: 0.0,
+    };
+    // SAFETY: live locals.
+    assert_eq!(
+        unsafe { elra_schedule_at(&cfg, 30, &mut out) },
+        ElraStatus::ELRA_OK
+    );
+    let want = elra::adapter::GeneratorConfig::paper_default(Variant::Hyb, 200).spec_at(30);
+    assert_eq!(
+        (out.alpha, out.eta_mult, out.tau, out.lambda),
+        (want.alpha, want.eta_mult, 2.0, want.lambda)
+    );
+}

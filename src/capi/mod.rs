@@ -45,6 +45,7 @@ pub mod gpu;
 mod handle;
 mod layout;
 pub mod matfn;
+pub mod ops;
 
 pub use adapter::*;
 pub use config::*;
@@ -53,6 +54,7 @@ pub use files::*;
 pub use gpu::*;
 pub(crate) use layout::{check_in, check_out, read_in, write_out, Layout};
 pub use matfn::*;
+pub use ops::*;
 
 /// Version of the C ABI described by `include/elra.h`. It changes whenever a declaration in the
 /// header changes incompatibly; [`elra_version`] returns the value the library was built with, so
