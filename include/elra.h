@@ -1374,7 +1374,8 @@ ElraStatus elra_op_sizes(const ElraOpDesc *desc,
 
 /**
  * The fused ELRA layer's forward on caller memory, f64 ([`crate::ops::forward`]):
- * `y = x W0ᵀ + bias + D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)` with `C` from (A, B, η) and `step` (eq. 2,
+ * `y = x W0ᵀ + bias + D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)` (with `base = 1`; `base = 0` writes only the
+ * increment, for an engine that runs the frozen GEMM itself) with `C` from (A, B, η) and `step` (eq. 2,
  * §4.2.1, eq. 19, App. H), `Z = C A`, `P = C W0` (eq. 5, Prop. 1). `x` is n×k, `y` n×d; `w0`
  * d×k; `a` d×r; `b` r×d (ignored, may be NULL, for PSD); `bias` (d values) and `dropout` (n×d,
  * dense, entries 0 or 1/(1−p), scaling the adapter's increment) may be NULL. Fills `saved`
@@ -1389,6 +1390,7 @@ ElraStatus elra_op_forward_f64(const ElraOpDesc *desc,
                                size_t n,
                                const double *w0,
                                size_t ld_w0,
+                               uint32_t base,
                                const double *bias,
                                const double *a,
                                size_t ld_a,
@@ -1415,6 +1417,7 @@ ElraStatus elra_op_forward_f32(const ElraOpDesc *desc,
                                size_t n,
                                const float *w0,
                                size_t ld_w0,
+                               uint32_t base,
                                const float *bias,
                                const float *a,
                                size_t ld_a,
@@ -1432,7 +1435,7 @@ ElraStatus elra_op_forward_f32(const ElraOpDesc *desc,
 
 /**
  * Reverse mode of [`elra_op_forward_f64`] ([`crate::ops::backward`]): from `dy` (n×d) writes
- * `dx` (n×k) and writes or adds (`accumulate` 0/1) `da` (d×r), `db` (r×d, not for PSD) and
+ * `dx` (n×k; with `base = 0`, as in the forward, only the increment's `V̄ P`) and writes or adds (`accumulate` 0/1) `da` (d×r), `db` (r×d, not for PSD) and
  * `*deta`, the gradients of `⟨y, dy⟩` (no energy term: [`elra_op_energy_f64`]). `x`, the
  * parameters, `step`, `dropout` and `saved` must be the forward's. f64.
  *
@@ -1444,6 +1447,7 @@ ElraStatus elra_op_backward_f64(const ElraOpDesc *desc,
                                 size_t n,
                                 const double *w0,
                                 size_t ld_w0,
+                                uint32_t base,
                                 const double *a,
                                 size_t ld_a,
                                 const double *b,
@@ -1477,6 +1481,7 @@ ElraStatus elra_op_backward_f32(const ElraOpDesc *desc,
                                 size_t n,
                                 const float *w0,
                                 size_t ld_w0,
+                                uint32_t base,
                                 const float *a,
                                 size_t ld_a,
                                 const float *b,

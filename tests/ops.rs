@@ -136,7 +136,7 @@ fn fused_layer_matches_the_reverse_mode() {
         ops::forward(
             &op,
             w0,
-            None,
+            ops::Base::Included { bias: None },
             &g,
             &c.spec,
             x,
@@ -172,6 +172,7 @@ fn fused_layer_matches_the_reverse_mode() {
         ops::backward(
             &op,
             w0,
+            true,
             &g,
             &c.spec,
             x,
@@ -219,6 +220,7 @@ fn fused_layer_matches_the_reverse_mode() {
         ops::backward(
             &op,
             w0,
+            true,
             &g,
             &c.spec,
             x,
@@ -444,7 +446,7 @@ fn f32_and_bad_input() {
     ops::forward(
         &op,
         w0,
-        None,
+        ops::Base::Included { bias: None },
         &g,
         &c.spec,
         x,
@@ -475,7 +477,7 @@ fn f32_and_bad_input() {
     let e = ops::forward(
         &op,
         w0,
-        None,
+        ops::Base::Included { bias: None },
         &g,
         &c.spec,
         xb,
@@ -492,7 +494,7 @@ fn f32_and_bad_input() {
     let e = ops::forward(
         &op,
         w0,
-        None,
+        ops::Base::Included { bias: None },
         &g,
         &c.spec,
         x,
@@ -515,7 +517,7 @@ fn f32_and_bad_input() {
     let e = ops::forward(
         &op,
         w0,
-        Some(&bias),
+        ops::Base::Included { bias: Some(&bias) },
         &g,
         &c.spec,
         x,
@@ -574,6 +576,7 @@ fn c_abi_matches_the_rust_functions() {
             n,
             w0s.as_ptr(),
             k,
+            1,
             std::ptr::null(),
             as_.as_ptr(),
             r,
@@ -603,7 +606,7 @@ fn c_abi_matches_the_rust_functions() {
     elra::ops::forward(
         &op,
         w0,
-        None,
+        elra::ops::Base::Included { bias: None },
         &g,
         &c.spec,
         x,
@@ -625,6 +628,7 @@ fn c_abi_matches_the_rust_functions() {
             n,
             w0s.as_ptr(),
             k,
+            1,
             as_.as_ptr(),
             r,
             bs.as_ptr(),
@@ -654,6 +658,7 @@ fn c_abi_matches_the_rust_functions() {
     elra::ops::backward(
         &op,
         w0,
+        true,
         &g,
         &c.spec,
         x,
@@ -682,6 +687,7 @@ fn c_abi_matches_the_rust_functions() {
             n,
             w0s.as_ptr(),
             k,
+            1,
             std::ptr::null(),
             as_.as_ptr(),
             r,
@@ -711,6 +717,7 @@ fn c_abi_matches_the_rust_functions() {
             n,
             w0s.as_ptr(),
             k,
+            1,
             std::ptr::null(),
             as_.as_ptr(),
             r,
@@ -751,4 +758,80 @@ fn c_abi_matches_the_rust_functions() {
         (out.alpha, out.eta_mult, out.tau, out.lambda),
         (want.alpha, want.eta_mult, 2.0, want.lambda)
     );
+}
+
+/// `Base::Excluded` gives the increment alone: adding the frozen layer `x W0ᵀ` (and `∂y W0`) to
+/// it gives the fused layer's output (and `∂x`) to rounding; gradients are the same.
+#[test]
+fn the_increment_alone_plus_the_frozen_layer_is_the_fused_layer() {
+    for c in cases().iter().filter(|c| c.w0.nrows() > 5) {
+        let op = op_of(c);
+        let (d, k, r) = (op.d, op.k, op.r);
+        let n = c.x.nrows();
+        let g = Generator {
+            a: Strided::of(&c.a, elra::grad::ops::Op::N),
+            b: c.b.as_ref().map(|b| Strided::of(b, elra::grad::ops::Op::N)),
+            eta: c.eta,
+        };
+        let (w0, x, dy) = (
+            Strided::of(&c.w0, elra::grad::ops::Op::N),
+            Strided::of(&c.x, elra::grad::ops::Op::N),
+            Strided::of(&c.dy, elra::grad::ops::Op::N),
+        );
+        let mask = c
+            .mask
+            .as_ref()
+            .map(|m| Strided::of(m, elra::grad::ops::Op::N));
+        let run = |base: bool| {
+            let mut y = DMatrix::zeros(n, d);
+            let mut dx = DMatrix::zeros(n, k);
+            let (mut da, mut db, mut deta) = (DMatrix::zeros(d, r), DMatrix::zeros(r, d), 0.0);
+            let mut saved = vec![0.0; ops::saved_len(n, r).unwrap()];
+            let mut ws = vec![0.0; ops::workspace_len(n, r).unwrap()];
+            let b = if base {
+                ops::Base::Included { bias: None }
+            } else {
+                ops::Base::Excluded
+            };
+            ops::forward(
+                &op,
+                w0,
+                b,
+                &g,
+                &c.spec,
+                x,
+                mask,
+                &mut StridedMut::of(&mut y),
+                &mut saved,
+                &mut ws,
+            )
+            .unwrap();
+            ops::backward(
+                &op,
+                w0,
+                base,
+                &g,
+                &c.spec,
+                x,
+                mask,
+                &saved,
+                dy,
+                &mut StridedMut::of(&mut dx),
+                GeneratorGrads {
+                    a: StridedMut::of(&mut da),
+                    b: c.b.is_some().then(|| StridedMut::of(&mut db)),
+                    eta: &mut deta,
+                    accumulate: false,
+                },
+                &mut ws,
+            )
+            .unwrap();
+            (y, dx, da, db, deta)
+        };
+        let full = run(true);
+        let inc = run(false);
+        assert!(rel(&(inc.0 + &c.x * c.w0.transpose()), &full.0) < 1e-13);
+        assert!(rel(&(inc.1 + &c.dy * &c.w0), &full.1) < 1e-13);
+        assert_eq!((inc.2, inc.3, inc.4), (full.2, full.3, full.4));
+    }
 }

@@ -258,6 +258,15 @@ unsafe fn grads<'a, T: Real>(
     })
 }
 
+/// A 0/1 flag argument.
+fn flag(arg: &'static str, v: u32) -> CResult<bool> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(ElraError::invalid(arg, format!("must be 0 or 1, got {v}")).into()),
+    }
+}
+
 fn finite_eta<T: Real>(eta: T) -> CResult<T> {
     crate::adapter::config::check_eta(eta)?;
     Ok(eta)
@@ -345,6 +354,7 @@ unsafe fn forward_t<T: Real>(
     n: usize,
     w0: *const T,
     ld_w0: usize,
+    base: u32,
     bias: *const T,
     a: *const T,
     ld_a: usize,
@@ -363,6 +373,10 @@ unsafe fn forward_t<T: Real>(
     let op = desc_of(desc)?;
     let spec = step_of(step)?;
     let eta = finite_eta(eta)?;
+    let with_base = flag("base", base)?;
+    if !with_base && !bias.is_null() {
+        return Err(ElraError::invalid("bias", "a bias needs base = 1").into());
+    }
     let (ns, nw) = sizes(&op, n)?;
     let (d, k) = (op.d, op.k);
     let (ab, bb) = gen_bufs(&op, a, ld_a, b, ld_b)?;
@@ -401,10 +415,15 @@ unsafe fn forward_t<T: Real>(
     unsafe {
         let g = generator(&op, &bufs[2], &bb, ld_a, ld_b, eta);
         let bias_s = bias_b.map(|bb| std::slice::from_raw_parts(bb.start as *const T, d));
+        let base = if with_base {
+            ops::Base::Included { bias: bias_s }
+        } else {
+            ops::Base::Excluded
+        };
         ops::forward(
             &op,
             view(&bufs[0], d, k, ld_w0),
-            bias_s,
+            base,
             &g,
             &spec,
             view(&bufs[1], n, k, ld_x),
@@ -426,6 +445,7 @@ unsafe fn backward_t<T: Real>(
     n: usize,
     w0: *const T,
     ld_w0: usize,
+    base: u32,
     a: *const T,
     ld_a: usize,
     b: *const T,
@@ -451,6 +471,7 @@ unsafe fn backward_t<T: Real>(
     let op = desc_of(desc)?;
     let spec = step_of(step)?;
     let eta = finite_eta(eta)?;
+    let with_base = flag("base", base)?;
     let (ns, nw) = sizes(&op, n)?;
     let (d, k) = (op.d, op.k);
     let (ab, bb) = gen_bufs(&op, a, ld_a, b, ld_b)?;
@@ -491,6 +512,7 @@ unsafe fn backward_t<T: Real>(
         ops::backward(
             &op,
             view(&bufs[0], d, k, ld_w0),
+            with_base,
             &g,
             &spec,
             view(&bufs[1], n, k, ld_x),
@@ -678,11 +700,7 @@ unsafe fn merge_t<T: Real>(
     let op = desc_of(desc)?;
     let spec = step_of(step)?;
     let eta = finite_eta(eta)?;
-    let inverse = match inverse {
-        0 => false,
-        1 => true,
-        v => return Err(ElraError::invalid("inverse", format!("must be 0 or 1, got {v}")).into()),
-    };
+    let inverse = flag("inverse", inverse)?;
     let (d, k) = (op.d, op.k);
     let (ab, bb) = gen_bufs(&op, a, ld_a, b, ld_b)?;
     let mut bufs = vec![
@@ -756,7 +774,8 @@ unsafe fn energy_t<T: Real>(
 }
 
 /// The fused ELRA layer's forward on caller memory, f64 ([`crate::ops::forward`]):
-/// `y = x W0ᵀ + bias + D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)` with `C` from (A, B, η) and `step` (eq. 2,
+/// `y = x W0ᵀ + bias + D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)` (with `base = 1`; `base = 0` writes only the
+/// increment, for an engine that runs the frozen GEMM itself) with `C` from (A, B, η) and `step` (eq. 2,
 /// §4.2.1, eq. 19, App. H), `Z = C A`, `P = C W0` (eq. 5, Prop. 1). `x` is n×k, `y` n×d; `w0`
 /// d×k; `a` d×r; `b` r×d (ignored, may be NULL, for PSD); `bias` (d values) and `dropout` (n×d,
 /// dense, entries 0 or 1/(1−p), scaling the adapter's increment) may be NULL. Fills `saved`
@@ -772,6 +791,7 @@ pub unsafe extern "C" fn elra_op_forward_f64(
     n: usize,
     w0: *const f64,
     ld_w0: usize,
+    base: u32,
     bias: *const f64,
     a: *const f64,
     ld_a: usize,
@@ -795,6 +815,7 @@ pub unsafe extern "C" fn elra_op_forward_f64(
             n,
             w0,
             ld_w0,
+            base,
             bias,
             a,
             ld_a,
@@ -824,6 +845,7 @@ pub unsafe extern "C" fn elra_op_forward_f32(
     n: usize,
     w0: *const f32,
     ld_w0: usize,
+    base: u32,
     bias: *const f32,
     a: *const f32,
     ld_a: usize,
@@ -847,6 +869,7 @@ pub unsafe extern "C" fn elra_op_forward_f32(
             n,
             w0,
             ld_w0,
+            base,
             bias,
             a,
             ld_a,
@@ -866,7 +889,7 @@ pub unsafe extern "C" fn elra_op_forward_f32(
 }
 
 /// Reverse mode of [`elra_op_forward_f64`] ([`crate::ops::backward`]): from `dy` (n×d) writes
-/// `dx` (n×k) and writes or adds (`accumulate` 0/1) `da` (d×r), `db` (r×d, not for PSD) and
+/// `dx` (n×k; with `base = 0`, as in the forward, only the increment's `V̄ P`) and writes or adds (`accumulate` 0/1) `da` (d×r), `db` (r×d, not for PSD) and
 /// `*deta`, the gradients of `⟨y, dy⟩` (no energy term: [`elra_op_energy_f64`]). `x`, the
 /// parameters, `step`, `dropout` and `saved` must be the forward's. f64.
 ///
@@ -879,6 +902,7 @@ pub unsafe extern "C" fn elra_op_backward_f64(
     n: usize,
     w0: *const f64,
     ld_w0: usize,
+    base: u32,
     a: *const f64,
     ld_a: usize,
     b: *const f64,
@@ -909,6 +933,7 @@ pub unsafe extern "C" fn elra_op_backward_f64(
             n,
             w0,
             ld_w0,
+            base,
             a,
             ld_a,
             b,
@@ -945,6 +970,7 @@ pub unsafe extern "C" fn elra_op_backward_f32(
     n: usize,
     w0: *const f32,
     ld_w0: usize,
+    base: u32,
     a: *const f32,
     ld_a: usize,
     b: *const f32,
@@ -975,6 +1001,7 @@ pub unsafe extern "C" fn elra_op_backward_f32(
             n,
             w0,
             ld_w0,
+            base,
             a,
             ld_a,
             b,

@@ -95,6 +95,21 @@ pub struct Generator<'a, T> {
     pub eta: T,
 }
 
+/// Whether the fused forward includes the frozen layer: `Included` computes
+/// `Y = X W0ᵀ + bias + increment` (and `∂X = ∂Y W0 + V̄ P`), `Excluded` only the increment
+/// `D∘(((X Pᵀ) Mᵀ) Aᵀ)` (and `∂X = V̄ P`) for an engine that runs the frozen GEMMs with its own
+/// BLAS and adds them.
+#[derive(Debug, Clone, Copy)]
+pub enum Base<'a, T> {
+    /// The frozen layer `X W0ᵀ` plus an optional bias (d values) is part of the output.
+    Included {
+        /// The bias, or `None`.
+        bias: Option<&'a [T]>,
+    },
+    /// Only the adapter's increment.
+    Excluded,
+}
+
 /// Where parameter gradients go: `∂A`, `∂B` (when the variant has `B`), `∂η`.
 #[derive(Debug)]
 pub struct GeneratorGrads<'a, 'b, T> {
@@ -315,7 +330,8 @@ fn view<T: Real>(m: &DMatrix<T>) -> Strided<'_, T> {
     Strided::of(m, crate::grad::ops::Op::N)
 }
 
-/// The fused forward (module docs): `y = x W0ᵀ + bias + D∘(((x Pᵀ) Mᵀ) Aᵀ)` into `y` (N×d),
+/// The fused forward (module docs): `y = x W0ᵀ + bias + D∘(((x Pᵀ) Mᵀ) Aᵀ)` into `y` (N×d)
+/// (only the increment with [`Base::Excluded`]),
 /// saving `V`, `Z`, `M` into `saved` ([`saved_len`]); `workspace` holds at least N·r values.
 ///
 /// Errors: shapes, non-finite inputs, a φ1 failure, an overflowing output.
@@ -323,7 +339,7 @@ fn view<T: Real>(m: &DMatrix<T>) -> Strided<'_, T> {
 pub fn forward<T: Real>(
     op: &ElraOp,
     w0: Strided<'_, T>,
-    bias: Option<&[T]>,
+    base: Base<'_, T>,
     g: &Generator<'_, T>,
     spec: &GeneratorSpec,
     x: Strided<'_, T>,
@@ -337,6 +353,10 @@ pub fn forward<T: Real>(
     check_shape("w0", &w0, d, k)?;
     check_shape("x", &x, n, k)?;
     check_shape_mut("y", y, n, d)?;
+    let (with_base, bias) = match base {
+        Base::Included { bias } => (true, bias),
+        Base::Excluded => (false, None),
+    };
     if let Some(b) = bias {
         if b.len() != d {
             return Err(ElraError::shape("bias", (d, 1), (b.len(), 1)));
@@ -363,10 +383,15 @@ pub fn forward<T: Real>(
     gemm_strided(&mut v, T::one(), x, view(&p).t(), T::zero());
     let mut t = scratch(ts, n, r);
     gemm_strided(&mut t, T::one(), v.as_ref(), view(&m).t(), T::zero());
-    // Y = X W0ᵀ + bias + D∘(T Aᵀ).
-    gemm_strided(y, T::one(), x, w0.t(), T::zero());
+    // Y = X W0ᵀ + bias + D∘(T Aᵀ) (the increment alone without the base).
+    let keep = if with_base {
+        gemm_strided(y, T::one(), x, w0.t(), T::zero());
+        T::one()
+    } else {
+        T::zero()
+    };
     match &dropout {
-        None => gemm_strided(y, T::one(), t.as_ref(), view(&ev.a).t(), T::one()),
+        None => gemm_strided(y, T::one(), t.as_ref(), view(&ev.a).t(), keep),
         Some(mask) => {
             let tv = t.as_ref();
             for i in 0..n {
@@ -375,7 +400,8 @@ pub fn forward<T: Real>(
                     for q in 0..r {
                         inc += tv.at(i, q) * ev.a[(j, q)];
                     }
-                    *y.at_mut(i, j) += mask.at(i, j) * inc;
+                    let yv = y.at_mut(i, j);
+                    *yv = keep * *yv + mask.at(i, j) * inc;
                 }
             }
         }
@@ -393,7 +419,8 @@ pub fn forward<T: Real>(
     Ok(())
 }
 
-/// Reverse mode of [`forward`] (module docs) from `dy` (N×d): `∂x` into `dx` (N×k) and the
+/// Reverse mode of [`forward`] (module docs) from `dy` (N×d): `∂x` into `dx` (N×k; without
+/// the frozen layer's `∂Y W0` unless `with_base`, as the forward's [`Base`]) and the
 /// parameter gradients into `grads`. `x`, the parameters, `spec` and `dropout` must be those of
 /// the forward that filled `saved`; `workspace` holds at least [`workspace_len`] values. The
 /// energy penalty is not included ([`energy`]).
@@ -403,6 +430,7 @@ pub fn forward<T: Real>(
 pub fn backward<T: Real>(
     op: &ElraOp,
     w0: Strided<'_, T>,
+    with_base: bool,
     g: &Generator<'_, T>,
     spec: &GeneratorSpec,
     x: Strided<'_, T>,
@@ -468,8 +496,13 @@ pub fn backward<T: Real>(
         w0,
         T::zero(),
     );
-    gemm_strided(dx, T::one(), dy, w0, T::zero());
-    gemm_strided(dx, T::one(), vbar.as_ref(), view(&p), T::one());
+    let keep = if with_base {
+        gemm_strided(dx, T::one(), dy, w0, T::zero());
+        T::one()
+    } else {
+        T::zero()
+    };
+    gemm_strided(dx, T::one(), vbar.as_ref(), view(&p), keep);
     check_output("dx", dx)?;
     // C̄ = (V̄ᵀ X) W0ᵀ, then through M = φ1(Z), Z = C A.
     let mut pbar = DMatrix::zeros(r, k);
