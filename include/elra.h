@@ -1618,8 +1618,10 @@ ElraStatus elra_op_backward_out_f32(const ElraOpDesc *desc,
                                     size_t workspace_len);
 
 /**
- * The merged weight `out = W + A (φ1(Z) (C W))` of `w` (d×k) (eq. 30, merge: pass `W0`), or
- * with `inverse = 1` the unmerge `out = exp(−G) w` (Prop. 3), into `out` (d×k). f64.
+ * The merged weight `out = exp(G) w = w + A (φ1(Z) (C w))` of `w` (d×k) (eq. 30, merge: pass
+ * `W0`), or with `inverse = 1` the unmerge `out = exp(−G) w` (Prop. 3), into `out` (d×k); with
+ * `right = 1` the same on the right, `out = w exp(±G)` for a k×d `w` (the right generator of
+ * double-sided ELRA, App. B eq. 22). f64.
  *
  * # Safety
  * As [`elra_op_forward_f64`].
@@ -1634,6 +1636,7 @@ ElraStatus elra_op_merge_f64(const ElraOpDesc *desc,
                              const double *w,
                              size_t ld_w,
                              uint32_t inverse,
+                             uint32_t right,
                              double *out,
                              size_t ld_out);
 
@@ -1653,6 +1656,7 @@ ElraStatus elra_op_merge_f32(const ElraOpDesc *desc,
                              const float *w,
                              size_t ld_w,
                              uint32_t inverse,
+                             uint32_t right,
                              float *out,
                              size_t ld_out);
 

@@ -373,13 +373,69 @@ fn merge_unmerge_and_energy_match_the_layer() {
         };
         let mut out = DMatrix::zeros(d, k);
         let w0v = Strided::of(&w0, elra::grad::ops::Op::N);
-        ops::merge(&op, &g, &spec, w0v, false, &mut StridedMut::of(&mut out)).unwrap();
+        ops::merge(
+            &op,
+            &g,
+            &spec,
+            w0v,
+            false,
+            ops::Side::Left,
+            &mut StridedMut::of(&mut out),
+        )
+        .unwrap();
         let merged = layer.merge().unwrap();
         assert!(rel(&out, &merged) < 1e-13);
         let mut back = DMatrix::zeros(d, k);
         let mv = Strided::of(&merged, elra::grad::ops::Op::N);
-        ops::merge(&op, &g, &spec, mv, true, &mut StridedMut::of(&mut back)).unwrap();
+        ops::merge(
+            &op,
+            &g,
+            &spec,
+            mv,
+            true,
+            ops::Side::Left,
+            &mut StridedMut::of(&mut back),
+        )
+        .unwrap();
         assert!(rel(&back, &w0) < 1e-13);
+        // The right side (App. B): W exp(G) for a k×d W, against the dense exponential.
+        let (cc, _) = FactorChain::new(
+            &a,
+            b.as_ref(),
+            layer.eta(),
+            spec.eta_mult,
+            layer.alpha(),
+            spec.tau,
+        )
+        .unwrap();
+        let dense = (&a * &cc).exp();
+        let wr = rand(&mut rng, k, d, 1.0);
+        let mut outr = DMatrix::zeros(k, d);
+        let wrv = Strided::of(&wr, elra::grad::ops::Op::N);
+        ops::merge(
+            &op,
+            &g,
+            &spec,
+            wrv,
+            false,
+            ops::Side::Right,
+            &mut StridedMut::of(&mut outr),
+        )
+        .unwrap();
+        assert!(rel(&outr, &(&wr * &dense)) < 1e-13);
+        let mut backr = DMatrix::zeros(k, d);
+        let ov = Strided::of(&outr, elra::grad::ops::Op::N);
+        ops::merge(
+            &op,
+            &g,
+            &spec,
+            ov,
+            true,
+            ops::Side::Right,
+            &mut StridedMut::of(&mut backr),
+        )
+        .unwrap();
+        assert!(rel(&backr, &wr) < 1e-13);
 
         let mut da = DMatrix::zeros(d, r);
         let mut db = DMatrix::zeros(r, d);

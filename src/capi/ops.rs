@@ -694,6 +694,7 @@ unsafe fn merge_t<T: Real>(
     w: *const T,
     ld_w: usize,
     inverse: u32,
+    right: u32,
     out: *mut T,
     ld_out: usize,
 ) -> CResult<()> {
@@ -701,11 +702,15 @@ unsafe fn merge_t<T: Real>(
     let spec = step_of(step)?;
     let eta = finite_eta(eta)?;
     let inverse = flag("inverse", inverse)?;
-    let (d, k) = (op.d, op.k);
+    let (side, rows, cols) = if flag("right", right)? {
+        (ops::Side::Right, op.k, op.d)
+    } else {
+        (ops::Side::Left, op.d, op.k)
+    };
     let (ab, bb) = gen_bufs(&op, a, ld_a, b, ld_b)?;
     let mut bufs = vec![
-        mat("w", w, d, k, ld_w, false)?,
-        mat("out", out.cast_const(), d, k, ld_out, true)?,
+        mat("w", w, rows, cols, ld_w, false)?,
+        mat("out", out.cast_const(), rows, cols, ld_out, true)?,
         ab,
     ];
     bufs.extend(bb);
@@ -717,9 +722,10 @@ unsafe fn merge_t<T: Real>(
             &op,
             &g,
             &spec,
-            view(&bufs[0], d, k, ld_w),
+            view(&bufs[0], rows, cols, ld_w),
             inverse,
-            &mut view_mut(&bufs[1], d, k, ld_out),
+            side,
+            &mut view_mut(&bufs[1], rows, cols, ld_out),
         )?;
     }
     Ok(())
@@ -1248,8 +1254,10 @@ pub unsafe extern "C" fn elra_op_backward_out_f32(
     })
 }
 
-/// The merged weight `out = W + A (φ1(Z) (C W))` of `w` (d×k) (eq. 30, merge: pass `W0`), or
-/// with `inverse = 1` the unmerge `out = exp(−G) w` (Prop. 3), into `out` (d×k). f64.
+/// The merged weight `out = exp(G) w = w + A (φ1(Z) (C w))` of `w` (d×k) (eq. 30, merge: pass
+/// `W0`), or with `inverse = 1` the unmerge `out = exp(−G) w` (Prop. 3), into `out` (d×k); with
+/// `right = 1` the same on the right, `out = w exp(±G)` for a k×d `w` (the right generator of
+/// double-sided ELRA, App. B eq. 22). f64.
 ///
 /// # Safety
 /// As [`elra_op_forward_f64`].
@@ -1265,13 +1273,14 @@ pub unsafe extern "C" fn elra_op_merge_f64(
     w: *const f64,
     ld_w: usize,
     inverse: u32,
+    right: u32,
     out: *mut f64,
     ld_out: usize,
 ) -> ElraStatus {
     // SAFETY: the caller's contract is forwarded unchanged.
     guard(|| unsafe {
         merge_t(
-            desc, step, a, ld_a, b, ld_b, eta, w, ld_w, inverse, out, ld_out,
+            desc, step, a, ld_a, b, ld_b, eta, w, ld_w, inverse, right, out, ld_out,
         )
     })
 }
@@ -1292,13 +1301,14 @@ pub unsafe extern "C" fn elra_op_merge_f32(
     w: *const f32,
     ld_w: usize,
     inverse: u32,
+    right: u32,
     out: *mut f32,
     ld_out: usize,
 ) -> ElraStatus {
     // SAFETY: the caller's contract is forwarded unchanged.
     guard(|| unsafe {
         merge_t(
-            desc, step, a, ld_a, b, ld_b, eta, w, ld_w, inverse, out, ld_out,
+            desc, step, a, ld_a, b, ld_b, eta, w, ld_w, inverse, right, out, ld_out,
         )
     })
 }

@@ -661,8 +661,20 @@ pub fn backward_out<T: Real>(
     ev.finish(abar, cbar, grads)
 }
 
-/// `W_new = W0 + A (M (C W0))` (eq. 30) into `out` (d×k), or with `inverse` the unmerge
-/// `exp(−G) W = W − A (φ1(−Z) (C W))` (Prop. 3 with Prop. 1) of `w` into `out`.
+/// Which side of a weight a generator's exponential multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `exp(G) W` (single-sided ELRA, eq. 3; the left generator of App. B): `W` is d×k.
+    Left,
+    /// `W exp(G)` (the right generator of double-sided ELRA, App. B eq. 22): `W` is k×d, the
+    /// generator d×d.
+    Right,
+}
+
+/// The merged weight `exp(G) W = W + A (M (C W))` (eq. 30; pass `W0` as `w`) into `out`, or
+/// with `inverse` the unmerge `exp(−G) W = W + A (φ1(−Z) (−C W))` (Prop. 3 with Prop. 1); with
+/// [`Side::Right`] the same on the right, `W exp(±G) = W + ((W A) φ1(±Z)) (±C)` (App. B).
+/// `w` and `out` are d×k (left) or k×d (right).
 ///
 /// Errors: shapes, non-finite `w`, a φ1 failure, an overflowing result.
 pub fn merge<T: Real>(
@@ -671,31 +683,53 @@ pub fn merge<T: Real>(
     spec: &GeneratorSpec,
     w: Strided<'_, T>,
     inverse: bool,
+    side: Side,
     out: &mut StridedMut<'_, T>,
 ) -> Result<()> {
     let (d, k, r) = (op.d, op.k, op.r);
-    check_shape("w", &w, d, k)?;
-    check_shape_mut("out", out, d, k)?;
+    let (rows, cols) = match side {
+        Side::Left => (d, k),
+        Side::Right => (k, d),
+    };
+    check_shape("w", &w, rows, cols)?;
+    check_shape_mut("out", out, rows, cols)?;
     check_finite_strided("w", &w)?;
     let ev = Eval::new(op, g, spec, d)?;
     let c = if inverse { -&ev.c } else { ev.c.clone() };
     let m = phi1(&(&c * &ev.a))?;
-    // K = M (C W) (r×k); out = W + A K.
-    let mut p = DMatrix::zeros(r, k);
-    gemm_strided(
-        &mut StridedMut::of(&mut p),
-        T::one(),
-        view(&c),
-        w,
-        T::zero(),
-    );
-    let kk = &m * &p;
-    for i in 0..d {
-        for j in 0..k {
+    for i in 0..rows {
+        for j in 0..cols {
             *out.at_mut(i, j) = w.at(i, j);
         }
     }
-    gemm_strided(out, T::one(), view(&ev.a), view(&kk), T::one());
+    match side {
+        Side::Left => {
+            // K = M (C W) (r×k); out = W + A K.
+            let mut p = DMatrix::zeros(r, k);
+            gemm_strided(
+                &mut StridedMut::of(&mut p),
+                T::one(),
+                view(&c),
+                w,
+                T::zero(),
+            );
+            let kk = &m * &p;
+            gemm_strided(out, T::one(), view(&ev.a), view(&kk), T::one());
+        }
+        Side::Right => {
+            // Q = (W A) M (k×r); out = W + Q C.
+            let mut wa = DMatrix::zeros(k, r);
+            gemm_strided(
+                &mut StridedMut::of(&mut wa),
+                T::one(),
+                w,
+                view(&ev.a),
+                T::zero(),
+            );
+            let q = &wa * &m;
+            gemm_strided(out, T::one(), view(&q), view(&c), T::one());
+        }
+    }
     check_output(if inverse { "w0" } else { "w_new" }, out)
 }
 
