@@ -153,7 +153,7 @@ impl ElraAdapter {
 }
 
 /// The adapter's parameter index of [`super::ElraParam`] `which`; `None` for W0.
-fn param_index<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<Option<usize>> {
+pub(crate) fn param_index<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<Option<usize>> {
     match param_names(which)? {
         None => Ok(None),
         Some(names) => names
@@ -165,7 +165,7 @@ fn param_index<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<Option<usize>>
 }
 
 /// `(rows, cols)` of [`super::ElraParam`] `which` (W0: d×k).
-fn param_shape<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<(usize, usize)> {
+pub(crate) fn param_shape<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<(usize, usize)> {
     Ok(match param_index(a, which)? {
         Some(i) => {
             let p = a.params()[i];

@@ -39,26 +39,33 @@
 //! the CPU core, so the kernels' logic is tested on every CI run. The GPU tests in the same file
 //! skip, printing why, when [`cuda_available`] reports no device.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod buffer;
+pub(crate) mod caller;
 mod device;
+mod dtype;
 pub mod gemm;
 pub mod kernels;
 pub mod layer;
 mod skinny;
 
 pub(crate) use buffer::BorrowedMatrices;
-pub use buffer::{DeviceMatrices, DeviceScalar};
+pub use buffer::DeviceMatrices;
 pub use device::{cuda_available, device_count, CudaDevice, MatrixTeam, Workspace};
+pub use dtype::{Activation, DeviceScalar, FloatKernel};
 pub use gemm::{gemm, Transpose};
 pub use kernels::{
     adapter_grams, expm_phi1, phi1_adjoint, spectral_norm_sq, AdapterGrams, DeviceGrams,
-    FloatKernel, MatrixStatus,
+    MatrixStatus,
 };
 pub use layer::{
-    choose_route, route_cost, GpuDoubleSidedLayer, GpuElraLayer, GpuGrads, GpuLoraLayer, GpuSide,
-    GpuSpec, RouteCost,
+    choose_route, route_cost, GpuAdapter, GpuDoubleSidedLayer, GpuElraLayer, GpuLoraLayer,
+    RouteCost,
 };
-pub use skinny::{Activation, MAX_RANK};
+pub(crate) use skinny::check_rank;
+pub use skinny::MAX_RANK;
 
 use crate::ElraError;
 
