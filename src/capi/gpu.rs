@@ -5,7 +5,7 @@
 //!
 //! The handle holds the layer as a [`GpuAdapter`] trait object ([`crate::cuda::GpuElraLayer`]
 //! or [`crate::cuda::GpuLoraLayer`] of the activation type) and the caller-stream plumbing of
-//! [`crate::cuda::caller`]; every export is the same few steps: check the arguments, order on
+//! `cuda::caller`; every export is the same few steps: check the arguments, order on
 //! the caller's stream, call the [`Adapter`] method.
 //!
 //! # Conventions (in addition to the module conventions of [`crate::capi`])

@@ -245,7 +245,7 @@ impl CudaDevice {
         self.allow_tf32
     }
 
-    /// Allows or forbids TF32 in f32 GEMMs ([`crate::cuda::gemm`]). The r×r matrix-function
+    /// Allows or forbids TF32 in f32 GEMMs ([`crate::cuda::gemm()`]). The r×r matrix-function
     /// kernels never use TF32 either way.
     pub fn set_allow_tf32(&mut self, allow: bool) -> Result<()> {
         set_math_mode(&self.blas, allow)?;

@@ -1,5 +1,5 @@
-//! Launches of the `cuda/*.cu` kernels — the only `unsafe` kernel launches of the crate — and
-//! their host-side checks.
+//! Launches of the batched r×r kernels of `cuda/phi1.cu` and `cuda/grams.cu` (the skinny
+//! kernels of the layer are launched by `skinny.rs`) and their host-side checks.
 //!
 //! Every function here validates shapes and devices first, then launches one kernel for the
 //! whole batch (one thread block per matrix). The `launch_*` functions are asynchronous and write
@@ -253,7 +253,7 @@ const NULL_WORK: u64 = 0;
 
 /// Launches `expm_phi1_{f32,f64}`: for every matrix `Z[b]` of the batch, `E[b] = e^{Z[b]}` and
 /// `P[b] = φ1(Z[b])` by Padé scaling and squaring (Al-Mohy & Higham 2009 Alg. 3.1/5.1 and the φ1
-/// recurrence `φ1(2X) = ½(e^X + I)φ1(X)`; the algorithm of [`crate::linalg::expm`], mirrored
+/// recurrence `φ1(2X) = ½(e^X + I)φ1(X)`; the algorithm of [`crate::linalg::expm`](mod@crate::linalg::expm), mirrored
 /// operation by operation). Asynchronous; statuses go to `status[b]`; failed matrices get NaN
 /// outputs.
 ///

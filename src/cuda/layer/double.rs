@@ -9,12 +9,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    check_act, check_w0, ensure, ensure_mat, got, key_of, mat, no_dropout, upload_matrix,
-    Generators, GpuAdapter, RowsTape, RrBatch, SideInit,
+    ensure, ensure_mat, got, mat, upload_matrix, Base, Calls, Generators, GpuAdapter, RowsTape,
+    RrBatch, SideInit,
 };
 use crate::adapter::{
     xavier_uniform, Adapter, DoubleSidedConfig, DoubleSidedLayer, Energy, Factors, GeneratorConfig,
-    GeneratorSpec, ParamSpec, TrainState,
+    GeneratorSpec, ParamSpec, Variant,
 };
 use crate::cuda::kernels::check_status;
 use crate::cuda::skinny::{col_reduce_scratch, View};
@@ -36,10 +36,8 @@ const RIGHT: usize = 1;
 /// [`crate::grad::double_forward_parts`]); their φ1 (and adjoints) run in one batched launch when
 /// `r_L = r_R`. It implements [`Adapter`] over [`DeviceMatrices`] like [`super::GpuElraLayer`].
 pub struct GpuDoubleSidedLayer<T: Activation> {
-    dev: Arc<CudaDevice>,
+    base: Base<T>,
     config: DoubleSidedConfig,
-    step: usize,
-    w0: DeviceMatrices<T>,
     gens: Generators,
     n: usize,
     xr: Option<DeviceMatrices<T>>,
@@ -53,10 +51,6 @@ pub struct GpuDoubleSidedLayer<T: Activation> {
     dr2: Option<CudaSlice<f32>>,
     kr: Option<CudaSlice<f32>>,
     scratch: Option<CudaSlice<f32>>,
-    /// `y` of a [`Adapter::recompute`] (N×d).
-    y_scratch: Option<DeviceMatrices<T>>,
-    /// The input key of the last forward and whether a backward ran.
-    train: TrainState<(), ()>,
 }
 
 impl<T: Activation> std::fmt::Debug for GpuDoubleSidedLayer<T> {
@@ -64,8 +58,8 @@ impl<T: Activation> std::fmt::Debug for GpuDoubleSidedLayer<T> {
         f.debug_struct("GpuDoubleSidedLayer")
             .field("dtype", &T::DTYPE)
             .field("config", &self.config)
-            .field("step", &self.step)
-            .field("train", &self.train)
+            .field("step", &self.base.step)
+            .field("tape", &self.base.train)
             .finish()
     }
 }
@@ -150,7 +144,8 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
     ) -> Result<Self> {
         config.validate()?;
         let spec = config.generator.spec_at(step).require_no_clip()?;
-        check_w0(&dev, &w0, config.d, config.k)?;
+        let mut base = Base::new(dev, w0, config.d, config.k)?;
+        base.step = step;
         for (side, (n, r, arg)) in sides.iter().zip([
             (config.d, config.r_left, "a_left"),
             (config.k, config.r_right, "a_right"),
@@ -160,12 +155,10 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
             }
         }
         let uses_b = config.generator.variant.uses_b();
-        let gens = Generators::new(&dev, NAMES, sides, uses_b, spec)?;
+        let gens = Generators::new(&base.dev, NAMES, sides, uses_b, spec)?;
         Ok(GpuDoubleSidedLayer {
-            dev,
+            base,
             config,
-            step,
-            w0,
             gens,
             n: 0,
             xr: None,
@@ -177,8 +170,6 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
             dr2: None,
             kr: None,
             scratch: None,
-            y_scratch: None,
-            train: TrainState::default(),
         })
     }
 
@@ -203,7 +194,7 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
         &mut CudaSlice<f32>,
     ); 2] {
         self.gens.prepared = false;
-        self.train.invalidate();
+        self.base.train.invalidate();
         let (l, r) = self.gens.gens.split_at_mut(RIGHT);
         let (l, r) = (&mut l[LEFT], &mut r[0]);
         [
@@ -226,14 +217,14 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
         .into_iter()
         .max()
         .unwrap_or(1);
-        ensure(&self.dev, &mut self.scratch, need)
+        ensure(&self.base.dev, &mut self.scratch, need)
     }
 
     /// The r×r work of both sides (eq. 19, Prop. 1), φ1 batched. Asynchronous.
     pub fn prepare(&mut self) -> Result<()> {
         self.ensure_scratch(1)?;
         let scratch = got(&self.scratch)?;
-        self.gens.prepare(&self.dev, scratch)
+        self.gens.prepare(&self.base.dev, scratch)
     }
 
     fn ensure_prepared(&mut self) -> Result<()> {
@@ -245,22 +236,22 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
 
     /// Reads the statuses of the r×r launches (synchronises).
     pub fn check_status(&self) -> Result<()> {
-        self.gens.check_status(&self.dev)
+        self.gens.check_status(&self.base.dev)
     }
 
     /// `y = x W_newᵀ` (App. B eq. 22) for `x` (N×k) into `y` (N×d), keeping the tape.
-    fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
+    fn forward_on(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
         let n = x.rows();
         self.ensure_prepared()?;
         self.ensure_scratch(n)?;
         let (rl, rr) = (self.gens.gens[LEFT].r, self.gens.gens[RIGHT].r);
         for (i, slot) in self.nr.iter_mut().enumerate() {
-            ensure(&self.dev, slot, n * if i < 4 { rl } else { rr })?;
+            ensure(&self.base.dev, slot, n * if i < 4 { rl } else { rr })?;
         }
-        ensure_mat(&self.dev, &mut self.xr, n, self.config.k)?;
-        ensure_mat(&self.dev, &mut self.u, n, self.config.d)?;
+        ensure_mat(&self.base.dev, &mut self.xr, n, self.config.k)?;
+        ensure_mat(&self.base.dev, &mut self.u, n, self.config.d)?;
         self.n = n;
-        let dev: &CudaDevice = &self.dev;
+        let dev: &CudaDevice = &self.base.dev;
         let (left, right) = (&self.gens.gens[LEFT], &self.gens.gens[RIGHT]);
         let tl = rows_tape(&self.nr, LEFT, n, left.r)?;
         let tr = rows_tape(&self.nr, RIGHT, n, right.r)?;
@@ -275,7 +266,7 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
             1.0,
             xr,
             Transpose::No,
-            &self.w0,
+            &self.base.w0,
             Transpose::Yes,
             0.0,
             u,
@@ -286,16 +277,16 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
 
     /// Reverse mode of the last forward ([`crate::grad::double_backward_parts`] without the
     /// clip): `∂x` into `dx` and both sides' gradients. Asynchronous.
-    fn run_backward(
+    fn backward_on(
         &mut self,
         x: &DeviceMatrices<T>,
         dy: &DeviceMatrices<T>,
         dx: &mut DeviceMatrices<T>,
     ) -> Result<()> {
         let n = self.n;
-        ensure_mat(&self.dev, &mut self.ubar, n, self.config.d)?;
-        ensure_mat(&self.dev, &mut self.xrbar, n, self.config.k)?;
-        let dev: &CudaDevice = &self.dev;
+        ensure_mat(&self.base.dev, &mut self.ubar, n, self.config.d)?;
+        ensure_mat(&self.base.dev, &mut self.xrbar, n, self.config.k)?;
+        let dev: &CudaDevice = &self.base.dev;
         let scratch = got(&self.scratch)?;
         let (left, right) = (&self.gens.gens[LEFT], &self.gens.gens[RIGHT]);
         let tl = rows_tape(&self.nr, LEFT, n, left.r)?;
@@ -312,7 +303,7 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
             1.0,
             ubar,
             Transpose::No,
-            &self.w0,
+            &self.base.w0,
             Transpose::No,
             0.0,
             xrbar,
@@ -334,7 +325,7 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
         let (d, r) = (self.config.d, self.gens.gens[RIGHT].r);
         let l1 = View::mat(got(&self.dr)?, d, r);
         let l2 = View::mat(got(&self.dr2)?, d, r);
-        self.gens.gens[RIGHT].apply_right(&self.dev, m, (w_in, w_out), sign, l1, l2)
+        self.gens.gens[RIGHT].apply_right(&self.base.dev, m, (w_in, w_out), sign, l1, l2)
     }
 
     /// `W_out = W_in + sign (A_L M)(C_L W_in)` (the left factor `exp(±L) W`).
@@ -349,16 +340,16 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
         let pt = View::mat(got(&self.kr)?, k, r);
         let q = View::mat(got(&self.dr2)?, d, r);
         let scratch = got(&self.scratch)?;
-        self.gens.gens[LEFT].apply_left(&self.dev, m, w_in, w_out, sign, pt, q, scratch)
+        self.gens.gens[LEFT].apply_left(&self.base.dev, m, w_in, w_out, sign, pt, q, scratch)
     }
 
     fn ensure_merge(&mut self) -> Result<()> {
         self.ensure_prepared()?;
         self.ensure_scratch(1)?;
         let r = self.gens.max_rank();
-        ensure(&self.dev, &mut self.dr, self.config.d * r)?;
-        ensure(&self.dev, &mut self.dr2, self.config.d * r)?;
-        ensure(&self.dev, &mut self.kr, self.config.k * r)
+        ensure(&self.base.dev, &mut self.dr, self.config.d * r)?;
+        ensure(&self.base.dev, &mut self.dr2, self.config.d * r)?;
+        ensure(&self.base.dev, &mut self.kr, self.config.k * r)
     }
 }
 
@@ -385,23 +376,20 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
     /// `"elra-double"`, `"elra-psd-double"` or `"elra-hyb-double"`, as the CPU layer.
     fn name(&self) -> &'static str {
         match self.config.generator.variant {
-            crate::adapter::Variant::General => "elra-double",
-            crate::adapter::Variant::Psd => "elra-psd-double",
-            crate::adapter::Variant::Hyb => "elra-hyb-double",
+            Variant::General => "elra-double",
+            Variant::Psd => "elra-psd-double",
+            Variant::Hyb => "elra-hyb-double",
         }
     }
     fn dims(&self) -> (usize, usize) {
         (self.config.d, self.config.k)
     }
     fn w0(&self) -> &DeviceMatrices<T> {
-        &self.w0
+        &self.base.w0
     }
     /// Copies `w0` (d×k on the layer's device; not scanned for NaN) into the layer's `W0`.
     fn set_w0(&mut self, w0: &DeviceMatrices<T>) -> Result<()> {
-        check_w0(&self.dev, w0, self.config.d, self.config.k)?;
-        self.w0.copy_from(&self.dev, w0)?;
-        self.train.invalidate();
-        Ok(())
+        self.base.set_w0(w0)
     }
     fn generator(&self) -> Option<&GeneratorConfig> {
         Some(&self.config.generator)
@@ -410,22 +398,21 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
         self.gens.params()
     }
     fn param(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.gens.param(&self.dev, index)
+        self.gens.param(&self.base.dev, index)
     }
     fn set_param(&mut self, index: usize, value: &DMatrix<f32>) -> Result<()> {
-        self.gens.set_param(&self.dev, index, value)?;
-        self.train.invalidate();
+        self.gens.set_param(&self.base.dev, index, value)?;
+        self.base.train.invalidate();
         Ok(())
     }
     fn step(&self) -> usize {
-        self.step
+        self.base.step
     }
     /// `config.generator.spec_at(step)` without the clip, for both sides (eq. 19, App. H).
     fn set_step(&mut self, step: usize) -> Result<()> {
         let spec = self.config.generator.spec_at(step).require_no_clip()?;
         self.gens.set_spec(spec);
-        self.step = step;
-        self.train.invalidate();
+        self.base.set_step(step);
         Ok(())
     }
     /// App. B eq. 22 through the Woodbury row pass on both sides; asynchronous. No dropout.
@@ -435,57 +422,33 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
         dropout: Option<&DeviceMatrices<T>>,
         y: &mut DeviceMatrices<T>,
     ) -> Result<()> {
-        no_dropout(dropout)?;
-        let n = check_act(&self.dev, "x", x, None, self.config.k)?;
-        check_act(&self.dev, "y", y, Some(n), self.config.d)?;
-        self.train.invalidate();
-        self.run_forward(x, y)?;
-        self.train.set_tape(key_of(x), ());
-        Ok(())
+        self.checked_forward(x, dropout, y)
     }
+    /// Reverse mode on the kept tape; asynchronous.
     fn backward(
         &mut self,
         x: &DeviceMatrices<T>,
         dy: &DeviceMatrices<T>,
         dx: &mut DeviceMatrices<T>,
     ) -> Result<()> {
-        let n = check_act(&self.dev, "x", x, None, self.config.k)?;
-        check_act(&self.dev, "dy", dy, Some(n), self.config.d)?;
-        check_act(&self.dev, "dx", dx, Some(n), self.config.k)?;
-        self.train.tape_for(key_of(x))?;
-        match self.run_backward(x, dy, dx) {
-            Ok(()) => {
-                self.train.set_grads(());
-                Ok(())
-            }
-            Err(e) => {
-                self.train.invalidate();
-                Err(e)
-            }
-        }
+        self.checked_backward(x, dy, dx)
     }
     fn recompute(&mut self, x: &DeviceMatrices<T>) -> Result<()> {
-        let n = check_act(&self.dev, "x", x, None, self.config.k)?;
-        ensure_mat(&self.dev, &mut self.y_scratch, n, self.config.d)?;
-        let mut y = self.y_scratch.take();
-        let r = match y.as_mut() {
-            Some(y) => self.forward(x, None, y),
-            None => Err(ElraError::Cuda("recompute buffer".into())),
-        };
-        self.y_scratch = y;
-        r
+        self.checked_recompute(x)
     }
+    /// Downloads the gradient (synchronises) after checking the r×r statuses of the step.
     fn grad(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.train.grads()?;
+        self.base.train.grads()?;
         self.check_status()?;
-        self.gens.grad(&self.dev, index)
+        self.gens.grad(&self.base.dev, index)
     }
     /// `W_new = exp(L) W0 exp(R)` (App. B eq. 22) into `out`, both factors by Prop. 1;
     /// asynchronous.
     fn merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
-        check_act(&self.dev, "out", out, Some(self.config.d), self.config.k)?;
+        self.base
+            .check("out", out, Some(self.config.d), self.config.k)?;
         self.ensure_merge()?;
-        self.right_apply(self.gens.m(RIGHT), mat(&self.w0), mat(out), 1.0)?;
+        self.right_apply(self.gens.m(RIGHT), mat(&self.base.w0), mat(out), 1.0)?;
         self.left_apply(self.gens.m(LEFT), mat(out), mat(out), 1.0)
     }
     /// `W0 = exp(−L) W_new exp(−R)` into `out` with the current parameters (Prop. 3 on each
@@ -493,17 +456,17 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
     /// Synchronises to check the statuses of that launch.
     fn unmerge(&mut self, w_new: &DeviceMatrices<T>, out: &mut DeviceMatrices<T>) -> Result<()> {
         let (d, k) = (self.config.d, self.config.k);
-        check_act(&self.dev, "w_new", w_new, Some(d), k)?;
-        check_act(&self.dev, "out", out, Some(d), k)?;
+        self.base.check("w_new", w_new, Some(d), k)?;
+        self.base.check("out", out, Some(d), k)?;
         self.ensure_merge()?;
         let mut neg: Vec<RrBatch> = self
             .gens
             .rr
             .iter()
-            .map(|b| b.like(&self.dev))
+            .map(|b| b.like(&self.base.dev))
             .collect::<Result<_>>()?;
         self.gens
-            .phi_neg(&self.dev, &mut neg, got(&self.scratch)?)?;
+            .phi_neg(&self.base.dev, &mut neg, got(&self.scratch)?)?;
         let slot = |i: usize| {
             let g = &self.gens.gens[i];
             RrBatch::slot(&neg[g.group].m, g.slot)
@@ -511,10 +474,10 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
         self.left_apply(slot(LEFT), mat(w_new), mat(out), -1.0)?;
         self.right_apply(slot(RIGHT), mat(out), mat(out), -1.0)?;
         // The temporary r×r batches are freed after the stream has used them.
-        self.dev.synchronize()?;
+        self.base.dev.synchronize()?;
         for b in &neg {
             check_status(
-                &self.dev,
+                &self.base.dev,
                 &b.status_fwd,
                 b.z.batch(),
                 "phi1(−Z) of the unmerge",
@@ -526,7 +489,9 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
     /// `‖L‖²_F + ‖R‖²_F` (eq. 21 per side) and `λ(‖L‖²_F + ‖R‖²_F)` (eq. 20); synchronises.
     fn energy(&mut self) -> Result<Option<Energy>> {
         self.ensure_prepared()?;
-        let f = self.gens.frobenius_sq(&self.dev, got(&self.scratch)?)?;
+        let f = self
+            .gens
+            .frobenius_sq(&self.base.dev, got(&self.scratch)?)?;
         Ok(Some(Energy {
             frobenius_sq: f,
             penalty: self.gens.spec.lambda * f,
@@ -534,17 +499,37 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
     }
     /// `(A_L, C_L)` then `(A_R, C_R)` of the last forward (synchronises).
     fn generator_factors(&self) -> Result<Vec<Factors<f32>>> {
-        self.train.tape()?;
-        self.gens.factors(&self.dev)
+        self.base.train.tape()?;
+        self.gens.factors(&self.base.dev)
+    }
+}
+
+impl<T: Activation> Calls<T> for GpuDoubleSidedLayer<T> {
+    fn base(&self) -> &Base<T> {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut Base<T> {
+        &mut self.base
+    }
+    fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
+        self.forward_on(x, y)
+    }
+    fn run_backward(
+        &mut self,
+        x: &DeviceMatrices<T>,
+        dy: &DeviceMatrices<T>,
+        dx: &mut DeviceMatrices<T>,
+    ) -> Result<()> {
+        self.backward_on(x, dy, dx)
     }
 }
 
 impl<T: Activation> GpuAdapter<T> for GpuDoubleSidedLayer<T> {
     fn device(&self) -> &Arc<CudaDevice> {
-        &self.dev
+        &self.base.dev
     }
     fn synchronize(&self) -> Result<()> {
-        self.dev.synchronize()?;
+        self.base.dev.synchronize()?;
         self.check_status()
     }
 }

@@ -10,12 +10,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    check_act, check_w0, choose_route, ensure, ensure_mat, got, key_of, mat, no_dropout,
-    upload_matrix, Generators, GpuAdapter, RowsTape, RrBatch, SideInit,
+    choose_route, ensure, ensure_mat, got, mat, upload_matrix, Base, Calls, Generators, GpuAdapter,
+    RowsTape, RrBatch, SideInit,
 };
 use crate::adapter::{
     xavier_uniform, Adapter, ElraConfig, ElraLayer, Energy, Factors, GeneratorConfig,
-    GeneratorSpec, ParamSpec, TrainState,
+    GeneratorSpec, ParamSpec,
 };
 use crate::cuda::kernels::check_status;
 use crate::cuda::skinny::{col_reduce, col_reduce_scratch, rows_fused, small_gemm, RowPass, View};
@@ -63,21 +63,14 @@ struct Work<T: Activation> {
 /// and [`Self::grad_slices`] instead of the host copies of [`Adapter::param`] and
 /// [`Adapter::grad`].
 pub struct GpuElraLayer<T: Activation> {
-    dev: Arc<CudaDevice>,
+    base: Base<T>,
     config: ElraConfig,
-    step: usize,
     /// The route of the forward; `None` picks it per batch with [`choose_route`].
     route: Option<Route>,
-    w0: DeviceMatrices<T>,
     gens: Generators,
     /// `φ1(−Z)` of the last unmerge.
     rr_neg: Option<RrBatch>,
     work: Work<T>,
-    /// `y` of a [`Adapter::recompute`] (N×d), reallocated when N changes.
-    y_scratch: Option<DeviceMatrices<T>>,
-    /// The input key of the last forward and whether a backward ran (no data: the tape is in
-    /// `work`).
-    train: TrainState<(), ()>,
 }
 
 impl<T: Activation> std::fmt::Debug for GpuElraLayer<T> {
@@ -85,9 +78,9 @@ impl<T: Activation> std::fmt::Debug for GpuElraLayer<T> {
         f.debug_struct("GpuElraLayer")
             .field("dtype", &T::DTYPE)
             .field("config", &self.config)
-            .field("step", &self.step)
+            .field("step", &self.base.step)
             .field("route", &self.route)
-            .field("train", &self.train)
+            .field("tape", &self.base.train)
             .finish()
     }
 }
@@ -148,23 +141,20 @@ impl<T: Activation> GpuElraLayer<T> {
     ) -> Result<Self> {
         config.validate()?;
         let spec = config.generator.spec_at(step).require_no_clip()?;
-        check_w0(&dev, &w0, config.d, config.k)?;
+        let mut base = Base::new(dev, w0, config.d, config.k)?;
+        base.step = step;
         if init.a.ncols() != config.r {
             return Err(ElraError::shape("a", (config.d, config.r), init.a.shape()));
         }
         let uses_b = config.variant().uses_b();
-        let gens = Generators::new(&dev, NAMES, &[init], uses_b, spec)?;
+        let gens = Generators::new(&base.dev, NAMES, &[init], uses_b, spec)?;
         Ok(GpuElraLayer {
-            dev,
+            base,
             config,
-            step,
             route: None,
-            w0,
             gens,
             rr_neg: None,
             work: Work::default(),
-            y_scratch: None,
-            train: TrainState::default(),
         })
     }
 
@@ -199,7 +189,7 @@ impl<T: Activation> GpuElraLayer<T> {
         &mut CudaSlice<f32>,
     ) {
         self.gens.prepared = false;
-        self.train.invalidate();
+        self.base.train.invalidate();
         let g = &mut self.gens.gens[0];
         (&mut g.a, g.b.as_mut(), &mut g.eta)
     }
@@ -218,7 +208,7 @@ impl<T: Activation> GpuElraLayer<T> {
 
     /// Overwrites the gradient buffers with `value` (tests poison them with NaN).
     pub fn fill_grads(&mut self, value: f32) -> Result<()> {
-        self.gens.fill_grads(&self.dev, value)
+        self.gens.fill_grads(&self.base.dev, value)
     }
 
     fn scratch_need(&self, n: usize) -> usize {
@@ -238,7 +228,7 @@ impl<T: Activation> GpuElraLayer<T> {
 
     fn ensure_scratch(&mut self, n: usize) -> Result<()> {
         let need = self.scratch_need(n);
-        ensure(&self.dev, &mut self.work.scratch, need)
+        ensure(&self.base.dev, &mut self.work.scratch, need)
     }
 
     /// The r×r work of a step (Algorithm 1 lines 4–5): `C` (eq. 19), `Z = CA`, the Grams when
@@ -247,7 +237,7 @@ impl<T: Activation> GpuElraLayer<T> {
     pub fn prepare(&mut self) -> Result<()> {
         self.ensure_scratch(1)?;
         let scratch = got(&self.work.scratch)?;
-        self.gens.prepare(&self.dev, scratch)
+        self.gens.prepare(&self.base.dev, scratch)
     }
 
     fn ensure_prepared(&mut self) -> Result<()> {
@@ -260,10 +250,10 @@ impl<T: Activation> GpuElraLayer<T> {
     /// Reads the statuses of the r×r launches (synchronises): errors name a non-finite `Z`,
     /// an overflow of φ1 (Prop. 1), of its adjoint, or of `φ1(−Z)` of the last unmerge.
     pub fn check_status(&self) -> Result<()> {
-        self.gens.check_status(&self.dev)?;
+        self.gens.check_status(&self.base.dev)?;
         match &self.rr_neg {
             Some(neg) => check_status(
-                &self.dev,
+                &self.base.dev,
                 &neg.status_fwd,
                 1,
                 "phi1(−Z) of the unmerge",
@@ -276,7 +266,7 @@ impl<T: Activation> GpuElraLayer<T> {
     /// `y = x W_newᵀ` (eq. 3) on `route` for `x` (N×k) into `y` (N×d), keeping the tape:
     /// Woodbury (eq. 5: cuBLAS then one fused row pass) or merged (eq. 30: `W_eff` then one
     /// cuBLAS GEMM). Prepares the r×r work first when the parameters changed. Asynchronous.
-    fn run_forward(
+    fn forward_on(
         &mut self,
         x: &DeviceMatrices<T>,
         y: &mut DeviceMatrices<T>,
@@ -286,7 +276,7 @@ impl<T: Activation> GpuElraLayer<T> {
         self.ensure_prepared()?;
         self.ensure_scratch(n)?;
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        let dev: &CudaDevice = &self.dev;
+        let dev: &CudaDevice = &self.base.dev;
         let w = &mut self.work;
         ensure(dev, &mut w.v, n * r)?;
         ensure(dev, &mut w.t, n * r)?;
@@ -298,7 +288,16 @@ impl<T: Activation> GpuElraLayer<T> {
             Route::Woodbury => {
                 ensure_mat(dev, &mut w.u, n, d)?;
                 let u = w.u.as_mut().ok_or_else(|| ElraError::Cuda("tape".into()))?;
-                gemm(dev, 1.0, x, Transpose::No, &self.w0, Transpose::Yes, 0.0, u)?;
+                gemm(
+                    dev,
+                    1.0,
+                    x,
+                    Transpose::No,
+                    &self.base.w0,
+                    Transpose::Yes,
+                    0.0,
+                    u,
+                )?;
                 gen.rows_forward(
                     dev,
                     m,
@@ -317,7 +316,7 @@ impl<T: Activation> GpuElraLayer<T> {
                 gen.apply_left(
                     dev,
                     m,
-                    mat(&self.w0),
+                    mat(&self.base.w0),
                     mat(weff),
                     1.0,
                     View::mat(got(&w.pt)?, k, r),
@@ -332,13 +331,13 @@ impl<T: Activation> GpuElraLayer<T> {
     /// Reverse mode of the last forward on its route (module docs of [`super`];
     /// [`crate::grad::elra_backward_parts`] without the clip): `∂x` into `dx` and the gradients
     /// of `(A, B, η)` including `λ‖G‖²_F` (eq. 20). Asynchronous.
-    fn run_backward(
+    fn backward_on(
         &mut self,
         x: &DeviceMatrices<T>,
         dy: &DeviceMatrices<T>,
         dx: &mut DeviceMatrices<T>,
     ) -> Result<()> {
-        let dev: &CudaDevice = &self.dev;
+        let dev: &CudaDevice = &self.base.dev;
         let route = self
             .work
             .route
@@ -368,7 +367,7 @@ impl<T: Activation> GpuElraLayer<T> {
                     1.0,
                     ubar,
                     Transpose::No,
-                    &self.w0,
+                    &self.base.w0,
                     Transpose::No,
                     0.0,
                     dx,
@@ -412,7 +411,7 @@ impl<T: Activation> GpuElraLayer<T> {
                 col_reduce(dev, mat(dy), v, 1.0, 0.0, qbar, scratch)?;
                 col_reduce(dev, mat(x), s, 1.0, 0.0, pbar_t, scratch)?;
                 // C̄ᵀ = W0 ∂Pᵀ (a pass over the rows of W0)
-                rows_fused(dev, &v_only(mat(&self.w0), pbar_t.t(), gen.cbar_t()))?;
+                rows_fused(dev, &v_only(mat(&self.base.w0), pbar_t.t(), gen.cbar_t()))?;
                 // Ā = Q̄ Mᵀ, M̄ = Aᵀ Q̄
                 small_gemm(dev, 1.0, qbar, m.t(), 0.0, gen.abar())?;
                 col_reduce::<f32>(dev, gen.a(), qbar, 1.0, 0.0, mbar, scratch)?;
@@ -426,8 +425,8 @@ impl<T: Activation> GpuElraLayer<T> {
         self.ensure_prepared()?;
         self.ensure_scratch(1)?;
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        ensure(&self.dev, &mut self.work.merge_pt, k * r)?;
-        ensure(&self.dev, &mut self.work.merge_q, d * r)
+        ensure(&self.base.dev, &mut self.work.merge_pt, k * r)?;
+        ensure(&self.base.dev, &mut self.work.merge_q, d * r)
     }
 }
 
@@ -442,14 +441,11 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
         (self.config.d, self.config.k)
     }
     fn w0(&self) -> &DeviceMatrices<T> {
-        &self.w0
+        &self.base.w0
     }
     /// Copies `w0` (d×k on the layer's device; not scanned for NaN) into the layer's `W0`.
     fn set_w0(&mut self, w0: &DeviceMatrices<T>) -> Result<()> {
-        check_w0(&self.dev, w0, self.config.d, self.config.k)?;
-        self.w0.copy_from(&self.dev, w0)?;
-        self.train.invalidate();
-        Ok(())
+        self.base.set_w0(w0)
     }
     fn generator(&self) -> Option<&GeneratorConfig> {
         Some(&self.config.generator)
@@ -459,23 +455,22 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
     }
     /// Downloads parameter `index` (synchronises).
     fn param(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.gens.param(&self.dev, index)
+        self.gens.param(&self.base.dev, index)
     }
     /// Uploads parameter `index` (ordered on the device's stream); the r×r work is redone.
     fn set_param(&mut self, index: usize, value: &DMatrix<f32>) -> Result<()> {
-        self.gens.set_param(&self.dev, index, value)?;
-        self.train.invalidate();
+        self.gens.set_param(&self.base.dev, index, value)?;
+        self.base.train.invalidate();
         Ok(())
     }
     fn step(&self) -> usize {
-        self.step
+        self.base.step
     }
     /// `config.generator.spec_at(step)` without the clip (eq. 19, eq. 75, App. H).
     fn set_step(&mut self, step: usize) -> Result<()> {
         let spec = self.config.generator.spec_at(step).require_no_clip()?;
         self.gens.set_spec(spec);
-        self.step = step;
-        self.train.invalidate();
+        self.base.set_step(step);
         Ok(())
     }
     /// eq. 5 (Woodbury) or eq. 30 (merged) on [`Self::route`]; asynchronous. No dropout.
@@ -485,17 +480,7 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
         dropout: Option<&DeviceMatrices<T>>,
         y: &mut DeviceMatrices<T>,
     ) -> Result<()> {
-        no_dropout(dropout)?;
-        let n = check_act(&self.dev, "x", x, None, self.config.k)?;
-        check_act(&self.dev, "y", y, Some(n), self.config.d)?;
-        self.train.invalidate();
-        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        let route = self
-            .route
-            .unwrap_or_else(|| choose_route(n, d, k, r, T::BYTES));
-        self.run_forward(x, y, route)?;
-        self.train.set_tape(key_of(x), ());
-        Ok(())
+        self.checked_forward(x, dropout, y)
     }
     /// Reverse mode on the kept tape (Algorithm 1 line 12); asynchronous.
     fn backward(
@@ -504,48 +489,28 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
         dy: &DeviceMatrices<T>,
         dx: &mut DeviceMatrices<T>,
     ) -> Result<()> {
-        let n = check_act(&self.dev, "x", x, None, self.config.k)?;
-        check_act(&self.dev, "dy", dy, Some(n), self.config.d)?;
-        check_act(&self.dev, "dx", dx, Some(n), self.config.k)?;
-        self.train.tape_for(key_of(x))?;
-        match self.run_backward(x, dy, dx) {
-            Ok(()) => {
-                self.train.set_grads(());
-                Ok(())
-            }
-            Err(e) => {
-                self.train.invalidate();
-                Err(e)
-            }
-        }
+        self.checked_backward(x, dy, dx)
     }
     fn recompute(&mut self, x: &DeviceMatrices<T>) -> Result<()> {
-        let n = check_act(&self.dev, "x", x, None, self.config.k)?;
-        ensure_mat(&self.dev, &mut self.y_scratch, n, self.config.d)?;
-        let mut y = self.y_scratch.take();
-        let r = match y.as_mut() {
-            Some(y) => self.forward(x, None, y),
-            None => Err(ElraError::Cuda("recompute buffer".into())),
-        };
-        self.y_scratch = y;
-        r
+        self.checked_recompute(x)
     }
     /// Downloads the gradient (synchronises) after checking the r×r statuses of the step.
     fn grad(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.train.grads()?;
+        self.base.train.grads()?;
         self.check_status()?;
-        self.gens.grad(&self.dev, index)
+        self.gens.grad(&self.base.dev, index)
     }
     /// `W_new = W0 + A (M (C W0))` (eq. 30) into `out`; asynchronous.
     fn merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
-        check_act(&self.dev, "out", out, Some(self.config.d), self.config.k)?;
+        self.base
+            .check("out", out, Some(self.config.d), self.config.k)?;
         self.ensure_merge()?;
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
         let w = &self.work;
         self.gens.gens[0].apply_left(
-            &self.dev,
+            &self.base.dev,
             self.gens.m(0),
-            mat(&self.w0),
+            mat(&self.base.w0),
             mat(out),
             1.0,
             View::mat(got(&w.merge_pt)?, k, r),
@@ -558,11 +523,11 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
     /// reads.
     fn unmerge(&mut self, w_new: &DeviceMatrices<T>, out: &mut DeviceMatrices<T>) -> Result<()> {
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        check_act(&self.dev, "w_new", w_new, Some(d), k)?;
-        check_act(&self.dev, "out", out, Some(d), k)?;
+        self.base.check("w_new", w_new, Some(d), k)?;
+        self.base.check("out", out, Some(d), k)?;
         self.ensure_merge()?;
         if self.rr_neg.is_none() {
-            self.rr_neg = Some(self.gens.rr[0].like(&self.dev)?);
+            self.rr_neg = Some(self.gens.rr[0].like(&self.base.dev)?);
         }
         let neg = self
             .rr_neg
@@ -571,9 +536,9 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
         let w = &self.work;
         let scratch = got(&w.scratch)?;
         self.gens
-            .phi_neg(&self.dev, std::slice::from_mut(neg), scratch)?;
+            .phi_neg(&self.base.dev, std::slice::from_mut(neg), scratch)?;
         self.gens.gens[0].apply_left(
-            &self.dev,
+            &self.base.dev,
             RrBatch::slot(&neg.m, 0),
             mat(w_new),
             mat(out),
@@ -588,7 +553,7 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
         self.ensure_prepared()?;
         let f = self
             .gens
-            .frobenius_sq(&self.dev, got(&self.work.scratch)?)?;
+            .frobenius_sq(&self.base.dev, got(&self.work.scratch)?)?;
         Ok(Some(Energy {
             frobenius_sq: f,
             penalty: self.gens.spec.lambda * f,
@@ -596,17 +561,42 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
     }
     /// `(A, C)` of the last forward (synchronises).
     fn generator_factors(&self) -> Result<Vec<Factors<f32>>> {
-        self.train.tape()?;
-        self.gens.factors(&self.dev)
+        self.base.train.tape()?;
+        self.gens.factors(&self.base.dev)
+    }
+}
+
+impl<T: Activation> Calls<T> for GpuElraLayer<T> {
+    fn base(&self) -> &Base<T> {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut Base<T> {
+        &mut self.base
+    }
+    /// On [`Self::route`], or the cheaper route for this batch ([`choose_route`]).
+    fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        let route = self
+            .route
+            .unwrap_or_else(|| choose_route(x.rows(), d, k, r, T::BYTES));
+        self.forward_on(x, y, route)
+    }
+    fn run_backward(
+        &mut self,
+        x: &DeviceMatrices<T>,
+        dy: &DeviceMatrices<T>,
+        dx: &mut DeviceMatrices<T>,
+    ) -> Result<()> {
+        self.backward_on(x, dy, dx)
     }
 }
 
 impl<T: Activation> GpuAdapter<T> for GpuElraLayer<T> {
     fn device(&self) -> &Arc<CudaDevice> {
-        &self.dev
+        &self.base.dev
     }
     fn synchronize(&self) -> Result<()> {
-        self.dev.synchronize()?;
+        self.base.dev.synchronize()?;
         self.check_status()
     }
 }

@@ -9,12 +9,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    check_act, check_factor, check_w0, download, ensure, ensure_mat, got, key_of, mat, no_dropout,
-    upload, upload_into, upload_matrix, zeros, GpuAdapter,
+    check_factor, download, ensure, got, mat, upload, upload_into, upload_matrix, zeros, Base,
+    Calls, GpuAdapter,
 };
 use crate::adapter::{
     kaiming_uniform, param_spec, xavier_uniform, Adapter, Energy, Factors, GeneratorConfig,
-    LoraConfig, LoraInit, LoraLayer, ParamSpec, TrainState,
+    LoraConfig, LoraInit, LoraLayer, ParamSpec,
 };
 use crate::cuda::skinny::{
     check_rank, col_reduce, col_reduce_scratch, merge_apply, rows_fused, RowPass, View,
@@ -29,11 +29,9 @@ use crate::{ElraError, Result};
 /// `∂A' = Sᵀ x` and `∂B' = s ∂yᵀ (x A'ᵀ)` (reductions over rows). It implements [`Adapter`]
 /// over [`DeviceMatrices`]; LoRA has no schedule, so the step is only recorded.
 pub struct GpuLoraLayer<T: Activation> {
-    dev: Arc<CudaDevice>,
+    base: Base<T>,
     config: LoraConfig,
-    step: usize,
     scaling: f32,
-    w0: DeviceMatrices<T>,
     lora_a: CudaSlice<f32>,
     lora_b: CudaSlice<f32>,
     grad_a: CudaSlice<f32>,
@@ -42,10 +40,6 @@ pub struct GpuLoraLayer<T: Activation> {
     p: Option<CudaSlice<f32>>,
     s: Option<CudaSlice<f32>>,
     scratch: Option<CudaSlice<f32>>,
-    /// `y` of a [`Adapter::recompute`] (N×d).
-    y_scratch: Option<DeviceMatrices<T>>,
-    /// The input key of the last forward and whether a backward ran.
-    train: TrainState<(), ()>,
 }
 
 impl<T: Activation> std::fmt::Debug for GpuLoraLayer<T> {
@@ -53,8 +47,8 @@ impl<T: Activation> std::fmt::Debug for GpuLoraLayer<T> {
         f.debug_struct("GpuLoraLayer")
             .field("dtype", &T::DTYPE)
             .field("config", &self.config)
-            .field("step", &self.step)
-            .field("train", &self.train)
+            .field("step", &self.base.step)
+            .field("tape", &self.base.train)
             .finish()
     }
 }
@@ -90,7 +84,7 @@ impl<T: Activation> GpuLoraLayer<T> {
         config.validate()?;
         let (d, k, r) = (config.d, config.k, config.r);
         check_rank(r)?;
-        check_w0(&dev, &w0, d, k)?;
+        let base = Base::new(dev, w0, d, k)?;
         check_factor("lora_a", lora_a, r, k)?;
         check_factor("lora_b", lora_b, d, r)?;
         let scaling = config.scaling() as f32;
@@ -100,22 +94,19 @@ impl<T: Activation> GpuLoraLayer<T> {
                 "the scaling lora_alpha / r must be finite in f32",
             ));
         }
+        let dev: &CudaDevice = &base.dev;
         Ok(GpuLoraLayer {
-            lora_a: upload(&dev, lora_a)?,
-            lora_b: upload(&dev, lora_b)?,
-            grad_a: zeros(&dev, r * k)?,
-            grad_b: zeros(&dev, d * r)?,
-            dev,
+            lora_a: upload(dev, lora_a)?,
+            lora_b: upload(dev, lora_b)?,
+            grad_a: zeros(dev, r * k)?,
+            grad_b: zeros(dev, d * r)?,
+            base,
             config,
-            step: 0,
             scaling,
-            w0,
             n: 0,
             p: None,
             s: None,
             scratch: None,
-            y_scratch: None,
-            train: TrainState::default(),
         })
     }
 
@@ -134,7 +125,7 @@ impl<T: Activation> GpuLoraLayer<T> {
     /// Device parameters `(lora_A r×k, lora_B d×r)` for an optimiser on the device; the tape
     /// is discarded.
     pub fn params_mut(&mut self) -> (&mut CudaSlice<f32>, &mut CudaSlice<f32>) {
-        self.train.invalidate();
+        self.base.train.invalidate();
         (&mut self.lora_a, &mut self.lora_b)
     }
 
@@ -149,10 +140,10 @@ impl<T: Activation> GpuLoraLayer<T> {
     }
 
     /// `y = x W0ᵀ + s (x A'ᵀ) B'ᵀ` into `y` (N×d), keeping `P = x A'ᵀ`. Asynchronous.
-    fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
+    fn forward_on(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
         let n = x.rows();
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        let dev: &CudaDevice = &self.dev;
+        let dev: &CudaDevice = &self.base.dev;
         ensure(dev, &mut self.p, n * r)?;
         ensure(dev, &mut self.s, n * r)?;
         let need = [col_reduce_scratch(n, d, r), col_reduce_scratch(n, k, r)]
@@ -161,7 +152,16 @@ impl<T: Activation> GpuLoraLayer<T> {
             .unwrap_or(1);
         ensure(dev, &mut self.scratch, need)?;
         self.n = n;
-        gemm(dev, 1.0, x, Transpose::No, &self.w0, Transpose::Yes, 0.0, y)?;
+        gemm(
+            dev,
+            1.0,
+            x,
+            Transpose::No,
+            &self.base.w0,
+            Transpose::Yes,
+            0.0,
+            y,
+        )?;
         rows_fused(
             dev,
             &RowPass {
@@ -179,7 +179,7 @@ impl<T: Activation> GpuLoraLayer<T> {
     }
 
     /// Reverse mode of the last forward ([`crate::grad::lora_backward_parts`]). Asynchronous.
-    fn run_backward(
+    fn backward_on(
         &mut self,
         x: &DeviceMatrices<T>,
         dy: &DeviceMatrices<T>,
@@ -187,13 +187,13 @@ impl<T: Activation> GpuLoraLayer<T> {
     ) -> Result<()> {
         let n = self.n;
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        let dev: &CudaDevice = &self.dev;
+        let dev: &CudaDevice = &self.base.dev;
         gemm(
             dev,
             1.0,
             dy,
             Transpose::No,
-            &self.w0,
+            &self.base.w0,
             Transpose::No,
             0.0,
             dx,
@@ -238,7 +238,7 @@ impl<T: Activation> GpuLoraLayer<T> {
     fn apply(&self, w_in: &DeviceMatrices<T>, out: &DeviceMatrices<T>, sign: f32) -> Result<()> {
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
         merge_apply(
-            &self.dev,
+            &self.base.dev,
             mat(w_in),
             mat(out),
             sign * self.scaling,
@@ -259,14 +259,11 @@ impl<T: Activation> Adapter for GpuLoraLayer<T> {
         (self.config.d, self.config.k)
     }
     fn w0(&self) -> &DeviceMatrices<T> {
-        &self.w0
+        &self.base.w0
     }
     /// Copies `w0` (d×k on the layer's device; not scanned for NaN) into the layer's `W0`.
     fn set_w0(&mut self, w0: &DeviceMatrices<T>) -> Result<()> {
-        check_w0(&self.dev, w0, self.config.d, self.config.k)?;
-        self.w0.copy_from(&self.dev, w0)?;
-        self.train.invalidate();
-        Ok(())
+        self.base.set_w0(w0)
     }
     fn generator(&self) -> Option<&GeneratorConfig> {
         None
@@ -286,7 +283,7 @@ impl<T: Activation> Adapter for GpuLoraLayer<T> {
         } else {
             &self.lora_b
         };
-        download(&self.dev, buf, p.rows, p.cols)
+        download(&self.base.dev, buf, p.rows, p.cols)
     }
     fn set_param(&mut self, index: usize, value: &DMatrix<f32>) -> Result<()> {
         let p = param_spec(&self.params(), index)?;
@@ -296,18 +293,17 @@ impl<T: Activation> Adapter for GpuLoraLayer<T> {
         } else {
             &mut self.lora_b
         };
-        upload_into(&self.dev, value, buf)?;
-        self.train.invalidate();
+        upload_into(&self.base.dev, value, buf)?;
+        self.base.train.invalidate();
         Ok(())
     }
     /// The recorded step (LoRA has no schedule).
     fn step(&self) -> usize {
-        self.step
+        self.base.step
     }
     /// Records the step; the tape is discarded, as for ELRA.
     fn set_step(&mut self, step: usize) -> Result<()> {
-        self.step = step;
-        self.train.invalidate();
+        self.base.set_step(step);
         Ok(())
     }
     /// PEFT's `Linear.forward` (`x W0ᵀ + s (x A'ᵀ) B'ᵀ`); asynchronous. No dropout.
@@ -317,67 +313,42 @@ impl<T: Activation> Adapter for GpuLoraLayer<T> {
         dropout: Option<&DeviceMatrices<T>>,
         y: &mut DeviceMatrices<T>,
     ) -> Result<()> {
-        no_dropout(dropout)?;
-        let n = check_act(&self.dev, "x", x, None, self.config.k)?;
-        check_act(&self.dev, "y", y, Some(n), self.config.d)?;
-        self.train.invalidate();
-        self.run_forward(x, y)?;
-        self.train.set_tape(key_of(x), ());
-        Ok(())
+        self.checked_forward(x, dropout, y)
     }
+    /// Reverse mode on the kept tape ([`crate::grad::lora_backward_parts`]); asynchronous.
     fn backward(
         &mut self,
         x: &DeviceMatrices<T>,
         dy: &DeviceMatrices<T>,
         dx: &mut DeviceMatrices<T>,
     ) -> Result<()> {
-        let n = check_act(&self.dev, "x", x, None, self.config.k)?;
-        check_act(&self.dev, "dy", dy, Some(n), self.config.d)?;
-        check_act(&self.dev, "dx", dx, Some(n), self.config.k)?;
-        self.train.tape_for(key_of(x))?;
-        match self.run_backward(x, dy, dx) {
-            Ok(()) => {
-                self.train.set_grads(());
-                Ok(())
-            }
-            Err(e) => {
-                self.train.invalidate();
-                Err(e)
-            }
-        }
+        self.checked_backward(x, dy, dx)
     }
     fn recompute(&mut self, x: &DeviceMatrices<T>) -> Result<()> {
-        let n = check_act(&self.dev, "x", x, None, self.config.k)?;
-        ensure_mat(&self.dev, &mut self.y_scratch, n, self.config.d)?;
-        let mut y = self.y_scratch.take();
-        let r = match y.as_mut() {
-            Some(y) => self.forward(x, None, y),
-            None => Err(ElraError::Cuda("recompute buffer".into())),
-        };
-        self.y_scratch = y;
-        r
+        self.checked_recompute(x)
     }
     /// Downloads `∂lora_A` or `∂lora_B` of the last backward (synchronises).
     fn grad(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.train.grads()?;
+        self.base.train.grads()?;
         let p = param_spec(&self.params(), index)?;
         let buf = if index == 0 {
             &self.grad_a
         } else {
             &self.grad_b
         };
-        download(&self.dev, buf, p.rows, p.cols)
+        download(&self.base.dev, buf, p.rows, p.cols)
     }
     /// `W_new = W0 + s B' A'` into `out`; asynchronous.
     fn merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
-        check_act(&self.dev, "out", out, Some(self.config.d), self.config.k)?;
-        self.apply(&self.w0, out, 1.0)
+        self.base
+            .check("out", out, Some(self.config.d), self.config.k)?;
+        self.apply(&self.base.w0, out, 1.0)
     }
     /// `W0 = W_new − s B' A'` into `out`; asynchronous.
     fn unmerge(&mut self, w_new: &DeviceMatrices<T>, out: &mut DeviceMatrices<T>) -> Result<()> {
         let (d, k) = (self.config.d, self.config.k);
-        check_act(&self.dev, "w_new", w_new, Some(d), k)?;
-        check_act(&self.dev, "out", out, Some(d), k)?;
+        self.base.check("w_new", w_new, Some(d), k)?;
+        self.base.check("out", out, Some(d), k)?;
         self.apply(w_new, out, -1.0)
     }
     fn energy(&mut self) -> Result<Option<Energy>> {
@@ -385,20 +356,40 @@ impl<T: Activation> Adapter for GpuLoraLayer<T> {
     }
     /// `(B', s A')`: LoRA's update `s B'A'` as a product of two factors (synchronises).
     fn generator_factors(&self) -> Result<Vec<Factors<f32>>> {
-        self.train.tape()?;
+        self.base.train.tape()?;
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        let la = download(&self.dev, &self.lora_a, r, k)?;
-        let lb = download(&self.dev, &self.lora_b, d, r)?;
+        let la = download(&self.base.dev, &self.lora_a, r, k)?;
+        let lb = download(&self.base.dev, &self.lora_b, d, r)?;
         Ok(vec![(lb, la * self.scaling)])
+    }
+}
+
+impl<T: Activation> Calls<T> for GpuLoraLayer<T> {
+    fn base(&self) -> &Base<T> {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut Base<T> {
+        &mut self.base
+    }
+    fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
+        self.forward_on(x, y)
+    }
+    fn run_backward(
+        &mut self,
+        x: &DeviceMatrices<T>,
+        dy: &DeviceMatrices<T>,
+        dx: &mut DeviceMatrices<T>,
+    ) -> Result<()> {
+        self.backward_on(x, dy, dx)
     }
 }
 
 impl<T: Activation> GpuAdapter<T> for GpuLoraLayer<T> {
     fn device(&self) -> &Arc<CudaDevice> {
-        &self.dev
+        &self.base.dev
     }
     /// Blocks until the device's stream has run (LoRA has no r×r kernels to check).
     fn synchronize(&self) -> Result<()> {
-        self.dev.synchronize()
+        self.base.dev.synchronize()
     }
 }
