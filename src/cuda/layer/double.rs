@@ -9,8 +9,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    ensure, ensure_mat, got, mat, upload_matrix, Base, Calls, Generators, GpuAdapter, RowsTape,
-    RrBatch, SideInit,
+    ensure, ensure_mat, got, mat, upload_matrix, Base, Calls, GenCalls, Generators, GpuAdapter,
+    RowsTape, RrBatch, SideInit,
 };
 use crate::adapter::{
     xavier_uniform, Adapter, DoubleSidedConfig, DoubleSidedLayer, Energy, Factors, GeneratorConfig,
@@ -227,13 +227,6 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
         self.gens.prepare(&self.base.dev, scratch)
     }
 
-    fn ensure_prepared(&mut self) -> Result<()> {
-        if !self.gens.prepared {
-            self.prepare()?;
-        }
-        Ok(())
-    }
-
     /// Reads the statuses of the r×r launches (synchronises).
     pub fn check_status(&self) -> Result<()> {
         self.gens.check_status(&self.base.dev)
@@ -398,22 +391,17 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
         self.gens.params()
     }
     fn param(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.gens.param(&self.base.dev, index)
+        self.gen_param(index)
     }
     fn set_param(&mut self, index: usize, value: &DMatrix<f32>) -> Result<()> {
-        self.gens.set_param(&self.base.dev, index, value)?;
-        self.base.train.invalidate();
-        Ok(())
+        self.gen_set_param(index, value)
     }
     fn step(&self) -> usize {
         self.base.step
     }
     /// `config.generator.spec_at(step)` without the clip, for both sides (eq. 19, App. H).
     fn set_step(&mut self, step: usize) -> Result<()> {
-        let spec = self.config.generator.spec_at(step).require_no_clip()?;
-        self.gens.set_spec(spec);
-        self.base.set_step(step);
-        Ok(())
+        self.gen_set_step(step)
     }
     /// App. B eq. 22 through the Woodbury row pass on both sides; asynchronous. No dropout.
     fn forward(
@@ -438,9 +426,7 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
     }
     /// Downloads the gradient (synchronises) after checking the r×r statuses of the step.
     fn grad(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.base.train.grads()?;
-        self.check_status()?;
-        self.gens.grad(&self.base.dev, index)
+        self.gen_grad(index)
     }
     /// `W_new = exp(L) W0 exp(R)` (App. B eq. 22) into `out`, both factors by Prop. 1;
     /// asynchronous.
@@ -488,19 +474,35 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
     }
     /// `‖L‖²_F + ‖R‖²_F` (eq. 21 per side) and `λ(‖L‖²_F + ‖R‖²_F)` (eq. 20); synchronises.
     fn energy(&mut self) -> Result<Option<Energy>> {
-        self.ensure_prepared()?;
-        let f = self
-            .gens
-            .frobenius_sq(&self.base.dev, got(&self.scratch)?)?;
-        Ok(Some(Energy {
-            frobenius_sq: f,
-            penalty: self.gens.spec.lambda * f,
-        }))
+        self.gen_energy()
     }
     /// `(A_L, C_L)` then `(A_R, C_R)` of the last forward (synchronises).
     fn generator_factors(&self) -> Result<Vec<Factors<f32>>> {
-        self.base.train.tape()?;
-        self.gens.factors(&self.base.dev)
+        self.gen_factors()
+    }
+}
+
+impl<T: Activation> GenCalls<T> for GpuDoubleSidedLayer<T> {
+    fn gens(&self) -> &Generators {
+        &self.gens
+    }
+    fn gens_mut(&mut self) -> &mut Generators {
+        &mut self.gens
+    }
+    fn generator_config(&self) -> &GeneratorConfig {
+        &self.config.generator
+    }
+    fn ensure_prepared(&mut self) -> Result<()> {
+        if !self.gens.prepared {
+            self.prepare()?;
+        }
+        Ok(())
+    }
+    fn scratch(&self) -> Result<&CudaSlice<f32>> {
+        got(&self.scratch)
+    }
+    fn statuses(&self) -> Result<()> {
+        self.check_status()
     }
 }
 

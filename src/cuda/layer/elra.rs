@@ -10,8 +10,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    choose_route, ensure, ensure_mat, got, mat, upload_matrix, Base, Calls, Generators, GpuAdapter,
-    RowsTape, RrBatch, SideInit,
+    choose_route, ensure, ensure_mat, got, mat, upload_matrix, Base, Calls, GenCalls, Generators,
+    GpuAdapter, RowsTape, RrBatch, SideInit,
 };
 use crate::adapter::{
     xavier_uniform, Adapter, ElraConfig, ElraLayer, Energy, Factors, GeneratorConfig,
@@ -240,13 +240,6 @@ impl<T: Activation> GpuElraLayer<T> {
         self.gens.prepare(&self.base.dev, scratch)
     }
 
-    fn ensure_prepared(&mut self) -> Result<()> {
-        if !self.gens.prepared {
-            self.prepare()?;
-        }
-        Ok(())
-    }
-
     /// Reads the statuses of the r×r launches (synchronises): errors name a non-finite `Z`,
     /// an overflow of φ1 (Prop. 1), of its adjoint, or of `φ1(−Z)` of the last unmerge.
     pub fn check_status(&self) -> Result<()> {
@@ -455,23 +448,18 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
     }
     /// Downloads parameter `index` (synchronises).
     fn param(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.gens.param(&self.base.dev, index)
+        self.gen_param(index)
     }
     /// Uploads parameter `index` (ordered on the device's stream); the r×r work is redone.
     fn set_param(&mut self, index: usize, value: &DMatrix<f32>) -> Result<()> {
-        self.gens.set_param(&self.base.dev, index, value)?;
-        self.base.train.invalidate();
-        Ok(())
+        self.gen_set_param(index, value)
     }
     fn step(&self) -> usize {
         self.base.step
     }
     /// `config.generator.spec_at(step)` without the clip (eq. 19, eq. 75, App. H).
     fn set_step(&mut self, step: usize) -> Result<()> {
-        let spec = self.config.generator.spec_at(step).require_no_clip()?;
-        self.gens.set_spec(spec);
-        self.base.set_step(step);
-        Ok(())
+        self.gen_set_step(step)
     }
     /// eq. 5 (Woodbury) or eq. 30 (merged) on [`Self::route`]; asynchronous. No dropout.
     fn forward(
@@ -496,9 +484,7 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
     }
     /// Downloads the gradient (synchronises) after checking the r×r statuses of the step.
     fn grad(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.base.train.grads()?;
-        self.check_status()?;
-        self.gens.grad(&self.base.dev, index)
+        self.gen_grad(index)
     }
     /// `W_new = W0 + A (M (C W0))` (eq. 30) into `out`; asynchronous.
     fn merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
@@ -550,19 +536,35 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
     }
     /// `‖G‖²_F = tr((AᵀA)(CCᵀ))` (eq. 21) from r×r Grams and `λ‖G‖²_F` (eq. 20); synchronises.
     fn energy(&mut self) -> Result<Option<Energy>> {
-        self.ensure_prepared()?;
-        let f = self
-            .gens
-            .frobenius_sq(&self.base.dev, got(&self.work.scratch)?)?;
-        Ok(Some(Energy {
-            frobenius_sq: f,
-            penalty: self.gens.spec.lambda * f,
-        }))
+        self.gen_energy()
     }
     /// `(A, C)` of the last forward (synchronises).
     fn generator_factors(&self) -> Result<Vec<Factors<f32>>> {
-        self.base.train.tape()?;
-        self.gens.factors(&self.base.dev)
+        self.gen_factors()
+    }
+}
+
+impl<T: Activation> GenCalls<T> for GpuElraLayer<T> {
+    fn gens(&self) -> &Generators {
+        &self.gens
+    }
+    fn gens_mut(&mut self) -> &mut Generators {
+        &mut self.gens
+    }
+    fn generator_config(&self) -> &GeneratorConfig {
+        &self.config.generator
+    }
+    fn ensure_prepared(&mut self) -> Result<()> {
+        if !self.gens.prepared {
+            self.prepare()?;
+        }
+        Ok(())
+    }
+    fn scratch(&self) -> Result<&CudaSlice<f32>> {
+        got(&self.work.scratch)
+    }
+    fn statuses(&self) -> Result<()> {
+        self.check_status()
     }
 }
 

@@ -7,8 +7,8 @@
 use cudarc::driver::CudaSlice;
 use nalgebra::DMatrix;
 
-use super::{download, upload, upload_into, zeros};
-use crate::adapter::{param_spec, GeneratorSpec, ParamSpec};
+use super::{download, upload, upload_into, zeros, Calls};
+use crate::adapter::{param_spec, Energy, Factors, GeneratorConfig, GeneratorSpec, ParamSpec};
 use crate::cuda::kernels::{check_status, launch_expm_phi1, launch_phi1_adjoint};
 use crate::cuda::skinny::{
     check_rank, col_reduce, col_reduce_scratch, factor_backward, factor_c, merge_apply, rows_fused,
@@ -675,7 +675,7 @@ impl Generators {
     }
 
     /// `(A, C)` of every generator at the last prepared step (synchronises).
-    pub(super) fn factors(&self, dev: &CudaDevice) -> Result<Vec<(DMatrix<f32>, DMatrix<f32>)>> {
+    pub(super) fn factors(&self, dev: &CudaDevice) -> Result<Vec<Factors<f32>>> {
         self.gens
             .iter()
             .map(|g| {
@@ -698,5 +698,72 @@ impl Generators {
             }
         }
         Ok(())
+    }
+}
+
+/// The [`Adapter`](crate::adapter::Adapter) methods the two ELRA layers share through their
+/// [`Generators`]: parameters, step, gradients, energy and generator factors.
+pub(super) trait GenCalls<T: Activation>: Calls<T> {
+    fn gens(&self) -> &Generators;
+    fn gens_mut(&mut self) -> &mut Generators;
+    /// The layer's generator settings (eq. 2, eq. 19–20, App. H).
+    fn generator_config(&self) -> &GeneratorConfig;
+    /// Runs the r×r work of the step unless it is current (allocating the reduction scratch).
+    fn ensure_prepared(&mut self) -> Result<()>;
+    /// The reduction scratch (allocated by [`Self::ensure_prepared`]).
+    fn scratch(&self) -> Result<&CudaSlice<f32>>;
+    /// Reads the statuses of the layer's r×r launches (synchronises).
+    fn statuses(&self) -> Result<()>;
+
+    /// [`Adapter::param`](crate::adapter::Adapter::param): downloads parameter `index`
+    /// (synchronises).
+    fn gen_param(&self, index: usize) -> Result<DMatrix<f32>> {
+        self.gens().param(&self.base().dev, index)
+    }
+
+    /// [`Adapter::set_param`](crate::adapter::Adapter::set_param): uploads parameter `index`
+    /// (ordered on the device's stream); the r×r work is redone and the tape discarded.
+    fn gen_set_param(&mut self, index: usize, value: &DMatrix<f32>) -> Result<()> {
+        let dev = self.base().dev.clone();
+        self.gens_mut().set_param(&dev, index, value)?;
+        self.base_mut().train.invalidate();
+        Ok(())
+    }
+
+    /// [`Adapter::set_step`](crate::adapter::Adapter::set_step): the spec of `step`
+    /// (`spec_at(step)` without the clip; eq. 19, eq. 75, App. H) for every generator.
+    fn gen_set_step(&mut self, step: usize) -> Result<()> {
+        let spec = self.generator_config().spec_at(step).require_no_clip()?;
+        self.gens_mut().set_spec(spec);
+        self.base_mut().set_step(step);
+        Ok(())
+    }
+
+    /// [`Adapter::grad`](crate::adapter::Adapter::grad): after a backward, checks the r×r
+    /// statuses of the step and downloads the gradient (synchronises).
+    fn gen_grad(&self, index: usize) -> Result<DMatrix<f32>> {
+        self.base().train.grads()?;
+        self.statuses()?;
+        self.gens().grad(&self.base().dev, index)
+    }
+
+    /// [`Adapter::energy`](crate::adapter::Adapter::energy): `‖G‖²_F = tr((AᵀA)(CCᵀ))` summed
+    /// over the generators (eq. 21) and `λ‖G‖²_F` (eq. 20); synchronises.
+    fn gen_energy(&mut self) -> Result<Option<Energy>> {
+        self.ensure_prepared()?;
+        let f = self
+            .gens()
+            .frobenius_sq(&self.base().dev, self.scratch()?)?;
+        Ok(Some(Energy {
+            frobenius_sq: f,
+            penalty: self.gens().spec.lambda * f,
+        }))
+    }
+
+    /// [`Adapter::generator_factors`](crate::adapter::Adapter::generator_factors): `(A, C)` of
+    /// every generator at the last forward (synchronises).
+    fn gen_factors(&self) -> Result<Vec<Factors<f32>>> {
+        self.base().train.tape()?;
+        self.gens().factors(&self.base().dev)
     }
 }

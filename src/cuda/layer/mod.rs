@@ -57,7 +57,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use nalgebra::DMatrix;
 
-use generator::{check_factor, Generators, RowsTape, RrBatch, SideInit};
+use generator::{check_factor, GenCalls, Generators, RowsTape, RrBatch, SideInit};
 
 use super::skinny::View;
 use super::{Activation, CudaDevice, DeviceMatrices};
