@@ -10,12 +10,15 @@
 //! are printed at the end of each shape. Without a GPU the bench prints why it skips and exits 0.
 //! PyTorch/PEFT on the same shapes: `scripts/bench_torch.py`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
+use elra::adapter::{
+    Adapter, AlphaSchedule, ElraConfig, EtaMultiplier, GeneratorConfig, LoraConfig, Variant,
+};
 use elra::cuda::{
-    cuda_available, gemm, CudaDevice, DeviceMatrices, GpuElraLayer, GpuLoraLayer, GpuSpec,
-    Transpose,
+    cuda_available, gemm, CudaDevice, DeviceMatrices, GpuElraLayer, GpuLoraLayer, Transpose,
 };
 use elra::grad::Route;
 use half::bf16;
@@ -60,7 +63,29 @@ fn time_it(dev: &CudaDevice, iters: u64, f: &mut dyn FnMut()) -> Duration {
     t0.elapsed()
 }
 
-fn bench_shape(c: &mut Criterion, dev: &CudaDevice, (n, d, k, r): (usize, usize, usize, usize)) {
+/// ELRA of `variant` with a constant α (Hyb), η = 0.5, no energy penalty, clip or η multiplier.
+fn elra_config(variant: Variant, alpha: f64, d: usize, k: usize, r: usize) -> ElraConfig {
+    ElraConfig {
+        generator: GeneratorConfig {
+            variant,
+            eta: 0.5,
+            lambda: 0.0,
+            tau: None,
+            schedule: AlphaSchedule::Constant { alpha },
+            eta_multiplier: EtaMultiplier::None,
+        },
+        d,
+        k,
+        r,
+        seed: 0,
+    }
+}
+
+fn bench_shape(
+    c: &mut Criterion,
+    dev: &Arc<CudaDevice>,
+    (n, d, k, r): (usize, usize, usize, usize),
+) {
     let x = rand_dev(dev, n, k, 1.0, 1);
     let dy = rand_dev(dev, n, d, 1.0, 2);
     let w0 = || rand_dev(dev, d, k, 1.0 / (k as f32).sqrt(), 3);
@@ -127,41 +152,47 @@ fn bench_shape(c: &mut Criterion, dev: &CudaDevice, (n, d, k, r): (usize, usize,
     // Our LoRA (PEFT conventions, scaling 16/r).
     let la = rand_host(r, k, 1.0 / (k as f32).sqrt(), 4);
     let lb = rand_host(d, r, 0.01, 5);
-    let mut lora = GpuLoraLayer::new(dev, w0(), &la, &lb, 16.0 / r as f32).expect("lora");
+    let lora_config = LoraConfig {
+        lora_alpha: 16.0,
+        ..LoraConfig::new(d, k, r)
+    };
+    let mut lora =
+        GpuLoraLayer::from_factors(dev.clone(), lora_config, w0(), &la, &lb).expect("lora");
     record(&mut group, "cuda_lora_fwd", &mut || {
-        lora.forward(dev, &x, &mut y).expect("fwd")
+        lora.forward(&x, None, &mut y).expect("fwd")
     });
     record(&mut group, "cuda_lora_fwd_bwd", &mut || {
-        lora.forward(dev, &x, &mut y).expect("fwd");
-        lora.backward(dev, &x, &dy, &mut dx).expect("bwd");
+        lora.forward(&x, None, &mut y).expect("fwd");
+        lora.backward(&x, &dy, &mut dx).expect("bwd");
     });
 
     // ELRA variants: general (α = 0), PSD (α = 1, r = 16), Hyb (α = 0.5), both routes.
-    let variants: [(&str, f64, usize); 3] =
-        [("general", 0.0, r), ("psd_r16", 1.0, 16), ("hyb", 0.5, r)];
-    for (name, alpha, rank) in variants {
+    let variants: [(&str, Variant, f64, usize); 3] = [
+        ("general", Variant::General, 0.0, r),
+        ("psd_r16", Variant::Psd, 1.0, 16),
+        ("hyb", Variant::Hyb, 0.5, r),
+    ];
+    for (name, variant, alpha, rank) in variants {
         let a = rand_host(d, rank, 1.0 / (d as f32).sqrt(), 6);
         let b = rand_host(rank, d, 1.0 / (rank as f32).sqrt(), 7);
-        let spec = GpuSpec {
-            alpha,
-            eta_mult: 1.0,
-            lambda: 0.0,
-        };
-        let bopt = (alpha < 1.0).then_some(&b);
-        let mut layer = GpuElraLayer::new(dev, w0(), &a, bopt, 0.5, spec).expect("elra");
+        let bopt = variant.uses_b().then_some(&b);
+        let config = elra_config(variant, alpha, d, k, rank);
+        let mut layer =
+            GpuElraLayer::from_factors(dev.clone(), config, w0(), &a, bopt).expect("elra");
         for route in [Route::Woodbury, Route::Merged] {
             let tag = format!("{name}_{route:?}").to_lowercase();
+            layer.set_route(Some(route));
             record(&mut group, &format!("cuda_elra_{tag}_fwd"), &mut || {
                 let _ = layer.params_mut();
-                layer.forward(dev, &x, &mut y, route).expect("fwd");
+                layer.forward(&x, None, &mut y).expect("fwd");
             });
             record(&mut group, &format!("cuda_elra_{tag}_fwd_bwd"), &mut || {
                 let _ = layer.params_mut();
-                layer.forward(dev, &x, &mut y, route).expect("fwd");
-                layer.backward(dev, &x, &dy, &mut dx).expect("bwd");
+                layer.forward(&x, None, &mut y).expect("fwd");
+                layer.backward(&x, &dy, &mut dx).expect("bwd");
             });
         }
-        layer.check_status(dev).expect("statuses");
+        layer.check_status().expect("statuses");
     }
     group.finish();
 
@@ -193,7 +224,7 @@ fn bench_shape(c: &mut Criterion, dev: &CudaDevice, (n, d, k, r): (usize, usize,
 
 fn main() {
     let dev = match cuda_available() {
-        Ok(()) => CudaDevice::new(0).expect("device"),
+        Ok(()) => Arc::new(CudaDevice::new(0).expect("device")),
         Err(reason) => {
             println!("skipping cuda_layer benches: {reason}");
             return;

@@ -9,15 +9,19 @@
 //! the mean wall time per step of the steps after the first (synchronised), and exits 0 with a
 //! message when no GPU is present.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 #[allow(dead_code)] // each example uses a subset of the shared parsers
 mod common;
 use common::{parse, positional};
 
+use elra::adapter::{
+    Adapter, AlphaSchedule, ElraConfig, EtaMultiplier, GeneratorConfig, LoraConfig,
+    Variant as ElraVariant,
+};
 use elra::cuda::{
-    cuda_available, gemm, CudaDevice, DeviceMatrices, GpuElraLayer, GpuLoraLayer, GpuSpec,
-    Transpose,
+    cuda_available, gemm, CudaDevice, DeviceMatrices, GpuElraLayer, GpuLoraLayer, Transpose,
 };
 use elra::grad::Route;
 use half::bf16;
@@ -44,12 +48,12 @@ fn rand_host(rows: usize, cols: usize, scale: f32, seed: u64) -> DMatrix<f32> {
     DMatrix::from_fn(rows, cols, |_, _| rng.random_range(-1.0f32..1.0) * scale)
 }
 
-/// What one timed step runs: the base GEMMs, a LoRA layer, or an ELRA layer with Hyb weight
-/// `alpha` (0 general, 1 PSD).
+/// What one timed step runs: the base GEMMs, a LoRA layer, or an ELRA layer of `variant` with
+/// (for Hyb) the constant weight `alpha`.
 enum Variant {
     Base,
     Lora,
-    Elra { alpha: f64 },
+    Elra { variant: ElraVariant, alpha: f64 },
 }
 
 fn main() -> elra::Result<()> {
@@ -80,9 +84,18 @@ fn main() -> elra::Result<()> {
     let variant = match args[0].as_str() {
         "base" => Variant::Base,
         "lora" => Variant::Lora,
-        "general" => Variant::Elra { alpha: 0.0 },
-        "psd" => Variant::Elra { alpha: 1.0 },
-        "hyb" => Variant::Elra { alpha: 0.5 },
+        "general" => Variant::Elra {
+            variant: ElraVariant::General,
+            alpha: 0.0,
+        },
+        "psd" => Variant::Elra {
+            variant: ElraVariant::Psd,
+            alpha: 1.0,
+        },
+        "hyb" => Variant::Elra {
+            variant: ElraVariant::Hyb,
+            alpha: 0.5,
+        },
         other => {
             return Err(elra::ElraError::invalid(
                 "variant",
@@ -95,7 +108,7 @@ fn main() -> elra::Result<()> {
         println!("no GPU: {reason}");
         return Ok(());
     }
-    let owned = CudaDevice::new(0)?;
+    let owned = Arc::new(CudaDevice::new(0)?);
     let dev = &owned;
     let x = rand_dev(dev, n, k, 1.0, 1)?;
     let dy = rand_dev(dev, n, d, 1.0, 2)?;
@@ -128,26 +141,40 @@ fn main() -> elra::Result<()> {
         Variant::Lora => {
             let la = rand_host(r, k, 1.0 / (k as f32).sqrt(), 4);
             let lb = rand_host(d, r, 0.01, 5);
-            let mut lora = GpuLoraLayer::new(dev, w0, &la, &lb, 16.0 / r as f32)?;
+            let config = LoraConfig {
+                lora_alpha: 16.0,
+                ..LoraConfig::new(d, k, r)
+            };
+            let mut lora = GpuLoraLayer::from_factors(dev.clone(), config, w0, &la, &lb)?;
             Box::new(move || {
-                lora.forward(dev, &x, &mut y)?;
-                lora.backward(dev, &x, &dy, &mut dx)
+                lora.forward(&x, None, &mut y)?;
+                lora.backward(&x, &dy, &mut dx)
             })
         }
-        Variant::Elra { alpha } => {
+        Variant::Elra { variant, alpha } => {
             let a = rand_host(d, r, 1.0 / (d as f32).sqrt(), 6);
             let b = rand_host(r, d, 1.0 / (r as f32).sqrt(), 7);
-            let spec = GpuSpec {
-                alpha,
-                eta_mult: 1.0,
-                lambda: 0.0,
+            let config = ElraConfig {
+                generator: GeneratorConfig {
+                    variant,
+                    eta: 0.5,
+                    lambda: 0.0,
+                    tau: None,
+                    schedule: AlphaSchedule::Constant { alpha },
+                    eta_multiplier: EtaMultiplier::None,
+                },
+                d,
+                k,
+                r,
+                seed: 0,
             };
-            let bopt = (alpha < 1.0).then_some(&b);
-            let mut layer = GpuElraLayer::new(dev, w0, &a, bopt, 0.5, spec)?;
+            let bopt = variant.uses_b().then_some(&b);
+            let mut layer = GpuElraLayer::from_factors(dev.clone(), config, w0, &a, bopt)?;
+            layer.set_route(Some(route));
             Box::new(move || {
                 let _ = layer.params_mut();
-                layer.forward(dev, &x, &mut y, route)?;
-                layer.backward(dev, &x, &dy, &mut dx)
+                layer.forward(&x, None, &mut y)?;
+                layer.backward(&x, &dy, &mut dx)
             })
         }
     };

@@ -1,14 +1,16 @@
-//! The GPU layer ([`elra::cuda::layer`]) against the CPU f64 reference ([`elra::grad`]):
+//! The GPU layers ([`elra::cuda::layer`]) against the CPU f64 reference ([`elra::grad`]):
 //! forward, backward and merge/unmerge of ELRA general/PSD/Hyb on both routes, double-sided ELRA
-//! and LoRA, in f32, f16 and bf16; typed errors; device memory flat over 10⁴ steps.
+//! and LoRA, in f32, f16 and bf16, all through the [`Adapter`] trait; typed errors and the tape
+//! key; device memory flat over 10⁴ steps.
 //!
 //! Every GPU test first calls `cuda_available()` and returns early printing `skipping: <reason>`
 //! without a GPU. Outputs (`y`, `∂x`, merged weights, gradients) are poisoned with NaN before each
 //! launch, so an entry the kernels fail to write shows up as a non-finite value.
 //!
 //! Reference and tolerances. The CPU reference runs in f64 on exactly the inputs the GPU sees (x,
-//! W0 and ∂y rounded to the activation type; A, B, η in f32 widened to f64), so the difference is
-//! only the GPU's own arithmetic. Errors are Frobenius-relative, `‖gpu − cpu‖_F / ‖cpu‖_F`:
+//! W0 and ∂y rounded to the activation type; A, B, η in f32 widened to f64) at exactly the
+//! layer's [`GeneratorSpec`] (`config.generator.spec_at(step)`), so the difference is only the
+//! GPU's own arithmetic. Errors are Frobenius-relative, `‖gpu − cpu‖_F / ‖cpu‖_F`:
 //! * f32: ≤ 1e-5. Every quantity is a sum of at most max(N, d, k) ≤ 100 products accumulated in
 //!   f32 (u = 6e-8) plus the f32 φ1 (≈ 1e-7 relative): the γ_n bound n·u ≈ 6e-6 on the dot products,
 //!   well under 1e-5 in the Frobenius norm, where errors average out.
@@ -19,11 +21,15 @@
 #[macro_use]
 mod common;
 
-use elra::adapter::GeneratorSpec;
+use std::sync::Arc;
+
+use elra::adapter::{
+    Adapter, AlphaSchedule, DoubleSidedConfig, ElraConfig, EtaMultiplier, GeneratorConfig,
+    GeneratorSpec, LoraConfig, LoraInit, Variant,
+};
 use elra::cuda::layer::{download_matrix, upload_matrix};
 use elra::cuda::{
     Activation, CudaDevice, DeviceMatrices, GpuDoubleSidedLayer, GpuElraLayer, GpuLoraLayer,
-    GpuSide, GpuSpec,
 };
 use elra::grad::{
     double_backward_parts, double_forward_parts, elra_backward_parts, elra_forward_parts,
@@ -104,6 +110,20 @@ fn nan_mat<T: Activation>(dev: &CudaDevice, rows: usize, cols: usize) -> DeviceM
     DeviceMatrices::filled(dev, 1, rows, cols, T::from_f64(f64::NAN)).unwrap()
 }
 
+/// The gradient of parameter `name` of the last backward, widened to f64 (`None` when the
+/// adapter has no such parameter).
+fn grad_of<A: Adapter<Scalar = f32> + ?Sized>(layer: &A, name: &str) -> Option<DMatrix<f64>> {
+    layer
+        .param_index(name)
+        .map(|i| f64_of(&layer.grad(i).unwrap()))
+}
+
+/// Sets the 1×1 parameter `name` (a step size η).
+fn set_scalar<A: Adapter<Scalar = f32> + ?Sized>(layer: &mut A, name: &str, v: f32) {
+    let i = layer.param_index(name).unwrap();
+    layer.set_param(i, &DMatrix::from_element(1, 1, v)).unwrap();
+}
+
 /// One ELRA problem: rounded activations and f32 parameters, all also as f64.
 struct Problem {
     x: DMatrix<f64>,
@@ -113,6 +133,9 @@ struct Problem {
     b: DMatrix<f32>,
     eta: f32,
 }
+
+/// η of [`Problem`] and of the layers' configs.
+const ETA: f64 = 0.7;
 
 fn problem<T: Activation>(n: usize, d: usize, k: usize, r: usize, seed: u64) -> Problem {
     let mut g = rng(seed);
@@ -128,34 +151,61 @@ fn problem<T: Activation>(n: usize, d: usize, k: usize, r: usize, seed: u64) -> 
         dy,
         a,
         b,
-        eta: 0.7,
+        eta: ETA as f32,
     }
 }
 
-fn cpu_spec(s: &GpuSpec) -> GeneratorSpec {
-    GeneratorSpec {
-        alpha: s.alpha,
-        eta_mult: s.eta_mult,
-        tau: None,
-        lambda: s.lambda,
+/// A generator setting of the GPU layers: the config and the step it is run at, whose spec
+/// `generator.spec_at(step)` (α of eq. 19, the η multiplier of App. H, λ of eq. 20) the CPU
+/// reference takes.
+#[derive(Clone, Copy, Debug)]
+struct Setting {
+    generator: GeneratorConfig,
+    step: usize,
+}
+
+impl Setting {
+    /// `variant` with a constant α (used by Hyb), λ, no clip, and — when `step` is `Some` — the
+    /// cosine η multiplier over 1000 steps at that step (`m(t) = 0.75 + 0.25 cos(πt/1000)`).
+    fn new(variant: Variant, alpha: f64, step: Option<usize>, lambda: f64) -> Self {
+        Setting {
+            generator: GeneratorConfig {
+                variant,
+                eta: ETA,
+                lambda,
+                tau: None,
+                schedule: AlphaSchedule::Constant { alpha },
+                eta_multiplier: match step {
+                    Some(_) => EtaMultiplier::Cosine { total_steps: 1000 },
+                    None => EtaMultiplier::None,
+                },
+            },
+            step: step.unwrap_or(0),
+        }
+    }
+
+    fn spec(&self) -> GeneratorSpec {
+        self.generator.spec_at(self.step)
     }
 }
 
 /// Forward, backward and merge/unmerge of one ELRA layer on one route; returns the worst error.
 fn elra_case<T: Activation>(
-    dev: &CudaDevice,
+    dev: &Arc<CudaDevice>,
     (n, d, k, r): (usize, usize, usize, usize),
-    spec: GpuSpec,
+    setting: Setting,
     route: Route,
     seed: u64,
 ) -> f64 {
     let p = problem::<T>(n, d, k, r, seed);
-    let psd = spec.alpha == 1.0;
+    let spec = setting.spec();
+    let psd = setting.generator.variant == Variant::Psd;
     let b = if psd { None } else { Some(&p.b) };
     let label = format!(
-        "{} {route:?} N={n} d={d} k={k} r={r} α={} λ={}",
+        "{} {route:?} N={n} d={d} k={k} r={r} α={} m={:.3} λ={}",
         T::DTYPE,
         spec.alpha,
+        spec.eta_mult,
         spec.lambda
     );
     // CPU f64 reference.
@@ -166,24 +216,33 @@ fn elra_case<T: Activation>(
         &a64,
         b.map(|_| &b64),
         p.eta as f64,
-        &cpu_spec(&spec),
+        &spec,
         Route::Woodbury,
         None,
     )
     .unwrap();
     let g_c = elra_backward_parts(&p.x, &p.w0, &tape, p.dy.clone()).unwrap();
     // GPU.
+    let config = ElraConfig {
+        generator: setting.generator,
+        d,
+        k,
+        r,
+        seed: 0,
+    };
     let w0 = upload_matrix::<T>(dev, &p.w0).unwrap();
-    let mut layer = GpuElraLayer::new(dev, w0, &p.a, b, p.eta, spec).unwrap();
+    let mut layer = GpuElraLayer::from_factors(dev.clone(), config, w0, &p.a, b).unwrap();
+    layer.set_step(setting.step).unwrap();
+    assert_eq!(layer.spec(), spec.require_no_clip().unwrap());
+    layer.set_route(Some(route));
     let x = upload_matrix::<T>(dev, &p.x).unwrap();
     let dy = upload_matrix::<T>(dev, &p.dy).unwrap();
     let mut y = nan_mat::<T>(dev, n, d);
     let mut dx = nan_mat::<T>(dev, n, k);
-    layer.fill_grads(dev, f32::NAN).unwrap();
-    layer.forward(dev, &x, &mut y, route).unwrap();
-    layer.backward(dev, &x, &dy, &mut dx).unwrap();
-    layer.check_status(dev).unwrap();
-    let gg = layer.grads(dev).unwrap();
+    layer.fill_grads(f32::NAN).unwrap();
+    layer.forward(&x, None, &mut y).unwrap();
+    layer.backward(&x, &dy, &mut dx).unwrap();
+    layer.check_status().unwrap();
     let mut worst = 0.0f64;
     let mut check = |what: &str, e: f64| {
         eprintln!("{label}: {what} rel err {e:.2e}");
@@ -196,14 +255,14 @@ fn elra_case<T: Activation>(
     };
     check("y", rel(&download_matrix(dev, &y).unwrap(), &y_c, "y"));
     check("dx", rel(&download_matrix(dev, &dx).unwrap(), &g_c.x, "dx"));
-    check("dA", rel(&f64_of(&gg.a), &g_c.a, "dA"));
-    match (&gg.b, &g_c.b) {
-        (Some(gb), Some(cb)) => check("dB", rel(&f64_of(gb), cb, "dB")),
+    check("dA", rel(&grad_of(&layer, "a").unwrap(), &g_c.a, "dA"));
+    match (&grad_of(&layer, "b"), &g_c.b) {
+        (Some(gb), Some(cb)) => check("dB", rel(gb, cb, "dB")),
         (None, None) => {}
         _ => panic!("{label}: ∂B presence differs"),
     }
     let deta = eta_err(
-        gg.eta,
+        grad_of(&layer, "eta").unwrap()[(0, 0)] as f32,
         g_c.eta,
         (&g_c.a, &a64),
         g_c.b.as_ref().map(|db| (db, &b64)),
@@ -214,14 +273,14 @@ fn elra_case<T: Activation>(
     let gt: &GeneratorTape<f64> = &tape.generator;
     let w_new_c = &p.w0 + &gt.a * (&gt.m * (&gt.c * &p.w0));
     let mut merged = nan_mat::<T>(dev, d, k);
-    layer.merge(dev, &mut merged).unwrap();
+    layer.merge(&mut merged).unwrap();
     check(
         "merge",
         rel(&download_matrix(dev, &merged).unwrap(), &w_new_c, "merge"),
     );
     let mut back = nan_mat::<T>(dev, d, k);
-    layer.unmerge(dev, &merged, &mut back).unwrap();
-    layer.check_status(dev).unwrap();
+    layer.unmerge(&merged, &mut back).unwrap();
+    layer.check_status().unwrap();
     check(
         "unmerge(merge)",
         rel(&download_matrix(dev, &back).unwrap(), &p.w0, "unmerge"),
@@ -234,40 +293,26 @@ fn elra_case<T: Activation>(
 const SHAPES: [(usize, usize, usize, usize); 3] =
     [(37, 29, 43, 1), (70, 291, 263, 64), (5, 67, 300, 7)];
 
-fn specs() -> [GpuSpec; 4] {
+/// General (α = 0), PSD (α = 1, η multiplier m ≈ 0.8), Hyb (α = 0.35, m ≈ 0.9) and general with
+/// the energy penalty (λ = 0.05).
+fn settings() -> [Setting; 4] {
     [
-        GpuSpec {
-            alpha: 0.0,
-            eta_mult: 1.0,
-            lambda: 0.0,
-        },
-        GpuSpec {
-            alpha: 1.0,
-            eta_mult: 0.8,
-            lambda: 0.0,
-        },
-        GpuSpec {
-            alpha: 0.35,
-            eta_mult: 0.9,
-            lambda: 0.0,
-        },
-        GpuSpec {
-            alpha: 0.0,
-            eta_mult: 1.0,
-            lambda: 0.05,
-        },
+        Setting::new(Variant::General, 0.0, None, 0.0),
+        Setting::new(Variant::Psd, 1.0, Some(436), 0.0),
+        Setting::new(Variant::Hyb, 0.35, Some(295), 0.0),
+        Setting::new(Variant::General, 0.0, None, 0.05),
     ]
 }
 
-fn elra_suite<T: Activation>(dev: &CudaDevice, seed: u64) {
+fn elra_suite<T: Activation>(dev: &Arc<CudaDevice>, seed: u64) {
     let mut worst = 0.0f64;
     for (i, &shape) in SHAPES.iter().enumerate() {
-        for (j, spec) in specs().into_iter().enumerate() {
+        for (j, setting) in settings().into_iter().enumerate() {
             for route in [Route::Woodbury, Route::Merged] {
                 worst = worst.max(elra_case::<T>(
                     dev,
                     shape,
-                    spec,
+                    setting,
                     route,
                     seed + (10 * i + j) as u64,
                 ));
@@ -279,24 +324,24 @@ fn elra_suite<T: Activation>(dev: &CudaDevice, seed: u64) {
 
 #[test]
 fn cuda_layer_elra_f32_matches_cpu_both_routes() {
-    let dev = device_or_skip!();
+    let dev = Arc::new(device_or_skip!());
     elra_suite::<f32>(&dev, 100);
 }
 
 #[test]
 fn cuda_layer_elra_bf16_matches_cpu_both_routes() {
-    let dev = device_or_skip!();
+    let dev = Arc::new(device_or_skip!());
     elra_suite::<half::bf16>(&dev, 200);
 }
 
 #[test]
 fn cuda_layer_elra_f16_matches_cpu_both_routes() {
-    let dev = device_or_skip!();
+    let dev = Arc::new(device_or_skip!());
     elra_suite::<half::f16>(&dev, 300);
 }
 
 fn lora_case<T: Activation>(
-    dev: &CudaDevice,
+    dev: &Arc<CudaDevice>,
     (n, d, k, r): (usize, usize, usize, usize),
     seed: u64,
 ) {
@@ -304,7 +349,16 @@ fn lora_case<T: Activation>(
     let mut g = rng(seed + 1);
     let la = f32_of(&rand_mat(r, k, 1.0 / (k as f64).sqrt(), &mut g));
     let lb = f32_of(&rand_mat(d, r, 1.0, &mut g));
-    let s = 16.0f32 / r as f32;
+    let config = LoraConfig {
+        d,
+        k,
+        r,
+        lora_alpha: 16.0,
+        init: LoraInit::KaimingUniform,
+        seed: 0,
+    };
+    // The layer's scaling: lora_alpha / r rounded to f32.
+    let s = config.scaling() as f32;
     let (y_c, tape) =
         lora_forward_parts(&p.x, &p.w0, &f64_of(&la), &f64_of(&lb), s as f64, None).unwrap();
     let g_c = lora_backward_parts(
@@ -318,38 +372,43 @@ fn lora_case<T: Activation>(
     )
     .unwrap();
     let w0 = upload_matrix::<T>(dev, &p.w0).unwrap();
-    let mut layer = GpuLoraLayer::new(dev, w0, &la, &lb, s).unwrap();
+    let mut layer = GpuLoraLayer::from_factors(dev.clone(), config, w0, &la, &lb).unwrap();
     let x = upload_matrix::<T>(dev, &p.x).unwrap();
     let dy = upload_matrix::<T>(dev, &p.dy).unwrap();
     let mut y = nan_mat::<T>(dev, n, d);
     let mut dx = nan_mat::<T>(dev, n, k);
-    layer.forward(dev, &x, &mut y).unwrap();
-    layer.backward(dev, &x, &dy, &mut dx).unwrap();
-    let (ga, gb) = layer.grads(dev).unwrap();
+    layer.forward(&x, None, &mut y).unwrap();
+    layer.backward(&x, &dy, &mut dx).unwrap();
     let label = format!("lora {} N={n} d={d} k={k} r={r}", T::DTYPE);
     for (what, e) in [
         ("y", rel(&download_matrix(dev, &y).unwrap(), &y_c, "y")),
         ("dx", rel(&download_matrix(dev, &dx).unwrap(), &g_c.x, "dx")),
-        ("dA'", rel(&f64_of(&ga), &g_c.lora_a, "dA'")),
-        ("dB'", rel(&f64_of(&gb), &g_c.lora_b, "dB'")),
+        (
+            "dA'",
+            rel(&grad_of(&layer, "lora_a").unwrap(), &g_c.lora_a, "dA'"),
+        ),
+        (
+            "dB'",
+            rel(&grad_of(&layer, "lora_b").unwrap(), &g_c.lora_b, "dB'"),
+        ),
     ] {
         eprintln!("{label}: {what} rel err {e:.2e}");
         assert!(e <= tol::<T>(), "{label}: {what} {e:.3e}");
     }
     let w_new_c = &p.w0 + (f64_of(&lb) * f64_of(&la)) * s as f64;
     let mut merged = nan_mat::<T>(dev, d, k);
-    layer.merge(dev, &mut merged).unwrap();
+    layer.merge(&mut merged).unwrap();
     let e = rel(&download_matrix(dev, &merged).unwrap(), &w_new_c, "merge");
     assert!(e <= tol::<T>(), "{label}: merge {e:.3e}");
     let mut back = nan_mat::<T>(dev, d, k);
-    layer.unmerge(dev, &merged, &mut back).unwrap();
+    layer.unmerge(&merged, &mut back).unwrap();
     let e = rel(&download_matrix(dev, &back).unwrap(), &p.w0, "unmerge");
     assert!(e <= tol::<T>(), "{label}: unmerge {e:.3e}");
 }
 
 #[test]
 fn cuda_layer_lora_matches_cpu_all_dtypes() {
-    let dev = device_or_skip!();
+    let dev = Arc::new(device_or_skip!());
     for (i, &shape) in SHAPES.iter().enumerate() {
         lora_case::<f32>(&dev, shape, 400 + i as u64);
         lora_case::<half::bf16>(&dev, shape, 410 + i as u64);
@@ -358,9 +417,9 @@ fn cuda_layer_lora_matches_cpu_all_dtypes() {
 }
 
 fn double_case<T: Activation>(
-    dev: &CudaDevice,
+    dev: &Arc<CudaDevice>,
     (n, d, k, rl, rr): (usize, usize, usize, usize, usize),
-    spec: GpuSpec,
+    setting: Setting,
     seed: u64,
 ) {
     let mut g = rng(seed);
@@ -371,7 +430,8 @@ fn double_case<T: Activation>(
     let bl = f32_of(&rand_mat(rl, d, 1.0 / (rl as f64).sqrt(), &mut g));
     let ar = f32_of(&rand_mat(k, rr, 1.0 / (k as f64).sqrt(), &mut g));
     let br = f32_of(&rand_mat(rr, k, 1.0 / (rr as f64).sqrt(), &mut g));
-    let psd = spec.alpha == 1.0;
+    let spec = setting.spec();
+    let psd = setting.generator.variant == Variant::Psd;
     let (al64, bl64, ar64, br64) = (f64_of(&al), f64_of(&bl), f64_of(&ar), f64_of(&br));
     let (y_c, tape) = double_forward_parts(
         &x,
@@ -386,50 +446,55 @@ fn double_case<T: Activation>(
             b: (!psd).then_some(&br64),
             eta: 0.5,
         },
-        &cpu_spec(&spec),
+        &spec,
         None,
     )
     .unwrap();
     let g_c = double_backward_parts(&x, &w0, &tape, dy.clone()).unwrap();
-    let w0_d = upload_matrix::<T>(dev, &w0).unwrap();
-    let mut layer = GpuDoubleSidedLayer::new(
-        dev,
-        w0_d,
-        GpuSide {
-            a: &al,
-            b: (!psd).then_some(&bl),
+    let config = DoubleSidedConfig {
+        generator: GeneratorConfig {
             eta: 0.6,
+            ..setting.generator
         },
-        GpuSide {
-            a: &ar,
-            b: (!psd).then_some(&br),
-            eta: 0.5,
-        },
-        spec,
+        d,
+        k,
+        r_left: rl,
+        r_right: rr,
+        seed: 0,
+    };
+    let w0_d = upload_matrix::<T>(dev, &w0).unwrap();
+    let mut layer = GpuDoubleSidedLayer::from_factors(
+        dev.clone(),
+        config,
+        w0_d,
+        (&al, (!psd).then_some(&bl)),
+        (&ar, (!psd).then_some(&br)),
     )
     .unwrap();
+    set_scalar(&mut layer, "eta_right", 0.5);
+    layer.set_step(setting.step).unwrap();
     let xd = upload_matrix::<T>(dev, &x).unwrap();
     let dyd = upload_matrix::<T>(dev, &dy).unwrap();
     let mut y = nan_mat::<T>(dev, n, d);
     let mut dx = nan_mat::<T>(dev, n, k);
-    layer.forward(dev, &xd, &mut y).unwrap();
-    layer.backward(dev, &xd, &dyd, &mut dx).unwrap();
-    layer.check_status(dev).unwrap();
-    let (gl, gr) = layer.grads(dev).unwrap();
+    layer.forward(&xd, None, &mut y).unwrap();
+    layer.backward(&xd, &dyd, &mut dx).unwrap();
+    layer.check_status().unwrap();
     let label = format!(
         "double {} N={n} d={d} k={k} rL={rl} rR={rr} α={}",
         T::DTYPE,
         spec.alpha
     );
+    let grad = |name: &str| grad_of(&layer, name);
     let mut errs = vec![
         ("y", rel(&download_matrix(dev, &y).unwrap(), &y_c, "y")),
         ("dx", rel(&download_matrix(dev, &dx).unwrap(), &g_c.x, "dx")),
-        ("dA_L", rel(&f64_of(&gl.a), &g_c.left.a, "dA_L")),
-        ("dA_R", rel(&f64_of(&gr.a), &g_c.right.a, "dA_R")),
+        ("dA_L", rel(&grad("a_left").unwrap(), &g_c.left.a, "dA_L")),
+        ("dA_R", rel(&grad("a_right").unwrap(), &g_c.right.a, "dA_R")),
         (
             "deta_L",
             eta_err(
-                gl.eta,
+                grad("eta_left").unwrap()[(0, 0)] as f32,
                 g_c.left.eta,
                 (&g_c.left.a, &al64),
                 g_c.left.b.as_ref().map(|db| (db, &bl64)),
@@ -439,7 +504,7 @@ fn double_case<T: Activation>(
         (
             "deta_R",
             eta_err(
-                gr.eta,
+                grad("eta_right").unwrap()[(0, 0)] as f32,
                 g_c.right.eta,
                 (&g_c.right.a, &ar64),
                 g_c.right.b.as_ref().map(|db| (db, &br64)),
@@ -451,7 +516,7 @@ fn double_case<T: Activation>(
         errs.push((
             "dB_L",
             rel(
-                &f64_of(gl.b.as_ref().unwrap()),
+                &grad("b_left").unwrap(),
                 g_c.left.b.as_ref().unwrap(),
                 "dB_L",
             ),
@@ -459,7 +524,7 @@ fn double_case<T: Activation>(
         errs.push((
             "dB_R",
             rel(
-                &f64_of(gr.b.as_ref().unwrap()),
+                &grad("b_right").unwrap(),
                 g_c.right.b.as_ref().unwrap(),
                 "dB_R",
             ),
@@ -471,13 +536,13 @@ fn double_case<T: Activation>(
     let er = DMatrix::identity(k, k) + &rt.a * &rt.m * &rt.c;
     let w_new_c = el * &w0 * er;
     let mut merged = nan_mat::<T>(dev, d, k);
-    layer.merge(dev, &mut merged).unwrap();
+    layer.merge(&mut merged).unwrap();
     errs.push((
         "merge",
         rel(&download_matrix(dev, &merged).unwrap(), &w_new_c, "merge"),
     ));
     let mut back = nan_mat::<T>(dev, d, k);
-    layer.unmerge(dev, &merged, &mut back).unwrap();
+    layer.unmerge(&merged, &mut back).unwrap();
     errs.push((
         "unmerge(merge)",
         rel(&download_matrix(dev, &back).unwrap(), &w0, "unmerge"),
@@ -490,101 +555,136 @@ fn double_case<T: Activation>(
 
 #[test]
 fn cuda_layer_double_sided_matches_cpu() {
-    let dev = device_or_skip!();
-    let general = GpuSpec {
-        alpha: 0.0,
-        eta_mult: 1.0,
-        lambda: 0.01,
-    };
-    let psd = GpuSpec {
-        alpha: 1.0,
-        eta_mult: 1.0,
-        lambda: 0.0,
-    };
-    let hyb = GpuSpec {
-        alpha: 0.5,
-        eta_mult: 0.7,
-        lambda: 0.0,
-    };
-    // Equal ranks (one batched φ1 launch for both sides) and unequal ranks (two batches).
-    for (i, shape) in [(37, 29, 43, 3, 3), (21, 70, 33, 1, 64)]
+    let dev = Arc::new(device_or_skip!());
+    let general = Setting::new(Variant::General, 0.0, None, 0.01);
+    let psd = Setting::new(Variant::Psd, 1.0, None, 0.0);
+    // Hyb α = 0.5 with the η multiplier m ≈ 0.7 (step 564 of 1000).
+    let hyb = Setting::new(Variant::Hyb, 0.5, Some(564), 0.0);
+    // Equal ranks (one batched φ1 launch for both sides) and unequal ranks (two batches); the
+    // configs need r_R ≤ k, so the rank-64 side acts on k = 67.
+    for (i, shape) in [(37, 29, 43, 3, 3), (21, 70, 67, 1, 64)]
         .into_iter()
         .enumerate()
     {
-        for (j, spec) in [general, psd, hyb].into_iter().enumerate() {
+        for (j, setting) in [general, psd, hyb].into_iter().enumerate() {
             let seed = 500 + 10 * i as u64 + j as u64;
-            double_case::<f32>(&dev, shape, spec, seed);
-            double_case::<half::bf16>(&dev, shape, spec, seed);
-            double_case::<half::f16>(&dev, shape, spec, seed);
+            double_case::<f32>(&dev, shape, setting, seed);
+            double_case::<half::bf16>(&dev, shape, setting, seed);
+            double_case::<half::f16>(&dev, shape, setting, seed);
         }
     }
 }
 
 #[test]
 fn cuda_layer_bad_input_is_typed_error() {
-    let dev = device_or_skip!();
+    let dev = Arc::new(device_or_skip!());
     let p = problem::<f32>(4, 9, 7, 2, 600);
     let w0 = || upload_matrix::<f32>(&dev, &p.w0).unwrap();
-    let spec = GpuSpec {
-        alpha: 0.0,
-        eta_mult: 1.0,
-        lambda: 0.0,
+    let general = Setting::new(Variant::General, 0.0, None, 0.0).generator;
+    let config = |generator: GeneratorConfig| ElraConfig {
+        generator,
+        d: 9,
+        k: 7,
+        r: 2,
+        seed: 0,
+    };
+    let layer = |generator, a: &DMatrix<f32>, b: Option<&DMatrix<f32>>| {
+        GpuElraLayer::from_factors(dev.clone(), config(generator), w0(), a, b)
     };
     // No B with α < 1.
     assert!(matches!(
-        GpuElraLayer::new(&dev, w0(), &p.a, None, 0.5, spec),
+        layer(general, &p.a, None),
         Err(ElraError::InvalidArgument { .. })
     ));
-    // Clip requested.
+    // Clip requested: refused by the spec and by the layer.
     let clip = GeneratorSpec {
         alpha: 0.0,
         eta_mult: 1.0,
         tau: Some(1.0),
         lambda: 0.0,
     };
-    assert!(GpuSpec::from_spec(&clip).is_err());
-    // Rank above MAX_RANK.
-    let big = DMatrix::<f32>::zeros(9, 65);
-    assert!(
-        GpuElraLayer::new(&dev, w0(), &big, None, 0.5, GpuSpec { alpha: 1.0, ..spec }).is_err()
-    );
-    // η ≤ 0, NaN factor.
-    assert!(GpuElraLayer::new(&dev, w0(), &p.a, Some(&p.b), 0.0, spec).is_err());
+    assert!(clip.require_no_clip().is_err());
+    let clipped = GeneratorConfig {
+        tau: Some(1.0),
+        ..general
+    };
+    assert!(layer(clipped, &p.a, Some(&p.b)).is_err());
+    // Rank above MAX_RANK (on a weight with d ≥ 65, so that the config itself is valid).
+    let big = DMatrix::<f32>::zeros(70, 65);
+    let psd = Setting::new(Variant::Psd, 1.0, None, 0.0).generator;
+    let w0_big = upload_matrix::<f32>(&dev, &DMatrix::zeros(70, 7)).unwrap();
+    let cfg_big = ElraConfig {
+        r: 65,
+        d: 70,
+        ..config(psd)
+    };
+    assert!(matches!(
+        GpuElraLayer::from_factors(dev.clone(), cfg_big, w0_big, &big, None),
+        Err(ElraError::InvalidArgument { .. })
+    ));
+    // η ≤ 0, NaN factor, α out of range.
+    let zero_eta = GeneratorConfig {
+        eta: 0.0,
+        ..general
+    };
+    assert!(layer(zero_eta, &p.a, Some(&p.b)).is_err());
     let mut bad = p.a.clone();
     bad[(0, 0)] = f32::NAN;
-    assert!(GpuElraLayer::new(&dev, w0(), &bad, Some(&p.b), 0.5, spec).is_err());
-    // Wrong x/y shapes and backward before forward.
-    let mut layer = GpuElraLayer::new(&dev, w0(), &p.a, Some(&p.b), 0.5, spec).unwrap();
+    assert!(layer(general, &bad, Some(&p.b)).is_err());
+    let alpha_bad = Setting::new(Variant::Hyb, 1.5, None, 0.0).generator;
+    assert!(layer(alpha_bad, &p.a, Some(&p.b)).is_err());
+    // Wrong x/y shapes, backward before forward, a dropout mask.
+    let mut l = layer(general, &p.a, Some(&p.b)).unwrap();
+    l.set_route(Some(Route::Woodbury));
     let x_bad = nan_mat::<f32>(&dev, 4, 8);
     let mut y = nan_mat::<f32>(&dev, 4, 9);
     assert!(matches!(
-        layer.forward(&dev, &x_bad, &mut y, Route::Woodbury),
+        l.forward(&x_bad, None, &mut y),
         Err(ElraError::Shape { .. })
     ));
     let x = upload_matrix::<f32>(&dev, &p.x).unwrap();
     let dy = upload_matrix::<f32>(&dev, &p.dy).unwrap();
     let mut dx = nan_mat::<f32>(&dev, 4, 7);
-    assert!(layer.backward(&dev, &x, &dy, &mut dx).is_err());
+    assert!(l.backward(&x, &dy, &mut dx).is_err());
+    assert!(l.forward(&x, Some(&y), &mut dx).is_err());
+    l.set_route(Some(Route::Merged));
     let mut y_bad = nan_mat::<f32>(&dev, 5, 9);
-    assert!(layer.forward(&dev, &x, &mut y_bad, Route::Merged).is_err());
-    // α out of range.
-    assert!(layer.set_spec(GpuSpec { alpha: 1.5, ..spec }).is_err());
+    assert!(l.forward(&x, None, &mut y_bad).is_err());
+    // Gradients before any backward; η ≤ 0 through set_param.
+    assert!(l.grad(0).is_err());
+    let eta = l.param_index("eta").unwrap();
+    assert!(l.set_param(eta, &DMatrix::from_element(1, 1, 0.0)).is_err());
+    // The tape key: backward needs the forward's x, and no parameter or step change since.
+    l.forward(&x, None, &mut y).unwrap();
+    let x2 = upload_matrix::<f32>(&dev, &p.x).unwrap();
+    assert!(l.backward(&x2, &dy, &mut dx).is_err());
+    l.backward(&x, &dy, &mut dx).unwrap();
+    l.backward(&x, &dy, &mut dx).unwrap();
+    l.set_step(3).unwrap();
+    assert!(l.backward(&x, &dy, &mut dx).is_err());
+    l.recompute(&x).unwrap();
+    l.backward(&x, &dy, &mut dx).unwrap();
+    l.set_param(eta, &DMatrix::from_element(1, 1, 0.3)).unwrap();
+    assert!(l.backward(&x, &dy, &mut dx).is_err());
+    assert!(l.grad(0).is_ok(), "gradients stay after a parameter change");
 }
 
 /// 10⁴ forward+backward steps (both routes alternating, parameters rewritten on the device every
 /// step so the r×r work reruns) leave the free device memory unchanged after the first steps.
 #[test]
 fn cuda_layer_memory_flat_over_10k_steps() {
-    let dev = device_or_skip!();
+    let dev = Arc::new(device_or_skip!());
     let (n, d, k, r) = (33, 40, 24, 4);
     let p = problem::<half::bf16>(n, d, k, r, 700);
     let w0 = upload_matrix::<half::bf16>(&dev, &p.w0).unwrap();
-    let spec = GpuSpec {
-        alpha: 0.5,
-        eta_mult: 1.0,
-        lambda: 0.01,
+    let config = ElraConfig {
+        generator: Setting::new(Variant::Hyb, 0.5, None, 0.01).generator,
+        d,
+        k,
+        r,
+        seed: 0,
     };
-    let mut layer = GpuElraLayer::new(&dev, w0, &p.a, Some(&p.b), p.eta, spec).unwrap();
+    let mut layer = GpuElraLayer::from_factors(dev.clone(), config, w0, &p.a, Some(&p.b)).unwrap();
     let x = upload_matrix::<half::bf16>(&dev, &p.x).unwrap();
     let dy = upload_matrix::<half::bf16>(&dev, &p.dy).unwrap();
     let mut y = nan_mat::<half::bf16>(&dev, n, d);
@@ -595,8 +695,9 @@ fn cuda_layer_memory_flat_over_10k_steps() {
         } else {
             Route::Merged
         };
-        layer.forward(&dev, &x, &mut y, route).unwrap();
-        layer.backward(&dev, &x, &dy, &mut dx).unwrap();
+        layer.set_route(Some(route));
+        layer.forward(&x, None, &mut y).unwrap();
+        layer.backward(&x, &dy, &mut dx).unwrap();
         // A device-side "update": the η buffer is rewritten (marks the r×r work stale).
         let (_, _, eta) = layer.params_mut();
         let _ = eta;
@@ -610,7 +711,7 @@ fn cuda_layer_memory_flat_over_10k_steps() {
         step(&mut layer, i);
     }
     dev.synchronize().unwrap();
-    layer.check_status(&dev).unwrap();
+    layer.check_status().unwrap();
     let (free1, _) = dev.context().mem_get_info().unwrap();
     eprintln!("free device memory before {free0} after {free1}");
     // The stream-ordered allocator may keep a pool; 2 MiB of slack still catches a leak of more

@@ -294,6 +294,12 @@ impl InputKey {
             cols: x.ncols(),
         }
     }
+
+    /// The key of a matrix elsewhere (a device matrix of the GPU layers): its address and shape.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn new(addr: usize, rows: usize, cols: usize) -> Self {
+        InputKey { addr, rows, cols }
+    }
 }
 
 /// What a training step keeps inside an adapter between calls: the tape of the last forward

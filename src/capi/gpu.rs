@@ -3,12 +3,17 @@
 //! the Woodbury form of Prop. 1 (eq. 5) or the merged weight (eq. 30), and the LoRA baseline, on
 //! **device pointers owned by the caller**, ordered on the caller's CUDA stream.
 //!
+//! The handle holds the layer as a [`GpuAdapter`] trait object ([`crate::cuda::GpuElraLayer`]
+//! or [`crate::cuda::GpuLoraLayer`] of the activation type) and the caller-stream plumbing of
+//! `cuda::caller`; every export is the same few steps: check the arguments, order on
+//! the caller's stream, call the [`Adapter`] method.
+//!
 //! # Conventions (in addition to the module conventions of [`crate::capi`])
 //! - **Context.** A handle lives on one device ordinal and uses that device's *primary* context
 //!   (`cuDevicePrimaryCtxRetain`, as the CUDA runtime and PyTorch do). Device pointers must come
 //!   from memory usable in that context (cudaMalloc, the PyTorch caching allocator, managed
 //!   memory) and live on the handle's device (checked with `cuPointerGetAttribute`); streams
-//!   must belong to that context.
+//!   must belong to that context. Each export restores the thread's previous context.
 //! - **Streams.** Every call that reads or writes caller device memory takes a `CUstream` as
 //!   `void *stream` (NULL: the legacy default stream). The call is ordered like a kernel launched
 //!   on that stream: the library records an event on `stream`, makes its own stream wait for it,
@@ -28,6 +33,9 @@
 //!   would cost a pass over them): non-finite activations propagate to the outputs. Failures of
 //!   the r×r matrix functions are reported by [`elra_gpu_adapter_synchronize`] and
 //!   [`elra_gpu_adapter_get_grads`].
+//! - **Tape.** Backward with [`ElraGpuBackward::ELRA_GPU_BACKWARD_REUSE_FORWARD`] runs on the
+//!   layer's tape, which the layer keys by the forward's `x` (device address and shape; `ld_x`
+//!   equals the columns) and discards on any parameter or step change ([`Adapter::backward`]).
 //! - **Not on the GPU.** The spectral clip τ of App. H (`tau` must be 0), f64 activations, ranks
 //!   above [`crate::cuda::MAX_RANK`].
 //! - **Threads.** A handle is not synchronised: use it from one thread at a time.
@@ -38,22 +46,18 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::sys::{self as cu, CUdeviceptr, CUstream};
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DriverError};
 use half::{bf16, f16};
-use nalgebra::DMatrix;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
+use super::adapter::{param_index, param_shape};
 use super::config::{variant_of, ElraAdapterConfig};
+use super::handle::{self, Handle};
 use super::layout::{check_scalar_out, out_layout, read_matrix, row_major};
 use super::{guard, write_out, CError, CResult, ElraStatus};
-use crate::adapter::{kaiming_uniform, xavier_uniform, ElraConfig, LoraConfig, LoraInit};
+use crate::adapter::{Adapter, ElraConfig, LoraConfig};
+use crate::cuda::caller::{no_overlap, CallerMatrix, CallerStream, CtxRestore};
 use crate::cuda::{
-    choose_route, device_count, Activation, BorrowedMatrices, CudaDevice, DeviceMatrices,
-    GpuElraLayer, GpuLoraLayer, GpuSpec, MAX_RANK,
+    check_rank, device_count, Activation, CudaDevice, GpuAdapter, GpuElraLayer, GpuLoraLayer,
 };
-use crate::grad::Route;
 use crate::ElraError;
 
 /// Activation (and `W0`) element type of a GPU handle, in `ElraAdapterConfig::dtype`. The f32
@@ -84,47 +88,49 @@ pub enum ElraGpuBackward {
     ELRA_GPU_BACKWARD_REUSE_FORWARD = 1,
 }
 
-const GPU_MAGIC: u64 = 0x454c_5241_4750_5541; // "ELRAGPUA"
-
-/// The layer of one activation type (one per handle, boxed inside it: the size difference of
-/// the variants does not matter).
-#[allow(clippy::large_enum_variant)]
-enum Layer<T: Activation> {
-    Elra(GpuElraLayer<T>),
-    Lora(GpuLoraLayer<T>),
+/// The layer behind a GPU handle, by activation type.
+enum Layers {
+    F32(Box<dyn GpuAdapter<f32>>),
+    F16(Box<dyn GpuAdapter<f16>>),
+    Bf16(Box<dyn GpuAdapter<bf16>>),
 }
 
-/// A layer with the buffer of a forward recomputed inside a backward.
-struct Typed<T: Activation> {
-    layer: Layer<T>,
-    /// `y` of the recomputed forward (N×d), reallocated when N changes.
-    y_scratch: Option<DeviceMatrices<T>>,
-}
-
-enum Inner {
-    F32(Typed<f32>),
-    F16(Typed<f16>),
-    Bf16(Typed<bf16>),
-}
-
-/// Runs `$body` with `$t` bound to the `Typed<T>` of whichever activation type the handle has.
-macro_rules! with_typed {
-    ($inner:expr, $t:ident => $body:expr) => {
-        match $inner {
-            Inner::F32($t) => $body,
-            Inner::F16($t) => $body,
-            Inner::Bf16($t) => $body,
+/// Runs `$body` with `$l` bound to the handle's layer (`Box<dyn GpuAdapter<f32 | f16 | bf16>>`).
+macro_rules! any_dtype {
+    ($layers:expr, $l:ident => $body:expr) => {
+        match $layers {
+            Layers::F32($l) => $body,
+            Layers::F16($l) => $body,
+            Layers::Bf16($l) => $body,
         }
     };
 }
 
-/// What the last forward ran on (for [`ElraGpuBackward::ELRA_GPU_BACKWARD_REUSE_FORWARD`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct TapeKey {
-    x: CUdeviceptr,
-    n: usize,
-    ld_x: usize,
-    generation: u64,
+/// An activation type a GPU handle can hold.
+trait GpuDtype: Activation {
+    /// The handle dtype of `Self`.
+    const GPU_DTYPE: ElraGpuDtype;
+    /// A handle's layer of `Self`.
+    fn wrap(l: Box<dyn GpuAdapter<Self>>) -> Layers;
+}
+
+impl GpuDtype for f32 {
+    const GPU_DTYPE: ElraGpuDtype = ElraGpuDtype::ELRA_GPU_DTYPE_F32;
+    fn wrap(l: Box<dyn GpuAdapter<f32>>) -> Layers {
+        Layers::F32(l)
+    }
+}
+impl GpuDtype for f16 {
+    const GPU_DTYPE: ElraGpuDtype = ElraGpuDtype::ELRA_GPU_DTYPE_F16;
+    fn wrap(l: Box<dyn GpuAdapter<f16>>) -> Layers {
+        Layers::F16(l)
+    }
+}
+impl GpuDtype for bf16 {
+    const GPU_DTYPE: ElraGpuDtype = ElraGpuDtype::ELRA_GPU_DTYPE_BF16;
+    fn wrap(l: Box<dyn GpuAdapter<bf16>>) -> Layers {
+        Layers::Bf16(l)
+    }
 }
 
 /// An ELRA or LoRA adapter on a CUDA device (opaque to C): the device's primary context, the
@@ -134,122 +140,24 @@ struct TapeKey {
 pub struct ElraGpuAdapter {
     magic: u64,
     config: ElraAdapterConfig,
-    /// `None` for LoRA.
-    elra: Option<ElraConfig>,
-    step: usize,
-    /// Bumped whenever parameters or the step change (invalidates the forward tape).
-    generation: u64,
-    last_forward: Option<TapeKey>,
-    has_grads: bool,
-    ev_in: Arc<CudaEvent>,
-    ev_out: Arc<CudaEvent>,
-    inner: Inner,
-    /// Declared last: dropped after the layers that use its stream.
-    dev: CudaDevice,
+    layer: Layers,
+    /// Declared last: dropped after the layer that uses its device's stream.
+    caller: CallerStream,
 }
 
-fn drv<T>(r: std::result::Result<T, DriverError>) -> CResult<T> {
-    r.map_err(|e| CError::Elra(ElraError::from(e)))
-}
-
-fn invalid(arg: &'static str, why: impl Into<String>) -> CError {
-    CError::Elra(ElraError::invalid(arg, why))
-}
-
-/// Restores the calling thread's current CUDA context when dropped. cudarc binds the handle's
-/// primary context to the thread; an engine that had another device's context current (the CUDA
-/// runtime's "current device") gets it back. Create only once the driver is known to be loaded.
-struct CtxRestore(Option<cu::CUcontext>);
-
-impl CtxRestore {
-    fn new() -> Self {
-        CtxRestore(cudarc::driver::result::ctx::get_current().ok().flatten())
+impl Handle for ElraGpuAdapter {
+    const MAGIC: u64 = 0x454c_5241_4750_5541; // "ELRAGPUA"
+    const KIND: &'static str = "elra GPU adapter";
+    fn tag(&self) -> u64 {
+        self.magic
+    }
+    fn set_tag(&mut self, tag: u64) {
+        self.magic = tag;
     }
 }
 
-impl Drop for CtxRestore {
-    fn drop(&mut self) {
-        if let Some(prev) = self.0 {
-            let now = cudarc::driver::result::ctx::get_current().ok().flatten();
-            if now != Some(prev) {
-                // SAFETY: `prev` was the thread's current context when the export was entered
-                // (owned by whoever made it current; the library never destroys contexts), so
-                // making it current again is what the thread had before the call.
-                let _ = unsafe { cudarc::driver::result::ctx::set_current(prev) };
-            }
-        }
-    }
-}
-
-/// Makes the caller's stream wait for the library's stream when dropped, so that work enqueued
-/// before an early return (or a panic) is still ordered before the caller's later work.
-struct JoinBack {
-    ours: Arc<CudaStream>,
-    caller: Arc<CudaStream>,
-    ev: Arc<CudaEvent>,
-    done: bool,
-}
-
-impl JoinBack {
-    fn finish(mut self) -> CResult<()> {
-        self.done = true;
-        drv(self.ev.record(&self.ours))?;
-        drv(self.caller.wait(&self.ev))
-    }
-}
-
-impl Drop for JoinBack {
-    fn drop(&mut self) {
-        if !self.done {
-            // Best effort on the error path; the error being returned is the one to report.
-            if self.ev.record(&self.ours).is_ok() {
-                let _ = self.caller.wait(&self.ev);
-            }
-        }
-    }
-}
-
-/// Orders `f` (work enqueued on `dev`'s stream) after the caller's `stream` and the caller's later
-/// work on `stream` after `f`.
-fn ordered<R>(
-    dev: &CudaDevice,
-    ev_in: &Arc<CudaEvent>,
-    ev_out: &Arc<CudaEvent>,
-    stream: *mut c_void,
-    f: impl FnOnce() -> CResult<R>,
-) -> CResult<R> {
-    let ctx = dev.context();
-    drv(ctx.bind_to_thread())?;
-    // SAFETY: the export's caller guarantees that `stream` is NULL (the legacy default stream) or
-    // a live stream of this device's primary context that outlives the call. The wrapper does not
-    // own the stream (dropping it destroys nothing), and all work we submit through it is an
-    // event record or wait, ordered by this function.
-    let caller = unsafe { ctx.wrap_borrowed_stream(stream as CUstream) };
-    drv(ev_in.record(&caller))?;
-    drv(dev.stream().wait(ev_in))?;
-    let join = JoinBack {
-        ours: dev.stream().clone(),
-        caller,
-        ev: ev_out.clone(),
-        done: false,
-    };
-    let r = f()?;
-    join.finish()?;
-    Ok(r)
-}
-
-/// A caller device matrix after validation: its address and dims.
-#[derive(Clone, Copy, Debug)]
-struct DevMat {
-    arg: &'static str,
-    ptr: CUdeviceptr,
-    rows: usize,
-    cols: usize,
-    bytes: usize,
-}
-
-/// Validates a caller device matrix of `T` without touching it: NULL, zero dims, `ld == cols`,
-/// alignment, size, and that the driver knows the address as memory of `dev`'s device.
+/// Validates a caller device matrix of `T` ([`CallerMatrix::check`]); NULL is
+/// `ELRA_NULL_POINTER`. Without `dev` nothing is asked of the driver.
 fn dev_mat<T: Activation>(
     dev: Option<&CudaDevice>,
     arg: &'static str,
@@ -257,208 +165,49 @@ fn dev_mat<T: Activation>(
     rows: usize,
     cols: usize,
     ld: usize,
-) -> CResult<DevMat> {
+) -> CResult<CallerMatrix<T>> {
     if p.is_null() {
         return Err(CError::Null(arg));
     }
-    if rows == 0 || cols == 0 {
-        return Err(invalid(
-            arg,
-            format!("zero dimension ({rows}×{cols} matrix)"),
-        ));
-    }
-    if ld != cols {
-        return Err(invalid(
-            arg,
-            format!(
-                "leading dimension {ld} ≠ {cols} columns: device matrices must be contiguous \
-                 row-major (ld = cols)"
-            ),
-        ));
-    }
-    let size = std::mem::size_of::<T>();
-    if (p as usize) % size != 0 {
-        return Err(invalid(
-            arg,
-            format!("device pointer is not aligned to {size} bytes"),
-        ));
-    }
-    let bytes = rows
-        .checked_mul(cols)
-        .and_then(|x| x.checked_mul(size))
-        .filter(|&b| b <= isize::MAX as usize && (p as usize).checked_add(b).is_some())
-        .ok_or_else(|| invalid(arg, "the described memory exceeds the address space"))?;
-    let ptr = p as CUdeviceptr;
-    if let Some(dev) = dev {
-        let mut ordinal: i32 = -1;
-        // SAFETY: the driver writes one `int` (the attribute's documented type) into `ordinal`, a
-        // live local; it only looks the address up in its allocation tables and never
-        // dereferences it.
-        let r = unsafe {
-            cu::cuPointerGetAttribute(
-                (&mut ordinal as *mut i32).cast(),
-                cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-                ptr,
+    Ok(CallerMatrix::check(dev, arg, p, rows, cols, ld)?)
+}
+
+/// The ELRA or LoRA config of a creation request.
+enum Kind {
+    Elra(ElraConfig),
+    Lora(LoraConfig),
+}
+
+/// Parses and validates a creation config without a device: the dtype, the variant's config,
+/// no spectral clip ([`crate::adapter::GeneratorSpec::require_no_clip`]) and the GPU rank limit.
+fn parse_config(c: &ElraAdapterConfig) -> CResult<(ElraGpuDtype, Kind)> {
+    let dtype = match c.dtype {
+        0 => ElraGpuDtype::ELRA_GPU_DTYPE_F32,
+        2 => ElraGpuDtype::ELRA_GPU_DTYPE_F16,
+        3 => ElraGpuDtype::ELRA_GPU_DTYPE_BF16,
+        1 => {
+            return Err(ElraError::invalid(
+                "dtype",
+                "f64 activations are not available on the GPU (use f32, f16 or bf16)",
             )
-        };
-        if r != cu::CUresult::CUDA_SUCCESS {
-            return Err(invalid(
-                arg,
-                format!("not device memory known to the CUDA driver ({r:?})"),
-            ));
+            .into())
         }
-        if usize::try_from(ordinal).ok() != Some(dev.ordinal()) {
-            return Err(invalid(
-                arg,
-                format!(
-                    "memory is on device {ordinal} but the handle is on device {}",
-                    dev.ordinal()
-                ),
-            ));
+        v => {
+            return Err(
+                ElraError::invalid("dtype", format!("unknown ElraGpuDtype value {v}")).into(),
+            )
         }
-    }
-    Ok(DevMat {
-        arg,
-        ptr,
-        rows,
-        cols,
-        bytes,
-    })
-}
-
-/// Errors when an output overlaps any other buffer of the call.
-fn no_overlap(outputs: &[DevMat], all: &[DevMat]) -> CResult<()> {
-    for o in outputs {
-        for m in all {
-            if std::ptr::eq(o, m) || (o.arg == m.arg && o.ptr == m.ptr) {
-                continue;
-            }
-            let (a0, a1) = (o.ptr, o.ptr + o.bytes as u64);
-            let (b0, b1) = (m.ptr, m.ptr + m.bytes as u64);
-            if a0 < b1 && b0 < a1 {
-                return Err(invalid(
-                    o.arg,
-                    format!("overlaps `{}` (device buffers may not alias)", m.arg),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Wraps a validated caller matrix without copying.
-///
-/// # Safety
-/// The export's caller guarantees that `m` describes live device memory of `dev`'s context, not
-/// freed before the work enqueued through the wrapper has run on the caller's stream.
-unsafe fn borrow<T: Activation>(dev: &CudaDevice, m: &DevMat) -> CResult<BorrowedMatrices<T>> {
-    // SAFETY: forwarded; `dev_mat` checked alignment, size and the device.
-    Ok(unsafe { BorrowedMatrices::new(dev, m.ptr, 1, m.rows, m.cols)? })
-}
-
-/// α (eq. 19), the η multiplier (App. H) and λ (eq. 20) of an ELRA config at `step`.
-fn gpu_spec(cfg: &ElraConfig, step: usize) -> CResult<GpuSpec> {
-    let g = &cfg.generator;
-    let s = GpuSpec {
-        alpha: g.alpha_at(step),
-        eta_mult: g.eta_multiplier.at(step),
-        lambda: g.lambda,
     };
-    if !s.eta_mult.is_finite() || s.eta_mult <= 0.0 {
-        return Err(invalid(
-            "step",
-            format!(
-                "the η multiplier at step {step} is {} (the GPU layer needs it > 0)",
-                s.eta_mult
-            ),
-        ));
-    }
-    Ok(s)
-}
-
-/// Borrows a GPU handle after checking NULL, alignment and the magic tag.
-///
-/// # Safety
-/// `h` must be NULL or a live handle from [`elra_gpu_adapter_create`]; with exclusive access.
-unsafe fn gpu_handle<'a>(h: *mut ElraGpuAdapter) -> CResult<&'a mut ElraGpuAdapter> {
-    if h.is_null() {
-        return Err(CError::Null("adapter"));
-    }
-    if (h as usize) % std::mem::align_of::<ElraGpuAdapter>() != 0 {
-        return Err(invalid("adapter", "misaligned handle pointer"));
-    }
-    // SAFETY: non-null and aligned; the caller guarantees a live handle with exclusive access.
-    let a = unsafe { &mut *h };
-    if a.magic != GPU_MAGIC {
-        return Err(invalid("adapter", "not a live elra GPU adapter handle"));
-    }
-    Ok(a)
-}
-
-/// Shared-reference variant of [`gpu_handle`].
-///
-/// # Safety
-/// As [`gpu_handle`], shared access suffices.
-unsafe fn gpu_handle_ref<'a>(h: *const ElraGpuAdapter) -> CResult<&'a ElraGpuAdapter> {
-    if h.is_null() {
-        return Err(CError::Null("adapter"));
-    }
-    if (h as usize) % std::mem::align_of::<ElraGpuAdapter>() != 0 {
-        return Err(invalid("adapter", "misaligned handle pointer"));
-    }
-    // SAFETY: non-null and aligned; the caller guarantees a live handle.
-    let a = unsafe { &*h };
-    if a.magic != GPU_MAGIC {
-        return Err(invalid("adapter", "not a live elra GPU adapter handle"));
-    }
-    Ok(a)
-}
-
-impl ElraGpuAdapter {
-    fn dims(&self) -> (usize, usize, usize) {
-        (self.config.d, self.config.k, self.config.r)
-    }
-
-    fn is_lora(&self) -> bool {
-        self.elra.is_none()
-    }
-
-    fn uses_b(&self) -> bool {
-        self.elra.as_ref().is_none_or(|c| c.variant().uses_b())
-    }
-
-    /// `(rows, cols)` of parameter `which` ([`super::ElraParam`]); W0 is not addressable here.
-    fn param_shape(&self, which: u32) -> CResult<(usize, usize)> {
-        let (d, k, r) = self.dims();
-        let lora = self.is_lora();
-        match which {
-            0 if lora => Ok((r, k)),
-            0 => Ok((d, r)),
-            1 if lora => Ok((d, r)),
-            1 if self.uses_b() => Ok((r, d)),
-            1 => Err(invalid(
-                "which",
-                "this adapter has no factor B (ELRA-PSD: G = ηAAᵀ)",
-            )),
-            2 if lora => Err(invalid("which", "this adapter has no step size η (LoRA)")),
-            2 => Ok((1, 1)),
-            3 => Ok((d, k)),
-            v => Err(invalid("which", format!("unknown ElraParam value {v}"))),
+    let kind = match variant_of(c.variant)? {
+        Some(v) => {
+            let cfg = c.elra(v)?;
+            cfg.generator.spec_at(0).require_no_clip()?;
+            Kind::Elra(cfg)
         }
-    }
-}
-
-fn gpu_dtype(v: u32) -> CResult<ElraGpuDtype> {
-    match v {
-        0 => Ok(ElraGpuDtype::ELRA_GPU_DTYPE_F32),
-        2 => Ok(ElraGpuDtype::ELRA_GPU_DTYPE_F16),
-        3 => Ok(ElraGpuDtype::ELRA_GPU_DTYPE_BF16),
-        1 => Err(invalid(
-            "dtype",
-            "f64 activations are not available on the GPU (use f32, f16 or bf16)",
-        )),
-        _ => Err(invalid("dtype", format!("unknown ElraGpuDtype value {v}"))),
-    }
+        None => Kind::Lora(c.lora()?),
+    };
+    check_rank(c.r)?;
+    Ok((dtype, kind))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -479,37 +228,6 @@ pub unsafe extern "C" fn elra_cuda_device_count(count: *mut usize) -> ElraStatus
         unsafe { count.write(n) };
         Ok(())
     })
-}
-
-/// The parsed, validated creation request.
-struct Request {
-    dtype: ElraGpuDtype,
-    elra: Option<ElraConfig>,
-    lora: Option<LoraConfig>,
-}
-
-fn parse_config(c: &ElraAdapterConfig) -> CResult<Request> {
-    let dtype = gpu_dtype(c.dtype)?;
-    let (elra, lora) = match variant_of(c.variant)? {
-        Some(v) => {
-            let cfg = c.elra(v)?;
-            if cfg.generator.tau.is_some() {
-                return Err(invalid(
-                    "tau",
-                    "the GPU layer has no spectral clip (App. H): set tau = 0",
-                ));
-            }
-            (Some(cfg), None)
-        }
-        None => (None, Some(c.lora()?)),
-    };
-    if c.r > MAX_RANK {
-        return Err(invalid(
-            "r",
-            format!("the GPU layer supports ranks 1..={MAX_RANK}, got {}", c.r),
-        ));
-    }
-    Ok(Request { dtype, elra, lora })
 }
 
 /// Creates a GPU adapter on device `device` (a CUDA ordinal) from `config` (as for
@@ -547,131 +265,74 @@ pub unsafe extern "C" fn elra_gpu_adapter_create(
         check_scalar_out("out", out)?;
         // SAFETY: non-null; the caller guarantees a readable, initialised config (plain data).
         let c = unsafe { config.read_unaligned() };
-        let req = parse_config(&c)?;
-        // Argument checks that need no device first, so that they work on any machine.
-        check_w0(None, req.dtype, w0, &c, ld_w0)?;
-        device_count()?;
-        let _ctx = CtxRestore::new();
-        let dev = CudaDevice::new(device)?;
-        let w0m = check_w0(Some(&dev), req.dtype, w0, &c, ld_w0)?;
-        let ctx = dev.context().clone();
-        let ev_in = Arc::new(drv(ctx.new_event(None))?);
-        let ev_out = Arc::new(drv(ctx.new_event(None))?);
-        let (d, s) = (&dev, stream);
-        // SAFETY: (all three arms) the caller's contract on `w0` (validated above) and `stream`
-        // is forwarded to `build`.
-        let inner = unsafe {
-            match req.dtype {
-                ElraGpuDtype::ELRA_GPU_DTYPE_F32 => {
-                    Inner::F32(build::<f32>(d, &req, &w0m, &ev_in, &ev_out, s)?)
-                }
-                ElraGpuDtype::ELRA_GPU_DTYPE_F16 => {
-                    Inner::F16(build::<f16>(d, &req, &w0m, &ev_in, &ev_out, s)?)
-                }
-                ElraGpuDtype::ELRA_GPU_DTYPE_BF16 => {
-                    Inner::Bf16(build::<bf16>(d, &req, &w0m, &ev_in, &ev_out, s)?)
-                }
+        let (dtype, kind) = parse_config(&c)?;
+        let args = (&c, &kind, device, w0, ld_w0, stream);
+        // SAFETY: (all three arms) the caller's contract on `w0` and `stream` is forwarded.
+        let h = unsafe {
+            match dtype {
+                ElraGpuDtype::ELRA_GPU_DTYPE_F32 => create::<f32>(args)?,
+                ElraGpuDtype::ELRA_GPU_DTYPE_F16 => create::<f16>(args)?,
+                ElraGpuDtype::ELRA_GPU_DTYPE_BF16 => create::<bf16>(args)?,
             }
         };
-        let config = match (&req.elra, &req.lora) {
-            (Some(e), _) => ElraAdapterConfig::of_elra(e, req.dtype as u32),
-            (None, Some(l)) => ElraAdapterConfig::of_lora(l, req.dtype as u32),
-            (None, None) => return Err(invalid("config", "no variant")),
-        };
-        let h = Box::into_raw(Box::new(ElraGpuAdapter {
-            magic: GPU_MAGIC,
-            config,
-            elra: req.elra,
-            step: 0,
-            generation: 0,
-            last_forward: None,
-            has_grads: false,
-            ev_in,
-            ev_out,
-            inner,
-            dev,
-        }));
         // SAFETY: validated non-null and aligned; the caller guarantees writability.
-        unsafe { out.write(h) };
+        unsafe { out.write(handle::into_raw(h)) };
         Ok(())
     })
 }
 
-/// Validates the creation's `w0` (d×k device matrix of the activation type).
-fn check_w0(
-    dev: Option<&CudaDevice>,
-    dtype: ElraGpuDtype,
-    w0: *const c_void,
-    c: &ElraAdapterConfig,
-    ld_w0: usize,
-) -> CResult<DevMat> {
-    match dtype {
-        ElraGpuDtype::ELRA_GPU_DTYPE_F32 => dev_mat::<f32>(dev, "w0", w0, c.d, c.k, ld_w0),
-        ElraGpuDtype::ELRA_GPU_DTYPE_F16 => dev_mat::<f16>(dev, "w0", w0, c.d, c.k, ld_w0),
-        ElraGpuDtype::ELRA_GPU_DTYPE_BF16 => dev_mat::<bf16>(dev, "w0", w0, c.d, c.k, ld_w0),
-    }
-}
+/// The arguments of [`create`]: config, its parsed kind, device ordinal, `w0`, `ld_w0`, stream.
+type CreateArgs<'a> = (
+    &'a ElraAdapterConfig,
+    &'a Kind,
+    usize,
+    *const c_void,
+    usize,
+    *mut c_void,
+);
 
-/// Copies `W0` (ordered on the caller's stream) and builds the layer of activation type `T`.
+/// Checks `w0`, opens the device, copies `W0` (ordered on the caller's stream) and builds the
+/// layer of activation type `T` with the CPU's initialisation ([`GpuElraLayer::new`],
+/// [`GpuLoraLayer::new`]).
 ///
 /// # Safety
-/// `w0` must describe live device memory of `dev`'s context; `stream` NULL or a live stream of
-/// that context.
-unsafe fn build<T: Activation>(
-    dev: &CudaDevice,
-    req: &Request,
-    w0: &DevMat,
-    ev_in: &Arc<CudaEvent>,
-    ev_out: &Arc<CudaEvent>,
-    stream: *mut c_void,
-) -> CResult<Typed<T>> {
-    let w0_own = ordered(dev, ev_in, ev_out, stream, || {
-        // SAFETY: forwarded caller contract; the copy is ordered after the caller's stream and
-        // the caller's stream waits for it before this function returns.
-        let b = unsafe { borrow::<T>(dev, w0)? };
-        Ok(b.to_owned(dev)?)
-    })?;
-    let layer = match (&req.elra, &req.lora) {
-        (Some(cfg), _) => {
-            // The CPU handle's initialisation (ElraLayer::new) in f32.
-            let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-            let a: DMatrix<f32> = xavier_uniform(&mut rng, cfg.d, cfg.r);
-            let b: Option<DMatrix<f32>> = if cfg.variant().uses_b() {
-                Some(xavier_uniform(&mut rng, cfg.r, cfg.d))
-            } else {
-                None
-            };
-            let spec = gpu_spec(cfg, 0)?;
-            Layer::Elra(GpuElraLayer::new(
-                dev,
-                w0_own,
-                &a,
-                b.as_ref(),
-                cfg.generator.eta as f32,
-                spec,
-            )?)
-        }
-        (None, Some(cfg)) => {
-            // The CPU handle's initialisation (LoraLayer::new) in f32.
-            let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-            let la: DMatrix<f32> = match cfg.init {
-                LoraInit::KaimingUniform => kaiming_uniform(&mut rng, cfg.r, cfg.k),
-                LoraInit::XavierUniform => xavier_uniform(&mut rng, cfg.r, cfg.k),
-            };
-            let lb = DMatrix::<f32>::zeros(cfg.d, cfg.r);
-            Layer::Lora(GpuLoraLayer::new(
-                dev,
-                w0_own,
-                &la,
-                &lb,
-                cfg.scaling() as f32,
-            )?)
-        }
-        (None, None) => return Err(invalid("config", "no variant")),
+/// `w0` must be NULL or device memory covering the described matrix; `stream` NULL or a live
+/// stream of the device's primary context.
+unsafe fn create<T: GpuDtype>(
+    (c, kind, device, w0, ld_w0, stream): CreateArgs<'_>,
+) -> CResult<ElraGpuAdapter> {
+    // Argument checks that need no device first, so that they work on any machine.
+    dev_mat::<T>(None, "w0", w0, c.d, c.k, ld_w0)?;
+    device_count()?;
+    let _ctx = CtxRestore::new();
+    let dev = Arc::new(CudaDevice::new(device)?);
+    let w0m = dev_mat::<T>(Some(&dev), "w0", w0, c.d, c.k, ld_w0)?;
+    let caller = CallerStream::new(dev.clone())?;
+    let copy = || -> CResult<_> {
+        // SAFETY: `w0` validated above and alive until the caller's stream passes this call
+        // (caller contract); the copy is ordered after the caller's stream, and the caller's
+        // stream waits for it.
+        let b = unsafe { w0m.borrow(&dev)? };
+        Ok(b.to_owned(&dev)?)
     };
-    Ok(Typed {
-        layer,
-        y_scratch: None,
+    // SAFETY: the caller's contract on `stream`.
+    let w0_own = unsafe { caller.ordered(stream, copy)? };
+    let dtype = T::GPU_DTYPE as u32;
+    let (config, layer): (_, Box<dyn GpuAdapter<T>>) = match kind {
+        Kind::Elra(e) => (
+            ElraAdapterConfig::of_elra(e, dtype),
+            Box::new(GpuElraLayer::new(dev, e.clone(), w0_own)?),
+        ),
+        Kind::Lora(l) => (
+            ElraAdapterConfig::of_lora(l, dtype),
+            Box::new(GpuLoraLayer::new(dev, l.clone(), w0_own)?),
+        ),
+    };
+    Ok(ElraGpuAdapter {
+        magic: 0,
+        config,
+        layer: T::wrap(layer),
+        caller,
     })
 }
 
@@ -687,15 +348,13 @@ pub unsafe extern "C" fn elra_gpu_adapter_destroy(adapter: *mut ElraGpuAdapter) 
             return Ok(());
         }
         // SAFETY: the caller guarantees a live handle with exclusive access.
-        let a = unsafe { gpu_handle(adapter)? };
+        let a = unsafe { handle::live_ref(adapter)? };
         let _ctx = CtxRestore::new();
-        a.magic = 0;
         // The handle's buffers are freed stream-ordered on its device: make its context current
         // for the drop (CtxRestore puts the caller's back afterwards).
-        let _ = a.dev.context().bind_to_thread();
-        // SAFETY: the pointer came from Box::into_raw in elra_gpu_adapter_create; freed once.
-        drop(unsafe { Box::from_raw(adapter) });
-        Ok(())
+        let _ = a.caller.device().context().bind_to_thread();
+        // SAFETY: a live handle from `handle::into_raw`, not used afterwards (caller contract).
+        unsafe { handle::destroy(adapter) }
     });
 }
 
@@ -711,8 +370,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_config(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle_ref(adapter)? };
-        let _ctx = CtxRestore::new();
+        let a = unsafe { handle::live_ref(adapter)? };
         check_scalar_out("out", out)?;
         // SAFETY: validated; the caller guarantees writability.
         unsafe { out.write(a.config) };
@@ -734,11 +392,10 @@ pub unsafe extern "C" fn elra_gpu_adapter_param_shape(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle_ref(adapter)? };
-        let _ctx = CtxRestore::new();
+        let a = unsafe { handle::live_ref(adapter)? };
         check_scalar_out("rows", rows)?;
         check_scalar_out("cols", cols)?;
-        let (r, c) = a.param_shape(which)?;
+        let (r, c) = any_dtype!(&a.layer, l => param_shape(l.as_ref(), which)?);
         // SAFETY: validated; the caller guarantees writability.
         unsafe {
             rows.write(r);
@@ -760,17 +417,8 @@ pub unsafe extern "C" fn elra_gpu_adapter_set_step(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle(adapter)? };
-        let _ctx = CtxRestore::new();
-        if let Some(cfg) = &a.elra {
-            let spec = gpu_spec(cfg, step)?;
-            with_typed!(&mut a.inner, t => match &mut t.layer {
-                Layer::Elra(l) => l.set_spec(spec)?,
-                Layer::Lora(_) => {}
-            });
-        }
-        a.step = step;
-        a.generation += 1;
+        let a = unsafe { handle::live(adapter)? };
+        any_dtype!(&mut a.layer, l => l.set_step(step)?);
         Ok(())
     })
 }
@@ -788,17 +436,13 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_step(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle_ref(adapter)? };
-        let _ctx = CtxRestore::new();
+        let a = unsafe { handle::live_ref(adapter)? };
         check_scalar_out("step", step)?;
         check_scalar_out("alpha", alpha)?;
-        let al = match &a.elra {
-            Some(cfg) => gpu_spec(cfg, a.step)?.alpha,
-            None => 0.0,
-        };
+        let (s, al) = any_dtype!(&a.layer, l => (l.step(), l.alpha()));
         // SAFETY: validated; the caller guarantees writability.
         unsafe {
-            step.write(a.step);
+            step.write(s);
             alpha.write(al);
         }
         Ok(())
@@ -809,31 +453,9 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_step(
 // Parameters and gradients (host f32 buffers)
 // ------------------------------------------------------------------------------------------
 
-fn upload_into(dev: &CudaDevice, m: &DMatrix<f32>, dst: &mut CudaSlice<f32>) -> CResult<()> {
-    let host = row_major(m);
-    if dst.len() < host.len() {
-        return Err(CError::Elra(ElraError::Cuda(
-            "parameter buffer smaller than its shape".into(),
-        )));
-    }
-    let mut view = dst.slice_mut(0..host.len());
-    drv(dev.stream().memcpy_htod(&host, &mut view))
-}
-
-fn download(
-    dev: &CudaDevice,
-    s: &CudaSlice<f32>,
-    rows: usize,
-    cols: usize,
-) -> CResult<DMatrix<f32>> {
-    let v = drv(dev.stream().clone_dtoh(s))?;
-    drv(dev.stream().synchronize())?;
-    if v.len() < rows * cols {
-        return Err(CError::Elra(ElraError::Cuda(
-            "parameter buffer smaller than its shape".into(),
-        )));
-    }
-    Ok(DMatrix::from_row_slice(rows, cols, &v[..rows * cols]))
+/// The layer's index of parameter `which` (W0 is fixed at creation: `why` says so).
+fn gpu_param_index<A: Adapter + ?Sized>(l: &A, which: u32, why: &str) -> CResult<usize> {
+    param_index(l, which)?.ok_or_else(|| ElraError::invalid("which", why.to_string()).into())
 }
 
 /// Sets parameter `which` ([`super::ElraParam`]: A, B or η; W0 is fixed at creation) from the
@@ -856,45 +478,19 @@ pub unsafe extern "C" fn elra_gpu_adapter_set_param(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle(adapter)? };
+        let a = unsafe { handle::live(adapter)? };
         let _ctx = CtxRestore::new();
-        if which == 3 {
-            return Err(invalid(
-                "which",
-                "W0 of a GPU handle is set at creation (create a new handle)",
-            ));
-        }
-        let shape = a.param_shape(which)?;
-        if (rows, cols) != shape {
-            return Err(ElraError::shape("data", shape, (rows, cols)).into());
-        }
-        // SAFETY: caller contract on `data` (read_matrix validates the layout and finiteness).
-        let m = unsafe { read_matrix::<f32>("data", data, rows, cols, ld)? };
-        if which == 2 && m[(0, 0)] <= 0.0 {
-            return Err(invalid("data", format!("η must be > 0, got {}", m[(0, 0)])));
-        }
-        let dev = &a.dev;
-        with_typed!(&mut a.inner, t => match &mut t.layer {
-            Layer::Elra(l) => {
-                let (pa, pb, pe) = l.params_mut();
-                match which {
-                    0 => upload_into(dev, &m, pa)?,
-                    1 => match pb {
-                        Some(pb) => upload_into(dev, &m, pb)?,
-                        None => return Err(invalid("which", "this adapter has no factor B")),
-                    },
-                    _ => upload_into(dev, &m, pe)?,
-                }
+        any_dtype!(&mut a.layer, l => {
+            let why = "W0 of a GPU handle is set at creation (create a new handle)";
+            let i = gpu_param_index(l.as_ref(), which, why)?;
+            let p = l.params()[i];
+            if (rows, cols) != (p.rows, p.cols) {
+                return Err(ElraError::shape("data", (p.rows, p.cols), (rows, cols)).into());
             }
-            Layer::Lora(l) => {
-                let (la, lb) = l.params_mut();
-                match which {
-                    0 => upload_into(dev, &m, la)?,
-                    _ => upload_into(dev, &m, lb)?,
-                }
-            }
+            // SAFETY: caller contract on `data` (read_matrix validates the layout and finiteness).
+            let m = unsafe { read_matrix::<f32>("data", data, rows, cols, ld)? };
+            l.set_param(i, &m)?;
         });
-        a.generation += 1;
         Ok(())
     })
 }
@@ -916,40 +512,19 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_param(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle_ref(adapter)? };
+        let a = unsafe { handle::live_ref(adapter)? };
         let _ctx = CtxRestore::new();
-        if which == 3 {
-            return Err(invalid(
-                "which",
-                "W0 of a GPU handle lives on the device (read it with elra_gpu_adapter_merge at \
-                 zero parameters)",
-            ));
-        }
-        let shape = a.param_shape(which)?;
-        if (rows, cols) != shape {
-            return Err(ElraError::shape("out", shape, (rows, cols)).into());
-        }
-        let lo = out_layout("out", out, rows, cols, ld)?;
-        let dev = &a.dev;
-        let m = with_typed!(&a.inner, t => match &t.layer {
-            Layer::Elra(l) => {
-                let (pa, pb, pe) = l.params();
-                match (which, pb) {
-                    (0, _) => download(dev, pa, rows, cols)?,
-                    (1, Some(pb)) => download(dev, pb, rows, cols)?,
-                    (1, None) => return Err(invalid("which", "this adapter has no factor B")),
-                    _ => download(dev, pe, 1, 1)?,
-                }
+        let m = any_dtype!(&a.layer, l => {
+            let why = "W0 of a GPU handle lives on the device (read it with elra_gpu_adapter_merge \
+                       at zero parameters)";
+            let i = gpu_param_index(l.as_ref(), which, why)?;
+            let p = l.params()[i];
+            if (rows, cols) != (p.rows, p.cols) {
+                return Err(ElraError::shape("out", (p.rows, p.cols), (rows, cols)).into());
             }
-            Layer::Lora(l) => {
-                let (la, lb) = l.params();
-                if which == 0 {
-                    download(dev, la, rows, cols)?
-                } else {
-                    download(dev, lb, rows, cols)?
-                }
-            }
+            (out_layout("out", out, rows, cols, ld)?, l.param(i)?)
         });
+        let (lo, m) = m;
         // SAFETY: validated layout; the caller guarantees writability.
         unsafe { write_out(out, &lo, &row_major(&m)) };
         Ok(())
@@ -977,45 +552,39 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_grads(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle_ref(adapter)? };
+        let a = unsafe { handle::live_ref(adapter)? };
         let _ctx = CtxRestore::new();
-        let (ar, ac) = a.param_shape(0)?;
-        let l_da = out_layout("da", da, ar, ac, ld_da)?;
-        let l_db = if a.uses_b() {
-            let (br, bc) = a.param_shape(1)?;
-            Some(out_layout("db", db, br, bc, ld_db)?)
-        } else {
-            None
-        };
-        if !a.is_lora() {
-            check_scalar_out("deta", deta)?;
-        }
-        if !a.has_grads {
-            return Err(invalid("adapter", "no backward has run on this handle yet"));
-        }
-        let dev = &a.dev;
-        let (ga, gb, ge) = with_typed!(&a.inner, t => match &t.layer {
-            Layer::Elra(l) => {
-                l.check_status(dev)?;
-                let g = l.grads(dev)?;
-                (g.a, g.b, Some(g.eta))
+        any_dtype!(&a.layer, l => {
+            let l = l.as_ref();
+            let specs = l.params();
+            let ia = gpu_param_index(l, 0, "no factor A")?;
+            let ib = param_index(l, 1).ok().flatten();
+            let ie = param_index(l, 2).ok().flatten();
+            // Validate every output before any work.
+            let l_da = out_layout("da", da, specs[ia].rows, specs[ia].cols, ld_da)?;
+            let l_db = match ib {
+                Some(i) => Some(out_layout("db", db, specs[i].rows, specs[i].cols, ld_db)?),
+                None => None,
+            };
+            if ie.is_some() {
+                check_scalar_out("deta", deta)?;
             }
-            Layer::Lora(l) => {
-                let (ga, gb) = l.grads(dev)?;
-                (ga, Some(gb), None)
+            // `grad` checks that a backward ran and the statuses of its r×r kernels.
+            let ga = l.grad(ia)?;
+            let gb = ib.map(|i| l.grad(i)).transpose()?;
+            let ge = ie.map(|i| l.grad(i)).transpose()?;
+            // SAFETY: layouts validated above; the caller guarantees writability. Everything was
+            // downloaded first, so nothing is written unless the whole call succeeded.
+            unsafe {
+                write_out(da, &l_da, &row_major(&ga));
+                if let (Some(lo), Some(g)) = (l_db, gb) {
+                    write_out(db, &lo, &row_major(&g));
+                }
+                if let Some(e) = ge {
+                    deta.write(e[(0, 0)]);
+                }
             }
         });
-        // SAFETY: layouts validated above; the caller guarantees writability. Everything was
-        // downloaded first, so nothing is written unless the whole call succeeded.
-        unsafe {
-            write_out(da, &l_da, &row_major(&ga));
-            if let (Some(l), Some(g)) = (l_db, gb) {
-                write_out(db, &l, &row_major(&g));
-            }
-            if let Some(e) = ge {
-                deta.write(e);
-            }
-        }
         Ok(())
     })
 }
@@ -1034,23 +603,16 @@ pub unsafe extern "C" fn elra_gpu_adapter_energy(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle(adapter)? };
+        let a = unsafe { handle::live(adapter)? };
         let _ctx = CtxRestore::new();
         check_scalar_out("energy", energy)?;
         check_scalar_out("penalty", penalty)?;
-        let lambda = match &a.elra {
-            Some(c) => c.generator.lambda,
-            None => return Err(invalid("adapter", "LoRA has no generator energy")),
-        };
-        let dev = &a.dev;
-        let e = with_typed!(&mut a.inner, t => match &mut t.layer {
-            Layer::Elra(l) => l.generator_frobenius_sq(dev)?,
-            Layer::Lora(_) => return Err(invalid("adapter", "LoRA has no generator energy")),
-        });
+        let e = any_dtype!(&mut a.layer, l => l.energy()?)
+            .ok_or_else(|| ElraError::invalid("adapter", "LoRA has no generator energy"))?;
         // SAFETY: validated; the caller guarantees writability.
         unsafe {
-            energy.write(e);
-            penalty.write(lambda * e);
+            energy.write(e.frobenius_sq);
+            penalty.write(e.penalty);
         }
         Ok(())
     })
@@ -1068,13 +630,9 @@ pub unsafe extern "C" fn elra_gpu_adapter_synchronize(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle_ref(adapter)? };
+        let a = unsafe { handle::live_ref(adapter)? };
         let _ctx = CtxRestore::new();
-        a.dev.synchronize()?;
-        with_typed!(&a.inner, t => match &t.layer {
-            Layer::Elra(l) => l.check_status(&a.dev)?,
-            Layer::Lora(_) => {}
-        });
+        any_dtype!(&a.layer, l => l.synchronize()?);
         Ok(())
     })
 }
@@ -1083,39 +641,46 @@ pub unsafe extern "C" fn elra_gpu_adapter_synchronize(
 // Forward, backward, merge, unmerge on caller device memory
 // ------------------------------------------------------------------------------------------
 
-/// Typed forward: `y = x W_newᵀ`.
-///
-/// # Safety
-/// `x`, `y` describe live caller device memory (validated by `dev_mat`).
-unsafe fn forward_t<T: Activation>(
-    dev: &CudaDevice,
-    t: &mut Typed<T>,
-    x: &DevMat,
-    y: &DevMat,
-    dims: (usize, usize, usize),
-) -> CResult<()> {
-    // SAFETY: forwarded.
-    let xb = unsafe { borrow::<T>(dev, x)? };
-    // SAFETY: forwarded; `y` does not overlap `x` (checked by the caller).
-    let mut yb = unsafe { borrow::<T>(dev, y)? };
-    run_forward(dev, &mut t.layer, xb.get(), yb.get_mut(), dims)
+/// A caller device matrix argument: name, pointer, rows, cols, leading dimension.
+type MatArg = (&'static str, *const c_void, usize, usize, usize);
+
+/// Validates the call's device matrices (in argument order) against the layer's device and
+/// rejects an output (the last of them) that overlaps any other.
+fn check_mats<T: Activation, const N: usize>(
+    l: &dyn GpuAdapter<T>,
+    args: [MatArg; N],
+) -> CResult<[CallerMatrix<T>; N]> {
+    let dev = l.device();
+    let mut mats = Vec::with_capacity(N);
+    for (arg, p, rows, cols, ld) in args {
+        mats.push(dev_mat::<T>(Some(dev), arg, p, rows, cols, ld)?);
+    }
+    no_overlap(&mats[N.saturating_sub(1)..], &mats)?;
+    mats.try_into()
+        .map_err(|_| ElraError::invalid("args", "wrong argument count").into())
 }
 
-fn run_forward<T: Activation>(
-    dev: &CudaDevice,
-    layer: &mut Layer<T>,
-    x: &DeviceMatrices<T>,
-    y: &mut DeviceMatrices<T>,
-    (d, k, r): (usize, usize, usize),
+/// The typed body of [`elra_gpu_adapter_forward`].
+///
+/// # Safety
+/// `x`, `y` and `stream` as that export's contract.
+unsafe fn forward<T: Activation>(
+    l: &mut dyn GpuAdapter<T>,
+    caller: &CallerStream,
+    (n, x, ld_x, y, ld_y): (usize, *const c_void, usize, *mut c_void, usize),
+    stream: *mut c_void,
 ) -> CResult<()> {
-    match layer {
-        Layer::Elra(l) => {
-            let route: Route = choose_route(x.rows(), d, k, r, T::BYTES);
-            l.forward(dev, x, y, route)?
-        }
-        Layer::Lora(l) => l.forward(dev, x, y)?,
-    }
-    Ok(())
+    let (d, k) = l.dims();
+    let [xm, ym] = check_mats(l, [("x", x, n, k, ld_x), ("y", y.cast_const(), n, d, ld_y)])?;
+    let dev = caller.device();
+    let run = || -> CResult<()> {
+        // SAFETY: validated matrices, alive until the caller's stream passes this call (caller
+        // contract); `y` overlaps nothing.
+        let (xb, mut yb) = unsafe { (xm.borrow(dev)?, ym.borrow(dev)?) };
+        Ok(l.forward(xb.get(), None, yb.get_mut())?)
+    };
+    // SAFETY: the caller's contract on `stream`.
+    unsafe { caller.ordered(stream, run) }
 }
 
 /// Forward pass `y = x W_newᵀ` on device memory, without forming `W_new` for small N (ELRA:
@@ -1142,88 +707,39 @@ pub unsafe extern "C" fn elra_gpu_adapter_forward(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle(adapter)? };
+        let a = unsafe { handle::live(adapter)? };
         let _ctx = CtxRestore::new();
-        let dims = a.dims();
-        let (d, k, _) = dims;
-        let (xm, ym) = check_pair(
-            &a.dev,
-            &a.inner,
-            ("x", x, n, k, ld_x),
-            ("y", y.cast_const(), n, d, ld_y),
-        )?;
-        no_overlap(&[ym], &[xm, ym])?;
-        a.last_forward = None;
-        let dev = &a.dev;
-        ordered(dev, &a.ev_in, &a.ev_out, stream, || {
-            with_typed!(&mut a.inner, t => {
-                // SAFETY: validated device matrices; caller contract on their lifetime.
-                unsafe { forward_t(dev, t, &xm, &ym, dims) }
-            })
-        })?;
-        a.last_forward = Some(TapeKey {
-            x: xm.ptr,
-            n,
-            ld_x,
-            generation: a.generation,
-        });
-        Ok(())
+        let args = (n, x, ld_x, y, ld_y);
+        // SAFETY: (all arms) the caller's contract on `x`, `y` and `stream` is forwarded.
+        any_dtype!(&mut a.layer, l => unsafe { forward(l.as_mut(), &a.caller, args, stream) })
     })
 }
 
-type MatArg = (&'static str, *const c_void, usize, usize, usize);
-
-/// Validates two device matrices with the handle's activation type.
-fn check_pair(dev: &CudaDevice, inner: &Inner, p: MatArg, q: MatArg) -> CResult<(DevMat, DevMat)> {
-    Ok((check_one(dev, inner, p)?, check_one(dev, inner, q)?))
-}
-
-fn check_one(dev: &CudaDevice, inner: &Inner, (arg, p, rows, cols, ld): MatArg) -> CResult<DevMat> {
-    match inner {
-        Inner::F32(_) => dev_mat::<f32>(Some(dev), arg, p, rows, cols, ld),
-        Inner::F16(_) => dev_mat::<f16>(Some(dev), arg, p, rows, cols, ld),
-        Inner::Bf16(_) => dev_mat::<bf16>(Some(dev), arg, p, rows, cols, ld),
-    }
-}
-
-/// Typed backward.
+/// The typed body of [`elra_gpu_adapter_backward`]: [`Adapter::recompute`] unless the tape of
+/// the last forward is reused, then [`Adapter::backward`] (which checks that tape's key).
 ///
 /// # Safety
-/// The matrices describe live caller device memory (validated by `dev_mat`).
-unsafe fn backward_t<T: Activation>(
-    dev: &CudaDevice,
-    t: &mut Typed<T>,
-    (x, dy, dx): (&DevMat, &DevMat, &DevMat),
+/// The matrices and `stream` as that export's contract.
+unsafe fn backward<T: Activation>(
+    l: &mut dyn GpuAdapter<T>,
+    caller: &CallerStream,
+    [x, dy, dx]: [MatArg; 3],
     recompute: bool,
-    dims: (usize, usize, usize),
+    stream: *mut c_void,
 ) -> CResult<()> {
-    // SAFETY: forwarded.
-    let xb = unsafe { borrow::<T>(dev, x)? };
-    // SAFETY: forwarded.
-    let dyb = unsafe { borrow::<T>(dev, dy)? };
-    // SAFETY: forwarded; `dx` overlaps neither `x` nor `dy` (checked by the caller).
-    let mut dxb = unsafe { borrow::<T>(dev, dx)? };
-    let n = x.rows;
-    if recompute {
-        let d = dims.0;
-        if t.y_scratch
-            .as_ref()
-            .is_none_or(|m| (m.rows(), m.cols()) != (n, d))
-        {
-            t.y_scratch = None;
-            t.y_scratch = Some(DeviceMatrices::zeros(dev, 1, n, d)?);
+    let [xm, dym, dxm] = check_mats(l, [x, dy, dx])?;
+    let dev = caller.device();
+    let run = || -> CResult<()> {
+        // SAFETY: validated matrices, alive until the caller's stream passes this call (caller
+        // contract); `dx` overlaps neither `x` nor `dy`.
+        let (xb, dyb, mut dxb) = unsafe { (xm.borrow(dev)?, dym.borrow(dev)?, dxm.borrow(dev)?) };
+        if recompute {
+            l.recompute(xb.get())?;
         }
-        let y = t
-            .y_scratch
-            .as_mut()
-            .ok_or_else(|| invalid("adapter", "scratch"))?;
-        run_forward(dev, &mut t.layer, xb.get(), y, dims)?;
-    }
-    match &mut t.layer {
-        Layer::Elra(l) => l.backward(dev, xb.get(), dyb.get(), dxb.get_mut())?,
-        Layer::Lora(l) => l.backward(dev, xb.get(), dyb.get(), dxb.get_mut())?,
-    }
-    Ok(())
+        Ok(l.backward(xb.get(), dyb.get(), dxb.get_mut())?)
+    };
+    // SAFETY: the caller's contract on `stream`.
+    unsafe { caller.ordered(stream, run) }
 }
 
 /// Reverse mode of [`elra_gpu_adapter_forward`] on device memory: given `x` (n×k) and
@@ -1255,53 +771,75 @@ pub unsafe extern "C" fn elra_gpu_adapter_backward(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle(adapter)? };
+        let a = unsafe { handle::live(adapter)? };
         let _ctx = CtxRestore::new();
-        let dims = a.dims();
-        let (d, k, _) = dims;
         let recompute = match flags {
             0 => true,
             1 => false,
             v => {
-                return Err(invalid(
+                return Err(ElraError::invalid(
                     "flags",
                     format!("unknown ElraGpuBackward value {v}"),
-                ))
+                )
+                .into())
             }
         };
-        let (xm, dym) = check_pair(
-            &a.dev,
-            &a.inner,
+        let (d, k) = any_dtype!(&a.layer, l => l.dims());
+        let mats = [
             ("x", x, n, k, ld_x),
             ("dy", dy, n, d, ld_dy),
-        )?;
-        let dxm = check_one(&a.dev, &a.inner, ("dx", dx.cast_const(), n, k, ld_dx))?;
-        no_overlap(&[dxm], &[xm, dym, dxm])?;
-        let key = TapeKey {
-            x: xm.ptr,
-            n,
-            ld_x,
-            generation: a.generation,
-        };
-        if !recompute && a.last_forward != Some(key) {
-            return Err(invalid(
-                "flags",
-                "ELRA_GPU_BACKWARD_REUSE_FORWARD needs a preceding forward on this handle with \
-                 the same x, n and ld_x and no parameter or step change since",
-            ));
-        }
-        let dev = &a.dev;
-        a.last_forward = None;
-        ordered(dev, &a.ev_in, &a.ev_out, stream, || {
-            with_typed!(&mut a.inner, t => {
-                // SAFETY: validated device matrices; caller contract on their lifetime.
-                unsafe { backward_t(dev, t, (&xm, &dym, &dxm), recompute, dims) }
-            })
-        })?;
-        a.has_grads = true;
-        a.last_forward = Some(key);
-        Ok(())
+            ("dx", dx.cast_const(), n, k, ld_dx),
+        ];
+        // SAFETY: (all arms) the caller's contract on the matrices and `stream` is forwarded.
+        any_dtype!(&mut a.layer, l => unsafe {
+            backward(l.as_mut(), &a.caller, mats, recompute, stream)
+        })
     })
+}
+
+/// The typed body of [`elra_gpu_adapter_merge`].
+///
+/// # Safety
+/// `w_new` and `stream` as that export's contract.
+unsafe fn merge<T: Activation>(
+    l: &mut dyn GpuAdapter<T>,
+    caller: &CallerStream,
+    (w_new, ld): (*mut c_void, usize),
+    stream: *mut c_void,
+) -> CResult<()> {
+    let (d, k) = l.dims();
+    let [wm] = check_mats(l, [("w_new", w_new.cast_const(), d, k, ld)])?;
+    let dev = caller.device();
+    let run = || -> CResult<()> {
+        // SAFETY: a validated matrix, alive until the caller's stream passes this call (caller
+        // contract).
+        let mut wb = unsafe { wm.borrow(dev)? };
+        Ok(l.merge(wb.get_mut())?)
+    };
+    // SAFETY: the caller's contract on `stream`.
+    unsafe { caller.ordered(stream, run) }
+}
+
+/// The typed body of [`elra_gpu_adapter_unmerge`].
+///
+/// # Safety
+/// The matrices and `stream` as that export's contract.
+unsafe fn unmerge<T: Activation>(
+    l: &mut dyn GpuAdapter<T>,
+    caller: &CallerStream,
+    [w_new, w0_out]: [MatArg; 2],
+    stream: *mut c_void,
+) -> CResult<()> {
+    let [wm, om] = check_mats(l, [w_new, w0_out])?;
+    let dev = caller.device();
+    let run = || -> CResult<()> {
+        // SAFETY: validated matrices, alive until the caller's stream passes this call (caller
+        // contract); `w0_out` does not overlap `w_new`.
+        let (wb, mut ob) = unsafe { (wm.borrow(dev)?, om.borrow(dev)?) };
+        Ok(l.unmerge(wb.get(), ob.get_mut())?)
+    };
+    // SAFETY: the caller's contract on `stream`.
+    unsafe { caller.ordered(stream, run) }
 }
 
 /// The merged weight `W_new` (d×k, `ld == k`, activation type) into caller device memory `w_new`
@@ -1321,21 +859,11 @@ pub unsafe extern "C" fn elra_gpu_adapter_merge(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle(adapter)? };
+        let a = unsafe { handle::live(adapter)? };
         let _ctx = CtxRestore::new();
-        let (d, k, _) = a.dims();
-        let wm = check_one(&a.dev, &a.inner, ("w_new", w_new.cast_const(), d, k, ld))?;
-        let dev = &a.dev;
-        ordered(dev, &a.ev_in, &a.ev_out, stream, || {
-            with_typed!(&mut a.inner, t => {
-                // SAFETY: validated device matrix; caller contract on its lifetime.
-                let mut wb = unsafe { borrow(dev, &wm)? };
-                match &mut t.layer {
-                    Layer::Elra(l) => l.merge(dev, wb.get_mut())?,
-                    Layer::Lora(l) => l.merge(dev, wb.get_mut())?,
-                }
-                Ok(())
-            })
+        // SAFETY: (all arms) the caller's contract on `w_new` and `stream` is forwarded.
+        any_dtype!(&mut a.layer, l => unsafe {
+            merge(l.as_mut(), &a.caller, (w_new, ld), stream)
         })
     })
 }
@@ -1360,30 +888,15 @@ pub unsafe extern "C" fn elra_gpu_adapter_unmerge(
 ) -> ElraStatus {
     guard(|| {
         // SAFETY: caller contract.
-        let a = unsafe { gpu_handle(adapter)? };
+        let a = unsafe { handle::live(adapter)? };
         let _ctx = CtxRestore::new();
-        let (d, k, _) = a.dims();
-        let (wm, om) = check_pair(
-            &a.dev,
-            &a.inner,
+        let (d, k) = any_dtype!(&a.layer, l => l.dims());
+        let mats = [
             ("w_new", w_new, d, k, ld_w_new),
             ("w0_out", w0_out.cast_const(), d, k, ld_w0_out),
-        )?;
-        no_overlap(&[om], &[wm, om])?;
-        let dev = &a.dev;
-        ordered(dev, &a.ev_in, &a.ev_out, stream, || {
-            with_typed!(&mut a.inner, t => {
-                // SAFETY: validated device matrices; caller contract on their lifetime.
-                let wb = unsafe { borrow(dev, &wm)? };
-                // SAFETY: as above; `w0_out` does not overlap `w_new`.
-                let mut ob = unsafe { borrow(dev, &om)? };
-                match &mut t.layer {
-                    Layer::Elra(l) => l.unmerge(dev, wb.get(), ob.get_mut())?,
-                    Layer::Lora(l) => l.unmerge(dev, wb.get(), ob.get_mut())?,
-                }
-                Ok(())
-            })
-        })
+        ];
+        // SAFETY: (all arms) the caller's contract on the matrices and `stream` is forwarded.
+        any_dtype!(&mut a.layer, l => unsafe { unmerge(l.as_mut(), &a.caller, mats, stream) })
     })
 }
 
@@ -1391,6 +904,7 @@ pub unsafe extern "C" fn elra_gpu_adapter_unmerge(
 mod tests {
     use super::*;
     use crate::capi::{elra_adapter_config_default, elra_last_error_message};
+    use crate::cuda::MAX_RANK;
     use std::ptr::{null, null_mut};
 
     fn message() -> String {
@@ -1582,28 +1096,16 @@ mod tests {
     }
 
     #[test]
-    fn device_matrix_checks_without_a_device() {
-        let ok = dev_mat::<f32>(None, "x", FAKE, 3, 4, 4).unwrap();
-        assert_eq!((ok.rows, ok.cols, ok.bytes), (3, 4, 48));
-        let err = |r: CResult<DevMat>| match r {
-            Err(CError::Elra(e)) => e.to_string(),
-            Err(CError::Null(a)) => format!("null {a}"),
-            Ok(_) => panic!("accepted"),
-        };
-        assert!(err(dev_mat::<f32>(None, "x", null(), 3, 4, 4)).contains("null x"));
-        assert!(err(dev_mat::<f32>(None, "x", FAKE, 0, 4, 4)).contains("zero"));
-        assert!(err(dev_mat::<f32>(None, "x", FAKE, 3, 0, 0)).contains("zero"));
-        assert!(err(dev_mat::<f32>(None, "x", FAKE, 3, 4, 5)).contains("contiguous"));
-        assert!(err(dev_mat::<f32>(None, "x", FAKE, 3, 4, 3)).contains("contiguous"));
-        assert!(err(dev_mat::<f32>(None, "x", 0x1002 as _, 3, 4, 4)).contains("aligned"));
-        assert!(dev_mat::<f16>(None, "x", 0x1002 as _, 3, 4, 4).is_ok());
-        let huge = usize::MAX / 2;
-        assert!(err(dev_mat::<f32>(None, "x", FAKE, huge, 4, 4)).contains("address space"));
-        // Overlap: y = [0x1000, 0x1030) against x at 0x1020 (overlaps) and at 0x1030 (adjacent).
-        let y = dev_mat::<f32>(None, "y", FAKE, 3, 4, 4).unwrap();
-        let x1 = dev_mat::<f32>(None, "x", 0x1020 as _, 1, 4, 4).unwrap();
-        let x2 = dev_mat::<f32>(None, "x", 0x1030 as _, 1, 4, 4).unwrap();
-        assert!(err(no_overlap(&[y], &[x1, y]).map(|_| y)).contains("overlaps `x`"));
-        assert!(no_overlap(&[y], &[x2, y]).is_ok());
+    fn null_device_matrices_are_null_pointer_errors() {
+        // The checks themselves are `cuda::caller`'s (tested there); the ABI adds the NULL status.
+        assert!(matches!(
+            dev_mat::<f32>(None, "x", null(), 3, 4, 4),
+            Err(CError::Null("x"))
+        ));
+        assert!(dev_mat::<f32>(None, "x", FAKE, 3, 4, 4).is_ok());
+        assert!(matches!(
+            dev_mat::<f32>(None, "x", FAKE, 3, 4, 5),
+            Err(CError::Elra(ElraError::InvalidArgument { .. }))
+        ));
     }
 }

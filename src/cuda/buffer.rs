@@ -2,58 +2,12 @@
 
 use std::mem::ManuallyDrop;
 
-use cudarc::cublas::sys::cudaDataType_t;
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DevicePtr};
 use nalgebra::DMatrix;
 
-use super::CudaDevice;
+use super::{CudaDevice, DeviceScalar};
 use crate::{ElraError, Result};
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for f64 {}
-    impl Sealed for half::f16 {}
-    impl Sealed for half::bf16 {}
-}
-
-/// An element type that device buffers, the GEMM wrapper and the kernels know:
-/// `f32`, `f64`, `half::f16`, `half::bf16`.
-pub trait DeviceScalar:
-    DeviceRepr
-    + ValidAsZeroBits
-    + Copy
-    + Default
-    + PartialEq
-    + std::fmt::Debug
-    + Send
-    + Sync
-    + 'static
-    + sealed::Sealed
-{
-    /// The kernel-name suffix (`"f32"`, `"f64"`, `"f16"`, `"bf16"`).
-    const DTYPE: &'static str;
-    /// The cuBLAS data type of this element.
-    const CUDA_TYPE: cudaDataType_t;
-}
-
-impl DeviceScalar for f32 {
-    const DTYPE: &'static str = "f32";
-    const CUDA_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_32F;
-}
-impl DeviceScalar for f64 {
-    const DTYPE: &'static str = "f64";
-    const CUDA_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_64F;
-}
-impl DeviceScalar for half::f16 {
-    const DTYPE: &'static str = "f16";
-    const CUDA_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_16F;
-}
-impl DeviceScalar for half::bf16 {
-    const DTYPE: &'static str = "bf16";
-    const CUDA_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_16BF;
-}
 
 /// A batch of `batch` matrices of `rows × cols` in device memory, each row-major and stored one
 /// after the other: entry `(b, i, j)` is at `b·rows·cols + i·cols + j`.
@@ -184,6 +138,23 @@ impl<T: DeviceScalar> DeviceMatrices<T> {
         Ok(v.chunks_exact(r * c)
             .map(|m| DMatrix::from_row_slice(r, c, m))
             .collect())
+    }
+
+    /// Overwrites every entry with a copy of `src` (same shape, same device; one
+    /// device-to-device copy on `dev`'s stream).
+    pub fn copy_from(&mut self, dev: &CudaDevice, src: &DeviceMatrices<T>) -> Result<()> {
+        self.check_device(dev, "self")?;
+        src.check_device(dev, "src")?;
+        src.check_shape("src", self.batch, self.rows, self.cols)?;
+        dev.stream().memcpy_dtod(&src.data, &mut self.data)?;
+        Ok(())
+    }
+
+    /// The device address of the first entry (an identity for the input key of a layer's tape;
+    /// nothing is dereferenced or enqueued).
+    pub fn device_addr(&self) -> usize {
+        let (p, _guard) = self.data.device_ptr(self.data.stream());
+        p as usize
     }
 
     /// Overwrites every entry with `value`.

@@ -1,4 +1,5 @@
-//! The device handle: context, stream, cuBLAS handle and the kernel module.
+//! The device handle: context, stream, cuBLAS handle, and the one kernel table of a context
+//! (every kernel of the fatbin, looked up once when the context's module is loaded).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -16,7 +17,9 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/elra_kernels.fa
 /// Threads per block of every kernel in `cuda/` (they assume exactly this; see `common.cuh`).
 pub(crate) const BLOCK_THREADS: u32 = 256;
 
-/// The kernels of the fatbin, looked up once per context.
+/// Every kernel of the fatbin, looked up once per context: the batched r×r matrix functions and
+/// Grams (`cuda/phi1.cu`, `cuda/grams.cu`) and the skinny kernels of the GPU layer
+/// (`cuda/skinny.cu`; activation-typed ones indexed by [`super::Activation::INDEX`]).
 pub(crate) struct Kernels {
     pub(crate) expm_phi1_f32: CudaFunction,
     pub(crate) expm_phi1_f64: CudaFunction,
@@ -32,6 +35,22 @@ pub(crate) struct Kernels {
     pub(crate) adapter_grams_f64: CudaFunction,
     /// Largest dynamic shared memory (bytes) every matrix-function kernel accepts per block.
     pub(crate) max_dynamic_smem: usize,
+    /// `rows_fused_{f32,f16,bf16}`: the fused row pass.
+    pub(crate) rows_fused: [CudaFunction; 3],
+    /// `col_reduce_partial_{f32,f16,bf16}`: per-chunk column reductions.
+    pub(crate) col_reduce_partial: [CudaFunction; 3],
+    /// `merge_apply_{f32,f16,bf16}`: `W_out = W_in + s L R`.
+    pub(crate) merge_apply: [CudaFunction; 3],
+    /// `col_reduce_finish_f32`: the ordered sum over chunks.
+    pub(crate) col_reduce_finish: CudaFunction,
+    /// `small_gemm_f32`.
+    pub(crate) small_gemm: CudaFunction,
+    /// `factor_c_f32`: the effective factor of eq. (19).
+    pub(crate) factor_c: CudaFunction,
+    /// `factor_backward_f32`: energy gradient and chain through eq. (19).
+    pub(crate) factor_backward: CudaFunction,
+    /// `factor_eta_f32`: ∂η.
+    pub(crate) factor_eta: CudaFunction,
     /// Keeps the module loaded as long as the functions are used.
     _module: Arc<CudaModule>,
 }
@@ -226,7 +245,7 @@ impl CudaDevice {
         self.allow_tf32
     }
 
-    /// Allows or forbids TF32 in f32 GEMMs ([`crate::cuda::gemm`]). The r×r matrix-function
+    /// Allows or forbids TF32 in f32 GEMMs ([`crate::cuda::gemm()`]). The r×r matrix-function
     /// kernels never use TF32 either way.
     pub fn set_allow_tf32(&mut self, allow: bool) -> Result<()> {
         set_math_mode(&self.blas, allow)?;
@@ -329,6 +348,13 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             ))
         })
     };
+    let three = |op: &str| -> Result<[CudaFunction; 3]> {
+        Ok([
+            get(&format!("{op}_f32"))?,
+            get(&format!("{op}_f16"))?,
+            get(&format!("{op}_bf16"))?,
+        ])
+    };
     let optin =
         ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
     let expm_phi1_f32 = get("expm_phi1_f32")?;
@@ -376,6 +402,14 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         adapter_grams_f32: get("adapter_grams_f32")?,
         adapter_grams_f64: get("adapter_grams_f64")?,
         max_dynamic_smem,
+        rows_fused: three("rows_fused")?,
+        col_reduce_partial: three("col_reduce_partial")?,
+        merge_apply: three("merge_apply")?,
+        col_reduce_finish: get("col_reduce_finish_f32")?,
+        small_gemm: get("small_gemm_f32")?,
+        factor_c: get("factor_c_f32")?,
+        factor_backward: get("factor_backward_f32")?,
+        factor_eta: get("factor_eta_f32")?,
         _module: module,
     })
 }

@@ -1,5 +1,5 @@
-//! Launches of the `cuda/*.cu` kernels — the only `unsafe` kernel launches of the crate — and
-//! their host-side checks.
+//! Launches of the batched r×r kernels of `cuda/phi1.cu` and `cuda/grams.cu` (the skinny
+//! kernels of the layer are launched by `skinny.rs`) and their host-side checks.
 //!
 //! Every function here validates shapes and devices first, then launches one kernel for the
 //! whole batch (one thread block per matrix). The `launch_*` functions are asynchronous and write
@@ -8,11 +8,11 @@
 //! matrix's index in the batch.
 #![allow(non_snake_case)]
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use nalgebra::DMatrix;
 
 use super::device::BLOCK_THREADS;
-use super::{CudaDevice, DeviceMatrices, DeviceScalar, MatrixTeam, Workspace};
+use super::{CudaDevice, DeviceMatrices, DeviceScalar, FloatKernel, MatrixTeam, Workspace};
 use crate::linalg::Real;
 use crate::{ElraError, Result};
 
@@ -25,12 +25,6 @@ const WARP: usize = 32;
 /// Work matrices per block of the matrix-function kernels (`ELRA_NBUF` in `cuda/phi1.cu`; the
 /// buffers of the CPU core's `Workspace`).
 const NBUF: usize = 12;
-
-/// Element types with matrix-function and Gram kernels: `f32` and `f64` (the math runs in that
-/// precision; never TF32 or bf16).
-pub trait FloatKernel: DeviceScalar + Real {}
-impl FloatKernel for f32 {}
-impl FloatKernel for f64 {}
 
 /// Outcome for one matrix of a batch, as written by the kernels (`ELRA_*` in `cuda/common.cuh`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,6 +218,28 @@ fn plan<T: FloatKernel>(dev: &CudaDevice, batch: usize, len: usize) -> Result<Pl
     })
 }
 
+impl<T: FloatKernel> Plan<T> {
+    /// The kernel of this plan's team for `T`: one of `block` or `warp`, each `[f32, f64]`.
+    fn kernel<'k>(
+        &self,
+        block: [&'k CudaFunction; 2],
+        warp: [&'k CudaFunction; 2],
+    ) -> &'k CudaFunction {
+        let [f32_fn, f64_fn] = if self.warp { warp } else { block };
+        pick::<T>(f32_fn, f64_fn)
+    }
+
+    /// Pushes the arguments every matrix-function kernel ends with: `T* work` (null when the
+    /// work matrices are in shared memory), `int use_shared`, `int* status`.
+    fn push_tail<'a>(&'a mut self, args: &mut LaunchArgs<'a>, status: &'a mut CudaSlice<i32>) {
+        match self.work.as_mut() {
+            Some(w) => args.arg(w),
+            None => args.arg(&NULL_WORK),
+        };
+        args.arg(&self.use_shared).arg(status);
+    }
+}
+
 fn launch_config(batch: usize, smem: u32) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid_dim: (i32_of("batch", batch)? as u32, 1, 1),
@@ -237,7 +253,7 @@ const NULL_WORK: u64 = 0;
 
 /// Launches `expm_phi1_{f32,f64}`: for every matrix `Z[b]` of the batch, `E[b] = e^{Z[b]}` and
 /// `P[b] = φ1(Z[b])` by Padé scaling and squaring (Al-Mohy & Higham 2009 Alg. 3.1/5.1 and the φ1
-/// recurrence `φ1(2X) = ½(e^X + I)φ1(X)`; the algorithm of [`crate::linalg::expm`], mirrored
+/// recurrence `φ1(2X) = ½(e^X + I)φ1(X)`; the algorithm of [`crate::linalg::expm`](mod@crate::linalg::expm), mirrored
 /// operation by operation). Asynchronous; statuses go to `status[b]`; failed matrices get NaN
 /// outputs.
 ///
@@ -261,21 +277,18 @@ pub fn launch_expm_phi1<T: FloatKernel>(
     let mut plan = plan::<T>(dev, batch, n * n)?;
     let (n_i, batch_i) = (i32_of("n", n)?, i32_of("batch", batch)?);
     let k = dev.kernels();
-    let f = match plan.warp {
-        false => pick::<T>(&k.expm_phi1_f32, &k.expm_phi1_f64),
-        true => pick::<T>(&k.expm_phi1_warp_f32, &k.expm_phi1_warp_f64),
-    };
+    let f = plan.kernel(
+        [&k.expm_phi1_f32, &k.expm_phi1_f64],
+        [&k.expm_phi1_warp_f32, &k.expm_phi1_warp_f64],
+    );
+    let cfg = plan.cfg;
     let mut args = dev.stream().launch_builder(f);
     args.arg(z.slice())
         .arg(&n_i)
         .arg(&batch_i)
         .arg(exp_out.slice_mut())
         .arg(phi_out.slice_mut());
-    match plan.work.as_mut() {
-        Some(w) => args.arg(w),
-        None => args.arg(&NULL_WORK),
-    };
-    args.arg(&plan.use_shared).arg(status);
+    plan.push_tail(&mut args, status);
     // SAFETY: the argument list matches the kernel signature `(const T* z, int n, int batch,
     // T* exp_out, T* phi_out, T* work, int use_shared, int* status)` of both `expm_phi1_{dtype}`
     // and `expm_phi1_warp_{dtype}`, with T the element type of every buffer (kernel picked by
@@ -287,7 +300,6 @@ pub fn launch_expm_phi1<T: FloatKernel>(
     // at most the opt-in limit set on every such function at load time, and `work` is null
     // (`bind` in phi1.cu only offsets it when use_shared = 0); otherwise `work` holds
     // batch·12·n² entries. Outputs are distinct allocations from the input (Rust borrows).
-    let cfg = plan.cfg;
     unsafe { args.launch(cfg) }?;
     Ok(())
 }
@@ -345,21 +357,18 @@ pub fn launch_phi1_adjoint<T: FloatKernel>(
     let mut plan = plan::<T>(dev, batch, 2 * n * n)?;
     let (n_i, batch_i) = (i32_of("n", n)?, i32_of("batch", batch)?);
     let k = dev.kernels();
-    let f = match plan.warp {
-        false => pick::<T>(&k.phi1_adjoint_f32, &k.phi1_adjoint_f64),
-        true => pick::<T>(&k.phi1_adjoint_warp_f32, &k.phi1_adjoint_warp_f64),
-    };
+    let f = plan.kernel(
+        [&k.phi1_adjoint_f32, &k.phi1_adjoint_f64],
+        [&k.phi1_adjoint_warp_f32, &k.phi1_adjoint_warp_f64],
+    );
+    let cfg = plan.cfg;
     let mut args = dev.stream().launch_builder(f);
     args.arg(z.slice())
         .arg(g.slice())
         .arg(&n_i)
         .arg(&batch_i)
         .arg(out.slice_mut());
-    match plan.work.as_mut() {
-        Some(w) => args.arg(w),
-        None => args.arg(&NULL_WORK),
-    };
-    args.arg(&plan.use_shared).arg(status);
+    plan.push_tail(&mut args, status);
     // SAFETY: the argument list matches `(const T* z, const T* g, int n, int batch, T* out,
     // T* work, int use_shared, int* status)` of `phi1_adjoint_{dtype}` and
     // `phi1_adjoint_warp_{dtype}`. Team b < batch (see `plan`) reads z and g at [b·n², (b+1)·n²),
@@ -368,7 +377,6 @@ pub fn launch_phi1_adjoint<T: FloatKernel>(
     // entries). Work matrices hold 2n² entries (block pairs): W·12·2n² per block in dynamic shared
     // memory of `shared_mem_bytes` (≤ the opt-in limit set at load time) when use_shared = 1, with
     // `work` null and never dereferenced, else `work` holds batch·12·2n² entries.
-    let cfg = plan.cfg;
     unsafe { args.launch(cfg) }?;
     Ok(())
 }

@@ -2,27 +2,21 @@
 //! and a row-major GEMM over cuBLAS.
 //!
 //! # What runs where
-//! - [`CudaDevice`] holds the CUDA context (`Arc<CudaContext>`, the device's primary context), the
-//!   device's one stream (shared by all handles of that ordinal), a cuBLAS handle bound to that
-//!   stream, and the kernel module. The module is the
-//!   fatbin that `build.rs` compiles from `cuda/*.cu` with nvcc; it is embedded in the library and
-//!   loaded once per context (all devices on the same ordinal share it).
-//! - [`DeviceMatrices`] is a batch of row-major matrices in device memory (nalgebra's `DMatrix` is
-//!   column-major: the host conversions transpose).
-//! - Kernels ([`kernels`]): batched `exp` and `φ1` of r×r matrices by Padé scaling and squaring
-//!   (the algorithm of [`crate::linalg::expm`], Al-Mohy & Higham 2009), the adjoint Fréchet
-//!   derivative `L_φ1(Zᵀ, G)`, and the Grams of eq. (21) for a batch of adapters. Each writes a
-//!   per-matrix status that the host turns into an error naming the matrix.
-//! - [`layer`]: the ELRA layer on the GPU (general/PSD/Hyb, double-sided, LoRA; Woodbury and
-//!   merged routes; f32/f16/bf16 activations) built from cuBLAS and the fused skinny kernels of
-//!   `cuda/skinny.cu`.
-//! - [`gemm`]: `C ← α op(A) op(B) + β C` on row-major operands (cuBLAS is column-major; the
-//!   wrapper computes `Cᵀ = op(B)ᵀ op(A)ᵀ`).
+//! | file | holds |
+//! |---|---|
+//! | `device.rs` | [`CudaDevice`]: the device's primary context (`Arc<CudaContext>`), its one stream (shared by all handles of that ordinal), a cuBLAS handle bound to that stream, and the one kernel table of the context — every kernel of the fatbin that `build.rs` compiles from `cuda/*.cu`, embedded in the library, loaded and looked up once per context |
+//! | `dtype.rs` | the element types: [`DeviceScalar`] (buffers, GEMM), [`FloatKernel`] (r×r kernels, f32/f64), [`Activation`] (layer activations, f32/f16/bf16) |
+//! | `buffer.rs` | [`DeviceMatrices`], a batch of row-major matrices in device memory (nalgebra's `DMatrix` is column-major: the host conversions transpose), and the non-owning view of caller memory |
+//! | [`gemm`](mod@gemm) | `C ← α op(A) op(B) + β C` on row-major operands (cuBLAS is column-major; the wrapper computes `Cᵀ = op(B)ᵀ op(A)ᵀ`) |
+//! | [`kernels`] | batched `exp` and `φ1` of r×r matrices by Padé scaling and squaring (the algorithm of [`crate::linalg::expm`](mod@crate::linalg::expm), Al-Mohy & Higham 2009), the adjoint Fréchet derivative `L_φ1(Zᵀ, G)`, and the Grams of eq. (21); each writes a per-matrix status that the host turns into an error naming the matrix |
+//! | `skinny.rs` | checked launches of the fused skinny kernels of `cuda/skinny.cu` on strided views |
+//! | [`layer`] | the adapters on the GPU — [`GpuElraLayer`] (general/PSD/Hyb; Woodbury and merged routes), [`GpuDoubleSidedLayer`], [`GpuLoraLayer`] — each an [`Adapter`](crate::adapter::Adapter) over [`DeviceMatrices`] ([`GpuAdapter`]) |
+//! | `caller.rs` | memory and streams owned by a caller (the C ABI): context guard, stream join, caller-pointer checks and borrowing |
 //!
 //! # Without a GPU
 //! The driver library (`libcuda`) and cuBLAS are loaded at run time. [`cuda_available`] probes for
 //! them and for a device without panicking; [`CudaDevice::new`] returns
-//! [`ElraError::NoDevice`](crate::ElraError::NoDevice) when there is none.
+//! [`ElraError::NoDevice`] when there is none.
 //!
 //! # Numerics on the GPU
 //! The r×r matrix functions run in the input precision (f32 or f64) with IEEE arithmetic; never
@@ -39,26 +33,33 @@
 //! the CPU core, so the kernels' logic is tested on every CI run. The GPU tests in the same file
 //! skip, printing why, when [`cuda_available`] reports no device.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod buffer;
+pub(crate) mod caller;
 mod device;
+mod dtype;
 pub mod gemm;
 pub mod kernels;
 pub mod layer;
 mod skinny;
 
 pub(crate) use buffer::BorrowedMatrices;
-pub use buffer::{DeviceMatrices, DeviceScalar};
+pub use buffer::DeviceMatrices;
 pub use device::{cuda_available, device_count, CudaDevice, MatrixTeam, Workspace};
+pub use dtype::{Activation, DeviceScalar, FloatKernel};
 pub use gemm::{gemm, Transpose};
 pub use kernels::{
     adapter_grams, expm_phi1, phi1_adjoint, spectral_norm_sq, AdapterGrams, DeviceGrams,
-    FloatKernel, MatrixStatus,
+    MatrixStatus,
 };
 pub use layer::{
-    choose_route, route_cost, GpuDoubleSidedLayer, GpuElraLayer, GpuGrads, GpuLoraLayer, GpuSide,
-    GpuSpec, RouteCost,
+    choose_route, route_cost, GpuAdapter, GpuDoubleSidedLayer, GpuElraLayer, GpuLoraLayer,
+    RouteCost,
 };
-pub use skinny::{Activation, MAX_RANK};
+pub(crate) use skinny::check_rank;
+pub use skinny::MAX_RANK;
 
 use crate::ElraError;
 

@@ -12,19 +12,11 @@
 //! thread). Everything is ordered on the device's single stream.
 #![allow(non_snake_case)]
 
-use std::sync::{Arc, Mutex, Weak};
-
-use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop,
-};
-use cudarc::nvrtc::Ptx;
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
 use super::device::BLOCK_THREADS;
-use super::{CudaDevice, DeviceScalar};
+use super::{Activation, CudaDevice};
 use crate::{ElraError, Result};
-
-/// The same fatbin as the rest of `cuda/` (`build.rs`); this module looks up the skinny kernels.
-static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/elra_kernels.fatbin"));
 
 /// Largest adapter rank of the row kernel (`ELRA_SKINNY_MAX_R` in `cuda/skinny.cu`).
 pub const MAX_RANK: usize = 64;
@@ -41,122 +33,6 @@ const MA_ROWS: usize = NWARPS * 4;
 const TARGET_BLOCKS: usize = 1024;
 /// Largest grid dimension used (the kernels loop over what a smaller grid leaves).
 const MAX_GRID: usize = 65_535;
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for half::f16 {}
-    impl Sealed for half::bf16 {}
-}
-
-/// The element type of activations and of the frozen weight on the GPU layer: `f32`,
-/// `half::f16` or `half::bf16`. Adapter parameters, r×r matrices and gradients are always f32.
-pub trait Activation: DeviceScalar + sealed::Sealed {
-    /// Index of the dtype in the kernel tables (f32, f16, bf16).
-    #[doc(hidden)]
-    const INDEX: usize;
-    /// Bytes per element.
-    const BYTES: usize;
-    /// Rounds an f64 to this type (round to nearest even).
-    fn from_f64(x: f64) -> Self;
-    /// Widens to f64 (exact).
-    fn to_f64(self) -> f64;
-}
-
-impl Activation for f32 {
-    const INDEX: usize = 0;
-    const BYTES: usize = 4;
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-}
-impl Activation for half::f16 {
-    const INDEX: usize = 1;
-    const BYTES: usize = 2;
-    fn from_f64(x: f64) -> Self {
-        half::f16::from_f64(x)
-    }
-    fn to_f64(self) -> f64 {
-        half::f16::to_f64(self)
-    }
-}
-impl Activation for half::bf16 {
-    const INDEX: usize = 2;
-    const BYTES: usize = 2;
-    fn from_f64(x: f64) -> Self {
-        half::bf16::from_f64(x)
-    }
-    fn to_f64(self) -> f64 {
-        half::bf16::to_f64(self)
-    }
-}
-
-/// The kernels of `cuda/skinny.cu`, looked up once per context.
-pub(crate) struct SkinnyKernels {
-    rows_fused: [CudaFunction; 3],
-    col_reduce_partial: [CudaFunction; 3],
-    merge_apply: [CudaFunction; 3],
-    col_reduce_finish: CudaFunction,
-    small_gemm: CudaFunction,
-    factor_c: CudaFunction,
-    factor_backward: CudaFunction,
-    factor_eta: CudaFunction,
-    _module: Arc<CudaModule>,
-}
-
-static LOADED: Mutex<Vec<(usize, Weak<SkinnyKernels>)>> = Mutex::new(Vec::new());
-
-impl SkinnyKernels {
-    /// The kernels for `dev`'s context (loaded once while any layer on that device lives).
-    pub(crate) fn get(dev: &CudaDevice) -> Result<Arc<SkinnyKernels>> {
-        let mut table = LOADED
-            .lock()
-            .map_err(|_| ElraError::Cuda("skinny kernel registry poisoned".into()))?;
-        table.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(k) = table
-            .iter()
-            .find(|(o, _)| *o == dev.ordinal())
-            .and_then(|(_, w)| w.upgrade())
-        {
-            return Ok(k);
-        }
-        let module = dev
-            .context()
-            .load_module(Ptx::from_binary(FATBIN.to_vec()))
-            .map_err(|e| ElraError::Cuda(format!("cannot load the skinny kernels: {:?}", e.0)))?;
-        let get = |name: String| {
-            module.load_function(&name).map_err(|e| {
-                ElraError::Cuda(format!(
-                    "kernel `{name}` missing from the fatbin: {:?}",
-                    e.0
-                ))
-            })
-        };
-        let three = |op: &str| -> Result<[CudaFunction; 3]> {
-            Ok([
-                get(format!("{op}_f32"))?,
-                get(format!("{op}_f16"))?,
-                get(format!("{op}_bf16"))?,
-            ])
-        };
-        let k = Arc::new(SkinnyKernels {
-            rows_fused: three("rows_fused")?,
-            col_reduce_partial: three("col_reduce_partial")?,
-            merge_apply: three("merge_apply")?,
-            col_reduce_finish: get("col_reduce_finish_f32".into())?,
-            small_gemm: get("small_gemm_f32".into())?,
-            factor_c: get("factor_c_f32".into())?,
-            factor_backward: get("factor_backward_f32".into())?,
-            factor_eta: get("factor_eta_f32".into())?,
-            _module: module,
-        });
-        table.push((dev.ordinal(), Arc::downgrade(&k)));
-        Ok(k)
-    }
-}
 
 /// A strided `rows × cols` view of a device buffer: entry `(i, j)` is `buf[off + i·s0 + j·s1]`.
 #[derive(Clone, Copy, Debug)]
@@ -269,7 +145,7 @@ fn opt_ptr<'a, T>(dev: &'a CudaDevice, v: &Option<View<'a, T>>) -> (u64, Option<
     }
 }
 
-fn check_rank(r: usize) -> Result<()> {
+pub(crate) fn check_rank(r: usize) -> Result<()> {
     if r == 0 || r > MAX_RANK {
         return Err(ElraError::invalid(
             "r",
@@ -314,11 +190,7 @@ fn rows_per_warp(n_rows: usize) -> usize {
 /// `out_i = base_i + Am t` (`cuda/skinny.cu` `rows_fused`): the Woodbury row pass `y = u + A M C u` of Prop. 1 / eq. (5), its reverse
 /// mode with transposed roles (`T̄ = Ȳ A`, `V̄ = T̄ M`, `X̄ = Ȳ + V̄ C`, module docs of
 /// [`crate::grad::rows`]), the LoRA branch, and skinny products `v = X Cmᵀ` (no output).
-pub(crate) fn rows_fused<T: Activation>(
-    dev: &CudaDevice,
-    k: &SkinnyKernels,
-    p: &RowPass<'_, T>,
-) -> Result<()> {
+pub(crate) fn rows_fused<T: Activation>(dev: &CudaDevice, p: &RowPass<'_, T>) -> Result<()> {
     let (n_rows, n_in) = (p.input.rows, p.input.cols);
     let r = p.cm.rows;
     check_rank(r)?;
@@ -375,7 +247,9 @@ pub(crate) fn rows_fused<T: Activation>(
     let (am_p, _g6) = opt_ptr(dev, &p.am);
     let (v_p, _g7) = opt_ptr(dev, &p.v_out);
     let (t_p, _g8) = opt_ptr(dev, &p.t_out);
-    let mut args = dev.stream().launch_builder(&k.rows_fused[T::INDEX]);
+    let mut args = dev
+        .stream()
+        .launch_builder(&dev.kernels().rows_fused[T::INDEX]);
     args.arg(&n_rows_i)
         .arg(&rpw_i)
         .arg(&n_in_i)
@@ -443,7 +317,6 @@ pub(crate) fn col_reduce_scratch(n_rows: usize, n: usize, r: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn col_reduce<T: Activation>(
     dev: &CudaDevice,
-    k: &SkinnyKernels,
     y: View<'_, T>,
     s: View<'_, f32>,
     alpha: f32,
@@ -486,7 +359,9 @@ pub(crate) fn col_reduce<T: Activation>(
             block_dim: (BLOCK_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut args = dev.stream().launch_builder(&k.col_reduce_partial[T::INDEX]);
+        let mut args = dev
+            .stream()
+            .launch_builder(&dev.kernels().col_reduce_partial[T::INDEX]);
         args.arg(&n_rows_i)
             .arg(&n_i)
             .arg(&r_i)
@@ -509,7 +384,9 @@ pub(crate) fn col_reduce<T: Activation>(
     }
     let (w_p, _g3) = dptr(dev, &scratch_view);
     let (o_p, _g4) = dptr(dev, &out);
-    let mut args = dev.stream().launch_builder(&k.col_reduce_finish);
+    let mut args = dev
+        .stream()
+        .launch_builder(&dev.kernels().col_reduce_finish);
     args.arg(&n_i)
         .arg(&r_i)
         .arg(&chunks_i)
@@ -532,7 +409,6 @@ pub(crate) fn col_reduce<T: Activation>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn merge_apply<T: Activation>(
     dev: &CudaDevice,
-    k: &SkinnyKernels,
     w_in: View<'_, T>,
     w_out: View<'_, T>,
     scale: f32,
@@ -565,7 +441,9 @@ pub(crate) fn merge_apply<T: Activation>(
         block_dim: (BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut args = dev.stream().launch_builder(&k.merge_apply[T::INDEX]);
+    let mut args = dev
+        .stream()
+        .launch_builder(&dev.kernels().merge_apply[T::INDEX]);
     args.arg(&d_i)
         .arg(&k_i)
         .arg(&r_i)
@@ -596,7 +474,6 @@ pub(crate) fn merge_apply<T: Activation>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn small_gemm(
     dev: &CudaDevice,
-    k: &SkinnyKernels,
     alpha: f32,
     a: View<'_, f32>,
     b: View<'_, f32>,
@@ -614,7 +491,7 @@ pub(crate) fn small_gemm(
     let (ap, _g1) = dptr(dev, &a);
     let (bp, _g2) = dptr(dev, &b);
     let (cp, _g3) = dptr(dev, &c);
-    let mut args = dev.stream().launch_builder(&k.small_gemm);
+    let mut args = dev.stream().launch_builder(&dev.kernels().small_gemm);
     args.arg(&m_i)
         .arg(&n_i)
         .arg(&k_i)
@@ -642,7 +519,6 @@ pub(crate) fn small_gemm(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn factor_c(
     dev: &CudaDevice,
-    k: &SkinnyKernels,
     a: View<'_, f32>,
     b: Option<View<'_, f32>>,
     eta: View<'_, f32>,
@@ -668,7 +544,7 @@ pub(crate) fn factor_c(
     let (bp, _g2) = opt_ptr(dev, &b);
     let (ep, _g3) = dptr(dev, &eta);
     let (cp, _g4) = dptr(dev, &ct);
-    let mut args = dev.stream().launch_builder(&k.factor_c);
+    let mut args = dev.stream().launch_builder(&dev.kernels().factor_c);
     args.arg(&d_i)
         .arg(&r_i)
         .arg(&ap)
@@ -704,11 +580,7 @@ pub(crate) struct FactorBackward<'a> {
 /// chain through eq. (19): `Ā += η_eff α C̄ᵀ`, `B̄ = η_eff (1−α) C̄` (one thread per entry, a grid
 /// over d·r), then `∂η = m⟨C̄, C⟩/η_eff` (one block) ([`crate::grad::FactorChain::backward`]
 /// without the clip).
-pub(crate) fn factor_backward(
-    dev: &CudaDevice,
-    k: &SkinnyKernels,
-    f: &FactorBackward<'_>,
-) -> Result<()> {
+pub(crate) fn factor_backward(dev: &CudaDevice, f: &FactorBackward<'_>) -> Result<()> {
     let (d, r) = (f.a.rows, f.a.cols);
     for (arg, v) in [
         ("a", &f.a),
@@ -742,7 +614,7 @@ pub(crate) fn factor_backward(
     let (cbp, _g7) = dptr(dev, &f.cbar_t);
     let (bbp, _g8) = opt_ptr(dev, &f.bbar);
     let (ebp, _g9) = dptr(dev, &f.etabar);
-    let mut args = dev.stream().launch_builder(&k.factor_backward);
+    let mut args = dev.stream().launch_builder(&dev.kernels().factor_backward);
     args.arg(&d_i)
         .arg(&r_i)
         .arg(&ap)
@@ -764,7 +636,12 @@ pub(crate) fn factor_backward(
     // above. Each entry is read and written by one thread only. Outputs are buffers distinct from
     // the inputs.
     unsafe { args.launch(grid(d * r)?) }?;
-    let mut args = dev.stream().launch_builder(&k.factor_eta);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (BLOCK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut args = dev.stream().launch_builder(&dev.kernels().factor_eta);
     args.arg(&d_i)
         .arg(&r_i)
         .arg(&cp)
@@ -776,11 +653,6 @@ pub(crate) fn factor_backward(
     // float* eta, float mult, float* etabar)`: one block reads entries < d·r of the two d×r views
     // (checked above) and eta[0], writes etabar[0]; ordered after factor_backward_f32 on the
     // stream, whose C̄ᵀ it reads.
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (BLOCK_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     unsafe { args.launch(cfg) }?;
     Ok(())
 }

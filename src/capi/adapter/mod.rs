@@ -153,7 +153,7 @@ impl ElraAdapter {
 }
 
 /// The adapter's parameter index of [`super::ElraParam`] `which`; `None` for W0.
-fn param_index<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<Option<usize>> {
+pub(crate) fn param_index<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<Option<usize>> {
     match param_names(which)? {
         None => Ok(None),
         Some(names) => names
@@ -179,7 +179,7 @@ fn work<A: Adapter + ?Sized>(a: &A, n: usize, terms: &[(usize, usize)]) -> Optio
 }
 
 /// `(rows, cols)` of [`super::ElraParam`] `which` (W0: d×k).
-fn param_shape<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<(usize, usize)> {
+pub(crate) fn param_shape<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<(usize, usize)> {
     Ok(match param_index(a, which)? {
         Some(i) => {
             let p = a.params()[i];

@@ -1,0 +1,329 @@
+//! Working on memory and streams that the caller owns (an engine such as PyTorch, through the C
+//! ABI of `crate::capi::gpu`): the thread's context guard, the join of the caller's stream with the
+//! device's one stream, and the checks and borrowing of caller device pointers. Everything here
+//! returns [`ElraError`]; the ABI only maps it to status codes.
+//!
+//! * [`CtxRestore`] puts back the thread's current context when a call returns.
+//! * [`CallerStream::ordered`] orders work enqueued on the device's stream after the caller's
+//!   `stream` and the caller's later work after it: an event recorded on `stream` that the
+//!   device's stream waits for, then an event recorded on the device's stream that `stream` waits
+//!   for (a drop guard does the second half on error paths too).
+//! * [`CallerMatrix::check`] validates a caller pointer without touching the memory (NULL, zero
+//!   dimensions, contiguity `ld == cols`, alignment, size, and through `cuPointerGetAttribute`
+//!   that the address is device memory of the layer's device); [`no_overlap`] rejects outputs
+//!   that overlap another operand; [`CallerMatrix::borrow`] lends the memory to a layer as a
+//!   [`DeviceMatrices`](super::DeviceMatrices) without copying.
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self as cu, CUdeviceptr, CUstream};
+use cudarc::driver::{CudaEvent, CudaStream};
+
+use super::{BorrowedMatrices, CudaDevice, DeviceScalar};
+use crate::{ElraError, Result};
+
+/// Restores the calling thread's current CUDA context when dropped. cudarc binds a device's
+/// primary context to the thread; an engine that had another device's context current (the CUDA
+/// runtime's "current device") gets it back. Create it only once the driver is known to be
+/// loaded (a live GPU handle, or after [`super::device_count`] succeeded).
+pub(crate) struct CtxRestore(Option<cu::CUcontext>);
+
+impl CtxRestore {
+    /// Remembers the thread's current context (none when the driver reports none).
+    pub(crate) fn new() -> Self {
+        CtxRestore(cudarc::driver::result::ctx::get_current().ok().flatten())
+    }
+}
+
+impl Drop for CtxRestore {
+    fn drop(&mut self) {
+        if let Some(prev) = self.0 {
+            let now = cudarc::driver::result::ctx::get_current().ok().flatten();
+            if now != Some(prev) {
+                // SAFETY: `prev` was the thread's current context when the guard was made (owned
+                // by whoever made it current; the library never destroys contexts), so making it
+                // current again is what the thread had before the call.
+                let _ = unsafe { cudarc::driver::result::ctx::set_current(prev) };
+            }
+        }
+    }
+}
+
+/// The stream plumbing of one caller-facing handle: the device and the two events of the join
+/// ([`Self::ordered`]).
+pub(crate) struct CallerStream {
+    dev: Arc<CudaDevice>,
+    ev_in: Arc<CudaEvent>,
+    ev_out: Arc<CudaEvent>,
+}
+
+impl CallerStream {
+    /// The events of the join on `dev`'s context.
+    pub(crate) fn new(dev: Arc<CudaDevice>) -> Result<Self> {
+        let ctx = dev.context().clone();
+        Ok(CallerStream {
+            ev_in: Arc::new(ctx.new_event(None)?),
+            ev_out: Arc::new(ctx.new_event(None)?),
+            dev,
+        })
+    }
+
+    /// The device.
+    pub(crate) fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// Runs `f` (which enqueues work on the device's stream) ordered after the work enqueued so
+    /// far on the caller's `stream`, and orders the caller's later work on `stream` after `f`'s:
+    /// records an event on `stream`, makes the device's stream wait for it, runs `f`, records an
+    /// event on the device's stream and makes `stream` wait for it — also when `f` fails.
+    ///
+    /// # Safety
+    /// `stream` must be NULL (the legacy default stream) or a live stream of the device's
+    /// primary context that outlives the call.
+    pub(crate) unsafe fn ordered<R, E: From<ElraError>>(
+        &self,
+        stream: *mut c_void,
+        f: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
+        let ctx = self.dev.context();
+        ctx.bind_to_thread().map_err(ElraError::from)?;
+        // SAFETY: the caller guarantees that `stream` is NULL or a live stream of this device's
+        // primary context that outlives the call. The wrapper does not own the stream (dropping it
+        // destroys nothing), and all work submitted through it is an event record or wait.
+        let caller = unsafe { ctx.wrap_borrowed_stream(stream as CUstream) };
+        self.ev_in.record(&caller).map_err(ElraError::from)?;
+        self.dev
+            .stream()
+            .wait(&self.ev_in)
+            .map_err(ElraError::from)?;
+        let join = JoinBack {
+            ours: self.dev.stream().clone(),
+            caller,
+            ev: self.ev_out.clone(),
+            done: false,
+        };
+        let r = f()?;
+        join.finish()?;
+        Ok(r)
+    }
+}
+
+/// Makes the caller's stream wait for the device's stream when dropped, so that work enqueued
+/// before an early return (or a panic) is still ordered before the caller's later work.
+struct JoinBack {
+    ours: Arc<CudaStream>,
+    caller: Arc<CudaStream>,
+    ev: Arc<CudaEvent>,
+    done: bool,
+}
+
+impl JoinBack {
+    fn finish(mut self) -> Result<()> {
+        self.done = true;
+        self.ev.record(&self.ours)?;
+        Ok(self.caller.wait(&self.ev)?)
+    }
+}
+
+impl Drop for JoinBack {
+    fn drop(&mut self) {
+        if !self.done {
+            // Best effort on the error path; the error being returned is the one to report.
+            if self.ev.record(&self.ours).is_ok() {
+                let _ = self.caller.wait(&self.ev);
+            }
+        }
+    }
+}
+
+/// A caller device matrix of `T` after validation ([`Self::check`]): its address and shape.
+#[derive(Debug)]
+pub(crate) struct CallerMatrix<T: DeviceScalar> {
+    /// The argument's name, for errors.
+    pub(crate) arg: &'static str,
+    /// The device address.
+    pub(crate) ptr: CUdeviceptr,
+    /// Rows.
+    pub(crate) rows: usize,
+    /// Columns (= the leading dimension).
+    pub(crate) cols: usize,
+    /// Bytes the matrix spans.
+    pub(crate) bytes: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T: DeviceScalar> Clone for CallerMatrix<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T: DeviceScalar> Copy for CallerMatrix<T> {}
+
+impl<T: DeviceScalar> CallerMatrix<T> {
+    /// Validates a caller device matrix of `T` (rows×cols, row-major, leading dimension `ld`)
+    /// without touching it: non-NULL, dimensions ≥ 1, `ld == cols` (contiguous; strided device
+    /// layouts are reserved), aligned to `T`, inside the address space, and — with `dev` — that
+    /// the driver knows the address as memory of `dev`'s device (`cuPointerGetAttribute`).
+    pub(crate) fn check(
+        dev: Option<&CudaDevice>,
+        arg: &'static str,
+        p: *const c_void,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Result<Self> {
+        if p.is_null() {
+            return Err(ElraError::invalid(arg, "null device pointer"));
+        }
+        if rows == 0 || cols == 0 {
+            return Err(ElraError::invalid(
+                arg,
+                format!("zero dimension ({rows}×{cols} matrix)"),
+            ));
+        }
+        if ld != cols {
+            return Err(ElraError::invalid(
+                arg,
+                format!(
+                    "leading dimension {ld} ≠ {cols} columns: device matrices must be contiguous \
+                     row-major (ld = cols)"
+                ),
+            ));
+        }
+        let size = std::mem::size_of::<T>();
+        if (p as usize) % size != 0 {
+            return Err(ElraError::invalid(
+                arg,
+                format!("device pointer is not aligned to {size} bytes"),
+            ));
+        }
+        let bytes = rows
+            .checked_mul(cols)
+            .and_then(|x| x.checked_mul(size))
+            .filter(|&b| b <= isize::MAX as usize && (p as usize).checked_add(b).is_some())
+            .ok_or_else(|| {
+                ElraError::invalid(arg, "the described memory exceeds the address space")
+            })?;
+        let ptr = p as CUdeviceptr;
+        if let Some(dev) = dev {
+            check_on_device(dev, arg, ptr)?;
+        }
+        Ok(CallerMatrix {
+            arg,
+            ptr,
+            rows,
+            cols,
+            bytes,
+            _t: PhantomData,
+        })
+    }
+
+    /// Lends the matrix to the library without copying (released, never freed, on drop).
+    ///
+    /// # Safety
+    /// The memory must stay allocated (and, for a matrix written through the wrapper, not be
+    /// accessed by other work) until the work enqueued through the wrapper on `dev`'s stream has
+    /// run; [`CallerStream::ordered`] orders the caller's stream after it. `self` must have been
+    /// checked against `dev` ([`Self::check`] with `Some(dev)`).
+    pub(crate) unsafe fn borrow(&self, dev: &CudaDevice) -> Result<BorrowedMatrices<T>> {
+        // SAFETY: forwarded contract; `check` validated alignment for T, the size and the device.
+        unsafe { BorrowedMatrices::new(dev, self.ptr, 1, self.rows, self.cols) }
+    }
+}
+
+/// Errors unless the driver knows `ptr` as memory of `dev`'s device.
+fn check_on_device(dev: &CudaDevice, arg: &'static str, ptr: CUdeviceptr) -> Result<()> {
+    let mut ordinal: i32 = -1;
+    // SAFETY: the driver writes one `int` (the attribute's documented type) into `ordinal`, a live
+    // local; it only looks the address up in its allocation tables and never dereferences it.
+    let r = unsafe {
+        cu::cuPointerGetAttribute(
+            (&mut ordinal as *mut i32).cast(),
+            cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            ptr,
+        )
+    };
+    if r != cu::CUresult::CUDA_SUCCESS {
+        return Err(ElraError::invalid(
+            arg,
+            format!("not device memory known to the CUDA driver ({r:?})"),
+        ));
+    }
+    if usize::try_from(ordinal).ok() != Some(dev.ordinal()) {
+        return Err(ElraError::invalid(
+            arg,
+            format!(
+                "memory is on device {ordinal} but the handle is on device {}",
+                dev.ordinal()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Errors when an output overlaps any other matrix of the call (an output listed in `all` is
+/// not compared with itself).
+pub(crate) fn no_overlap<T: DeviceScalar>(
+    outputs: &[CallerMatrix<T>],
+    all: &[CallerMatrix<T>],
+) -> Result<()> {
+    for o in outputs {
+        for m in all {
+            if o.arg == m.arg && o.ptr == m.ptr {
+                continue;
+            }
+            let (a0, a1) = (o.ptr, o.ptr + o.bytes as u64);
+            let (b0, b1) = (m.ptr, m.ptr + m.bytes as u64);
+            if a0 < b1 && b0 < a1 {
+                return Err(ElraError::invalid(
+                    o.arg,
+                    format!("overlaps `{}` (device buffers may not alias)", m.arg),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+    use std::ptr::null;
+
+    /// A non-null pointer aligned for every element type, never dereferenced.
+    const FAKE: *const c_void = 0x1000 as *const c_void;
+
+    fn check<T: DeviceScalar>(p: *const c_void, rows: usize, cols: usize, ld: usize) -> String {
+        match CallerMatrix::<T>::check(None, "x", p, rows, cols, ld) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn device_matrix_checks_without_a_device() {
+        let ok = CallerMatrix::<f32>::check(None, "x", FAKE, 3, 4, 4).unwrap();
+        assert_eq!((ok.rows, ok.cols, ok.bytes), (3, 4, 48));
+        assert!(check::<f32>(null(), 3, 4, 4).contains("null"));
+        assert!(check::<f32>(FAKE, 0, 4, 4).contains("zero"));
+        assert!(check::<f32>(FAKE, 3, 0, 0).contains("zero"));
+        assert!(check::<f32>(FAKE, 3, 4, 5).contains("contiguous"));
+        assert!(check::<f32>(FAKE, 3, 4, 3).contains("contiguous"));
+        assert!(check::<f32>(0x1002 as _, 3, 4, 4).contains("aligned"));
+        assert!(CallerMatrix::<f16>::check(None, "x", 0x1002 as _, 3, 4, 4).is_ok());
+        let huge = usize::MAX / 2;
+        assert!(check::<f32>(FAKE, huge, 4, 4).contains("address space"));
+        // Overlap: y = [0x1000, 0x1030) against x at 0x1020 (overlaps) and at 0x1030 (adjacent).
+        let m = |arg, p: usize, rows| CallerMatrix::<f32>::check(None, arg, p as _, rows, 4, 4);
+        let y = m("y", 0x1000, 3).unwrap();
+        let x1 = m("x", 0x1020, 1).unwrap();
+        let x2 = m("x", 0x1030, 1).unwrap();
+        let err = no_overlap(&[y], &[x1, y]).unwrap_err().to_string();
+        assert!(err.contains("overlaps `x`"), "{err}");
+        assert!(no_overlap(&[y], &[x2, y]).is_ok());
+    }
+}

@@ -1,0 +1,395 @@
+//! [`GpuLoraLayer`]: the LoRA baseline on the GPU with PEFT's conventions — the GPU twin of
+//! [`crate::adapter::LoraLayer`].
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use nalgebra::DMatrix;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::{
+    check_factor, download, ensure, got, mat, upload, upload_into, upload_matrix, zeros, Base,
+    Calls, GpuAdapter,
+};
+use crate::adapter::{
+    kaiming_uniform, param_spec, xavier_uniform, Adapter, Energy, Factors, GeneratorConfig,
+    LoraConfig, LoraInit, LoraLayer, ParamSpec,
+};
+use crate::cuda::skinny::{
+    check_rank, col_reduce, col_reduce_scratch, merge_apply, rows_fused, RowPass, View,
+};
+use crate::cuda::{gemm, Activation, CudaDevice, DeviceMatrices, Transpose};
+use crate::{ElraError, Result};
+
+/// The LoRA baseline on the GPU with PEFT's conventions (Hu et al. 2022; [`crate::grad::lora`]):
+/// `y = x W0ᵀ + s (x A'ᵀ) B'ᵀ`, `lora_A = A'` (r×k), `lora_B = B'` (d×r), `s = lora_alpha / r`.
+/// Forward: cuBLAS, then one fused row pass adding the branch in place. Backward:
+/// `∂x = ∂y W0` (cuBLAS) plus `S A'` with `S = s ∂y B'` (one fused row pass, in place),
+/// `∂A' = Sᵀ x` and `∂B' = s ∂yᵀ (x A'ᵀ)` (reductions over rows). It implements [`Adapter`]
+/// over [`DeviceMatrices`]; LoRA has no schedule, so the step is only recorded.
+pub struct GpuLoraLayer<T: Activation> {
+    base: Base<T>,
+    config: LoraConfig,
+    scaling: f32,
+    lora_a: CudaSlice<f32>,
+    lora_b: CudaSlice<f32>,
+    grad_a: CudaSlice<f32>,
+    grad_b: CudaSlice<f32>,
+    n: usize,
+    p: Option<CudaSlice<f32>>,
+    s: Option<CudaSlice<f32>>,
+    scratch: Option<CudaSlice<f32>>,
+}
+
+impl<T: Activation> std::fmt::Debug for GpuLoraLayer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuLoraLayer")
+            .field("dtype", &T::DTYPE)
+            .field("config", &self.config)
+            .field("step", &self.base.step)
+            .field("tape", &self.base.train)
+            .finish()
+    }
+}
+
+impl<T: Activation> GpuLoraLayer<T> {
+    /// A layer on `dev` with frozen `w0` (d×k on the device) and PEFT's initialisation
+    /// ([`LoraLayer::new`] in f32): `lora_A` from `config.init` seeded by `config.seed`,
+    /// `lora_B = 0`.
+    ///
+    /// Errors: invalid config, r above [`MAX_RANK`](crate::cuda::MAX_RANK), `w0` not d×k on
+    /// `dev`.
+    pub fn new(dev: Arc<CudaDevice>, config: LoraConfig, w0: DeviceMatrices<T>) -> Result<Self> {
+        config.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let lora_a: DMatrix<f32> = match config.init {
+            LoraInit::KaimingUniform => kaiming_uniform(&mut rng, config.r, config.k),
+            LoraInit::XavierUniform => xavier_uniform(&mut rng, config.r, config.k),
+        };
+        let lora_b = DMatrix::<f32>::zeros(config.d, config.r);
+        Self::from_factors(dev, config, w0, &lora_a, &lora_b)
+    }
+
+    /// A layer with given `lora_A` (r×k) and `lora_B` (d×r), scaling `lora_alpha / r`.
+    ///
+    /// Errors: as [`Self::new`]; factors of the wrong shape or non-finite.
+    pub fn from_factors(
+        dev: Arc<CudaDevice>,
+        config: LoraConfig,
+        w0: DeviceMatrices<T>,
+        lora_a: &DMatrix<f32>,
+        lora_b: &DMatrix<f32>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (d, k, r) = (config.d, config.k, config.r);
+        check_rank(r)?;
+        let base = Base::new(dev, w0, d, k)?;
+        check_factor("lora_a", lora_a, r, k)?;
+        check_factor("lora_b", lora_b, d, r)?;
+        let scaling = config.scaling() as f32;
+        if !scaling.is_finite() {
+            return Err(ElraError::invalid(
+                "lora_alpha",
+                "the scaling lora_alpha / r must be finite in f32",
+            ));
+        }
+        let dev: &CudaDevice = &base.dev;
+        Ok(GpuLoraLayer {
+            lora_a: upload(dev, lora_a)?,
+            lora_b: upload(dev, lora_b)?,
+            grad_a: zeros(dev, r * k)?,
+            grad_b: zeros(dev, d * r)?,
+            base,
+            config,
+            scaling,
+            n: 0,
+            p: None,
+            s: None,
+            scratch: None,
+        })
+    }
+
+    /// The GPU copy of a CPU [`LoraLayer`] (`W0` rounded to `T`, `lora_A`, `lora_B`).
+    pub fn from_layer(dev: Arc<CudaDevice>, layer: &LoraLayer<f32>) -> Result<Self> {
+        let w0 = upload_matrix::<T>(&dev, &layer.w0().map(f64::from))?;
+        let config = layer.config().clone();
+        Self::from_factors(dev, config, w0, layer.lora_a(), layer.lora_b())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    /// Device parameters `(lora_A r×k, lora_B d×r)` for an optimiser on the device; the tape
+    /// is discarded.
+    pub fn params_mut(&mut self) -> (&mut CudaSlice<f32>, &mut CudaSlice<f32>) {
+        self.base.train.invalidate();
+        (&mut self.lora_a, &mut self.lora_b)
+    }
+
+    /// Device parameters `(lora_A r×k, lora_B d×r)`, for reading.
+    pub fn param_slices(&self) -> (&CudaSlice<f32>, &CudaSlice<f32>) {
+        (&self.lora_a, &self.lora_b)
+    }
+
+    /// Device gradients `(∂lora_A r×k, ∂lora_B d×r)` of the last backward.
+    pub fn grad_slices(&self) -> (&CudaSlice<f32>, &CudaSlice<f32>) {
+        (&self.grad_a, &self.grad_b)
+    }
+
+    /// `y = x W0ᵀ + s (x A'ᵀ) B'ᵀ` into `y` (N×d), keeping `P = x A'ᵀ`. Asynchronous.
+    fn forward_on(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
+        let n = x.rows();
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        let dev: &CudaDevice = &self.base.dev;
+        ensure(dev, &mut self.p, n * r)?;
+        ensure(dev, &mut self.s, n * r)?;
+        let need = [col_reduce_scratch(n, d, r), col_reduce_scratch(n, k, r)]
+            .into_iter()
+            .max()
+            .unwrap_or(1);
+        ensure(dev, &mut self.scratch, need)?;
+        self.n = n;
+        gemm(
+            dev,
+            1.0,
+            x,
+            Transpose::No,
+            &self.base.w0,
+            Transpose::Yes,
+            0.0,
+            y,
+        )?;
+        rows_fused(
+            dev,
+            &RowPass {
+                input: mat(x),
+                base: Some(mat(y)),
+                out: Some(mat(y)),
+                cm: View::mat(&self.lora_a, r, k),
+                mm: None,
+                m_scale: self.scaling,
+                am: Some(View::mat(&self.lora_b, d, r)),
+                v_out: Some(View::mat(got(&self.p)?, n, r)),
+                t_out: None,
+            },
+        )
+    }
+
+    /// Reverse mode of the last forward ([`crate::grad::lora_backward_parts`]). Asynchronous.
+    fn backward_on(
+        &mut self,
+        x: &DeviceMatrices<T>,
+        dy: &DeviceMatrices<T>,
+        dx: &mut DeviceMatrices<T>,
+    ) -> Result<()> {
+        let n = self.n;
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        let dev: &CudaDevice = &self.base.dev;
+        gemm(
+            dev,
+            1.0,
+            dy,
+            Transpose::No,
+            &self.base.w0,
+            Transpose::No,
+            0.0,
+            dx,
+        )?;
+        let s = View::mat(got(&self.s)?, n, r);
+        rows_fused(
+            dev,
+            &RowPass {
+                input: mat(dy),
+                base: Some(mat(dx)),
+                out: Some(mat(dx)),
+                cm: View::mat(&self.lora_b, d, r).t(),
+                mm: None,
+                m_scale: self.scaling,
+                am: Some(View::mat(&self.lora_a, r, k).t()),
+                v_out: None,
+                t_out: Some(s),
+            },
+        )?;
+        let scratch = got(&self.scratch)?;
+        col_reduce(
+            dev,
+            mat(x),
+            s,
+            1.0,
+            0.0,
+            View::mat(&self.grad_a, r, k).t(),
+            scratch,
+        )?;
+        col_reduce(
+            dev,
+            mat(dy),
+            View::mat(got(&self.p)?, n, r),
+            self.scaling,
+            0.0,
+            View::mat(&self.grad_b, d, r),
+            scratch,
+        )
+    }
+
+    /// `W_out = W_in + sign·s B' A'`.
+    fn apply(&self, w_in: &DeviceMatrices<T>, out: &DeviceMatrices<T>, sign: f32) -> Result<()> {
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        merge_apply(
+            &self.base.dev,
+            mat(w_in),
+            mat(out),
+            sign * self.scaling,
+            View::mat(&self.lora_b, d, r),
+            View::mat(&self.lora_a, r, k),
+        )
+    }
+}
+
+impl<T: Activation> Adapter for GpuLoraLayer<T> {
+    type Scalar = f32;
+    type Matrix = DeviceMatrices<T>;
+
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+    fn dims(&self) -> (usize, usize) {
+        (self.config.d, self.config.k)
+    }
+    fn w0(&self) -> &DeviceMatrices<T> {
+        &self.base.w0
+    }
+    /// Copies `w0` (d×k on the layer's device; not scanned for NaN) into the layer's `W0`.
+    fn set_w0(&mut self, w0: &DeviceMatrices<T>) -> Result<()> {
+        self.base.set_w0(w0)
+    }
+    fn generator(&self) -> Option<&GeneratorConfig> {
+        None
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        let c = &self.config;
+        vec![
+            ParamSpec::factor("lora_a", c.r, c.k),
+            ParamSpec::factor("lora_b", c.d, c.r),
+        ]
+    }
+    /// Downloads `lora_A` (r×k) or `lora_B` (d×r) (synchronises).
+    fn param(&self, index: usize) -> Result<DMatrix<f32>> {
+        let p = param_spec(&self.params(), index)?;
+        let buf = if index == 0 {
+            &self.lora_a
+        } else {
+            &self.lora_b
+        };
+        download(&self.base.dev, buf, p.rows, p.cols)
+    }
+    fn set_param(&mut self, index: usize, value: &DMatrix<f32>) -> Result<()> {
+        let p = param_spec(&self.params(), index)?;
+        check_factor(p.name, value, p.rows, p.cols)?;
+        let buf = if index == 0 {
+            &mut self.lora_a
+        } else {
+            &mut self.lora_b
+        };
+        upload_into(&self.base.dev, value, buf)?;
+        self.base.train.invalidate();
+        Ok(())
+    }
+    /// The recorded step (LoRA has no schedule).
+    fn step(&self) -> usize {
+        self.base.step
+    }
+    /// Records the step; the tape is discarded, as for ELRA.
+    fn set_step(&mut self, step: usize) -> Result<()> {
+        self.base.set_step(step);
+        Ok(())
+    }
+    /// PEFT's `Linear.forward` (`x W0ᵀ + s (x A'ᵀ) B'ᵀ`); asynchronous. No dropout.
+    fn forward(
+        &mut self,
+        x: &DeviceMatrices<T>,
+        dropout: Option<&DeviceMatrices<T>>,
+        y: &mut DeviceMatrices<T>,
+    ) -> Result<()> {
+        self.checked_forward(x, dropout, y)
+    }
+    /// Reverse mode on the kept tape ([`crate::grad::lora_backward_parts`]); asynchronous.
+    fn backward(
+        &mut self,
+        x: &DeviceMatrices<T>,
+        dy: &DeviceMatrices<T>,
+        dx: &mut DeviceMatrices<T>,
+    ) -> Result<()> {
+        self.checked_backward(x, dy, dx)
+    }
+    fn recompute(&mut self, x: &DeviceMatrices<T>) -> Result<()> {
+        self.checked_recompute(x)
+    }
+    /// Downloads `∂lora_A` or `∂lora_B` of the last backward (synchronises).
+    fn grad(&self, index: usize) -> Result<DMatrix<f32>> {
+        self.base.train.grads()?;
+        let p = param_spec(&self.params(), index)?;
+        let buf = if index == 0 {
+            &self.grad_a
+        } else {
+            &self.grad_b
+        };
+        download(&self.base.dev, buf, p.rows, p.cols)
+    }
+    /// `W_new = W0 + s B' A'` into `out`; asynchronous.
+    fn merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
+        self.base
+            .check("out", out, Some(self.config.d), self.config.k)?;
+        self.apply(&self.base.w0, out, 1.0)
+    }
+    /// `W0 = W_new − s B' A'` into `out`; asynchronous.
+    fn unmerge(&mut self, w_new: &DeviceMatrices<T>, out: &mut DeviceMatrices<T>) -> Result<()> {
+        let (d, k) = (self.config.d, self.config.k);
+        self.base.check("w_new", w_new, Some(d), k)?;
+        self.base.check("out", out, Some(d), k)?;
+        self.apply(w_new, out, -1.0)
+    }
+    fn energy(&mut self) -> Result<Option<Energy>> {
+        Ok(None)
+    }
+    /// `(B', s A')`: LoRA's update `s B'A'` as a product of two factors (synchronises).
+    fn generator_factors(&self) -> Result<Vec<Factors<f32>>> {
+        self.base.train.tape()?;
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        let la = download(&self.base.dev, &self.lora_a, r, k)?;
+        let lb = download(&self.base.dev, &self.lora_b, d, r)?;
+        Ok(vec![(lb, la * self.scaling)])
+    }
+}
+
+impl<T: Activation> Calls<T> for GpuLoraLayer<T> {
+    fn base(&self) -> &Base<T> {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut Base<T> {
+        &mut self.base
+    }
+    fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
+        self.forward_on(x, y)
+    }
+    fn run_backward(
+        &mut self,
+        x: &DeviceMatrices<T>,
+        dy: &DeviceMatrices<T>,
+        dx: &mut DeviceMatrices<T>,
+    ) -> Result<()> {
+        self.backward_on(x, dy, dx)
+    }
+}
+
+impl<T: Activation> GpuAdapter<T> for GpuLoraLayer<T> {
+    fn device(&self) -> &Arc<CudaDevice> {
+        &self.base.dev
+    }
+    /// Blocks until the device's stream has run (LoRA has no r×r kernels to check).
+    fn synchronize(&self) -> Result<()> {
+        self.base.dev.synchronize()
+    }
+}
