@@ -1,0 +1,813 @@
+"""ELRA for PyTorch: custom operators with autograd over the functional C ABI (``elra_op_*``),
+``ElraLinear``, and PEFT-like model functions (``inject``, ``merge_and_unload``, ``save_adapter``,
+``load_adapter``, ``print_trainable_parameters``).
+
+The parameters are ordinary ``nn.Parameter``\\ s (A, B, ``log_eta``) that any torch optimizer
+updates and that DDP/FSDP shard or reduce like any other; elra only computes. Tensors are CPU
+tensors of float32 or float64 (the functional C ABI on host memory); the ops are registered with
+``torch.library`` (fake kernels for ``torch.compile``/``opcheck``, autograd formulas from elra's
+reverse mode).
+
+Three ops carry the computation (all on 2-D row-major tensors):
+
+* ``elra::delta(x, w0, a, b, eta, step, dropout, cfg) -> (delta, saved)`` — the increment
+  ``Δ(x) = D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)``, ``P = C W0`` (eq. 5 reassociated, Prop. 1). The frozen
+  layer ``x W0ᵀ + bias`` stays a plain ``F.linear`` (torch's BLAS), so ``y = linear(x) + delta``.
+  What it keeps for backward: ``x`` (which the engine keeps anyway) and ``saved`` = N·r + 2r²
+  values — LoRA's activation memory plus two r×r matrices.
+* ``elra::rows(u, a, b, eta, step, dropout, cfg) -> (y, saved)`` — the output-side form
+  ``y = u + D∘(((u Cᵀ) φ1(Z)ᵀ) Aᵀ)`` for any base layer's output ``u`` (without bias); its backward
+  needs ``u`` (N×d).
+* ``elra::energy(a, b, eta, step, cfg) -> e`` — ``λ‖G‖²_F`` (eq. 20–21), to add to the loss.
+
+``cfg`` packs the generator config (variant, α schedule, η multiplier, τ, λ); ``step`` is a 0-dim
+int64 tensor, so α and the η multiplier of the step (eq. 19, eq. 75, App. H) are computed inside
+the op (``elra_schedule_at``) and ``torch.compile(fullgraph=True)`` sees no Python scalar.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import re
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import (
+    ETA_MULTIPLIERS,
+    SCHEDULES,
+    VARIANTS,
+    Config,
+    ElraError,
+    check,
+    lib,
+)
+
+__all__ = [
+    "ElraLinear",
+    "inject",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "advance",
+    "energy",
+    "save_adapter",
+    "load_adapter",
+    "print_trainable_parameters",
+    "trainable_parameters",
+    "layers",
+    "saved_bytes",
+]
+
+# ---------------------------------------------------------------------------------------------
+# The functional C ABI
+# ---------------------------------------------------------------------------------------------
+
+
+class OpDesc(ctypes.Structure):
+    """``ElraOpDesc`` of ``elra.h``."""
+
+    _fields_ = [("variant", ctypes.c_uint32), ("d", ctypes.c_size_t), ("k", ctypes.c_size_t),
+                ("r", ctypes.c_size_t)]
+
+
+class OpStep(ctypes.Structure):
+    """``ElraOpStep`` of ``elra.h``."""
+
+    _fields_ = [("alpha", ctypes.c_double), ("eta_mult", ctypes.c_double),
+                ("tau", ctypes.c_double), ("lambda_", ctypes.c_double)]
+
+
+_sz = ctypes.c_size_t
+_u32 = ctypes.c_uint32
+_vp = ctypes.c_void_p
+_pdesc = ctypes.POINTER(OpDesc)
+_pstep = ctypes.POINTER(OpStep)
+lib.elra_schedule_at.argtypes = [ctypes.POINTER(Config), _sz, _pstep]
+lib.elra_op_sizes.argtypes = [_pdesc, _sz, ctypes.POINTER(_sz), ctypes.POINTER(_sz)]
+_SCALAR = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+for _dt, _sx in _SUFFIX.items():
+    _s = _SCALAR[_dt]
+    getattr(lib, f"elra_op_forward_{_sx}").argtypes = (
+        [_pdesc, _pstep, _sz, _vp, _sz, _u32, _vp, _vp, _sz, _vp, _sz, _s, _vp, _sz, _vp, _vp, _sz,
+         _vp, _vp, _sz])
+    getattr(lib, f"elra_op_backward_{_sx}").argtypes = (
+        [_pdesc, _pstep, _sz, _vp, _sz, _u32, _vp, _sz, _vp, _sz, _s, _vp, _sz, _vp, _vp, _vp, _sz,
+         _vp, _sz, _vp, _sz, _vp, _sz, _vp, _u32, _vp, _sz])
+    getattr(lib, f"elra_op_forward_out_{_sx}").argtypes = (
+        [_pdesc, _pstep, _sz, _vp, _sz, _vp, _sz, _s, _vp, _sz, _vp, _vp, _sz, _vp, _vp, _sz])
+    getattr(lib, f"elra_op_backward_out_{_sx}").argtypes = (
+        [_pdesc, _pstep, _sz, _vp, _sz, _vp, _sz, _s, _vp, _sz, _vp, _vp, _vp, _sz, _vp, _sz, _vp,
+         _sz, _vp, _sz, _vp, _u32, _vp, _sz])
+    getattr(lib, f"elra_op_merge_{_sx}").argtypes = (
+        [_pdesc, _pstep, _vp, _sz, _vp, _sz, _s, _vp, _sz, _u32, _u32, _vp, _sz])
+    getattr(lib, f"elra_op_energy_{_sx}").argtypes = (
+        [_pdesc, _pstep, _vp, _sz, _vp, _sz, _s, _vp, _vp, _sz, _vp, _sz, _vp, _u32])
+for _f in ["elra_schedule_at", "elra_op_sizes"] + [
+    f"elra_op_{op}_{sx}" for op in ["forward", "backward", "forward_out", "backward_out", "merge",
+                                    "energy"] for sx in ("f32", "f64")
+]:
+    getattr(lib, _f).restype = ctypes.c_int
+
+#: Positions in the packed generator config ``cfg`` (a list of floats) of the ops.
+_CFG = ["variant", "schedule", "warmup_steps", "gamma", "alpha", "eta_multiplier", "total_steps",
+        "tau", "lambda_"]
+
+
+def _config(cfg: Sequence[float], d: int, k: int, r: int) -> Config:
+    c = Config()
+    c.variant = int(cfg[0])
+    c.dtype = 1
+    c.d, c.k, c.r = d, k, r
+    c.eta = 1.0
+    c.schedule = int(cfg[1])
+    c.warmup_steps = int(cfg[2])
+    c.gamma = float(cfg[3])
+    c.alpha = float(cfg[4])
+    c.eta_multiplier = int(cfg[5])
+    c.total_steps = int(cfg[6])
+    c.tau = float(cfg[7])
+    c.lambda_ = float(cfg[8])
+    c.lora_alpha = float(r)
+    return c
+
+
+def _step(cfg: Sequence[float], step: Tensor, d: int, k: int, r: int) -> OpStep:
+    """α, η multiplier, τ, λ of the step (``elra_schedule_at``)."""
+    out = OpStep()
+    check(lib.elra_schedule_at(ctypes.byref(_config(cfg, d, k, r)), int(step), ctypes.byref(out)))
+    return out
+
+
+def _p(t: Optional[Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def _check(name: str, t: Tensor, dtype=None, shape=None, ndim=None):
+    """Bad input is a Python exception naming the argument (before any memory is touched)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"elra: `{name}` must be a tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"elra: `{name}` is on {t.device}; this build runs ELRA on CPU tensors")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"elra: `{name}` has dtype {t.dtype}, expected {dtype}")
+    if t.dtype not in _SUFFIX:
+        raise TypeError(f"elra: `{name}` has dtype {t.dtype}; ELRA runs in float32 or float64")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"elra: `{name}` must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"elra: `{name}` must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _desc(cfg, d, k, r):
+    return OpDesc(int(cfg[0]), d, k, r)
+
+
+def _sizes(desc: OpDesc, n: int):
+    s, w = _sz(), _sz()
+    check(lib.elra_op_sizes(ctypes.byref(desc), n, ctypes.byref(s), ctypes.byref(w)))
+    return s.value, w.value
+
+
+def _saved_len(n, r):
+    return n * r + 2 * r * r
+
+
+def _inputs(x, a, b, eta, dropout, cfg, x_name):
+    _check(x_name, x, ndim=2)
+    dt = x.dtype
+    _check("a", a, dt, ndim=2)
+    d, r = a.shape
+    has_b = int(cfg[0]) != VARIANTS["psd"]
+    if has_b:
+        if b is None:
+            raise ValueError(f"elra: `b` is required by variant {int(cfg[0])} (general or hyb)")
+        _check("b", b, dt, (r, d))
+    _check("eta", eta, dt, ())
+    if dropout is not None:
+        _check("dropout", dropout, dt, (x.shape[0], d))
+    return dt, d, r, has_b
+
+
+@torch.library.custom_op("elra::delta", mutates_args=())
+def delta(x: Tensor, w0: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor,
+          dropout: Optional[Tensor], cfg: List[float]) -> Tuple[Tensor, Tensor]:
+    """The adapter's increment ``Δ(x) = D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)`` of the fused layer (eq. 5 with
+    ``P = C W0``; ``elra_op_forward`` with ``base = 0``) and the values its backward needs."""
+    dt, d, r, has_b = _inputs(x, a, b, eta, dropout, cfg, "x")
+    n, k = x.shape
+    _check("w0", w0, dt, (d, k))
+    x, w0, a = x.contiguous(), w0.contiguous(), a.contiguous()
+    b = b.contiguous() if has_b else None
+    dropout = dropout.contiguous() if dropout is not None else None
+    desc = _desc(cfg, d, k, r)
+    sl, wl = _sizes(desc, n)
+    st = _step(cfg, step, d, k, r)
+    y = x.new_empty((n, d))
+    saved = x.new_empty((sl,))
+    ws = x.new_empty((wl,))
+    check(getattr(lib, f"elra_op_forward_{_SUFFIX[dt]}")(
+        ctypes.byref(desc), ctypes.byref(st), n, w0.data_ptr(), k, 0, None, a.data_ptr(), r,
+        _p(b), d, float(eta), x.data_ptr(), k, _p(dropout), y.data_ptr(), d, saved.data_ptr(),
+        ws.data_ptr(), wl))
+    return y, saved
+
+
+@delta.register_fake
+def _(x, w0, a, b, eta, step, dropout, cfg):
+    n = x.shape[0]
+    d, r = a.shape
+    return x.new_empty((n, d)), x.new_empty((_saved_len(n, r),))
+
+
+@torch.library.custom_op("elra::delta_backward", mutates_args=())
+def delta_backward(dy: Tensor, x: Tensor, w0: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor,
+                   step: Tensor, dropout: Optional[Tensor], saved: Tensor,
+                   cfg: List[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reverse mode of :func:`delta` (``elra_op_backward`` with ``base = 0``): ``(dx, da, db,
+    deta)``; ``db`` is empty for PSD."""
+    dt, d, r, has_b = _inputs(x, a, b, eta, dropout, cfg, "x")
+    n, k = x.shape
+    _check("dy", dy, dt, (n, d))
+    _check("saved", saved, dt, (_saved_len(n, r),))
+    dy, x, w0, a, saved = dy.contiguous(), x.contiguous(), w0.contiguous(), a.contiguous(), saved.contiguous()
+    b = b.contiguous() if has_b else None
+    dropout = dropout.contiguous() if dropout is not None else None
+    desc = _desc(cfg, d, k, r)
+    _, wl = _sizes(desc, n)
+    st = _step(cfg, step, d, k, r)
+    dx = x.new_empty((n, k))
+    da = a.new_empty((d, r))
+    db = a.new_empty((r, d)) if has_b else a.new_empty((0,))
+    deta = a.new_zeros(())
+    ws = x.new_empty((wl,))
+    check(getattr(lib, f"elra_op_backward_{_SUFFIX[dt]}")(
+        ctypes.byref(desc), ctypes.byref(st), n, w0.data_ptr(), k, 0, a.data_ptr(), r, _p(b), d,
+        float(eta), x.data_ptr(), k, _p(dropout), saved.data_ptr(), dy.data_ptr(), d,
+        dx.data_ptr(), k, da.data_ptr(), r, _p(db) if has_b else None, d, deta.data_ptr(), 0,
+        ws.data_ptr(), wl))
+    return dx, da, db, deta
+
+
+@delta_backward.register_fake
+def _(dy, x, w0, a, b, eta, step, dropout, saved, cfg):
+    return (x.new_empty(x.shape), a.new_empty(a.shape),
+            b.new_empty(b.shape) if b is not None else a.new_empty((0,)), eta.new_empty(()))
+
+
+def _delta_setup(ctx, inputs, output):
+    x, w0, a, b, eta, step, dropout, cfg = inputs
+    ctx.save_for_backward(x, w0, a, b, eta, step, dropout, output[1])
+    ctx.cfg = cfg
+    ctx.mark_non_differentiable(output[1])
+
+
+def _delta_grad(ctx, dy, _dsaved):
+    x, w0, a, b, eta, step, dropout, saved = ctx.saved_tensors
+    dx, da, db, deta = torch.ops.elra.delta_backward(dy, x, w0, a, b, eta, step, dropout, saved,
+                                                     ctx.cfg)
+    return dx, None, da, (db if b is not None else None), deta, None, None, None
+
+
+torch.library.register_autograd("elra::delta", _delta_grad, setup_context=_delta_setup)
+
+
+@torch.library.custom_op("elra::rows", mutates_args=())
+def rows(u: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor,
+         dropout: Optional[Tensor], cfg: List[float]) -> Tuple[Tensor, Tensor]:
+    """The output-side form ``y = u + D∘(((u Cᵀ) φ1(Z)ᵀ) Aᵀ)`` (``elra_op_forward_out``) for a
+    base layer's output ``u`` (N×d, without bias): ELRA around any base layer."""
+    dt, d, r, has_b = _inputs(u, a, b, eta, dropout, cfg, "u")
+    n = u.shape[0]
+    _check("u", u, dt, (n, d))
+    u, a = u.contiguous(), a.contiguous()
+    b = b.contiguous() if has_b else None
+    dropout = dropout.contiguous() if dropout is not None else None
+    desc = _desc(cfg, d, d, r)
+    sl, wl = _sizes(desc, n)
+    st = _step(cfg, step, d, d, r)
+    y = u.new_empty((n, d))
+    saved = u.new_empty((sl,))
+    ws = u.new_empty((wl,))
+    check(getattr(lib, f"elra_op_forward_out_{_SUFFIX[dt]}")(
+        ctypes.byref(desc), ctypes.byref(st), n, a.data_ptr(), r, _p(b), d, float(eta),
+        u.data_ptr(), d, _p(dropout), y.data_ptr(), d, saved.data_ptr(), ws.data_ptr(), wl))
+    return y, saved
+
+
+@rows.register_fake
+def _(u, a, b, eta, step, dropout, cfg):
+    n = u.shape[0]
+    return u.new_empty(u.shape), u.new_empty((_saved_len(n, a.shape[1]),))
+
+
+@torch.library.custom_op("elra::rows_backward", mutates_args=())
+def rows_backward(dy: Tensor, u: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor,
+                  dropout: Optional[Tensor], saved: Tensor,
+                  cfg: List[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reverse mode of :func:`rows` (``elra_op_backward_out``): ``(du, da, db, deta)``."""
+    dt, d, r, has_b = _inputs(u, a, b, eta, dropout, cfg, "u")
+    n = u.shape[0]
+    _check("dy", dy, dt, (n, d))
+    _check("saved", saved, dt, (_saved_len(n, r),))
+    dy, u, a, saved = dy.contiguous(), u.contiguous(), a.contiguous(), saved.contiguous()
+    b = b.contiguous() if has_b else None
+    dropout = dropout.contiguous() if dropout is not None else None
+    desc = _desc(cfg, d, d, r)
+    _, wl = _sizes(desc, n)
+    st = _step(cfg, step, d, d, r)
+    du = u.new_empty((n, d))
+    da = a.new_empty((d, r))
+    db = a.new_empty((r, d)) if has_b else a.new_empty((0,))
+    deta = a.new_zeros(())
+    ws = u.new_empty((wl,))
+    check(getattr(lib, f"elra_op_backward_out_{_SUFFIX[dt]}")(
+        ctypes.byref(desc), ctypes.byref(st), n, a.data_ptr(), r, _p(b), d, float(eta),
+        u.data_ptr(), d, _p(dropout), saved.data_ptr(), dy.data_ptr(), d, du.data_ptr(), d,
+        da.data_ptr(), r, _p(db) if has_b else None, d, deta.data_ptr(), 0, ws.data_ptr(), wl))
+    return du, da, db, deta
+
+
+@rows_backward.register_fake
+def _(dy, u, a, b, eta, step, dropout, saved, cfg):
+    return (u.new_empty(u.shape), a.new_empty(a.shape),
+            b.new_empty(b.shape) if b is not None else a.new_empty((0,)), eta.new_empty(()))
+
+
+def _rows_setup(ctx, inputs, output):
+    u, a, b, eta, step, dropout, cfg = inputs
+    ctx.save_for_backward(u, a, b, eta, step, dropout, output[1])
+    ctx.cfg = cfg
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rows_grad(ctx, dy, _dsaved):
+    u, a, b, eta, step, dropout, saved = ctx.saved_tensors
+    du, da, db, deta = torch.ops.elra.rows_backward(dy, u, a, b, eta, step, dropout, saved, ctx.cfg)
+    return du, da, (db if b is not None else None), deta, None, None, None
+
+
+torch.library.register_autograd("elra::rows", _rows_grad, setup_context=_rows_setup)
+
+
+@torch.library.custom_op("elra::energy", mutates_args=())
+def energy_op(a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor, cfg: List[float]) -> Tensor:
+    """The penalty ``λ‖G‖²_F`` of the step's generator (eq. 20–21, ``elra_op_energy``)."""
+    dt, d, r, has_b = _inputs(a, a, b, eta, None, cfg, "a")
+    a = a.contiguous()
+    b = b.contiguous() if has_b else None
+    desc = _desc(cfg, d, d, r)
+    st = _step(cfg, step, d, d, r)
+    e = a.new_zeros(())
+    check(getattr(lib, f"elra_op_energy_{_SUFFIX[dt]}")(
+        ctypes.byref(desc), ctypes.byref(st), a.data_ptr(), r, _p(b), d, float(eta),
+        e.data_ptr(), None, r, None, d, None, 0))
+    return e
+
+
+@energy_op.register_fake
+def _(a, b, eta, step, cfg):
+    return a.new_empty(())
+
+
+@torch.library.custom_op("elra::energy_backward", mutates_args=())
+def energy_backward(de: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor,
+                    cfg: List[float]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``de · ∂(λ‖G‖²_F)/∂(A, B, η)`` (``elra_op_energy``)."""
+    dt, d, r, has_b = _inputs(a, a, b, eta, None, cfg, "a")
+    a = a.contiguous()
+    b = b.contiguous() if has_b else None
+    desc = _desc(cfg, d, d, r)
+    st = _step(cfg, step, d, d, r)
+    e = a.new_zeros(())
+    da = a.new_empty((d, r))
+    db = a.new_empty((r, d)) if has_b else a.new_empty((0,))
+    deta = a.new_zeros(())
+    check(getattr(lib, f"elra_op_energy_{_SUFFIX[dt]}")(
+        ctypes.byref(desc), ctypes.byref(st), a.data_ptr(), r, _p(b), d, float(eta),
+        e.data_ptr(), da.data_ptr(), r, _p(db) if has_b else None, d, deta.data_ptr(), 0))
+    return da * de, db * de, deta * de
+
+
+@energy_backward.register_fake
+def _(de, a, b, eta, step, cfg):
+    return (a.new_empty(a.shape), b.new_empty(b.shape) if b is not None else a.new_empty((0,)),
+            eta.new_empty(()))
+
+
+def _energy_setup(ctx, inputs, output):
+    a, b, eta, step, cfg = inputs
+    ctx.save_for_backward(a, b, eta, step)
+    ctx.cfg = cfg
+
+
+def _energy_grad(ctx, de):
+    a, b, eta, step = ctx.saved_tensors
+    da, db, deta = torch.ops.elra.energy_backward(de, a, b, eta, step, ctx.cfg)
+    return da, (db if b is not None else None), deta, None, None
+
+
+torch.library.register_autograd("elra::energy", _energy_grad, setup_context=_energy_setup)
+
+
+def _merged(w: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor, cfg,
+            inverse: bool, right: bool = False) -> Tensor:
+    """``exp(±G) w`` (merge, eq. 30 / unmerge, Prop. 3), or ``w exp(±G)`` with ``right``
+    (App. B), through ``elra_op_merge``."""
+    rows_, cols = w.shape
+    n, r = a.shape
+    dt = w.dtype
+    has_b = int(cfg[0]) != VARIANTS["psd"]
+    w, a = w.contiguous(), a.detach().to(dt).contiguous()
+    b = b.detach().to(dt).contiguous() if has_b else None
+    other = rows_ if right else cols
+    desc = _desc(cfg, n, other, r)
+    st = _step(cfg, step, n, other, r)
+    out = torch.empty_like(w)
+    check(getattr(lib, f"elra_op_merge_{_SUFFIX[dt]}")(
+        ctypes.byref(desc), ctypes.byref(st), a.data_ptr(), r, _p(b), n, float(eta), w.data_ptr(),
+        cols, int(inverse), int(right), out.data_ptr(), cols))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ElraLinear
+# ---------------------------------------------------------------------------------------------
+
+_VARIANTS = ("general", "psd", "hyb", "hyb-ga", "double", "lora")
+
+
+def _xavier(rows: int, cols: int, g: torch.Generator, dtype) -> Tensor:
+    bound = math.sqrt(6.0 / (rows + cols))
+    return (torch.rand((rows, cols), generator=g, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+
+
+class ElraLinear(nn.Module):
+    """A frozen ``nn.Linear`` (or any layer with an output of ``out_features``) adapted by ELRA,
+    ``W_new = exp(G) W0`` (eq. 3), or by LoRA.
+
+    ``variant``: ``"general"`` (G = ηAB, eq. 2), ``"psd"`` (G = ηAAᵀ, §4.2.1), ``"hyb"``
+    (eq. 19, α from 1 to 0), ``"hyb-ga"`` (Hyb whose A, B :func:`ga_initialise` seeds from the
+    frozen layer's gradient, App. H), ``"double"`` (``exp(L) W0 exp(R)``, App. B) or ``"lora"``
+    (PEFT's ``W0 + (lora_alpha/r) B A`` with dropout on the input).
+
+    Trainable: ``A`` (d×r), ``B`` (r×d; not for PSD), ``log_eta`` (η = exp(log η) > 0, eq. 2) —
+    ``*_right`` too for ``"double"``; ``lora_A``, ``lora_B`` for LoRA. The optimiser step that
+    drives α (eq. 75) and the η multiplier (App. H) is the buffer ``step``; :func:`advance`
+    moves every layer of a model by one. ``dropout`` (App. H: p = 0.05) drops entries of the
+    adapter's increment in training mode. The energy ``λ‖G‖²_F`` is :meth:`energy` (add it to
+    the loss; :func:`energy` sums a model's).
+
+    An ``nn.Linear`` base uses the fused increment (``elra::delta``: saves LoRA's activation
+    memory); any other base (a quantised or tensor-parallel linear) the output-side form
+    (``elra::rows``: saves the base output too).
+    """
+
+    def __init__(self, base: nn.Module, variant: str = "hyb", r: int = 8, *, eta: float = 1e-3,
+                 lambda_: float = 1e-5, tau: Optional[float] = None,
+                 schedule: str = "exponential", warmup_fraction: float = 0.25, gamma: float = 5.0,
+                 alpha: float = 0.0, total_steps: int = 1000, eta_multiplier: str = "cosine",
+                 dropout: float = 0.0, lora_alpha: Optional[float] = None, seed: int = 0,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if variant not in _VARIANTS:
+            raise ValueError(f"elra: `variant` must be one of {_VARIANTS}, got {variant!r}")
+        weight = getattr(base, "weight", None)
+        out_features = getattr(base, "out_features", None)
+        in_features = getattr(base, "in_features", None)
+        if out_features is None or in_features is None:
+            raise TypeError("elra: `base` needs `in_features` and `out_features` (a linear layer)")
+        if not (0 <= dropout < 1):
+            raise ValueError(f"elra: `dropout` must lie in [0, 1), got {dropout}")
+        d, k = int(out_features), int(in_features)
+        if not 1 <= r <= (min(d, k) if variant in ("double", "lora") else d):
+            raise ValueError(f"elra: `r` = {r} is out of range for a {d}×{k} layer")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.variant, self.r, self.d, self.k = variant, r, d, k
+        self.eta0 = eta
+        self.dropout = dropout
+        self.fused = isinstance(base, nn.Linear)
+        dtype = dtype or (weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point()
+                          else torch.float32)
+        if dtype not in _SUFFIX:
+            dtype = torch.float32
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.merged = False
+        if variant == "lora":
+            self.scaling = (lora_alpha if lora_alpha is not None else r) / r
+            bound = 1.0 / math.sqrt(k)
+            self.lora_A = nn.Parameter((torch.rand((r, k), generator=g, dtype=torch.float64) * 2 - 1)
+                                       .mul_(bound).to(dtype))
+            self.lora_B = nn.Parameter(torch.zeros((d, r), dtype=dtype))
+            return
+        gv = "hyb" if variant in ("hyb", "hyb-ga", "double") else variant
+        warmup = round(total_steps * warmup_fraction)
+        self.cfg = [float(VARIANTS[gv]), float(SCHEDULES[schedule]), float(warmup), float(gamma),
+                    float(alpha), float(ETA_MULTIPLIERS[eta_multiplier]), float(total_steps),
+                    float(tau or 0.0), float(lambda_)]
+        # Validate the config once through the C ABI (the one validation of elra).
+        _step(self.cfg, torch.zeros((), dtype=torch.long), d, k, r)
+        self.A = nn.Parameter(_xavier(d, r, g, dtype))
+        self.B = nn.Parameter(_xavier(r, d, g, dtype)) if gv != "psd" else None
+        self.log_eta = nn.Parameter(torch.tensor(math.log(eta), dtype=dtype))
+        if variant == "double":
+            self.A_right = nn.Parameter(_xavier(k, r, g, dtype))
+            self.B_right = nn.Parameter(_xavier(r, k, g, dtype))
+            self.log_eta_right = nn.Parameter(torch.tensor(math.log(eta), dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant}, r={self.r}, d={self.d}, k={self.k}, dropout={self.dropout}"
+
+    def _mask(self, n: int, x: Tensor) -> Optional[Tensor]:
+        if not self.training or self.dropout == 0:
+            return None
+        keep = 1.0 - self.dropout
+        return torch.bernoulli(torch.full((n, self.d), keep, dtype=x.dtype)) / keep
+
+    def _linear(self, x: Tensor, bias: bool = True) -> Tensor:
+        b = self.base.bias if bias and isinstance(self.base, nn.Linear) else None
+        if isinstance(self.base, nn.Linear):
+            return F.linear(x, self.base.weight.to(x.dtype), b)
+        y = self.base(x)
+        base_bias = getattr(self.base, "bias", None)
+        if not bias and base_bias is not None:
+            y = y - base_bias.to(y.dtype)
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
+        shape = x.shape
+        if shape[-1] != self.k:
+            raise ValueError(f"elra: `x` must have {self.k} features in its last dimension, "
+                             f"got shape {tuple(shape)}")
+        if x.device.type != "cpu":
+            raise ValueError(f"elra: `x` is on {x.device}; this build runs ELRA on CPU tensors")
+        param = self.lora_A if self.variant == "lora" else self.A
+        if x.dtype != param.dtype:
+            raise TypeError(f"elra: `x` has dtype {x.dtype}, the adapter {param.dtype}")
+        x2 = x.reshape(-1, self.k)
+        if self.variant == "lora":
+            xin = F.dropout(x2, self.dropout, self.training)
+            y = self._linear(x2) + (xin @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+            return y.reshape(*shape[:-1], self.d)
+        eta = self.log_eta.exp()
+        mask = self._mask(x2.shape[0], x2)
+        if self.variant == "double":
+            xr, _ = torch.ops.elra.rows(x2, self.A_right, self.B_right, self.log_eta_right.exp(),
+                                        self.step, None, self.cfg)
+            u = self._linear(xr, bias=False)
+            y, _ = torch.ops.elra.rows(u, self.A, self.B, eta, self.step, mask, self.cfg)
+            bias = getattr(self.base, "bias", None)
+            if bias is not None:
+                y = y + bias
+        elif self.fused:
+            w0 = self.base.weight.detach().to(x2.dtype)
+            inc, _ = torch.ops.elra.delta(x2, w0, self.A, self.B, eta, self.step, mask, self.cfg)
+            y = self._linear(x2) + inc
+        else:
+            u = self._linear(x2, bias=False)
+            y, _ = torch.ops.elra.rows(u, self.A, self.B, eta, self.step, mask, self.cfg)
+            bias = getattr(self.base, "bias", None)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.d)
+
+    def energy(self) -> Tensor:
+        """``λ‖G‖²_F`` of this layer at its step (eq. 20–21; both generators for ``"double"``),
+        differentiable; 0 for LoRA."""
+        if self.variant == "lora":
+            return self.lora_A.new_zeros(())
+        e = torch.ops.elra.energy(self.A, self.B, self.log_eta.exp(), self.step, self.cfg)
+        if self.variant == "double":
+            e = e + torch.ops.elra.energy(self.A_right, self.B_right, self.log_eta_right.exp(),
+                                          self.step, self.cfg)
+        return e
+
+    @torch.no_grad()
+    def merge(self):
+        """Writes ``W_new`` into the base weight (eq. 30; PEFT's ``merge``); the forward then is
+        the base layer alone."""
+        if self.merged:
+            return
+        self.base.weight.copy_(self._transform(self.base.weight, inverse=False))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Recovers ``W0 = exp(−G) W_new`` in the base weight (Prop. 3; PEFT's ``unmerge``)."""
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._transform(self.base.weight, inverse=True))
+        self.merged = False
+
+    def _transform(self, w: Tensor, inverse: bool) -> Tensor:
+        if not isinstance(self.base, nn.Linear):
+            raise TypeError("elra: merging needs an nn.Linear base (its weight is the merged one)")
+        dt = w.dtype if w.dtype in _SUFFIX else torch.float64
+        w = w.detach().to(dt)
+        if self.variant == "lora":
+            delta = (self.lora_B @ self.lora_A).detach().to(dt) * self.scaling
+            out = w - delta if inverse else w + delta
+        elif self.variant == "double":
+            # W_new = exp(L) W0 exp(R) (App. B eq. 22); the unmerge undoes both, in reverse.
+            def left(m, inv):
+                return _merged(m, self.A, self.B, self.log_eta.exp(), self.step, self.cfg, inv)
+
+            def right(m, inv):
+                return _merged(m, self.A_right, self.B_right, self.log_eta_right.exp(), self.step,
+                               self.cfg, inv, right=True)
+
+            out = right(left(w, True), True) if inverse else left(right(w, False), False)
+        else:
+            out = _merged(w, self.A, self.B, self.log_eta.exp(), self.step, self.cfg, inverse)
+        return out.to(self.base.weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model functions (PEFT-like)
+# ---------------------------------------------------------------------------------------------
+
+
+def layers(model: nn.Module) -> List[Tuple[str, ElraLinear]]:
+    """The ``(name, ElraLinear)`` pairs of a model, in ``named_modules`` order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ElraLinear)]
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    """PEFT's rule: the full name equals a target or ends with ``.target``; a target given as
+    a regular expression (``re:…``) must match the whole name."""
+    for t in targets:
+        if t.startswith("re:"):
+            if re.fullmatch(t[3:], name):
+                return True
+        elif name == t or name.endswith("." + t):
+            return True
+    return False
+
+
+def inject(model: nn.Module, target_modules: Sequence[str], variant: str = "hyb", r: int = 8,
+           **kwargs) -> nn.Module:
+    """Replaces every ``nn.Linear`` of ``model`` whose name matches ``target_modules`` (PEFT's
+    suffix rule, or ``re:<regex>``) by an :class:`ElraLinear` of ``variant`` and rank ``r``
+    (``kwargs`` as for :class:`ElraLinear`; each layer gets ``seed + i``), and freezes every
+    other parameter, as PEFT's ``get_peft_model`` does. Returns ``model``.
+
+    Errors: no module matches (``ValueError``), a matched module is not a linear layer
+    (``TypeError``)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
+    if not names:
+        raise ValueError(f"elra: no module of the model matches target_modules={list(target_modules)}")
+    seed = kwargs.pop("seed", 0)
+    for i, name in enumerate(names):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if isinstance(base, ElraLinear):
+            continue
+        if getattr(base, "in_features", None) is None:
+            raise TypeError(f"elra: module `{name}` ({type(base).__name__}) is not a linear layer")
+        setattr(parent, child, ElraLinear(base, variant, r, seed=seed + i, **kwargs))
+    return model
+
+
+def advance(model: nn.Module, steps: int = 1) -> None:
+    """Moves every ELRA layer's optimiser step forward (α of eq. 75 and the η multiplier of
+    App. H follow it). Call once per optimiser step."""
+    for _, m in layers(model):
+        m.step.add_(steps)
+
+
+def energy(model: nn.Module) -> Tensor:
+    """``Σ λ‖G‖²_F`` over the model's ELRA layers (eq. 20): add it to the loss."""
+    es = [m.energy() for _, m in layers(model)]
+    return torch.stack(es).sum() if es else torch.zeros(())
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Merges every layer's adapter into its base weight (PEFT's ``merge_adapter``)."""
+    for _, m in layers(model):
+        m.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undoes :func:`merge` (PEFT's ``unmerge_adapter``): ``W0 = exp(−G) W_new``."""
+    for _, m in layers(model):
+        m.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merges every adapter and puts the plain base layers back (PEFT's ``merge_and_unload``):
+    the model then has no elra module and the merged weights."""
+    for name, m in layers(model):
+        m.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.base)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """``(trainable, all)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Prints the trainable parameter count as PEFT does."""
+    t, a = trainable_parameters(model)
+    print(f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}")
+
+
+def saved_bytes(layer: ElraLinear, n: int) -> int:
+    """Bytes an ELRA layer keeps for its backward for a batch of ``n`` rows besides its input:
+    ``(n·r + 2r²)`` values of its dtype for the fused form (LoRA keeps ``n·r``), plus the base
+    output ``n·d`` for the output-side form (non-``nn.Linear`` bases)."""
+    size = layer.A.element_size() if layer.variant != "lora" else layer.lora_A.element_size()
+    r = layer.r
+    if layer.variant == "lora":
+        return n * r * size
+    vals = _saved_len(n, r) + (0 if layer.fused else n * layer.d)
+    if layer.variant == "double":
+        vals = 2 * _saved_len(n, r) + n * layer.d
+    return vals * size
+
+
+# Adapter files: the PEFT layout of elra (safetensors + adapter_config.json) through the CPU
+# adapter handles of the C ABI (the same files `elra::io` and PEFT read).
+
+def _handle(m: ElraLinear):
+    from . import Adapter
+    import numpy as np
+
+    w0 = m.base.weight.detach().to(torch.float64).cpu().numpy()
+    if m.variant == "lora":
+        a = Adapter(w0, "lora", r=m.r, lora_alpha=m.scaling * m.r)
+        a.set("A", m.lora_A.detach().to(torch.float64).numpy())
+        a.set("B", m.lora_B.detach().to(torch.float64).numpy())
+        return a
+    if m.variant == "double":
+        raise NotImplementedError("elra: double-sided adapters have no PEFT file layout")
+    variant = {0: "general", 1: "psd", 2: "hyb"}[int(m.cfg[0])]
+    c = m.cfg
+    names = {v: k for k, v in SCHEDULES.items()}
+    mults = {v: k for k, v in ETA_MULTIPLIERS.items()}
+    a = Adapter(w0, variant, r=m.r, eta=m.eta0, lambda_=c[8], tau=c[7],
+                schedule=names[int(c[1])], warmup_steps=int(c[2]), gamma=c[3], alpha=c[4],
+                eta_multiplier=mults[int(c[5])], total_steps=int(c[6]))
+    a.set("A", m.A.detach().to(torch.float64).numpy())
+    if m.B is not None:
+        a.set("B", m.B.detach().to(torch.float64).numpy())
+    a.set("eta", float(m.log_eta.detach().exp()))
+    a.step = int(m.step)
+    return a
+
+
+def save_adapter(model: nn.Module, directory) -> None:
+    """Saves every adapter of ``model`` as one adapter directory in PEFT's layout
+    (``adapter_model.safetensors`` + ``adapter_config.json``, module names as PEFT writes them):
+    a LoRA model's directory loads in PEFT, an ELRA one in elra (Rust, C, Python, torch)."""
+    from . import save
+
+    ls = layers(model)
+    if not ls:
+        raise ValueError("elra: the model has no elra layer to save")
+    if any(m.merged for _, m in ls):
+        raise ValueError("elra: unmerge the adapters before saving them")
+    save(directory, {name: _handle(m) for name, m in ls})
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Loads an adapter directory into the matching layers of a model already injected with the
+    same variant and rank (:func:`inject`): parameters, η and step."""
+    from . import Adapter
+
+    for name, m in layers(model):
+        w0 = m.base.weight.detach().to(torch.float64).cpu().numpy()
+        a = Adapter.load(directory, name, w0)
+        if m.variant == "lora":
+            m.lora_A.copy_(torch.from_numpy(a.get("A")))
+            m.lora_B.copy_(torch.from_numpy(a.get("B")))
+            continue
+        if a.variant == "lora" or a.r != m.r:
+            raise ValueError(f"elra: module `{name}` in {directory} is {a.variant} of rank {a.r}, "
+                             f"the model's is {m.variant} of rank {m.r}")
+        m.A.copy_(torch.from_numpy(a.get("A")))
+        if m.B is not None:
+            m.B.copy_(torch.from_numpy(a.get("B")))
+        m.log_eta.fill_(math.log(a.get("eta")))
+        m.step.fill_(a.step)
+    return model

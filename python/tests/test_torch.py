@@ -1,0 +1,347 @@
+"""``elra.torch``: the custom ops against torch's own checks (opcheck, gradcheck) and a dense
+reference through ``torch.linalg.matrix_exp``; ``torch.compile(fullgraph=True)``; two-process
+DDP over gloo on loopback; PEFT-like inject / merge / save / load (a LoRA directory loads in
+PEFT); the output-side form on a quantised stand-in base; bad input; saved activation memory."""
+
+import math
+import os
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (scripts/pytest-torch.sh installs it)")
+import torch.nn as nn  # noqa: E402
+
+import elra  # noqa: E402
+import elra.torch as et  # noqa: E402
+
+F64 = torch.float64
+
+
+def dense_w_new(m, step=None):
+    """``W_new = expm(G) W0`` of an ElraLinear from its parameters (eq. 2, §4.2.1, eq. 19) with
+    α and the η multiplier from ``elra_schedule_at`` — the dense reference, never Woodbury."""
+    st = et._step(m.cfg, m.step if step is None else step, m.d, m.k, m.r)
+    eta = m.log_eta.exp() * st.eta_mult
+    variant = int(m.cfg[0])
+    if variant == 1:
+        C = eta * m.A.t()
+    elif variant == 0:
+        C = eta * m.B
+    else:
+        C = eta * (st.alpha * m.A.t() + (1 - st.alpha) * m.B)
+    G = m.A @ C
+    W = torch.linalg.matrix_exp(G) @ m.base.weight
+    if m.variant == "double":
+        Cr = m.log_eta_right.exp() * st.eta_mult * (st.alpha * m.A_right.t() + (1 - st.alpha) * m.B_right)
+        W = W @ torch.linalg.matrix_exp(m.A_right @ Cr)
+    return W
+
+
+def layer(variant, d=6, k=5, r=2, **kw):
+    torch.manual_seed(3)
+    base = nn.Linear(k, d).to(F64)
+    kw.setdefault("eta", 0.4)
+    kw.setdefault("total_steps", 20)
+    m = et.ElraLinear(base, variant, r=r, **kw)
+    m.step.fill_(3)  # inside the warm-up: 0 < α < 1 for Hyb
+    return m
+
+
+@pytest.mark.parametrize("variant", ["general", "psd", "hyb", "double"])
+def test_forward_matches_the_dense_reference_and_gradcheck_passes(variant):
+    m = layer(variant)
+    x = torch.randn(7, 5, dtype=F64, requires_grad=True)
+    y = m(x)
+    ref = x @ dense_w_new(m).t() + m.base.bias
+    assert torch.allclose(y, ref, rtol=1e-12, atol=1e-12), (y - ref).abs().max()
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    # The op's analytic gradients (elra's reverse mode) against finite differences of the op.
+    def g(x, *ps):
+        return torch.func.functional_call(m, dict(zip(names, ps)), (x,))
+
+    inputs = (x,) + tuple(p.detach().clone().requires_grad_(True) for p in params)
+    assert torch.autograd.gradcheck(g, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+    # And the dense reference's autograd agrees with elra's on the parameters.
+    m.zero_grad()
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    got = [p.grad.clone() for p in params]
+    m.zero_grad()
+    ((x @ dense_w_new(m).t() + m.base.bias) * dy).sum().backward()
+    for a, b in zip(got, [p.grad for p in params]):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), (a - b).abs().max()
+
+
+def test_energy_matches_the_dense_generator_and_gradchecks():
+    m = layer("hyb", lambda_=0.3)
+    e = m.energy()
+    st = et._step(m.cfg, m.step, m.d, m.k, m.r)
+    eta = m.log_eta.exp() * st.eta_mult
+    G = m.A @ (eta * (st.alpha * m.A.t() + (1 - st.alpha) * m.B))
+    ref = 0.3 * (G * G).sum()
+    assert torch.allclose(e, ref, rtol=1e-12)
+    e.backward()
+    got = [m.A.grad.clone(), m.B.grad.clone(), m.log_eta.grad.clone()]
+    m.zero_grad()
+    ref.backward()
+    for a, b in zip(got, [m.A.grad, m.B.grad, m.log_eta.grad]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    a = m.A.detach().clone().requires_grad_(True)
+    b = m.B.detach().clone().requires_grad_(True)
+    eta = m.log_eta.exp().detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, eta: torch.ops.elra.energy(a, b, eta, m.step, m.cfg),
+                                    (a, b, eta))
+
+
+def test_ops_pass_opcheck():
+    m = layer("hyb")
+    n = 4
+    x = torch.randn(n, m.k, dtype=F64, requires_grad=True)
+    u = torch.randn(n, m.d, dtype=F64, requires_grad=True)
+    a = m.A.detach().clone().requires_grad_(True)
+    b = m.B.detach().clone().requires_grad_(True)
+    eta = torch.tensor(0.4, dtype=F64, requires_grad=True)
+    w0 = m.base.weight.detach()
+    mask = (torch.rand(n, m.d, dtype=F64) > 0.2).to(F64) * 1.25
+    psd = layer("psd")
+    for args in [
+        (x, w0, a, b, eta, m.step, None, m.cfg),
+        (x, w0, a, b, eta, m.step, mask, m.cfg),
+        (x, w0, psd.A.detach().clone().requires_grad_(True), None, eta, psd.step, None, psd.cfg),
+    ]:
+        torch.library.opcheck(torch.ops.elra.delta.default, args)
+    torch.library.opcheck(torch.ops.elra.rows.default, (u, a, b, eta, m.step, mask, m.cfg))
+    torch.library.opcheck(torch.ops.elra.energy.default, (a, b, eta, m.step, m.cfg))
+
+
+def mlp(variant, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    return et.inject(model, ["0", "2"], variant, r=2, eta=0.3, total_steps=10, **kw)
+
+
+def test_compile_fullgraph_gives_the_eager_outputs_and_gradients():
+    model = mlp("hyb").float()
+    for _, m in et.layers(model):
+        m.step.fill_(2)
+    x = torch.randn(6, 8)
+    y = model(x)
+    y.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    yc = compiled(x)
+    yc.square().sum().backward()
+    assert torch.allclose(y, yc, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, rtol=1e-5, atol=1e-6), n
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, path, steps):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import elra.torch as et_
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = mlp("hyb", dropout=0.0).double()
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        x = torch.randn(8, 8, dtype=F64, generator=g)
+        t = torch.randn(8, 4, dtype=F64, generator=g)
+        part = slice(rank * 4, rank * 4 + 4)
+        loss = (ddp(x[part]) - t[part]).square().mean() + et_.energy(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        et_.advance(model)
+    if rank == 0:
+        torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, path)
+    dist.destroy_process_group()
+
+
+def test_ddp_over_gloo_equals_one_process_on_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    steps = 3
+    path = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), path, steps), nprocs=2, join=True)
+    ddp = torch.load(path)
+    model = mlp("hyb", dropout=0.0).double()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        x = torch.randn(8, 8, dtype=F64, generator=g)
+        t = torch.randn(8, 4, dtype=F64, generator=g)
+        # DDP averages the two halves' gradients: the loss of the whole batch with each half's
+        # mean weighted 1/2, and the energy once.
+        loss = 0.5 * ((model(x[:4]) - t[:4]).square().mean() + (model(x[4:]) - t[4:]).square().mean())
+        loss = loss + et.energy(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        et.advance(model)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(ddp[n], p.detach(), rtol=1e-10, atol=1e-12), n
+
+
+def test_inject_merge_unload_and_files(tmp_path):
+    model = mlp("hyb").double()
+    x = torch.randn(5, 8, dtype=F64)
+    # A training step so that the adapters matter.
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(x).square().sum().backward()
+    opt.step()
+    et.advance(model, 4)
+    t, a = et.trainable_parameters(model)
+    assert t == (2 * 2 * 16 + 1) + (2 * 2 * 4 + 1) and a > t  # 2rd + η per layer (Remark 1)
+    et.print_trainable_parameters(model)
+    y = model(x)
+    et.save_adapter(model, tmp_path / "hyb")
+    # Load into a freshly injected copy: the same outputs bit for bit.
+    other = mlp("hyb").double()
+    et.load_adapter(other, tmp_path / "hyb")
+    assert torch.equal(other(x), y)
+    # merge / unmerge restore W0; merge_and_unload leaves plain layers with the merged weights.
+    w0 = model[0].base.weight.clone()
+    et.merge(model)
+    assert torch.allclose(model(x), y, rtol=1e-12, atol=1e-12)
+    et.unmerge(model)
+    assert torch.allclose(model[0].base.weight, w0, rtol=1e-13, atol=1e-13)
+    plain = et.merge_and_unload(model)
+    assert not et.layers(plain) and isinstance(plain[0], nn.Linear)
+    assert torch.allclose(plain(x), y, rtol=1e-12, atol=1e-12)
+
+
+def test_a_lora_directory_saved_from_an_injected_model_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    model = mlp("lora", lora_alpha=4.0).double()
+    with torch.no_grad():
+        for _, m in et.layers(model):
+            m.lora_B.normal_()
+    x = torch.randn(5, 8, dtype=F64)
+    y = model(x)
+    et.save_adapter(model, tmp_path / "lora")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "lora"))
+    assert torch.allclose(pm(x), y, rtol=1e-12, atol=1e-12)
+
+
+class Int8Linear(nn.Module):
+    """A dequantise-on-the-fly stand-in for a quantised base layer (bitsandbytes-style): int8
+    weight with a per-row scale; elra only sees its output."""
+
+    def __init__(self, lin):
+        super().__init__()
+        w = lin.weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True) / 127
+        self.register_buffer("q", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+
+    def dequantized(self):
+        return self.q.to(self.scale.dtype) * self.scale
+
+    def forward(self, x):
+        return x @ self.dequantized().t() + self.bias
+
+
+def test_output_side_form_wraps_a_quantised_base():
+    torch.manual_seed(4)
+    q = Int8Linear(nn.Linear(5, 6).to(F64))
+    m = et.ElraLinear(q, "hyb", r=2, eta=0.4, total_steps=20, dtype=F64)
+    m.step.fill_(3)
+    assert not m.fused
+    x = torch.randn(7, 5, dtype=F64, requires_grad=True)
+    y = m(x)
+    st = et._step(m.cfg, m.step, m.d, m.k, m.r)
+    eta = m.log_eta.exp() * st.eta_mult
+    G = m.A @ (eta * (st.alpha * m.A.t() + (1 - st.alpha) * m.B))
+    ref = x @ (torch.linalg.matrix_exp(G) @ q.dequantized()).t() + q.bias
+    assert torch.allclose(y, ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    got = [x.grad.clone(), m.A.grad.clone(), m.B.grad.clone(), m.log_eta.grad.clone()]
+    x.grad = None
+    m.zero_grad()
+    (ref * dy).sum().backward()
+    for a, b in zip(got, [x.grad, m.A.grad, m.B.grad, m.log_eta.grad]):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_bad_input_raises_naming_the_argument():
+    m = layer("hyb")
+    with pytest.raises(ValueError, match="`x`"):
+        m(torch.randn(3, 4, dtype=F64))
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.elra.delta(torch.randn(3, 5, dtype=torch.float16), m.base.weight.detach(), m.A, m.B,
+                             m.log_eta.exp(), m.step, None, m.cfg)
+    with pytest.raises(TypeError, match="`a`"):
+        torch.ops.elra.delta(torch.randn(3, 5, dtype=F64), m.base.weight.detach(), m.A.float(), m.B,
+                             m.log_eta.exp(), m.step, None, m.cfg)
+    with pytest.raises(ValueError, match="`b`"):
+        torch.ops.elra.delta(torch.randn(3, 5, dtype=F64), m.base.weight.detach(), m.A, m.B[:, :3],
+                             m.log_eta.exp(), m.step, None, m.cfg)
+    with pytest.raises(ValueError, match="meta"):
+        m(torch.randn(3, 5, dtype=F64, device="meta"))
+    with torch.no_grad():
+        m.A[0, 0] = float("nan")
+    with pytest.raises(elra.ElraError) as e:
+        m(torch.randn(3, 5, dtype=F64))
+    assert e.value.status == elra.Status.NON_FINITE and "`a`" in e.value.message
+    # Non-contiguous and channels-last inputs work (copied where needed).
+    m = layer("hyb")
+    xt = torch.randn(5, 4, dtype=F64).t()  # 4×5 view, not contiguous
+    assert not xt.is_contiguous()
+    assert torch.allclose(m(xt), m(xt.contiguous()))
+    img = torch.randn(2, 3, 4, 5, dtype=F64).to(memory_format=torch.channels_last)
+    assert torch.allclose(m(img), m(img.contiguous()))
+
+
+def test_saved_activations_are_lora_sized():
+    """The bytes autograd keeps for an ELRA layer's backward, measured with saved-tensor hooks:
+    no N×d tensor, at most PEFT-style LoRA's plus two r×r matrices."""
+    n, d, k, r = 64, 32, 24, 4
+
+    def saved(model, x):
+        # Activations only: not the input (the engine keeps it) nor parameters and buffers.
+        own = {x.untyped_storage().data_ptr()}
+        own |= {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        seen = {}
+
+        def pack(t):
+            key = t.untyped_storage().data_ptr()
+            if key not in own:
+                seen[key] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(seen.values())
+
+    torch.manual_seed(0)
+    x = torch.randn(n, k, requires_grad=True)
+    elra_layer = et.ElraLinear(nn.Linear(k, d), "hyb", r=r)
+    lora_layer = et.ElraLinear(nn.Linear(k, d), "lora", r=r)
+    s_elra, s_lora = saved(elra_layer, x), saved(lora_layer, x)
+    # ELRA: V (n×r) + Z, M (r×r) and η = exp(log η) (one value); LoRA: x A'ᵀ (n×r).
+    assert s_lora == n * r * 4, s_lora
+    assert s_elra <= s_lora + 2 * r * r * 4 + 4, (s_elra, s_lora)
+    assert s_elra < n * d * 4, s_elra
+    assert et.saved_bytes(elra_layer, n) == (n * r + 2 * r * r) * 4
