@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Checks that every MSE-vs-rank table in EXPERIMENTS.md is exactly what
-docs/figures/csv_to_md.py prints for one of the committed CSVs of its setting.
+lab/figures/csv_to_md.py prints for one of the committed CSVs of its setting.
 
 A table starts at a line "frozen model test MSE ..." under a bold setting name
 ("**tfn_L2_H2_random** ..."); its block runs to the end of the table and the "note:" lines
-after it. The candidates are docs/figures/<setting>{,_full,_1000}.csv, each rendered with and
+after it. The candidates are lab/figures/<setting>{,_full,_1000}.csv, each rendered with and
 without --best. A table edited by hand (a row out of order, a value retyped, a CSV re-run
-without its table) fails here. The two Prop. 3 tables must be docs/figures/prop3_rank.txt
+without its table) fails here. The two Prop. 3 tables must be lab/figures/prop3_rank.txt
 (the prop3_rank example's output) with its '## ' headings as '#### '. Exit status 1 lists every
 mismatch.
 """
@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIG = os.path.join(ROOT, "docs", "figures")
+FIG = os.path.join(ROOT, "lab", "figures")
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,7 +65,7 @@ def prop3_blocks(lines):
 
 
 def prop3_file_blocks():
-    """docs/figures/prop3_rank.txt (examples/prop3_rank.rs's output, which a test re-derives)
+    """lab/figures/prop3_rank.txt (examples/prop3_rank.rs's output, which a test re-derives)
     split into its blank-line-separated blocks, headings raised to the section's level."""
     text = open(os.path.join(FIG, "prop3_rank.txt"), encoding="utf-8").read()
     blocks = [b.splitlines() for b in text.split("\n\n") if b.strip()]
@@ -96,7 +96,7 @@ def main():
     want = prop3_file_blocks()
     if p3 != want:
         print(
-            f"EXPERIMENTS.md: the Prop. 3 tables ({len(p3)} found) are not docs/figures/prop3_rank.txt"
+            f"EXPERIMENTS.md: the Prop. 3 tables ({len(p3)} found) are not lab/figures/prop3_rank.txt"
             f" ({len(want)} blocks) with '## ' headings as '#### '"
         )
         bad += 1

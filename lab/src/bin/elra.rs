@@ -6,6 +6,8 @@
 //!   checked against the dense nalgebra oracle, printed as a table.
 //! - `elra expressivity <linear|fnn|tfn|all>`: the App. G experiments of the expressive-power paper
 //!   (`--ranks` runs a shard of the ranks; `elra expressivity merge CSV...` joins shards).
+use elra_lab::fit_output::write_fit_outputs;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::process::ExitCode;
 
 const USAGE: &str = "\
@@ -157,17 +159,34 @@ fn fit(flags: &Flags) -> Result<bool, String> {
         seed: flags.get("seed", defaults.seed)?,
         width: flags.get("width", defaults.width)?,
         depth: flags.get("depth", defaults.depth)?,
-        out: flags.get("out", defaults.out.clone())?,
         methods,
-        progress: !flags.switch("no-progress"),
         ..defaults
     };
+    let out: std::path::PathBuf = flags.get("out", std::path::PathBuf::from("elra-out"))?;
     println!(
         "elra fit: teacher–student adaptation, width {}, depth {}, {} steps, seed {}",
         opts.width, opts.depth, opts.steps, opts.seed
     );
-    let report = elra::train::fit::fit(&opts).map_err(|e| e.to_string())?;
+    let bar = if flags.switch("no-progress") {
+        ProgressBar::hidden()
+    } else {
+        let total = (opts.steps * opts.methods.len()) as u64;
+        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} steps ({eta})")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    let report = elra::train::fit::fit_with_progress(&opts, &mut |method, _| {
+        bar.set_message(method.name());
+        bar.inc(1);
+    })
+    .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let (csv, svg) = write_fit_outputs(&out, &report).map_err(|e| e.to_string())?;
     println!("{report}");
+    println!("wrote {} and {}", csv.display(), svg.display());
     let improved = report.rows.iter().all(|r| r.final_loss < r.first_loss);
     if !improved {
         eprintln!("elra fit: some method's final loss is not below its first loss");
@@ -183,8 +202,7 @@ fn expressivity(flags: &Flags) -> Result<bool, String> {
             return Err("expressivity merge takes no --quick".into());
         }
         let files: Vec<std::path::PathBuf> = flags.positional[1..].iter().map(Into::into).collect();
-        let summary =
-            elra::expressivity::runner::merge_csvs(&files, &out).map_err(|e| e.to_string())?;
+        let summary = elra_lab::runner::merge_csvs(&files, &out).map_err(|e| e.to_string())?;
         println!("{summary}");
         return Ok(true);
     }
@@ -210,7 +228,7 @@ fn expressivity(flags: &Flags) -> Result<bool, String> {
                 .collect::<Result<Vec<_>, String>>()?,
         ),
     };
-    let opts = elra::expressivity::runner::CliOpts {
+    let opts = elra_lab::runner::CliOpts {
         quick: flags.switch("quick"),
         seed: flags.get("seed", 0)?,
         out,
@@ -221,7 +239,7 @@ fn expressivity(flags: &Flags) -> Result<bool, String> {
         },
         ranks,
     };
-    let summary = elra::expressivity::runner::run_cli(&group, &opts).map_err(|e| e.to_string())?;
+    let summary = elra_lab::runner::run_cli(&group, &opts).map_err(|e| e.to_string())?;
     println!("{summary}");
     Ok(true)
 }
