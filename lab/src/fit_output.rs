@@ -4,7 +4,7 @@
 //! ([`crate::output::write_set`]: both files or neither). The training itself is the library's
 //! [`elra::train::fit`].
 
-use crate::output::write_set;
+use crate::output::{check_set, write_set};
 use crate::plot::loss_curves_svg;
 use elra::train::fit::{Curve, FitReport};
 use elra::Result;
@@ -33,6 +33,17 @@ pub fn loss_csv(curves: &[Curve]) -> String {
     s
 }
 
+/// The files [`write_fit_outputs`] writes into its directory.
+pub const FIT_FILES: [&str; 2] = ["loss.csv", "loss.svg"];
+
+/// Checks, writing nothing, that [`write_fit_outputs`] can write into `dir`
+/// ([`crate::output::check_set`]); `elra fit` calls it before training.
+///
+/// Errors: [`elra::ElraError::Io`] naming the path in the way.
+pub fn check_fit_outputs(dir: &Path) -> Result<()> {
+    check_set(dir, &FIT_FILES)
+}
+
 /// Writes `loss.csv` and `loss.svg` of `report` into `dir` (created if missing) as one set and
 /// returns their paths.
 ///
@@ -43,7 +54,10 @@ pub fn write_fit_outputs(dir: &Path, report: &FitReport) -> Result<(PathBuf, Pat
     let svg = loss_curves_svg(&report.curves)?;
     let mut paths = write_set(
         dir,
-        &[("loss.csv", csv.as_bytes()), ("loss.svg", svg.as_bytes())],
+        &[
+            (FIT_FILES[0], csv.as_bytes()),
+            (FIT_FILES[1], svg.as_bytes()),
+        ],
     )?;
     let svg_path = paths.pop().unwrap_or_default();
     let csv_path = paths.pop().unwrap_or_default();

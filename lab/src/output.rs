@@ -31,13 +31,46 @@ fn sibling(dir: &Path, name: &str, kind: &str) -> PathBuf {
     dir.join(format!(".{name}.{kind}-{}-{n}", std::process::id()))
 }
 
+/// Checks, writing nothing, that [`write_set`] can put files called `names` into `dir`: the first
+/// existing path among `dir` and its ancestors is a directory (so `dir` exists or can be
+/// created), and no `dir/NAME` exists that is not a regular file. Commands call it before a long
+/// run, so that an output blocked by, say, a directory called `loss.csv` is reported before the
+/// work, not after it.
+///
+/// Errors: [`ElraError::Io`] naming the path in the way.
+pub fn check_set(dir: &Path, names: &[&str]) -> Result<()> {
+    for p in dir.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+        match fs::metadata(p) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(io_err(p, "is not a directory; nothing was written")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(p, e)),
+        }
+    }
+    for name in names {
+        let d = dir.join(name);
+        match fs::symlink_metadata(&d) {
+            Ok(m) if !m.is_file() => {
+                return Err(io_err(
+                    &d,
+                    "exists and is not a regular file; nothing was written",
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&d, e)),
+        }
+    }
+    Ok(())
+}
+
 /// Writes `files` (`(file name, contents)`) into `dir` (created if missing) as one set (module
 /// docs). Returns the paths written, in the order given.
 ///
 /// Errors: [`ElraError::InvalidArgument`] for a file name that is empty, has a path separator or
 /// is `.`/`..`, or appears twice; [`ElraError::Io`] naming the path when `dir` cannot be created,
-/// a destination exists and is not a regular file, or a write, backup or rename fails — then no
-/// file of the set was changed.
+/// a destination exists and is not a regular file ([`check_set`]), or a write, backup or rename
+/// fails — then no file of the set was changed.
 pub fn write_set(dir: &Path, files: &[(&str, &[u8])]) -> Result<Vec<PathBuf>> {
     write_set_with(dir, files, &mut |from, to| fs::rename(from, to))
 }
@@ -61,21 +94,9 @@ pub fn write_set_with(
             return Err(ElraError::invalid("files", format!("{name:?} given twice")));
         }
     }
+    check_set(dir, &files.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
     fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let dests: Vec<PathBuf> = files.iter().map(|(n, _)| dir.join(n)).collect();
-    for d in &dests {
-        match fs::symlink_metadata(d) {
-            Ok(m) if !m.is_file() => {
-                return Err(io_err(
-                    d,
-                    "exists and is not a regular file; nothing was written",
-                ))
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(d, e)),
-        }
-    }
     let mut set = Staged::default();
     let result = set.commit(dir, files, &dests, rename);
     set.clean();

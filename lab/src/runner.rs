@@ -11,7 +11,7 @@ use crate::elra_adapter::{csv_name, Elra, ElraFamily};
 use crate::experiment::{
     app_g_settings, run_setting_families, to_csv, Architecture, Opts, Row, Setting,
 };
-use crate::output::write_set;
+use crate::output::{check_set, write_set};
 use crate::plot::mse_vs_rank_svg;
 use elra::adapter::Variant;
 use elra::{ElraError, Result};
@@ -272,9 +272,11 @@ fn io_err(path: &Path, e: impl fmt::Display) -> ElraError {
 /// [`Method::all`] trained with the App. G protocol (lr {1e-2, 1e-3, 1e-4} × wd {0, 1e-2, 1e-3,
 /// 1e-4}, 5000 Adam steps on 256 fresh `N(0, I)` samples, best validation MSE on 256 samples,
 /// test MSE on 5000), unless `opts.quick` or `opts.iterations` reduce it. Writes
-/// `<out>/<setting>/mse_vs_rank.csv` and `.svg`; shows a progress bar on stderr.
+/// `<out>/<setting>/mse_vs_rank.csv` and `.svg` (each pair as a set: both or neither); shows a
+/// progress bar on stderr.
 ///
-/// Errors: an unknown group; I/O errors; training errors other than divergence.
+/// Errors: an unknown group; an output in the way (found before any training); I/O errors;
+/// training errors other than divergence.
 pub fn run_cli(setting: &str, opts: &CliOpts) -> Result<Summary> {
     let settings = settings_of_group(setting)?;
     let mut o = Opts {
@@ -332,6 +334,10 @@ pub fn run_settings(
         }
     };
     let ranks = sorted.as_deref();
+    // Report an output in the way before the training, not after it.
+    for st in settings {
+        check_set(&out.join(setting_id(st)), &SETTING_FILES)?;
+    }
     let configs = if opts.quick {
         1
     } else {
@@ -370,6 +376,9 @@ pub fn run_settings(
     Ok(summary)
 }
 
+/// The files of one setting's directory `<out>/<setting id>/`, written as a set.
+pub const SETTING_FILES: [&str; 2] = ["mse_vs_rank.csv", "mse_vs_rank.svg"];
+
 /// Writes one setting's rows as `<out>/<id>/mse_vs_rank.csv` and `.svg` (both or neither) and
 /// returns its summary line (`methods`: the adapter names, in column order).
 fn write_setting(
@@ -384,8 +393,8 @@ fn write_setting(
     let csv = write_set(
         &out.join(id),
         &[
-            ("mse_vs_rank.csv", csv_text.as_bytes()),
-            ("mse_vs_rank.svg", svg.as_bytes()),
+            (SETTING_FILES[0], csv_text.as_bytes()),
+            (SETTING_FILES[1], svg.as_bytes()),
         ],
     )?
     .swap_remove(0);
@@ -463,7 +472,8 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
             .iter()
             .find(|s| setting_id(s) == id)
             .ok_or_else(|| bad("unknown setting".into()))?;
-        let dest = out.join(&id).join("mse_vs_rank.csv");
+        check_set(&out.join(&id), &SETTING_FILES)?;
+        let dest = out.join(&id).join(SETTING_FILES[0]);
         let dest_c = std::fs::canonicalize(&dest).ok();
         if paths
             .iter()

@@ -1,14 +1,47 @@
 //! The `elra` command line as a user runs it: the built binary (`CARGO_BIN_EXE_elra`) on good
 //! and bad arguments. Bad arguments must end in exit status 2 and one `elra: …` line on stderr —
-//! never a panic; good ones in status 0 and the files the README promises.
+//! never a panic, an abort or a run without end; good ones in status 0 and the files the README
+//! promises. Every call runs the binary as a child process with a time limit, so an input that
+//! aborts or hangs fails the test instead of the test process.
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
+/// Runs the binary with `args`; kills it and fails after 120 s.
 fn elra(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_elra"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_elra"))
         .args(args)
-        .output()
-        .expect("the elra binary runs")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the elra binary starts");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("waiting for elra") {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("elra {args:?} ran for more than 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -29,6 +62,16 @@ fn assert_usage_error(args: &[&str], needle: &str) {
     assert!(err.starts_with("elra: "), "{args:?}: stderr {err:?}");
     assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
     assert!(!err.contains("panicked"), "{args:?}: {err:?}");
+}
+
+/// [`assert_usage_error`] with a message of exactly one line and nothing on stdout (the work
+/// did not start).
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    assert_usage_error(args, needle);
+    let out = elra(args);
+    let err = text(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err:?}");
+    assert!(out.stdout.is_empty(), "{args:?}: {}", text(&out.stdout));
 }
 
 #[test]
@@ -76,7 +119,7 @@ fn cli_bad_arguments_are_errors_with_status_2_not_panics() {
             "--max-dim must be at least 2",
         ),
         (&["verify", "extra"], "verify takes no positional argument"),
-        (&["verify", "--quick"], "flag --quick needs a value"),
+        (&["verify", "--quick"], "unknown flag --quick"),
         (&["expressivity"], "expressivity needs one of"),
         (&["expressivity", "linear", "fnn"], "one setting group"),
         (&["expressivity", "nonsense", "--quick"], "nonsense"),
@@ -116,6 +159,200 @@ fn cli_bad_arguments_are_errors_with_status_2_not_panics() {
     for (args, needle) in cases {
         assert_usage_error(args, needle);
     }
+}
+
+/// Issue 28 (4, 6): every numeric flag has a range, printed by `elra help`; values outside it —
+/// the largest u64, values that overflowed allocations or ran for minutes before — and values
+/// beyond u64, repeated flags, repeated methods or ranks, an unknown flag given last, a switch
+/// given a value, a value flag followed by another flag: one line, status 2, before any work.
+#[test]
+fn cli_numeric_flags_are_bounded_and_flags_are_checked() {
+    let max = u64::MAX.to_string();
+    let over = "18446744073709551616";
+    let cases: &[(&[&str], &str)] = &[
+        (&["--steps", &max], "--steps must be at most 100000"),
+        (
+            &["fit", "--steps", "1000000000000"],
+            "--steps must be at most 100000",
+        ),
+        (&["fit", "--steps", over], "--steps: cannot parse"),
+        (&["fit", "--steps", "0"], "--steps must be at least 1"),
+        (
+            &["fit", "--width", "100000"],
+            "--width must be at most 1024",
+        ),
+        (&["fit", "--width", "0"], "--width must be at least 1"),
+        (&["fit", "--width", "4"], "width"),
+        (&["fit", "--depth", "100000"], "--depth must be at most 16"),
+        (&["fit", "--depth", "0"], "--depth must be at least 1"),
+        (&["fit", "--seed", over], "--seed: cannot parse"),
+        (
+            &["verify", "--max-dim", "100000"],
+            "--max-dim must be at most 256",
+        ),
+        (&["verify", "--cases", &max], "--cases must be at most 1000"),
+        (&["verify", "--seed", "-1"], "--seed: cannot parse"),
+        (
+            &["expressivity", "linear", "--iterations", "1000001"],
+            "--iterations must be at most 1000000",
+        ),
+        (
+            &["expressivity", "linear", "--threads", "100000"],
+            "--threads must be at most 256",
+        ),
+        (
+            &["expressivity", "linear", "--ranks", "17"],
+            "--ranks must be at most 16",
+        ),
+        (
+            &["expressivity", "linear", "--ranks", &max],
+            "--ranks must be at most 16",
+        ),
+        (
+            &["expressivity", "linear", "--ranks", "3,1,3"],
+            "3 given twice",
+        ),
+        (&["fit", "--methods", "lora,elra,lora"], "lora given twice"),
+        (
+            &["fit", "--methods", "psd,elra-psd"],
+            "elra-psd given twice",
+        ),
+        (&["fit", "--methods", ""], "--methods"),
+        (
+            &["fit", "--steps", "5", "--steps", "6"],
+            "flag --steps given twice",
+        ),
+        (
+            &["fit", "--seed=1", "--seed", "1"],
+            "flag --seed given twice",
+        ),
+        (
+            &["fit", "--no-progress", "--no-progress"],
+            "flag --no-progress given twice",
+        ),
+        (
+            &["fit", "--no-progress=yes"],
+            "flag --no-progress takes no value",
+        ),
+        (&["fit", "--steps", "5", "--bogus"], "unknown flag --bogus"),
+        (&["verify", "--frobnicate"], "unknown flag --frobnicate"),
+        (
+            &["expressivity", "linear", "--quick", "--quick"],
+            "flag --quick given twice",
+        ),
+        (
+            &["expressivity", "linear", "--bogus"],
+            "unknown flag --bogus",
+        ),
+        (
+            &["expressivity", "merge", "--ranks", "1"],
+            "unknown flag --ranks",
+        ),
+        (
+            &["fit", "--out", "--steps", "3"],
+            "flag --out needs a value",
+        ),
+        (&["fit", "--out="], "--out: needs a path"),
+    ];
+    for (args, needle) in cases {
+        assert_one_line_error(args, needle);
+    }
+    let help = text(&elra(&["help"]).stdout);
+    for range in [
+        "1 … 100000",
+        "1 … 1024",
+        "1 … 16",
+        "1 … 1000",
+        "2 … 256",
+        "1 … 1000000",
+        "0 … 256",
+        "0 … 18446744073709551615",
+    ] {
+        assert!(help.contains(range), "help lacks the range {range}");
+    }
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue 28 (5): a directory where `elra fit` writes `loss.csv` or `loss.svg`, or an `--out`
+/// that is a file, ends with status 2 and one line before the training, leaves no temporary,
+/// and the other file keeps its old content; the same for a setting directory of `elra
+/// expressivity` (its `mse_vs_rank.csv` + `.svg` are a set too). (That a rename failing at any
+/// point of the set restores the old files is the unit test of `lab/src/output.rs`.)
+#[test]
+fn cli_outputs_in_the_way_change_nothing() {
+    for blocked in ["loss.csv", "loss.svg"] {
+        let dir = scratch(&format!("blocked-{blocked}"));
+        std::fs::create_dir_all(dir.join(blocked)).unwrap();
+        let other = if blocked == "loss.csv" {
+            "loss.svg"
+        } else {
+            "loss.csv"
+        };
+        std::fs::write(dir.join(other), "old").unwrap();
+        let d = dir.to_str().unwrap();
+        assert_one_line_error(
+            &["fit", "--steps", "5", "--no-progress", "--out", d],
+            blocked,
+        );
+        assert_eq!(names_in(&dir), {
+            let mut v = vec![blocked.to_string(), other.to_string()];
+            v.sort();
+            v
+        });
+        assert_eq!(std::fs::read(dir.join(other)).unwrap(), b"old");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let file = scratch("out-is-a-file");
+    std::fs::write(&file, "x").unwrap();
+    let f = file.to_str().unwrap();
+    assert_one_line_error(&["fit", "--steps", "5", "--out", f], f);
+    let sub = format!("{f}/sub");
+    assert_one_line_error(&["fit", "--steps", "5", "--out", &sub], f);
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    let _ = std::fs::remove_file(&file);
+    let dir = scratch("expr-blocked");
+    let setting = dir.join("linear_L2_pretrained");
+    std::fs::create_dir_all(setting.join("mse_vs_rank.svg")).unwrap();
+    std::fs::write(setting.join("mse_vs_rank.csv"), "old").unwrap();
+    let d = dir.to_str().unwrap();
+    for args in [
+        &[
+            "expressivity",
+            "linear",
+            "--quick",
+            "--ranks",
+            "1",
+            "--out",
+            d,
+        ][..],
+        &[
+            "expressivity",
+            "merge",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/figures/linear_L2_pretrained.csv"
+            ),
+            "--out",
+            d,
+        ][..],
+    ] {
+        assert_one_line_error(args, "mse_vs_rank.svg");
+        assert_eq!(names_in(&dir), ["linear_L2_pretrained"], "{args:?}");
+        assert_eq!(names_in(&setting), ["mse_vs_rank.csv", "mse_vs_rank.svg"]);
+        assert_eq!(
+            std::fs::read(setting.join("mse_vs_rank.csv")).unwrap(),
+            b"old"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn assert_csv_and_svg(dir: &Path, stem: &str) {
