@@ -281,7 +281,7 @@ fn training_is_bitwise_deterministic() {
 }
 
 /// A short `fit` twice with the same seed gives identical per-step curves (the numbers `elra
-/// fit` writes to `loss.csv`; the files themselves are checked in `lab/tests/fit_output.rs`),
+/// fit` writes to `loss.csv`; the files themselves are checked by the unit test in `lab/src/fit_output.rs`),
 /// and every method's held-out loss drops.
 #[test]
 fn training_fit_is_reproducible_and_learns() {

@@ -28,61 +28,31 @@ struct Range {
     hi: u64,
 }
 
+impl Range {
+    const fn new(flag: &'static str, lo: u64, hi: u64) -> Range {
+        Range { flag, lo, hi }
+    }
+}
+
 /// `fit --steps`: optimiser steps per method (default 800).
-const STEPS: Range = Range {
-    flag: "steps",
-    lo: 1,
-    hi: 100_000,
-};
+const STEPS: Range = Range::new("steps", 1, 100_000);
 /// `fit --width`: the width of every layer (default 64); also at least the largest adapter
 /// rank of the chosen methods (8; 16 with elra-psd).
-const WIDTH: Range = Range {
-    flag: "width",
-    lo: 1,
-    hi: 1024,
-};
+const WIDTH: Range = Range::new("width", 1, 1024);
 /// `fit --depth`: the number of layers (default 3).
-const DEPTH: Range = Range {
-    flag: "depth",
-    lo: 1,
-    hi: 16,
-};
+const DEPTH: Range = Range::new("depth", 1, 16);
 /// `verify --cases`: instances per claim (default 64).
-const CASES: Range = Range {
-    flag: "cases",
-    lo: 1,
-    hi: 1000,
-};
+const CASES: Range = Range::new("cases", 1, 1000);
 /// `verify --max-dim`: the largest d and k of an instance (default 32).
-const MAX_DIM: Range = Range {
-    flag: "max-dim",
-    lo: 2,
-    hi: 256,
-};
+const MAX_DIM: Range = Range::new("max-dim", 2, 256);
 /// `expressivity --iterations`: Adam steps per configuration (default App. G's 5000).
-const ITERATIONS: Range = Range {
-    flag: "iterations",
-    lo: 1,
-    hi: 1_000_000,
-};
+const ITERATIONS: Range = Range::new("iterations", 1, 1_000_000);
 /// `expressivity --threads`: worker threads, 0 for all cores (default 0).
-const THREADS: Range = Range {
-    flag: "threads",
-    lo: 0,
-    hi: 256,
-};
+const THREADS: Range = Range::new("threads", 0, 256);
 /// `expressivity --ranks`: LoRA-equivalent ranks, distinct (default 1 … D).
-const RANKS: Range = Range {
-    flag: "ranks",
-    lo: 1,
-    hi: 16,
-};
+const RANKS: Range = Range::new("ranks", 1, 16);
 /// `--seed` of every subcommand (defaults: fit 0, verify 2024, expressivity 0).
-const SEED: Range = Range {
-    flag: "seed",
-    lo: 0,
-    hi: u64::MAX,
-};
+const SEED: Range = Range::new("seed", 0, u64::MAX);
 
 /// The usage text, with every numeric flag's range from the constants above.
 fn usage() -> String {
