@@ -27,9 +27,10 @@
 //! - [`ops`]: the functional layer on caller memory (forward, backward, output-side form, merge,
 //!   energy) that engines train with.
 //! - [`train`]: AdamW, schedules, initialisation (Xavier, GA), stability diagnostics (§5.4), the
-//!   model harness and the `fit` demo.
-//! - [`expressivity`]: the constructions and App. G experiments of "The Expressive Power of
-//!   Low-Rank Adaptation".
+//!   model harness and the training of the `fit` demo.
+//! - [`expressivity`]: the constructions of "The Expressive Power of Low-Rank Adaptation" and
+//!   the reverse mode of its models (the App. G experiments, the `elra` command line and their
+//!   figures are the lab crate's, `lab/`).
 //! - [`io`]: PEFT-layout adapter files (safetensors + JSON config).
 //! - [`capi`]: the C ABI (`include/elra.h`).
 //! - `cuda` (feature `cuda`): the device layer and kernels compiled from `cuda/*.cu`.

@@ -17,8 +17,9 @@
 use super::linear::{lemma_10, ProductApprox};
 use super::{
     add_adapters, bias_uniform, check_partition, check_square, check_vec, spectral_norm,
-    uniform_partition, xavier_uniform, LowRank, SortedSvd,
+    uniform_partition, LowRank, SortedSvd,
 };
+use crate::adapter::xavier_uniform;
 use crate::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
 use rand_chacha::ChaCha8Rng;
@@ -97,7 +98,7 @@ impl Fnn {
         let mut weights = Vec::with_capacity(layers);
         let mut biases = Vec::with_capacity(layers);
         for _ in 0..layers {
-            weights.push(xavier_uniform(d, d, rng));
+            weights.push(xavier_uniform(rng, d, d));
             biases.push(bias_uniform(d, d, rng));
         }
         Ok(Fnn { weights, biases })

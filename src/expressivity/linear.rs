@@ -14,6 +14,7 @@
 use super::{
     add_adapters, check_square, product, uniform_partition, CheckedLu, LowRank, SortedSvd,
 };
+use crate::adapter::xavier_uniform;
 use crate::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
 use rand_chacha::ChaCha8Rng;
@@ -57,9 +58,7 @@ impl LinearModel {
             return Err(ElraError::invalid("d/layers", "must be ≥ 1"));
         }
         Ok(LinearModel {
-            weights: (0..layers)
-                .map(|_| super::xavier_uniform(d, d, rng))
-                .collect(),
+            weights: (0..layers).map(|_| xavier_uniform(rng, d, d)).collect(),
         })
     }
 

@@ -1,5 +1,8 @@
 //! The constructions of Zeng & Lee, *The Expressive Power of Low-Rank Adaptation* (seed paper
-//! `001`), as code, and the LoRA side of its App. G experiments.
+//! `001`), as code: the models of the paper, the adapters its proofs build, and the models'
+//! exact reverse mode. The App. G experiments that train adapters on these models (LoRA and the
+//! ELRA variants side by side, CSV, figures, the `elra expressivity` runner) are not part of the
+//! library: they live in the lab crate (`lab/`, package `elra-lab`).
 //!
 //! # Conventions
 //! * All matrices are `nalgebra::DMatrix<f64>`; every weight is square `D×D` (out×in), as in the
@@ -9,6 +12,8 @@
 //!   transformer ([`tfn::Tfn`]) a *sequence* of `n` tokens is `n` consecutive rows, and a batch of
 //!   `B` sequences is the `(B·n)×D` stack of them (the paper's `X ∈ ℝ^{D×N}` transposed).
 //! * Biases are column vectors `DVector<f64>` of length `D`.
+//! * Random weights are Xavier-uniform ([`crate::adapter::xavier_uniform`], App. G), attention
+//!   weights standard normal ([`standard_normal`]), biases PyTorch-uniform ([`bias_uniform`]).
 //!
 //! # What is here
 //! * [`linear`]: Lemma 9 / Lemma 10 (App. D) — adapters for a product of frozen matrices whose
@@ -19,25 +24,14 @@
 //!   connections or layer norm; [`tfn::Tfn`].
 //! * [`network`]: the models' exact reverse mode (gradients of the MSE w.r.t. every weight and
 //!   bias), behind the [`network::Network`] trait.
-//! * [`adapter`]: the pluggable adapter parameterisation `W_eff(θ)` with its pull-back
-//!   `∂L/∂W_eff ↦ ∂L/∂θ` ([`adapter::WeightAdapter`]); LoRA `W_eff = W0 + B A`.
-//! * [`elra`]: ELRA adapters (`W_eff = exp(G) W0`; general, PSD, Hyb) in the same interface.
-//! * [`optim`]: Adam / AdamW.
-//! * [`experiment`]: App. G — construction vs. trained LoRA for every rank, CSV output.
-//! * [`runner`]: the `elra expressivity` runner — LoRA and the ELRA variants per rank, CSV, SVG.
 #![allow(non_snake_case)]
-
-pub mod adapter;
-pub mod elra;
-pub mod experiment;
 
 pub mod fnn;
 pub mod linear;
 pub mod network;
-pub mod optim;
-pub mod runner;
 pub mod tfn;
 
+use crate::linalg::check_finite;
 use crate::linalg::jacobi::{one_sided_jacobi, JacobiSweeps, JacobiTolerance};
 use crate::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
@@ -280,11 +274,6 @@ pub fn low_rank_approx(arg: &'static str, m: &DMatrix<f64>, r: usize) -> Result<
     Ok(SortedSvd::new(arg, m)?.low_rank(r))
 }
 
-/// Returns an error naming `arg` if any entry of `m` is NaN or infinite.
-pub fn check_finite(arg: &'static str, m: &DMatrix<f64>) -> Result<()> {
-    crate::linalg::check_finite(arg, m)
-}
-
 /// An LU factorisation of a square matrix that was checked to be numerically non-singular
 /// (`σ_min > D·ε·σ_max`); the inverses in eq. (8) and Thm. 6's proof go through it.
 #[derive(Debug, Clone)]
@@ -341,16 +330,6 @@ impl CheckedLu {
         let n = self.lu.l().nrows();
         self.solve(&DMatrix::identity(n, n))
     }
-}
-
-/// `D×D` matrix with i.i.d. Xavier-uniform entries `U(−a, a)`, `a = √(6/(fan_in+fan_out))`
-/// (App. G: "Xavier uniform distribution").
-pub fn xavier_uniform(d_out: usize, d_in: usize, rng: &mut ChaCha8Rng) -> DMatrix<f64> {
-    if d_out == 0 || d_in == 0 {
-        return DMatrix::zeros(d_out, d_in);
-    }
-    let a = (6.0 / (d_in + d_out) as f64).sqrt();
-    DMatrix::from_fn(d_out, d_in, |_, _| rng.random_range(-a..a))
 }
 
 /// Matrix with i.i.d. standard normal entries (App. G.3: attention weights).

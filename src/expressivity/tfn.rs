@@ -14,9 +14,8 @@
 
 use super::fnn::{affine, relu_mut};
 use super::linear::{lemma_9, ProductApprox};
-use super::{
-    bias_uniform, check_square, check_vec, standard_normal, xavier_uniform, CheckedLu, LowRank,
-};
+use super::{bias_uniform, check_square, check_vec, standard_normal, CheckedLu, LowRank};
+use crate::adapter::xavier_uniform;
 use crate::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
 use rand_chacha::ChaCha8Rng;
@@ -379,9 +378,9 @@ impl Tfn {
                         O: standard_normal(d, d, rng),
                     })
                     .collect();
-                let W1 = xavier_uniform(d, d, rng);
+                let W1 = xavier_uniform(rng, d, d);
                 let b1 = bias_uniform(d, d, rng);
-                let W2 = xavier_uniform(d, d, rng);
+                let W2 = xavier_uniform(rng, d, d);
                 let b2 = bias_uniform(d, d, rng);
                 Block {
                     heads,
@@ -392,7 +391,7 @@ impl Tfn {
                 }
             })
             .collect();
-        let Wo = xavier_uniform(d, d, rng);
+        let Wo = xavier_uniform(rng, d, d);
         Ok(Tfn {
             blocks,
             Wo,

@@ -5,15 +5,18 @@
 //! 1. write each new content to a temporary file beside its target (`.name.tmp-PID-N`) and
 //!    `fsync` it; a failure removes the temporaries written so far, nothing else changed;
 //! 2. keep each existing target as a hard link `.name.bak-PID-N` (the target itself stays in
-//!    place, so readers never see it missing); a failure removes the links and the temporaries;
+//!    place, so readers never see it missing; a copy where the file system has no hard links);
+//!    a target that exists but is not a regular file is refused; a failure removes the backups
+//!    and the temporaries;
 //! 3. rename each temporary over its target (each rename is atomic); a failure at file `i`
 //!    renames the backups of `f_1 … f_{i−1}` back over them (or removes them where there was no
 //!    previous file) and removes every temporary and link;
 //! 4. remove the links and `fsync` the directories (best effort).
 //!
 //! So the set is replaced as a whole unless the file system fails while undoing step 3 (then the
-//! error says so and names the files). A target that is a directory fails in step 2 or 3 and
-//! changes nothing.
+//! error says so and names the files). [`check_files`] makes the same refusals without writing,
+//! for commands that check their outputs before long work; [`write_files_in`] writes named files
+//! into a directory.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -72,7 +75,7 @@ fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
 
 /// The file-system operations of the protocol, replaceable in tests to make each step fail.
 pub(crate) trait Fs {
-    /// `std::fs::hard_link(from, to)`.
+    /// `std::fs::hard_link(from, to)`, or a copy where hard links are not supported.
     fn link(&mut self, from: &Path, to: &Path) -> std::io::Result<()>;
     /// `std::fs::rename(from, to)`.
     fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()>;
@@ -83,11 +86,81 @@ struct RealFs;
 
 impl Fs for RealFs {
     fn link(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
-        std::fs::hard_link(from, to)
+        std::fs::hard_link(from, to).or_else(|_| std::fs::copy(from, to).map(drop))
     }
     fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
         std::fs::rename(from, to)
     }
+}
+
+fn not_a_file(path: &Path) -> ElraError {
+    io_err(
+        path,
+        std::io::Error::other("exists and is not a regular file; nothing was written"),
+    )
+}
+
+/// Checks, writing nothing, that [`write_files_in`] can write files called `names` into `dir`:
+/// the first existing path among `dir` and its ancestors is a directory (so `dir` exists or can
+/// be created), and no `dir/NAME` exists that is not a regular file. Commands call it before a
+/// long run, so that an output blocked by, say, a directory called `loss.csv` is reported before
+/// the work.
+///
+/// Errors: [`ElraError::Io`] naming the path in the way.
+pub fn check_files(dir: &Path, names: &[&str]) -> Result<()> {
+    for p in dir.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(io_err(
+                    p,
+                    std::io::Error::other("is not a directory; nothing was written"),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(p, e)),
+        }
+    }
+    for name in names {
+        let d = dir.join(name);
+        match std::fs::symlink_metadata(&d) {
+            Ok(m) if !m.is_file() => return Err(not_a_file(&d)),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&d, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `files` (`(file name, contents)`) into `dir` (created if missing) as one set
+/// ([`write_files_atomically`]) and returns their paths in the order given.
+///
+/// Errors: [`ElraError::InvalidArgument`] for a name that is empty, `.`/`..`, holds a path
+/// separator or appears twice; [`ElraError::Io`] as [`check_files`] and
+/// [`write_files_atomically`] — then no file was changed.
+pub fn write_files_in(dir: &Path, files: &[(&str, &[u8])]) -> Result<Vec<PathBuf>> {
+    for (i, (name, _)) in files.iter().enumerate() {
+        if name.is_empty() || *name == "." || *name == ".." || name.contains(['/', '\\']) {
+            return Err(ElraError::invalid(
+                "files",
+                format!("{name:?} is not a plain file name"),
+            ));
+        }
+        if files[..i].iter().any(|(n, _)| n == name) {
+            return Err(ElraError::invalid("files", format!("{name:?} given twice")));
+        }
+    }
+    check_files(dir, &files.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let paths: Vec<PathBuf> = files.iter().map(|(n, _)| dir.join(n)).collect();
+    let set: Vec<(&Path, &[u8])> = paths
+        .iter()
+        .zip(files)
+        .map(|(p, (_, b))| (p.as_path(), *b))
+        .collect();
+    write_files_atomically(&set)?;
+    Ok(paths)
 }
 
 /// Replaces each `path` by its `bytes`, all or nothing (module docs). Paths must be distinct
@@ -124,6 +197,7 @@ pub(crate) fn write_with(files: &[(&Path, &[u8])], fs: &mut dyn Fs) -> Result<()
             match std::fs::symlink_metadata(path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(io_err(path, e)),
+                Ok(m) if !m.is_file() => Err(not_a_file(path)),
                 Ok(_) => {
                     let bak = sibling(path, "bak")?;
                     fs.link(path, &bak).map_err(|e| io_err(path, e))?;
@@ -256,6 +330,25 @@ mod tests {
                 .map(|(n, c)| (n.to_string(), c.as_bytes().to_vec()))
                 .collect();
         assert_eq!(listing(&dir), want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn named_files_in_a_directory() {
+        let dir = std::env::temp_dir().join(format!("elra-atomic-in-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sub = dir.join("new");
+        let paths = write_files_in(&sub, &[("a.csv", b"1"), ("b.svg", b"2")]).unwrap();
+        assert_eq!(paths, [sub.join("a.csv"), sub.join("b.svg")]);
+        assert_eq!(std::fs::read(&paths[1]).unwrap(), b"2");
+        for bad in ["", ".", "..", "x/y"] {
+            assert!(write_files_in(&sub, &[(bad, b"x")]).is_err(), "{bad:?}");
+        }
+        assert!(write_files_in(&sub, &[("a", b"x"), ("a", b"y")]).is_err());
+        std::fs::create_dir(sub.join("c.csv")).unwrap();
+        assert!(check_files(&sub, &["c.csv"]).is_err());
+        std::fs::write(dir.join("file"), b"").unwrap();
+        assert!(check_files(&dir.join("file").join("x"), &["a"]).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -26,4 +26,4 @@ pub use adapter_file::{
     load_merged, save_merged, AdapterFile, ElraFileConfig, FileConfig, LoadLimits, LoraFileConfig,
     ModuleWeights, TargetModules, CONFIG_FILE, ELRA_FORMAT_VERSION, WEIGHTS_FILE,
 };
-pub use atomic::write_files_atomically;
+pub use atomic::{check_files, write_files_atomically, write_files_in};

@@ -21,21 +21,17 @@
 //! ELRA (`exp(L) W0 exp(R)`, App. B eq. 22, r = 8 per side). The first and
 //! final losses are evaluated without dropout on a fixed held-out set of 512 samples.
 //!
-//! Outputs, written atomically (temporary file + rename, both files only after every method
-//! finished): `loss.csv` (`method,step,train_loss,speed,grad_norm,lr`, one row per step; no
-//! timings, so the bytes depend on the seed only) and `loss.svg` (training-loss curves,
-//! logarithmic loss axis). Everything is `f64`, single-threaded and seeded: bitwise
-//! reproducible.
+//! The result is the table ([`FitReport::rows`]) and every method's per-step record
+//! ([`FitReport::curves`]: training loss, speed, gradient norm, learning rate). Everything is
+//! `f64`, single-threaded and seeded: bitwise reproducible. Writing them (`loss.csv`,
+//! `loss.svg`) and showing progress is the command line's business (`elra fit`, in the lab
+//! crate); [`fit_with_progress`] reports each step to it.
 #![allow(non_snake_case)]
 
 use std::fmt;
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nalgebra::DMatrix;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -154,8 +150,6 @@ pub struct FitOptions {
     pub depth: usize,
     /// Methods to compare, in order.
     pub methods: Vec<FitMethod>,
-    /// Output directory for `loss.csv` and `loss.svg`.
-    pub out: PathBuf,
     /// Batch size.
     pub batch: usize,
     /// Peak learning rate (shared by all methods, as in §5).
@@ -164,8 +158,6 @@ pub struct FitOptions {
     pub ga_steps: usize,
     /// The loss.
     pub loss: LossKind,
-    /// Show a progress bar on stderr (indicatif; hidden when stderr is not a terminal).
-    pub progress: bool,
 }
 
 impl Default for FitOptions {
@@ -176,12 +168,10 @@ impl Default for FitOptions {
             width: 64,
             depth: 3,
             methods: FitMethod::DEFAULT.to_vec(),
-            out: PathBuf::from("elra-out"),
             batch: 64,
             lr: 2e-2,
             ga_steps: DEFAULT_GA_STEPS,
             loss: LossKind::Mse,
-            progress: true,
         }
     }
 }
@@ -256,10 +246,8 @@ pub struct MethodResult {
 pub struct FitReport {
     /// One row per method, in the order of the options.
     pub rows: Vec<MethodResult>,
-    /// Where `loss.csv` was written.
-    pub csv: PathBuf,
-    /// Where `loss.svg` was written.
-    pub svg: PathBuf,
+    /// One training record per method, in the same order.
+    pub curves: Vec<Curve>,
 }
 
 impl fmt::Display for FitReport {
@@ -282,21 +270,26 @@ impl fmt::Display for FitReport {
                 r.wall_secs
             )?;
         }
-        writeln!(
+        write!(
             f,
-            "first/final loss: held-out evaluation batch, no dropout; loss.csv has the training curve"
-        )?;
-        write!(f, "wrote {} and {}", self.csv.display(), self.svg.display())
+            "first/final loss: held-out evaluation batch, no dropout; the curves hold the training loss"
+        )
     }
 }
 
-/// Per-step records of one method.
-struct Curve {
-    method: FitMethod,
-    loss: Vec<f64>,
-    speed: Vec<Option<f64>>,
-    grad_norm: Vec<f64>,
-    lr: Vec<f64>,
+/// Per-step records of one method's training ([`super::trainer::StepRecord`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Curve {
+    /// The method.
+    pub method: FitMethod,
+    /// Training loss of each step (on the step's batch, with dropout).
+    pub loss: Vec<f64>,
+    /// Speed `s_t` of each step (§5.4; `None` where it is not defined).
+    pub speed: Vec<Option<f64>>,
+    /// Global gradient norm of each step (before clipping).
+    pub grad_norm: Vec<f64>,
+    /// Learning rate of each step.
+    pub lr: Vec<f64>,
 }
 
 /// `exp(G) W0 + ΔW` of the teacher (module docs), G and ΔW random of rank 4.
@@ -365,12 +358,22 @@ fn targets_for(
 }
 
 /// Teacher–student adaptation with every method of `opts` (module docs); returns the table and
-/// writes `loss.csv` and `loss.svg` into `opts.out`.
+/// the per-step curves.
 ///
 /// Errors: invalid options ([`FitOptions::validate`]); [`ElraError::Training`] from any
-/// method's training; [`ElraError::Io`] when the output cannot be written (then neither file is
-/// replaced).
+/// method's training.
 pub fn fit(opts: &FitOptions) -> Result<FitReport> {
+    fit_with_progress(opts, &mut |_, _| {})
+}
+
+/// [`fit`], calling `progress(method, step)` after each optimiser step (`step` counts from 1 to
+/// `opts.steps` for each method in turn) — for a progress display.
+///
+/// Errors: as [`fit`].
+pub fn fit_with_progress(
+    opts: &FitOptions,
+    progress: &mut dyn FnMut(FitMethod, usize),
+) -> Result<FitReport> {
     opts.validate()?;
     let widths = vec![opts.width; opts.depth + 1];
     let seed = opts.seed;
@@ -385,22 +388,9 @@ pub fn fit(opts: &FitOptions) -> Result<FitReport> {
     let eval_x = eval_stream.next_x();
     let eval_t = targets_for(&teacher, opts.loss, &eval_x)?;
 
-    let total = (opts.steps * opts.methods.len()) as u64;
-    let bar = if opts.progress {
-        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} steps ({eta})")
-            .map_err(|e| ElraError::invalid("progress", e.to_string()))?
-            .progress_chars("=> "),
-    );
-
     let mut rows = Vec::new();
     let mut curves = Vec::new();
     for &method in &opts.methods {
-        bar.set_message(method.name());
         let start = Instant::now();
         let mut net =
             AdaptedNetwork::new(&base, method.spec(), opts.loss, opts.steps, seed ^ 0xada7)?;
@@ -426,7 +416,7 @@ pub fn fit(opts: &FitOptions) -> Result<FitReport> {
             grad_norm: Vec::with_capacity(opts.steps),
             lr: Vec::with_capacity(opts.steps),
         };
-        for _ in 0..opts.steps {
+        for step in 1..=opts.steps {
             let x = stream.next_x();
             let t = targets_for(&teacher, opts.loss, &x)?;
             let rec = trainer.step(&x, &t)?;
@@ -434,7 +424,7 @@ pub fn fit(opts: &FitOptions) -> Result<FitReport> {
             curve.speed.push(rec.speed);
             curve.grad_norm.push(rec.grad_norm);
             curve.lr.push(rec.lr);
-            bar.inc(1);
+            progress(method, step);
         }
         let spikes = spike_report(trainer.speeds(), DEFAULT_WINDOW, SPIKE_SIGMAS)?;
         let net = trainer.into_network();
@@ -450,147 +440,5 @@ pub fn fit(opts: &FitOptions) -> Result<FitReport> {
         });
         curves.push(curve);
     }
-    bar.finish_and_clear();
-
-    let csv = csv_text(&curves);
-    let svg = svg_text(&curves)?;
-    let csv_path = opts.out.join("loss.csv");
-    let svg_path = opts.out.join("loss.svg");
-    write_atomically(
-        &opts.out,
-        &[(&csv_path, csv.as_bytes()), (&svg_path, svg.as_bytes())],
-    )?;
-    Ok(FitReport {
-        rows,
-        csv: csv_path,
-        svg: svg_path,
-    })
-}
-
-fn csv_text(curves: &[Curve]) -> String {
-    let mut s = String::from("method,step,train_loss,speed,grad_norm,lr\n");
-    for c in curves {
-        for t in 0..c.loss.len() {
-            let speed = c.speed[t].map(|v| format!("{v:e}")).unwrap_or_default();
-            s.push_str(&format!(
-                "{},{},{:e},{},{:e},{:e}\n",
-                c.method.name(),
-                t,
-                c.loss[t],
-                speed,
-                c.grad_norm[t],
-                c.lr[t]
-            ));
-        }
-    }
-    s
-}
-
-fn svg_text(curves: &[Curve]) -> Result<String> {
-    use plotters::prelude::*;
-    let err = |e: String| ElraError::Format(format!("plotting loss.svg: {e}"));
-    let steps = curves
-        .iter()
-        .map(|c| c.loss.len())
-        .max()
-        .unwrap_or(1)
-        .max(2);
-    let positive = curves
-        .iter()
-        .flat_map(|c| c.loss.iter().copied())
-        .filter(|v| v.is_finite() && *v > 0.0);
-    let (lo, hi) = positive.fold((f64::INFINITY, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = if lo.is_finite() && hi > 0.0 {
-        (lo * 0.8, hi * 1.25)
-    } else {
-        (1e-3, 1.0)
-    };
-    let mut out = String::new();
-    {
-        let root = SVGBackend::with_string(&mut out, (900, 560)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                "fit: training loss (teacher–student adaptation)",
-                ("sans-serif", 20),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0usize..steps - 1, (lo..hi).log_scale())
-            .map_err(|e| err(e.to_string()))?;
-        chart
-            .configure_mesh()
-            .x_desc("optimiser step")
-            .y_desc("training loss (MSE / CE)")
-            .y_label_formatter(&|v| format!("{v:.1e}"))
-            .max_light_lines(1)
-            .draw()
-            .map_err(|e| err(e.to_string()))?;
-        let palette = [
-            RGBColor(31, 119, 180),
-            RGBColor(214, 39, 40),
-            RGBColor(44, 160, 44),
-            RGBColor(148, 103, 189),
-            RGBColor(255, 127, 14),
-            RGBColor(140, 86, 75),
-        ];
-        for (i, c) in curves.iter().enumerate() {
-            let color = palette[i % palette.len()];
-            chart
-                .draw_series(LineSeries::new(
-                    c.loss
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, v)| v.is_finite() && **v > 0.0)
-                        .map(|(t, v)| (t, *v)),
-                    &color,
-                ))
-                .map_err(|e| err(e.to_string()))?
-                .label(c.method.name())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(e.to_string()))?;
-        root.present().map_err(|e| err(e.to_string()))?;
-    }
-    Ok(out)
-}
-
-fn io_err(path: &Path, e: std::io::Error) -> ElraError {
-    ElraError::Io {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    }
-}
-
-/// Writes every file to a temporary sibling first and renames them into place only when all
-/// were written, so an error leaves no half-written output.
-fn write_atomically(dir: &Path, files: &[(&Path, &[u8])]) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let mut temps = Vec::new();
-    for (path, bytes) in files {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let res = fs::File::create(&tmp).and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        });
-        if let Err(e) = res {
-            let _ = fs::remove_file(&tmp);
-            for t in &temps {
-                let _ = fs::remove_file(t);
-            }
-            return Err(io_err(&tmp, e));
-        }
-        temps.push(tmp);
-    }
-    for (tmp, (path, _)) in temps.iter().zip(files) {
-        fs::rename(tmp, path).map_err(|e| io_err(path, e))?;
-    }
-    Ok(())
+    Ok(FitReport { rows, curves })
 }

@@ -9,7 +9,7 @@
 //! [`tfn_setting_models`] and [`setting_test_inputs`], biases trained, 5000 Adam steps on 256
 //! fresh sequences — [`Opts::default`]) with
 //! - the runner's two seeds — its test MSE must equal the CSV row's `trained_mse` when that
-//!   configuration was the row's best (checked by eye against `docs/figures`);
+//!   configuration was the row's best (checked by eye against `figures`);
 //! - `SEEDS` other adapter initialisations, the sample stream kept;
 //! - `SEEDS` other sample streams, the initialisation kept;
 //!
@@ -19,14 +19,14 @@
 //! from"), and how collapsed the outputs are ([`peakedness`]: mean largest probability, share of
 //! tokens whose argmax is the most frequent class).
 
-use elra::expressivity::experiment::{
+use elra::expressivity::network::mse;
+use elra::{ElraError, Result};
+use elra_lab::experiment::{
     app_g_settings, rank_seeds, run_grid, setting_test_inputs, tfn_setting_models, train_adapters,
     Architecture, Opts,
 };
-use elra::expressivity::network::mse;
-use elra::expressivity::optim::AdamConfig;
-use elra::expressivity::runner::{setting_id, Method};
-use elra::{ElraError, Result};
+use elra_lab::optim::AdamConfig;
+use elra_lab::runner::{setting_id, Method};
 
 #[allow(dead_code)] // each example uses a subset of the shared parsers
 mod common;

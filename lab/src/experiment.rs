@@ -23,19 +23,18 @@
 //!   `Ê‖f(x) − f̄(x)‖²₂` is `D` (TFN: `D·N`) times larger.
 #![allow(non_snake_case)]
 
-use super::adapter::{AdapterFamily, LoraFamily, WeightAdapter};
-use super::fnn::{self, Fnn};
-use super::linear::{self, LinearModel};
-use super::network::{mse, mse_loss_and_grads, Network};
-use super::optim::{Adam, AdamConfig};
-use super::tfn::{self, Tfn};
-use super::{input_radius, standard_normal};
-use crate::{ElraError, Result};
+use crate::adapter::{AdapterFamily, LoraFamily, WeightAdapter};
+use crate::optim::{Adam, AdamConfig};
+use elra::expressivity::fnn::{self, Fnn};
+use elra::expressivity::linear::{self, LinearModel};
+use elra::expressivity::network::{mse, mse_loss_and_grads, Network};
+use elra::expressivity::tfn::{self, Tfn};
+use elra::expressivity::{input_radius, standard_normal};
+use elra::{ElraError, Result};
 use nalgebra::{DMatrix, DVector};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// The model family and depths of one App. G experiment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -898,16 +897,6 @@ pub fn to_csv(rows: &[Row]) -> String {
         );
     }
     s
-}
-
-/// Writes [`to_csv`] to `path`.
-///
-/// Errors: [`ElraError::Io`] if the file cannot be written.
-pub fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
-    std::fs::write(path, to_csv(rows)).map_err(|e| ElraError::Io {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
 }
 
 /// Parses the text of [`to_csv`] back into rows — the inverse of [`to_csv`]: `{:e}` prints the

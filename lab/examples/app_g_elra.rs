@@ -5,9 +5,9 @@
 //! A group name runs the whole group; otherwise the arguments name settings by
 //! `<name>_<random|pretrained>` (e.g. `tfn_L1_H2_random`). Prints the summary table.
 
-use elra::expressivity::experiment::{app_g_settings, Opts};
-use elra::expressivity::runner::{run_settings, setting_id, settings_of_group, Method};
 use elra::ElraError;
+use elra_lab::experiment::{app_g_settings, Opts};
+use elra_lab::runner::{run_settings, setting_id, settings_of_group, Method};
 use std::path::PathBuf;
 
 #[allow(dead_code)] // each example uses a subset of the shared parsers

@@ -25,14 +25,14 @@
 //! The block forward is recomputed here from the public weights (§3.1, tokens as rows) to read
 //! the attention weights; it is checked against [`Tfn::forward`] first.
 
-use elra::expressivity::adapter::LoraFamily;
-use elra::expressivity::experiment::{
+use elra::expressivity::network::mse;
+use elra::expressivity::tfn::Tfn;
+use elra_lab::adapter::LoraFamily;
+use elra_lab::experiment::{
     app_g_settings, setting_test_inputs, tfn_setting_models, train_adapters, Architecture, Opts,
 };
-use elra::expressivity::network::mse;
-use elra::expressivity::optim::AdamConfig;
-use elra::expressivity::runner::setting_id;
-use elra::expressivity::tfn::Tfn;
+use elra_lab::optim::AdamConfig;
+use elra_lab::runner::setting_id;
 use nalgebra::DMatrix;
 
 #[allow(dead_code)] // each example uses a subset of the shared parsers

@@ -1,29 +1,33 @@
 //! The App. G runner behind `elra expressivity <linear|fnn|tfn|all>`: for each setting of the
 //! group and every rank `R = 1..=D`, the construction's test MSE, LoRA, ELRA, ELRA-PSD and
 //! ELRA-Hyb trained with the App. G protocol ([`super::experiment`]), written as
-//! `<out>/<setting>/mse_vs_rank.csv` and `<out>/<setting>/mse_vs_rank.svg`, with a summary of the
-//! smallest rank that reaches `MSE < 1e-8` per method.
+//! `<out>/<setting>/mse_vs_rank.csv` and `<out>/<setting>/mse_vs_rank.svg` (one set of files:
+//! both or neither, [`elra::io::write_files_in`]), with a summary of the smallest rank that reaches
+//! `MSE < 1e-8` per method.
 #![allow(non_snake_case)]
 
-use super::adapter::{AdapterFamily, Lora, LoraFamily, WeightAdapter};
-use super::elra::{Elra, ElraFamily, ElraVariant};
-use super::experiment::{
+use crate::adapter::{AdapterFamily, Lora, LoraFamily, WeightAdapter};
+use crate::elra_adapter::{csv_name, Elra, ElraFamily};
+use crate::experiment::{
     app_g_settings, run_setting_families, to_csv, Architecture, Opts, Row, Setting,
 };
-use crate::{ElraError, Result};
+use crate::plot::mse_vs_rank_svg;
+use elra::adapter::Variant;
+use elra::io::{check_files as check_set, write_files_in as write_set};
+use elra::{ElraError, Result};
 use nalgebra::DMatrix;
 use rand_chacha::ChaCha8Rng;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// A trained method of the comparison: LoRA or one of the ELRA variants, at matched trainable
-/// parameters (see [`ElraVariant::matched_rank`]).
+/// parameters (see [`crate::elra_adapter::matched_rank`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Method {
     /// LoRA, `W0 + B A` (Hu et al.; App. G).
     Lora,
     /// ELRA, `exp(G) W0` (ELRA paper eq. 1 / eq. 19).
-    Elra(ElraVariant),
+    Elra(Variant),
 }
 
 impl Method {
@@ -31,9 +35,9 @@ impl Method {
     pub fn all() -> [Method; 4] {
         [
             Method::Lora,
-            Method::Elra(ElraVariant::General),
-            Method::Elra(ElraVariant::Psd),
-            Method::Elra(ElraVariant::Hyb),
+            Method::Elra(Variant::General),
+            Method::Elra(Variant::Psd),
+            Method::Elra(Variant::Hyb),
         ]
     }
 
@@ -41,7 +45,7 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
-            Method::Elra(v) => v.name(),
+            Method::Elra(v) => csv_name(v),
         }
     }
 }
@@ -268,9 +272,11 @@ fn io_err(path: &Path, e: impl fmt::Display) -> ElraError {
 /// [`Method::all`] trained with the App. G protocol (lr {1e-2, 1e-3, 1e-4} × wd {0, 1e-2, 1e-3,
 /// 1e-4}, 5000 Adam steps on 256 fresh `N(0, I)` samples, best validation MSE on 256 samples,
 /// test MSE on 5000), unless `opts.quick` or `opts.iterations` reduce it. Writes
-/// `<out>/<setting>/mse_vs_rank.csv` and `.svg`; shows a progress bar on stderr.
+/// `<out>/<setting>/mse_vs_rank.csv` and `.svg` (each pair as a set: both or neither); shows a
+/// progress bar on stderr.
 ///
-/// Errors: an unknown group; I/O errors; training errors other than divergence.
+/// Errors: an unknown group; an output in the way (found before any training); I/O errors;
+/// training errors other than divergence.
 pub fn run_cli(setting: &str, opts: &CliOpts) -> Result<Summary> {
     let settings = settings_of_group(setting)?;
     let mut o = Opts {
@@ -328,6 +334,10 @@ pub fn run_settings(
         }
     };
     let ranks = sorted.as_deref();
+    // Report an output in the way before the training, not after it.
+    for st in settings {
+        check_set(&out.join(setting_id(st)), &SETTING_FILES)?;
+    }
     let configs = if opts.quick {
         1
     } else {
@@ -366,8 +376,11 @@ pub fn run_settings(
     Ok(summary)
 }
 
-/// Writes one setting's rows as `<out>/<id>/mse_vs_rank.csv` and `.svg` and returns its summary
-/// line (`methods`: the adapter names, in column order).
+/// The files of one setting's directory `<out>/<setting id>/`, written as a set.
+pub const SETTING_FILES: [&str; 2] = ["mse_vs_rank.csv", "mse_vs_rank.svg"];
+
+/// Writes one setting's rows as `<out>/<id>/mse_vs_rank.csv` and `.svg` (both or neither) and
+/// returns its summary line (`methods`: the adapter names, in column order).
 fn write_setting(
     out: &Path,
     id: &str,
@@ -375,11 +388,16 @@ fn write_setting(
     rows: &[Row],
     methods: &[&str],
 ) -> Result<SummaryLine> {
-    let dir = out.join(id);
-    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-    let csv = dir.join("mse_vs_rank.csv");
-    std::fs::write(&csv, to_csv(rows)).map_err(|e| io_err(&csv, e))?;
-    plot_mse_vs_rank(&dir.join("mse_vs_rank.svg"), id, rows, threshold)?;
+    let svg = mse_vs_rank_svg(id, rows, threshold)?;
+    let csv_text = to_csv(rows);
+    let csv = write_set(
+        &out.join(id),
+        &[
+            (SETTING_FILES[0], csv_text.as_bytes()),
+            (SETTING_FILES[1], svg.as_bytes()),
+        ],
+    )?
+    .swap_remove(0);
     let mut first_exact = vec![(
         "construction".to_string(),
         first_below(rows, EXACT_MSE, |r| {
@@ -426,7 +444,7 @@ fn write_setting(
 ///
 /// Errors: [`ElraError::Io`] for a file that cannot be read or written; `InvalidArgument` for no
 /// files, an output CSV that is also an input, a file that is not a runner CSV
-/// ([`super::experiment::from_csv`]), an unknown setting, shards that disagree on any of the
+/// ([`crate::experiment::from_csv`]), an unknown setting, shards that disagree on any of the
 /// recorded items above, or a (rank, method) present twice.
 pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
     if paths.is_empty() {
@@ -435,7 +453,7 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
     let mut rows = Vec::new();
     for p in paths {
         let text = std::fs::read_to_string(p).map_err(|e| io_err(p, e))?;
-        rows.extend(super::experiment::from_csv(&text).map_err(|e| match e {
+        rows.extend(crate::experiment::from_csv(&text).map_err(|e| match e {
             ElraError::InvalidArgument { arg, reason } => ElraError::InvalidArgument {
                 arg,
                 reason: format!("{}: {reason}", p.display()),
@@ -454,7 +472,8 @@ pub fn merge_csvs(paths: &[PathBuf], out: &Path) -> Result<Summary> {
             .iter()
             .find(|s| setting_id(s) == id)
             .ok_or_else(|| bad("unknown setting".into()))?;
-        let dest = out.join(&id).join("mse_vs_rank.csv");
+        check_set(&out.join(&id), &SETTING_FILES)?;
+        let dest = out.join(&id).join(SETTING_FILES[0]);
         let dest_c = std::fs::canonicalize(&dest).ok();
         if paths
             .iter()
@@ -549,106 +568,4 @@ fn first_below(rows: &[Row], tol: f64, sel: impl Fn(&Row) -> Option<f64>) -> Opt
         .filter(|&(_, v)| v < tol)
         .map(|(r, _)| r)
         .min()
-}
-
-/// Lower clip of the log-scale plot: MSEs below it (exact constructions give ≈ 1e-31) are drawn
-/// on the bottom edge.
-pub const PLOT_FLOOR: f64 = 1e-16;
-
-/// Writes an SVG plot of test MSE (log scale, clipped below at [`PLOT_FLOOR`]) against rank: one
-/// line per method plus the construction (a marker at every rank run), and a dashed vertical line
-/// at the theorem's threshold rank (the App. G figures' layout). The legend sits in the lower left,
-/// where no App. G curve goes: below the threshold no method is exact.
-///
-/// Errors: no rows; [`ElraError::Io`] if drawing or writing fails.
-pub fn plot_mse_vs_rank(path: &Path, title: &str, rows: &[Row], threshold: usize) -> Result<()> {
-    use plotters::prelude::*;
-    if rows.is_empty() {
-        return Err(ElraError::invalid("rows", "nothing to plot"));
-    }
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    let first_adapter = rows[0].adapter.clone();
-    let mut push = |name: &str, rank: usize, v: f64| {
-        if !v.is_finite() {
-            return;
-        }
-        let p = (rank as f64, v.max(PLOT_FLOOR));
-        match series.iter_mut().find(|(n, _)| n == name) {
-            Some((_, pts)) => pts.push(p),
-            None => series.push((name.to_string(), vec![p])),
-        }
-    };
-    for r in rows.iter().filter(|r| r.adapter == first_adapter) {
-        push("construction", r.rank, r.construction_mse);
-    }
-    for r in rows {
-        push(&r.adapter, r.rank, r.trained_mse);
-    }
-    let max_rank = rows.iter().map(|r| r.rank).max().unwrap_or(1) as f64;
-    let ymax = series
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|q| q.1))
-        .fold(PLOT_FLOOR, f64::max);
-    let ymax = 10f64.powf(ymax.log10().ceil() + 0.2);
-    let e = |x: &dyn fmt::Display| io_err(path, x);
-    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(&x))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{title}: test MSE vs rank"),
-            ("sans-serif", 20).into_font(),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.5f64..max_rank + 0.5, (PLOT_FLOOR..ymax).log_scale())
-        .map_err(|x| e(&x))?;
-    chart
-        .configure_mesh()
-        .x_labels(max_rank as usize + 1)
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .x_desc("rank R (LoRA-equivalent: 2·R·D trainable entries per layer)")
-        .y_desc(format!(
-            "test MSE (per entry; below {PLOT_FLOOR:.0e} drawn at {PLOT_FLOOR:.0e})"
-        ))
-        .y_label_formatter(&|v| format!("{v:.0e}"))
-        .draw()
-        .map_err(|x| e(&x))?;
-    let colors = [BLACK, BLUE, RED, GREEN, MAGENTA, CYAN];
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let c = colors[i % colors.len()];
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-            .map_err(|x| e(&x))?
-            .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-        // A marker per rank run, so that the ranks a merged set of shards covers are visible.
-        chart
-            .draw_series(
-                pts.iter()
-                    .map(|&p| Circle::new(p, 3, c.filled()).into_dyn()),
-            )
-            .map_err(|x| e(&x))?;
-    }
-    let t = threshold as f64;
-    let grey = RGBColor(110, 110, 110);
-    chart
-        .draw_series(DashedLineSeries::new(
-            vec![(t, PLOT_FLOOR), (t, ymax)],
-            8,
-            5,
-            grey.stroke_width(2),
-        ))
-        .map_err(|x| e(&x))?
-        .label(format!("threshold R = {threshold}"))
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], grey.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerLeft)
-        .draw()
-        .map_err(|x| e(&x))?;
-    root.present().map_err(|x| e(&x))?;
-    Ok(())
 }

@@ -1,9 +1,9 @@
 //! The pluggable adapter parameterisation: a per-layer effective weight `W_eff(θ; W0)` and the
 //! pull-back `∂L/∂W_eff ↦ ∂L/∂θ`. LoRA (`W_eff = W0 + B A`, Hu et al. 2021) is implemented here;
-//! ELRA (`W_eff = exp(G) W0`, [`super::elra`]) plugs into the same trait.
+//! ELRA (`W_eff = exp(G) W0`, [`super::elra_adapter`]) plugs into the same trait.
 #![allow(non_snake_case)]
 
-use crate::{ElraError, Result};
+use elra::{ElraError, Result};
 use nalgebra::DMatrix;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};

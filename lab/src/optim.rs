@@ -1,8 +1,9 @@
 //! Adam (Kingma & Ba 2015, Alg. 1) with PyTorch's coupled L2 weight decay (`torch.optim.Adam`,
 //! the optimiser of App. G) or decoupled weight decay (AdamW, Loshchilov & Hutter 2019, Alg. 2).
 
-use crate::train::optim::{adam_bias_corrections, adam_entry_step, AdamWConfig};
-use crate::{ElraError, Result};
+use elra::train::optim::{AdamW, AdamWConfig};
+use elra::{ElraError, Result};
+use nalgebra::DMatrix;
 
 /// Hyper-parameters of [`Adam`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,14 +66,14 @@ impl AdamConfig {
 }
 
 /// Adam / AdamW state over a fixed list of parameter tensors, each seen as a flat slice. The
-/// per-entry moment arithmetic is the one [`crate::train::optim::AdamW`] uses
-/// (`train::optim::adam_entry_step`); this type adds App. G's coupled L2 decay and slices.
+/// moment arithmetic is the library's [`AdamW`] step (Kingma & Ba's bias-corrected update, run
+/// without its own decay); this type adds App. G's weight decay — coupled L2 (`g ← g + λθ`) or
+/// decoupled (`θ ← (1 − ηλ) θ` before the step) — and the slices.
 #[derive(Debug, Clone)]
 pub struct Adam {
     cfg: AdamConfig,
-    t: u64,
-    m: Vec<Vec<f64>>,
-    v: Vec<Vec<f64>>,
+    inner: AdamW,
+    sizes: Vec<usize>,
 }
 
 impl Adam {
@@ -81,17 +82,21 @@ impl Adam {
     /// Errors: invalid hyper-parameters.
     pub fn new(cfg: AdamConfig, sizes: &[usize]) -> Result<Self> {
         cfg.validate()?;
+        let moments = AdamWConfig {
+            weight_decay: 0.0,
+            ..cfg.moments()
+        };
+        let shapes: Vec<(usize, usize)> = sizes.iter().map(|&n| (n, 1)).collect();
         Ok(Adam {
             cfg,
-            t: 0,
-            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            inner: AdamW::new(moments, &shapes)?,
+            sizes: sizes.to_vec(),
         })
     }
 
     /// Number of steps taken.
     pub fn steps(&self) -> u64 {
-        self.t
+        self.inner.steps_done()
     }
 
     /// One step (Kingma & Ba, Alg. 1, bias-corrected): `m ← β₁m + (1−β₁)g`,
@@ -100,22 +105,22 @@ impl Adam {
     /// Errors: wrong number or sizes of tensors; [`ElraError::NonFinite`] for a non-finite
     /// gradient (nothing is updated then).
     pub fn step(&mut self, params: &mut [&mut [f64]], grads: &[&[f64]]) -> Result<()> {
-        if params.len() != self.m.len() || grads.len() != self.m.len() {
+        if params.len() != self.sizes.len() || grads.len() != self.sizes.len() {
             return Err(ElraError::invalid(
                 "params",
                 format!(
                     "expected {} tensors, got {} params and {} grads",
-                    self.m.len(),
+                    self.sizes.len(),
                     params.len(),
                     grads.len()
                 ),
             ));
         }
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            if p.len() != self.m[i].len() || g.len() != self.m[i].len() {
+            if p.len() != self.sizes[i] || g.len() != self.sizes[i] {
                 return Err(ElraError::Shape {
                     arg: "params",
-                    expected: format!("{} entries in tensor {i}", self.m[i].len()),
+                    expected: format!("{} entries in tensor {i}", self.sizes[i]),
                     got: format!("{} params, {} grads", p.len(), g.len()),
                 });
             }
@@ -123,21 +128,25 @@ impl Adam {
                 return Err(ElraError::NonFinite { arg: "grads" });
             }
         }
-        self.t += 1;
         let c = self.cfg;
-        let moments = c.moments();
-        let bc = adam_bias_corrections(&moments, self.t);
-        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            for j in 0..p.len() {
-                let mut gj = g[j];
-                if c.decoupled {
-                    p[j] *= 1.0 - c.lr * c.weight_decay;
-                } else {
-                    gj += c.weight_decay * p[j];
-                }
-                p[j] -= adam_entry_step(&moments, bc, c.lr, &mut m[j], &mut v[j], gj);
+        let column = |v: &[f64]| DMatrix::from_column_slice(v.len(), 1, v);
+        let mut theta: Vec<DMatrix<f64>> = params.iter().map(|p| column(p)).collect();
+        let g: Vec<DMatrix<f64>> = if c.decoupled {
+            for t in &mut theta {
+                t.iter_mut().for_each(|x| *x *= 1.0 - c.lr * c.weight_decay);
             }
+            grads.iter().map(|g| column(g)).collect()
+        } else {
+            grads
+                .iter()
+                .zip(&theta)
+                .map(|(g, t)| DMatrix::from_fn(g.len(), 1, |j, _| g[j] + c.weight_decay * t[j]))
+                .collect()
+        };
+        let no_decay = vec![false; theta.len()];
+        self.inner.step(&mut theta, &g, &no_decay, c.lr)?;
+        for (p, t) in params.iter_mut().zip(&theta) {
+            p.copy_from_slice(t.as_slice());
         }
         Ok(())
     }

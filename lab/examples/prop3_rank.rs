@@ -1,9 +1,9 @@
 //! Prop. 3 of the ELRA paper (rank(exp(G) W0) = rank(W0)) in the App. G.1 linear setting:
 //! `cargo run --release --example prop3_rank -- [D] [ITERATIONS] [LR] [SEED]`
 //! (defaults 16, 5000, 1e-2, 0). Prints one table per case (EXPERIMENTS.md); the output of
-//! `16 3000 1e-2 0` is committed as `docs/figures/prop3_rank.txt`.
+//! `16 3000 1e-2 0` is committed as `figures/prop3_rank.txt`.
 
-use elra::expressivity::elra::{prop3_rank_table, RankCase};
+use elra_lab::prop3::{prop3_rank_table, RankCase};
 
 #[allow(dead_code)] // each example uses a subset of the shared parsers
 mod common;

@@ -1,9 +1,9 @@
 //! The determinant-sign floor of ELRA (`det exp(G) > 0`) in the App. G.1 linear settings as the
 //! runner builds them: `cargo run --release --example det_sign_floor -- [SEED]`.
 
-use elra::expressivity::elra::det_sign_floor;
-use elra::expressivity::experiment::{linear_setting_models, Opts};
-use elra::expressivity::runner::{setting_id, settings_of_group};
+use elra_lab::experiment::{linear_setting_models, Opts};
+use elra_lab::prop3::det_sign_floor;
+use elra_lab::runner::{setting_id, settings_of_group};
 
 #[allow(dead_code)] // each example uses a subset of the shared parsers
 mod common;
