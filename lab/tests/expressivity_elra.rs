@@ -575,16 +575,8 @@ fn committed_figures_are_drawn_from_their_csvs() {
 /// ranks 1, 8 and 16 of both cases, retrained for the table's 3000 Adam steps (each rank from its
 /// own seeds, so a subset of ranks gives the same rows), reproduce their rows, the heading and the
 /// frozen/floor line character for character. Trained MSEs at the 1e-5 level move with the last
-/// bit of the frozen weights, so any change to the SVD, the Adam step or the initialisation shows.
-///
-/// One column is the exception: ELRA-Hyb in the deficient-target case at R ≥ 3. The lab's ELRA-Hyb
-/// now runs on the library's α schedule and generator factor, whose last bits during the warm-up
-/// differ from the lab's former copy that made the committed table, and these runs (the infimum 0
-/// is not attained) amplify them: −0.4 % at R = 3, +10 % at R = 7, factors 0.13 … 7.5 at R ≥ 8
-/// (R = 8: 7.855e-4 committed, 1.082e-3 now; R = 16: 1.218e-3, 1.612e-4; the note in
-/// `docs/experiments/prop3.md`). For those cells the test checks what the notes state of every
-/// ELRA product there — never exact (MSE > 1e-5) and above trained LoRA — and the row's other
-/// cells character for character.
+/// bit of the frozen weights, so any change to the SVD, the Adam step, the initialisation, the α
+/// schedule or the generator factor shows.
 #[test]
 fn prop3_committed_table_is_reproduced() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("figures/prop3_rank.txt");
@@ -596,13 +588,6 @@ fn prop3_committed_table_is_reproduced() {
     assert_eq!(blocks.len(), 2, "{}: one block per case", path.display());
     let rank_of =
         |l: &str| -> Option<usize> { l.strip_prefix("| ")?.split(' ').next()?.parse().ok() };
-    let cells = |l: &str| -> Vec<String> {
-        l.trim_matches('|')
-            .split('|')
-            .map(|c| c.trim().to_string())
-            .collect()
-    };
-    const HYB: usize = 4;
     let ranks = [1, 8, 16];
     for (case, block) in [RankCase::DeficientFrozen, RankCase::DeficientTarget]
         .into_iter()
@@ -619,22 +604,7 @@ fn prop3_committed_table_is_reproduced() {
             .filter(|l| rank_of(l).is_none_or(|r| ranks.contains(&r)))
             .collect();
         let got = prop3_rank_table(case, 16, &ranks, 3000, 1e-2, 0).unwrap();
-        let got: Vec<&str> = got.lines().collect();
-        assert_eq!(got.len(), want.len(), "{case:?}");
-        for (g, w) in got.iter().zip(&want) {
-            let drifted = case == RankCase::DeficientTarget && rank_of(w).is_some_and(|r| r >= 3);
-            if !drifted {
-                assert_eq!(g, w, "{case:?}");
-                continue;
-            }
-            let (mut gc, mut wc) = (cells(g), cells(w));
-            let hyb: f64 = gc[HYB].parse().unwrap();
-            let lora: f64 = gc[2].parse().unwrap();
-            assert!(hyb > 1e-5 && hyb > lora, "{case:?}: {g}");
-            gc.remove(HYB);
-            wc.remove(HYB);
-            assert_eq!(gc, wc, "{case:?}");
-        }
+        assert_eq!(got.lines().collect::<Vec<_>>(), want, "{case:?}");
     }
 }
 

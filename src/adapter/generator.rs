@@ -140,15 +140,7 @@ pub fn generator_factor<T: Real>(
         Variant::Hyb => {
             check_alpha(alpha)?;
             let b = need_b()?;
-            let ea = eta * T::of(alpha);
-            let eb = eta * T::of(1.0 - alpha);
-            let mut c = b * eb;
-            for i in 0..r {
-                for j in 0..d {
-                    c[(i, j)] += ea * a[(j, i)];
-                }
-            }
-            Ok(c)
+            Ok(crate::grad::generator::mix_factor(a, Some(b), alpha) * eta)
         }
     }
 }

@@ -119,7 +119,9 @@ impl AlphaSchedule {
                 gamma,
             } => match progress(step, warmup_steps) {
                 None => 0.0,
-                Some(p) => (-gamma * p).exp(),
+                Some(_) if warmup_steps == 0 => 1.0,
+                // −γt/T_warm evaluated as (−γ·t)/T_warm (the lab's App. G runs were made so).
+                Some(_) => (-gamma * step as f64 / warmup_steps as f64).exp(),
             },
             AlphaSchedule::Cosine { warmup_steps } => match progress(step, warmup_steps) {
                 None => 0.0,

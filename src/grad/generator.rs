@@ -150,6 +150,22 @@ pub struct FactorGrad<T: Real> {
     pub eta: T,
 }
 
+/// `αAᵀ + (1−α)B` (r×n; `Aᵀ` alone without `B`), entry by entry as `a·α + b·(1−α)` — the one
+/// evaluation of eq. (19)'s mixture that every generator factor uses (the CPU layers, the
+/// reverse mode and the App. G lab), so that they agree bit for bit.
+pub(crate) fn mix_factor<T: Real>(a: &DMatrix<T>, b: Option<&DMatrix<T>>, alpha: f64) -> DMatrix<T> {
+    let (n, r) = a.shape();
+    let (al, w) = (T::of(alpha), T::of(1.0 - alpha));
+    DMatrix::from_fn(r, n, |i, j| {
+        let from_b = b.map_or(T::zero(), |b| b[(i, j)] * w);
+        if alpha > 0.0 {
+            a[(j, i)] * al + from_b
+        } else {
+            from_b
+        }
+    })
+}
+
 impl<T: Real> FactorChain<T> {
     /// Builds `C_raw = η m (αAᵀ + (1−α)B)` and the spectral clip of App. H (`τ = None`: no
     /// clip) and returns the effective `C` with its chain (eq. 2, §4.2.1, eq. 19).
@@ -201,18 +217,7 @@ impl<T: Real> FactorChain<T> {
         }
         let m = T::of(eta_mult);
         let eta_eff = eta * m;
-        let ea = eta_eff * T::of(alpha);
-        let mut c_raw = match b {
-            Some(b) => b * (eta_eff * T::of(1.0 - alpha)),
-            None => DMatrix::zeros(r, n),
-        };
-        if alpha > 0.0 {
-            for i in 0..r {
-                for j in 0..n {
-                    c_raw[(i, j)] += ea * a[(j, i)];
-                }
-            }
-        }
+        let c_raw = mix_factor(a, b, alpha) * eta_eff;
         // ‖A C_raw‖²_F = tr((AᵀA)(C_raw C_rawᵀ)) from r×r Grams (eq. 21).
         let gram_a = matmul(a, Op::T, a, Op::N);
         let gram_c = matmul(&c_raw, Op::N, &c_raw, Op::T);
