@@ -91,6 +91,23 @@ pub struct Energy {
     pub penalty: f64,
 }
 
+impl Energy {
+    /// The energy `(‖G‖²_F, λ‖G‖²_F)` of [`Adapter::energy`], checked finite: the parameters
+    /// are finite, so a non-finite energy left the floating-point range
+    /// ([`ElraError::Overflow`], the overflow rule of every output).
+    pub fn checked(frobenius_sq: f64, penalty: f64) -> Result<Option<Energy>> {
+        if !(frobenius_sq.is_finite() && penalty.is_finite()) {
+            return Err(ElraError::Overflow {
+                what: "the generator energy ‖G‖²_F leaves the floating-point range".into(),
+            });
+        }
+        Ok(Some(Energy {
+            frobenius_sq,
+            penalty,
+        }))
+    }
+}
+
 /// The interface every adapter implements on every back end: ELRA (single- and double-sided)
 /// and LoRA over host matrices ([`nalgebra::DMatrix`]), the GPU layers over device matrices
 /// (`cuda::DeviceMatrices`, feature `cuda`), and [`Frozen`] (no adapter). The C ABI, the

@@ -454,6 +454,21 @@ mod tests {
         }
     }
 
+    /// Found by the abi_adapter target (1e6-run campaign): a huge η made `elra_adapter_energy`
+    /// return an infinite energy with status OK; it is now ELRA_OVERFLOW.
+    #[test]
+    fn fuzz_regression_energy_overflow_is_a_status() {
+        let data: [u8; 113] = [
+            114, 169, 127, 127, 127, 127, 0, 35, 0, 0, 0, 0, 35, 0, 0, 0, 59, 98, 126, 126, 126,
+            106, 0, 0, 0, 126, 114, 36, 126, 126, 126, 126, 126, 126, 126, 126, 91, 126, 126, 126,
+            37, 52, 126, 37, 1, 1, 0, 0, 55, 126, 126, 1, 0, 0, 0, 126, 126, 126, 0, 37, 1, 55, 37,
+            1, 0, 55, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 206, 181, 1, 0, 0, 0, 157, 0, 0,
+            0, 61, 255, 255, 1, 0, 0, 0, 122, 247, 247, 247, 247, 247, 247, 247, 5, 0, 247, 247,
+            44, 255, 255, 48,
+        ];
+        adapter_fuzz_one(&data);
+    }
+
     #[test]
     fn contract_span_agrees_with_the_documented_rules() {
         assert_eq!(contract_span(1, 3, 3, 0, 8), Some(9));

@@ -166,10 +166,7 @@ impl<T: Real> Adapter for ElraLayer<T> {
             Ok(t) => tape_energy(&t.generator),
             Err(_) => side_energy(self.a(), self.b(), self.eta(), &self.spec())?,
         };
-        Ok(Some(Energy {
-            frobenius_sq: f,
-            penalty: p,
-        }))
+        Energy::checked(f, p)
     }
     fn generator_factors(&self) -> Result<Vec<Factors<T>>> {
         Ok(vec![factors(&self.train.tape()?.generator)])
@@ -294,10 +291,7 @@ impl<T: Real> Adapter for DoubleSidedLayer<T> {
                 )
             }
         };
-        Ok(Some(Energy {
-            frobenius_sq: fl + fr,
-            penalty: pl + pr,
-        }))
+        Energy::checked(fl + fr, pl + pr)
     }
     fn generator_factors(&self) -> Result<Vec<Factors<T>>> {
         let t = self.train.tape()?;

@@ -153,7 +153,11 @@ pub struct FactorGrad<T: Real> {
 /// `αAᵀ + (1−α)B` (r×n; `Aᵀ` alone without `B`), entry by entry as `a·α + b·(1−α)` — the one
 /// evaluation of eq. (19)'s mixture that every generator factor uses (the CPU layers, the
 /// reverse mode and the App. G lab), so that they agree bit for bit.
-pub(crate) fn mix_factor<T: Real>(a: &DMatrix<T>, b: Option<&DMatrix<T>>, alpha: f64) -> DMatrix<T> {
+pub(crate) fn mix_factor<T: Real>(
+    a: &DMatrix<T>,
+    b: Option<&DMatrix<T>>,
+    alpha: f64,
+) -> DMatrix<T> {
     let (n, r) = a.shape();
     let (al, w) = (T::of(alpha), T::of(1.0 - alpha));
     DMatrix::from_fn(r, n, |i, j| {

@@ -754,10 +754,7 @@ pub(super) trait GenCalls<T: Activation>: Calls<T> {
         let f = self
             .gens()
             .frobenius_sq(&self.base().dev, self.scratch()?)?;
-        Ok(Some(Energy {
-            frobenius_sq: f,
-            penalty: self.gens().spec.lambda * f,
-        }))
+        Energy::checked(f, self.gens().spec.lambda * f)
     }
 
     /// [`Adapter::generator_factors`](crate::adapter::Adapter::generator_factors): `(A, C)` of
