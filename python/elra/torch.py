@@ -61,6 +61,7 @@ __all__ = [
     "trainable_parameters",
     "layers",
     "saved_bytes",
+    "ga_initialise",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -501,6 +502,7 @@ class ElraLinear(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.merged = False
+        self._ga_probe = None
         if variant == "lora":
             self.scaling = (lora_alpha if lora_alpha is not None else r) / r
             bound = 1.0 / math.sqrt(k)
@@ -559,6 +561,8 @@ class ElraLinear(nn.Module):
             xin = F.dropout(x2, self.dropout, self.training)
             y = self._linear(x2) + (xin @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
             return y.reshape(*shape[:-1], self.d)
+        if self._ga_probe is not None:
+            return self._probe(x2).reshape(*shape[:-1], self.d)
         eta = self.log_eta.exp()
         mask = self._mask(x2.shape[0], x2)
         if self.variant == "double":
@@ -580,6 +584,22 @@ class ElraLinear(nn.Module):
             if bias is not None:
                 y = y + bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.d)
+
+    def _probe(self, x2: Tensor) -> Tensor:
+        """The frozen layer's output, recording ``U = x W0ᵀ`` and, through a hook, ``Ȳ``, whose
+        product ``Ȳᵀ U`` is ``∂L/∂G`` at ``G = 0`` (:func:`ga_initialise`)."""
+        u = self._linear(x2, bias=False)
+        bias = getattr(self.base, "bias", None)
+        y = u + bias.to(u.dtype) if bias is not None else u.clone()
+        u = u.detach().to(torch.float64)
+        acc = self._ga_probe
+
+        def hook(g):
+            acc.add_(g.detach().to(torch.float64).t() @ u)
+
+        if y.requires_grad:
+            y.register_hook(hook)
+        return y
 
     def energy(self) -> Tensor:
         """``λ‖G‖²_F`` of this layer at its step (eq. 20–21; both generators for ``"double"``),
@@ -811,3 +831,41 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         m.log_eta.fill_(math.log(a.get("eta")))
         m.step.fill_(a.step)
     return model
+
+
+def ga_initialise(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], loss_fn) -> int:
+    """ELRA-Hyb_GA seeding (App. H, after LoRA-GA) of the model's ``"hyb-ga"`` layers, as
+    ``elra::train::init`` does for the Rust trainer: the mean over ``batches`` of the generator
+    gradient at ``G = 0`` through the frozen network, ``∂L/∂G = Ȳᵀ U`` (``U = x W0ᵀ``, d×d per
+    layer), is decomposed ``Σ σᵢ uᵢ vᵢᵀ`` and ``A = [u₁ … u_r]``, ``B`` has rows
+    ``−(σᵢ/σ₁) vᵢᵀ`` (η keeps η₀; a zero gradient keeps the Xavier draw). ``loss_fn(output,
+    target)`` is the training loss. Returns the number of batches used.
+
+    Errors: no ``"hyb-ga"`` layer, no batch (``ValueError``)."""
+    targets = [m for _, m in layers(model) if m.variant == "hyb-ga"]
+    if not targets:
+        raise ValueError("elra: the model has no \"hyb-ga\" layer to seed")
+    for m in targets:
+        m._ga_probe = torch.zeros((m.d, m.d), dtype=torch.float64)
+    count = 0
+    try:
+        for x, t in batches:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                loss_fn(model(x), t).backward()
+            count += 1
+    finally:
+        sums = [m.__dict__.pop("_ga_probe") for m in targets]
+        for m in targets:
+            m._ga_probe = None
+        model.zero_grad(set_to_none=True)
+    if count == 0:
+        raise ValueError("elra: GA seeding needs at least one batch")
+    with torch.no_grad():
+        for m, g in zip(targets, sums):
+            u, sv, vh = torch.linalg.svd(g / count)
+            if sv[0] == 0:
+                continue
+            m.A.copy_(u[:, : m.r].to(m.A.dtype))
+            m.B.copy_((-(sv[: m.r] / sv[0])[:, None] * vh[: m.r]).to(m.B.dtype))
+    return count

@@ -345,3 +345,28 @@ def test_saved_activations_are_lora_sized():
     assert s_elra <= s_lora + 2 * r * r * 4 + 4, (s_elra, s_lora)
     assert s_elra < n * d * 4, s_elra
     assert et.saved_bytes(elra_layer, n) == (n * r + 2 * r * r) * 4
+
+
+def test_ga_initialise_seeds_hyb_ga_from_the_frozen_gradient():
+    """``"hyb-ga"`` layers get A = top-r left singular vectors of the mean ∂L/∂G at G = 0 and
+    B = −(σᵢ/σ₁) vᵢᵀ (App. H), checked against autograd through a dense d×d probe G."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    batches = [(torch.randn(10, 6, dtype=F64), torch.randn(10, 3, dtype=F64)) for _ in range(3)]
+    # Reference: ∂L/∂G at G = 0 for the first layer through W = expm(G) W0.
+    w0 = model[0].weight.detach().clone()
+    G = torch.zeros(8, 8, dtype=F64, requires_grad=True)
+    for x, t in batches:
+        h = torch.tanh(x @ (torch.linalg.matrix_exp(G) @ w0).t() + model[0].bias)
+        ((h @ model[2].weight.t() + model[2].bias - t) ** 2).mean().backward()
+    mean = G.grad / len(batches)
+    et.inject(model, ["0"], "hyb-ga", r=2, eta=0.3, total_steps=10)
+    n = et.ga_initialise(model, batches, lambda y, t: ((y - t) ** 2).mean())
+    assert n == 3
+    u, sv, vh = torch.linalg.svd(mean)
+    m = model[0]
+    assert torch.allclose(m.A.abs(), u[:, :2].abs(), atol=1e-10)
+    want_b = -(sv[:2] / sv[0])[:, None] * vh[:2]
+    # Singular vectors are defined up to sign: compare the product A B.
+    assert torch.allclose(m.A @ m.B, u[:, :2] @ want_b, atol=1e-10)
+    assert m.A.grad is None and model(batches[0][0]).shape == (10, 3)
