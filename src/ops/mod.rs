@@ -256,13 +256,19 @@ impl<T: Real> Eval<T> {
         )
     }
 
-    /// Chain from `(Ā, C̄)` to `(∂A, ∂B, ∂η)` and into the caller's buffers.
+    /// The chain through `M = φ1(Z)`, `Z = C A` (`Z̄ = L_φ1(Zᵀ, M̄)`, `C̄ += Z̄ Aᵀ`,
+    /// `Ā += Cᵀ Z̄`), then from `(Ā, C̄)` to `(∂A, ∂B, ∂η)` and into the caller's buffers.
     fn finish(
         &self,
-        abar: DMatrix<T>,
-        cbar: DMatrix<T>,
+        z: &DMatrix<T>,
+        mbar: &DMatrix<T>,
+        mut abar: DMatrix<T>,
+        mut cbar: DMatrix<T>,
         out: GeneratorGrads<'_, '_, T>,
     ) -> Result<()> {
+        let zbar = phi1_frechet_adjoint(z, mbar)?;
+        cbar += &zbar * self.a.transpose();
+        abar += self.c.transpose() * &zbar;
         let fg = self.chain.backward(&self.a, abar, cbar)?;
         write_grads(fg, out)
     }
@@ -328,6 +334,65 @@ fn scratch<T: Real>(s: &mut [T], n: usize, c: usize) -> StridedMut<'_, T> {
 
 fn view<T: Real>(m: &DMatrix<T>) -> Strided<'_, T> {
     Strided::of(m, crate::grad::ops::Op::N)
+}
+
+/// The saved `V` (n×r), `Z`, `M` of a forward ([`saved_len`]).
+fn read_saved<T: Real>(
+    saved: &[T],
+    n: usize,
+    r: usize,
+) -> Result<(Strided<'_, T>, DMatrix<T>, DMatrix<T>)> {
+    let need = saved_len(n, r).ok_or_else(|| ElraError::invalid("n", "n·r overflows"))?;
+    if saved.len() < need {
+        return Err(ElraError::invalid("saved", format!("{need} values needed")));
+    }
+    let v = Strided::row_major(&saved[..n * r], n, r, r).expect("sized above");
+    let (z, m) = Eval::saved_zm(&saved[n * r..], &saved[n * r + r * r..], r);
+    Ok((v, z, m))
+}
+
+/// The rank-r part of both backwards, from `Ȳ = D∘∂Y` (an N×d temporary only with a dropout
+/// mask): `T = V Mᵀ`, `T̄ = Ȳ A`, `Ā = Ȳᵀ T`, `M̄ = T̄ᵀ V`, `V̄ = T̄ M`. Returns `Ā`, `M̄` and
+/// `V̄` (in the workspace, [`workspace_len`]).
+fn rank_r_backward<'w, T: Real>(
+    ev: &Eval<T>,
+    v: Strided<'_, T>,
+    m: &DMatrix<T>,
+    dy: Strided<'_, T>,
+    dropout: Option<Strided<'_, T>>,
+    workspace: &'w mut [T],
+) -> Result<(DMatrix<T>, DMatrix<T>, StridedMut<'w, T>)> {
+    let (n, d) = dy.shape();
+    let r = m.nrows();
+    let (ws, _) = take(workspace, 3 * n * r)?;
+    let (ts, rest) = ws.split_at_mut(n * r);
+    let (tbs, vbs) = rest.split_at_mut(n * r);
+    let masked: Option<DMatrix<T>> =
+        dropout.map(|mk| DMatrix::from_fn(n, d, |i, j| mk.at(i, j) * dy.at(i, j)));
+    let ybar = masked.as_ref().map_or(dy, view);
+    let mut t = scratch(ts, n, r);
+    gemm_strided(&mut t, T::one(), v, view(m).t(), T::zero());
+    let mut tbar = scratch(tbs, n, r);
+    gemm_strided(&mut tbar, T::one(), ybar, view(&ev.a), T::zero());
+    let mut abar = DMatrix::zeros(d, r);
+    gemm_strided(
+        &mut StridedMut::of(&mut abar),
+        T::one(),
+        ybar.t(),
+        t.as_ref(),
+        T::zero(),
+    );
+    let mut mbar = DMatrix::zeros(r, r);
+    gemm_strided(
+        &mut StridedMut::of(&mut mbar),
+        T::one(),
+        tbar.as_ref().t(),
+        v,
+        T::zero(),
+    );
+    let mut vbar = scratch(vbs, n, r);
+    gemm_strided(&mut vbar, T::one(), tbar.as_ref(), view(m), T::zero());
+    Ok((abar, mbar, vbar))
 }
 
 /// The fused forward (module docs): `y = x W0ᵀ + bias + D∘(((x Pᵀ) Mᵀ) Aᵀ)` into `y` (N×d)
@@ -451,42 +516,8 @@ pub fn backward<T: Real>(
     }
     check_finite_strided("dy", &dy)?;
     let ev = Eval::new(op, g, spec, d)?;
-    let need = saved_len(n, r).ok_or_else(|| ElraError::invalid("n", "n·r overflows"))?;
-    if saved.len() < need {
-        return Err(ElraError::invalid("saved", format!("{need} values needed")));
-    }
-    let v = Strided::row_major(&saved[..n * r], n, r, r).expect("sized above");
-    let (z, m) = Eval::saved_zm(&saved[n * r..], &saved[n * r + r * r..], r);
-    let (ws, _) = take(workspace, 3 * n * r)?;
-    let (ts, rest) = ws.split_at_mut(n * r);
-    let (tbs, vbs) = rest.split_at_mut(n * r);
-    // Ȳ = D∘∂Y (only materialised with a mask: an N×d temporary of the dropout path).
-    let masked: Option<DMatrix<T>> =
-        dropout.map(|mk| DMatrix::from_fn(n, d, |i, j| mk.at(i, j) * dy.at(i, j)));
-    let ybar = masked.as_ref().map_or(dy, view);
-    // T = V Mᵀ, T̄ = Ȳ A, Ā = Ȳᵀ T, M̄ = T̄ᵀ V, V̄ = T̄ M.
-    let mut t = scratch(ts, n, r);
-    gemm_strided(&mut t, T::one(), v, view(&m).t(), T::zero());
-    let mut tbar = scratch(tbs, n, r);
-    gemm_strided(&mut tbar, T::one(), ybar, view(&ev.a), T::zero());
-    let mut abar = DMatrix::zeros(d, r);
-    gemm_strided(
-        &mut StridedMut::of(&mut abar),
-        T::one(),
-        ybar.t(),
-        t.as_ref(),
-        T::zero(),
-    );
-    let mut mbar = DMatrix::zeros(r, r);
-    gemm_strided(
-        &mut StridedMut::of(&mut mbar),
-        T::one(),
-        tbar.as_ref().t(),
-        v,
-        T::zero(),
-    );
-    let mut vbar = scratch(vbs, n, r);
-    gemm_strided(&mut vbar, T::one(), tbar.as_ref(), view(&m), T::zero());
+    let (v, z, m) = read_saved(saved, n, r)?;
+    let (abar, mbar, vbar) = rank_r_backward(&ev, v, &m, dy, dropout, workspace)?;
     // ∂X = ∂Y W0 + V̄ P with P = C W0.
     let mut p = DMatrix::zeros(r, k);
     gemm_strided(
@@ -521,10 +552,7 @@ pub fn backward<T: Real>(
         w0.t(),
         T::zero(),
     );
-    let zbar = phi1_frechet_adjoint(&z, &mbar)?;
-    cbar += &zbar * ev.a.transpose();
-    abar += ev.c.transpose() * &zbar;
-    ev.finish(abar, cbar, grads)
+    ev.finish(&z, &mbar, abar, cbar, grads)
 }
 
 /// The output-side forward (module docs): `y = u + ((u Cᵀ) Mᵀ) Aᵀ` for the base layer's output
@@ -604,40 +632,8 @@ pub fn backward_out<T: Real>(
     }
     check_finite_strided("dy", &dy)?;
     let ev = Eval::new(op, g, spec, d)?;
-    let need = saved_len(n, r).ok_or_else(|| ElraError::invalid("n", "n·r overflows"))?;
-    if saved.len() < need {
-        return Err(ElraError::invalid("saved", format!("{need} values needed")));
-    }
-    let v = Strided::row_major(&saved[..n * r], n, r, r).expect("sized above");
-    let (z, m) = Eval::saved_zm(&saved[n * r..], &saved[n * r + r * r..], r);
-    let (ws, _) = take(workspace, 3 * n * r)?;
-    let (ts, rest) = ws.split_at_mut(n * r);
-    let (tbs, vbs) = rest.split_at_mut(n * r);
-    let masked: Option<DMatrix<T>> =
-        dropout.map(|mk| DMatrix::from_fn(n, d, |i, j| mk.at(i, j) * dy.at(i, j)));
-    let ybar = masked.as_ref().map_or(dy, view);
-    let mut t = scratch(ts, n, r);
-    gemm_strided(&mut t, T::one(), v, view(&m).t(), T::zero());
-    let mut tbar = scratch(tbs, n, r);
-    gemm_strided(&mut tbar, T::one(), ybar, view(&ev.a), T::zero());
-    let mut abar = DMatrix::zeros(d, r);
-    gemm_strided(
-        &mut StridedMut::of(&mut abar),
-        T::one(),
-        ybar.t(),
-        t.as_ref(),
-        T::zero(),
-    );
-    let mut mbar = DMatrix::zeros(r, r);
-    gemm_strided(
-        &mut StridedMut::of(&mut mbar),
-        T::one(),
-        tbar.as_ref().t(),
-        v,
-        T::zero(),
-    );
-    let mut vbar = scratch(vbs, n, r);
-    gemm_strided(&mut vbar, T::one(), tbar.as_ref(), view(&m), T::zero());
+    let (v, z, m) = read_saved(saved, n, r)?;
+    let (abar, mbar, vbar) = rank_r_backward(&ev, v, &m, dy, dropout, workspace)?;
     // ∂u = ∂Y + V̄ C.
     for i in 0..n {
         for j in 0..d {
@@ -655,10 +651,7 @@ pub fn backward_out<T: Real>(
         u,
         T::zero(),
     );
-    let zbar = phi1_frechet_adjoint(&z, &mbar)?;
-    cbar += &zbar * ev.a.transpose();
-    abar += ev.c.transpose() * &zbar;
-    ev.finish(abar, cbar, grads)
+    ev.finish(&z, &mbar, abar, cbar, grads)
 }
 
 /// Which side of a weight a generator's exponential multiplies.
