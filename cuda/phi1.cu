@@ -16,7 +16,7 @@
 // CUDA's exp/expm1 (≤ 1 ulp, not always correctly rounded) can differ from glibc's in the last
 // bit of a double, which for f64 may move the last bit of a diagonal/superdiagonal entry (and,
 // through the squarings, of the other entries) and for f32 almost never shows after the rounding
-// to float. Balancing (f32) and the U-form solve are exact-order arithmetic and match everywhere.
+// to float. Balancing (f32) is exact-order arithmetic and matches everywhere.
 //
 // Layout: one thread block (ELRA_BLOCK threads) per matrix. The 12 work matrices of the CPU
 // Workspace (a, a2, a4, a6, a8, t, w, v, u, d, r, p; `len` entries each: n² plain, 2n² for
@@ -124,8 +124,7 @@ __device__ __forceinline__ double log2_upper(double x) {
 template <typename T> struct Prec;
 template <> struct Prec<double> {
     static constexpr int TOP = 13;
-    static constexpr bool BALANCE = false;      // Real::BALANCE
-    static constexpr bool SOLVE_FOR_U = false;  // Real::SOLVE_FOR_U
+    static constexpr bool BALANCE = false;  // Real::BALANCE
     static constexpr double LOG2_U = -53.0;  // log2(2^-53)
     static constexpr double EMAX = 1023.0;   // floor(log2(DBL_MAX))
     static constexpr double KMAX = 10.0;
@@ -142,7 +141,6 @@ template <> struct Prec<double> {
 template <> struct Prec<float> {
     static constexpr int TOP = 7;
     static constexpr bool BALANCE = true;
-    static constexpr bool SOLVE_FOR_U = true;
     static constexpr double LOG2_U = -24.0;
     static constexpr double EMAX = 127.0;
     static constexpr double KMAX = 8.0;
@@ -846,7 +844,7 @@ template <typename T, typename Team> __device__ int run(Ws<T, Team>& ws, bool wa
     for (int i = Team::rank(); i < len; i += Team::SIZE) {
         const T vi = ws.v[i];
         ws.d[i] = vi - ws.u[i];
-        if (!Prec<T>::SOLVE_FOR_U) ws.u[i] += vi;
+        ws.u[i] += vi;
     }
     Team::sync();
     if (!lu_factor(ws, ws.d)) return ELRA_SINGULAR;
@@ -854,14 +852,6 @@ template <typename T, typename Team> __device__ int run(Ws<T, Team>& ws, bool wa
     if (need_r) {
         copy<T, Team>(ws.u, ws.r, len);
         solve_pair(ws, ws.r);
-        if (Prec<T>::SOLVE_FOR_U) {
-            // R = I + 2X, X = (V − U)⁻¹U (pairs: (I, 0) + 2(X_X, X_Y))
-            const T two = T(1) + T(1);
-            for (int i = Team::rank(); i < len; i += Team::SIZE) ws.r[i] *= two;
-            Team::sync();
-            for (int i = Team::rank(); i < ws.n; i += Team::SIZE) ws.r[i * ws.n + i] += T(1);
-            Team::sync();
-        }
     }
     if (want_phi) {
         const T two = T(1) + T(1);

@@ -1067,9 +1067,7 @@ impl<T: Real> Workspace<T> {
             .zip(&self.v[..len])
         {
             *di = vi - *ui;
-            if !T::SOLVE_FOR_U {
-                *ui += vi;
-            }
+            *ui += vi;
         }
         if !lu_factor(n, &mut self.d[..nn], &mut self.piv) {
             return Err(ElraError::Numerical(format!(
@@ -1080,14 +1078,6 @@ impl<T: Real> Workspace<T> {
         if need_r {
             self.r[..len].copy_from_slice(&self.u[..len]);
             self.solve_pair(pair, true);
-            if T::SOLVE_FOR_U {
-                // R = I + 2X with X = (V − U)⁻¹U (pairs: (I, 0) + 2(X_X, X_Y)).
-                let two = T::one() + T::one();
-                for x in self.r[..len].iter_mut() {
-                    *x *= two;
-                }
-                add_diag(n, &mut self.r, T::one());
-            }
         }
         if want_phi {
             let two = T::one() + T::one();

@@ -28,11 +28,6 @@ pub trait Real:
     /// the step that removes most of the f32 error on badly scaled matrices; f64 keeps its
     /// results bit for bit.
     const BALANCE: bool = false;
-    /// Whether the Padé solve forms `e^{2⁻ˢZ} ≈ I + 2(V−U)⁻¹U` (`true`) instead of
-    /// `(V−U)⁻¹(V+U)` (`false`); the same rational function, but the first form leaves the
-    /// identity out of the solve and so out of its rounding errors (measured in
-    /// `docs/numerics.md`). `true` for f32 only (f64 keeps its results bit for bit).
-    const SOLVE_FOR_U: bool = false;
     /// Converts from `f64` (rounding).
     fn of(x: f64) -> Self;
     /// Converts to `f64` (exact).
@@ -66,7 +61,6 @@ impl Real for f32 {
         (7, 3.92572478313866),
     ];
     const BALANCE: bool = true;
-    const SOLVE_FOR_U: bool = true;
     fn of(x: f64) -> Self {
         x as f32
     }
