@@ -68,6 +68,25 @@
 //! `4·(e_max+1) + 64` is reported as overflow. Every squaring checks its result for
 //! finiteness; a non-finite value is reported as [`ElraError::Overflow`], never returned.
 //!
+//! **Structure of a plain input** (before the selection; the Fréchet block pairs skip it):
+//! - *Balancing* (f32 only, [`Real::BALANCE`]): an exact power-of-two diagonal similarity
+//!   `B = D⁻¹ZD` (Parlett & Reinsch 1969, EISPACK `balanc`, radix 2, off-diagonal 1-norms,
+//!   `|log2 d_i| ≤ 60`), kept only when `‖B‖₁ < ‖Z‖₁`; the run computes `f(B)` and returns
+//!   `D f(B) D⁻¹` (each entry times `2^{e_i−e_j}`, exact in f64, rounded once). The f32 error on
+//!   badly scaled inputs came from the Padé solve (LU with partial pivoting is not invariant under
+//!   diagonal scaling), amplified by the squarings: measured in `docs/numerics.md`.
+//! - *Triangular inputs* (n ≥ 2): exactly upper triangular (every strictly lower entry is 0), or
+//!   lower (then the run takes `Zᵀ` and transposes the results: `f(Zᵀ) = f(Z)ᵀ`, and the Padé
+//!   solve needs no row swaps). The diagonal `z_ii` and first superdiagonal `t_i = z_{i,i+1}` are
+//!   kept, and after the Padé solves and after every squaring, when R ≈ e^X and P ≈ φ1(X) for
+//!   `X = 2⁻ʲZ` (j = s, s−1, …, 0), their diagonals and first superdiagonals are overwritten with
+//!   `e^{x_i}`, `t_i·exp[x_i, x_{i+1}]`, `φ1(x_i)`, `t_i·φ1[x_i, x_{i+1}]` (`x_i = 2⁻ʲz_ii`, in
+//!   f64, rounded once; AMH 2009 Code Fragment 2.1 and Higham 2008 eq. 10.42 for e^X, the same
+//!   for φ1 with `φ1[x, y] = exp[x, y, 0]`: `exp_divdiff`, `phi1_divdiff` in this module).
+//!   The final diagonal is `exp(z_ii)` / `φ1(z_ii)` to within the f64 libm's accuracy, where the squarings
+//!   alone accumulate `2ˢ` roundings (up to 2019 u measured before). 1×1 inputs stay on the
+//!   general path (their bits are what committed experiment tables reproduce).
+//!
 //! **Evaluation** with the powers scaled exactly by powers of two (`A ← 2⁻ˢA`, `A2 ← 2⁻²ˢA2`,
 //! `A4 ← 2⁻⁴ˢA4`, `A6 ← 2⁻⁶ˢA6`; only when s > 0) and `I` the identity:
 //! - m = 3: `W = b₃A2 + b₁I`, `V = b₂A2 + b₀I`
@@ -85,8 +104,9 @@
 //! φ1 is wanted).
 //!
 //! **Squaring phase**, s times, using `φ1(2X) = ½(e^X + I)φ1(X)` and that R, P commute:
-//! `P ← ½(P + R·P)` (with the old R), then `R ← R·R`. After each step R and P are checked to be
-//! finite.
+//! `P ← ½(P + R·P)` (with the old R), then `R ← R·R` (then, for triangular inputs, the exact
+//! diagonal and superdiagonal above). After each step R and P are checked to be finite. Last,
+//! a lower triangular run transposes R and P back and a balanced run undoes the balancing.
 //!
 //! **Fréchet derivatives** (see [`crate::linalg::frechet`]). `L_f(A, E)` is the top-right block of
 //! `f([[A, E], [0, A]])`. Every matrix the algorithm forms from the block matrix is a polynomial
@@ -102,7 +122,8 @@
 //!
 //! **Layout for a GPU port.** One workspace per matrix holds, each with n² (2n² for pairs)
 //! entries: A, A2, A4, A6, A8, T (scratch), W, V, U/N, D (LU in place), R, P; plus n pivots and
-//! three vectors of 2n entries (column sums, the ℓ iteration vector and its scratch). Nothing
+//! three vectors of 2n entries (column sums, the ℓ iteration vector and its scratch), the 2n
+//! kept diagonal/superdiagonal entries of a triangular input and n balancing exponents. Nothing
 //! else is allocated. On the CPU the products use 4×4 register tiles with the natural k order;
 //! the batch (`MatFnBatch`) runs the very same code per matrix, so its results equal the
 //! single-matrix functions bit for bit.
@@ -241,7 +262,8 @@ pub(crate) fn ldexp_steps(x: f64, e: i64) -> f64 {
 }
 
 /// `φ1(x) = (eˣ − 1)/x` of a scalar (`φ1(0) = 1`), as `expm1(x)/x` in f64: no cancellation, a
-/// relative error of at most 1.9 u (u = 2⁻⁵³) over the 10⁴ points of `docs/numerics.md`.
+/// relative error of at most 1.96 u (u = 2⁻⁵³) measured over 6·10⁴ points
+/// (`tests/data/measure_numerics.py divdiff`, `docs/numerics.md`).
 pub(crate) fn phi1_scalar(x: f64) -> f64 {
     if x == 0.0 {
         1.0
@@ -258,8 +280,8 @@ pub(crate) fn phi1_scalar(x: f64) -> f64 {
 /// `(eˣ − eʸ)/(x − y) = e^M (1 − e^{−δ})/δ`. `φ1(−δ) = expm1(−δ)/(−δ)` has no cancellation for
 /// any δ ≥ 0 (the `(a − b)/2` sinh form of SciPy's `_exp_sinch` is the same function, but
 /// `e^{(x+y)/2}·sinh((x−y)/2)` overflows in the sinh for far-apart x, y where the quotient is
-/// finite). Relative error ≤ 3.3 u measured where the result is a normal number
-/// (`docs/numerics.md`).
+/// finite). Relative error ≤ 3.3 u measured over 6·10⁴ points where the result is a normal
+/// number (`docs/numerics.md`).
 pub(crate) fn exp_divdiff(x: f64, y: f64) -> f64 {
     let (m, d) = if x >= y { (x, x - y) } else { (y, y - x) };
     m.exp() * phi1_scalar(-d)
@@ -1354,6 +1376,9 @@ fn run_single<T: Real>(z: &DMatrix<T>, want_exp: bool, want_phi: bool) -> Result
 
 /// Matrix exponential `e^Z` of a square matrix by Padé scaling and squaring with the
 /// Al-Mohy & Higham 2009 refinements (Alg. 3.1/5.1; see the module docs for the exact steps).
+/// Triangular Z gets its diagonal and first superdiagonal recomputed exactly after every squaring
+/// (AMH 2009 Code Fragment 2.1, Higham 2008 eq. 10.42); f32 inputs are balanced first
+/// (Parlett & Reinsch 1969) when that lowers the 1-norm.
 ///
 /// Errors: non-square → [`ElraError::Shape`]; 0×0 → [`ElraError::InvalidArgument`]; NaN/Inf
 /// entries → [`ElraError::NonFinite`]; a result outside the floating-point range →
@@ -1367,7 +1392,10 @@ pub fn expm<T: Real>(z: &DMatrix<T>) -> Result<DMatrix<T>> {
 /// `φ1(Z) = Σ_{n≥0} Zⁿ/(n+1)!`, the matrix function of the Woodbury form (Prop. 1, eq. 4:
 /// `exp(A C) = I + A φ1(C A) C`), from the Padé factorisation `P = 2(V−U)⁻¹W` of the
 /// exponential and the squaring recurrence `φ1(2X) = ½(e^X + I)φ1(X)` (module docs; AMH 2009
-/// Alg. 5.1 for the degree and scaling). Never divides by Z, so singular Z is fine.
+/// Alg. 5.1 for the degree and scaling). Never divides by Z, so singular Z is fine. Triangular Z:
+/// exact diagonal `φ1(z_ii)` and first superdiagonal `z_{i,i+1}·φ1[z_ii, z_{i+1,i+1}]` at every
+/// squaring (the φ1 analogue of AMH 2009 Code Fragment 2.1; `phi1_divdiff` in the module
+/// source); f32 balancing as in [`expm`].
 ///
 /// Errors as [`expm`].
 pub fn phi1<T: Real>(z: &DMatrix<T>) -> Result<DMatrix<T>> {
@@ -1377,7 +1405,8 @@ pub fn phi1<T: Real>(z: &DMatrix<T>) -> Result<DMatrix<T>> {
 }
 
 /// `(e^Z, φ1(Z))` from one Padé factorisation and one squaring phase (AMH 2009 Alg. 5.1 plus the
-/// φ1 recurrence of the module docs; the Woodbury form of Prop. 1 needs φ1, the merge needs both).
+/// φ1 recurrence of the module docs; the Woodbury form of Prop. 1 needs φ1, the merge needs both),
+/// with the exact triangular structure and f32 balancing of [`expm`] and [`phi1`].
 ///
 /// Errors as [`expm`].
 pub fn expm_phi1<T: Real>(z: &DMatrix<T>) -> Result<(DMatrix<T>, DMatrix<T>)> {
@@ -1391,7 +1420,8 @@ pub fn expm_phi1<T: Real>(z: &DMatrix<T>) -> Result<(DMatrix<T>, DMatrix<T>)> {
 
 /// The Padé degree m and the number of squarings s the algorithm chooses for `z` (AMH 2009
 /// Alg. 5.1 as described in the module docs). Exposed so tests can check that badly scaled
-/// matrices are not overscaled.
+/// matrices are not overscaled. For f32 it is the plan of the balanced matrix when balancing is
+/// kept (module docs).
 pub fn pade_plan<T: Real>(z: &DMatrix<T>) -> Result<PadePlan> {
     let n = check_square("z", z)?;
     super::check_finite("z", z)?;
@@ -1421,8 +1451,8 @@ mod tests {
     /// `exp[x, y]` and `φ1[x, y]` against mpmath at 60 digits (values below, 20 digits), one or
     /// more points per branch of [`phi1_divdiff`] (series: |x| < 1 and 0 ≤ y ≤ x < 2; recursion
     /// dividing by y, and by x), confluent and nearly confluent pairs, far-apart and extreme
-    /// nodes. Tolerances: 4 u for exp[x, y] (measured ≤ 3.3 u over 4·10⁴ points), 8 u for
-    /// φ1[x, y] (measured ≤ 6.4 u over 6·10⁴ points; `docs/numerics.md`), u = 2⁻⁵³.
+    /// nodes. Tolerances: 4 u for exp[x, y] (measured ≤ 3.3 u), 8 u for φ1[x, y] (measured
+    /// ≤ 6.4 u), both over 6·10⁴ points (`docs/numerics.md`), u = 2⁻⁵³.
     #[test]
     #[allow(clippy::excessive_precision)] // mpmath's digits, as printed
     fn divided_differences_match_mpmath() {
