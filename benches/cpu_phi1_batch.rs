@@ -5,6 +5,11 @@
 //! Inputs: Z = C·A with A (d×r) and C (r×d) uniform in [−1, 1], d = 256, each Z then scaled
 //! so that ‖Z‖₁ spans (geometrically)  0.05..8 across the batch (small at the start of
 //! training, larger later), which exercises every Padé degree and 0–2 squarings.
+//!
+//! Two variants of `cpu_phi1_batch` on the same inputs show the cost of the exact-structure paths
+//! (docs/numerics.md): `cpu_phi1_batch_f32` (the matrices rounded to f32, which are balanced
+//! first) and `cpu_phi1_batch_triangular` (their upper triangles, f64: exact diagonal and
+//! superdiagonal after every squaring).
 use criterion::{criterion_group, criterion_main, Criterion};
 use elra::linalg::MatFnBatch;
 use rand::{Rng, SeedableRng};
@@ -47,6 +52,26 @@ fn bench(c: &mut Criterion) {
     c.bench_function("cpu_phi1_batch", |bch| {
         bch.iter(|| {
             b.phi1(black_box(&z), &mut out).unwrap();
+            black_box(&out);
+        })
+    });
+    let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+    let mut b32 = MatFnBatch::<f32>::new(R).unwrap();
+    let mut out32 = vec![0.0f32; z.len()];
+    c.bench_function("cpu_phi1_batch_f32", |bch| {
+        bch.iter(|| {
+            b32.phi1(black_box(&z32), &mut out32).unwrap();
+            black_box(&out32);
+        })
+    });
+    let tri: Vec<f64> = z
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| if (k % (R * R)) / R > k % R { 0.0 } else { v })
+        .collect();
+    c.bench_function("cpu_phi1_batch_triangular", |bch| {
+        bch.iter(|| {
+            b.phi1(black_box(&tri), &mut out).unwrap();
             black_box(&out);
         })
     });

@@ -10,7 +10,13 @@
 // triangular solves in the same sequence). Results therefore equal the CPU bit for bit except
 // where the device's pow/log2 differ from the host libm in the last bit and that moves a
 // ceil() or comparison in the degree/scaling selection across a boundary (then m or s differs
-// and the results differ by rounding only).
+// and the results differ by rounding only). The triangular path (exact diagonal and first
+// superdiagonal after each squaring, `tri_stage`) evaluates exp and expm1 in double: the host
+// emulation calls the host libm, the one the Rust core uses, and matches it bit for bit; on a GPU
+// CUDA's exp/expm1 (≤ 1 ulp, not always correctly rounded) can differ from glibc's in the last
+// bit of a double, which for f64 may move the last bit of a diagonal/superdiagonal entry (and,
+// through the squarings, of the other entries) and for f32 almost never shows after the rounding
+// to float. Balancing (f32) is exact-order arithmetic and matches everywhere.
 //
 // Layout: one thread block (ELRA_BLOCK threads) per matrix. The 12 work matrices of the CPU
 // Workspace (a, a2, a4, a6, a8, t, w, v, u, d, r, p; `len` entries each: n² plain, 2n² for
@@ -118,6 +124,7 @@ __device__ __forceinline__ double log2_upper(double x) {
 template <typename T> struct Prec;
 template <> struct Prec<double> {
     static constexpr int TOP = 13;
+    static constexpr bool BALANCE = false;  // Real::BALANCE
     static constexpr double LOG2_U = -53.0;  // log2(2^-53)
     static constexpr double EMAX = 1023.0;   // floor(log2(DBL_MAX))
     static constexpr double KMAX = 10.0;
@@ -133,6 +140,7 @@ template <> struct Prec<double> {
 };
 template <> struct Prec<float> {
     static constexpr int TOP = 7;
+    static constexpr bool BALANCE = true;
     static constexpr double LOG2_U = -24.0;
     static constexpr double EMAX = 127.0;
     static constexpr double KMAX = 8.0;
@@ -159,6 +167,8 @@ template <typename T, typename Team> struct Ws {
     bool ell_started;
     bool a8_formed;
     int* piv;    // n  (shared)
+    T* tri;      // 2n (shared; plain runs): diagonal and first superdiagonal of a triangular input
+    int* bal;    // n  (shared; plain runs): balancing exponents, the run sees diag(2^-bal) Z diag(2^bal)
     T* red;      // Team::SIZE (shared)
     double* redd;  // Team::SIZE (shared)
     int* sh_int;   // 1 (shared)
@@ -547,6 +557,206 @@ template <typename T, typename Team> __device__ __noinline__ bool select(Ws<T, T
     return true;
 }
 
+// ---- exact structure: balancing and triangular inputs (expm.rs `balance`, `detect_triangular`,
+// `tri_stage`, `transpose_in_place`, `unbalance`) --------------------------------------------
+
+#define ELRA_TRI_NONE 0
+#define ELRA_TRI_UPPER 1
+#define ELRA_TRI_LOWER 2
+#define ELRA_BAL_MAX_SWEEPS 32
+#define ELRA_BAL_MAX_EXP 60
+
+// expm.rs `ldexp_steps`: x·2^e by factors of at most 2^±60, |e| clamped to 4400.
+__device__ __forceinline__ double ldexp_steps(double x, long long e) {
+    e = e < -4400 ? -4400 : (e > 4400 ? 4400 : e);
+    while (e != 0) {
+        const long long step = e < -60 ? -60 : (e > 60 ? 60 : e);
+        x *= ldexp(1.0, (int)step);
+        e -= step;
+    }
+    return x;
+}
+
+// expm.rs `phi1_scalar`: φ1(x) = expm1(x)/x, φ1(0) = 1.
+__device__ __forceinline__ double phi1_scalar(double x) { return x == 0.0 ? 1.0 : expm1(x) / x; }
+
+// expm.rs `exp_divdiff`: exp[x, y] = e^M·φ1(−δ), M = max(x, y), δ = |x − y|.
+__device__ __forceinline__ double exp_divdiff(double x, double y) {
+    const double m = x >= y ? x : y;
+    const double d = x >= y ? x - y : y - x;
+    return exp(m) * phi1_scalar(-d);
+}
+
+// expm.rs `phi1_divdiff`: φ1[x, y] = exp[x, y, 0] (derivation there): the series
+// Σ h_k(x, y)/(k+2)! (30 terms, summed smallest first) when |x| < 1 or 0 ≤ y ≤ x < 2 (|x| ≥ |y|
+// after a swap), else (exp[x, y] − φ1(x))/y for x < 0 < 1 ≤ y and (exp[x, y] − φ1(y))/x.
+__device__ __noinline__ double phi1_divdiff(double x, double y) {
+    if (fabs(x) < fabs(y)) {
+        const double t = x;
+        x = y;
+        y = t;
+    }
+    if (fabs(x) < 1.0 || (x >= 0.0 && y >= 0.0 && x < 2.0)) {
+        double terms[30];
+        double h = 1.0, yk = 1.0, fact = 1.0;
+        for (int k = 0; k < 30; ++k) {
+            if (k > 0) {
+                yk *= y;
+                h = x * h + yk;
+            }
+            fact *= (double)(k + 2);
+            terms[k] = h / fact;
+        }
+        double acc = 0.0;
+        for (int k = 29; k >= 0; --k) acc = acc + terms[k];
+        return acc;
+    }
+    if (x < 0.0 && y >= 1.0) return (exp_divdiff(x, y) - phi1_scalar(x)) / y;
+    return (exp_divdiff(x, y) - phi1_scalar(y)) / x;
+}
+
+// expm.rs `transpose_in_place` on the n×n main block (each pair swapped by one thread).
+template <typename T, typename Team> __device__ void transpose_nn(const Ws<T, Team>& ws, T* x) {
+    const int n = ws.n;
+    for (int idx = Team::rank(); idx < ws.nn; idx += Team::SIZE) {
+        const int i = idx / n, j = idx - i * n;
+        if (i < j) {
+            const T tmp = x[i * n + j];
+            x[i * n + j] = x[j * n + i];
+            x[j * n + i] = tmp;
+        }
+    }
+    Team::sync();
+}
+
+// expm.rs `Workspace::balance` (EISPACK balanc, radix 2, off-diagonal 1-norms summed in double in
+// index order; kept only if it lowers ‖·‖₁). The sweeps are sequential by nature; the team's
+// first thread runs them (O(n²) per sweep), the team then compares the norms.
+template <typename T, typename Team> __device__ __noinline__ bool balance(Ws<T, Team>& ws) {
+    const int n = ws.n, nn = ws.nn;
+    for (int i = Team::rank(); i < n; i += Team::SIZE) ws.bal[i] = 0;
+    Team::sync();
+    if (n < 2) return false;
+    copy<T, Team>(ws.a, ws.r, nn);  // the unbalanced input, to restore
+    if (Team::rank() == 0) {
+        T* a = ws.a;
+        int changed = 0;
+        for (int sweep = 0; sweep < ELRA_BAL_MAX_SWEEPS; ++sweep) {
+            bool noconv = false;
+            for (int i = 0; i < n; ++i) {
+                double c = 0.0, r = 0.0;
+                for (int j = 0; j < n; ++j) {
+                    if (j != i) {
+                        c += (double)abs_(a[j * n + i]);
+                        r += (double)abs_(a[i * n + j]);
+                    }
+                }
+                if (c == 0.0 || r == 0.0) continue;
+                const double s = c + r;
+                const int e = ws.bal[i];
+                int k = 0;
+                while (c < r * 0.5 && e + k < ELRA_BAL_MAX_EXP) {
+                    k += 1;
+                    c *= 4.0;
+                }
+                while (c >= r * 2.0 && e + k > -ELRA_BAL_MAX_EXP) {
+                    k -= 1;
+                    c *= 0.25;
+                }
+                if (k == 0 || (c + r) * ldexp(1.0, -k) >= 0.95 * s) continue;
+                ws.bal[i] = e + k;
+                noconv = true;
+                changed = 1;
+                const T g = (T)ldexp(1.0, -k), f = (T)ldexp(1.0, k);
+                for (int j = 0; j < n; ++j) a[i * n + j] *= g;
+                for (int j = 0; j < n; ++j) a[j * n + i] *= f;
+            }
+            if (!noconv) break;
+        }
+        ws.sh_int[0] = changed;
+    }
+    Team::sync();
+    const bool changed = ws.sh_int[0] != 0;
+    Team::sync();  // sh_int is rewritten later (lu_factor)
+    if (!changed) return false;
+    const double before = norm1(ws, ws.r, nn);
+    const double after = norm1(ws, ws.a, nn);
+    if (after < before) return true;
+    copy<T, Team>(ws.r, ws.a, nn);
+    for (int i = Team::rank(); i < n; i += Team::SIZE) ws.bal[i] = 0;
+    Team::sync();
+    return false;
+}
+
+// expm.rs `Workspace::detect_triangular`: upper (every strictly lower entry zero), else lower
+// (every strictly upper entry zero; `a` transposed), else none; n = 1 stays on the general path.
+// Stores the diagonal and first superdiagonal in `tri`.
+template <typename T, typename Team> __device__ __noinline__ int detect_triangular(Ws<T, Team>& ws) {
+    const int n = ws.n;
+    if (n < 2) return ELRA_TRI_NONE;
+    bool lower_nz = false, upper_nz = false;
+    for (int idx = Team::rank(); idx < ws.nn; idx += Team::SIZE) {
+        const int i = idx / n, j = idx - i * n;
+        const bool nz = ws.a[idx] != T(0);
+        lower_nz |= i > j && nz;
+        upper_nz |= i < j && nz;
+    }
+    const bool any_lower = Team::any(lower_nz);
+    const bool any_upper = Team::any(upper_nz);
+    int kind;
+    if (!any_lower) {
+        kind = ELRA_TRI_UPPER;
+    } else if (!any_upper) {
+        transpose_nn(ws, ws.a);
+        kind = ELRA_TRI_LOWER;
+    } else {
+        return ELRA_TRI_NONE;
+    }
+    for (int i = Team::rank(); i < n; i += Team::SIZE) {
+        ws.tri[i] = ws.a[i * n + i];
+        if (i + 1 < n) ws.tri[n + i] = ws.a[i * n + i + 1];
+    }
+    Team::sync();
+    return kind;
+}
+
+// expm.rs `Workspace::tri_stage`: exact diagonal and first superdiagonal of e^{2^-j T} (in r,
+// when fix_r) and φ1(2^-j T) (in p, when fix_p), in double, rounded once to T; a non-finite
+// superdiagonal value, or t = 0, leaves the computed entry.
+template <typename T, typename Team> __device__ __noinline__ void tri_stage(const Ws<T, Team>& ws, long long j, bool fix_r,
+                                                                  bool fix_p) {
+    const int n = ws.n;
+    for (int i = Team::rank(); i < n; i += Team::SIZE) {
+        const double x = ldexp_steps((double)ws.tri[i], -j);
+        if (fix_r) ws.r[i * n + i] = (T)exp(x);
+        if (fix_p) ws.p[i * n + i] = (T)phi1_scalar(x);
+        if (i + 1 < n && ws.tri[n + i] != T(0)) {
+            const double y = ldexp_steps((double)ws.tri[i + 1], -j);
+            const double t = ldexp_steps((double)ws.tri[n + i], -j);
+            if (fix_r) {
+                const T v = (T)(t * exp_divdiff(x, y));
+                if (finite_(v)) ws.r[i * n + i + 1] = v;
+            }
+            if (fix_p) {
+                const T v = (T)(t * phi1_divdiff(x, y));
+                if (finite_(v)) ws.p[i * n + i + 1] = v;
+            }
+        }
+    }
+    Team::sync();
+}
+
+// expm.rs `unbalance`: x_ij·2^{bal_i − bal_j}, the product exact in double, rounded once to T.
+template <typename T, typename Team> __device__ void unbalance(const Ws<T, Team>& ws, T* x) {
+    const int n = ws.n;
+    for (int idx = Team::rank(); idx < ws.nn; idx += Team::SIZE) {
+        const int i = idx / n, j = idx - i * n;
+        const int k = ws.bal[i] - ws.bal[j];
+        if (k != 0) x[idx] = (T)((double)x[idx] * ldexp(1.0, k));
+    }
+    Team::sync();
+}
+
 // W (odd part / A) and V (even part) for degree m from the (scaled) powers, expm.rs order.
 template <typename T, typename Team> __device__ void form_wv(const Ws<T, Team>& ws, int m) {
     const int len = ws.len;
@@ -602,6 +812,9 @@ template <typename T, typename Team> __device__ void form_wv(const Ws<T, Team>& 
 template <typename T, typename Team> __device__ int run(Ws<T, Team>& ws, bool want_exp, bool want_phi) {
     const int len = ws.len;
     if (!all_finite_(ws, ws.a, len)) return ELRA_NONFINITE_INPUT;
+    // Structure of a plain input: balancing (f32), then exact triangularity (pairs: neither).
+    const bool balanced = !ws.pair && Prec<T>::BALANCE && balance(ws);
+    const int tri = ws.pair ? ELRA_TRI_NONE : detect_triangular(ws);
     int m = 0;
     long long s_sel = 0, s0 = 0;
     if (!select(ws, m, s_sel)) {
@@ -646,6 +859,7 @@ template <typename T, typename Team> __device__ int run(Ws<T, Team>& ws, bool wa
         Team::sync();
         solve_pair(ws, ws.p);
     }
+    if (tri != ELRA_TRI_NONE) tri_stage(ws, s_total, need_r, want_phi);
     const T half = T(0.5);
     for (long long step = 0; step < s_total; ++step) {
         if (want_phi) {
@@ -657,19 +871,31 @@ template <typename T, typename Team> __device__ int run(Ws<T, Team>& ws, bool wa
         T* tmp = ws.r;
         ws.r = ws.a8;
         ws.a8 = tmp;
+        if (tri != ELRA_TRI_NONE) tri_stage(ws, s_total - step - 1, true, want_phi);
         const bool ok = all_finite_(ws, ws.r, len) && (!want_phi || all_finite_(ws, ws.p, len));
         if (!ok) return ELRA_OVERFLOW;
     }
     const bool ok = (!want_exp || all_finite_(ws, ws.r, len)) && (!want_phi || all_finite_(ws, ws.p, len));
-    return ok ? ELRA_OK : ELRA_OVERFLOW;
+    if (!ok) return ELRA_OVERFLOW;
+    if (tri == ELRA_TRI_LOWER) {
+        if (need_r) transpose_nn(ws, ws.r);
+        if (want_phi) transpose_nn(ws, ws.p);
+    }
+    if (balanced) {
+        if (need_r) unbalance(ws, ws.r);
+        if (want_phi) unbalance(ws, ws.p);
+        const bool ok2 = (!want_exp || all_finite_(ws, ws.r, ws.nn)) && (!want_phi || all_finite_(ws, ws.p, ws.nn));
+        if (!ok2) return ELRA_OVERFLOW;
+    }
+    return ELRA_OK;
 }
 
 // Binds the workspace of this team: 12 buffers of `len` entries in dynamic shared memory (the
 // team's slice of the block's) or in global scratch (the team's slice by global team index),
 // plus the static shared vectors.
 template <typename T, typename Team>
-__device__ Ws<T, Team> bind(int n, bool pair, T* work, int use_shared, T* ell_v, T* ell_w, int* piv, T* red,
-                      double* redd, int* sh_int) {
+__device__ Ws<T, Team> bind(int n, bool pair, T* work, int use_shared, T* ell_v, T* ell_w, int* piv, T* tri, int* bal,
+                      T* red, double* redd, int* sh_int) {
     Ws<T, Team> ws;
     ws.n = n;
     ws.nn = n * n;
@@ -689,6 +915,8 @@ __device__ Ws<T, Team> bind(int n, bool pair, T* work, int use_shared, T* ell_v,
     ws.ell_started = false;
     ws.a8_formed = false;
     ws.piv = piv;
+    ws.tri = tri;
+    ws.bal = bal;
     ws.red = red;
     ws.redd = redd;
     ws.sh_int = sh_int;
@@ -700,9 +928,10 @@ template <typename T, typename Team>
 __device__ void expm_phi1_team(const T* z_all, int n, long long batch, T* exp_all, T* phi_all, T* work, int use_shared,
                                 int* status) {
     __shared__ T ell_v_[Team::MAX_PER_BLOCK][2 * ELRA_MAX_N], ell_w_[Team::MAX_PER_BLOCK][2 * ELRA_MAX_N],
-        red_[Team::MAX_PER_BLOCK][ELRA_NWARPS];
+        tri_[Team::MAX_PER_BLOCK][2 * ELRA_MAX_N], red_[Team::MAX_PER_BLOCK][ELRA_NWARPS];
     __shared__ double redd_[Team::MAX_PER_BLOCK][ELRA_NWARPS];
-    __shared__ int piv_[Team::MAX_PER_BLOCK][ELRA_MAX_N], sh_int_[Team::MAX_PER_BLOCK][1];
+    __shared__ int piv_[Team::MAX_PER_BLOCK][ELRA_MAX_N], bal_[Team::MAX_PER_BLOCK][ELRA_MAX_N],
+        sh_int_[Team::MAX_PER_BLOCK][1];
     const long long gb = Team::global_index();
     if (gb >= batch) return;  // a whole team leaves together (warp teams of the last block)
     const int ti = Team::index_in_block();
@@ -719,7 +948,7 @@ __device__ void expm_phi1_team(const T* z_all, int n, long long batch, T* exp_al
         if (Team::rank() == 0) status[b] = ELRA_BAD_SIZE;
         return;
     }
-    Ws<T, Team> ws = bind<T, Team>(n, false, work, use_shared, ell_v, ell_w, piv, red, redd, sh_int);
+    Ws<T, Team> ws = bind<T, Team>(n, false, work, use_shared, ell_v, ell_w, piv, tri_[ti], bal_[ti], red, redd, sh_int);
     copy<T, Team>(z, ws.a, (int)nn);
     const int st = run(ws, true, true);
     for (int i = Team::rank(); i < (int)nn; i += Team::SIZE) {
@@ -755,7 +984,8 @@ __device__ void phi1_adjoint_team(const T* z_all, const T* g_all, int n, long lo
         if (Team::rank() == 0) status[b] = ELRA_BAD_SIZE;
         return;
     }
-    Ws<T, Team> ws = bind<T, Team>(n, true, work, use_shared, ell_v, ell_w, piv, red, redd, sh_int);
+    // (pairs never use tri/bal: no structure path for the block matrices)
+    Ws<T, Team> ws = bind<T, Team>(n, true, work, use_shared, ell_v, ell_w, piv, nullptr, nullptr, red, redd, sh_int);
     const int N = n;
     // a = (Zᵀ, G)
     for (int idx = Team::rank(); idx < (int)nn; idx += Team::SIZE) {

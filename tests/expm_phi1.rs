@@ -119,7 +119,11 @@ struct RefCase {
 }
 
 fn reference_cases() -> Vec<RefCase> {
-    let text = include_str!("data/expm_phi1_reference.txt");
+    parse_reference(include_str!("data/expm_phi1_reference.txt"))
+}
+
+/// Cases of `tests/data/*.txt` (format written by `gen_expm_reference.py`).
+fn parse_reference(text: &str) -> Vec<RefCase> {
     let mut out = Vec::new();
     let mut lines = text.lines().filter(|l| !l.starts_with('#'));
     let nums = |l: &str, tag: &str| -> Vec<f64> {
@@ -758,4 +762,260 @@ fn huge_norms_that_do_not_overflow_the_result_are_computed() {
     assert!(matches!(expm(&z), Err(ElraError::Overflow { .. })));
     let z = DMatrix::<f32>::identity(2, 2) * 100.0f32;
     assert!(matches!(phi1(&z), Err(ElraError::Overflow { .. })));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact structure (issue 28): triangular inputs, badly scaled f32 inputs.
+// References: `tests/data/expm_phi1_structured.txt` (gen_expm_reference.py structured), mpmath at
+// 400 digits checked entry by entry against 440-digit Padé, so small entries are reliable too.
+// Errors before/after the change are in docs/numerics.md; the worst ones are quoted below.
+// ---------------------------------------------------------------------------------------------
+
+fn structured_cases() -> Vec<RefCase> {
+    parse_reference(include_str!("data/expm_phi1_structured.txt"))
+}
+
+/// (e^Z, φ1(Z)) in the case's precision, widened to f64.
+fn eval_in_dtype(c: &RefCase) -> (DMatrix<f64>, DMatrix<f64>) {
+    let z = DMatrix::from_row_slice(c.n, c.n, &c.z);
+    if c.dtype == "f32" {
+        let z32 = z.map(|v| v as f32);
+        assert!(
+            z32.map(|v| v as f64) == z,
+            "{}: f32 input not exact",
+            c.name
+        );
+        let (e, p) = expm_phi1(&z32).unwrap();
+        (e.map(|v| v as f64), p.map(|v| v as f64))
+    } else {
+        expm_phi1(&z).unwrap()
+    }
+}
+
+/// Largest relative error over the entries (i, i + offset) whose reference is a normal number of
+/// the case's precision, in units of its unit roundoff u.
+fn band_error_in_u(c: &RefCase, got: &DMatrix<f64>, want: &[f64], offset: usize) -> f64 {
+    let (u, tiny) = if c.dtype == "f32" {
+        (U32, f32::MIN_POSITIVE as f64)
+    } else {
+        (U64, f64::MIN_POSITIVE)
+    };
+    let n = c.n;
+    let lower = c.name.contains("lower");
+    let mut worst = 0.0f64;
+    for i in 0..n - offset {
+        // lower triangular inputs: the band is the first subdiagonal
+        let (r, k) = if lower {
+            (i + offset, i)
+        } else {
+            (i, i + offset)
+        };
+        let w = want[r * n + k];
+        if w.abs() < tiny {
+            continue;
+        }
+        worst = worst.max((got[(r, k)] - w).abs() / w.abs() / u);
+    }
+    worst
+}
+
+#[test]
+fn triangular_diagonal_and_first_superdiagonal_are_exact() {
+    // Claim: for triangular Z (n ≥ 2; lower ones too) the diagonal of the results is exp(z_ii)
+    // and φ1(z_ii), and the first superdiagonal (subdiagonal for lower Z) t·exp[z_ii, z_jj] and
+    // t·φ1[z_ii, z_jj], evaluated in f64 and rounded once (AMH 2009 Code Fragment 2.1).
+    // Tolerances, relative, in units of the precision's u: f64 diagonal 4 u (glibc exp ≤ 1 ulp,
+    // expm1(x)/x ≤ 1.5 ulp; measured ≤ 1.3 u), f64 superdiagonal 10 u (divided differences
+    // ≤ 3.3 u and ≤ 6.4 u measured over 6·10⁴ points, times t: one rounding; measured ≤ 2.6 u);
+    // f32 both 1.001 u (one rounding of an f64 value good to 10⁻¹⁵; measured ≤ 0.94 u).
+    // Before (plain squaring): f64 diagonal errors up to 2019 u (tri_lower_close_n7) and
+    // 1024 u (tri_lower_markov_n6_x100), f32 up to 12787 u (tri_lower_close_n7).
+    let mut worst = [0.0f64; 4];
+    let mut count = 0;
+    for c in structured_cases()
+        .iter()
+        .filter(|c| c.name.starts_with("tri_"))
+    {
+        let (e, p) = eval_in_dtype(c);
+        let (tol_d, tol_s) = if c.dtype == "f32" {
+            (1.001, 1.001)
+        } else {
+            (4.0, 10.0)
+        };
+        let errs = [
+            band_error_in_u(c, &e, &c.exp, 0),
+            band_error_in_u(c, &p, &c.phi1, 0),
+            band_error_in_u(c, &e, &c.exp, 1),
+            band_error_in_u(c, &p, &c.phi1, 1),
+        ];
+        assert!(
+            errs[0] <= tol_d && errs[1] <= tol_d && errs[2] <= tol_s && errs[3] <= tol_s,
+            "{} ({}): diagonal exp {:.2} u, φ1 {:.2} u; superdiagonal exp {:.2} u, φ1 {:.2} u",
+            c.name,
+            c.dtype,
+            errs[0],
+            errs[1],
+            errs[2],
+            errs[3]
+        );
+        for (w, e) in worst.iter_mut().zip(errs) {
+            *w = w.max(e);
+        }
+        count += 1;
+    }
+    assert!(count >= 20, "{count} triangular cases");
+    eprintln!(
+        "{count} triangular cases: worst diagonal exp {:.2} u, φ1 {:.2} u; superdiagonal exp {:.2} u, φ1 {:.2} u",
+        worst[0], worst[1], worst[2], worst[3]
+    );
+}
+
+#[test]
+fn triangular_results_match_mpmath_and_keep_their_structure() {
+    // Claim: against the 400-digit references, relative Frobenius error ≤ 1.5e-14 (f64) and
+    // ≤ 2e-6 (f32) for every triangular case (3× the worst measured: 4.9e-15, 6.4e-7, both
+    // tri_constdiag_n12_0.5_1e2), and the strictly lower (upper, for lower inputs) part of
+    // e^Z and φ1(Z) is exactly zero. Before: up to 1.1e-13 (f64, tri_lower_markov_n6_x100) and
+    // 3.0e-6 (f32, tri_constdiag_n8_m1_1e4), and lower inputs got nonzero entries above the
+    // diagonal (pivoting fill-in in the Padé solve).
+    let mut worst = (0.0f64, 0.0f64);
+    for c in structured_cases()
+        .iter()
+        .filter(|c| c.name.starts_with("tri_"))
+    {
+        let (e, p) = eval_in_dtype(c);
+        let want_e = DMatrix::from_row_slice(c.n, c.n, &c.exp);
+        let want_p = DMatrix::from_row_slice(c.n, c.n, &c.phi1);
+        let (ee, pe) = (rel_err(&e, &want_e), rel_err(&p, &want_p));
+        let bound = if c.dtype == "f32" { 2e-6 } else { 1.5e-14 };
+        assert!(
+            ee <= bound && pe <= bound,
+            "{} ({}): exp {ee:.2e} phi1 {pe:.2e} > {bound:.0e}",
+            c.name,
+            c.dtype
+        );
+        let lower = c.name.contains("lower");
+        for i in 0..c.n {
+            for j in 0..c.n {
+                let off = if lower { j > i } else { i > j };
+                if off {
+                    assert!(
+                        e[(i, j)] == 0.0 && p[(i, j)] == 0.0,
+                        "{} ({}): entry ({i}, {j}) is {:e} / {:e}",
+                        c.name,
+                        c.dtype,
+                        e[(i, j)],
+                        p[(i, j)]
+                    );
+                }
+            }
+        }
+        let w = if c.dtype == "f32" {
+            &mut worst.1
+        } else {
+            &mut worst.0
+        };
+        *w = w.max(ee).max(pe);
+    }
+    eprintln!(
+        "triangular: worst relative Frobenius error f64 {:.2e}, f32 {:.2e}",
+        worst.0, worst.1
+    );
+}
+
+#[test]
+fn badly_scaled_f32_matches_mpmath_within_conditioning() {
+    // Claim: for badly scaled dense f32 matrices (diagonal similarities D⁻¹AD, D = 10^±2..3, of
+    // random, non-normal and decaying A) the relative Frobenius error of e^Z and φ1(Z) is
+    // ≤ 8e-6 (1.8× the worst measured, 4.5e-6 for exp of scaled32_nnscaled4_n6) and within the
+    // first-order bound κ·u (u = 2⁻²⁴, κ = ‖K_f(Z)‖₂‖Z‖_F/‖f(Z)‖_F, Higham 2008 eq. 3.20; the
+    // normwise κ of such matrices is large, 10³..10¹⁰, so this part is loose). Before f32
+    // balancing (Real::BALANCE): exp of scaled32_dsim2_n8 had error 1.1e-5, now 1.3e-7, and its
+    // first-superdiagonal entries up to 791 u relative, now 21 u (docs/numerics.md has every case,
+    // before/after and SciPy's float32 expm).
+    let mut worst = (0.0f64, 0.0f64);
+    for c in structured_cases()
+        .iter()
+        .filter(|c| c.name.starts_with("scaled32_"))
+    {
+        let z = DMatrix::from_row_slice(c.n, c.n, &c.z);
+        let (e, p) = eval_in_dtype(c);
+        let want_e = DMatrix::from_row_slice(c.n, c.n, &c.exp);
+        let want_p = DMatrix::from_row_slice(c.n, c.n, &c.phi1);
+        let k_e = kron_cond(l_exp, &z) * z.norm() / want_e.norm();
+        let k_p = kron_cond(l_phi1, &z) * z.norm() / want_p.norm();
+        let (ee, pe) = (rel_err(&e, &want_e), rel_err(&p, &want_p));
+        eprintln!(
+            "{}: exp {ee:.2e} (κu {:.1e}), φ1 {pe:.2e} (κu {:.1e})",
+            c.name,
+            k_e * U32,
+            k_p * U32
+        );
+        assert!(
+            ee <= 8e-6 && pe <= 8e-6 && ee <= k_e * U32 && pe <= k_p * U32,
+            "{}: exp {ee:.2e}, φ1 {pe:.2e}",
+            c.name
+        );
+        worst = (worst.0.max(ee), worst.1.max(pe));
+    }
+    eprintln!(
+        "badly scaled f32: worst exp {:.2e}, φ1 {:.2e}",
+        worst.0, worst.1
+    );
+}
+
+#[test]
+fn frechet_of_triangular_matrices_matches_central_differences() {
+    // Claim: the Fréchet derivatives (block-pair runs, which have no triangular path) agree with
+    // central differences of expm/φ1 taken along a triangular direction (so f(Z ± hE) go through
+    // the triangular path): the two paths are consistent. Bound as in
+    // `frechet_matches_central_differences`: h²/6·e^{‖Z‖_F+h}‖E‖³ + 2ε√n e^{‖Z‖_F+h}/(2h),
+    // h = 2⁻¹⁵, ε = 1e-14, ‖E‖_F = 1.
+    let mut rng = ChaCha8Rng::seed_from_u64(28);
+    for n in [2usize, 3, 5, 8] {
+        for lower in [false, true] {
+            let mut z = random(n, 3.0, &mut rng);
+            let mut e = DMatrix::from_fn(n, n, |_, _| rng.random_range(-1.0..1.0));
+            for i in 0..n {
+                for j in 0..n {
+                    if (i > j) != lower && i != j {
+                        z[(i, j)] = 0.0;
+                        e[(i, j)] = 0.0;
+                    }
+                }
+            }
+            z[(0, 0)] = z[(1, 1)]; // a repeated diagonal entry
+            let e = &e / e.norm();
+            let h = 2f64.powi(-15);
+            let growth = (z.norm() + h).exp();
+            let tol = h * h / 6.0 * growth + 1e-14 * (n as f64).sqrt() * growth / h;
+            let (zp, zm) = (&z + &e * h, &z - &e * h);
+            let fd_e = (expm(&zp).unwrap() - expm(&zm).unwrap()) / (2.0 * h);
+            let fd_p = (phi1(&zp).unwrap() - phi1(&zm).unwrap()) / (2.0 * h);
+            let de = (expm_frechet(&z, &e).unwrap() - &fd_e).norm();
+            let dp = (phi1_frechet(&z, &e).unwrap() - &fd_p).norm();
+            assert!(
+                de <= tol && dp <= tol,
+                "n={n} lower={lower}: exp {de:.2e}, φ1 {dp:.2e} > {tol:.2e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn triangular_overflow_and_underflow_are_handled() {
+    // A triangular input whose result leaves the range is a typed error (the exact diagonal
+    // exp(800) is written as +∞ and reported), never an infinite or wrong finite result; one
+    // whose result underflows is computed (zeros where e^{z_ii} underflows).
+    let z = DMatrix::from_row_slice(2, 2, &[800.0, 1.0, 0.0, -1.0]);
+    assert!(matches!(expm(&z), Err(ElraError::Overflow { .. })));
+    assert!(matches!(phi1(&z), Err(ElraError::Overflow { .. })));
+    let z32 = DMatrix::from_row_slice(2, 2, &[100.0f32, 1.0, 0.0, -1.0]);
+    assert!(matches!(expm(&z32), Err(ElraError::Overflow { .. })));
+    let z =
+        DMatrix::<f64>::from_row_slice(3, 3, &[-1e300, 1.0, 2.0, 0.0, -2.0, 3.0, 0.0, 0.0, -1e300]);
+    let (e, p) = expm_phi1(&z).unwrap();
+    assert!(e.iter().all(|v| v.is_finite()) && p.iter().all(|v| v.is_finite()));
+    assert_eq!((e[(0, 0)], e[(2, 2)], e[(1, 1)]), (0.0, 0.0, (-2f64).exp()));
+    assert_eq!((p[(0, 0)], p[(1, 1)]), (1e-300, (-2f64).exp_m1() / -2.0));
 }

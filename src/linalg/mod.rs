@@ -21,6 +21,13 @@ pub trait Real:
     const UNIT_ROUNDOFF: f64;
     /// Pairs `(m, θ_m)` in increasing order of `m`.
     const PADE: &'static [(usize, f64)];
+    /// Whether a plain (non-Fréchet) run balances its input first: an exact power-of-two
+    /// diagonal similarity `B = D⁻¹ZD` (Parlett & Reinsch 1969, EISPACK `balanc` with radix 2),
+    /// kept only when it lowers `‖·‖₁`, and `f(Z) = D f(B) D⁻¹` (module docs of
+    /// [`linalg::expm`](mod@crate::linalg::expm), `docs/numerics.md`). `true` for f32 only: it is
+    /// the step that removes most of the f32 error on badly scaled matrices; f64 keeps its
+    /// results bit for bit.
+    const BALANCE: bool = false;
     /// Converts from `f64` (rounding).
     fn of(x: f64) -> Self;
     /// Converts to `f64` (exact).
@@ -53,6 +60,7 @@ impl Real for f32 {
         (5, 1.880152677804762),
         (7, 3.92572478313866),
     ];
+    const BALANCE: bool = true;
     fn of(x: f64) -> Self {
         x as f32
     }

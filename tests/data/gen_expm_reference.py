@@ -10,9 +10,20 @@ written with repr() (exact round trip); f32 cases have inputs that are exactly r
 binary32, so the reference is for exactly the matrix the f32 code sees.
 
 Run:  python3 tests/data/gen_expm_reference.py > tests/data/expm_phi1_reference.txt
+
+With the argument `structured` it writes tests/data/expm_phi1_structured.txt instead (issue 28):
+triangular matrices (upper Markov generators with integer rates, a long constant diagonal with a
+large off-diagonal scale, repeated and close diagonal entries, lower triangular ones, far-apart
+diagonal entries), in f64 and f32, and badly scaled non-normal f32 matrices. Their references are
+mpmath `expm` (Taylor) at 400 digits, checked against mpmath's Padé method at 440 digits entry by
+entry: every entry above 1e-320 must agree to 40 significant digits (the triangular cases have
+entries far below the norm, so a normwise check would not vouch for them).
+
+Run:  python3 tests/data/gen_expm_reference.py structured > tests/data/expm_phi1_structured.txt
 """
 import random
 import struct
+import sys
 import mpmath
 from mpmath import mp, mpf
 
@@ -119,5 +130,130 @@ def main():
         emit(name, dtype, z)
 
 
+# ---- structured cases (issue 28) --------------------------------------------------------------
+
+
+def markov_upper(rng, n, scale=1):
+    """Upper triangular Markov generator: integer rates 0..9 (times scale) above the diagonal,
+    rows summing to zero, the last state absorbing."""
+    q = [[0.0] * n for _ in range(n)]
+    for i in range(n - 1):
+        for j in range(i + 1, n):
+            q[i][j] = float(rng.randint(0, 9) * scale)
+        q[i][i] = -sum(q[i][j] for j in range(i + 1, n))
+    return q
+
+
+def upper_with_diag(rng, diag, scale):
+    n = len(diag)
+    return [[(diag[i] if i == j else (rng.uniform(-1, 1) * scale if j > i else 0.0))
+             for j in range(n)] for i in range(n)]
+
+
+def transpose(z):
+    return [list(r) for r in zip(*z)]
+
+
+def householder_similarity(rng, t):
+    """Q T Q with the Householder reflection Q = I - 2 v v^T / v^T v (orthogonal, symmetric)."""
+    n = len(t)
+    v = [rng.gauss(0, 1) for _ in range(n)]
+    vv = sum(x * x for x in v)
+    q = [[(1.0 if i == j else 0.0) - 2 * v[i] * v[j] / vv for j in range(n)] for i in range(n)]
+    qt = [[sum(q[i][k] * t[k][j] for k in range(n)) for j in range(n)] for i in range(n)]
+    return [[sum(qt[i][k] * q[k][j] for k in range(n)) for j in range(n)] for i in range(n)]
+
+
+def triangular_cases():
+    """(name, dtypes, z): the same sequence of draws as the measurements in docs/numerics.md."""
+    rng = random.Random(28)
+    both = ("f64", "f32")
+    out = [
+        ("tri_markov_n6", both, markov_upper(rng, 6)),
+        ("tri_markov_n6_x100", both, markov_upper(rng, 6, 100)),
+        ("tri_markov_n10_x10", both, markov_upper(rng, 10, 10)),
+        ("tri_constdiag_n8_m1_1e4", both, upper_with_diag(rng, [-1.0] * 8, 1e4)),
+        ("tri_constdiag_n8_0_1e3", both, upper_with_diag(rng, [0.0] * 8, 1e3)),
+        ("tri_constdiag_n12_0.5_1e2", both, upper_with_diag(rng, [0.5] * 12, 1e2)),
+        ("tri_close_n7", both,
+         upper_with_diag(rng, [-3.0, -3.0, -3.0 + 1e-10, 0.5, 0.5 + 1e-7, 2.0, 2.0], 30.0)),
+        ("tri_close_n6_neg", both,
+         upper_with_diag(rng, [-40.0, -40.0, -40.0 + 1e-9, -39.5, -1.0, -1.0], 50.0)),
+        ("tri_lower_markov_n6_x100", both, transpose(markov_upper(rng, 6, 100))),
+        ("tri_lower_close_n7", both,
+         transpose(upper_with_diag(rng, [1.0, 1.0, 1.0 + 1e-8, -2.0, -2.0, 0.0, 0.0], 20.0))),
+        ("tri_wide_n2", ("f64",), [[-2000.0, 3.0], [0.0, 100.0]]),
+        ("tri_wide32_n2", both, [[-200.0, 3.0], [0.0, 60.0]]),
+    ]
+    return out
+
+
+def scaled_f32_cases():
+    """Badly scaled dense f32 matrices: diagonal similarities D^-1 A D of random matrices, of
+    non-normal ones (Q T Q, T triangular with a large strictly upper part) and of decaying ones
+    (A - cI), D = diag(10^U(-e, e))."""
+    rng = random.Random(2028)
+    out = []
+    for k, n in enumerate((3, 5, 8, 4, 6, 8, 3, 5, 7)):
+        kind = k // 3
+        if kind == 0:
+            s = rng.uniform(0.5, 5)
+            a = [[rng.uniform(-1, 1) * s for _ in range(n)] for _ in range(n)]
+            e, name = 3.0, "dsim"
+        elif kind == 1:
+            big = 10 ** rng.uniform(0.5, 1.5)
+            t = [[(rng.uniform(-2, 1) if i == j else (rng.uniform(-1, 1) * big if j > i else 0.0))
+                  for j in range(n)] for i in range(n)]
+            a = householder_similarity(rng, t)
+            e, name = 2.0, "nnscaled"
+        else:
+            c = rng.uniform(1, 15)
+            a = [[rng.uniform(-1, 1) - (c if i == j else 0.0) for j in range(n)] for i in range(n)]
+            e, name = 2.0, "decayscaled"
+        d = [10 ** rng.uniform(-e, e) for _ in range(n)]
+        z = [[a[i][j] * d[j] / d[i] for j in range(n)] for i in range(n)]
+        out.append((f"scaled32_{name}{k}_n{n}", ("f32",), z))
+    return out
+
+
+def reference_entrywise(z, dps=400):
+    """e^Z and phi1(Z) (blocks of exp([[Z, I], [0, 0]])) at `dps` digits, each entry above 1e-320
+    checked against the Pade method at dps + 40 digits to 40 significant digits."""
+    n = len(z)
+    b = [[mpf(0)] * (2 * n) for _ in range(2 * n)]
+    for i in range(n):
+        for j in range(n):
+            b[i][j] = mpf(z[i][j])
+        b[i][n + i] = mpf(1)
+    e1 = mexp(b, dps, "taylor")
+    e2 = mexp(b, dps + 40, "pade")
+    with mp.workdps(dps + 40):
+        for i in range(2 * n):
+            for j in range(2 * n):
+                if abs(e2[i, j]) > mpf(10) ** -320:
+                    assert abs(e1[i, j] - e2[i, j]) <= abs(e2[i, j]) * mpf(10) ** -40, (z, i, j)
+    e = [[e2[i, j] for j in range(n)] for i in range(n)]
+    p = [[e2[i, n + j] for j in range(n)] for i in range(n)]
+    return e, p
+
+
+def main_structured():
+    print("# e^Z and phi1(Z) of triangular and badly scaled matrices at 21 significant digits "
+          "(entry by entry); generated by gen_expm_reference.py structured")
+    for name, dtypes, z in triangular_cases() + scaled_f32_cases():
+        for dtype in dtypes:
+            zz = [[f32(v) for v in row] for row in z] if dtype == "f32" else z
+            e, p = reference_entrywise(zz)
+            n = len(zz)
+            print(f"case {name} {dtype} {n}")
+            print("z " + " ".join(repr(float(v)) for row in zz for v in row))
+            with mp.workdps(60):
+                print("exp " + " ".join(mpmath.nstr(v, 21) for row in e for v in row))
+                print("phi1 " + " ".join(mpmath.nstr(v, 21) for row in p for v in row))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["structured"]:
+        main_structured()
+    else:
+        main()
