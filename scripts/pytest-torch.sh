@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the cdylib and runs the PyTorch integration's tests (python/tests/test_torch*.py) in a
+# Builds the cdylib and runs the PyTorch integration tests (python/tests/test_torch.py) and the
+# exchange of adapter files with PEFT (python/tests/test_peft_interop.py) in a
 # cached virtual environment with pinned torch, peft and scikit-learn. The PyPI torch wheel
 # brings several GB of CUDA libraries: the environment is created once per machine
 # (ELRA_TORCH_VENV, default ~/.cache/elra-torch-venv) and reused. Extra arguments go to pytest.
@@ -26,4 +27,4 @@ then
 fi
 export ELRA_LIB="${ELRA_LIB:-$PWD/target/release/libelra.so}"
 cd python
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_torch.py "$@"
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_torch.py tests/test_peft_interop.py "$@"

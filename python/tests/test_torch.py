@@ -370,3 +370,26 @@ def test_ga_initialise_seeds_hyb_ga_from_the_frozen_gradient():
     # Singular vectors are defined up to sign: compare the product A B.
     assert torch.allclose(m.A @ m.B, u[:, :2] @ want_b, atol=1e-10)
     assert m.A.grad is None and model(batches[0][0]).shape == (10, 3)
+
+
+def test_digits_example_runs_in_its_quick_mode(tmp_path):
+    """The real-data example (``examples/digits.py --quick``): every method trains, the table
+    has a row per method with its parameter count, and the CSVs and the plot are written."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "digits"
+    res = subprocess.run([sys.executable, os.path.join(here, "examples", "digits.py"), "--quick",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = {line.split("  ")[0].strip(): line for line in res.stdout.splitlines()}
+    for name, params in [("ELRA", 2131), ("ELRA-PSD", 2131), ("ELRA-Hyb", 2131),
+                         ("PEFT LoRA", 2344), ("PEFT DoRA", 2610), ("full fine-tune", 26122)]:
+        row = next((v for k, v in table.items() if k.startswith(name + " ") or k == name), None)
+        assert row is not None, f"no row for {name} in\n{res.stdout}"
+        assert int(row.split()[len(name.split())]) == params, row
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 7
+    assert (out / "accuracy.svg").read_text().startswith("<svg")
+    assert len((out / "curves.csv").read_text().splitlines()) > 7
