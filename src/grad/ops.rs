@@ -231,7 +231,14 @@ pub fn gemm_strided<T: Real>(
     } else {
         // nalgebra's gemv fallback for small dimensions mishandles views whose row stride is
         // not 1 (it iterates over the view's backing slice length), so small products (and
-        // k = 0, where only the β scaling remains) run this plain loop instead.
+        // k = 0, where only the β scaling remains) run these loops instead. Every entry is
+        // `β·c` (or 0) plus `a(i, l)·(α·b(l, j))` for l = 0, 1, …, k−1 in that order, whichever
+        // loop runs, so they give the same bits; the first three keep the innermost loop on
+        // unit-stride memory: rows of C and B, a row of A against a column of B (a dot
+        // product), or columns of C and A.
+        if m == 0 || n == 0 {
+            return;
+        }
         for j in 0..n {
             for i in 0..m {
                 let v = c.at_mut(i, j);
@@ -241,10 +248,49 @@ pub fn gemm_strided<T: Real>(
                     *v *= beta;
                 }
             }
-            for l in 0..ka {
-                let w = alpha * b.at(l, j);
-                for i in 0..m {
-                    *c.at_mut(i, j) += a.at(i, l) * w;
+        }
+        if c.cs == 1 && b.cs == 1 {
+            for i in 0..m {
+                let row = &mut c.s[i * c.rs..i * c.rs + n];
+                for l in 0..ka {
+                    let av = a.at(i, l);
+                    let brow = &b.s[l * b.rs..l * b.rs + n];
+                    for (cv, &bv) in row.iter_mut().zip(brow) {
+                        *cv += av * (alpha * bv);
+                    }
+                }
+            }
+        } else if a.cs == 1 && b.rs == 1 {
+            for i in 0..m {
+                let arow = &a.s[i * a.rs..i * a.rs + ka];
+                for j in 0..n {
+                    let bcol = &b.s[j * b.cs..j * b.cs + ka];
+                    let v = c.at_mut(i, j);
+                    let mut acc = *v;
+                    for (&av, &bv) in arow.iter().zip(bcol) {
+                        acc += av * (alpha * bv);
+                    }
+                    *v = acc;
+                }
+            }
+        } else if c.rs == 1 && a.rs == 1 {
+            for j in 0..n {
+                let col = &mut c.s[j * c.cs..j * c.cs + m];
+                for l in 0..ka {
+                    let w = alpha * b.at(l, j);
+                    let acol = &a.s[l * a.cs..l * a.cs + m];
+                    for (cv, &av) in col.iter_mut().zip(acol) {
+                        *cv += av * w;
+                    }
+                }
+            }
+        } else {
+            for j in 0..n {
+                for l in 0..ka {
+                    let w = alpha * b.at(l, j);
+                    for i in 0..m {
+                        *c.at_mut(i, j) += a.at(i, l) * w;
+                    }
                 }
             }
         }

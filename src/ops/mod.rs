@@ -248,6 +248,20 @@ impl<T: Real> Eval<T> {
         Ok((z, m))
     }
 
+    /// `P = C W0` (r×k), row-major (its rows are the unit-stride operand of `X Pᵀ` and `V̄ P`).
+    fn p(&self, w0: Strided<'_, T>) -> Vec<T> {
+        let (r, k) = (self.c.nrows(), w0.shape().1);
+        let mut p = vec![T::zero(); r * k];
+        gemm_strided(
+            &mut scratch(&mut p, r, k),
+            T::one(),
+            view(&self.c),
+            w0,
+            T::zero(),
+        );
+        p
+    }
+
     /// Reads the saved `Z`, `M` back as matrices (row-major r×r).
     fn saved_zm(z: &[T], m: &[T], r: usize) -> (DMatrix<T>, DMatrix<T>) {
         (
@@ -330,6 +344,11 @@ fn store<T: Real>(dst: &mut [T], m: &DMatrix<T>) {
 /// Row-major n×c scratch over a slice.
 fn scratch<T: Real>(s: &mut [T], n: usize, c: usize) -> StridedMut<'_, T> {
     StridedMut::row_major(s, n, c, c).expect("scratch sized by the caller's checks")
+}
+
+/// A row-major r×c view of `s`.
+fn rm<T: Real>(s: &[T], r: usize, c: usize) -> Strided<'_, T> {
+    Strided::row_major(s, r, c, c).expect("sized by the caller")
 }
 
 fn view<T: Real>(m: &DMatrix<T>) -> Strided<'_, T> {
@@ -436,16 +455,9 @@ pub fn forward<T: Real>(
     let (vs, zs, ms) = split_saved(saved, n, r)?;
     let (ts, _) = take(workspace, n * r)?;
     // P = C W0 (r×k); V = X Pᵀ (N×r) into `saved`; T = V Mᵀ.
-    let mut p = DMatrix::zeros(r, k);
-    gemm_strided(
-        &mut StridedMut::of(&mut p),
-        T::one(),
-        view(&ev.c),
-        w0,
-        T::zero(),
-    );
+    let p = ev.p(w0);
     let mut v = scratch(vs, n, r);
-    gemm_strided(&mut v, T::one(), x, view(&p).t(), T::zero());
+    gemm_strided(&mut v, T::one(), x, rm(&p, r, k).t(), T::zero());
     let mut t = scratch(ts, n, r);
     gemm_strided(&mut t, T::one(), v.as_ref(), view(&m).t(), T::zero());
     // Y = X W0ᵀ + bias + D∘(T Aᵀ) (the increment alone without the base).
@@ -519,26 +531,19 @@ pub fn backward<T: Real>(
     let (v, z, m) = read_saved(saved, n, r)?;
     let (abar, mbar, vbar) = rank_r_backward(&ev, v, &m, dy, dropout, workspace)?;
     // ∂X = ∂Y W0 + V̄ P with P = C W0.
-    let mut p = DMatrix::zeros(r, k);
-    gemm_strided(
-        &mut StridedMut::of(&mut p),
-        T::one(),
-        view(&ev.c),
-        w0,
-        T::zero(),
-    );
+    let p = ev.p(w0);
     let keep = if with_base {
         gemm_strided(dx, T::one(), dy, w0, T::zero());
         T::one()
     } else {
         T::zero()
     };
-    gemm_strided(dx, T::one(), vbar.as_ref(), view(&p), keep);
+    gemm_strided(dx, T::one(), vbar.as_ref(), rm(&p, r, k), keep);
     check_output("dx", dx)?;
     // C̄ = (V̄ᵀ X) W0ᵀ, then through M = φ1(Z), Z = C A.
-    let mut pbar = DMatrix::zeros(r, k);
+    let mut pbar = vec![T::zero(); r * k];
     gemm_strided(
-        &mut StridedMut::of(&mut pbar),
+        &mut scratch(&mut pbar, r, k),
         T::one(),
         vbar.as_ref().t(),
         x,
@@ -548,7 +553,7 @@ pub fn backward<T: Real>(
     gemm_strided(
         &mut StridedMut::of(&mut cbar),
         T::one(),
-        view(&pbar),
+        rm(&pbar, r, k),
         w0.t(),
         T::zero(),
     );
