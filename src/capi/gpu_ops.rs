@@ -88,7 +88,7 @@ fn arg<E>(name: &'static str, p: *const E, (rows, cols): (usize, usize), ld: usi
     }
 }
 
-fn out<E>(name: &'static str, p: *mut E, (rows, cols): (usize, usize), ld: usize) -> Arg {
+fn output<E>(name: &'static str, p: *mut E, (rows, cols): (usize, usize), ld: usize) -> Arg {
     Arg {
         out: true,
         ..arg(name, p.cast_const(), (rows, cols), ld)
@@ -222,9 +222,9 @@ fn grad_args(
     (db, ld_db): (*mut f32, usize),
     deta: *mut f32,
 ) -> Vec<Arg> {
-    let mut v = vec![out("da", da, (op.d, op.r), ld_da)];
+    let mut v = vec![output("da", da, (op.d, op.r), ld_da)];
     if op.variant.uses_b() {
-        v.push(out("db", db, (op.r, op.d), ld_db));
+        v.push(output("db", db, (op.r, op.d), ld_db));
     }
     v.push(array("deta", deta.cast_const(), 1, true));
     v
@@ -364,7 +364,7 @@ pub unsafe extern "C" fn elra_gpu_op_forward(
         let mut act = vec![
             arg("w0", w0, (d, k), ld_w0),
             arg("x", x, (n, k), ld_x),
-            out("y", y, (n, d), ld_y),
+            output("y", y, (n, d), ld_y),
         ];
         if !bias.is_null() {
             act.push(arg("bias", bias, (1, d), d));
@@ -467,7 +467,7 @@ pub unsafe extern "C" fn elra_gpu_op_backward(
             arg("w0", w0, (d, k), ld_w0),
             arg("x", x, (n, k), ld_x),
             arg("dy", dy, (n, d), ld_dy),
-            out("dx", dx, (n, k), ld_dx),
+            output("dx", dx, (n, k), ld_dx),
         ];
         let mut f32s = gen_args(&op, a, ld_a, b, ld_b);
         let n_gen = f32s.len();
@@ -547,7 +547,7 @@ pub unsafe extern "C" fn elra_gpu_op_forward_out(
         let (op, spec) = parse(desc, step, eta)?;
         let sz = gops::sizes(&op, n)?;
         let d = op.d;
-        let act = vec![arg("u", u, (n, d), ld_u), out("y", y, (n, d), ld_y)];
+        let act = vec![arg("u", u, (n, d), ld_u), output("y", y, (n, d), ld_y)];
         let mut f32s = gen_args(&op, a, ld_a, b, ld_b);
         let n_gen = f32s.len();
         f32s.push(array("saved", saved.cast_const(), sz.saved, true));
@@ -630,7 +630,7 @@ pub unsafe extern "C" fn elra_gpu_op_backward_out(
         let act = vec![
             arg("u", u, (n, d), ld_u),
             arg("dy", dy, (n, d), ld_dy),
-            out("du", du, (n, d), ld_du),
+            output("du", du, (n, d), ld_du),
         ];
         let mut f32s = gen_args(&op, a, ld_a, b, ld_b);
         let n_gen = f32s.len();
@@ -699,7 +699,7 @@ pub unsafe extern "C" fn elra_gpu_op_merge(
     ld_w: usize,
     inverse: u32,
     right: u32,
-    out_w: *mut c_void,
+    out: *mut c_void,
     ld_out: usize,
     workspace: *mut f32,
     workspace_len: usize,
@@ -714,7 +714,7 @@ pub unsafe extern "C" fn elra_gpu_op_merge(
             (Side::Left, (op.d, op.k))
         };
         let need = gops::unbatched_workspace(&op)?;
-        let act = vec![arg("w", w, shape, ld_w), out("out", out_w, shape, ld_out)];
+        let act = vec![arg("w", w, shape, ld_w), output("out", out, shape, ld_out)];
         let mut f32s = gen_args(&op, a, ld_a, b, ld_b);
         let n_gen = f32s.len();
         f32s.push(array(

@@ -123,7 +123,9 @@ pub fn sizes(op: &ElraOp, n: usize) -> Result<GpuOpSizes> {
     })
 }
 
-/// The workspace (f32 values) [`merge`] and [`energy`] need, which have no batch: at most
+/// The workspace (f32 values) [`merge`] (eq. 30, Prop. 3) and [`energy`] (eq. 20–21) need,
+/// which have no batch: `Cᵀ`, the r×r `±Z`, `φ1(±Z)` and Grams (Prop. 1, eq. 21), the d×r and
+/// k×r products of the weight pass, reduction partials and φ1 work matrices — at most
 /// [`sizes`]`(op, n).workspace` for every `n ≥ 1`.
 pub fn unbatched_workspace(op: &ElraOp) -> Result<usize> {
     op.validate()?;
