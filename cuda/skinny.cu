@@ -589,14 +589,17 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
 // Grams S = AᵀA, K = CCᵀ (r×r):
 //   energy (eq. 20–21, λ > 0):  Ā += 2λ A K,  C̄ᵀ += 2λ Cᵀ S   (S, K symmetric)
 //   chain (eq. 19, no clip):    Ā += η_eff α C̄ᵀ,  B̄ = η_eff (1−α) C̄
-// (src/grad/generator.rs `energy_backward`, `FactorChain::backward`). B̄ null: PSD. Every entry
+// (src/grad/generator.rs `energy_backward`, `FactorChain::backward`). B̄ null: PSD. With
+// `accumulate` ≠ 0 the chain's B̄ is added to the caller's buffer (`B̄ += …`, the functional calls'
+// accumulate mode of src/cuda/ops); 0 overwrites it without reading it. Every entry
 // (l, q) is independent: one thread each, over a grid of ⌈d·r / ELRA_BLOCK⌉ blocks, threads in
 // B̄'s order (q major) so that its writes are coalesced. (The first version ran all d·r entries
 // in one block: 79 µs at d = 4096, r = 8 on an H100, latency-bound.) ∂η needs C̄ after this
 // kernel: factor_eta_f32.
 extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
     factor_backward_f32(int d, int r, const float* A, const float* Ct, const float* S, const float* K, float lambda,
-                        float alpha, const float* eta, float mult, float* Abar, float* CbarT, float* Bbar) {
+                        float alpha, const float* eta, float mult, float* Abar, float* CbarT, float* Bbar,
+                        int accumulate) {
     const long long t = (long long)blockIdx.x * ELRA_BLOCK + threadIdx.x;
     if (t >= (long long)d * r) return;
     const long long q = t / d, l = t - q * d, idx = l * r + q;
@@ -613,14 +616,19 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
     const float eta_eff = eta[0] * mult;
     const float cb = CbarT[idx];
     if (alpha > 0.0f) Abar[idx] = fmaf(eta_eff * alpha, cb, Abar[idx]);
-    if (Bbar) Bbar[t] = (eta_eff * (1.0f - alpha)) * cb;
+    if (Bbar) {
+        const float g = (eta_eff * (1.0f - alpha)) * cb;
+        Bbar[t] = accumulate ? Bbar[t] + g : g;
+    }
 }
 
 // One block: ∂η = m ⟨C̄, C⟩ / η_eff (eq. 19) from the C̄ᵀ left by factor_backward_f32. Each thread
 // keeps four partial sums over entries idx ≡ 4·tid + j (mod 4·ELRA_BLOCK), so four independent
-// loads are in flight, then the partials are added in a fixed order (deterministic).
+// loads are in flight, then the partials are added in a fixed order (deterministic). With
+// `accumulate` ≠ 0 the result is added to etabar[0], else it overwrites it (not read).
 extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
-    factor_eta_f32(int d, int r, const float* Ct, const float* CbarT, const float* eta, float mult, float* etabar) {
+    factor_eta_f32(int d, int r, const float* Ct, const float* CbarT, const float* eta, float mult, float* etabar,
+                   int accumulate) {
     __shared__ float red[ELRA_BLOCK];
     const long long dr = (long long)d * r;
     float p0 = 0.0f, p1 = 0.0f, p2 = 0.0f, p3 = 0.0f;
@@ -631,7 +639,10 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
         if (base + 3 < dr) p3 = fmaf(CbarT[base + 3], Ct[base + 3], p3);
     }
     const float dot = elra::block_sum((p0 + p1) + (p2 + p3), red);
-    if (threadIdx.x == 0) etabar[0] = dot / (eta[0] * mult) * mult;
+    if (threadIdx.x == 0) {
+        const float g = dot / (eta[0] * mult) * mult;
+        etabar[0] = accumulate ? etabar[0] + g : g;
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)

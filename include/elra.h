@@ -400,6 +400,29 @@ typedef struct {
 } ElraAdapterConfig;
 
 /**
+ * The shape of an ELRA layer for the functional calls: `variant` is an ELRA value of
+ * [`super::ElraVariant`] (general, PSD or Hyb), `W0` is d×k, `A` d×r, `B` r×d.
+ */
+typedef struct {
+  /**
+   * An [`super::ElraVariant`] other than LoRA.
+   */
+  uint32_t variant;
+  /**
+   * Output dimension d.
+   */
+  size_t d;
+  /**
+   * Input dimension k.
+   */
+  size_t k;
+  /**
+   * Rank r, 1 ≤ r ≤ d.
+   */
+  size_t r;
+} ElraOpDesc;
+
+/**
  * The settings of one optimiser step (Algorithm 1 line 4, App. H): α of eq. (19) (used by
  * Hyb), the η multiplier, the spectral-clip threshold τ (0: none) and the energy weight λ
  * (eq. 20, used by [`elra_op_energy_f64`] only).
@@ -422,29 +445,6 @@ typedef struct {
    */
   double lambda;
 } ElraOpStep;
-
-/**
- * The shape of an ELRA layer for the functional calls: `variant` is an ELRA value of
- * [`super::ElraVariant`] (general, PSD or Hyb), `W0` is d×k, `A` d×r, `B` r×d.
- */
-typedef struct {
-  /**
-   * An [`super::ElraVariant`] other than LoRA.
-   */
-  uint32_t variant;
-  /**
-   * Output dimension d.
-   */
-  size_t d;
-  /**
-   * Input dimension k.
-   */
-  size_t k;
-  /**
-   * Rank r, 1 ≤ r ≤ d.
-   */
-  size_t r;
-} ElraOpDesc;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1066,6 +1066,228 @@ ElraStatus elra_gpu_adapter_unmerge(ElraGpuAdapter *adapter,
                                     void *w0_out,
                                     size_t ld_w0_out,
                                     void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The `saved` and `workspace` lengths (f32 values) for a batch of `n ≥ 1` rows of the layer
+ * `desc` (rank at most [`crate::cuda::MAX_RANK`]): `saved` = N·r + 2r² (the N×r `V = X Pᵀ`
+ * and the r×r `Z = C A`, `M = φ1(Z)` of eq. 5 and Prop. 1), and the workspace of every GPU
+ * functional call on n rows, merge and energy included ([`crate::cuda::ops::sizes`]).
+ *
+ * # Safety
+ * `desc` must point to a readable descriptor; the outputs to writable `size_t`s.
+ */
+ElraStatus elra_gpu_op_sizes(const ElraOpDesc *desc,
+                             size_t n,
+                             size_t *saved_len,
+                             size_t *workspace_len);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The fused ELRA layer's forward on device memory ([`crate::cuda::ops::forward`]):
+ * `y = x W0ᵀ + 1 biasᵀ + ((x Pᵀ) φ1(Z)ᵀ) Aᵀ` (with `base = 1`; `base = 0` writes only the
+ * increment, for an engine that runs the frozen GEMM itself; the bias needs `base = 1`), with
+ * `C` from (A, B, η) and `step` (eq. 2, §4.2.1, eq. 19), `Z = C A`, `P = C W0` (eq. 5,
+ * Prop. 1). `x` is n×k, `y` n×d, `w0` d×k and `bias` (d values, or NULL) of type `dtype`; `a`
+ * d×r and `b` r×d (ignored, may be NULL, for PSD) f32. Fills `saved` ([`elra_gpu_op_sizes`]) for
+ * the backward; `workspace` holds `workspace_len` f32 values. Ordered on `stream`;
+ * asynchronous.
+ *
+ * # Safety
+ * Every non-NULL pointer must be device memory covering its described layout, alive until
+ * `stream` has passed the call; `desc` and `step` readable host memory; `stream` NULL or a live
+ * stream of the device's primary context.
+ */
+ElraStatus elra_gpu_op_forward(const ElraOpDesc *desc,
+                               const ElraOpStep *step,
+                               uint32_t dtype,
+                               size_t n,
+                               const void *w0,
+                               size_t ld_w0,
+                               uint32_t base,
+                               const void *bias,
+                               const float *a,
+                               size_t ld_a,
+                               const float *b,
+                               size_t ld_b,
+                               float eta,
+                               const void *x,
+                               size_t ld_x,
+                               void *y,
+                               size_t ld_y,
+                               float *saved,
+                               float *workspace,
+                               size_t workspace_len,
+                               void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Reverse mode of [`elra_gpu_op_forward`] on device memory ([`crate::cuda::ops::backward`]):
+ * from `dy` (n×d) writes `dx = dy W0 + V̄ P` (n×k; with `base = 0` only `V̄ P`, as in the
+ * forward) and writes or adds (`accumulate` 0/1) `da` (d×r), `db` (r×d, not for PSD) and the
+ * device scalar `*deta`: the gradients of `⟨y, dy⟩` through `Z̄ = L_φ1(Zᵀ, M̄)` (Prop. 1) and
+ * eq. (19), without the energy term ([`elra_gpu_op_energy`]). `x`, the parameters, `step` and
+ * `saved` must be the forward's. Ordered on `stream`; asynchronous.
+ *
+ * # Safety
+ * As [`elra_gpu_op_forward`].
+ */
+ElraStatus elra_gpu_op_backward(const ElraOpDesc *desc,
+                                const ElraOpStep *step,
+                                uint32_t dtype,
+                                size_t n,
+                                const void *w0,
+                                size_t ld_w0,
+                                uint32_t base,
+                                const float *a,
+                                size_t ld_a,
+                                const float *b,
+                                size_t ld_b,
+                                float eta,
+                                const void *x,
+                                size_t ld_x,
+                                const float *saved,
+                                const void *dy,
+                                size_t ld_dy,
+                                void *dx,
+                                size_t ld_dx,
+                                float *da,
+                                size_t ld_da,
+                                float *db,
+                                size_t ld_db,
+                                float *deta,
+                                uint32_t accumulate,
+                                float *workspace,
+                                size_t workspace_len,
+                                void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The output-side form's forward on device memory ([`crate::cuda::ops::forward_out`]):
+ * `y = u + ((u Cᵀ) φ1(Z)ᵀ) Aᵀ` for the base layer's output `u` (n×d, without bias, type
+ * `dtype`) from any base layer (eq. 5, Prop. 1). `y` (n×d) may not overlap `u` (the backward
+ * needs `u`). Fills `saved` ([`elra_gpu_op_sizes`]). Ordered on `stream`; asynchronous.
+ *
+ * # Safety
+ * As [`elra_gpu_op_forward`].
+ */
+ElraStatus elra_gpu_op_forward_out(const ElraOpDesc *desc,
+                                   const ElraOpStep *step,
+                                   uint32_t dtype,
+                                   size_t n,
+                                   const float *a,
+                                   size_t ld_a,
+                                   const float *b,
+                                   size_t ld_b,
+                                   float eta,
+                                   const void *u,
+                                   size_t ld_u,
+                                   void *y,
+                                   size_t ld_y,
+                                   float *saved,
+                                   float *workspace,
+                                   size_t workspace_len,
+                                   void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Reverse mode of [`elra_gpu_op_forward_out`] ([`crate::cuda::ops::backward_out`]):
+ * `du = dy + V̄ C` (n×d, for the base layer's own backward) and the parameter gradients (written
+ * or added; `C̄ = V̄ᵀ u`, Prop. 1, eq. 19; no energy term), from the forward's `u`, `saved`,
+ * parameters and `step`. Ordered on `stream`; asynchronous.
+ *
+ * # Safety
+ * As [`elra_gpu_op_forward`].
+ */
+ElraStatus elra_gpu_op_backward_out(const ElraOpDesc *desc,
+                                    const ElraOpStep *step,
+                                    uint32_t dtype,
+                                    size_t n,
+                                    const float *a,
+                                    size_t ld_a,
+                                    const float *b,
+                                    size_t ld_b,
+                                    float eta,
+                                    const void *u,
+                                    size_t ld_u,
+                                    const float *saved,
+                                    const void *dy,
+                                    size_t ld_dy,
+                                    void *du,
+                                    size_t ld_du,
+                                    float *da,
+                                    size_t ld_da,
+                                    float *db,
+                                    size_t ld_db,
+                                    float *deta,
+                                    uint32_t accumulate,
+                                    float *workspace,
+                                    size_t workspace_len,
+                                    void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The merged weight on device memory ([`crate::cuda::ops::merge`]): `out = exp(G) w =
+ * w + A (φ1(Z) (C w))` of `w` (d×k, type `dtype`) (eq. 30, merge: pass `W0`), or with
+ * `inverse = 1` the unmerge `out = exp(−G) w` (Prop. 3), into `out` (d×k); with `right = 1` the
+ * same on the right, `out = w exp(±G)` for a k×d `w` (App. B eq. 22). `out` may not overlap `w`.
+ * Ordered on `stream`; asynchronous.
+ *
+ * # Safety
+ * As [`elra_gpu_op_forward`].
+ */
+ElraStatus elra_gpu_op_merge(const ElraOpDesc *desc,
+                             const ElraOpStep *step,
+                             uint32_t dtype,
+                             const float *a,
+                             size_t ld_a,
+                             const float *b,
+                             size_t ld_b,
+                             float eta,
+                             const void *w,
+                             size_t ld_w,
+                             uint32_t inverse,
+                             uint32_t right,
+                             void *out,
+                             size_t ld_out,
+                             float *workspace,
+                             size_t workspace_len,
+                             void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The energy penalty `*energy = λ‖G‖²_F = λ tr((AᵀA)(CCᵀ))` of the step's generator (eq. 20–21,
+ * λ = `step->lambda`) into the device f32 scalar `energy` (overwritten) and, when `da` is not
+ * NULL, its gradient written or added (`accumulate`) into `da`, `db` (not for PSD) and `*deta`
+ * (device f32; through eq. 19). Ordered on `stream`; asynchronous.
+ *
+ * # Safety
+ * As [`elra_gpu_op_forward`]; `da`, `db`, `deta` may be NULL together.
+ */
+ElraStatus elra_gpu_op_energy(const ElraOpDesc *desc,
+                              const ElraOpStep *step,
+                              const float *a,
+                              size_t ld_a,
+                              const float *b,
+                              size_t ld_b,
+                              float eta,
+                              float *energy,
+                              float *da,
+                              size_t ld_da,
+                              float *db,
+                              size_t ld_db,
+                              float *deta,
+                              uint32_t accumulate,
+                              float *workspace,
+                              size_t workspace_len,
+                              void *stream);
 #endif
 
 /**

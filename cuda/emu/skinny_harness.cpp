@@ -1,6 +1,6 @@
 // CPU emulation harness for cuda/skinny.cu (see cuda_emu.hpp): one job from stdin, the kernel run
 // block by block (grid x and y) with ELRA_BLOCK threads each, results to stdout. Used by the
-// `cuda_layer_kernels_emulated_on_cpu_*` tests in tests/cuda_layer.rs.
+// `cuda_layer_kernels_emulated_on_cpu_*` tests in tests/cuda_skinny_emu.rs.
 //
 // Activation data travel as the IEEE bits of f32 values (already representable in the dtype;
 // outputs are widened back to f32). `__half` uses the compiler's _Float16 (round to nearest even);
@@ -21,7 +21,8 @@
 // `gy` row blocks.
 //   small_gemm m n kk alpha beta as0 as1 bs0 bs1 cs0 cs1 len_a len_b len_c | A B C0              -> c
 //   factor_c d r has_b mult alpha | A B eta                                                        -> ct
-//   factor_backward d r has_b lambda alpha mult | A Ct S K eta Abar CbarT                       -> abar cbar_t bbar etabar
+//   factor_backward d r has_b acc lambda alpha mult | A Ct S K eta Abar CbarT Bbar0 etabar0    -> abar cbar_t bbar etabar
+//     (acc 1: B̄ and ∂η are added to Bbar0 / etabar0; acc 0: overwritten, the initial values unread)
 #include "cuda_emu.hpp"
 
 #include <cstdint>
@@ -306,17 +307,19 @@ int main() {
         return 0;
     }
     if (op == "factor_backward") {
-        long long d, r, has_b;
-        std::cin >> d >> r >> has_b;
+        long long d, r, has_b, acc;
+        std::cin >> d >> r >> has_b >> acc;
         const float lambda = read_hex(), alpha = read_hex(), mult = read_hex();
         std::vector<float> A = read_f32(d * r), Ct = read_f32(d * r), S = read_f32(r * r), K = read_f32(r * r),
-                           eta = read_f32(1), Abar = read_f32(d * r), CbarT = read_f32(d * r);
-        std::vector<float> Bbar(d * r, -7.0f), etabar(1, -7.0f);
+                           eta = read_f32(1), Abar = read_f32(d * r), CbarT = read_f32(d * r),
+                           Bbar = read_f32(d * r), etabar = read_f32(1);
         launch(blocks(d * r), 1, [&] {
             factor_backward_f32((int)d, (int)r, A.data(), Ct.data(), S.data(), K.data(), lambda, alpha, eta.data(),
-                                mult, Abar.data(), CbarT.data(), has_b ? Bbar.data() : nullptr);
+                                mult, Abar.data(), CbarT.data(), has_b ? Bbar.data() : nullptr, (int)acc);
         });
-        launch(1, 1, [&] { factor_eta_f32((int)d, (int)r, Ct.data(), CbarT.data(), eta.data(), mult, etabar.data()); });
+        launch(1, 1, [&] {
+            factor_eta_f32((int)d, (int)r, Ct.data(), CbarT.data(), eta.data(), mult, etabar.data(), (int)acc);
+        });
         write_f32("abar", Abar);
         write_f32("cbar_t", CbarT);
         write_f32("bbar", Bbar);

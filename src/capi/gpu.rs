@@ -178,10 +178,10 @@ enum Kind {
     Lora(LoraConfig),
 }
 
-/// Parses and validates a creation config without a device: the dtype, the variant's config,
-/// no spectral clip ([`crate::adapter::GeneratorSpec::require_no_clip`]) and the GPU rank limit.
-fn parse_config(c: &ElraAdapterConfig) -> CResult<(ElraGpuDtype, Kind)> {
-    let dtype = match c.dtype {
+/// The [`ElraGpuDtype`] of a `dtype` argument (f64 and unknown values are
+/// `ELRA_INVALID_ARGUMENT`).
+pub(super) fn gpu_dtype_of(v: u32) -> CResult<ElraGpuDtype> {
+    Ok(match v {
         0 => ElraGpuDtype::ELRA_GPU_DTYPE_F32,
         2 => ElraGpuDtype::ELRA_GPU_DTYPE_F16,
         3 => ElraGpuDtype::ELRA_GPU_DTYPE_BF16,
@@ -197,7 +197,13 @@ fn parse_config(c: &ElraAdapterConfig) -> CResult<(ElraGpuDtype, Kind)> {
                 ElraError::invalid("dtype", format!("unknown ElraGpuDtype value {v}")).into(),
             )
         }
-    };
+    })
+}
+
+/// Parses and validates a creation config without a device: the dtype, the variant's config,
+/// no spectral clip ([`crate::adapter::GeneratorSpec::require_no_clip`]) and the GPU rank limit.
+fn parse_config(c: &ElraAdapterConfig) -> CResult<(ElraGpuDtype, Kind)> {
+    let dtype = gpu_dtype_of(c.dtype)?;
     let kind = match variant_of(c.variant)? {
         Some(v) => {
             let cfg = c.elra(v)?;

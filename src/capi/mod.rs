@@ -42,6 +42,8 @@ pub mod files;
 pub mod fuzz;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+#[cfg(feature = "cuda")]
+pub mod gpu_ops;
 mod handle;
 mod layout;
 pub mod matfn;
@@ -52,6 +54,8 @@ pub use config::*;
 pub use files::*;
 #[cfg(feature = "cuda")]
 pub use gpu::*;
+#[cfg(feature = "cuda")]
+pub use gpu_ops::*;
 pub(crate) use layout::{check_in, check_out, read_in, write_out, Layout};
 pub use matfn::*;
 pub use ops::*;

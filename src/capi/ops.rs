@@ -50,7 +50,7 @@ pub struct ElraOpStep {
     pub lambda: f64,
 }
 
-fn desc_of(p: *const ElraOpDesc) -> CResult<ElraOp> {
+pub(super) fn desc_of(p: *const ElraOpDesc) -> CResult<ElraOp> {
     if p.is_null() {
         return Err(CError::Null("desc"));
     }
@@ -72,7 +72,7 @@ fn desc_of(p: *const ElraOpDesc) -> CResult<ElraOp> {
     Ok(op)
 }
 
-fn step_of(p: *const ElraOpStep) -> CResult<GeneratorSpec> {
+pub(super) fn step_of(p: *const ElraOpStep) -> CResult<GeneratorSpec> {
     if p.is_null() {
         return Err(CError::Null("step"));
     }
@@ -259,7 +259,7 @@ unsafe fn grads<'a, T: Real>(
 }
 
 /// A 0/1 flag argument.
-fn flag(arg: &'static str, v: u32) -> CResult<bool> {
+pub(super) fn flag(arg: &'static str, v: u32) -> CResult<bool> {
     match v {
         0 => Ok(false),
         1 => Ok(true),

@@ -301,3 +301,47 @@ impl<T: DeviceScalar> Drop for BorrowedMatrices<T> {
         let _caller_owned: CUdeviceptr = m.data.leak();
     }
 }
+
+/// A non-owning [`CudaSlice`] over device memory that someone else owns — a region of a caller's
+/// workspace that a kernel takes as a buffer of its own (column-reduction partials, φ1 work
+/// matrices, kernel statuses; [`crate::cuda::ops`]). Created with `upgrade_device_ptr` on the
+/// device's stream and given back with `CudaSlice::leak` on drop, as [`BorrowedMatrices`]; the
+/// memory is never freed by the library.
+pub(crate) struct BorrowedSlice<T> {
+    inner: ManuallyDrop<CudaSlice<T>>,
+}
+
+impl<T> BorrowedSlice<T> {
+    /// Wraps `len` elements of `T` at `ptr`.
+    ///
+    /// # Safety
+    /// As [`BorrowedMatrices::new`]: `ptr` must address `len` elements of `T` (aligned for `T`)
+    /// in device memory of `dev`'s context that stays allocated until the work enqueued through
+    /// the wrapper on `dev`'s stream has run, and no other work may access it concurrently.
+    pub(crate) unsafe fn new(dev: &CudaDevice, ptr: CUdeviceptr, len: usize) -> Self {
+        // SAFETY: forwarded contract; wrapped in ManuallyDrop at once and only released through
+        // `leak`, so cudarc never frees the memory.
+        let data = unsafe { dev.stream().upgrade_device_ptr::<T>(ptr, len) };
+        BorrowedSlice {
+            inner: ManuallyDrop::new(data),
+        }
+    }
+
+    /// The slice, for reading (and for kernels that write through a shared view).
+    pub(crate) fn get(&self) -> &CudaSlice<T> {
+        &self.inner
+    }
+
+    /// The slice, for writing. Callers must not move the value out.
+    pub(crate) fn get_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.inner
+    }
+}
+
+impl<T> Drop for BorrowedSlice<T> {
+    fn drop(&mut self) {
+        // SAFETY: `inner` is taken exactly once, here, and not used afterwards.
+        let s = unsafe { ManuallyDrop::take(&mut self.inner) };
+        let _caller_owned: CUdeviceptr = s.leak();
+    }
+}

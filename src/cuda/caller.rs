@@ -234,6 +234,65 @@ impl<T: DeviceScalar> CallerMatrix<T> {
     }
 }
 
+/// The stream plumbing the functional calls ([`crate::cuda::ops`] through the C ABI) share per
+/// device: one [`CallerStream`] (the device handle with its cuBLAS handle bound to the device's
+/// stream, and the two join events) per ordinal, created on first use and kept for the life of
+/// the process. The mutex serialises the join of concurrent calls on the shared events.
+static SHARED: std::sync::Mutex<Vec<(usize, Arc<std::sync::Mutex<CallerStream>>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The shared [`CallerStream`] of device `ordinal` (opened on first use).
+pub(crate) fn shared_stream(ordinal: usize) -> Result<Arc<std::sync::Mutex<CallerStream>>> {
+    let mut table = SHARED
+        .lock()
+        .map_err(|_| ElraError::Cuda("stream registry poisoned by an earlier panic".into()))?;
+    if let Some((_, s)) = table.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(s.clone());
+    }
+    let dev = Arc::new(CudaDevice::new(ordinal)?);
+    let s = Arc::new(std::sync::Mutex::new(CallerStream::new(dev)?));
+    table.push((ordinal, s.clone()));
+    Ok(s)
+}
+
+/// The device ordinal the driver reports for the device memory at `p` (`arg` names it in
+/// errors). When the thread has no current context the driver may not answer: then device 0's
+/// primary context is made current (the caller restores the thread's context with
+/// [`CtxRestore`]) and the query repeated. Call only once the driver is known to be loaded.
+pub(crate) fn ordinal_of(arg: &'static str, p: *const c_void) -> Result<usize> {
+    let query = || {
+        let mut ordinal: i32 = -1;
+        // SAFETY: as in `check_on_device`: the driver writes one `int` into a live local and only
+        // looks the address up in its tables.
+        let r = unsafe {
+            cu::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                p as CUdeviceptr,
+            )
+        };
+        (r, ordinal)
+    };
+    let (mut r, mut ordinal) = query();
+    if r == cu::CUresult::CUDA_ERROR_INVALID_CONTEXT {
+        let s = shared_stream(0)?;
+        s.lock()
+            .map_err(|_| ElraError::Cuda("stream poisoned by an earlier panic".into()))?
+            .device()
+            .context()
+            .bind_to_thread()?;
+        (r, ordinal) = query();
+    }
+    if r != cu::CUresult::CUDA_SUCCESS {
+        return Err(ElraError::invalid(
+            arg,
+            format!("not device memory known to the CUDA driver ({r:?})"),
+        ));
+    }
+    usize::try_from(ordinal)
+        .map_err(|_| ElraError::invalid(arg, format!("the driver reports device {ordinal}")))
+}
+
 /// Errors unless the driver knows `ptr` as memory of `dev`'s device.
 fn check_on_device(dev: &CudaDevice, arg: &'static str, ptr: CUdeviceptr) -> Result<()> {
     let mut ordinal: i32 = -1;

@@ -77,6 +77,8 @@ pub trait Activation: DeviceScalar {
     fn from_f64(x: f64) -> Self;
     /// Widens to f64 (exact).
     fn to_f64(self) -> f64;
+    /// The IEEE bit pattern, zero-extended (what a driver memset writes for this value).
+    fn to_bits_u32(self) -> u32;
 }
 
 impl Activation for f32 {
@@ -88,6 +90,9 @@ impl Activation for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+    fn to_bits_u32(self) -> u32 {
+        self.to_bits()
+    }
 }
 impl Activation for half::f16 {
     const INDEX: usize = 1;
@@ -98,6 +103,9 @@ impl Activation for half::f16 {
     fn to_f64(self) -> f64 {
         half::f16::to_f64(self)
     }
+    fn to_bits_u32(self) -> u32 {
+        u32::from(half::f16::to_bits(self))
+    }
 }
 impl Activation for half::bf16 {
     const INDEX: usize = 2;
@@ -107,5 +115,8 @@ impl Activation for half::bf16 {
     }
     fn to_f64(self) -> f64 {
         half::bf16::to_f64(self)
+    }
+    fn to_bits_u32(self) -> u32 {
+        u32::from(half::bf16::to_bits(self))
     }
 }

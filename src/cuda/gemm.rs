@@ -13,7 +13,7 @@
 use std::ffi::{c_int, c_longlong, c_void};
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
-use cudarc::driver::{DevicePtr, DevicePtrMut};
+use cudarc::driver::DevicePtr;
 
 use super::{CudaDevice, DeviceMatrices, DeviceScalar};
 use crate::{ElraError, Result};
@@ -98,6 +98,52 @@ pub fn gemm<T: DeviceScalar>(
     beta: f64,
     c: &mut DeviceMatrices<T>,
 ) -> Result<()> {
+    // `c` is borrowed mutably: a different allocation from `a` and `b`.
+    gemm_unaliased(dev, alpha, a, trans_a, b, trans_b, beta, c)
+}
+
+/// [`gemm()`] with the output taken by shared reference, for matrices that are views of caller
+/// memory ([`crate::cuda::ops`]): errors unless `c`'s memory is disjoint from `a`'s and `b`'s.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_shared<T: DeviceScalar>(
+    dev: &CudaDevice,
+    alpha: f64,
+    a: &DeviceMatrices<T>,
+    trans_a: Transpose,
+    b: &DeviceMatrices<T>,
+    trans_b: Transpose,
+    beta: f64,
+    c: &DeviceMatrices<T>,
+) -> Result<()> {
+    let span = |m: &DeviceMatrices<T>| {
+        let p = m.device_addr();
+        (p, p + m.len() * std::mem::size_of::<T>())
+    };
+    let (c0, c1) = span(c);
+    for (arg, m) in [("a", a), ("b", b)] {
+        let (m0, m1) = span(m);
+        if c0 < m1 && m0 < c1 {
+            return Err(ElraError::invalid(
+                "c",
+                format!("the output overlaps `{arg}`"),
+            ));
+        }
+    }
+    gemm_unaliased(dev, alpha, a, trans_a, b, trans_b, beta, c)
+}
+
+/// The body of [`gemm()`]; the caller guarantees that `c` does not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_unaliased<T: DeviceScalar>(
+    dev: &CudaDevice,
+    alpha: f64,
+    a: &DeviceMatrices<T>,
+    trans_a: Transpose,
+    b: &DeviceMatrices<T>,
+    trans_b: Transpose,
+    beta: f64,
+    c: &DeviceMatrices<T>,
+) -> Result<()> {
     a.check_device(dev, "a")?;
     b.check_device(dev, "b")?;
     c.check_device(dev, "c")?;
@@ -158,14 +204,17 @@ pub fn gemm<T: DeviceScalar>(
     let stream = dev.stream();
     let (a_ptr, _rec_a) = a.slice().device_ptr(stream);
     let (b_ptr, _rec_b) = b.slice().device_ptr(stream);
-    let (c_ptr, _rec_c) = c.slice_mut().device_ptr_mut(stream);
+    // Device memory is outside Rust's aliasing model: the pointer of a shared borrow is the
+    // same address; exclusivity is the callers' guarantee (see the SAFETY note below).
+    let (c_ptr, _rec_c) = c.slice().device_ptr(stream);
     // SAFETY: column-major view of the row-major problem: Cᵀ (n×m, ld n) = op(B)ᵀ (n×k) · op(A)ᵀ
     // (k×m). Every operand was checked above to live on this device and to have the shape these
     // dimensions and leading dimensions describe, so cuBLAS reads/writes only inside the three
     // allocations: the last matrix of X starts at (batch−1)·stride_X and spans rows·cols
     // entries, and stride 0 is used only for a single-matrix operand. α/β point to host scalars of
     // the compute type, alive for the call (host pointer mode, cuBLAS reads them before
-    // returning). C is a distinct allocation from A and B (it is borrowed mutably). The handle's
+    // returning). C does not overlap A or B (a distinct allocation borrowed
+    // mutably in `gemm`, checked by address in `gemm_shared`). The handle's
     // stream is `stream`, on which the `_rec_*` guards order the accesses.
     unsafe {
         cudarc::cublas::result::gemm_strided_batched_ex(

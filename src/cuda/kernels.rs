@@ -156,23 +156,39 @@ fn check_status_len(status: &CudaSlice<i32>, batch: usize) -> Result<()> {
     Ok(())
 }
 
+/// Where the work matrices of a launch live in global memory.
+enum Work<'w, T> {
+    /// In shared memory: a null `work` pointer, which the kernel never dereferences then.
+    Shared,
+    /// Global scratch allocated for this launch.
+    Owned(CudaSlice<T>),
+    /// Global scratch the caller lent ([`launch_expm_phi1_in`], [`launch_phi1_adjoint_in`]).
+    Lent(&'w CudaSlice<T>),
+}
+
 /// The launch of one batched matrix-function kernel: which team runs a matrix, the grid, and
 /// where the work matrices live.
-struct Plan<T: FloatKernel> {
+struct Plan<'w, T: FloatKernel> {
     warp: bool,
     cfg: LaunchConfig,
     use_shared: i32,
     /// Global scratch (batch · NBUF · len entries) when the work matrices are not in shared
-    /// memory; `None` passes a null `work` pointer, which the kernel never dereferences then.
-    work: Option<CudaSlice<T>>,
+    /// memory.
+    work: Work<'w, T>,
 }
 
 /// Plans a launch for `batch` matrices whose work matrices hold `len` entries each.
 /// Warp teams: W = ⌈batch / SMs⌉ matrices per block (at most 8, and at most what the shared
 /// memory holds), so the teams spread over all SMs; block teams: one matrix per block. Work
 /// matrices go to dynamic shared memory when they fit and the device policy allows it, else to
-/// global scratch (allocated here; nothing is allocated in the shared case).
-fn plan<T: FloatKernel>(dev: &CudaDevice, batch: usize, len: usize) -> Result<Plan<T>> {
+/// global scratch: `lent` when given (it must hold batch · NBUF · len entries; nothing is
+/// allocated then), else allocated here (nothing is allocated in the shared case).
+fn plan<'w, T: FloatKernel>(
+    dev: &CudaDevice,
+    batch: usize,
+    len: usize,
+    lent: Option<&'w CudaSlice<T>>,
+) -> Result<Plan<'w, T>> {
     let k = dev.kernels();
     let per_team = NBUF * len * std::mem::size_of::<T>();
     let warp = dev.team() == MatrixTeam::Warp;
@@ -195,16 +211,26 @@ fn plan<T: FloatKernel>(dev: &CudaDevice, batch: usize, len: usize) -> Result<Pl
         BLOCK_THREADS
     };
     let (use_shared, smem, work) = if shared_ok {
-        (1, (teams_per_block * per_team) as u32, None)
+        (1, (teams_per_block * per_team) as u32, Work::Shared)
     } else {
         let total = batch
             .checked_mul(NBUF * len)
             .ok_or_else(|| ElraError::invalid("batch", "workspace size overflows usize"))?;
-        // SAFETY: uninitialised device memory of f32/f64 (every bit pattern is a valid value);
-        // the kernel writes each work matrix before reading it and the host never reads it back,
-        // so skipping the memset (up to ~200 MB for r = 64 f64 adjoints) changes no result.
-        let work = unsafe { dev.stream().alloc::<T>(total) }?;
-        (0, 0, Some(work))
+        let work = match lent {
+            Some(w) if w.len() >= total => Work::Lent(w),
+            Some(w) => {
+                return Err(ElraError::invalid(
+                    "work",
+                    format!("{} entries lent, the kernel needs {total}", w.len()),
+                ))
+            }
+            // SAFETY: uninitialised device memory of f32/f64 (every bit pattern is a valid
+            // value); the kernel writes each work matrix before reading it and the host never
+            // reads it back, so skipping the memset (up to ~200 MB for r = 64 f64 adjoints)
+            // changes no result.
+            None => Work::Owned(unsafe { dev.stream().alloc::<T>(total) }?),
+        };
+        (0, 0, work)
     };
     Ok(Plan {
         warp,
@@ -218,7 +244,7 @@ fn plan<T: FloatKernel>(dev: &CudaDevice, batch: usize, len: usize) -> Result<Pl
     })
 }
 
-impl<T: FloatKernel> Plan<T> {
+impl<T: FloatKernel> Plan<'_, T> {
     /// The kernel of this plan's team for `T`: one of `block` or `warp`, each `[f32, f64]`.
     fn kernel<'k>(
         &self,
@@ -232,9 +258,10 @@ impl<T: FloatKernel> Plan<T> {
     /// Pushes the arguments every matrix-function kernel ends with: `T* work` (null when the
     /// work matrices are in shared memory), `int use_shared`, `int* status`.
     fn push_tail<'a>(&'a mut self, args: &mut LaunchArgs<'a>, status: &'a mut CudaSlice<i32>) {
-        match self.work.as_mut() {
-            Some(w) => args.arg(w),
-            None => args.arg(&NULL_WORK),
+        match &mut self.work {
+            Work::Owned(w) => args.arg(w),
+            Work::Lent(w) => args.arg(*w),
+            Work::Shared => args.arg(&NULL_WORK),
         };
         args.arg(&self.use_shared).arg(status);
     }
@@ -266,6 +293,20 @@ pub fn launch_expm_phi1<T: FloatKernel>(
     phi_out: &mut DeviceMatrices<T>,
     status: &mut CudaSlice<i32>,
 ) -> Result<()> {
+    launch_expm_phi1_in(dev, z, exp_out, phi_out, status, None)
+}
+
+/// [`launch_expm_phi1`] with the work matrices in `work` (batch · 12 · n² entries) when they do
+/// not fit in shared memory, so that the launch allocates nothing (the functional calls of
+/// [`crate::cuda::ops`]); `None` allocates them as [`launch_expm_phi1`] does.
+pub(crate) fn launch_expm_phi1_in<T: FloatKernel>(
+    dev: &CudaDevice,
+    z: &DeviceMatrices<T>,
+    exp_out: &mut DeviceMatrices<T>,
+    phi_out: &mut DeviceMatrices<T>,
+    status: &mut CudaSlice<i32>,
+    work: Option<&CudaSlice<T>>,
+) -> Result<()> {
     z.check_device(dev, "z")?;
     exp_out.check_device(dev, "exp_out")?;
     phi_out.check_device(dev, "phi_out")?;
@@ -274,7 +315,7 @@ pub fn launch_expm_phi1<T: FloatKernel>(
     exp_out.check_shape("exp_out", batch, n, n)?;
     phi_out.check_shape("phi_out", batch, n, n)?;
     check_status_len(status, batch)?;
-    let mut plan = plan::<T>(dev, batch, n * n)?;
+    let mut plan = plan::<T>(dev, batch, n * n, work)?;
     let (n_i, batch_i) = (i32_of("n", n)?, i32_of("batch", batch)?);
     let k = dev.kernels();
     let f = plan.kernel(
@@ -299,7 +340,9 @@ pub fn launch_expm_phi1<T: FloatKernel>(
     // use_shared = 1 the W·12·n² work entries are dynamic shared memory of `shared_mem_bytes`,
     // at most the opt-in limit set on every such function at load time, and `work` is null
     // (`bind` in phi1.cu only offsets it when use_shared = 0); otherwise `work` holds
-    // batch·12·n² entries. Outputs are distinct allocations from the input (Rust borrows).
+    // batch·12·n² entries (allocated by `plan`, or lent and checked there to be that long). Outputs
+    // and a lent `work` do not overlap the input or each other: distinct allocations (Rust
+    // borrows), or disjoint regions of one workspace (the layout of `crate::cuda::ops`).
     unsafe { args.launch(cfg) }?;
     Ok(())
 }
@@ -346,6 +389,19 @@ pub fn launch_phi1_adjoint<T: FloatKernel>(
     out: &mut DeviceMatrices<T>,
     status: &mut CudaSlice<i32>,
 ) -> Result<()> {
+    launch_phi1_adjoint_in(dev, z, g, out, status, None)
+}
+
+/// [`launch_phi1_adjoint`] with the work matrices in `work` (batch · 12 · 2n² entries) when
+/// they do not fit in shared memory (nothing is allocated); `None` allocates them.
+pub(crate) fn launch_phi1_adjoint_in<T: FloatKernel>(
+    dev: &CudaDevice,
+    z: &DeviceMatrices<T>,
+    g: &DeviceMatrices<T>,
+    out: &mut DeviceMatrices<T>,
+    status: &mut CudaSlice<i32>,
+    work: Option<&CudaSlice<T>>,
+) -> Result<()> {
     z.check_device(dev, "z")?;
     g.check_device(dev, "g")?;
     out.check_device(dev, "out")?;
@@ -354,7 +410,7 @@ pub fn launch_phi1_adjoint<T: FloatKernel>(
     g.check_shape("g", batch, n, n)?;
     out.check_shape("out", batch, n, n)?;
     check_status_len(status, batch)?;
-    let mut plan = plan::<T>(dev, batch, 2 * n * n)?;
+    let mut plan = plan::<T>(dev, batch, 2 * n * n, work)?;
     let (n_i, batch_i) = (i32_of("n", n)?, i32_of("batch", batch)?);
     let k = dev.kernels();
     let f = plan.kernel(
@@ -376,7 +432,8 @@ pub fn launch_phi1_adjoint<T: FloatKernel>(
     // with b ≥ batch return at once. n ≤ MAX_N bounds the static shared arrays (vectors of 2n
     // entries). Work matrices hold 2n² entries (block pairs): W·12·2n² per block in dynamic shared
     // memory of `shared_mem_bytes` (≤ the opt-in limit set at load time) when use_shared = 1, with
-    // `work` null and never dereferenced, else `work` holds batch·12·2n² entries.
+    // `work` null and never dereferenced, else `work` holds batch·12·2n² entries (allocated or
+    // lent and checked by `plan`; a lent one is a region disjoint from z, g and out).
     unsafe { args.launch(cfg) }?;
     Ok(())
 }

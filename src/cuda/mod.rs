@@ -12,6 +12,7 @@
 //! | `skinny.rs` | checked launches of the fused skinny kernels of `cuda/skinny.cu` on strided views |
 //! | [`layer`] | the adapters on the GPU — [`GpuElraLayer`] (general/PSD/Hyb; Woodbury and merged routes), [`GpuDoubleSidedLayer`], [`GpuLoraLayer`] — each an [`Adapter`](crate::adapter::Adapter) over [`DeviceMatrices`] ([`GpuAdapter`]) |
 //! | `caller.rs` | memory and streams owned by a caller (the C ABI): context guard, stream join, caller-pointer checks and borrowing |
+//! | [`ops`] | the functional calls of [`crate::ops`] on the device (stateless forward/backward, output-side form, merge, energy on caller buffers; no allocation, no host wait), built as plans of the layer's kernels |
 //!
 //! # Without a GPU
 //! The driver library (`libcuda`) and cuBLAS are loaded at run time. [`cuda_available`] probes for
@@ -43,6 +44,7 @@ mod dtype;
 pub mod gemm;
 pub mod kernels;
 pub mod layer;
+pub mod ops;
 mod skinny;
 
 pub(crate) use buffer::BorrowedMatrices;

@@ -57,6 +57,23 @@ impl<'a, T> View<'a, T> {
             s1: 1,
         }
     }
+    /// A `rows × cols` view at offset `off` with element strides `(s0, s1)` (checked against
+    /// the buffer by every launch).
+    pub(crate) fn strided(
+        buf: &'a CudaSlice<T>,
+        off: usize,
+        (rows, cols): (usize, usize),
+        (s0, s1): (usize, usize),
+    ) -> Self {
+        View {
+            buf,
+            off,
+            rows,
+            cols,
+            s0,
+            s1,
+        }
+    }
     /// A row-major contiguous `rows × cols` matrix at the start of `buf`.
     pub(crate) fn mat(buf: &'a CudaSlice<T>, rows: usize, cols: usize) -> Self {
         Self::at(buf, 0, rows, cols)
@@ -574,12 +591,15 @@ pub(crate) struct FactorBackward<'a> {
     pub cbar_t: View<'a, f32>,
     pub bbar: Option<View<'a, f32>>,
     pub etabar: View<'a, f32>,
+    /// Add `B̄` and `∂η` to `bbar` and `etabar` (`true`) or overwrite them without reading.
+    pub accumulate: bool,
 }
 
 /// The energy gradient `Ā += 2λ A K`, `C̄ += 2λ S C` (eq. 20–21, `S = AᵀA`, `K = CCᵀ`) and the
 /// chain through eq. (19): `Ā += η_eff α C̄ᵀ`, `B̄ = η_eff (1−α) C̄` (one thread per entry, a grid
 /// over d·r), then `∂η = m⟨C̄, C⟩/η_eff` (one block) ([`crate::grad::FactorChain::backward`]
-/// without the clip).
+/// without the clip). `Ā` is always updated in place; `B̄` and `∂η` are added to `bbar`/`etabar`
+/// with [`FactorBackward::accumulate`], else overwritten.
 pub(crate) fn factor_backward(dev: &CudaDevice, f: &FactorBackward<'_>) -> Result<()> {
     let (d, r) = (f.a.rows, f.a.cols);
     for (arg, v) in [
@@ -614,6 +634,7 @@ pub(crate) fn factor_backward(dev: &CudaDevice, f: &FactorBackward<'_>) -> Resul
     let (cbp, _g7) = dptr(dev, &f.cbar_t);
     let (bbp, _g8) = opt_ptr(dev, &f.bbar);
     let (ebp, _g9) = dptr(dev, &f.etabar);
+    let acc = i32::from(f.accumulate);
     let mut args = dev.stream().launch_builder(&dev.kernels().factor_backward);
     args.arg(&d_i)
         .arg(&r_i)
@@ -627,10 +648,11 @@ pub(crate) fn factor_backward(dev: &CudaDevice, f: &FactorBackward<'_>) -> Resul
         .arg(&f.mult)
         .arg(&abp)
         .arg(&cbp)
-        .arg(&bbp);
+        .arg(&bbp)
+        .arg(&acc);
     // SAFETY: matches `factor_backward_f32(int d, int r, const float* A, const float* Ct, const
     // float* S, const float* K, float lambda, float alpha, const float* eta, float mult, float*
-    // Abar, float* CbarT, float* Bbar)`; thread t < d·r (the grid covers d·r, the rest return)
+    // Abar, float* CbarT, float* Bbar, int accumulate)`; thread t < d·r (the grid covers d·r, the rest return)
     // reads/writes entry (t mod d)·r + t/d of the d×r views, entry t of Bbar (r×d, or null), row
     // and column entries < r² of S and K and entry 0 of eta, all checked contiguous and in bounds
     // above. Each entry is read and written by one thread only. Outputs are buffers distinct from
@@ -648,10 +670,11 @@ pub(crate) fn factor_backward(dev: &CudaDevice, f: &FactorBackward<'_>) -> Resul
         .arg(&cbp)
         .arg(&ep)
         .arg(&f.mult)
-        .arg(&ebp);
+        .arg(&ebp)
+        .arg(&acc);
     // SAFETY: matches `factor_eta_f32(int d, int r, const float* Ct, const float* CbarT, const
-    // float* eta, float mult, float* etabar)`: one block reads entries < d·r of the two d×r views
-    // (checked above) and eta[0], writes etabar[0]; ordered after factor_backward_f32 on the
+    // float* eta, float mult, float* etabar, int accumulate)`: one block reads entries < d·r of the two d×r views
+    // (checked above) and eta[0], writes (and with accumulate first reads) etabar[0]; ordered after factor_backward_f32 on the
     // stream, whose C̄ᵀ it reads.
     unsafe { args.launch(cfg) }?;
     Ok(())

@@ -280,6 +280,7 @@ impl Gen {
                 cbar_t: self.cbar_t(),
                 bbar: self.bbar.as_ref().map(|b| View::mat(b, self.r, self.n)),
                 etabar: View::mat(&self.etabar, 1, 1),
+                accumulate: false,
             },
         )
     }

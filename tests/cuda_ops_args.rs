@@ -1,0 +1,768 @@
+//! The functional GPU calls `elra_gpu_op_*` (src/capi/gpu_ops.rs), host-side validation — no
+//! GPU needed: every bad argument the library can see without a driver (NULL pointers, unknown
+//! flags and dtypes, LoRA or a rank above the GPU limit, τ ≠ 0, a non-finite or non-positive η,
+//! `ld ≠ cols`, misalignment, an empty or overflowing batch, a short workspace, overlapping
+//! outputs, a bias without the base) is a status with a message naming the argument, and a call
+//! with valid arguments returns `ELRA_NO_DEVICE` without a driver (on a GPU machine the fake
+//! pointers are then reported as not device memory). The GPU parity tests are in
+//! tests/cuda_ops.rs.
+#![allow(clippy::too_many_arguments)]
+
+use std::ffi::{c_char, c_void};
+use std::ptr::{null, null_mut};
+
+use elra::capi::*;
+use elra::cuda::cuda_available;
+
+use ElraStatus::*;
+
+fn message() -> String {
+    let mut buf = vec![0 as c_char; 512];
+    // SAFETY: a live local buffer of 512 bytes.
+    unsafe { elra_last_error_message(buf.as_mut_ptr(), buf.len()) };
+    // SAFETY: NUL-terminated within the buffer by the call.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn desc(variant: u32, d: usize, k: usize, r: usize) -> ElraOpDesc {
+    ElraOpDesc { variant, d, k, r }
+}
+
+/// A step with α, the η multiplier and λ exact in f32 (the GPU takes them as f32), no clip.
+fn step() -> ElraOpStep {
+    ElraOpStep {
+        alpha: 0.375,
+        eta_mult: 0.875,
+        tau: 0.0,
+        lambda: 0.125,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side validation (no GPU)
+// ---------------------------------------------------------------------------------------------
+
+/// Distinct, 256-byte aligned fake device addresses 16 MiB apart (never dereferenced: every
+/// call below fails before touching memory).
+fn fake<T>(i: usize) -> *mut T {
+    (0x1000_0000 + i * 0x100_0000) as *mut T
+}
+
+/// The arguments of `elra_gpu_op_forward`, valid for (d, k, r, n) = (8, 6, 2, 5), general ELRA.
+#[derive(Clone, Copy)]
+struct Fw {
+    desc: ElraOpDesc,
+    step: ElraOpStep,
+    dtype: u32,
+    n: usize,
+    w0: *const c_void,
+    ld_w0: usize,
+    base: u32,
+    bias: *const c_void,
+    a: *const f32,
+    ld_a: usize,
+    b: *const f32,
+    ld_b: usize,
+    eta: f32,
+    x: *const c_void,
+    ld_x: usize,
+    y: *mut c_void,
+    ld_y: usize,
+    saved: *mut f32,
+    ws: *mut f32,
+    ws_len: usize,
+}
+
+fn fw() -> Fw {
+    Fw {
+        desc: desc(0, 8, 6, 2),
+        step: step(),
+        dtype: 0,
+        n: 5,
+        w0: fake(0),
+        ld_w0: 6,
+        base: 1,
+        bias: fake(1),
+        a: fake(2),
+        ld_a: 2,
+        b: fake(3),
+        ld_b: 8,
+        eta: 0.5,
+        x: fake(4),
+        ld_x: 6,
+        y: fake(5),
+        ld_y: 8,
+        saved: fake(6),
+        ws: fake(7),
+        ws_len: 1 << 16,
+    }
+}
+
+impl Fw {
+    fn call(&self) -> ElraStatus {
+        // SAFETY: desc and step are live fields; the device pointers are never dereferenced on
+        // these paths (validation fails first, or no device / not device memory).
+        unsafe {
+            elra_gpu_op_forward(
+                &self.desc,
+                &self.step,
+                self.dtype,
+                self.n,
+                self.w0,
+                self.ld_w0,
+                self.base,
+                self.bias,
+                self.a,
+                self.ld_a,
+                self.b,
+                self.ld_b,
+                self.eta,
+                self.x,
+                self.ld_x,
+                self.y,
+                self.ld_y,
+                self.saved,
+                self.ws,
+                self.ws_len,
+                null_mut(),
+            )
+        }
+    }
+}
+
+/// What a call with valid arguments returns on this machine with fake pointers.
+fn valid_status() -> (ElraStatus, &'static str) {
+    match cuda_available() {
+        Ok(()) => (ELRA_INVALID_ARGUMENT, "device memory"),
+        Err(_) => (ELRA_NO_DEVICE, ""),
+    }
+}
+
+#[test]
+fn gpu_op_bad_arguments_are_statuses_before_any_device_work() {
+    let (ok_status, ok_needle) = valid_status();
+    let s = fw().call();
+    assert_eq!(s, ok_status, "{}", message());
+    assert!(message().contains(ok_needle), "{}", message());
+    let with = |f: &dyn Fn(&mut Fw)| {
+        let mut a = fw();
+        f(&mut a);
+        a
+    };
+    let misaligned = (0x1000_0002usize) as *const f32;
+    let cases: Vec<(Fw, ElraStatus, &str)> = vec![
+        (with(&|a| a.desc.variant = 3), ELRA_INVALID_ARGUMENT, "LoRA"),
+        (
+            with(&|a| a.desc.variant = 9),
+            ELRA_INVALID_ARGUMENT,
+            "variant",
+        ),
+        (with(&|a| a.desc.r = 0), ELRA_INVALID_ARGUMENT, "r"),
+        (with(&|a| a.desc.d = 0), ELRA_INVALID_ARGUMENT, "d"),
+        (
+            with(&|a| a.desc = desc(0, 100, 6, 65)),
+            ELRA_INVALID_ARGUMENT,
+            "ranks",
+        ),
+        (with(&|a| a.step.tau = 0.5), ELRA_INVALID_ARGUMENT, "tau"),
+        (
+            with(&|a| a.step.alpha = 2.0),
+            ELRA_INVALID_ARGUMENT,
+            "alpha",
+        ),
+        (
+            with(&|a| a.step.eta_mult = 0.0),
+            ELRA_INVALID_ARGUMENT,
+            "eta_mult",
+        ),
+        (with(&|a| a.eta = f32::NAN), ELRA_INVALID_ARGUMENT, "eta"),
+        (
+            with(&|a| a.eta = f32::INFINITY),
+            ELRA_INVALID_ARGUMENT,
+            "eta",
+        ),
+        (with(&|a| a.eta = -1.0), ELRA_INVALID_ARGUMENT, "eta"),
+        (with(&|a| a.dtype = 1), ELRA_INVALID_ARGUMENT, "f64"),
+        (
+            with(&|a| a.dtype = 7),
+            ELRA_INVALID_ARGUMENT,
+            "ElraGpuDtype",
+        ),
+        (with(&|a| a.base = 2), ELRA_INVALID_ARGUMENT, "base"),
+        (with(&|a| a.base = 0), ELRA_INVALID_ARGUMENT, "bias"),
+        (with(&|a| a.n = 0), ELRA_INVALID_ARGUMENT, "empty"),
+        (with(&|a| a.n = usize::MAX / 2), ELRA_INVALID_ARGUMENT, "n"),
+        (with(&|a| a.w0 = null()), ELRA_NULL_POINTER, "w0"),
+        (with(&|a| a.x = null()), ELRA_NULL_POINTER, "x"),
+        (with(&|a| a.y = null_mut()), ELRA_NULL_POINTER, "y"),
+        (with(&|a| a.a = null()), ELRA_NULL_POINTER, "a"),
+        (with(&|a| a.b = null()), ELRA_NULL_POINTER, "b"),
+        (with(&|a| a.saved = null_mut()), ELRA_NULL_POINTER, "saved"),
+        (with(&|a| a.ws = null_mut()), ELRA_NULL_POINTER, "workspace"),
+        (with(&|a| a.ld_x = 7), ELRA_INVALID_ARGUMENT, "contiguous"),
+        (with(&|a| a.ld_a = 3), ELRA_INVALID_ARGUMENT, "contiguous"),
+        (
+            with(&|a| a.a = misaligned),
+            ELRA_INVALID_ARGUMENT,
+            "aligned",
+        ),
+        (
+            with(&|a| a.x = misaligned.cast()),
+            ELRA_INVALID_ARGUMENT,
+            "aligned",
+        ),
+        (
+            with(&|a| a.ws_len = 10),
+            ELRA_INVALID_ARGUMENT,
+            "workspace_len",
+        ),
+        (with(&|a| a.ws_len = 0), ELRA_INVALID_ARGUMENT, "workspace"),
+        (
+            with(&|a| a.y = a.x.cast_mut()),
+            ELRA_INVALID_ARGUMENT,
+            "overlaps",
+        ),
+        (with(&|a| a.saved = a.ws), ELRA_INVALID_ARGUMENT, "overlaps"),
+        (
+            with(&|a| a.ws = a.a.cast_mut().wrapping_add(2)),
+            ELRA_INVALID_ARGUMENT,
+            "overlaps",
+        ),
+        (
+            with(&|a| a.y = a.bias.cast_mut()),
+            ELRA_INVALID_ARGUMENT,
+            "overlaps",
+        ),
+    ];
+    for (i, (args, want, needle)) in cases.into_iter().enumerate() {
+        let s = args.call();
+        let m = message();
+        assert_eq!(s, want, "case {i}: {m}");
+        assert!(
+            m.contains(needle),
+            "case {i}: `{m}` should mention `{needle}`"
+        );
+    }
+    // PSD ignores `b` (NULL is fine); bf16 needs only 2-byte alignment; no bias with base = 0.
+    for a in [
+        with(&|a| {
+            a.desc.variant = 1;
+            a.b = null();
+        }),
+        with(&|a| {
+            a.dtype = 3;
+            a.x = (0x1000_0002usize) as *const c_void;
+            a.ld_x = 6;
+        }),
+        with(&|a| {
+            a.base = 0;
+            a.bias = null();
+        }),
+    ] {
+        assert_eq!(a.call(), ok_status, "{}", message());
+    }
+    // NULL descriptor and step.
+    // SAFETY: the NULL descriptor / step is the checked case; nothing else is read.
+    let s = unsafe {
+        let a = fw();
+        elra_gpu_op_forward(
+            null(),
+            &a.step,
+            0,
+            5,
+            a.w0,
+            6,
+            1,
+            a.bias,
+            a.a,
+            2,
+            a.b,
+            8,
+            0.5,
+            a.x,
+            6,
+            a.y,
+            8,
+            a.saved,
+            a.ws,
+            a.ws_len,
+            null_mut(),
+        )
+    };
+    assert_eq!(s, ELRA_NULL_POINTER);
+    assert!(message().contains("desc"));
+    // SAFETY: as above.
+    let s = unsafe {
+        let a = fw();
+        elra_gpu_op_forward(
+            &a.desc,
+            null(),
+            0,
+            5,
+            a.w0,
+            6,
+            1,
+            a.bias,
+            a.a,
+            2,
+            a.b,
+            8,
+            0.5,
+            a.x,
+            6,
+            a.y,
+            8,
+            a.saved,
+            a.ws,
+            a.ws_len,
+            null_mut(),
+        )
+    };
+    assert_eq!(s, ELRA_NULL_POINTER);
+    assert!(message().contains("step"));
+}
+
+#[test]
+fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
+    let (ok_status, ok_needle) = valid_status();
+    let d8 = desc(0, 8, 6, 2);
+    let st = step();
+    let (mut sl, mut wl) = (0usize, 0usize);
+    // SAFETY: live locals.
+    assert_eq!(
+        unsafe { elra_gpu_op_sizes(&d8, 5, &mut sl, &mut wl) },
+        ELRA_OK
+    );
+    assert_eq!(sl, 5 * 2 + 2 * 2 * 2, "saved = N·r + 2r², as elra_op_sizes");
+    assert!(wl >= 3 * 5 * 2 + 24 * 2 * 2, "workspace {wl}");
+    // SAFETY: live locals / the checked NULL outputs.
+    unsafe {
+        assert_eq!(
+            elra_gpu_op_sizes(&d8, 0, &mut sl, &mut wl),
+            ELRA_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            elra_gpu_op_sizes(null(), 5, &mut sl, &mut wl),
+            ELRA_NULL_POINTER
+        );
+        assert_eq!(
+            elra_gpu_op_sizes(&d8, 5, null_mut(), &mut wl),
+            ELRA_NULL_POINTER
+        );
+        let big = desc(0, 100, 6, 65);
+        assert_eq!(
+            elra_gpu_op_sizes(&big, 5, &mut sl, &mut wl),
+            ELRA_INVALID_ARGUMENT
+        );
+        let lora = desc(3, 8, 6, 2);
+        assert_eq!(
+            elra_gpu_op_sizes(&lora, 5, &mut sl, &mut wl),
+            ELRA_INVALID_ARGUMENT
+        );
+    }
+    let ws = 1usize << 16;
+    let f = |i| fake::<f32>(i);
+    let v = |i| fake::<c_void>(i);
+    type Call<'a> = Box<dyn Fn(u32, u32, f32, usize) -> ElraStatus + 'a>;
+    // (name, call(flag_a, flag_b, eta, workspace_len)) for the exports other than forward.
+    let calls: Vec<(&str, Call)> = vec![
+        (
+            "backward",
+            Box::new(|fa, fb, eta, wsl| {
+                // SAFETY: fake device pointers, never dereferenced on these paths.
+                unsafe {
+                    elra_gpu_op_backward(
+                        &d8,
+                        &st,
+                        0,
+                        5,
+                        v(0),
+                        6,
+                        fa,
+                        f(2),
+                        2,
+                        f(3),
+                        8,
+                        eta,
+                        v(4),
+                        6,
+                        f(6),
+                        v(8),
+                        8,
+                        v(9),
+                        6,
+                        f(10),
+                        2,
+                        f(11),
+                        8,
+                        f(12),
+                        fb,
+                        f(7),
+                        wsl,
+                        null_mut(),
+                    )
+                }
+            }),
+        ),
+        (
+            "forward_out",
+            Box::new(|_, _, eta, wsl| {
+                // SAFETY: as above.
+                unsafe {
+                    elra_gpu_op_forward_out(
+                        &d8,
+                        &st,
+                        2,
+                        5,
+                        f(2),
+                        2,
+                        f(3),
+                        8,
+                        eta,
+                        v(4),
+                        8,
+                        v(5),
+                        8,
+                        f(6),
+                        f(7),
+                        wsl,
+                        null_mut(),
+                    )
+                }
+            }),
+        ),
+        (
+            "backward_out",
+            Box::new(|fa, _, eta, wsl| {
+                // SAFETY: as above.
+                unsafe {
+                    elra_gpu_op_backward_out(
+                        &d8,
+                        &st,
+                        3,
+                        5,
+                        f(2),
+                        2,
+                        f(3),
+                        8,
+                        eta,
+                        v(4),
+                        8,
+                        f(6),
+                        v(8),
+                        8,
+                        v(9),
+                        8,
+                        f(10),
+                        2,
+                        f(11),
+                        8,
+                        f(12),
+                        fa,
+                        f(7),
+                        wsl,
+                        null_mut(),
+                    )
+                }
+            }),
+        ),
+        (
+            "merge",
+            Box::new(|fa, fb, eta, wsl| {
+                // SAFETY: as above.
+                unsafe {
+                    elra_gpu_op_merge(
+                        &d8,
+                        &st,
+                        0,
+                        f(2),
+                        2,
+                        f(3),
+                        8,
+                        eta,
+                        v(0),
+                        6,
+                        fa,
+                        fb,
+                        v(5),
+                        6,
+                        f(7),
+                        wsl,
+                        null_mut(),
+                    )
+                }
+            }),
+        ),
+        (
+            "energy",
+            Box::new(|fa, _, eta, wsl| {
+                // SAFETY: as above.
+                unsafe {
+                    elra_gpu_op_energy(
+                        &d8,
+                        &st,
+                        f(2),
+                        2,
+                        f(3),
+                        8,
+                        eta,
+                        f(13),
+                        f(10),
+                        2,
+                        f(11),
+                        8,
+                        f(12),
+                        fa,
+                        f(7),
+                        wsl,
+                        null_mut(),
+                    )
+                }
+            }),
+        ),
+    ];
+    for (name, call) in &calls {
+        // Valid → no device / not device memory.
+        assert_eq!(call(0, 0, 0.5, ws), ok_status, "{name}: {}", message());
+        assert!(message().contains(ok_needle), "{name}: {}", message());
+        assert_eq!(call(1, 0, 0.5, ws), ok_status, "{name}: {}", message());
+        // Flags (the first: base, accumulate or inverse; the second: accumulate or right), η
+        // and the workspace are statuses.
+        if *name != "forward_out" {
+            assert_eq!(call(2, 0, 0.5, ws), ELRA_INVALID_ARGUMENT, "{name}");
+        }
+        if *name == "backward" || *name == "merge" {
+            assert_eq!(call(0, 5, 0.5, ws), ELRA_INVALID_ARGUMENT, "{name}");
+        }
+        if *name == "backward" {
+            assert_eq!(call(1, 1, 0.5, ws), ok_status, "{name}: {}", message());
+        }
+        assert_eq!(call(0, 0, f32::NAN, ws), ELRA_INVALID_ARGUMENT, "{name}");
+        assert!(message().contains("eta"), "{name}: {}", message());
+        assert_eq!(call(0, 0, 0.0, ws), ELRA_INVALID_ARGUMENT, "{name}");
+        assert_eq!(call(0, 0, 0.5, 3), ELRA_INVALID_ARGUMENT, "{name}");
+        assert!(message().contains("workspace"), "{name}: {}", message());
+    }
+    // Outputs overlapping inputs; NULL gradients; energy without gradients.
+    // SAFETY: fake device pointers, never dereferenced on these paths.
+    unsafe {
+        let s = elra_gpu_op_backward(
+            &d8,
+            &st,
+            0,
+            5,
+            v(0),
+            6,
+            1,
+            f(2),
+            2,
+            f(3),
+            8,
+            0.5,
+            v(4),
+            6,
+            f(6),
+            v(8),
+            8,
+            v(4),
+            6,
+            f(10),
+            2,
+            f(11),
+            8,
+            f(12),
+            0,
+            f(7),
+            ws,
+            null_mut(),
+        );
+        assert_eq!(s, ELRA_INVALID_ARGUMENT);
+        assert!(message().contains("overlaps"), "{}", message());
+        let s = elra_gpu_op_backward(
+            &d8,
+            &st,
+            0,
+            5,
+            v(0),
+            6,
+            1,
+            f(2),
+            2,
+            f(3),
+            8,
+            0.5,
+            v(4),
+            6,
+            f(6),
+            v(8),
+            8,
+            v(9),
+            6,
+            f(10),
+            2,
+            f(10),
+            8,
+            f(12),
+            0,
+            f(7),
+            ws,
+            null_mut(),
+        );
+        assert_eq!(s, ELRA_INVALID_ARGUMENT, "da = db");
+        let s = elra_gpu_op_backward(
+            &d8,
+            &st,
+            0,
+            5,
+            v(0),
+            6,
+            1,
+            f(2),
+            2,
+            f(3),
+            8,
+            0.5,
+            v(4),
+            6,
+            f(6),
+            v(8),
+            8,
+            v(9),
+            6,
+            f(10),
+            2,
+            f(11),
+            8,
+            null_mut(),
+            0,
+            f(7),
+            ws,
+            null_mut(),
+        );
+        assert_eq!(s, ELRA_NULL_POINTER);
+        assert!(message().contains("deta"));
+        let s = elra_gpu_op_merge(
+            &d8,
+            &st,
+            0,
+            f(2),
+            2,
+            f(3),
+            8,
+            0.5,
+            v(0),
+            6,
+            0,
+            0,
+            v(0),
+            6,
+            f(7),
+            ws,
+            null_mut(),
+        );
+        assert_eq!(s, ELRA_INVALID_ARGUMENT, "out = w");
+        // right = 1: w and out are k×d (ld = d).
+        let s = elra_gpu_op_merge(
+            &d8,
+            &st,
+            0,
+            f(2),
+            2,
+            f(3),
+            8,
+            0.5,
+            v(0),
+            6,
+            0,
+            1,
+            v(5),
+            6,
+            f(7),
+            ws,
+            null_mut(),
+        );
+        assert_eq!(s, ELRA_INVALID_ARGUMENT, "right merge with ld = k");
+        let s = elra_gpu_op_merge(
+            &d8,
+            &st,
+            0,
+            f(2),
+            2,
+            f(3),
+            8,
+            0.5,
+            v(0),
+            8,
+            0,
+            1,
+            v(5),
+            8,
+            f(7),
+            ws,
+            null_mut(),
+        );
+        assert_eq!(s, ok_status, "{}", message());
+        let s = elra_gpu_op_energy(
+            &d8,
+            &st,
+            f(2),
+            2,
+            f(3),
+            8,
+            0.5,
+            f(13),
+            null_mut(),
+            0,
+            null_mut(),
+            0,
+            null_mut(),
+            0,
+            f(7),
+            ws,
+            null_mut(),
+        );
+        assert_eq!(s, ok_status, "{}", message());
+        let s = elra_gpu_op_energy(
+            &d8,
+            &st,
+            f(2),
+            2,
+            f(3),
+            8,
+            0.5,
+            null_mut(),
+            null_mut(),
+            0,
+            null_mut(),
+            0,
+            null_mut(),
+            0,
+            f(7),
+            ws,
+            null_mut(),
+        );
+        assert_eq!(s, ELRA_NULL_POINTER);
+        let s = elra_gpu_op_energy(
+            &d8,
+            &st,
+            f(2),
+            2,
+            f(3),
+            8,
+            0.5,
+            f(2),
+            null_mut(),
+            0,
+            null_mut(),
+            0,
+            null_mut(),
+            0,
+            f(7),
+            ws,
+            null_mut(),
+        );
+        assert_eq!(s, ELRA_INVALID_ARGUMENT, "energy overlaps a");
+    }
+}
