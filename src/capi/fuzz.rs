@@ -469,6 +469,26 @@ mod tests {
         adapter_fuzz_one(&data);
     }
 
+    /// A spectral clip on factors whose `R_A R_Cᵀ` overflows: nalgebra's SVD met NaN and
+    /// panicked (status ELRA_PANIC); now the factors are scaled by powers of two first and an
+    /// out-of-range σ is ELRA_OVERFLOW (found by the abi_adapter target).
+    #[test]
+    fn fuzz_regression_clip_of_huge_factors_is_a_status() {
+        let data: [u8; 190] = [
+            69, 65, 234, 65, 63, 65, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 211, 101,
+            211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211,
+            22, 43, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 22,
+            22, 22, 22, 22, 22, 22, 26, 6, 6, 22, 22, 22, 22, 22, 22, 234, 74, 233, 49, 22, 22, 22,
+            22, 22, 22, 22, 22, 22, 22, 22, 22, 22, 1, 0, 0, 255, 255, 255, 255, 8, 22, 22, 22, 22,
+            22, 22, 22, 22, 22, 150, 150, 150, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211,
+            211, 211, 211, 163, 163, 163, 163, 163, 1, 0, 0, 0, 0, 0, 0, 4, 163, 163, 163, 163,
+            163, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211,
+            211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 211, 163, 163, 163, 0, 0, 0,
+            255, 191, 255, 255, 255, 2, 4, 0, 57,
+        ];
+        adapter_fuzz_one(&data);
+    }
+
     #[test]
     fn contract_span_agrees_with_the_documented_rules() {
         assert_eq!(contract_span(1, 3, 3, 0, 8), Some(9));

@@ -40,7 +40,8 @@
 use nalgebra::{DMatrix, DVector, QR, SVD};
 
 use super::ops::{gemm, matmul, Op};
-use crate::linalg::{check_finite, Real};
+use crate::linalg::expm::scale_pow2;
+use crate::linalg::{check_finite, pow2_balanced, Real};
 use crate::{ElraError, Result};
 
 /// The top singular triplet of `G = A C` (A n×r, C r×n) computed without forming `G`.
@@ -61,7 +62,8 @@ pub struct TopSingular<T: Real> {
 /// The top singular triplet of `G = A C` from thin QR factors and an r×r SVD (module docs);
 /// `σ` equals `‖G‖₂` as the adapter's spectral norm computes it (same factorisation).
 ///
-/// Errors: `a` not n×r with n, r ≥ 1, `c` not r×n, non-finite entries, SVD failure.
+/// Errors: `a` not n×r with n, r ≥ 1, `c` not r×n, non-finite entries, an SVD failure, a σ
+/// beyond the floating-point range ([`ElraError::Overflow`]).
 pub fn top_singular<T: Real>(a: &DMatrix<T>, c: &DMatrix<T>) -> Result<TopSingular<T>> {
     let (n, r) = a.shape();
     if n == 0 || r == 0 {
@@ -75,11 +77,18 @@ pub fn top_singular<T: Real>(a: &DMatrix<T>, c: &DMatrix<T>) -> Result<TopSingul
     }
     check_finite("a", a)?;
     check_finite("c", c)?;
-    let qa = QR::new(a.clone());
-    let qc = QR::new(c.transpose());
+    // Factors with huge or tiny entries run scaled by powers of two (σ scales back; u, v do not
+    // move), so a finite generator never reaches the SVD as Inf/NaN.
+    let (a_s, ea) = pow2_balanced(a);
+    let (c_s, ec) = pow2_balanced(c);
+    let qa = QR::new(a_s);
+    let qc = QR::new(c_s.transpose());
     let (q_a, r_a) = (qa.q(), qa.r());
     let (q_c, r_c) = (qc.q(), qc.r());
     let k = matmul(&r_a, Op::N, &r_c, Op::T);
+    if !k.iter().all(|v| v.is_finite()) {
+        return Err(overflow("the r×r core R_A R_Cᵀ of ‖G‖₂"));
+    }
     let svd = SVD::try_new(k, true, true, T::default_epsilon(), 0).ok_or_else(|| {
         ElraError::Numerical("SVD of the r×r core R_A R_Cᵀ did not converge".into())
     })?;
@@ -99,13 +108,28 @@ pub fn top_singular<T: Real>(a: &DMatrix<T>, c: &DMatrix<T>) -> Result<TopSingul
     }
     let ut = uk.column(best).into_owned();
     let vtil = vt.row(best).transpose();
+    let mut sigma = [svd.singular_values[best]];
+    scale_pow2(&mut sigma, ea + ec);
+    let mut atu = r_a.tr_mul(&ut);
+    scale_pow2(atu.as_mut_slice(), ea);
+    let mut cv = r_c.tr_mul(&vtil);
+    scale_pow2(cv.as_mut_slice(), ec);
+    if !sigma[0].is_finite() || !atu.iter().chain(cv.iter()).all(|v| v.is_finite()) {
+        return Err(overflow("‖G‖₂ of the spectral clip"));
+    }
     Ok(TopSingular {
-        sigma: svd.singular_values[best],
+        sigma: sigma[0],
         u: &q_a * &ut,
         v: &q_c * &vtil,
-        atu: r_a.tr_mul(&ut),
-        cv: r_c.tr_mul(&vtil),
+        atu,
+        cv,
     })
+}
+
+fn overflow(what: &str) -> ElraError {
+    ElraError::Overflow {
+        what: format!("{what} leaves the floating-point range (every input is finite)"),
+    }
 }
 
 /// What the spectral clip did in the forward pass (App. H), kept for its exact derivative.
@@ -358,4 +382,38 @@ pub fn energy_backward<T: Real>(
     let mut cbar = DMatrix::zeros(r, n);
     gemm(&mut cbar, two_l, &s, Op::N, c, Op::N, T::zero());
     Ok((e, abar, cbar))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded(rows: usize, cols: usize, seed: u64) -> DMatrix<f64> {
+        let mut s = seed;
+        DMatrix::from_fn(rows, cols, |_, _| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        })
+    }
+
+    /// Factors scaled by 2^600 and 2^400 (or 2^−600, 2^−400) give σ scaled by 2^±1000 exactly
+    /// and the same singular vectors; 2^700 · 2^700 is an overflow error, not a panic.
+    #[test]
+    fn top_singular_of_huge_and_tiny_factors_is_exact_or_an_overflow_error() {
+        let (a, c) = (seeded(7, 3, 1), seeded(3, 7, 2));
+        let base = top_singular(&a, &c).unwrap();
+        for (ea, ec) in [(600, 400), (-600, -400)] {
+            let sa = a.map(|v| v * 2f64.powi(ea));
+            let sc = c.map(|v| v * 2f64.powi(ec));
+            let t = top_singular(&sa, &sc).unwrap();
+            assert_eq!(t.sigma, base.sigma * 2f64.powi(ea + ec));
+            assert_eq!(t.u, base.u);
+            assert_eq!(t.v, base.v);
+            assert_eq!(t.atu, base.atu.map(|v| v * 2f64.powi(ea)));
+            assert_eq!(t.cv, base.cv.map(|v| v * 2f64.powi(ec)));
+        }
+        let big = 2f64.powi(700);
+        let err = top_singular(&a.map(|v| v * big), &c.map(|v| v * big)).unwrap_err();
+        assert!(matches!(err, ElraError::Overflow { .. }), "{err:?}");
+    }
 }

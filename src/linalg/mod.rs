@@ -78,6 +78,27 @@ pub fn check_finite<T: Real>(arg: &'static str, m: &DMatrix<T>) -> crate::Result
     }
 }
 
+/// `m·2^(−e)` and `e`: the power of two that brings the largest `|m_ij|` of a finite `m` near 1
+/// when it lies outside `2^(±emax/4)` (`emax` = 127 for f32, 1023 for f64), else `m` itself
+/// and `e = 0`. Scaling by a power of two is exact in the normal range, and QR, SVD and
+/// eigensolvers are scale-equivariant, so a caller undoes it exactly on its result
+/// (`σ(2^e M) = 2^e σ(M)`, singular vectors unchanged) — the unscaled run, whose sums of squares
+/// would overflow or underflow on such entries, never happens.
+pub(crate) fn pow2_balanced<T: Real>(m: &DMatrix<T>) -> (DMatrix<T>, i64) {
+    let big = m.iter().fold(0.0f64, |acc, v| acc.max(v.f64().abs()));
+    let emax: i64 = if T::of(1e300).is_finite() { 1023 } else { 127 };
+    if big == 0.0 || !big.is_finite() {
+        return (m.clone(), 0);
+    }
+    let e = big.log2().floor() as i64;
+    if e.abs() <= emax / 4 {
+        return (m.clone(), 0);
+    }
+    let mut s = m.clone();
+    expm::scale_pow2(s.as_mut_slice(), -e);
+    (s, e)
+}
+
 pub mod expm;
 pub use expm::{expm, expm_phi1, pade_plan, phi1, PadePlan};
 pub mod frechet;

@@ -83,7 +83,10 @@ pub fn ga_factors(grad: &DMatrix<f64>, r: usize) -> Result<Option<(DMatrix<f64>,
         ));
     }
     check_finite("grad", grad)?;
-    let svd = SVD::try_new(grad.clone(), true, true, f64::EPSILON, 0).ok_or_else(|| {
+    // Only σ_i/σ_1 and the singular vectors are used: both survive a power-of-two scaling,
+    // which keeps a gradient with huge or tiny entries out of the SVD's overflow.
+    let (grad, _) = crate::linalg::pow2_balanced(grad);
+    let svd = SVD::try_new(grad, true, true, f64::EPSILON, 0).ok_or_else(|| {
         ElraError::Numerical("SVD of the accumulated generator gradient did not converge".into())
     })?;
     let (u, vt) = match (&svd.u, &svd.v_t) {
