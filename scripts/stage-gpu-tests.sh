@@ -6,7 +6,8 @@
 # `.gpu` to the device). On the device, from the repository root, in one call:
 #   bash .gpu/tests/run.sh
 # run.sh runs every binary and exits non-zero when any test fails; a test that finds no device
-# prints `skipping: <reason>` (so a run that shows such lines did not test the GPU).
+# prints `skipping: <reason>` (shown: the binaries run with --nocapture; a run that shows such
+# lines did not test the GPU).
 # NVCC must point at nvcc (see build.rs), e.g.
 #   export NVCC=$(ls ~/.cache/nvcc-13.0/lib/python3*/site-packages/nvidia/cu13/bin/nvcc)
 set -euo pipefail
@@ -43,7 +44,7 @@ cd "$(dirname "$0")"
 status=0
 for t in cuda_phi1 cuda_layer cuda_ops cuda_ops_args; do
   echo "== $t"
-  ./"$t" --test-threads=1 || status=1
+  ./"$t" --test-threads=1 --nocapture || status=1
 done
 echo "== overall: $([ "$status" = 0 ] && echo PASS || echo FAIL)"
 exit "$status"
