@@ -9,7 +9,8 @@
 #      launch plans),
 #   4. runs the φ1 batch bench and the layer bench (all shapes, base / LoRA / ELRA routes),
 #   5. runs scripts/bench_torch.py (PyTorch and PEFT LoRA on the same shapes, same session),
-#   6. runs the Python GPU client's tests (python/tests/test_torch_gpu.py),
+#   6. runs the Python GPU client's tests (python/tests/test_torch_gpu.py) and checks its ctypes
+#      declarations against include/elra.h (python/tests/test_signatures.py),
 # each under its own time limit, full logs in $OUT (or .gpu/out), and prints ONE summary table
 # last. Device call (from the repository root, carry [".gpu"], timeout_s ≈ 540):
 #   bash .gpu/check.sh
@@ -51,13 +52,14 @@ rm -rf .gpu/py && mkdir -p .gpu/py/tests
 cp target/release/libelra.so .gpu/py/
 if command -v strip >/dev/null; then strip --strip-debug .gpu/py/libelra.so; fi
 cp -r python/elra .gpu/py/
-cp python/tests/test_torch_gpu.py python/tests/conftest.py .gpu/py/tests/
+cp python/tests/test_torch_gpu.py python/tests/test_signatures.py python/tests/conftest.py .gpu/py/tests/
+rm -rf .gpu/include && mkdir -p .gpu/include && cp include/elra.h .gpu/include/
 cp scripts/bench_torch.py .gpu/py/
 find .gpu/py -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # One compressed payload (≈ 21 MB instead of ≈ 58: the device tool carries 64 MiB in all).
-tar czf .gpu/payload.tgz -C .gpu tests bench py
-rm -rf .gpu/tests .gpu/bench .gpu/py
+tar czf .gpu/payload.tgz -C .gpu tests bench py include
+rm -rf .gpu/tests .gpu/bench .gpu/py .gpu/include
 
 cat > .gpu/check.sh <<'CHECK'
 #!/usr/bin/env bash
@@ -96,7 +98,7 @@ step bench_phi1 60 bench/cuda_phi1_batch --bench --warm-up-time 1 --measurement-
 step bench_layer 150 bench/cuda_layer --bench --warm-up-time 1
 step bench_torch 60 python3 py/bench_torch.py
 step py_gpu 45 env ELRA_LIB="$PWD/py/libelra.so" PYTHONPATH="$PWD/py" \
-  python3 -m pytest -q -rs -p no:cacheprovider py/tests/test_torch_gpu.py
+  python3 -m pytest -q -rs -p no:cacheprovider py/tests/test_torch_gpu.py py/tests/test_signatures.py
 echo
 echo "== key lines"
 grep -hE "time: |µs  .*× base|^N=|ratio|PEFT|peft_lora|torch_lora|base_fwd_bwd" \
