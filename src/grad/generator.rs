@@ -391,7 +391,9 @@ mod tests {
     fn seeded(rows: usize, cols: usize, seed: u64) -> DMatrix<f64> {
         let mut s = seed;
         DMatrix::from_fn(rows, cols, |_, _| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
         })
     }

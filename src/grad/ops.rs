@@ -5,8 +5,8 @@
 //! hands column-major views with swapped strides (`Aᵀ` of a d×k matrix is the k×d view with row
 //! stride d and column stride 1) to nalgebra's `gemm`, so that the packed, cache-blocked
 //! `matrixmultiply` kernel does the work whatever the transposition (nalgebra takes that path for
-//! dynamically sized operands whose dimensions all exceed 5; smaller products use its `gemv`
-//! loop on the same views, which is still exact).
+//! dynamically sized operands whose dimensions all exceed 5; smaller products run [`gemm_strided`]'s
+//! own loops, nalgebra's small-size `gemv` path mishandling such views).
 //!
 //! The functions here panic on mismatched shapes (they are internal building blocks whose
 //! callers check shapes first) and are exposed for the benches and the training harness.

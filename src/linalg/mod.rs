@@ -80,8 +80,9 @@ pub fn check_finite<T: Real>(arg: &'static str, m: &DMatrix<T>) -> crate::Result
 
 /// `m·2^(−e)` and `e`: the power of two that brings the largest `|m_ij|` of a finite `m` near 1
 /// when it lies outside `2^(±emax/4)` (`emax` = 127 for f32, 1023 for f64), else `m` itself
-/// and `e = 0`. Scaling by a power of two is exact in the normal range, and QR, SVD and
-/// eigensolvers are scale-equivariant, so a caller undoes it exactly on its result
+/// and `e = 0`. Scaling by a power of two is exact for entries that stay in the normal range
+/// (entries far below the largest may become subnormal and lose low bits — negligible against
+/// σ), and QR, SVD and eigensolvers are scale-equivariant, so a caller undoes it on its result
 /// (`σ(2^e M) = 2^e σ(M)`, singular vectors unchanged) — the unscaled run, whose sums of squares
 /// would overflow or underflow on such entries, never happens.
 pub(crate) fn pow2_balanced<T: Real>(m: &DMatrix<T>) -> (DMatrix<T>, i64) {

@@ -39,9 +39,13 @@
 //! The penalty `λ‖G‖²_F` (eq. 20–21) is a separate operation ([`energy`]): forward and backward
 //! above never include it, so an engine adds it to its loss once.
 //!
-//! Every output is checked finite: finite inputs with a non-finite result are
-//! [`ElraError::Overflow`]. Gradients are written (`accumulate = false`) or added
-//! (`accumulate = true`) into the caller's buffers.
+//! Every input is checked finite first ([`ElraError::NonFinite`] names it) and every output
+//! after: finite inputs with a non-finite result are [`ElraError::Overflow`]. Outputs are
+//! write-only unless a call adds to them (`accumulate = true` for gradients): what they held
+//! before is never read. On an error, outputs written before it was found (e.g. `∂x` before a
+//! failing φ1 adjoint) keep what was written; the parameter gradients are written last, after
+//! every check. Gradients are written (`accumulate = false`) or added (`accumulate = true`) into
+//! the caller's buffers.
 
 use nalgebra::DMatrix;
 
@@ -65,21 +69,22 @@ pub struct ElraOp {
 }
 
 impl ElraOp {
-    /// Checks `d, k ≥ 1` and `1 ≤ r ≤ d`.
+    /// Checks `d, k ≥ 1` and `1 ≤ r ≤ d` (A is d×r, eq. 2: the generator `G = A C` is d×d).
     pub fn validate(&self) -> Result<()> {
         crate::adapter::check_dims(self.d, self.k, self.r, "r", self.d)
     }
 }
 
-/// Values a forward saves for its backward, for a batch of `n` rows: `V` (n×r) then `Z` and `M`
-/// (r×r each), packed.
+/// Values a forward saves for its backward, for a batch of `n` rows: `V = X Pᵀ` (n×r) then
+/// `Z = C A` and `M = φ1(Z)` (r×r each; Prop. 1, eq. 5), packed.
 pub fn saved_len(n: usize, r: usize) -> Option<usize> {
     n.checked_mul(r)?
         .checked_add(r.checked_mul(r)?.checked_mul(2)?)
 }
 
-/// Workspace values a backward needs for a batch of `n` rows (`T`, `T̄`, `V̄`: n×r each);
-/// forwards need `n·r` (`T`).
+/// Workspace values a backward needs for a batch of `n` rows (`T = V Mᵀ`, `T̄ = Ȳ A`,
+/// `V̄ = T̄ M`: n×r each, the reverse mode of eq. 5 in the module docs); forwards need `n·r`
+/// (`T`).
 pub fn workspace_len(n: usize, r: usize) -> Option<usize> {
     n.checked_mul(r)?.checked_mul(3)
 }
@@ -365,6 +370,9 @@ fn read_saved<T: Real>(
     if saved.len() < need {
         return Err(ElraError::invalid("saved", format!("{need} values needed")));
     }
+    if !saved[..need].iter().all(|v| v.is_finite()) {
+        return Err(ElraError::NonFinite { arg: "saved" });
+    }
     let v = Strided::row_major(&saved[..n * r], n, r, r).expect("sized above");
     let (z, m) = Eval::saved_zm(&saved[n * r..], &saved[n * r + r * r..], r);
     Ok((v, z, m))
@@ -414,7 +422,8 @@ fn rank_r_backward<'w, T: Real>(
     Ok((abar, mbar, vbar))
 }
 
-/// The fused forward (module docs): `y = x W0ᵀ + bias + D∘(((x Pᵀ) Mᵀ) Aᵀ)` into `y` (N×d)
+/// The fused forward, eq. 5 with `exp(G) = I + A φ1(CA) C` (Prop. 1) reassociated (module
+/// docs): `y = x W0ᵀ + bias + D∘(((x Pᵀ) Mᵀ) Aᵀ)` into `y` (N×d)
 /// (only the increment with [`Base::Excluded`]),
 /// saving `V`, `Z`, `M` into `saved` ([`saved_len`]); `workspace` holds at least N·r values.
 ///
@@ -448,8 +457,13 @@ pub fn forward<T: Real>(
     }
     if let Some(m) = &dropout {
         check_shape("dropout", m, n, d)?;
+        check_finite_strided("dropout", m)?;
     }
     check_finite_strided("x", &x)?;
+    check_finite_strided("w0", &w0)?;
+    if bias.is_some_and(|b| !b.iter().all(|v| v.is_finite())) {
+        return Err(ElraError::NonFinite { arg: "bias" });
+    }
     let ev = Eval::new(op, g, spec, d)?;
     let (z, m) = ev.zm()?;
     let (vs, zs, ms) = split_saved(saved, n, r)?;
@@ -477,8 +491,10 @@ pub fn forward<T: Real>(
                     for q in 0..r {
                         inc += tv.at(i, q) * ev.a[(j, q)];
                     }
+                    // Without the base `y` is write-only (never `0·y`: it may hold NaN).
                     let yv = y.at_mut(i, j);
-                    *yv = keep * *yv + mask.at(i, j) * inc;
+                    let add = mask.at(i, j) * inc;
+                    *yv = if with_base { *yv + add } else { add };
                 }
             }
         }
@@ -496,7 +512,8 @@ pub fn forward<T: Real>(
     Ok(())
 }
 
-/// Reverse mode of [`forward`] (module docs) from `dy` (N×d): `∂x` into `dx` (N×k; without
+/// Reverse mode of [`forward`] (eq. 5 and Prop. 1 differentiated; the formulas are in the module
+/// docs, φ1's adjoint is `L_φ1(Zᵀ, ·)`) from `dy` (N×d): `∂x` into `dx` (N×k; without
 /// the frozen layer's `∂Y W0` unless `with_base`, as the forward's [`Base`]) and the
 /// parameter gradients into `grads`. `x`, the parameters, `spec` and `dropout` must be those of
 /// the forward that filled `saved`; `workspace` holds at least [`workspace_len`] values. The
@@ -525,8 +542,11 @@ pub fn backward<T: Real>(
     check_shape_mut("dx", dx, n, k)?;
     if let Some(m) = &dropout {
         check_shape("dropout", m, n, d)?;
+        check_finite_strided("dropout", m)?;
     }
     check_finite_strided("dy", &dy)?;
+    check_finite_strided("x", &x)?;
+    check_finite_strided("w0", &w0)?;
     let ev = Eval::new(op, g, spec, d)?;
     let (v, z, m) = read_saved(saved, n, r)?;
     let (abar, mbar, vbar) = rank_r_backward(&ev, v, &m, dy, dropout, workspace)?;
@@ -560,9 +580,10 @@ pub fn backward<T: Real>(
     ev.finish(&z, &mbar, abar, cbar, grads)
 }
 
-/// The output-side forward (module docs): `y = u + ((u Cᵀ) Mᵀ) Aᵀ` for the base layer's output
-/// `u` (N×d, without bias) into `y` (N×d), saving `V`, `Z`, `M` ([`saved_len`]); `workspace`
-/// holds at least N·r values. `y` may not alias `u` (the backward needs `u`).
+/// The output-side forward, eq. 5 on the base output (module docs): `y = u + ((u Cᵀ) Mᵀ) Aᵀ`
+/// for the base layer's output `u` (N×d, without bias) into `y` (N×d), saving `V`, `Z`, `M`
+/// ([`saved_len`]); `workspace` holds at least N·r values. `y` may not alias `u` (the backward
+/// needs `u`).
 ///
 /// Errors: shapes, non-finite `u`, a φ1 failure, an overflowing output.
 #[allow(clippy::too_many_arguments)]
@@ -582,6 +603,7 @@ pub fn forward_out<T: Real>(
     check_shape_mut("y", y, n, d)?;
     if let Some(m) = &dropout {
         check_shape("dropout", m, n, d)?;
+        check_finite_strided("dropout", m)?;
     }
     check_finite_strided("u", &u)?;
     let ev = Eval::new(op, g, spec, d)?;
@@ -609,9 +631,9 @@ pub fn forward_out<T: Real>(
     Ok(())
 }
 
-/// Reverse mode of [`forward_out`]: `∂u = ∂Y + V̄ C` into `du` (N×d) and the parameter gradients
-/// into `grads`, from the forward's `u`, `saved`, parameters, spec and dropout; `workspace` holds
-/// at least [`workspace_len`] values. The energy penalty is not included ([`energy`]).
+/// Reverse mode of [`forward_out`] (eq. 5 on the base output, differentiated): `∂u = ∂Y + V̄ C`
+/// into `du` (N×d) and the parameter gradients into `grads`, from the forward's `u`, `saved`,
+/// parameters, spec and dropout; `workspace` holds at least [`workspace_len`] values. The energy penalty is not included ([`energy`]).
 ///
 /// Errors: shapes, non-finite `dy`, a failed Fréchet adjoint, overflowing outputs.
 #[allow(clippy::too_many_arguments)]
@@ -634,8 +656,10 @@ pub fn backward_out<T: Real>(
     check_shape_mut("du", du, n, d)?;
     if let Some(m) = &dropout {
         check_shape("dropout", m, n, d)?;
+        check_finite_strided("dropout", m)?;
     }
     check_finite_strided("dy", &dy)?;
+    check_finite_strided("u", &u)?;
     let ev = Eval::new(op, g, spec, d)?;
     let (v, z, m) = read_saved(saved, n, r)?;
     let (abar, mbar, vbar) = rank_r_backward(&ev, v, &m, dy, dropout, workspace)?;

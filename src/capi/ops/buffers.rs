@@ -39,10 +39,17 @@ pub(super) fn mat<T>(
     } else {
         check_in(arg, p, &l)?;
     }
+    let bytes = ((rows - 1) * ld + cols) * std::mem::size_of::<T>();
+    // The overlap test adds start and length: both must stay inside the address space.
+    if (p as usize).checked_add(bytes).is_none() {
+        return Err(
+            ElraError::invalid(arg, "the buffer runs past the end of the address space").into(),
+        );
+    }
     Ok(Buf {
         arg,
         start: p as usize,
-        bytes: ((rows - 1) * ld + cols) * std::mem::size_of::<T>(),
+        bytes,
         out,
     })
 }

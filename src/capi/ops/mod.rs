@@ -129,8 +129,9 @@ pub unsafe extern "C" fn elra_schedule_at(
 }
 
 /// The sizes, in elements of the call's type, of the `saved` array a forward of `n` rows fills
-/// and its backward reads (N·r + 2·r²: LoRA's N×r activation plus two r×r matrices, besides the
-/// input the engine keeps) and of the `workspace` a call needs (3·N·r).
+/// and its backward reads (`V = X Pᵀ`, `Z = C A`, `M = φ1(Z)` of eq. 5 and Prop. 1: N·r + 2·r²,
+/// LoRA's N×r activation plus two r×r matrices, besides the input the engine keeps) and of the
+/// `workspace` a call needs (3·N·r: `T`, `T̄`, `V̄` of the reverse mode).
 ///
 /// # Safety
 /// `desc` must point to a readable descriptor; the outputs to writable `size_t`s.
@@ -157,8 +158,8 @@ pub unsafe extern "C" fn elra_op_sizes(
 
 /// The fused ELRA layer's forward on caller memory, f64 ([`crate::ops::forward`]):
 /// `y = x W0ᵀ + bias + D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)` (with `base = 1`; `base = 0` writes only the
-/// increment, for an engine that runs the frozen GEMM itself) with `C` from (A, B, η) and `step` (eq. 2,
-/// §4.2.1, eq. 19, App. H), `Z = C A`, `P = C W0` (eq. 5, Prop. 1). `x` is n×k, `y` n×d; `w0`
+/// increment, for an engine that runs the frozen GEMM itself; a non-NULL `bias` then is
+/// `ELRA_INVALID_ARGUMENT`) with `C` from (A, B, η) and `step` (eq. 2, §4.2.1, eq. 19, App. H), `Z = C A`, `P = C W0` (eq. 5, Prop. 1). `x` is n×k, `y` n×d; `w0`
 /// d×k; `a` d×r; `b` r×d (ignored, may be NULL, for PSD); `bias` (d values) and `dropout` (n×d,
 /// dense, entries 0 or 1/(1−p), scaling the adapter's increment) may be NULL. Fills `saved`
 /// ([`elra_op_sizes`]) for the backward; `workspace` holds `workspace_len` values.
@@ -270,9 +271,11 @@ pub unsafe extern "C" fn elra_op_forward_f32(
     })
 }
 
-/// Reverse mode of [`elra_op_forward_f64`] ([`crate::ops::backward`]): from `dy` (n×d) writes
-/// `dx` (n×k; with `base = 0`, as in the forward, only the increment's `V̄ P`) and writes or adds (`accumulate` 0/1) `da` (d×r), `db` (r×d, not for PSD) and
-/// `*deta`, the gradients of `⟨y, dy⟩` (no energy term: [`elra_op_energy_f64`]). `x`, the
+/// Reverse mode of [`elra_op_forward_f64`] (eq. 5 and Prop. 1 differentiated,
+/// [`crate::ops::backward`]): from `dy` (n×d) writes `dx` (n×k; with `base = 0`, as in the
+/// forward, only the increment's `V̄ P`) and writes or adds (`accumulate` 0/1) `da` (d×r), `db`
+/// (r×d, not for PSD) and `*deta`, the gradients of `⟨y, dy⟩` (no energy term:
+/// [`elra_op_energy_f64`]). `x`, the
 /// parameters, `step`, `dropout` and `saved` must be the forward's. f64.
 ///
 /// # Safety
@@ -409,8 +412,8 @@ pub unsafe extern "C" fn elra_op_backward_f32(
     })
 }
 
-/// The output-side form's forward, f64 ([`crate::ops::forward_out`]): `y = u + D∘(((u Cᵀ)
-/// φ1(Z)ᵀ) Aᵀ)` for the base layer's output `u` (n×d, without bias) from any base layer
+/// The output-side form's forward, f64 (eq. 5 on the base output, [`crate::ops::forward_out`]):
+/// `y = u + D∘(((u Cᵀ) φ1(Z)ᵀ) Aᵀ)` for the base layer's output `u` (n×d, without bias) from any base layer
 /// (quantised, fused, sharded). `y` (n×d) may not alias `u` (the backward needs `u`). Fills
 /// `saved` ([`elra_op_sizes`]).
 ///
@@ -504,7 +507,8 @@ pub unsafe extern "C" fn elra_op_forward_out_f32(
     })
 }
 
-/// Reverse mode of [`elra_op_forward_out_f64`] ([`crate::ops::backward_out`]): `du = dy + V̄ C`
+/// Reverse mode of [`elra_op_forward_out_f64`] (eq. 5 on the base output, differentiated;
+/// [`crate::ops::backward_out`]): `du = dy + V̄ C`
 /// (n×d, for the base layer's own backward) and the parameter gradients (written or added),
 /// from the forward's `u`, `saved`, parameters, `step` and `dropout`. f64.
 ///
