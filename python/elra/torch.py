@@ -141,7 +141,10 @@ def _config(cfg: Sequence[float], d: int, k: int, r: int) -> Config:
 def _step(cfg: Sequence[float], step: Tensor, d: int, k: int, r: int) -> OpStep:
     """α, η multiplier, τ, λ of the step (``elra_schedule_at``)."""
     out = OpStep()
-    check(lib.elra_schedule_at(ctypes.byref(_config(cfg, d, k, r)), int(step), ctypes.byref(out)))
+    t = int(step)
+    if t < 0:
+        raise ValueError(f"elra: `step` must be ≥ 0, got {t}")
+    check(lib.elra_schedule_at(ctypes.byref(_config(cfg, d, k, r)), t, ctypes.byref(out)))
     return out
 
 
@@ -495,14 +498,15 @@ class ElraLinear(nn.Module):
         self.eta0 = eta
         self.dropout = dropout
         self.fused = isinstance(base, nn.Linear)
-        dtype = dtype or (weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point()
+        if dtype is not None and dtype not in _SUFFIX:
+            raise TypeError(f"elra: `dtype` must be torch.float32 or torch.float64, got {dtype}")
+        dtype = dtype or (weight.dtype if isinstance(weight, Tensor) and weight.dtype in _SUFFIX
                           else torch.float32)
-        if dtype not in _SUFFIX:
-            dtype = torch.float32
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.merged = False
         self._ga_probe = None
+        self._ga_zero = None
         if variant == "lora":
             self.scaling = (lora_alpha if lora_alpha is not None else r) / r
             bound = 1.0 / math.sqrt(k)
@@ -510,6 +514,10 @@ class ElraLinear(nn.Module):
                                        .mul_(bound).to(dtype))
             self.lora_B = nn.Parameter(torch.zeros((d, r), dtype=dtype))
             return
+        for arg, value, names in (("schedule", schedule, SCHEDULES),
+                                  ("eta_multiplier", eta_multiplier, ETA_MULTIPLIERS)):
+            if value not in names:
+                raise ValueError(f"elra: `{arg}` must be one of {sorted(names)}, got {value!r}")
         gv = "hyb" if variant in ("hyb", "hyb-ga", "double") else variant
         warmup = round(total_steps * warmup_fraction)
         self.cfg = [float(VARIANTS[gv]), float(SCHEDULES[schedule]), float(warmup), float(gamma),
@@ -537,7 +545,7 @@ class ElraLinear(nn.Module):
     def _linear(self, x: Tensor, bias: bool = True) -> Tensor:
         b = self.base.bias if bias and isinstance(self.base, nn.Linear) else None
         if isinstance(self.base, nn.Linear):
-            return F.linear(x, self.base.weight.to(x.dtype), b)
+            return F.linear(x, self.base.weight.to(x.dtype), None if b is None else b.to(x.dtype))
         y = self.base(x)
         base_bias = getattr(self.base, "bias", None)
         if not bias and base_bias is not None:
@@ -557,6 +565,12 @@ class ElraLinear(nn.Module):
         if x.dtype != param.dtype:
             raise TypeError(f"elra: `x` has dtype {x.dtype}, the adapter {param.dtype}")
         x2 = x.reshape(-1, self.k)
+        if x2.shape[0] == 0:
+            # No rows (an idle expert, an empty batch): the base layer's empty output, tied to
+            # the adapter's parameters by a zero so that their gradients are zeros, not missing
+            # (DDP reduces every parameter).
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0
+            return (self._linear(x2) + zero).reshape(*shape[:-1], self.d)
         if self.variant == "lora":
             xin = F.dropout(x2, self.dropout, self.training)
             y = self._linear(x2) + (xin @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
@@ -591,14 +605,15 @@ class ElraLinear(nn.Module):
         u = self._linear(x2, bias=False)
         bias = getattr(self.base, "bias", None)
         y = u + bias.to(u.dtype) if bias is not None else u.clone()
+        # A zero leaf makes the output differentiable whatever the input (token ids included).
+        y = y + self._ga_zero.to(y.dtype)
         u = u.detach().to(torch.float64)
         acc = self._ga_probe
 
         def hook(g):
             acc.add_(g.detach().to(torch.float64).t() @ u)
 
-        if y.requires_grad:
-            y.register_hook(hook)
+        y.register_hook(hook)
         return y
 
     def energy(self) -> Tensor:
@@ -683,8 +698,12 @@ def inject(model: nn.Module, target_modules: Sequence[str], variant: str = "hyb"
 
     Errors: no module matches (``ValueError``), a matched module is not a linear layer
     (``TypeError``)."""
+    # Freeze everything but adapters already injected (a second inject keeps them trainable).
+    own = {id(p) for _, m in layers(model) for p in m.parameters() if p is not None}
+    own -= {id(p) for _, m in layers(model) for p in m.base.parameters()}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in own:
+            p.requires_grad_(False)
     names = [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
     if not names:
         raise ValueError(f"elra: no module of the model matches target_modules={list(target_modules)}")
@@ -704,7 +723,12 @@ def inject(model: nn.Module, target_modules: Sequence[str], variant: str = "hyb"
 def advance(model: nn.Module, steps: int = 1) -> None:
     """Moves every ELRA layer's optimiser step forward (α of eq. 75 and the η multiplier of
     App. H follow it). Call once per optimiser step."""
-    for _, m in layers(model):
+    ls = layers(model)
+    if any(m.merged for _, m in ls):
+        raise ValueError("elra: the adapters are merged; unmerge them before training on "
+                         "(α and the η multiplier of a merged weight must stay those it was "
+                         "merged with)")
+    for _, m in ls:
         m.step.add_(steps)
 
 
@@ -752,17 +776,20 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def saved_bytes(layer: ElraLinear, n: int) -> int:
-    """Bytes an ELRA layer keeps for its backward for a batch of ``n`` rows besides its input:
-    ``(n·r + 2r²)`` values of its dtype for the fused form (LoRA keeps ``n·r``), plus the base
-    output ``n·d`` for the output-side form (non-``nn.Linear`` bases)."""
+    """Bytes an ELRA layer keeps for its backward for a batch of ``n`` rows besides its input,
+    without dropout: ``(n·r + 2r²)`` values of its dtype for the fused form (LoRA keeps
+    ``n·r``), plus the base output ``n·d`` for the output-side form (non-``nn.Linear`` bases).
+    With ``dropout > 0`` in training mode the n×d dropout mask (values of the dtype) is kept too
+    — as LoRA with dropout keeps its n×k dropped input."""
     size = layer.A.element_size() if layer.variant != "lora" else layer.lora_A.element_size()
     r = layer.r
+    drop = layer.dropout > 0 and layer.training
     if layer.variant == "lora":
-        return n * r * size
+        return (n * r + (n * layer.k if drop else 0)) * size
     vals = _saved_len(n, r) + (0 if layer.fused else n * layer.d)
     if layer.variant == "double":
         vals = 2 * _saved_len(n, r) + n * layer.d
-    return vals * size
+    return (vals + (n * layer.d if drop else 0)) * size
 
 
 # Adapter files: the PEFT layout of elra (safetensors + adapter_config.json) through the CPU
@@ -772,7 +799,8 @@ def _handle(m: ElraLinear):
     from . import Adapter
     import numpy as np
 
-    w0 = m.base.weight.detach().to(torch.float64).cpu().numpy()
+    # Adapter files hold the factors, not W0 (any base: a quantised one has no dense weight).
+    w0 = np.zeros((m.d, m.k))
     if m.variant == "lora":
         a = Adapter(w0, "lora", r=m.r, lora_alpha=m.scaling * m.r)
         a.set("A", m.lora_A.detach().to(torch.float64).numpy())
@@ -812,19 +840,37 @@ def save_adapter(model: nn.Module, directory) -> None:
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Loads an adapter directory into the matching layers of a model already injected with the
-    same variant and rank (:func:`inject`): parameters, η and step."""
-    from . import Adapter
+    same variant, rank and generator settings (:func:`inject`): parameters, η and step. Every
+    module is checked before any parameter changes.
 
-    for name, m in layers(model):
-        w0 = m.base.weight.detach().to(torch.float64).cpu().numpy()
-        a = Adapter.load(directory, name, w0)
+    Errors: a merged model, a module missing from the directory, another variant, rank,
+    schedule, τ, λ or LoRA scaling (``ValueError``, naming the module and the field)."""
+    from . import Adapter
+    import numpy as np
+
+    ls = layers(model)
+    if any(m.merged for _, m in ls):
+        raise ValueError("elra: unmerge the adapters before loading others")
+    loaded = []
+    for name, m in ls:
+        a = Adapter.load(directory, name, np.zeros((m.d, m.k)))
+        mine = _handle(m)  # the layer's own settings, in the file's terms
+        want = {"lora": "lora", "double": "double"}.get(m.variant, mine.variant)
+        if a.variant != want or a.r != m.r:
+            raise ValueError(f"elra: module `{name}` in {directory} is {a.variant} of rank {a.r}, "
+                             f"the model's is {m.variant} of rank {m.r}")
+        for field in ("schedule", "warmup_steps", "gamma", "alpha", "eta_multiplier",
+                      "total_steps", "tau", "lambda_", "lora_alpha"):
+            if getattr(a.config, field) != getattr(mine.config, field):
+                raise ValueError(
+                    f"elra: module `{name}` in {directory} has {field} = "
+                    f"{getattr(a.config, field)}, the model's layer {getattr(mine.config, field)}")
+        loaded.append((m, a))
+    for m, a in loaded:
         if m.variant == "lora":
             m.lora_A.copy_(torch.from_numpy(a.get("A")))
             m.lora_B.copy_(torch.from_numpy(a.get("B")))
             continue
-        if a.variant == "lora" or a.r != m.r:
-            raise ValueError(f"elra: module `{name}` in {directory} is {a.variant} of rank {a.r}, "
-                             f"the model's is {m.variant} of rank {m.r}")
         m.A.copy_(torch.from_numpy(a.get("A")))
         if m.B is not None:
             m.B.copy_(torch.from_numpy(a.get("B")))
@@ -847,18 +893,21 @@ def ga_initialise(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], lo
         raise ValueError("elra: the model has no \"hyb-ga\" layer to seed")
     for m in targets:
         m._ga_probe = torch.zeros((m.d, m.d), dtype=torch.float64)
+        m._ga_zero = torch.zeros((), dtype=torch.float64, requires_grad=True)
     count = 0
     try:
         for x, t in batches:
             with torch.enable_grad():
-                x = x.detach().requires_grad_(True)
-                loss_fn(model(x), t).backward()
+                # Gradients only for the probes' zero leaves: nothing accumulates into any
+                # parameter's .grad (the caller's gradients stay as they were).
+                torch.autograd.grad(loss_fn(model(x), t), [m._ga_zero for m in targets],
+                                    allow_unused=True)
             count += 1
     finally:
-        sums = [m.__dict__.pop("_ga_probe") for m in targets]
+        sums = [m._ga_probe for m in targets]
         for m in targets:
             m._ga_probe = None
-        model.zero_grad(set_to_none=True)
+            m._ga_zero = None
     if count == 0:
         raise ValueError("elra: GA seeding needs at least one batch")
     with torch.no_grad():

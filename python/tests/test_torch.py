@@ -372,6 +372,85 @@ def test_ga_initialise_seeds_hyb_ga_from_the_frozen_gradient():
     assert m.A.grad is None and model(batches[0][0]).shape == (10, 3)
 
 
+def test_load_adapter_refuses_a_mismatch_before_changing_anything(tmp_path):
+    """Another variant (a general file into a PSD model would drop B), rank, schedule or LoRA
+    scaling, or a merged model: a ValueError naming the module, and no parameter changed."""
+    src = mlp("general").double()
+    et.save_adapter(src, tmp_path / "general")
+    for variant, kw in [("psd", {}), ("hyb", {}), ("general", {"gamma": 7.0})]:
+        dst = mlp(variant, seed=1, **kw).double()
+        before = [p.clone() for p in dst.parameters()]
+        with pytest.raises(ValueError, match="module `0`"):
+            et.load_adapter(dst, tmp_path / "general")
+        assert all(torch.equal(a, b) for a, b in zip(before, dst.parameters()))
+    lora = mlp("lora", lora_alpha=4.0).double()
+    et.save_adapter(lora, tmp_path / "lora")
+    with pytest.raises(ValueError, match="lora_alpha"):
+        et.load_adapter(mlp("lora", lora_alpha=2.0).double(), tmp_path / "lora")
+    with pytest.raises(ValueError, match="rank"):
+        et.load_adapter(mlp("general").double(), tmp_path / "lora")
+    merged = et.merge(mlp("general").double())
+    with pytest.raises(ValueError, match="unmerge"):
+        et.load_adapter(merged, tmp_path / "general")
+    with pytest.raises(ValueError, match="unmerge"):
+        et.advance(merged)
+
+
+def test_quantised_base_saves_and_loads_without_a_dense_weight(tmp_path):
+    torch.manual_seed(6)
+    m = et.ElraLinear(Int8Linear(nn.Linear(5, 6).to(F64)), "general", r=2, eta=0.4, dtype=F64)
+    model = nn.Sequential(m)
+    with torch.no_grad():
+        m.A.add_(0.1)
+    et.save_adapter(model, tmp_path / "q")
+    import copy
+
+    other = nn.Sequential(et.ElraLinear(copy.deepcopy(m.base), "general", r=2, eta=0.4,
+                                        dtype=F64, seed=9))
+    assert not torch.equal(other[0].A, m.A)
+    et.load_adapter(other, tmp_path / "q")
+    x = torch.randn(3, 5, dtype=F64)
+    assert torch.equal(other[0].A, m.A) and torch.equal(other[0].B, m.B)
+    assert torch.equal(other(x), model(x))
+
+
+def test_merge_unmerge_round_trip_for_double_and_lora():
+    x = torch.randn(5, 8, dtype=F64)
+    for variant in ("double", "lora"):
+        model = mlp(variant).double()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        y = model(x)
+        w0 = [m.base.weight.clone() for _, m in et.layers(model)]
+        et.merge(model)
+        assert torch.allclose(model(x), y, rtol=1e-12, atol=1e-12), variant
+        et.unmerge(model)
+        for (_, m), w in zip(et.layers(model), w0):
+            assert torch.allclose(m.base.weight, w, rtol=1e-12, atol=1e-13), variant
+        assert torch.allclose(model(x), y, rtol=1e-12, atol=1e-12), variant
+
+
+def test_token_inputs_empty_batches_and_a_second_inject():
+    """GA seeding through an embedding (integer inputs), zero-row batches, and inject twice."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    et.inject(model, ["1"], "hyb-ga", r=2, eta=0.3, total_steps=10)
+    ids = [torch.randint(0, 11, (9,)) for _ in range(2)]
+    batches = [(i, torch.randn(9, 3, dtype=F64)) for i in ids]
+    model[3].weight.grad = torch.ones_like(model[3].weight)  # the caller's: must survive
+    assert et.ga_initialise(model, batches, lambda y, t: ((y - t) ** 2).mean()) == 2
+    assert torch.equal(model[3].weight.grad, torch.ones_like(model[3].weight))
+    assert model[1].A.abs().sum() > 0
+    y = model(torch.zeros(0, dtype=torch.long))
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    et.inject(model, ["3"], "general", r=2, eta=0.3)
+    assert model[1].A.requires_grad and model[3].A.requires_grad
+    assert not model[0].weight.requires_grad
+
+
 def test_digits_example_runs_in_its_quick_mode(tmp_path):
     """The real-data example (``examples/digits.py --quick``): every method trains, the table
     has a row per method with its parameter count, and the CSVs and the plot are written."""
