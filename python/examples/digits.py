@@ -50,7 +50,7 @@ METHODS = OrderedDict([
     ("PEFT OFT", dict(kind="oft", block=16)),
     ("full fine-tune", dict(kind="full")),
 ])
-LRS = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+LRS = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 
 
 def load(seed):
