@@ -208,7 +208,7 @@ typedef uint32_t ElraEtaMultiplier;
 #endif // __cplusplus
 
 /**
- * Which parameter [`elra_adapter_set_param_f64`] and friends address.
+ * Which parameter [`elra_adapter_set_param_f64`](super::elra_adapter_set_param_f64) and friends address.
  */
 enum ElraParam
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -513,7 +513,7 @@ void elra_adapter_destroy(ElraAdapter *adapter);
 
 /**
  * Writes the adapter's configuration to `*out` (variant, dtype, d, k, r and the settings it was
- * created or loaded with; `eta` is the initial η₀ — the trained η is [`ElraParam::ELRA_PARAM_ETA`]).
+ * created or loaded with; `eta` is the initial η₀ — the trained η is [`ElraParam::ELRA_PARAM_ETA`](super::ElraParam::ELRA_PARAM_ETA)).
  *
  * # Safety
  * `adapter` must be a live handle, `out` a writable `ElraAdapterConfig`.
@@ -522,7 +522,7 @@ ElraStatus elra_adapter_get_config(const ElraAdapter *adapter,
                                    ElraAdapterConfig *out);
 
 /**
- * Shape of a parameter: `(rows, cols)` of [`ElraParam`] `which` (A: d×r / LoRA r×k; B: r×d /
+ * Shape of a parameter: `(rows, cols)` of [`ElraParam`](super::ElraParam) `which` (A: d×r / LoRA r×k; B: r×d /
  * LoRA d×r; η: 1×1; W0: d×k). A parameter the variant lacks (B of ELRA-PSD, η of LoRA) is
  * `ELRA_INVALID_ARGUMENT`.
  *
@@ -573,7 +573,7 @@ ElraStatus elra_adapter_get_step(const ElraAdapter *adapter, size_t *step, doubl
 ElraStatus elra_adapter_energy(const ElraAdapter *adapter, double *energy, double *penalty);
 
 /**
- * Sets parameter `which` ([`ElraParam`]) from `data` (rows×cols, row-major, leading dimension
+ * Sets parameter `which` ([`ElraParam`](super::ElraParam)) from `data` (rows×cols, row-major, leading dimension
  * `ld ≥ cols`), f64 handles. `(rows, cols)` must equal [`elra_adapter_param_shape`]
  * (`ELRA_SHAPE_MISMATCH` otherwise); values must be finite, η > 0. Setting W0 keeps A, B, η and
  * the step. On error the adapter is unchanged.
@@ -602,7 +602,7 @@ ElraStatus elra_adapter_set_param_f32(ElraAdapter *adapter,
                                       size_t ld);
 
 /**
- * Copies parameter `which` ([`ElraParam`]) into `out` (rows×cols, leading dimension `ld`), f64
+ * Copies parameter `which` ([`ElraParam`](super::ElraParam)) into `out` (rows×cols, leading dimension `ld`), f64
  * handles; `(rows, cols)` must equal [`elra_adapter_param_shape`].
  *
  * # Safety
@@ -1583,8 +1583,9 @@ ElraStatus elra_schedule_at(const ElraAdapterConfig *config, size_t step, ElraOp
 
 /**
  * The sizes, in elements of the call's type, of the `saved` array a forward of `n` rows fills
- * and its backward reads (N·r + 2·r²: LoRA's N×r activation plus two r×r matrices, besides the
- * input the engine keeps) and of the `workspace` a call needs (3·N·r).
+ * and its backward reads (`V = X Pᵀ`, `Z = C A`, `M = φ1(Z)` of eq. 5 and Prop. 1: N·r + 2·r²,
+ * LoRA's N×r activation plus two r×r matrices, besides the input the engine keeps) and of the
+ * `workspace` a call needs (3·N·r: `T`, `T̄`, `V̄` of the reverse mode).
  *
  * # Safety
  * `desc` must point to a readable descriptor; the outputs to writable `size_t`s.
@@ -1597,8 +1598,8 @@ ElraStatus elra_op_sizes(const ElraOpDesc *desc,
 /**
  * The fused ELRA layer's forward on caller memory, f64 ([`crate::ops::forward`]):
  * `y = x W0ᵀ + bias + D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)` (with `base = 1`; `base = 0` writes only the
- * increment, for an engine that runs the frozen GEMM itself) with `C` from (A, B, η) and `step` (eq. 2,
- * §4.2.1, eq. 19, App. H), `Z = C A`, `P = C W0` (eq. 5, Prop. 1). `x` is n×k, `y` n×d; `w0`
+ * increment, for an engine that runs the frozen GEMM itself; a non-NULL `bias` then is
+ * `ELRA_INVALID_ARGUMENT`) with `C` from (A, B, η) and `step` (eq. 2, §4.2.1, eq. 19, App. H), `Z = C A`, `P = C W0` (eq. 5, Prop. 1). `x` is n×k, `y` n×d; `w0`
  * d×k; `a` d×r; `b` r×d (ignored, may be NULL, for PSD); `bias` (d values) and `dropout` (n×d,
  * dense, entries 0 or 1/(1−p), scaling the adapter's increment) may be NULL. Fills `saved`
  * ([`elra_op_sizes`]) for the backward; `workspace` holds `workspace_len` values.
@@ -1656,9 +1657,11 @@ ElraStatus elra_op_forward_f32(const ElraOpDesc *desc,
                                size_t workspace_len);
 
 /**
- * Reverse mode of [`elra_op_forward_f64`] ([`crate::ops::backward`]): from `dy` (n×d) writes
- * `dx` (n×k; with `base = 0`, as in the forward, only the increment's `V̄ P`) and writes or adds (`accumulate` 0/1) `da` (d×r), `db` (r×d, not for PSD) and
- * `*deta`, the gradients of `⟨y, dy⟩` (no energy term: [`elra_op_energy_f64`]). `x`, the
+ * Reverse mode of [`elra_op_forward_f64`] (eq. 5 and Prop. 1 differentiated,
+ * [`crate::ops::backward`]): from `dy` (n×d) writes `dx` (n×k; with `base = 0`, as in the
+ * forward, only the increment's `V̄ P`) and writes or adds (`accumulate` 0/1) `da` (d×r), `db`
+ * (r×d, not for PSD) and `*deta`, the gradients of `⟨y, dy⟩` (no energy term:
+ * [`elra_op_energy_f64`]). `x`, the
  * parameters, `step`, `dropout` and `saved` must be the forward's. f64.
  *
  * # Safety
@@ -1727,8 +1730,8 @@ ElraStatus elra_op_backward_f32(const ElraOpDesc *desc,
                                 size_t workspace_len);
 
 /**
- * The output-side form's forward, f64 ([`crate::ops::forward_out`]): `y = u + D∘(((u Cᵀ)
- * φ1(Z)ᵀ) Aᵀ)` for the base layer's output `u` (n×d, without bias) from any base layer
+ * The output-side form's forward, f64 (eq. 5 on the base output, [`crate::ops::forward_out`]):
+ * `y = u + D∘(((u Cᵀ) φ1(Z)ᵀ) Aᵀ)` for the base layer's output `u` (n×d, without bias) from any base layer
  * (quantised, fused, sharded). `y` (n×d) may not alias `u` (the backward needs `u`). Fills
  * `saved` ([`elra_op_sizes`]).
  *
@@ -1776,7 +1779,8 @@ ElraStatus elra_op_forward_out_f32(const ElraOpDesc *desc,
                                    size_t workspace_len);
 
 /**
- * Reverse mode of [`elra_op_forward_out_f64`] ([`crate::ops::backward_out`]): `du = dy + V̄ C`
+ * Reverse mode of [`elra_op_forward_out_f64`] (eq. 5 on the base output, differentiated;
+ * [`crate::ops::backward_out`]): `du = dy + V̄ C`
  * (n×d, for the base layer's own backward) and the parameter gradients (written or added),
  * from the forward's `u`, `saved`, parameters, `step` and `dropout`. f64.
  *

@@ -62,7 +62,7 @@ pub enum ElraEtaMultiplier {
     ELRA_ETA_MULTIPLIER_COSINE = 1,
 }
 
-/// Which parameter [`elra_adapter_set_param_f64`] and friends address.
+/// Which parameter [`elra_adapter_set_param_f64`](super::elra_adapter_set_param_f64) and friends address.
 #[repr(u32)]
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

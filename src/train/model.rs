@@ -535,7 +535,7 @@ impl<T: Real> AdaptedNetwork<T> {
         Ok(loss_and_grad(self.loss, &y, targets)?.0)
     }
 
-    /// Forward with tapes, loss, energy and reverse mode through every layer ([`Adapter`]
+    /// Forward with tapes, loss, energy and reverse mode through every layer ([`Adapter`](crate::adapter::Adapter)
     /// forward and backward, [`crate::grad`]). `masks` (one per layer, from
     /// [`sample_masks`](Self::sample_masks)) drop out adapter outputs.
     ///

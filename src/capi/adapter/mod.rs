@@ -311,7 +311,7 @@ pub unsafe extern "C" fn elra_adapter_destroy(adapter: *mut ElraAdapter) {
 }
 
 /// Writes the adapter's configuration to `*out` (variant, dtype, d, k, r and the settings it was
-/// created or loaded with; `eta` is the initial η₀ — the trained η is [`ElraParam::ELRA_PARAM_ETA`]).
+/// created or loaded with; `eta` is the initial η₀ — the trained η is [`ElraParam::ELRA_PARAM_ETA`](super::ElraParam::ELRA_PARAM_ETA)).
 ///
 /// # Safety
 /// `adapter` must be a live handle, `out` a writable `ElraAdapterConfig`.
@@ -330,7 +330,7 @@ pub unsafe extern "C" fn elra_adapter_get_config(
     })
 }
 
-/// Shape of a parameter: `(rows, cols)` of [`ElraParam`] `which` (A: d×r / LoRA r×k; B: r×d /
+/// Shape of a parameter: `(rows, cols)` of [`ElraParam`](super::ElraParam) `which` (A: d×r / LoRA r×k; B: r×d /
 /// LoRA d×r; η: 1×1; W0: d×k). A parameter the variant lacks (B of ELRA-PSD, η of LoRA) is
 /// `ELRA_INVALID_ARGUMENT`.
 ///
@@ -585,7 +585,7 @@ unsafe fn unmerge<T: HostReal>(
     Ok(())
 }
 
-/// Sets parameter `which` ([`ElraParam`]) from `data` (rows×cols, row-major, leading dimension
+/// Sets parameter `which` ([`ElraParam`](super::ElraParam)) from `data` (rows×cols, row-major, leading dimension
 /// `ld ≥ cols`), f64 handles. `(rows, cols)` must equal [`elra_adapter_param_shape`]
 /// (`ELRA_SHAPE_MISMATCH` otherwise); values must be finite, η > 0. Setting W0 keeps A, B, η and
 /// the step. On error the adapter is unchanged.
@@ -622,7 +622,7 @@ pub unsafe extern "C" fn elra_adapter_set_param_f32(
     guard(|| unsafe { set_param::<f32>(adapter, which, data, rows, cols, ld) })
 }
 
-/// Copies parameter `which` ([`ElraParam`]) into `out` (rows×cols, leading dimension `ld`), f64
+/// Copies parameter `which` ([`ElraParam`](super::ElraParam)) into `out` (rows×cols, leading dimension `ld`), f64
 /// handles; `(rows, cols)` must equal [`elra_adapter_param_shape`].
 ///
 /// # Safety
