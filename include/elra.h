@@ -1290,6 +1290,35 @@ ElraStatus elra_gpu_op_energy(const ElraOpDesc *desc,
                               void *stream);
 #endif
 
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The overflow rule on the GPU, on request: ORs 1 into the device u32 `*flag` when the device
+ * matrix `x` (rows×cols of type `dtype`, row stride `ld ≥ cols`; the padding past `cols` is not
+ * read) holds NaN or ±Inf ([`crate::cuda::ops::check_finite`]). The CPU calls always check their
+ * outputs and return `ELRA_OVERFLOW` when finite inputs give a non-finite result; the GPU calls
+ * do not (a scan costs one more read of each output, and acting on it a host wait), so an engine
+ * zeroes a flag, scans the outputs it wants checked with this call — one read of `x`, no write
+ * unless something is found, no host synchronisation — and reads the flag when it synchronises
+ * anyway: a set flag is its `ELRA_OVERFLOW`. Ordered on `stream`; asynchronous.
+ *
+ * Errors: `ELRA_NULL_POINTER` (`x`, `flag`), `ELRA_INVALID_ARGUMENT` (dtype, zero dimensions,
+ * `ld < cols`, misalignment, a size beyond the address space, `flag` inside `x`, memory that is
+ * not on `x`'s device), `ELRA_NO_DEVICE`.
+ *
+ * # Safety
+ * `x` must be device memory covering the described layout and `flag` one device `uint32_t`,
+ * both alive until `stream` has passed the call; `stream` NULL or a live stream of the device's
+ * primary context.
+ */
+ElraStatus elra_gpu_check_finite(uint32_t dtype,
+                                 const void *x,
+                                 size_t rows,
+                                 size_t cols,
+                                 size_t ld,
+                                 uint32_t *flag,
+                                 void *stream);
+#endif
+
 /**
  * Batched matrix exponential `out_b = e^{Z_b}` in f64 (Padé scaling and squaring,
  * Al-Mohy & Higham 2009 Alg. 5.1).
