@@ -33,6 +33,11 @@
 //!   would cost a pass over them): non-finite activations propagate to the outputs. Failures of
 //!   the r×r matrix functions are reported by [`elra_gpu_adapter_synchronize`] and
 //!   [`elra_gpu_adapter_get_grads`].
+//! - **The overflow rule.** The CPU handles check every output: finite inputs with a non-finite
+//!   result are `ELRA_OVERFLOW`. A GPU handle does so only on request
+//!   ([`elra_gpu_adapter_set_check_finite`], default off), because a scan costs one more read of
+//!   each output and a host wait: then forward, backward, merge and unmerge scan their outputs,
+//!   synchronise and return `ELRA_OVERFLOW` naming the output.
 //! - **Tape.** Backward with [`ElraGpuBackward::ELRA_GPU_BACKWARD_REUSE_FORWARD`] runs on the
 //!   layer's tape, which the layer keys by the forward's `x` (device address and shape; `ld_x`
 //!   equals the columns) and discards on any parameter or step change ([`Adapter::backward`]).
@@ -52,6 +57,7 @@ use super::adapter::{param_index, param_shape};
 use super::config::{variant_of, ElraAdapterConfig};
 use super::handle::{self, Handle};
 use super::layout::{check_scalar_out, out_layout, read_matrix, row_major};
+use super::ops::flag;
 use super::{guard, write_out, CError, CResult, ElraStatus};
 use crate::adapter::{Adapter, ElraConfig, LoraConfig};
 use crate::cuda::caller::{no_overlap, CallerMatrix, CallerStream, CtxRestore};
@@ -643,6 +649,32 @@ pub unsafe extern "C" fn elra_gpu_adapter_synchronize(
     })
 }
 
+/// Turns the overflow rule on (`enabled = 1`) or off (`0`, the default) for the handle's
+/// outputs ([`GpuAdapter::set_check_finite`]). The CPU handles always apply it: finite inputs
+/// with a non-finite output are `ELRA_OVERFLOW`. On the GPU it is opt-in, since it costs one more
+/// read of each output and a host wait: when on, [`elra_gpu_adapter_forward`] (`y`),
+/// [`elra_gpu_adapter_backward`] (`dx` and the parameter gradients), [`elra_gpu_adapter_merge`]
+/// (`w_new`) and [`elra_gpu_adapter_unmerge`] (`w0`) scan their outputs for NaN/±Inf, synchronise
+/// the handle's stream and return `ELRA_OVERFLOW` with a message naming the first non-finite
+/// output (a forward or backward that fails the check keeps no tape and no gradients). Off, they
+/// stay asynchronous. Inputs are never scanned, so a non-finite input shows up in the outputs.
+///
+/// # Safety
+/// `adapter` must be a live handle with exclusive access.
+#[no_mangle]
+pub unsafe extern "C" fn elra_gpu_adapter_set_check_finite(
+    adapter: *mut ElraGpuAdapter,
+    enabled: u32,
+) -> ElraStatus {
+    guard(|| {
+        let on = flag("enabled", enabled)?;
+        // SAFETY: caller contract.
+        let a = unsafe { handle::live(adapter)? };
+        any_dtype!(&mut a.layer, l => l.set_check_finite(on));
+        Ok(())
+    })
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward, backward, merge, unmerge on caller device memory
 // ------------------------------------------------------------------------------------------
@@ -694,7 +726,8 @@ unsafe fn forward<T: Activation>(
 /// (eq. 30) when that moves fewer bytes ([`crate::cuda::choose_route`]); LoRA:
 /// `x W0ᵀ + s (x Aᵀ) Bᵀ`. `x` is n×k (`ld_x == k`), `y` n×d (`ld_y == d`), both of the
 /// handle's activation type in device memory; rows are samples. Ordered on `stream` (module
-/// docs); asynchronous. Keeps the tape for
+/// docs); asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on: then `y` is scanned,
+/// the stream synchronised, and a non-finite `y` is `ELRA_OVERFLOW`. Keeps the tape for
 /// [`ElraGpuBackward::ELRA_GPU_BACKWARD_REUSE_FORWARD`].
 ///
 /// # Safety
@@ -756,7 +789,9 @@ unsafe fn backward<T: Activation>(
 /// Algorithm 1 line 12) with N×r, r×d and r×r intermediates only (no dense weight gradient).
 /// `flags` is an [`ElraGpuBackward`]: recompute the forward of `x` (0) or reuse the last
 /// forward's tape (1). All ld must equal their column counts; `dx` may not overlap `x` or `dy`.
-/// Ordered on `stream`; asynchronous.
+/// Ordered on `stream`; asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on: then
+/// `dx` and the gradients are scanned, the stream synchronised, and a non-finite one is
+/// `ELRA_OVERFLOW` naming it.
 ///
 /// # Safety
 /// `adapter` must be a live handle with exclusive access; the pointers device memory of the
@@ -850,7 +885,8 @@ unsafe fn unmerge<T: Activation>(
 
 /// The merged weight `W_new` (d×k, `ld == k`, activation type) into caller device memory `w_new`
 /// (ELRA: `W0 + A (φ1(Z) (C W0))`, Prop. 1 / eq. 30; LoRA: `W0 + s·B·A`). Ordered on `stream`;
-/// asynchronous.
+/// asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on (then a non-finite `w_new`
+/// is `ELRA_OVERFLOW`, after a host synchronisation).
 ///
 /// # Safety
 /// `adapter` must be a live handle with exclusive access; `w_new` device memory of the handle's
@@ -877,7 +913,8 @@ pub unsafe extern "C" fn elra_gpu_adapter_merge(
 /// Recovers `W0` from a merged weight with the current parameters: `w0_out = exp(−G) w_new`
 /// (ELRA: `w_new − A φ1(−Z) (C w_new)`, Prop. 3 with Prop. 1; LoRA: `w_new − s·B·A`). Both d×k
 /// in caller device memory with `ld == k`; they may not overlap. Ordered on `stream`;
-/// asynchronous.
+/// asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on (then a non-finite `w0_out`
+/// is `ELRA_OVERFLOW`, named `w0`, after a host synchronisation).
 ///
 /// # Safety
 /// `adapter` must be a live handle with exclusive access; both pointers device memory of the
@@ -1091,6 +1128,7 @@ mod tests {
                 elra_gpu_adapter_backward(h, 1, FAKE, 6, FAKE, 8, v, 6, 0, null_mut()),
                 elra_gpu_adapter_merge(h, v, 6, null_mut()),
                 elra_gpu_adapter_unmerge(h, FAKE, 6, v, 6, null_mut()),
+                elra_gpu_adapter_set_check_finite(h, 1),
             ];
             for (i, s) in all.into_iter().enumerate() {
                 assert_eq!(s, NUL, "export #{i}: {}", message());
@@ -1099,6 +1137,14 @@ mod tests {
             elra_gpu_adapter_destroy(h);
         }
         assert!(f.iter().all(|&x| x == 0.0), "no output written");
+    }
+
+    #[test]
+    fn check_finite_setting_is_validated_before_the_handle() {
+        // SAFETY: the bad flag is rejected before the (NULL) handle is read.
+        let s = unsafe { elra_gpu_adapter_set_check_finite(null_mut(), 2) };
+        assert_eq!(s, ElraStatus::ELRA_INVALID_ARGUMENT);
+        assert!(message().contains("enabled"), "{}", message());
     }
 
     #[test]

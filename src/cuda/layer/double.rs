@@ -280,6 +280,9 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
 }
 
 impl<T: Activation> Calls<T> for GpuDoubleSidedLayer<T> {
+    fn grad_outputs(&self) -> Vec<(String, View<'_, f32>)> {
+        self.gens.grad_views()
+    }
     fn scratch_need(&self, n: usize) -> usize {
         let (d, k) = (self.config.d, self.config.k);
         let r = self.gens.max_rank();

@@ -304,6 +304,9 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
 }
 
 impl<T: Activation> Calls<T> for GpuElraLayer<T> {
+    fn grad_outputs(&self) -> Vec<(String, View<'_, f32>)> {
+        self.gens.grad_views()
+    }
     fn scratch_need(&self, n: usize) -> usize {
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
         let sizes = [(n, d, r), (n, k, r), (d, k, r), (n, r, r), (d, r, r)];

@@ -675,6 +675,19 @@ impl Generators {
         download(dev, self.gens[g].grad_buf(f)?, p.rows, p.cols)
     }
 
+    /// The gradient buffers in [`Self::params`] order, named `"{param} gradient"` as the CPU
+    /// layers name them (for the overflow rule of [`Calls::verify`]).
+    pub(super) fn grad_views(&self) -> Vec<(String, View<'_, f32>)> {
+        let view = |(p, g, f): (ParamSpec, usize, Factor)| {
+            let buf = self.gens[g].grad_buf(f).ok()?;
+            Some((
+                format!("{} gradient", p.name),
+                View::mat(buf, p.rows, p.cols),
+            ))
+        };
+        self.entries().into_iter().filter_map(view).collect()
+    }
+
     /// `(A, C)` of every generator at the last prepared step (synchronises).
     pub(super) fn factors(&self, dev: &CudaDevice) -> Result<Vec<Factors<f32>>> {
         self.gens

@@ -216,6 +216,13 @@ impl<T: Activation> Adapter for GpuLoraLayer<T> {
 }
 
 impl<T: Activation> Calls<T> for GpuLoraLayer<T> {
+    fn grad_outputs(&self) -> Vec<(String, View<'_, f32>)> {
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        vec![
+            ("lora_a gradient".into(), View::mat(&self.grad_a, r, k)),
+            ("lora_b gradient".into(), View::mat(&self.grad_b, d, r)),
+        ]
+    }
     fn scratch_need(&self, n: usize) -> usize {
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
         scratch_for(&[(n, d, r), (n, k, r)], &[])

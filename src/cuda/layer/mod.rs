@@ -36,6 +36,14 @@
 //! ([`crate::grad::FactorChain::backward`]). [`route_cost`] estimates both routes from the bytes
 //! they move and the launches they make; [`choose_route`] picks the cheaper.
 //!
+//! # The overflow rule, on request
+//! The CPU layers return [`ElraError::Overflow`] when finite inputs give a non-finite output.
+//! On the GPU that scan costs one more read of each output and a host wait, so it is opt-in:
+//! [`GpuAdapter::set_check_finite`] (default off) makes forward (`y`), backward (`∂x` and every
+//! parameter gradient), merge (`w_new`) and unmerge (`w0`) scan their outputs (`cuda/finite.cu`),
+//! synchronise and name the first non-finite one. Off, nothing is scanned and the calls stay
+//! asynchronous.
+//!
 //! # Not supported on the GPU (typed errors)
 //! The spectral clip τ of App. H (its exact derivative needs an r×r SVD on the device: use
 //! `tau = None`, or clip on the host between steps;
@@ -214,7 +222,7 @@ use nalgebra::DMatrix;
 
 use generator::{check_factor, GenCalls, Generators, RowsTape, RrBatch, SideInit};
 
-use super::skinny::{col_reduce_scratch, View};
+use super::skinny::{check_finite, col_reduce_scratch, View};
 use super::{gemm, Activation, CudaDevice, DeviceMatrices, Transpose};
 use crate::adapter::{Adapter, GeneratorConfig, GeneratorSpec, InputKey, TrainState};
 use crate::grad::Route;
@@ -230,6 +238,19 @@ pub trait GpuAdapter<T: Activation>: Adapter<Scalar = f32, Matrix = DeviceMatric
     /// errors: an asynchronous CUDA fault, or a failure of the r×r matrix functions of the last
     /// step (φ1, its adjoint, `φ1(−Z)` of an unmerge; Prop. 1, Al-Mohy & Higham 2009).
     fn synchronize(&self) -> Result<()>;
+
+    /// Turns the overflow rule on or off for the layer's outputs (default off). The CPU layers
+    /// always apply it (finite inputs with a non-finite output are [`ElraError::Overflow`]); on
+    /// the GPU it is opt-in, because it costs one more read of each output and a host wait.
+    /// When on, forward (`y`), backward (`∂x` and every parameter gradient), merge (`w_new`) and
+    /// unmerge (`w0`) scan their outputs for NaN/±Inf (`cuda/finite.cu`), synchronise the
+    /// device's stream and return [`ElraError::Overflow`] naming the first non-finite output; a
+    /// forward or backward that fails the check leaves no tape and no gradients. Inputs are not
+    /// scanned, so a non-finite input shows up as a non-finite output.
+    fn set_check_finite(&mut self, on: bool);
+
+    /// Whether the layer scans its outputs ([`Self::set_check_finite`]).
+    fn checks_finite(&self) -> bool;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -248,6 +269,10 @@ struct Base<T: Activation> {
     y_scratch: Option<DeviceMatrices<T>>,
     /// Grown to [`Calls::scratch_need`] by [`Calls::ensure_scratch`], never shrunk.
     scratch: Option<CudaSlice<f32>>,
+    /// Whether the outputs are scanned ([`GpuAdapter::set_check_finite`]).
+    check_finite: bool,
+    /// One u32 flag per scanned output of a call (grown on demand).
+    flags: Option<CudaSlice<u32>>,
 }
 
 impl<T: Activation> Base<T> {
@@ -261,6 +286,8 @@ impl<T: Activation> Base<T> {
             train: TrainState::default(),
             y_scratch: None,
             scratch: None,
+            check_finite: false,
+            flags: None,
         })
     }
 
@@ -384,6 +411,28 @@ trait Calls<T: Activation>: LayerParts<T> {
     fn run_unmerge(&mut self, w_new: &DeviceMatrices<T>, out: &mut DeviceMatrices<T>)
         -> Result<()>;
 
+    /// The parameter gradients of the last backward with their names (`"a gradient"`, …, as the
+    /// CPU layers name them), for the overflow rule.
+    fn grad_outputs(&self) -> Vec<(String, View<'_, f32>)>;
+
+    /// The overflow rule when it is on ([`GpuAdapter::set_check_finite`]): scans `outputs` and,
+    /// with `grads`, [`Self::grad_outputs`] ([`scan_outputs`]; synchronises). Nothing when off.
+    fn verify(&mut self, outputs: &[(&str, &DeviceMatrices<T>)], grads: bool) -> Result<()> {
+        if !self.base().check_finite {
+            return Ok(());
+        }
+        let mut flags = self.base_mut().flags.take();
+        let gs = if grads {
+            self.grad_outputs()
+        } else {
+            Vec::new()
+        };
+        let r = scan_outputs(&self.base().dev, &mut flags, outputs, &gs);
+        drop(gs);
+        self.base_mut().flags = flags;
+        r
+    }
+
     /// Grows the reduction scratch to [`Self::scratch_need`]`(n)`.
     fn ensure_scratch(&mut self, n: usize) -> Result<()> {
         let need = self.scratch_need(n);
@@ -392,7 +441,8 @@ trait Calls<T: Activation>: LayerParts<T> {
     }
 
     /// [`Adapter::forward`]: checks the shapes (no dropout mask on the GPU), discards the old
-    /// tape, runs the forward and keys its tape by `x`.
+    /// tape, runs the forward, keys its tape by `x` and applies the overflow rule to `y` when it
+    /// is on (a non-finite `y` discards the tape).
     fn checked_forward(
         &mut self,
         x: &DeviceMatrices<T>,
@@ -400,6 +450,16 @@ trait Calls<T: Activation>: LayerParts<T> {
         y: &mut DeviceMatrices<T>,
     ) -> Result<()> {
         no_dropout(dropout)?;
+        self.forward_tape(x, y)?;
+        let r = self.verify(&[("y", &*y)], false);
+        if r.is_err() {
+            self.base_mut().train.invalidate();
+        }
+        r
+    }
+
+    /// The forward of [`Self::checked_forward`] without the overflow rule (also the recompute).
+    fn forward_tape(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
         let b = self.base();
         let (d, k) = b.dims();
         let n = b.check("x", x, None, k)?;
@@ -411,8 +471,9 @@ trait Calls<T: Activation>: LayerParts<T> {
     }
 
     /// [`Adapter::backward`]: checks the shapes and that the tape is the one of this very `x`
-    /// with nothing changed since, runs the reverse mode and marks the gradients ready (a failed
-    /// run discards the tape).
+    /// with nothing changed since, runs the reverse mode, applies the overflow rule to `∂x` and
+    /// the gradients when it is on, and marks the gradients ready (a failed run or check
+    /// discards the tape).
     fn checked_backward(
         &mut self,
         x: &DeviceMatrices<T>,
@@ -425,7 +486,9 @@ trait Calls<T: Activation>: LayerParts<T> {
         b.check("dy", dy, Some(n), d)?;
         b.check("dx", dx, Some(n), k)?;
         b.train.tape_for(key_of(x))?;
-        let r = self.run_backward(x, dy, dx);
+        let r = self
+            .run_backward(x, dy, dx)
+            .and_then(|()| self.verify(&[("dx", &*dx)], true));
         let train = &mut self.base_mut().train;
         match r {
             Ok(()) => train.set_grads(()),
@@ -434,7 +497,8 @@ trait Calls<T: Activation>: LayerParts<T> {
         r
     }
 
-    /// [`Adapter::recompute`]: the forward of `x` into the layer's own N×d buffer.
+    /// [`Adapter::recompute`]: the forward of `x` into the layer's own N×d buffer (not an output:
+    /// not scanned).
     fn checked_recompute(&mut self, x: &DeviceMatrices<T>) -> Result<()> {
         let b = self.base_mut();
         let (d, k) = b.dims();
@@ -442,21 +506,24 @@ trait Calls<T: Activation>: LayerParts<T> {
         ensure_mat(&b.dev, &mut b.y_scratch, n, d)?;
         let mut y = b.y_scratch.take();
         let r = match y.as_mut() {
-            Some(y) => self.checked_forward(x, None, y),
+            Some(y) => self.forward_tape(x, y),
             None => Err(ElraError::Cuda("recompute buffer".into())),
         };
         self.base_mut().y_scratch = y;
         r
     }
 
-    /// [`Adapter::merge`]: checks that `out` is d×k, then the layer's merge.
+    /// [`Adapter::merge`]: checks that `out` is d×k, then the layer's merge and the overflow rule
+    /// on `out` (named `w_new`) when it is on.
     fn checked_merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
         let (d, k) = self.base().dims();
         self.base().check("out", out, Some(d), k)?;
-        self.run_merge(out)
+        self.run_merge(out)?;
+        self.verify(&[("w_new", &*out)], false)
     }
 
-    /// [`Adapter::unmerge`]: checks that `w_new` and `out` are d×k, then the layer's unmerge.
+    /// [`Adapter::unmerge`]: checks that `w_new` and `out` are d×k, then the layer's unmerge and
+    /// the overflow rule on `out` (named `w0`) when it is on.
     fn checked_unmerge(
         &mut self,
         w_new: &DeviceMatrices<T>,
@@ -466,11 +533,12 @@ trait Calls<T: Activation>: LayerParts<T> {
         let (d, k) = b.dims();
         b.check("w_new", w_new, Some(d), k)?;
         b.check("out", out, Some(d), k)?;
-        self.run_unmerge(w_new, out)
+        self.run_unmerge(w_new, out)?;
+        self.verify(&[("w0", &*out)], false)
     }
 }
 
-/// Every layer with the [`Calls`] protocol is a [`GpuAdapter`].
+/// Every layer with the `Calls` protocol (the three layers of this module) is a [`GpuAdapter`].
 impl<T, L> GpuAdapter<T> for L
 where
     T: Activation,
@@ -482,6 +550,53 @@ where
     fn synchronize(&self) -> Result<()> {
         self.base().dev.synchronize()?;
         self.statuses()
+    }
+    fn set_check_finite(&mut self, on: bool) {
+        self.base_mut().check_finite = on;
+    }
+    fn checks_finite(&self) -> bool {
+        self.base().check_finite
+    }
+}
+
+/// The overflow rule on a layer's outputs ([`GpuAdapter::set_check_finite`]; the GPU form of the
+/// CPU layers' non-finite check): zeroes one u32 flag per output (`flags` grown on demand),
+/// scans each output once (`cuda/finite.cu`), reads the flags back (synchronises) and returns
+/// [`ElraError::Overflow`] naming the first output, in the order given, that holds NaN or ±Inf.
+fn scan_outputs<T: Activation>(
+    dev: &CudaDevice,
+    flags: &mut Option<CudaSlice<u32>>,
+    outputs: &[(&str, &DeviceMatrices<T>)],
+    grads: &[(String, View<'_, f32>)],
+) -> Result<()> {
+    let n = outputs.len() + grads.len();
+    if flags.as_ref().is_none_or(|f| f.len() < n) {
+        *flags = Some(dev.stream().alloc_zeros::<u32>(n.max(1))?);
+    }
+    let f = flags
+        .as_mut()
+        .ok_or_else(|| ElraError::Cuda("overflow flags".into()))?;
+    dev.stream().memset_zeros(f)?;
+    let f: &CudaSlice<u32> = f;
+    for (i, (_, m)) in outputs.iter().enumerate() {
+        check_finite(dev, mat(m), View::at(f, i, 1, 1))?;
+    }
+    for (j, (_, v)) in grads.iter().enumerate() {
+        check_finite(dev, *v, View::at(f, outputs.len() + j, 1, 1))?;
+    }
+    let got = dev.stream().clone_dtoh(f)?;
+    dev.synchronize()?;
+    let names = outputs
+        .iter()
+        .map(|o| o.0)
+        .chain(grads.iter().map(|g| &*g.0));
+    match names.zip(got).find(|&(_, bad)| bad != 0) {
+        Some((name, _)) => Err(ElraError::Overflow {
+            what: format!(
+                "`{name}` holds NaN or ±Inf (the GPU output check; inputs are not scanned)"
+            ),
+        }),
+        None => Ok(()),
     }
 }
 
