@@ -53,10 +53,10 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::adapter::{param_index, param_shape};
+use super::adapter::{energy_pair, param_index, param_shape, GradOuts};
 use super::config::{variant_of, ElraAdapterConfig};
 use super::handle::{self, Handle};
-use super::layout::{check_scalar_out, out_layout, read_matrix, row_major};
+use super::layout::{check_scalar_out, out_layout, read_matrix, row_major, write_one, write_pair};
 use super::ops::flag;
 use super::{guard, write_out, CError, CResult, ElraStatus};
 use crate::adapter::{Adapter, ElraConfig, LoraConfig};
@@ -383,10 +383,8 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_config(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("out", out)?;
-        // SAFETY: validated; the caller guarantees writability.
-        unsafe { out.write(a.config) };
-        Ok(())
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_one(("out", out), a.config) }
     })
 }
 
@@ -405,15 +403,9 @@ pub unsafe extern "C" fn elra_gpu_adapter_param_shape(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("rows", rows)?;
-        check_scalar_out("cols", cols)?;
-        let (r, c) = any_dtype!(&a.layer, l => param_shape(l.as_ref(), which)?);
-        // SAFETY: validated; the caller guarantees writability.
-        unsafe {
-            rows.write(r);
-            cols.write(c);
-        }
-        Ok(())
+        let shape = || any_dtype!(&a.layer, l => param_shape(l.as_ref(), which));
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_pair(("rows", rows), ("cols", cols), shape) }
     })
 }
 
@@ -449,15 +441,9 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_step(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("step", step)?;
-        check_scalar_out("alpha", alpha)?;
-        let (s, al) = any_dtype!(&a.layer, l => (l.step(), l.alpha()));
-        // SAFETY: validated; the caller guarantees writability.
-        unsafe {
-            step.write(s);
-            alpha.write(al);
-        }
-        Ok(())
+        let now = || Ok(any_dtype!(&a.layer, l => (l.step(), l.alpha())));
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_pair(("step", step), ("alpha", alpha), now) }
     })
 }
 
@@ -568,34 +554,13 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_grads(
         let _ctx = CtxRestore::new();
         any_dtype!(&a.layer, l => {
             let l = l.as_ref();
-            let specs = l.params();
-            let ia = gpu_param_index(l, 0, "no factor A")?;
-            let ib = param_index(l, 1).ok().flatten();
-            let ie = param_index(l, 2).ok().flatten();
             // Validate every output before any work.
-            let l_da = out_layout("da", da, specs[ia].rows, specs[ia].cols, ld_da)?;
-            let l_db = match ib {
-                Some(i) => Some(out_layout("db", db, specs[i].rows, specs[i].cols, ld_db)?),
-                None => None,
-            };
-            if ie.is_some() {
-                check_scalar_out("deta", deta)?;
-            }
+            let outs = GradOuts::check(l, (da, ld_da), (db, ld_db), deta)?;
             // `grad` checks that a backward ran and the statuses of its r×r kernels.
-            let ga = l.grad(ia)?;
-            let gb = ib.map(|i| l.grad(i)).transpose()?;
-            let ge = ie.map(|i| l.grad(i)).transpose()?;
+            let grads = outs.read(l)?;
             // SAFETY: layouts validated above; the caller guarantees writability. Everything was
             // downloaded first, so nothing is written unless the whole call succeeded.
-            unsafe {
-                write_out(da, &l_da, &row_major(&ga));
-                if let (Some(lo), Some(g)) = (l_db, gb) {
-                    write_out(db, &lo, &row_major(&g));
-                }
-                if let Some(e) = ge {
-                    deta.write(e[(0, 0)]);
-                }
-            }
+            unsafe { outs.write(&grads) };
         });
         Ok(())
     })
@@ -617,16 +582,9 @@ pub unsafe extern "C" fn elra_gpu_adapter_energy(
         // SAFETY: caller contract.
         let a = unsafe { handle::live(adapter)? };
         let _ctx = CtxRestore::new();
-        check_scalar_out("energy", energy)?;
-        check_scalar_out("penalty", penalty)?;
-        let e = any_dtype!(&mut a.layer, l => l.energy()?)
-            .ok_or_else(|| ElraError::invalid("adapter", "LoRA has no generator energy"))?;
-        // SAFETY: validated; the caller guarantees writability.
-        unsafe {
-            energy.write(e.frobenius_sq);
-            penalty.write(e.penalty);
-        }
-        Ok(())
+        let pair = || energy_pair(any_dtype!(&mut a.layer, l => l.energy()?));
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_pair(("energy", energy), ("penalty", penalty), pair) }
     })
 }
 
