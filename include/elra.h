@@ -983,12 +983,31 @@ ElraStatus elra_gpu_adapter_synchronize(const ElraGpuAdapter *adapter);
 
 #if defined(ELRA_FEATURE_CUDA)
 /**
+ * Turns the overflow rule on (`enabled = 1`) or off (`0`, the default) for the handle's
+ * outputs ([`GpuAdapter::set_check_finite`]). The CPU handles always apply it: finite inputs
+ * with a non-finite output are `ELRA_OVERFLOW`. On the GPU it is opt-in, since it costs one more
+ * read of each output and a host wait: when on, [`elra_gpu_adapter_forward`] (`y`),
+ * [`elra_gpu_adapter_backward`] (`dx` and the parameter gradients), [`elra_gpu_adapter_merge`]
+ * (`w_new`) and [`elra_gpu_adapter_unmerge`] (`w0`) scan their outputs for NaN/±Inf, synchronise
+ * the handle's stream and return `ELRA_OVERFLOW` with a message naming the first non-finite
+ * output (a forward or backward that fails the check keeps no tape and no gradients). Off, they
+ * stay asynchronous. Inputs are never scanned, so a non-finite input shows up in the outputs.
+ *
+ * # Safety
+ * `adapter` must be a live handle with exclusive access.
+ */
+ElraStatus elra_gpu_adapter_set_check_finite(ElraGpuAdapter *adapter, uint32_t enabled);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
  * Forward pass `y = x W_newᵀ` on device memory, without forming `W_new` for small N (ELRA:
  * eq. 5, `u = x W0ᵀ`, `y = u + ((u Cᵀ) φ1(CA)ᵀ) Aᵀ`) or through `W_eff = W0 + A φ1(Z) C W0`
  * (eq. 30) when that moves fewer bytes ([`crate::cuda::choose_route`]); LoRA:
  * `x W0ᵀ + s (x Aᵀ) Bᵀ`. `x` is n×k (`ld_x == k`), `y` n×d (`ld_y == d`), both of the
  * handle's activation type in device memory; rows are samples. Ordered on `stream` (module
- * docs); asynchronous. Keeps the tape for
+ * docs); asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on: then `y` is scanned,
+ * the stream synchronised, and a non-finite `y` is `ELRA_OVERFLOW`. Keeps the tape for
  * [`ElraGpuBackward::ELRA_GPU_BACKWARD_REUSE_FORWARD`].
  *
  * # Safety
@@ -1015,7 +1034,9 @@ ElraStatus elra_gpu_adapter_forward(ElraGpuAdapter *adapter,
  * Algorithm 1 line 12) with N×r, r×d and r×r intermediates only (no dense weight gradient).
  * `flags` is an [`ElraGpuBackward`]: recompute the forward of `x` (0) or reuse the last
  * forward's tape (1). All ld must equal their column counts; `dx` may not overlap `x` or `dy`.
- * Ordered on `stream`; asynchronous.
+ * Ordered on `stream`; asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on: then
+ * `dx` and the gradients are scanned, the stream synchronised, and a non-finite one is
+ * `ELRA_OVERFLOW` naming it.
  *
  * # Safety
  * `adapter` must be a live handle with exclusive access; the pointers device memory of the
@@ -1038,7 +1059,8 @@ ElraStatus elra_gpu_adapter_backward(ElraGpuAdapter *adapter,
 /**
  * The merged weight `W_new` (d×k, `ld == k`, activation type) into caller device memory `w_new`
  * (ELRA: `W0 + A (φ1(Z) (C W0))`, Prop. 1 / eq. 30; LoRA: `W0 + s·B·A`). Ordered on `stream`;
- * asynchronous.
+ * asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on (then a non-finite `w_new`
+ * is `ELRA_OVERFLOW`, after a host synchronisation).
  *
  * # Safety
  * `adapter` must be a live handle with exclusive access; `w_new` device memory of the handle's
@@ -1053,7 +1075,8 @@ ElraStatus elra_gpu_adapter_merge(ElraGpuAdapter *adapter, void *w_new, size_t l
  * Recovers `W0` from a merged weight with the current parameters: `w0_out = exp(−G) w_new`
  * (ELRA: `w_new − A φ1(−Z) (C w_new)`, Prop. 3 with Prop. 1; LoRA: `w_new − s·B·A`). Both d×k
  * in caller device memory with `ld == k`; they may not overlap. Ordered on `stream`;
- * asynchronous.
+ * asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on (then a non-finite `w0_out`
+ * is `ELRA_OVERFLOW`, named `w0`, after a host synchronisation).
  *
  * # Safety
  * `adapter` must be a live handle with exclusive access; both pointers device memory of the
@@ -1288,6 +1311,35 @@ ElraStatus elra_gpu_op_energy(const ElraOpDesc *desc,
                               float *workspace,
                               size_t workspace_len,
                               void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The overflow rule on the GPU, on request: ORs 1 into the device u32 `*flag` when the device
+ * matrix `x` (rows×cols of type `dtype`, row stride `ld ≥ cols`; the padding past `cols` is not
+ * read) holds NaN or ±Inf ([`crate::cuda::ops::check_finite`]). The CPU calls always check their
+ * outputs and return `ELRA_OVERFLOW` when finite inputs give a non-finite result; the GPU calls
+ * do not (a scan costs one more read of each output, and acting on it a host wait), so an engine
+ * zeroes a flag, scans the outputs it wants checked with this call — one read of `x`, no write
+ * unless something is found, no host synchronisation — and reads the flag when it synchronises
+ * anyway: a set flag is its `ELRA_OVERFLOW`. Ordered on `stream`; asynchronous.
+ *
+ * Errors: `ELRA_NULL_POINTER` (`x`, `flag`), `ELRA_INVALID_ARGUMENT` (dtype, zero dimensions,
+ * `ld < cols`, misalignment, a size beyond the address space, `flag` inside `x`, memory that is
+ * not on `x`'s device), `ELRA_NO_DEVICE`.
+ *
+ * # Safety
+ * `x` must be device memory covering the described layout and `flag` one device `uint32_t`,
+ * both alive until `stream` has passed the call; `stream` NULL or a live stream of the device's
+ * primary context.
+ */
+ElraStatus elra_gpu_check_finite(uint32_t dtype,
+                                 const void *x,
+                                 size_t rows,
+                                 size_t cols,
+                                 size_t ld,
+                                 uint32_t *flag,
+                                 void *stream);
 #endif
 
 /**

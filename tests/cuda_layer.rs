@@ -1,7 +1,8 @@
 //! The GPU layers ([`elra::cuda::layer`]) against the CPU f64 reference ([`elra::grad`]):
 //! forward, backward and merge/unmerge of ELRA general/PSD/Hyb on both routes, double-sided ELRA
 //! and LoRA, in f32, f16 and bf16, all through the [`Adapter`] trait; typed errors and the tape
-//! key; device memory flat over 10⁴ steps.
+//! key; the opt-in overflow rule (`GpuAdapter::set_check_finite`) on every layer kind; device
+//! memory flat over 10⁴ steps.
 //!
 //! Every GPU test first calls `cuda_available()` and returns early printing `skipping: <reason>`
 //! without a GPU. Outputs (`y`, `∂x`, merged weights, gradients) are poisoned with NaN before each
@@ -34,7 +35,8 @@ use elra::adapter::{
 };
 use elra::cuda::layer::{download_matrix, upload_matrix};
 use elra::cuda::{
-    Activation, CudaDevice, DeviceMatrices, GpuDoubleSidedLayer, GpuElraLayer, GpuLoraLayer,
+    Activation, CudaDevice, DeviceMatrices, GpuAdapter, GpuDoubleSidedLayer, GpuElraLayer,
+    GpuLoraLayer,
 };
 use elra::grad::{
     double_backward_parts, double_forward_parts, elra_backward_parts, elra_forward_parts,
@@ -726,4 +728,178 @@ fn cuda_layer_memory_flat_over_10k_steps() {
         "device memory shrank by {} bytes over 10⁴ steps",
         free0 - free1
     );
+}
+
+/// `err` is the overflow rule's error naming `output`.
+fn assert_overflow(r: elra::Result<()>, output: &str, label: &str) {
+    match r {
+        Err(ElraError::Overflow { what }) => {
+            assert!(what.contains(&format!("`{output}`")), "{label}: {what}")
+        }
+        other => panic!("{label}: expected an overflow of `{output}`, got {other:?}"),
+    }
+}
+
+/// The opt-in overflow rule ([`GpuAdapter::set_check_finite`]) on one layer: off by default; a
+/// clean step gives the same values with the check on as off; on, each output is caught and
+/// named — `y` from an Inf in `x`, the first gradient (`grad`) from a NaN in the forward's `x`
+/// while `∂x` stays finite, `dx` from a NaN in `∂y`, `w0` from an unmerge of a `w_new` with an
+/// Inf, `w_new` from a merge of a `W0` with an Inf — and a failed forward or backward leaves no
+/// tape and no gradients; off again, the same calls succeed.
+fn overflow_case(dev: &Arc<CudaDevice>, l: &mut dyn GpuAdapter<f32>, p: &Problem, grad: &str) {
+    let label = l.name();
+    let (n, d, k) = (p.x.nrows(), p.w0.nrows(), p.w0.ncols());
+    let up = |m: &DMatrix<f64>| upload_matrix::<f32>(dev, m).unwrap();
+    let down = |m: &DeviceMatrices<f32>| download_matrix(dev, m).unwrap();
+    let with = |m: &DMatrix<f64>, v: f64| {
+        let mut m = m.clone();
+        let at = (m.nrows() / 2, m.ncols() - 1);
+        m[at] = v;
+        up(&m)
+    };
+    let (x, dy) = (up(&p.x), up(&p.dy));
+    let (mut y, mut dx, mut w) = (
+        nan_mat::<f32>(dev, n, d),
+        nan_mat::<f32>(dev, n, k),
+        nan_mat::<f32>(dev, d, k),
+    );
+    assert!(!l.checks_finite(), "{label}: off by default");
+    let mut step = |l: &mut dyn GpuAdapter<f32>| {
+        l.forward(&x, None, &mut y).unwrap();
+        l.backward(&x, &dy, &mut dx).unwrap();
+        l.merge(&mut w).unwrap();
+        (down(&y), down(&dx), down(&w), l.grad(0).unwrap())
+    };
+    let off = step(l);
+    l.set_check_finite(true);
+    assert!(l.checks_finite());
+    assert_eq!(step(l), off, "{label}: the check changes no output");
+    let x_inf = with(&p.x, f64::INFINITY);
+    assert_overflow(l.forward(&x_inf, None, &mut y), "y", label);
+    assert!(
+        l.backward(&x_inf, &dy, &mut dx).is_err(),
+        "{label}: a tape kept"
+    );
+    let x_nan = with(&p.x, f64::NAN);
+    l.set_check_finite(false);
+    l.forward(&x_nan, None, &mut y).unwrap();
+    l.set_check_finite(true);
+    assert_overflow(l.backward(&x_nan, &dy, &mut dx), grad, label);
+    assert!(down(&dx).iter().all(|v| v.is_finite()), "{label}: ∂x");
+    assert!(l.grad(0).is_err(), "{label}: gradients kept");
+    l.forward(&x, None, &mut y).unwrap();
+    assert_overflow(l.backward(&x, &with(&p.dy, f64::NAN), &mut dx), "dx", label);
+    let w_inf = with(&p.w0, f64::INFINITY);
+    assert_overflow(l.unmerge(&w_inf, &mut w), "w0", label);
+    l.set_w0(&w_inf).unwrap();
+    assert_overflow(l.merge(&mut w), "w_new", label);
+    l.set_check_finite(false);
+    l.merge(&mut w).unwrap();
+    l.unmerge(&w_inf, &mut w).unwrap();
+}
+
+#[test]
+fn cuda_layer_opt_in_overflow_rule() {
+    let dev = Arc::new(device_or_skip!());
+    let (n, d, k, r) = (6, 12, 10, 3);
+    let p = problem::<f32>(n, d, k, r, 700);
+    let w0 = || upload_matrix::<f32>(&dev, &p.w0).unwrap();
+    let general = Setting::new(Variant::General, 0.0, None, 0.1).generator;
+    for route in [Route::Woodbury, Route::Merged] {
+        let config = ElraConfig {
+            generator: general,
+            d,
+            k,
+            r,
+            seed: 0,
+        };
+        let mut l =
+            GpuElraLayer::from_factors(dev.clone(), config, w0(), &p.a, Some(&p.b)).unwrap();
+        l.set_route(Some(route));
+        overflow_case(&dev, &mut l, &p, "a gradient");
+    }
+    let config = DoubleSidedConfig {
+        generator: general,
+        d,
+        k,
+        r_left: r,
+        r_right: 2,
+        seed: 0,
+    };
+    let mut l = GpuDoubleSidedLayer::new(dev.clone(), config, w0()).unwrap();
+    overflow_case(&dev, &mut l, &p, "a_left gradient");
+    let config = LoraConfig {
+        d,
+        k,
+        r,
+        lora_alpha: 16.0,
+        init: LoraInit::KaimingUniform,
+        seed: 0,
+    };
+    let mut g = rng(701);
+    let la = f32_of(&rand_mat(r, k, 0.3, &mut g));
+    let lb = f32_of(&rand_mat(d, r, 1.0, &mut g));
+    let mut l = GpuLoraLayer::from_factors(dev.clone(), config, w0(), &la, &lb).unwrap();
+    overflow_case(&dev, &mut l, &p, "lora_a gradient");
+}
+
+/// The overflow rule through the C ABI (`elra_gpu_adapter_set_check_finite`): off by default, a
+/// forward whose `y` is not finite returns `ELRA_OK`; on, `ELRA_OVERFLOW` with a message naming
+/// `y`, and a clean forward still `ELRA_OK`.
+#[test]
+fn cuda_layer_overflow_rule_through_the_c_abi() {
+    use elra::capi::*;
+    use std::ffi::c_void;
+    use std::ptr::null_mut;
+    let dev = device_or_skip!();
+    let (n, d, k, r) = (5, 8, 6, 2);
+    let p = problem::<f32>(n, d, k, r, 710);
+    let up = |m: &DMatrix<f64>| upload_matrix::<f32>(&dev, m).unwrap();
+    let ptr = |m: &DeviceMatrices<f32>| m.device_addr() as *mut c_void;
+    let w0 = up(&p.w0);
+    let mut x_inf = p.x.clone();
+    x_inf[(2, 3)] = f64::INFINITY;
+    let (x, x_inf, y) = (up(&p.x), up(&x_inf), nan_mat::<f32>(&dev, n, d));
+    let mut c = std::mem::MaybeUninit::<ElraAdapterConfig>::uninit();
+    // SAFETY: `c` is a writable local config.
+    let s = unsafe { elra_adapter_config_default(0, 0, d, k, r, 100, c.as_mut_ptr()) };
+    assert_eq!(s, ElraStatus::ELRA_OK);
+    // SAFETY: initialised by the successful call.
+    let mut c = unsafe { c.assume_init() };
+    c.tau = 0.0;
+    let mut h: *mut ElraGpuAdapter = null_mut();
+    // SAFETY: `w0` is d×k device memory of device 0, alive for the whole test; NULL stream.
+    let s = unsafe { elra_gpu_adapter_create(&c, 0, ptr(&w0), k, null_mut(), &mut h) };
+    assert_eq!(s, ElraStatus::ELRA_OK);
+    let message = || {
+        let mut buf = vec![0 as std::ffi::c_char; 512];
+        // SAFETY: a live local buffer of 512 bytes, NUL-terminated by the call.
+        unsafe {
+            elra_last_error_message(buf.as_mut_ptr(), buf.len());
+            std::ffi::CStr::from_ptr(buf.as_ptr())
+        }
+        .to_string_lossy()
+        .into_owned()
+    };
+    // SAFETY: `h` is a live handle; x and y are device matrices of the described shapes, alive
+    // until the handle's stream is synchronised (every call below synchronises or is followed by
+    // elra_gpu_adapter_synchronize before the buffers drop).
+    unsafe {
+        let fwd = |x: &DeviceMatrices<f32>| {
+            elra_gpu_adapter_forward(h, n, ptr(x), k, ptr(&y), d, null_mut())
+        };
+        assert_eq!(fwd(&x_inf), ElraStatus::ELRA_OK, "off by default");
+        assert_eq!(elra_gpu_adapter_set_check_finite(h, 1), ElraStatus::ELRA_OK);
+        assert_eq!(fwd(&x_inf), ElraStatus::ELRA_OVERFLOW);
+        assert!(message().contains("`y`"), "{}", message());
+        assert_eq!(fwd(&x), ElraStatus::ELRA_OK, "{}", message());
+        assert_eq!(
+            elra_gpu_adapter_set_check_finite(h, 7),
+            ElraStatus::ELRA_INVALID_ARGUMENT
+        );
+        assert_eq!(elra_gpu_adapter_set_check_finite(h, 0), ElraStatus::ELRA_OK);
+        assert_eq!(fwd(&x_inf), ElraStatus::ELRA_OK);
+        assert_eq!(elra_gpu_adapter_synchronize(h), ElraStatus::ELRA_OK);
+        elra_gpu_adapter_destroy(h);
+    }
 }

@@ -9,6 +9,8 @@
 //!   energy and its gradient.
 //! * **Bad device arguments**: host pointers, short workspaces, overlaps, misalignment and a
 //!   non-finite η are statuses, with the output untouched.
+//! * **The overflow rule on request**: `elra_gpu_check_finite` sets its flag exactly when a CPU
+//!   scan of the same values finds NaN or ±Inf, and never reads a strided matrix's padding.
 //!
 //! Tolerances (Frobenius-relative against the f64 CPU calls), as in tests/cuda_layer.rs: f32
 //! ≤ 1e-5 (sums of at most max(N, d, k) ≤ 40 f32 products and the f32 φ1); f16/bf16 ≤ 2e-2 (one
@@ -901,4 +903,102 @@ fn gpu_ops_bad_device_arguments_are_statuses() {
     // A valid call succeeds on the same buffers.
     ok(fwd(ga, gx, y, g.ws_len, 0.7), "valid forward");
     assert!(down(&dev, &gy).iter().all(|v| v.is_finite()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The overflow rule on the GPU: elra_gpu_check_finite against a CPU scan
+// ---------------------------------------------------------------------------------------------
+
+/// `(smallest subnormal, largest finite)` of `T`: finite values the scan must accept.
+fn extremes<T: Activation>() -> (f64, f64) {
+    match T::DTYPE {
+        "f32" => (f32::from_bits(1) as f64, f32::MAX as f64),
+        "f16" => (half::f16::from_bits(1).to_f64(), half::f16::MAX.to_f64()),
+        _ => (half::bf16::from_bits(1).to_f64(), half::bf16::MAX.to_f64()),
+    }
+}
+
+/// One dtype: strided matrices (rows × cols inside rows × ld storage whose padding holds NaN,
+/// which must not be read), clean ones with ±0, subnormals and the largest finite values, and one
+/// NaN, +Inf or −Inf at the first, the last or a middle entry. Shapes cover one entry, contiguous
+/// (scanned as one row), ragged strided rows and rows longer than one block's chunk (2048
+/// columns of f16/bf16). The flag starts at 2: the call ORs 1 in and never clears a bit. The
+/// Rust form `elra::cuda::ops::check_finite` agrees on the contiguous matrices.
+fn check_finite_suite<T: Activation>(dev: &CudaDevice) {
+    use cudarc::driver::DevicePtr;
+    let mut g = ChaCha8Rng::seed_from_u64(950);
+    let (tiny, huge) = extremes::<T>();
+    let shapes = [
+        (1, 1, 1),
+        (37, 24, 24),
+        (9, 40, 43),
+        (300, 2050, 2056),
+        (3, 5000, 5000),
+    ];
+    for (rows, cols, ld) in shapes {
+        let len = rows * cols;
+        for (at, bad) in [
+            (None, 0.0),
+            (Some(0), f64::INFINITY),
+            (Some(len - 1), f64::NAN),
+            (Some(len / 2), f64::NEG_INFINITY),
+        ] {
+            let mut host = round_to::<T>(&rand_mat(rows, ld, 1.0, &mut g));
+            for (i, s) in [0.0, -0.0, tiny, -tiny, huge, -huge]
+                .into_iter()
+                .enumerate()
+            {
+                let j = (i * 7 + 3) % len;
+                host[(j / cols, j % cols)] = s;
+            }
+            if let Some(j) = at {
+                host[(j / cols, j % cols)] = bad;
+            }
+            for i in 0..rows {
+                for j in cols..ld {
+                    host[(i, j)] = f64::NAN;
+                }
+            }
+            let cpu = (0..rows).any(|i| (0..cols).any(|j| !host[(i, j)].is_finite()));
+            assert_eq!(cpu, at.is_some());
+            let label = format!("{} {rows}×{cols} ld={ld} bad at {at:?}", T::DTYPE);
+            let m = upload_matrix::<T>(dev, &host).unwrap();
+            let flag = dev.stream().clone_htod(&[2u32]).unwrap();
+            let (fp, guard) = flag.device_ptr(dev.stream());
+            // SAFETY: `m` holds rows × ld entries of T and `flag` one u32 on the device, both
+            // alive until the stream is synchronised below.
+            let s = unsafe {
+                elra_gpu_check_finite(
+                    Gpu::<T>::dtype(),
+                    ptr(&m),
+                    rows,
+                    cols,
+                    ld,
+                    fp as *mut u32,
+                    null_mut(),
+                )
+            };
+            drop(guard);
+            ok(s, &label);
+            dev.synchronize().unwrap();
+            let got = dev.stream().clone_dtoh(&flag).unwrap();
+            dev.synchronize().unwrap();
+            assert_eq!(got, vec![2 | u32::from(cpu)], "{label}");
+            if ld == cols {
+                let mut flag = dev.stream().alloc_zeros::<u32>(1).unwrap();
+                elra::cuda::ops::check_finite(dev, &m, &mut flag).unwrap();
+                let got = dev.stream().clone_dtoh(&flag).unwrap();
+                dev.synchronize().unwrap();
+                assert_eq!(got, vec![u32::from(cpu)], "{label} (Rust API)");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_check_finite_matches_a_cpu_scan() {
+    let dev = device_or_skip!();
+    check_finite_suite::<f32>(&dev);
+    check_finite_suite::<half::bf16>(&dev);
+    check_finite_suite::<half::f16>(&dev);
 }

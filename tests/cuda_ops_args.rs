@@ -766,3 +766,86 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
         assert_eq!(s, ELRA_INVALID_ARGUMENT, "energy overlaps a");
     }
 }
+
+/// `elra_gpu_check_finite`, the GPU form of the overflow rule: every argument it can check on the
+/// host is a status naming the argument; valid arguments (strided `ld > cols` included) reach the
+/// driver (`ELRA_NO_DEVICE` here, not device memory on a GPU machine).
+#[test]
+fn gpu_check_finite_validates_on_the_host() {
+    let (ok_status, ok_needle) = valid_status();
+    let x = fake::<c_void>(0);
+    let flag = fake::<u32>(1);
+    let call = |dtype: u32, x: *const c_void, (rows, cols, ld): (usize, usize, usize), flag| {
+        // SAFETY: fake device pointers, never dereferenced on these paths.
+        let s = unsafe { elra_gpu_check_finite(dtype, x, rows, cols, ld, flag, null_mut()) };
+        (s, message())
+    };
+    for dtype in [0, 2, 3] {
+        for dims in [(5, 8, 8), (5, 8, 13), (1, 1, 1), (1, 3, 1 << 20)] {
+            let (s, m) = call(dtype, x, dims, flag);
+            assert_eq!(s, ok_status, "{m}");
+            assert!(m.contains(ok_needle), "{m}");
+        }
+    }
+    let misaligned = (0x1000_0002usize) as *const c_void;
+    let cases: Vec<((ElraStatus, String), &str, ElraStatus)> = vec![
+        (call(0, null(), (5, 8, 8), flag), "`x`", ELRA_NULL_POINTER),
+        (
+            call(0, x, (5, 8, 8), null_mut()),
+            "`flag`",
+            ELRA_NULL_POINTER,
+        ),
+        (call(1, x, (5, 8, 8), flag), "f64", ELRA_INVALID_ARGUMENT),
+        (
+            call(9, x, (5, 8, 8), flag),
+            "ElraGpuDtype",
+            ELRA_INVALID_ARGUMENT,
+        ),
+        (call(0, x, (0, 8, 8), flag), "zero", ELRA_INVALID_ARGUMENT),
+        (call(0, x, (5, 0, 8), flag), "zero", ELRA_INVALID_ARGUMENT),
+        (
+            call(0, x, (5, 8, 7), flag),
+            "leading dimension",
+            ELRA_INVALID_ARGUMENT,
+        ),
+        (
+            call(0, misaligned, (5, 8, 8), flag),
+            "aligned",
+            ELRA_INVALID_ARGUMENT,
+        ),
+        (
+            call(0, x, (5, 8, 8), (0x2000_0002usize) as *mut u32),
+            "aligned",
+            ELRA_INVALID_ARGUMENT,
+        ),
+        (
+            call(0, x, (usize::MAX / 8, 8, 8), flag),
+            "address space",
+            ELRA_INVALID_ARGUMENT,
+        ),
+        (
+            call(0, x, (3, 8, usize::MAX / 2), flag),
+            "address space",
+            ELRA_INVALID_ARGUMENT,
+        ),
+        // The flag inside x (the last entry of row 4), and the flag right after x (accepted).
+        (
+            call(0, x, (5, 8, 8), x.wrapping_byte_add(4 * 39).cast()),
+            "overlaps",
+            ELRA_INVALID_ARGUMENT,
+        ),
+    ];
+    for (i, ((s, m), needle, want)) in cases.into_iter().enumerate() {
+        assert_eq!(s, want, "case {i}: {m}");
+        assert!(
+            m.contains(needle),
+            "case {i}: `{m}` should mention `{needle}`"
+        );
+    }
+    let after = x.wrapping_byte_add(4 * 40).cast();
+    let (s, m) = call(0, x, (5, 8, 8), after);
+    assert_eq!(s, ok_status, "{m}");
+    // bf16 needs only 2-byte alignment.
+    let (s, m) = call(3, misaligned, (5, 8, 8), flag);
+    assert_eq!(s, ok_status, "{m}");
+}

@@ -1,7 +1,8 @@
 //! The fused skinny kernels of the GPU layer (`cuda/skinny.cu`: the row pass, the column
 //! reductions, the rank-r merge, the small f32 GEMM and the factor kernels of eq. 19–21) run in the
 //! host emulation of `cuda/emu/` and checked against f64 references of each kernel's formula (and
-//! the CPU core's `FactorChain`/`energy_backward`). No GPU is needed: these tests run in every
+//! the CPU core's `FactorChain`/`energy_backward`); the non-finite scan of `cuda/finite.cu` (the
+//! GPU form of the overflow rule) against a CPU scan. No GPU is needed: these tests run in every
 //! `--features cuda` build, skipping with a printed reason only without a host C++20 compiler.
 //! (Split from `tests/cuda_layer.rs`, whose GPU parity tests compose these kernels.)
 #![allow(non_snake_case)]
@@ -41,8 +42,9 @@ mod skinny_emu {
     use std::path::PathBuf;
     use std::sync::OnceLock;
 
-    const SOURCES: [(&str, &str); 5] = [
+    const SOURCES: [(&str, &str); 6] = [
         ("skinny.cu", include_str!("../cuda/skinny.cu")),
+        ("finite.cu", include_str!("../cuda/finite.cu")),
         ("common.cuh", include_str!("../cuda/common.cuh")),
         (
             "emu/math_constants.h",
@@ -527,6 +529,82 @@ fn cuda_layer_kernels_emulated_on_cpu_merge_gemm_factor() {
                 "{label}: ∂η {e:.2e} ({} vs {want_eta})",
                 out[3].1[0]
             );
+        }
+    }
+}
+
+// check_finite (cuda/finite.cu) in the emulation against a CPU scan of the same values: every
+// dtype, the four layouts of `layout` (dense; ld > cols with slack; offset 8; offset 1, which takes
+// the scalar path) — the gaps around the matrix hold NaN, so a scan that read the padding of a
+// row or past the last row would set the flag — shapes with ragged ends (37, 150 columns: not a
+// multiple of the 4 or 8 elements of one 16-byte chunk) and grids smaller than the matrix (the
+// grid-stride loops in both directions), with finite values that must pass (±0, subnormals, the
+// largest finite values) and one NaN, +Inf or −Inf at the first entry, the last entry or inside.
+// The flag starts at 0 or 2: the kernel ORs 1 in and never clears a bit.
+#[test]
+fn check_finite_emulated_on_cpu() {
+    emu_or_skip!();
+    let mut rng = rng(900);
+    let mut case = 0u32;
+    for dt in ["f32", "bf16", "f16"] {
+        // Finite values the scan must accept: ±0, the smallest subnormal, the largest finite.
+        let specials: Vec<f32> = match dt {
+            "f32" => vec![0.0, -0.0, f32::from_bits(1), 1e-40, f32::MAX, -f32::MAX],
+            "bf16" => {
+                let b = |x: half::bf16| x.to_f32();
+                vec![
+                    -0.0,
+                    b(half::bf16::from_bits(1)),
+                    b(half::bf16::MAX),
+                    b(half::bf16::MIN),
+                ]
+            }
+            _ => {
+                let h = |x: half::f16| x.to_f32();
+                vec![
+                    -0.0,
+                    h(half::f16::from_bits(1)),
+                    h(half::f16::MAX),
+                    h(half::f16::MIN),
+                ]
+            }
+        };
+        for (rows, cols, gx, gy) in [(1, 1, 1, 1), (3, 37, 1, 2), (7, 150, 2, 3), (13, 64, 1, 1)] {
+            for lay in 0..4 {
+                let (ld, off) = layout(lay, cols);
+                let len = rows * cols;
+                // (where the bad value goes, the value): none, first, last, inside.
+                let bads: [(Option<usize>, f32); 4] = [
+                    (None, 0.0),
+                    (Some(0), f32::INFINITY),
+                    (Some(len - 1), f32::NAN),
+                    (Some(len / 2), f32::NEG_INFINITY),
+                ];
+                for (at, bad) in bads {
+                    let mut vals = rand_vals(len, dt, &mut rng);
+                    for (i, &s) in specials.iter().enumerate() {
+                        let j = (i * 7 + 3) % len;
+                        vals[j] = s;
+                    }
+                    if let Some(j) = at {
+                        vals[j] = bad;
+                    }
+                    let flag0 = 2 * (case % 2);
+                    case += 1;
+                    let mut job =
+                        format!("check_finite {dt} {rows} {cols} {ld} {off} {gx} {gy} {flag0}");
+                    hex(&vals, &mut job);
+                    let out = skinny_emu::run(&job);
+                    let cpu = vals.iter().any(|x| !x.is_finite());
+                    let want = (flag0 | u32::from(cpu)) as f32;
+                    let label = format!(
+                        "{dt} {rows}×{cols} ld={ld} off={off} grid=({gx},{gy}) bad at {at:?}"
+                    );
+                    assert_eq!(cpu, at.is_some(), "{label}: the specials are finite");
+                    assert_eq!(out[0].0, "flag", "{label}");
+                    assert_eq!(out[0].1, vec![want], "{label}");
+                }
+            }
         }
     }
 }

@@ -2,7 +2,8 @@
 // a host C++20 compiler and run on the CPU: one OS thread per CUDA thread of a block, a
 // std::barrier for __syncthreads, function-scope `static` for __shared__ (one block runs at a
 // time), IEEE float/double arithmetic without contraction (-ffp-contract=off) and the host libm.
-// Used only by the test `cuda_kernels_emulated_on_cpu_*` in tests/cuda_phi1.rs (see emu/harness.cpp).
+// Used by the emulation tests of tests/cuda_phi1.rs (emu/harness.cpp: the r×r kernels) and
+// tests/cuda_skinny_emu.rs (emu/skinny_harness.cpp: the skinny kernels and the non-finite scan).
 #pragma once
 #define ELRA_EMULATE 1
 
@@ -61,6 +62,9 @@ static_assert(ELRA_BLOCK <= 32, "the emulation runs one warp per block");
 inline void __syncwarp(unsigned = 0xffffffffu) { __syncthreads(); }
 
 inline int __any_sync(unsigned, int p) { return __syncthreads_or(p); }
+
+// One block runs at a time, but its threads are OS threads: a real atomic.
+inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
 
 // Every emulated launch runs blocks of ELRA_BLOCK threads.
 #define blockDim (EmuDim3{ELRA_BLOCK, 1, 1})

@@ -1,6 +1,7 @@
-// CPU emulation harness for cuda/skinny.cu (see cuda_emu.hpp): one job from stdin, the kernel run
+// CPU emulation harness for cuda/skinny.cu and cuda/finite.cu (see cuda_emu.hpp): one job from stdin, the kernel run
 // block by block (grid x and y) with ELRA_BLOCK threads each, results to stdout. Used by the
-// `cuda_layer_kernels_emulated_on_cpu_*` tests in tests/cuda_skinny_emu.rs.
+// `cuda_layer_kernels_emulated_on_cpu_*` and `check_finite_emulated_on_cpu` tests in
+// tests/cuda_skinny_emu.rs.
 //
 // Activation data travel as the IEEE bits of f32 values (already representable in the dtype;
 // outputs are widened back to f32). `__half` uses the compiler's _Float16 (round to nearest even);
@@ -11,6 +12,7 @@
 //              ms0 ms1 as0 as1 len_cm len_mm len_am | in base cm mm am            -> v t out pad
 //   col_reduce DT n_rows n r rows_per_chunk ldy off ss0 ss1 os0 os1 alpha beta len_s len_out | Y S out0 -> out
 //   merge_apply DT d k r alias ld off gy scale ls0 ls1 rs0 rs1 len_l len_r | W L R             -> w pad
+//   check_finite DT rows cols ld off gx gy flag0 | X                                          -> flag
 //
 // Activation matrices are laid out with row stride ld (≥ cols) starting `off` elements after a
 // 64-byte aligned address (off = 0 with ld a multiple of 8 takes the vector paths; an odd off or
@@ -18,7 +20,8 @@
 // reports how many gap entries of the output buffer changed (must be 0). rows_fused: `rpw` rows
 // per warp and `gx` blocks (a grid-stride loop covers the rest); alias 1: out = base, alias 2:
 // in = base = out (in place; n_in = n_out, ld_in = ld_out, the base input is ignored). merge_apply:
-// `gy` row blocks.
+// `gy` row blocks. check_finite: a (gx, gy) grid over X (its gaps hold NaN, which must not be
+// read), the flag starting at flag0 (decimal); `flag` is its value afterwards.
 //   small_gemm m n kk alpha beta as0 as1 bs0 bs1 cs0 cs1 len_a len_b len_c | A B C0              -> c
 //   factor_c d r has_b mult alpha | A B eta                                                        -> ct
 //   factor_backward d r has_b acc lambda alpha mult | A Ct S K eta Abar CbarT Bbar0 etabar0    -> abar cbar_t bbar etabar
@@ -80,6 +83,7 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 }
 
 #include "skinny.cu"
+#include "finite.cu"
 
 #include <functional>
 #include <iostream>
@@ -265,6 +269,16 @@ template <typename T> static int job_typed(const std::string& op) {
         write_f32("pad", {(float)out.gap_changes(before)});
         return 0;
     }
+    if (op == "check_finite") {
+        long long rows, cols, ld, off, gx, gy;
+        unsigned flag;
+        std::cin >> rows >> cols >> ld >> off >> gx >> gy >> flag;
+        Strided<T> X(rows, cols, ld, off, NAN);
+        X.set(read_f32(rows * cols));
+        launch((unsigned)gx, (unsigned)gy, [&] { elra::finite::check_finite<T>(rows, cols, X.at(), ld, &flag); });
+        write_f32("flag", {(float)flag});
+        return 0;
+    }
     std::fprintf(stderr, "skinny harness: unknown op %s\n", op.c_str());
     return 2;
 }
@@ -272,7 +286,7 @@ template <typename T> static int job_typed(const std::string& op) {
 int main() {
     std::string op;
     if (!(std::cin >> op)) return 2;
-    if (op == "rows_fused" || op == "col_reduce" || op == "merge_apply") {
+    if (op == "rows_fused" || op == "col_reduce" || op == "merge_apply" || op == "check_finite") {
         std::string dt;
         std::cin >> dt;
         if (dt == "f32") return job_typed<float>(op);

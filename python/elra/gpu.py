@@ -10,6 +10,12 @@ call on another stream inside ``with torch.cuda.stream(s):`` (or pass tensors al
 
 The library uses the device's primary context, which PyTorch uses too. ``torch`` is imported
 only when a GPU function is first called, never at module import.
+
+The overflow rule: the CPU calls always report finite inputs with a non-finite result as
+``Status.OVERFLOW``; on the GPU the check is on request (it costs one more read of each output
+and a host wait): ``GpuAdapter(..., check_finite=True)`` (or the ``check_finite`` property) makes
+forward, backward, merge and unmerge scan their outputs, synchronise and raise ``OVERFLOW`` naming
+the output, and :func:`check_finite` ORs 1 into a device flag for any tensor, without waiting.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from . import (
 )
 from . import Config as _Config
 
-__all__ = ["GpuAdapter", "available", "device_count", "DTYPES"]
+__all__ = ["GpuAdapter", "available", "check_finite", "device_count", "DTYPES"]
 
 #: ``ElraGpuDtype`` values by torch dtype name.
 DTYPES = {"float32": 0, "float16": 2, "bfloat16": 3}
@@ -76,6 +82,8 @@ def _declare() -> None:
         ],
         "elra_gpu_adapter_merge": [_H, _vp, _size, _vp],
         "elra_gpu_adapter_unmerge": [_H, _vp, _size, _vp, _size, _vp],
+        "elra_gpu_adapter_set_check_finite": [_H, ctypes.c_uint32],
+        "elra_gpu_check_finite": [ctypes.c_uint32, _vp, _size, _size, _size, _vp, _vp],
     }
     for name, args in sig.items():
         f = getattr(lib, name)
@@ -115,14 +123,39 @@ def _stream_handle(stream, device, *tensors):
     return stream.cuda_stream
 
 
+def check_finite(t, flag, stream=None):
+    """ORs 1 into ``flag`` (a one-element int32 CUDA tensor the caller zeroes) when the 2-D CUDA
+    tensor ``t`` (float32, float16 or bfloat16; rows may be padded, ``t.stride(1) == 1``) holds
+    NaN or ±Inf: the overflow rule of the CPU calls, on request (``elra_gpu_check_finite``). One
+    read of ``t``, ordered on ``stream``, no host wait: read ``flag`` when you synchronise."""
+    _declare()
+    torch = _torch()
+    name = str(t.dtype).replace("torch.", "")
+    if not (isinstance(t, torch.Tensor) and t.is_cuda and t.dim() == 2) or name not in DTYPES:
+        raise ValueError("t must be a 2-D float32, float16 or bfloat16 CUDA tensor")
+    if t.stride(1) != 1 and t.shape[1] > 1:
+        raise ValueError("the rows of t must be contiguous (t.stride(1) == 1)")
+    flag_dtypes = (torch.int32, getattr(torch, "uint32", torch.int32))
+    if not (isinstance(flag, torch.Tensor) and flag.is_cuda and flag.device == t.device
+            and flag.dtype in flag_dtypes and flag.numel() == 1):
+        raise ValueError(f"flag must be a one-element int32 CUDA tensor on {t.device}")
+    rows, cols = t.shape
+    ld = t.stride(0) if rows > 1 else cols
+    check(lib.elra_gpu_check_finite(
+        DTYPES[name], t.data_ptr(), rows, cols, ld, flag.data_ptr(),
+        _stream_handle(stream, t.device, t, flag)))
+
+
 class GpuAdapter:
     """An ELRA (general, psd, hyb) or LoRA adapter of a frozen CUDA weight ``w0`` (d×k, float32,
     float16 or bfloat16), owning an ``ElraGpuAdapter`` handle. ``W0`` is copied once into
     library memory. Fields of :func:`elra.default_config` are overridden by keyword as for
     :class:`elra.Adapter`; ``tau`` defaults to 0 (the GPU layer has no spectral clip).
-    Parameters and gradients are exchanged as float32 NumPy arrays on the host."""
+    Parameters and gradients are exchanged as float32 NumPy arrays on the host.
+    ``check_finite=True`` turns the overflow rule on (the :attr:`check_finite` property)."""
 
-    def __init__(self, w0, variant="general", r=1, total_steps=100, stream=None, **fields):
+    def __init__(self, w0, variant="general", r=1, total_steps=100, stream=None,
+                 check_finite=False, **fields):
         _declare()
         torch = _torch()
         if not (isinstance(w0, torch.Tensor) and w0.is_cuda and w0.dim() == 2):
@@ -155,6 +188,21 @@ class GpuAdapter:
         self.config = c
         self.d, self.k, self.r = c.d, c.k, c.r
         self.variant = {0: "general", 1: "psd", 2: "hyb", 3: "lora"}[c.variant]
+        self._check_finite = False
+        self.check_finite = check_finite
+
+    @property
+    def check_finite(self):
+        """Whether forward, backward (``dx`` and the gradients), merge and unmerge scan their
+        outputs for NaN/±Inf — the CPU's overflow rule, opt-in on the GPU (default ``False``).
+        When on, those calls synchronise and raise :class:`ElraError` ``OVERFLOW`` naming the
+        first non-finite output (``elra_gpu_adapter_set_check_finite``)."""
+        return self._check_finite
+
+    @check_finite.setter
+    def check_finite(self, on):
+        check(lib.elra_gpu_adapter_set_check_finite(self._h, 1 if on else 0))
+        self._check_finite = bool(on)
 
     def close(self):
         """Frees the handle (also done on garbage collection)."""

@@ -296,3 +296,46 @@ def test_bad_device_arguments_return_status_codes():
     ad.forward(x)
     ad.synchronize()
     assert gpu.device_count() >= 1
+
+
+def test_overflow_rule_on_request():
+    """The overflow rule on the GPU is opt-in: off (the default) a non-finite output passes; on,
+    forward, backward, merge and unmerge raise OVERFLOW naming the output. ``gpu.check_finite``
+    ORs 1 into a device flag and never reads the padding of strided rows."""
+    gen, (x, w0, dy), _ = setup(torch.float32, 51)
+    ad = gpu.GpuAdapter(w0, "general", r=R)
+    assert not ad.check_finite
+    x_inf = x.clone()
+    x_inf[1, 2] = float("inf")
+    ad.forward(x_inf)
+    ad.check_finite = True
+    with pytest.raises(elra.ElraError) as e:
+        ad.forward(x_inf)
+    assert e.value.status == elra.Status.OVERFLOW and "`y`" in e.value.message
+    ad.forward(x)
+    dy_nan = dy.clone()
+    dy_nan[0, 0] = float("nan")
+    with pytest.raises(elra.ElraError) as e:
+        ad.backward(x, dy_nan)
+    assert e.value.status == elra.Status.OVERFLOW and "`dx`" in e.value.message
+    lora = gpu.GpuAdapter(w0, "lora", r=R, check_finite=True)
+    assert lora.check_finite
+    w = lora.merge()
+    w[0, 0] = float("inf")
+    with pytest.raises(elra.ElraError) as e:
+        lora.unmerge(w)
+    assert e.value.status == elra.Status.OVERFLOW and "`w0`" in e.value.message
+    lora.check_finite = False
+    lora.unmerge(w)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        big = torch.full((7, 40), float("nan"), dtype=dtype, device=DEV)
+        t = big[:, :33]
+        t.copy_(torch.randn(7, 33, generator=gen, dtype=torch.float64).to(dtype))
+        flag = torch.zeros(1, dtype=torch.int32, device=DEV)
+        gpu.check_finite(t, flag)
+        torch.cuda.synchronize()
+        assert flag.item() == 0, dtype
+        t[6, 32] = float("-inf")
+        gpu.check_finite(t, flag)
+        torch.cuda.synchronize()
+        assert flag.item() == 1, dtype

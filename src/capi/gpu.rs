@@ -33,6 +33,11 @@
 //!   would cost a pass over them): non-finite activations propagate to the outputs. Failures of
 //!   the r×r matrix functions are reported by [`elra_gpu_adapter_synchronize`] and
 //!   [`elra_gpu_adapter_get_grads`].
+//! - **The overflow rule.** The CPU handles check every output: finite inputs with a non-finite
+//!   result are `ELRA_OVERFLOW`. A GPU handle does so only on request
+//!   ([`elra_gpu_adapter_set_check_finite`], default off), because a scan costs one more read of
+//!   each output and a host wait: then forward, backward, merge and unmerge scan their outputs,
+//!   synchronise and return `ELRA_OVERFLOW` naming the output.
 //! - **Tape.** Backward with [`ElraGpuBackward::ELRA_GPU_BACKWARD_REUSE_FORWARD`] runs on the
 //!   layer's tape, which the layer keys by the forward's `x` (device address and shape; `ld_x`
 //!   equals the columns) and discards on any parameter or step change ([`Adapter::backward`]).
@@ -48,10 +53,11 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::adapter::{param_index, param_shape};
+use super::adapter::{energy_pair, param_index, param_shape, GradOuts};
 use super::config::{variant_of, ElraAdapterConfig};
 use super::handle::{self, Handle};
-use super::layout::{check_scalar_out, out_layout, read_matrix, row_major};
+use super::layout::{check_scalar_out, out_layout, read_matrix, row_major, write_one, write_pair};
+use super::ops::flag;
 use super::{guard, write_out, CError, CResult, ElraStatus};
 use crate::adapter::{Adapter, ElraConfig, LoraConfig};
 use crate::cuda::caller::{no_overlap, CallerMatrix, CallerStream, CtxRestore};
@@ -377,10 +383,8 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_config(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("out", out)?;
-        // SAFETY: validated; the caller guarantees writability.
-        unsafe { out.write(a.config) };
-        Ok(())
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_one(("out", out), a.config) }
     })
 }
 
@@ -399,15 +403,9 @@ pub unsafe extern "C" fn elra_gpu_adapter_param_shape(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("rows", rows)?;
-        check_scalar_out("cols", cols)?;
-        let (r, c) = any_dtype!(&a.layer, l => param_shape(l.as_ref(), which)?);
-        // SAFETY: validated; the caller guarantees writability.
-        unsafe {
-            rows.write(r);
-            cols.write(c);
-        }
-        Ok(())
+        let shape = || any_dtype!(&a.layer, l => param_shape(l.as_ref(), which));
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_pair(("rows", rows), ("cols", cols), shape) }
     })
 }
 
@@ -443,15 +441,9 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_step(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("step", step)?;
-        check_scalar_out("alpha", alpha)?;
-        let (s, al) = any_dtype!(&a.layer, l => (l.step(), l.alpha()));
-        // SAFETY: validated; the caller guarantees writability.
-        unsafe {
-            step.write(s);
-            alpha.write(al);
-        }
-        Ok(())
+        let now = || Ok(any_dtype!(&a.layer, l => (l.step(), l.alpha())));
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_pair(("step", step), ("alpha", alpha), now) }
     })
 }
 
@@ -562,34 +554,13 @@ pub unsafe extern "C" fn elra_gpu_adapter_get_grads(
         let _ctx = CtxRestore::new();
         any_dtype!(&a.layer, l => {
             let l = l.as_ref();
-            let specs = l.params();
-            let ia = gpu_param_index(l, 0, "no factor A")?;
-            let ib = param_index(l, 1).ok().flatten();
-            let ie = param_index(l, 2).ok().flatten();
             // Validate every output before any work.
-            let l_da = out_layout("da", da, specs[ia].rows, specs[ia].cols, ld_da)?;
-            let l_db = match ib {
-                Some(i) => Some(out_layout("db", db, specs[i].rows, specs[i].cols, ld_db)?),
-                None => None,
-            };
-            if ie.is_some() {
-                check_scalar_out("deta", deta)?;
-            }
+            let outs = GradOuts::check(l, (da, ld_da), (db, ld_db), deta)?;
             // `grad` checks that a backward ran and the statuses of its r×r kernels.
-            let ga = l.grad(ia)?;
-            let gb = ib.map(|i| l.grad(i)).transpose()?;
-            let ge = ie.map(|i| l.grad(i)).transpose()?;
+            let grads = outs.read(l)?;
             // SAFETY: layouts validated above; the caller guarantees writability. Everything was
             // downloaded first, so nothing is written unless the whole call succeeded.
-            unsafe {
-                write_out(da, &l_da, &row_major(&ga));
-                if let (Some(lo), Some(g)) = (l_db, gb) {
-                    write_out(db, &lo, &row_major(&g));
-                }
-                if let Some(e) = ge {
-                    deta.write(e[(0, 0)]);
-                }
-            }
+            unsafe { outs.write(&grads) };
         });
         Ok(())
     })
@@ -611,16 +582,9 @@ pub unsafe extern "C" fn elra_gpu_adapter_energy(
         // SAFETY: caller contract.
         let a = unsafe { handle::live(adapter)? };
         let _ctx = CtxRestore::new();
-        check_scalar_out("energy", energy)?;
-        check_scalar_out("penalty", penalty)?;
-        let e = any_dtype!(&mut a.layer, l => l.energy()?)
-            .ok_or_else(|| ElraError::invalid("adapter", "LoRA has no generator energy"))?;
-        // SAFETY: validated; the caller guarantees writability.
-        unsafe {
-            energy.write(e.frobenius_sq);
-            penalty.write(e.penalty);
-        }
-        Ok(())
+        let pair = || energy_pair(any_dtype!(&mut a.layer, l => l.energy()?));
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_pair(("energy", energy), ("penalty", penalty), pair) }
     })
 }
 
@@ -639,6 +603,32 @@ pub unsafe extern "C" fn elra_gpu_adapter_synchronize(
         let a = unsafe { handle::live_ref(adapter)? };
         let _ctx = CtxRestore::new();
         any_dtype!(&a.layer, l => l.synchronize()?);
+        Ok(())
+    })
+}
+
+/// Turns the overflow rule on (`enabled = 1`) or off (`0`, the default) for the handle's
+/// outputs ([`GpuAdapter::set_check_finite`]). The CPU handles always apply it: finite inputs
+/// with a non-finite output are `ELRA_OVERFLOW`. On the GPU it is opt-in, since it costs one more
+/// read of each output and a host wait: when on, [`elra_gpu_adapter_forward`] (`y`),
+/// [`elra_gpu_adapter_backward`] (`dx` and the parameter gradients), [`elra_gpu_adapter_merge`]
+/// (`w_new`) and [`elra_gpu_adapter_unmerge`] (`w0`) scan their outputs for NaN/±Inf, synchronise
+/// the handle's stream and return `ELRA_OVERFLOW` with a message naming the first non-finite
+/// output (a forward or backward that fails the check keeps no tape and no gradients). Off, they
+/// stay asynchronous. Inputs are never scanned, so a non-finite input shows up in the outputs.
+///
+/// # Safety
+/// `adapter` must be a live handle with exclusive access.
+#[no_mangle]
+pub unsafe extern "C" fn elra_gpu_adapter_set_check_finite(
+    adapter: *mut ElraGpuAdapter,
+    enabled: u32,
+) -> ElraStatus {
+    guard(|| {
+        let on = flag("enabled", enabled)?;
+        // SAFETY: caller contract.
+        let a = unsafe { handle::live(adapter)? };
+        any_dtype!(&mut a.layer, l => l.set_check_finite(on));
         Ok(())
     })
 }
@@ -694,7 +684,8 @@ unsafe fn forward<T: Activation>(
 /// (eq. 30) when that moves fewer bytes ([`crate::cuda::choose_route`]); LoRA:
 /// `x W0ᵀ + s (x Aᵀ) Bᵀ`. `x` is n×k (`ld_x == k`), `y` n×d (`ld_y == d`), both of the
 /// handle's activation type in device memory; rows are samples. Ordered on `stream` (module
-/// docs); asynchronous. Keeps the tape for
+/// docs); asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on: then `y` is scanned,
+/// the stream synchronised, and a non-finite `y` is `ELRA_OVERFLOW`. Keeps the tape for
 /// [`ElraGpuBackward::ELRA_GPU_BACKWARD_REUSE_FORWARD`].
 ///
 /// # Safety
@@ -756,7 +747,9 @@ unsafe fn backward<T: Activation>(
 /// Algorithm 1 line 12) with N×r, r×d and r×r intermediates only (no dense weight gradient).
 /// `flags` is an [`ElraGpuBackward`]: recompute the forward of `x` (0) or reuse the last
 /// forward's tape (1). All ld must equal their column counts; `dx` may not overlap `x` or `dy`.
-/// Ordered on `stream`; asynchronous.
+/// Ordered on `stream`; asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on: then
+/// `dx` and the gradients are scanned, the stream synchronised, and a non-finite one is
+/// `ELRA_OVERFLOW` naming it.
 ///
 /// # Safety
 /// `adapter` must be a live handle with exclusive access; the pointers device memory of the
@@ -850,7 +843,8 @@ unsafe fn unmerge<T: Activation>(
 
 /// The merged weight `W_new` (d×k, `ld == k`, activation type) into caller device memory `w_new`
 /// (ELRA: `W0 + A (φ1(Z) (C W0))`, Prop. 1 / eq. 30; LoRA: `W0 + s·B·A`). Ordered on `stream`;
-/// asynchronous.
+/// asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on (then a non-finite `w_new`
+/// is `ELRA_OVERFLOW`, after a host synchronisation).
 ///
 /// # Safety
 /// `adapter` must be a live handle with exclusive access; `w_new` device memory of the handle's
@@ -877,7 +871,8 @@ pub unsafe extern "C" fn elra_gpu_adapter_merge(
 /// Recovers `W0` from a merged weight with the current parameters: `w0_out = exp(−G) w_new`
 /// (ELRA: `w_new − A φ1(−Z) (C w_new)`, Prop. 3 with Prop. 1; LoRA: `w_new − s·B·A`). Both d×k
 /// in caller device memory with `ld == k`; they may not overlap. Ordered on `stream`;
-/// asynchronous.
+/// asynchronous, unless [`elra_gpu_adapter_set_check_finite`] is on (then a non-finite `w0_out`
+/// is `ELRA_OVERFLOW`, named `w0`, after a host synchronisation).
 ///
 /// # Safety
 /// `adapter` must be a live handle with exclusive access; both pointers device memory of the
@@ -1091,6 +1086,7 @@ mod tests {
                 elra_gpu_adapter_backward(h, 1, FAKE, 6, FAKE, 8, v, 6, 0, null_mut()),
                 elra_gpu_adapter_merge(h, v, 6, null_mut()),
                 elra_gpu_adapter_unmerge(h, FAKE, 6, v, 6, null_mut()),
+                elra_gpu_adapter_set_check_finite(h, 1),
             ];
             for (i, s) in all.into_iter().enumerate() {
                 assert_eq!(s, NUL, "export #{i}: {}", message());
@@ -1099,6 +1095,14 @@ mod tests {
             elra_gpu_adapter_destroy(h);
         }
         assert!(f.iter().all(|&x| x == 0.0), "no output written");
+    }
+
+    #[test]
+    fn check_finite_setting_is_validated_before_the_handle() {
+        // SAFETY: the bad flag is rejected before the (NULL) handle is read.
+        let s = unsafe { elra_gpu_adapter_set_check_finite(null_mut(), 2) };
+        assert_eq!(s, ElraStatus::ELRA_INVALID_ARGUMENT);
+        assert!(message().contains("enabled"), "{}", message());
     }
 
     #[test]

@@ -26,6 +26,11 @@
 //!   failure of φ1 or its adjoint (Prop. 1) shows as NaN in the call's outputs.
 //! - **Not on the GPU.** The spectral clip (τ ≠ 0), dropout masks, f64 activations and ranks above
 //!   [`crate::cuda::MAX_RANK`] are `ELRA_INVALID_ARGUMENT`.
+//! - **The overflow rule, on request.** The CPU calls `elra_op_*` check every output and return
+//!   `ELRA_OVERFLOW` when finite inputs give NaN/±Inf. These calls do not scan (a scan is one more
+//!   read of each output, and acting on it a host wait): [`elra_gpu_check_finite`] ORs 1 into a
+//!   caller's device flag when a buffer holds a non-finite value, asynchronously, and the engine
+//!   reads the flag when it synchronises anyway — a set flag is its `ELRA_OVERFLOW`.
 //!
 //! Every check that needs no driver comes first, so bad arguments are reported the same on a
 //! machine without a GPU, where a call with valid arguments returns `ELRA_NO_DEVICE`.
@@ -39,7 +44,7 @@ use super::layout::check_scalar_out;
 use super::ops::{desc_of, flag, step_of};
 use super::{guard, CError, CResult, ElraOpDesc, ElraOpStep, ElraStatus};
 use crate::adapter::GeneratorSpec;
-use crate::cuda::caller::{ordinal_of, shared_stream, CallerMatrix, CtxRestore};
+use crate::cuda::caller::{ordinal_of, shared_stream, CallerMatrix, CallerSpan, CtxRestore};
 use crate::cuda::ops::{self as gops, GpuBase, GpuGenerator, GpuGrads};
 use crate::cuda::{check_rank, device_count, Activation, CudaDevice, DeviceScalar};
 use crate::ops::{ElraOp, Side};
@@ -827,5 +832,67 @@ pub unsafe extern "C" fn elra_gpu_op_energy(
             };
         // SAFETY: the caller's contract on the buffers and `stream` is forwarded.
         unsafe { bufs.run::<f32>(stream, call) }
+    })
+}
+
+/// The overflow rule on the GPU, on request: ORs 1 into the device u32 `*flag` when the device
+/// matrix `x` (rows×cols of type `dtype`, row stride `ld ≥ cols`; the padding past `cols` is not
+/// read) holds NaN or ±Inf ([`crate::cuda::ops::check_finite`]). The CPU calls always check their
+/// outputs and return `ELRA_OVERFLOW` when finite inputs give a non-finite result; the GPU calls
+/// do not (a scan costs one more read of each output, and acting on it a host wait), so an engine
+/// zeroes a flag, scans the outputs it wants checked with this call — one read of `x`, no write
+/// unless something is found, no host synchronisation — and reads the flag when it synchronises
+/// anyway: a set flag is its `ELRA_OVERFLOW`. Ordered on `stream`; asynchronous.
+///
+/// Errors: `ELRA_NULL_POINTER` (`x`, `flag`), `ELRA_INVALID_ARGUMENT` (dtype, zero dimensions,
+/// `ld < cols`, misalignment, a size beyond the address space, `flag` inside `x`, memory that is
+/// not on `x`'s device), `ELRA_NO_DEVICE`.
+///
+/// # Safety
+/// `x` must be device memory covering the described layout and `flag` one device `uint32_t`,
+/// both alive until `stream` has passed the call; `stream` NULL or a live stream of the device's
+/// primary context.
+#[no_mangle]
+pub unsafe extern "C" fn elra_gpu_check_finite(
+    dtype: u32,
+    x: *const c_void,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    flag: *mut u32,
+    stream: *mut c_void,
+) -> ElraStatus {
+    guard(|| {
+        if x.is_null() {
+            return Err(CError::Null("x"));
+        }
+        if flag.is_null() {
+            return Err(CError::Null("flag"));
+        }
+        let f = flag.cast_const().cast::<c_void>();
+        by_dtype!(dtype, T => {
+            let span = |dev: Option<&CudaDevice>| -> CResult<_> {
+                let xs = CallerSpan::<T>::check(dev, "x", x, rows, cols, ld)?;
+                let fs = CallerSpan::<u32>::check(dev, "flag", f, 1, 1, 1)?;
+                if fs.ptr < xs.ptr + xs.bytes as u64 && xs.ptr < fs.ptr + fs.bytes as u64 {
+                    return Err(ElraError::invalid("flag", "overlaps `x`").into());
+                }
+                Ok((xs, fs))
+            };
+            span(None)?;
+            device_count()?;
+            let _ctx = CtxRestore::new();
+            let shared = shared_stream(ordinal_of("x", x)?)?;
+            let caller = shared
+                .lock()
+                .map_err(|_| ElraError::Cuda("stream poisoned by an earlier panic".into()))?;
+            let dev = caller.device().clone();
+            let (xs, fs) = span(Some(&dev))?;
+            // SAFETY: validated spans on `dev`, alive until the caller's stream passes the call
+            // (caller contract), which `ordered` orders after the scan.
+            let run = || -> CResult<()> { Ok(unsafe { gops::check_finite_span(&dev, &xs, &fs) }?) };
+            // SAFETY: the caller's contract on `stream`.
+            unsafe { caller.ordered(stream, run) }
+        })
     })
 }

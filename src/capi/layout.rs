@@ -163,6 +163,39 @@ pub(crate) fn check_scalar_out<T>(arg: &'static str, p: *mut T) -> CResult<()> {
     check_ptr(arg, p.cast_const())
 }
 
+/// Checks the scalar outputs `a` and `b` (NULL, alignment), computes the pair with `f` and writes
+/// it — the exports that return two scalars (`*_param_shape`, `*_get_step`, `*_energy` of both
+/// handles). Nothing is written unless the whole call succeeds.
+///
+/// # Safety
+/// Both pointers, once checked, must be writable (the export's contract).
+pub(crate) unsafe fn write_pair<A, B>(
+    (name_a, a): (&'static str, *mut A),
+    (name_b, b): (&'static str, *mut B),
+    f: impl FnOnce() -> CResult<(A, B)>,
+) -> CResult<()> {
+    check_scalar_out(name_a, a)?;
+    check_scalar_out(name_b, b)?;
+    let (x, y) = f()?;
+    // SAFETY: validated non-null and aligned; the caller guarantees writability.
+    unsafe {
+        a.write(x);
+        b.write(y);
+    }
+    Ok(())
+}
+
+/// [`write_pair`] for one scalar output: checks `p` (NULL, alignment), then writes `v`.
+///
+/// # Safety
+/// `p`, once checked, must be writable (the export's contract).
+pub(crate) unsafe fn write_one<A>((name, p): (&'static str, *mut A), v: A) -> CResult<()> {
+    check_scalar_out(name, p)?;
+    // SAFETY: validated non-null and aligned; the caller guarantees writability.
+    unsafe { p.write(v) };
+    Ok(())
+}
+
 /// Reads a caller matrix (rows×cols, leading dimension ld) into a DMatrix, checking finiteness.
 ///
 /// # Safety

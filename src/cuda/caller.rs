@@ -165,8 +165,73 @@ impl<T: DeviceScalar> Copy for CallerMatrix<T> {}
 impl<T: DeviceScalar> CallerMatrix<T> {
     /// Validates a caller device matrix of `T` (rows×cols, row-major, leading dimension `ld`)
     /// without touching it: non-NULL, dimensions ≥ 1, `ld == cols` (contiguous; strided device
-    /// layouts are reserved), aligned to `T`, inside the address space, and — with `dev` — that
-    /// the driver knows the address as memory of `dev`'s device (`cuPointerGetAttribute`).
+    /// layouts are reserved), then as [`CallerSpan::check`] (alignment, address space, device).
+    pub(crate) fn check(
+        dev: Option<&CudaDevice>,
+        arg: &'static str,
+        p: *const c_void,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Result<Self> {
+        if !p.is_null() && rows != 0 && cols != 0 && ld != cols {
+            return Err(ElraError::invalid(
+                arg,
+                format!(
+                    "leading dimension {ld} ≠ {cols} columns: device matrices must be contiguous \
+                     row-major (ld = cols)"
+                ),
+            ));
+        }
+        let s = CallerSpan::<T>::check(dev, arg, p, rows, cols, ld)?;
+        Ok(CallerMatrix {
+            arg,
+            ptr: s.ptr,
+            rows,
+            cols,
+            bytes: s.bytes,
+            _t: PhantomData,
+        })
+    }
+
+    /// Lends the matrix to the library without copying (released, never freed, on drop).
+    ///
+    /// # Safety
+    /// The memory must stay allocated (and, for a matrix written through the wrapper, not be
+    /// accessed by other work) until the work enqueued through the wrapper on `dev`'s stream has
+    /// run; [`CallerStream::ordered`] orders the caller's stream after it. `self` must have been
+    /// checked against `dev` ([`Self::check`] with `Some(dev)`).
+    pub(crate) unsafe fn borrow(&self, dev: &CudaDevice) -> Result<BorrowedMatrices<T>> {
+        // SAFETY: forwarded contract; `check` validated alignment for T, the size and the device.
+        unsafe { BorrowedMatrices::new(dev, self.ptr, 1, self.rows, self.cols) }
+    }
+}
+
+/// A caller device matrix of `T` with a row stride after validation ([`Self::check`]): the
+/// device address and the bytes from its first to its last entry. Read-only uses (the non-finite
+/// scan) take such strided layouts; [`CallerMatrix`] is the contiguous case.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CallerSpan<T> {
+    /// The device address.
+    pub(crate) ptr: CUdeviceptr,
+    /// Rows.
+    pub(crate) rows: usize,
+    /// Columns.
+    pub(crate) cols: usize,
+    /// The row stride (elements, `≥ cols`).
+    pub(crate) ld: usize,
+    /// Elements of `T` from the first entry to the last, `(rows − 1)·ld + cols`.
+    pub(crate) len: usize,
+    /// Bytes the matrix spans (`len` elements).
+    pub(crate) bytes: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T> CallerSpan<T> {
+    /// Validates `rows × cols` entries of `T` at `p` with row stride `ld` without touching them:
+    /// non-NULL, dimensions ≥ 1, `ld ≥ cols`, aligned to `T`, inside the address space, and —
+    /// with `dev` — that the driver knows the address as memory of `dev`'s device
+    /// (`cuPointerGetAttribute`).
     pub(crate) fn check(
         dev: Option<&CudaDevice>,
         arg: &'static str,
@@ -184,13 +249,10 @@ impl<T: DeviceScalar> CallerMatrix<T> {
                 format!("zero dimension ({rows}×{cols} matrix)"),
             ));
         }
-        if ld != cols {
+        if ld < cols {
             return Err(ElraError::invalid(
                 arg,
-                format!(
-                    "leading dimension {ld} ≠ {cols} columns: device matrices must be contiguous \
-                     row-major (ld = cols)"
-                ),
+                format!("leading dimension {ld} < {cols} columns"),
             ));
         }
         let size = std::mem::size_of::<T>();
@@ -200,8 +262,8 @@ impl<T: DeviceScalar> CallerMatrix<T> {
                 format!("device pointer is not aligned to {size} bytes"),
             ));
         }
-        let bytes = rows
-            .checked_mul(cols)
+        let len = (rows - 1).checked_mul(ld).and_then(|x| x.checked_add(cols));
+        let bytes = len
             .and_then(|x| x.checked_mul(size))
             .filter(|&b| b <= isize::MAX as usize && (p as usize).checked_add(b).is_some())
             .ok_or_else(|| {
@@ -211,26 +273,15 @@ impl<T: DeviceScalar> CallerMatrix<T> {
         if let Some(dev) = dev {
             check_on_device(dev, arg, ptr)?;
         }
-        Ok(CallerMatrix {
-            arg,
+        Ok(CallerSpan {
             ptr,
             rows,
             cols,
+            ld,
+            len: bytes / size,
             bytes,
             _t: PhantomData,
         })
-    }
-
-    /// Lends the matrix to the library without copying (released, never freed, on drop).
-    ///
-    /// # Safety
-    /// The memory must stay allocated (and, for a matrix written through the wrapper, not be
-    /// accessed by other work) until the work enqueued through the wrapper on `dev`'s stream has
-    /// run; [`CallerStream::ordered`] orders the caller's stream after it. `self` must have been
-    /// checked against `dev` ([`Self::check`] with `Some(dev)`).
-    pub(crate) unsafe fn borrow(&self, dev: &CudaDevice) -> Result<BorrowedMatrices<T>> {
-        // SAFETY: forwarded contract; `check` validated alignment for T, the size and the device.
-        unsafe { BorrowedMatrices::new(dev, self.ptr, 1, self.rows, self.cols) }
     }
 }
 
@@ -384,5 +435,26 @@ mod tests {
         let err = no_overlap(&[y], &[x1, y]).unwrap_err().to_string();
         assert!(err.contains("overlaps `x`"), "{err}");
         assert!(no_overlap(&[y], &[x2, y]).is_ok());
+    }
+
+    #[test]
+    fn strided_spans_checks_without_a_device() {
+        let span = |p: *const c_void, rows, cols, ld| {
+            CallerSpan::<f16>::check(None, "x", p, rows, cols, ld).map_err(|e| e.to_string())
+        };
+        let s = span(FAKE, 3, 4, 6).unwrap();
+        assert_eq!((s.rows, s.cols, s.ld, s.len, s.bytes), (3, 4, 6, 16, 32));
+        assert_eq!(span(FAKE, 1, 4, 4).unwrap().len, 4);
+        assert!(span(null(), 3, 4, 6).unwrap_err().contains("null"));
+        assert!(span(FAKE, 0, 4, 6).unwrap_err().contains("zero"));
+        assert!(span(FAKE, 3, 4, 3)
+            .unwrap_err()
+            .contains("leading dimension 3 < 4"));
+        assert!(span(0x1001 as _, 3, 4, 6).unwrap_err().contains("aligned"));
+        assert!(span(FAKE, usize::MAX / 4, 4, 8)
+            .unwrap_err()
+            .contains("address space"));
+        // A matrix reaching past the end of the address space.
+        assert!(span(usize::MAX as *const c_void, 1, 1, 1).is_err());
     }
 }

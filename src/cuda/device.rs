@@ -18,8 +18,9 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/elra_kernels.fa
 pub(crate) const BLOCK_THREADS: u32 = 256;
 
 /// Every kernel of the fatbin, looked up once per context: the batched r×r matrix functions and
-/// Grams (`cuda/phi1.cu`, `cuda/grams.cu`) and the skinny kernels of the GPU layer
-/// (`cuda/skinny.cu`; activation-typed ones indexed by [`super::Activation::INDEX`]).
+/// Grams (`cuda/phi1.cu`, `cuda/grams.cu`), the skinny kernels of the GPU layer
+/// (`cuda/skinny.cu`) and the non-finite scan (`cuda/finite.cu`); activation-typed ones are
+/// indexed by [`super::Activation::INDEX`].
 pub(crate) struct Kernels {
     pub(crate) expm_phi1_f32: CudaFunction,
     pub(crate) expm_phi1_f64: CudaFunction,
@@ -51,6 +52,8 @@ pub(crate) struct Kernels {
     pub(crate) factor_backward: CudaFunction,
     /// `factor_eta_f32`: ∂η.
     pub(crate) factor_eta: CudaFunction,
+    /// `check_finite_{f32,f16,bf16}`: the non-finite scan (`cuda/finite.cu`).
+    pub(crate) check_finite: [CudaFunction; 3],
     /// Keeps the module loaded as long as the functions are used.
     _module: Arc<CudaModule>,
 }
@@ -410,6 +413,7 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         factor_c: get("factor_c_f32")?,
         factor_backward: get("factor_backward_f32")?,
         factor_eta: get("factor_eta_f32")?,
+        check_finite: three("check_finite")?,
         _module: module,
     })
 }

@@ -9,7 +9,7 @@
 //! | `buffer.rs` | [`DeviceMatrices`], a batch of row-major matrices in device memory (nalgebra's `DMatrix` is column-major: the host conversions transpose), and the non-owning view of caller memory |
 //! | [`gemm`](mod@gemm) | `C ← α op(A) op(B) + β C` on row-major operands (cuBLAS is column-major; the wrapper computes `Cᵀ = op(B)ᵀ op(A)ᵀ`) |
 //! | [`kernels`] | batched `exp` and `φ1` of r×r matrices by Padé scaling and squaring (the algorithm of [`crate::linalg::expm`](mod@crate::linalg::expm), Al-Mohy & Higham 2009), the adjoint Fréchet derivative `L_φ1(Zᵀ, G)`, and the Grams of eq. (21); each writes a per-matrix status that the host turns into an error naming the matrix |
-//! | `skinny.rs` | checked launches of the fused skinny kernels of `cuda/skinny.cu` on strided views |
+//! | `skinny.rs` | checked launches of the fused skinny kernels of `cuda/skinny.cu` and of the non-finite scan of `cuda/finite.cu` (the overflow rule on request) on strided views |
 //! | [`layer`] | the adapters on the GPU — [`GpuElraLayer`] (general/PSD/Hyb; Woodbury and merged routes), [`GpuDoubleSidedLayer`], [`GpuLoraLayer`] — each an [`Adapter`](crate::adapter::Adapter) over [`DeviceMatrices`] ([`GpuAdapter`]) |
 //! | `caller.rs` | memory and streams owned by a caller (the C ABI): context guard, stream join, caller-pointer checks and borrowing |
 //! | [`ops`] | the functional calls of [`crate::ops`] on the device (stateless forward/backward, output-side form, merge, energy on caller buffers; no allocation, no host wait), built as plans of the layer's kernels |

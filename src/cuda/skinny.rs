@@ -1,5 +1,6 @@
-//! Launches of the fused skinny kernels of `cuda/skinny.cu` (the only `unsafe` of the GPU layer),
-//! on strided views whose extents are checked before every launch.
+//! Launches of the fused skinny kernels of `cuda/skinny.cu` and of the non-finite scan of
+//! `cuda/finite.cu` (the only `unsafe` of the GPU layer), on strided views whose extents are
+//! checked before every launch.
 //!
 //! The layer ([`super::layer`]) describes each operand as a [`View`]: a buffer, an offset and a
 //! `rows × cols` shape with element strides `(s0, s1)`, so transposes and sub-matrices cost
@@ -676,6 +677,54 @@ pub(crate) fn factor_backward(dev: &CudaDevice, f: &FactorBackward<'_>) -> Resul
     // float* eta, float mult, float* etabar, int accumulate)`: one block reads entries < d·r of the two d×r views
     // (checked above) and eta[0], writes (and with accumulate first reads) etabar[0]; ordered after factor_backward_f32 on the
     // stream, whose C̄ᵀ it reads.
+    unsafe { args.launch(cfg) }?;
+    Ok(())
+}
+
+/// Elements of `T` per 16-byte access of `check_finite` (`V` in `cuda/finite.cu`).
+fn per_16_bytes<T: Activation>() -> usize {
+    16 / T::BYTES
+}
+
+/// The overflow rule on the GPU (the CPU's `check_output` of [`crate::ops`]; `cuda/finite.cu`):
+/// ORs 1 into `flag` (one u32) when the view `x` holds NaN or ±Inf, reading each entry once and
+/// writing the flag only then. Columns past `x.cols` of a strided view are not read. One launch,
+/// no host wait: the caller zeroes the flag before and reads it when it wants.
+pub(crate) fn check_finite<T: Activation>(
+    dev: &CudaDevice,
+    x: View<'_, T>,
+    flag: View<'_, u32>,
+) -> Result<()> {
+    let ld = x.check_rows("x", x.rows, x.cols)?;
+    flag.check("flag", 1, 1)?;
+    // A contiguous matrix is scanned as one row (no per-row bookkeeping).
+    let (rows, cols, ld) = if ld == x.cols as i64 || x.rows == 1 {
+        (1, x.rows * x.cols, (x.rows * x.cols) as i64)
+    } else {
+        (x.rows, x.cols, ld)
+    };
+    let chunk = BLOCK_THREADS as usize * per_16_bytes::<T>();
+    let gx = cols.div_ceil(chunk).clamp(1, TARGET_BLOCKS);
+    let gy = (TARGET_BLOCKS / gx).clamp(1, rows.min(MAX_GRID));
+    let (rows_i, cols_i) = (ll("rows", rows)?, ll("cols", cols)?);
+    let cfg = LaunchConfig {
+        grid_dim: (gx as u32, gy as u32, 1),
+        block_dim: (BLOCK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (xp, _g1) = dptr(dev, &x);
+    let (fp, _g2) = dptr(dev, &flag);
+    let mut args = dev
+        .stream()
+        .launch_builder(&dev.kernels().check_finite[T::INDEX]);
+    args.arg(&rows_i).arg(&cols_i).arg(&xp).arg(&ld).arg(&fp);
+    // SAFETY: matches `check_finite_{dtype}(long long rows, long long cols, const T* X, long long
+    // ld, unsigned* flag)` for the element type T (kernel picked by T::INDEX). Block (x, y) reads
+    // entries (i, j) with i < rows (grid-stride in y) and j < cols (grid-stride in x; 16-byte
+    // loads only for whole aligned chunks inside the row) at X + i·ld + j: the view `x` was
+    // checked to lie inside its buffer with unit column stride, and a contiguous view is read as
+    // one row of rows·cols entries, which is the same memory. One thread per block may OR into
+    // flag[0], a checked one-entry view. Ordered on dev's stream, on which the guards are recorded.
     unsafe { args.launch(cfg) }?;
     Ok(())
 }

@@ -25,9 +25,12 @@ use super::config::{
     dtype_of, missing_param, param_names, variant_of, ElraAdapterConfig, ElraDtype,
 };
 use super::handle::{self, Handle};
-use super::layout::{check_scalar_out, elements, out_layout, read_matrix, reserve, write_matrix};
+use super::layout::{
+    check_scalar_out, elements, out_layout, read_matrix, reserve, write_matrix, write_one,
+    write_pair, Layout,
+};
 use super::{guard, CError, CResult, ElraStatus};
-use crate::adapter::{Adapter, ElraConfig, ElraLayer, HostAdapter, LoraConfig, LoraLayer};
+use crate::adapter::{Adapter, ElraConfig, ElraLayer, Energy, HostAdapter, LoraConfig, LoraLayer};
 use crate::linalg::Real;
 use crate::ElraError;
 
@@ -189,6 +192,82 @@ pub(crate) fn param_shape<A: Adapter + ?Sized>(a: &A, which: u32) -> CResult<(us
     })
 }
 
+/// `(‖G‖²_F, λ‖G‖²_F)` of an adapter's energy (eq. 20–21); LoRA has none (`ELRA_INVALID_ARGUMENT`).
+pub(crate) fn energy_pair(e: Option<Energy>) -> CResult<(f64, f64)> {
+    let e = e.ok_or_else(|| ElraError::invalid("adapter", "LoRA has no generator energy"))?;
+    Ok((e.frobenius_sq, e.penalty))
+}
+
+/// The gradient outputs of a backward — `da`, `db` and `deta` for [`super::ElraParam`] A, B and
+/// η, each with the adapter's parameter index — validated before any work ([`Self::check`]) and
+/// written after all of it ([`Self::write`]), so that nothing is written unless the call succeeds.
+pub(crate) struct GradOuts<T> {
+    da: (*mut T, Layout, usize),
+    db: Option<(*mut T, Layout, usize)>,
+    deta: Option<(*mut T, usize)>,
+}
+
+/// The gradients of the last backward for [`GradOuts`]: `∂A`, `∂B` and `∂η` where the adapter has
+/// them.
+pub(crate) struct Grads<T: Real>(DMatrix<T>, Option<DMatrix<T>>, Option<DMatrix<T>>);
+
+impl<T: Real> GradOuts<T> {
+    /// Checks `da` (the shape of A, leading dimension `ld_da`) and, where the adapter has them,
+    /// `db` (the shape of B) and `deta` (a scalar); the others are ignored and may be NULL.
+    pub(crate) fn check<A: Adapter + ?Sized>(
+        l: &A,
+        (da, ld_da): (*mut T, usize),
+        (db, ld_db): (*mut T, usize),
+        deta: *mut T,
+    ) -> CResult<Self> {
+        let specs = l.params();
+        let out = |arg, p, i: usize, ld| {
+            out_layout(arg, p, specs[i].rows, specs[i].cols, ld).map(|lo| (p, lo, i))
+        };
+        let ia = param_index(l, 0)?.ok_or_else(|| missing_param(0))?;
+        let da = out("da", da, ia, ld_da)?;
+        let db = match param_index(l, 1).ok().flatten() {
+            Some(i) => Some(out("db", db, i, ld_db)?),
+            None => None,
+        };
+        let deta = match param_index(l, 2).ok().flatten() {
+            Some(i) => {
+                check_scalar_out("deta", deta)?;
+                Some((deta, i))
+            }
+            None => None,
+        };
+        Ok(GradOuts { da, db, deta })
+    }
+
+    /// The gradients of the adapter's last backward ([`Adapter::grad`]).
+    pub(crate) fn read<A: Adapter<Scalar = T> + ?Sized>(&self, l: &A) -> CResult<Grads<T>> {
+        Ok(Grads(
+            l.grad(self.da.2)?,
+            self.db.as_ref().map(|b| l.grad(b.2)).transpose()?,
+            self.deta.map(|e| l.grad(e.1)).transpose()?,
+        ))
+    }
+
+    /// Writes `g` to the outputs.
+    ///
+    /// # Safety
+    /// The outputs checked by [`Self::check`] must be writable (the export's contract).
+    pub(crate) unsafe fn write(&self, g: &Grads<T>) {
+        let (da, lo, _) = &self.da;
+        // SAFETY: layouts validated by `check`; the caller guarantees writability.
+        unsafe {
+            write_matrix(*da, lo, &g.0);
+            if let (Some((db, lo, _)), Some(m)) = (&self.db, &g.1) {
+                write_matrix(*db, lo, m);
+            }
+            if let (Some((deta, _)), Some(m)) = (self.deta, &g.2) {
+                deta.write(m[(0, 0)]);
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Creation, destruction, information
 // ------------------------------------------------------------------------------------------
@@ -323,10 +402,8 @@ pub unsafe extern "C" fn elra_adapter_get_config(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("out", out)?;
-        // SAFETY: validated; caller guarantees writability.
-        unsafe { out.write(a.config) };
-        Ok(())
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_one(("out", out), a.config) }
     })
 }
 
@@ -346,15 +423,9 @@ pub unsafe extern "C" fn elra_adapter_param_shape(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("rows", rows)?;
-        check_scalar_out("cols", cols)?;
-        let (r, c) = any_dtype!(&*a.lock(), l => param_shape(l.as_ref(), which)?);
-        // SAFETY: validated; caller guarantees writability.
-        unsafe {
-            rows.write(r);
-            cols.write(c);
-        }
-        Ok(())
+        let shape = || any_dtype!(&*a.lock(), l => param_shape(l.as_ref(), which));
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_pair(("rows", rows), ("cols", cols), shape) }
     })
 }
 
@@ -372,15 +443,15 @@ pub unsafe extern "C" fn elra_adapter_param_count(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("matrix_entries", matrix_entries)?;
-        check_scalar_out("scalars", scalars)?;
-        let (m, s) = any_dtype!(&*a.lock(), l => (l.param_count(), l.scalar_param_count()));
-        // SAFETY: validated; caller guarantees writability.
+        let counts = || Ok(any_dtype!(&*a.lock(), l => (l.param_count(), l.scalar_param_count())));
+        // SAFETY: the caller guarantees writability.
         unsafe {
-            matrix_entries.write(m);
-            scalars.write(s);
+            write_pair(
+                ("matrix_entries", matrix_entries),
+                ("scalars", scalars),
+                counts,
+            )
         }
-        Ok(())
     })
 }
 
@@ -416,15 +487,9 @@ pub unsafe extern "C" fn elra_adapter_get_step(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("step", step)?;
-        check_scalar_out("alpha", alpha)?;
-        let (s, al) = any_dtype!(&*a.lock(), l => (l.step(), l.alpha()));
-        // SAFETY: validated; caller guarantees writability.
-        unsafe {
-            step.write(s);
-            alpha.write(al);
-        }
-        Ok(())
+        let now = || Ok(any_dtype!(&*a.lock(), l => (l.step(), l.alpha())));
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_pair(("step", step), ("alpha", alpha), now) }
     })
 }
 
@@ -442,16 +507,9 @@ pub unsafe extern "C" fn elra_adapter_energy(
     guard(|| {
         // SAFETY: caller contract.
         let a = unsafe { handle::live_ref(adapter)? };
-        check_scalar_out("energy", energy)?;
-        check_scalar_out("penalty", penalty)?;
-        let e = any_dtype!(&mut *a.lock(), l => l.energy()?)
-            .ok_or_else(|| ElraError::invalid("adapter", "LoRA has no generator energy"))?;
-        // SAFETY: validated; caller guarantees writability.
-        unsafe {
-            energy.write(e.frobenius_sq);
-            penalty.write(e.penalty);
-        }
-        Ok(())
+        let pair = || energy_pair(any_dtype!(&mut *a.lock(), l => l.energy()?));
+        // SAFETY: the caller guarantees writability.
+        unsafe { write_pair(("energy", energy), ("penalty", penalty), pair) }
     })
 }
 
@@ -778,24 +836,11 @@ unsafe fn backward<T: HostReal>(
 ) -> CResult<()> {
     // SAFETY: caller contract.
     let a = unsafe { handle::live_ref(h)? };
-    let (layouts, gx, grads) = a.with::<T, _>(|l| {
+    let (l_dx, outs, gx, grads) = a.with::<T, _>(|l| {
         let (d, k) = l.dims();
         // Validate every output before any work.
         let l_dx = out_layout("dx", dx, n, k, ld_dx)?;
-        let (ar, ac) = param_shape(l, 0)?;
-        let l_da = out_layout("da", da, ar, ac, ld_da)?;
-        let b = param_index(l, 1).ok().flatten();
-        let l_db = match b {
-            Some(i) => {
-                let p = l.params()[i];
-                Some(out_layout("db", db, p.rows, p.cols, ld_db)?)
-            }
-            None => None,
-        };
-        let eta = param_index(l, 2).ok().flatten();
-        if eta.is_some() {
-            check_scalar_out("deta", deta)?;
-        }
+        let outs = GradOuts::check(l, (da, ld_da), (db, ld_db), deta)?;
         // x, ∂y, ∂x, the recomputed forward's tape and the backward's temporaries.
         reserve::<T>("the backward", work(l, n, &[(n, 2 * k), (n, 5 * d)]))?;
         // SAFETY: caller contract.
@@ -805,24 +850,14 @@ unsafe fn backward<T: HostReal>(
         l.recompute(&xm)?;
         let mut gx = DMatrix::zeros(n, k);
         l.backward(&xm, &dym, &mut gx)?;
-        let ga = l.grad(param_index(l, 0)?.unwrap_or(0))?;
-        let gb = b.map(|i| l.grad(i)).transpose()?;
-        let geta = eta.map(|i| l.grad(i)).transpose()?;
-        Ok(((l_dx, l_da, l_db), gx, (ga, gb, geta)))
+        let grads = outs.read(l)?;
+        Ok((l_dx, outs, gx, grads))
     })?;
-    let (l_dx, l_da, l_db) = layouts;
-    let (ga, gb, geta) = grads;
     // SAFETY: layouts validated above; the caller guarantees writability. All results are
     // computed, so nothing is written unless the whole call succeeds.
     unsafe {
         write_matrix(dx, &l_dx, &gx);
-        write_matrix(da, &l_da, &ga);
-        if let (Some(l), Some(g)) = (l_db, gb) {
-            write_matrix(db, &l, &g);
-        }
-        if let Some(e) = geta {
-            deta.write(e[(0, 0)]);
-        }
+        outs.write(&grads);
     }
     Ok(())
 }

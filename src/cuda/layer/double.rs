@@ -9,16 +9,15 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    ensure, ensure_mat, got, mat, upload_matrix, Base, Calls, GenCalls, Generators, GpuAdapter,
+    ensure, ensure_mat, got, mat, scratch_for, upload_matrix, Base, Calls, GenCalls, Generators,
     RowsTape, RrBatch, SideInit,
 };
 use crate::adapter::{
-    xavier_uniform, Adapter, DoubleSidedConfig, DoubleSidedLayer, Energy, Factors, GeneratorConfig,
-    GeneratorSpec, ParamSpec, Variant,
+    xavier_uniform, Adapter, DoubleSidedConfig, DoubleSidedLayer, GeneratorSpec, Variant,
 };
 use crate::cuda::kernels::check_status;
-use crate::cuda::skinny::{col_reduce_scratch, View};
-use crate::cuda::{gemm, Activation, CudaDevice, DeviceMatrices, Transpose};
+use crate::cuda::skinny::View;
+use crate::cuda::{Activation, CudaDevice, DeviceMatrices};
 use crate::{ElraError, Result};
 
 /// The parameter names of the left and the right generator.
@@ -50,19 +49,9 @@ pub struct GpuDoubleSidedLayer<T: Activation> {
     dr: Option<CudaSlice<f32>>,
     dr2: Option<CudaSlice<f32>>,
     kr: Option<CudaSlice<f32>>,
-    scratch: Option<CudaSlice<f32>>,
 }
 
-impl<T: Activation> std::fmt::Debug for GpuDoubleSidedLayer<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuDoubleSidedLayer")
-            .field("dtype", &T::DTYPE)
-            .field("config", &self.config)
-            .field("step", &self.base.step)
-            .field("tape", &self.base.train)
-            .finish()
-    }
-}
+gpu_layer!(GpuDoubleSidedLayer, generators);
 
 impl<T: Activation> GpuDoubleSidedLayer<T> {
     /// A layer on `dev` with frozen `w0` (d×k on the device) and the CPU's initialisation
@@ -143,9 +132,8 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
         step: usize,
     ) -> Result<Self> {
         config.validate()?;
-        let spec = config.generator.spec_at(step).require_no_clip()?;
-        let mut base = Base::new(dev, w0, config.d, config.k)?;
-        base.step = step;
+        let dk = (config.d, config.k);
+        let (base, spec) = Base::at_step(dev, w0, dk, &config.generator, step)?;
         for (side, (n, r, arg)) in sides.iter().zip([
             (config.d, config.r_left, "a_left"),
             (config.k, config.r_right, "a_right"),
@@ -169,7 +157,6 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
             dr: None,
             dr2: None,
             kr: None,
-            scratch: None,
         })
     }
 
@@ -203,108 +190,14 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
         ]
     }
 
-    fn ensure_scratch(&mut self, n: usize) -> Result<()> {
-        let (d, k) = (self.config.d, self.config.k);
-        let r = self.gens.max_rank();
-        let need = [
-            col_reduce_scratch(n, d, r),
-            col_reduce_scratch(n, k, r),
-            col_reduce_scratch(n, r, r),
-            col_reduce_scratch(d, k, r),
-            col_reduce_scratch(d, r, r),
-            col_reduce_scratch(k, r, r),
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(1);
-        ensure(&self.base.dev, &mut self.scratch, need)
-    }
-
     /// The r×r work of both sides (eq. 19, Prop. 1), φ1 batched. Asynchronous.
     pub fn prepare(&mut self) -> Result<()> {
-        self.ensure_scratch(1)?;
-        let scratch = got(&self.scratch)?;
-        self.gens.prepare(&self.base.dev, scratch)
+        self.gen_prepare()
     }
 
     /// Reads the statuses of the r×r launches (synchronises).
     pub fn check_status(&self) -> Result<()> {
         self.gens.check_status(&self.base.dev)
-    }
-
-    /// `y = x W_newᵀ` (App. B eq. 22) for `x` (N×k) into `y` (N×d), keeping the tape.
-    fn forward_on(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
-        let n = x.rows();
-        self.ensure_prepared()?;
-        self.ensure_scratch(n)?;
-        let (rl, rr) = (self.gens.gens[LEFT].r, self.gens.gens[RIGHT].r);
-        for (i, slot) in self.nr.iter_mut().enumerate() {
-            ensure(&self.base.dev, slot, n * if i < 4 { rl } else { rr })?;
-        }
-        ensure_mat(&self.base.dev, &mut self.xr, n, self.config.k)?;
-        ensure_mat(&self.base.dev, &mut self.u, n, self.config.d)?;
-        self.n = n;
-        let dev: &CudaDevice = &self.base.dev;
-        let (left, right) = (&self.gens.gens[LEFT], &self.gens.gens[RIGHT]);
-        let tl = rows_tape(&self.nr, LEFT, n, left.r)?;
-        let tr = rows_tape(&self.nr, RIGHT, n, right.r)?;
-        let xr = got(&self.xr)?;
-        right.rows_forward(dev, self.gens.m(RIGHT), mat(x), mat(xr), tr.v, tr.t)?;
-        let u = self
-            .u
-            .as_mut()
-            .ok_or_else(|| ElraError::Cuda("tape".into()))?;
-        gemm(
-            dev,
-            1.0,
-            xr,
-            Transpose::No,
-            &self.base.w0,
-            Transpose::Yes,
-            0.0,
-            u,
-        )?;
-        let u = got(&self.u)?;
-        left.rows_forward(dev, self.gens.m(LEFT), mat(u), mat(y), tl.v, tl.t)
-    }
-
-    /// Reverse mode of the last forward ([`crate::grad::double_backward_parts`] without the
-    /// clip): `∂x` into `dx` and both sides' gradients. Asynchronous.
-    fn backward_on(
-        &mut self,
-        x: &DeviceMatrices<T>,
-        dy: &DeviceMatrices<T>,
-        dx: &mut DeviceMatrices<T>,
-    ) -> Result<()> {
-        let n = self.n;
-        ensure_mat(&self.base.dev, &mut self.ubar, n, self.config.d)?;
-        ensure_mat(&self.base.dev, &mut self.xrbar, n, self.config.k)?;
-        let dev: &CudaDevice = &self.base.dev;
-        let scratch = got(&self.scratch)?;
-        let (left, right) = (&self.gens.gens[LEFT], &self.gens.gens[RIGHT]);
-        let tl = rows_tape(&self.nr, LEFT, n, left.r)?;
-        let tr = rows_tape(&self.nr, RIGHT, n, right.r)?;
-        let (u, ubar) = (mat(got(&self.u)?), got(&self.ubar)?);
-        let (ml, mbar_l) = (self.gens.m(LEFT), self.gens.mbar(LEFT));
-        left.rows_backward(dev, ml, u, mat(dy), mat(ubar), &tl, mbar_l, scratch)?;
-        let xrbar = self
-            .xrbar
-            .as_mut()
-            .ok_or_else(|| ElraError::Cuda("tape".into()))?;
-        gemm(
-            dev,
-            1.0,
-            ubar,
-            Transpose::No,
-            &self.base.w0,
-            Transpose::No,
-            0.0,
-            xrbar,
-        )?;
-        let xrbar = got(&self.xrbar)?;
-        let (mr, mbar_r) = (self.gens.m(RIGHT), self.gens.mbar(RIGHT));
-        right.rows_backward(dev, mr, mat(x), mat(xrbar), mat(dx), &tr, mbar_r, scratch)?;
-        self.gens.backward_tail(dev)
     }
 
     /// `W_out = W_in + sign (W_in A_R M) C_R` (the right factor `W exp(±R)`; `m` is φ1(±Z_R)).
@@ -332,7 +225,7 @@ impl<T: Activation> GpuDoubleSidedLayer<T> {
         let (d, k, r) = (self.config.d, self.config.k, self.gens.gens[LEFT].r);
         let pt = View::mat(got(&self.kr)?, k, r);
         let q = View::mat(got(&self.dr2)?, d, r);
-        let scratch = got(&self.scratch)?;
+        let scratch = got(&self.base.scratch)?;
         self.gens.gens[LEFT].apply_left(&self.base.dev, m, w_in, w_out, sign, pt, q, scratch)
     }
 
@@ -374,65 +267,96 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
             Variant::Hyb => "elra-hyb-double",
         }
     }
-    fn dims(&self) -> (usize, usize) {
-        (self.config.d, self.config.k)
+    generator_calls!();
+    adapter_calls! {
+        forward: "App. B eq. 22 through the Woodbury row pass on both sides; asynchronous. No dropout.",
+        backward: "Reverse mode on the kept tape; asynchronous.",
+        merge: "`W_new = exp(L) W0 exp(R)` (App. B eq. 22) into `out`, both factors by Prop. 1; \
+                asynchronous.",
+        unmerge: "`W0 = exp(−L) W_new exp(−R)` into `out` with the current parameters (Prop. 3 on \
+                  each side; `φ1(−Z)` of both sides in one more batched launch when the ranks \
+                  agree). Synchronises to check the statuses of that launch.",
     }
-    fn w0(&self) -> &DeviceMatrices<T> {
-        &self.base.w0
+}
+
+impl<T: Activation> Calls<T> for GpuDoubleSidedLayer<T> {
+    fn grad_outputs(&self) -> Vec<(String, View<'_, f32>)> {
+        self.gens.grad_views()
     }
-    /// Copies `w0` (d×k on the layer's device; not scanned for NaN) into the layer's `W0`.
-    fn set_w0(&mut self, w0: &DeviceMatrices<T>) -> Result<()> {
-        self.base.set_w0(w0)
+    fn scratch_need(&self, n: usize) -> usize {
+        let (d, k) = (self.config.d, self.config.k);
+        let r = self.gens.max_rank();
+        let sizes = [
+            (n, d, r),
+            (n, k, r),
+            (n, r, r),
+            (d, k, r),
+            (d, r, r),
+            (k, r, r),
+        ];
+        scratch_for(&sizes, &[])
     }
-    fn generator(&self) -> Option<&GeneratorConfig> {
-        Some(&self.config.generator)
+
+    /// `y = x W_newᵀ` (App. B eq. 22) for `x` (N×k) into `y` (N×d), keeping the tape.
+    fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
+        let n = x.rows();
+        self.ensure_prepared()?;
+        self.ensure_scratch(n)?;
+        let (rl, rr) = (self.gens.gens[LEFT].r, self.gens.gens[RIGHT].r);
+        for (i, slot) in self.nr.iter_mut().enumerate() {
+            ensure(&self.base.dev, slot, n * if i < 4 { rl } else { rr })?;
+        }
+        ensure_mat(&self.base.dev, &mut self.xr, n, self.config.k)?;
+        ensure_mat(&self.base.dev, &mut self.u, n, self.config.d)?;
+        self.n = n;
+        let dev: &CudaDevice = &self.base.dev;
+        let (left, right) = (&self.gens.gens[LEFT], &self.gens.gens[RIGHT]);
+        let tl = rows_tape(&self.nr, LEFT, n, left.r)?;
+        let tr = rows_tape(&self.nr, RIGHT, n, right.r)?;
+        let xr = got(&self.xr)?;
+        right.rows_forward(dev, self.gens.m(RIGHT), mat(x), mat(xr), tr.v, tr.t)?;
+        let u = self
+            .u
+            .as_mut()
+            .ok_or_else(|| ElraError::Cuda("tape".into()))?;
+        self.base.frozen(xr, u)?;
+        let u = got(&self.u)?;
+        left.rows_forward(dev, self.gens.m(LEFT), mat(u), mat(y), tl.v, tl.t)
     }
-    fn params(&self) -> Vec<ParamSpec> {
-        self.gens.params()
-    }
-    fn param(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.gen_param(index)
-    }
-    fn set_param(&mut self, index: usize, value: &DMatrix<f32>) -> Result<()> {
-        self.gen_set_param(index, value)
-    }
-    fn step(&self) -> usize {
-        self.base.step
-    }
-    /// `config.generator.spec_at(step)` without the clip, for both sides (eq. 19, App. H).
-    fn set_step(&mut self, step: usize) -> Result<()> {
-        self.gen_set_step(step)
-    }
-    /// App. B eq. 22 through the Woodbury row pass on both sides; asynchronous. No dropout.
-    fn forward(
-        &mut self,
-        x: &DeviceMatrices<T>,
-        dropout: Option<&DeviceMatrices<T>>,
-        y: &mut DeviceMatrices<T>,
-    ) -> Result<()> {
-        self.checked_forward(x, dropout, y)
-    }
-    /// Reverse mode on the kept tape; asynchronous.
-    fn backward(
+
+    /// Reverse mode of the last forward ([`crate::grad::double_backward_parts`] without the
+    /// clip): `∂x` into `dx` and both sides' gradients. Asynchronous.
+    fn run_backward(
         &mut self,
         x: &DeviceMatrices<T>,
         dy: &DeviceMatrices<T>,
         dx: &mut DeviceMatrices<T>,
     ) -> Result<()> {
-        self.checked_backward(x, dy, dx)
+        let n = self.n;
+        ensure_mat(&self.base.dev, &mut self.ubar, n, self.config.d)?;
+        ensure_mat(&self.base.dev, &mut self.xrbar, n, self.config.k)?;
+        let dev: &CudaDevice = &self.base.dev;
+        let scratch = got(&self.base.scratch)?;
+        let (left, right) = (&self.gens.gens[LEFT], &self.gens.gens[RIGHT]);
+        let tl = rows_tape(&self.nr, LEFT, n, left.r)?;
+        let tr = rows_tape(&self.nr, RIGHT, n, right.r)?;
+        let (u, ubar) = (mat(got(&self.u)?), got(&self.ubar)?);
+        let (ml, mbar_l) = (self.gens.m(LEFT), self.gens.mbar(LEFT));
+        left.rows_backward(dev, ml, u, mat(dy), mat(ubar), &tl, mbar_l, scratch)?;
+        let xrbar = self
+            .xrbar
+            .as_mut()
+            .ok_or_else(|| ElraError::Cuda("tape".into()))?;
+        self.base.frozen_back(ubar, xrbar)?;
+        let xrbar = got(&self.xrbar)?;
+        let (mr, mbar_r) = (self.gens.m(RIGHT), self.gens.mbar(RIGHT));
+        right.rows_backward(dev, mr, mat(x), mat(xrbar), mat(dx), &tr, mbar_r, scratch)?;
+        self.gens.backward_tail(dev)
     }
-    fn recompute(&mut self, x: &DeviceMatrices<T>) -> Result<()> {
-        self.checked_recompute(x)
-    }
-    /// Downloads the gradient (synchronises) after checking the r×r statuses of the step.
-    fn grad(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.gen_grad(index)
-    }
+
     /// `W_new = exp(L) W0 exp(R)` (App. B eq. 22) into `out`, both factors by Prop. 1;
     /// asynchronous.
-    fn merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
-        self.base
-            .check("out", out, Some(self.config.d), self.config.k)?;
+    fn run_merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
         self.ensure_merge()?;
         self.right_apply(self.gens.m(RIGHT), mat(&self.base.w0), mat(out), 1.0)?;
         self.left_apply(self.gens.m(LEFT), mat(out), mat(out), 1.0)
@@ -440,10 +364,11 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
     /// `W0 = exp(−L) W_new exp(−R)` into `out` with the current parameters (Prop. 3 on each
     /// side; `φ1(−Z)` of both sides in one more batched launch when the ranks agree).
     /// Synchronises to check the statuses of that launch.
-    fn unmerge(&mut self, w_new: &DeviceMatrices<T>, out: &mut DeviceMatrices<T>) -> Result<()> {
-        let (d, k) = (self.config.d, self.config.k);
-        self.base.check("w_new", w_new, Some(d), k)?;
-        self.base.check("out", out, Some(d), k)?;
+    fn run_unmerge(
+        &mut self,
+        w_new: &DeviceMatrices<T>,
+        out: &mut DeviceMatrices<T>,
+    ) -> Result<()> {
         self.ensure_merge()?;
         let mut neg: Vec<RrBatch> = self
             .gens
@@ -452,7 +377,7 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
             .map(|b| b.like(&self.base.dev))
             .collect::<Result<_>>()?;
         self.gens
-            .phi_neg(&self.base.dev, &mut neg, got(&self.scratch)?)?;
+            .phi_neg(&self.base.dev, &mut neg, got(&self.base.scratch)?)?;
         let slot = |i: usize| {
             let g = &self.gens.gens[i];
             RrBatch::slot(&neg[g.group].m, g.slot)
@@ -471,67 +396,5 @@ impl<T: Activation> Adapter for GpuDoubleSidedLayer<T> {
             )?;
         }
         Ok(())
-    }
-    /// `‖L‖²_F + ‖R‖²_F` (eq. 21 per side) and `λ(‖L‖²_F + ‖R‖²_F)` (eq. 20); synchronises.
-    fn energy(&mut self) -> Result<Option<Energy>> {
-        self.gen_energy()
-    }
-    /// `(A_L, C_L)` then `(A_R, C_R)` of the last forward (synchronises).
-    fn generator_factors(&self) -> Result<Vec<Factors<f32>>> {
-        self.gen_factors()
-    }
-}
-
-impl<T: Activation> GenCalls<T> for GpuDoubleSidedLayer<T> {
-    fn gens(&self) -> &Generators {
-        &self.gens
-    }
-    fn gens_mut(&mut self) -> &mut Generators {
-        &mut self.gens
-    }
-    fn generator_config(&self) -> &GeneratorConfig {
-        &self.config.generator
-    }
-    fn ensure_prepared(&mut self) -> Result<()> {
-        if !self.gens.prepared {
-            self.prepare()?;
-        }
-        Ok(())
-    }
-    fn scratch(&self) -> Result<&CudaSlice<f32>> {
-        got(&self.scratch)
-    }
-    fn statuses(&self) -> Result<()> {
-        self.check_status()
-    }
-}
-
-impl<T: Activation> Calls<T> for GpuDoubleSidedLayer<T> {
-    fn base(&self) -> &Base<T> {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut Base<T> {
-        &mut self.base
-    }
-    fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
-        self.forward_on(x, y)
-    }
-    fn run_backward(
-        &mut self,
-        x: &DeviceMatrices<T>,
-        dy: &DeviceMatrices<T>,
-        dx: &mut DeviceMatrices<T>,
-    ) -> Result<()> {
-        self.backward_on(x, dy, dx)
-    }
-}
-
-impl<T: Activation> GpuAdapter<T> for GpuDoubleSidedLayer<T> {
-    fn device(&self) -> &Arc<CudaDevice> {
-        &self.base.dev
-    }
-    fn synchronize(&self) -> Result<()> {
-        self.base.dev.synchronize()?;
-        self.check_status()
     }
 }

@@ -10,15 +10,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    choose_route, ensure, ensure_mat, got, mat, upload_matrix, Base, Calls, GenCalls, Generators,
-    GpuAdapter, RowsTape, RrBatch, SideInit,
+    choose_route, ensure, ensure_mat, got, mat, scratch_for, upload_matrix, Base, Calls, GenCalls,
+    Generators, RowsTape, RrBatch, SideInit,
 };
-use crate::adapter::{
-    xavier_uniform, Adapter, ElraConfig, ElraLayer, Energy, Factors, GeneratorConfig,
-    GeneratorSpec, ParamSpec,
-};
+use crate::adapter::{xavier_uniform, Adapter, ElraConfig, ElraLayer, GeneratorSpec};
 use crate::cuda::kernels::check_status;
-use crate::cuda::skinny::{col_reduce, col_reduce_scratch, rows_fused, small_gemm, RowPass, View};
+use crate::cuda::skinny::{col_reduce, rows_fused, small_gemm, RowPass, View};
 use crate::cuda::{gemm, Activation, CudaDevice, DeviceMatrices, Transpose};
 use crate::grad::Route;
 use crate::{ElraError, Result};
@@ -49,13 +46,12 @@ struct Work<T: Activation> {
     /// `Pᵀ` and `Q` of merge and unmerge (kept apart from the forward's, which a backward reads).
     merge_pt: Option<CudaSlice<f32>>,
     merge_q: Option<CudaSlice<f32>>,
-    scratch: Option<CudaSlice<f32>>,
 }
 
 /// The single-sided ELRA layer on the GPU: `y = x W_newᵀ`, `W_new = exp(A C) W0` (eq. 3, 5, 30)
 /// for general (α = 0), PSD (α = 1, no `B`) and Hyb (α of its schedule) generators (eq. 19).
 ///
-/// It implements [`Adapter`] (and [`GpuAdapter`]) over [`DeviceMatrices`]: the same training
+/// It implements [`Adapter`] (and [`GpuAdapter`](super::GpuAdapter)) over [`DeviceMatrices`]: the same training
 /// step as the CPU layer (set the step, forward, backward with the same `x`, read the
 /// gradients, set the parameters), with the parameters, tape and gradients on the device. The
 /// settings of a step are `config.generator.spec_at(step)` without the clip
@@ -73,17 +69,7 @@ pub struct GpuElraLayer<T: Activation> {
     work: Work<T>,
 }
 
-impl<T: Activation> std::fmt::Debug for GpuElraLayer<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuElraLayer")
-            .field("dtype", &T::DTYPE)
-            .field("config", &self.config)
-            .field("step", &self.base.step)
-            .field("route", &self.route)
-            .field("tape", &self.base.train)
-            .finish()
-    }
-}
+gpu_layer!(GpuElraLayer, generators, extra: route);
 
 impl<T: Activation> GpuElraLayer<T> {
     /// A layer on `dev` with frozen `w0` (d×k on the device) and the CPU's initialisation
@@ -140,9 +126,8 @@ impl<T: Activation> GpuElraLayer<T> {
         step: usize,
     ) -> Result<Self> {
         config.validate()?;
-        let spec = config.generator.spec_at(step).require_no_clip()?;
-        let mut base = Base::new(dev, w0, config.d, config.k)?;
-        base.step = step;
+        let dk = (config.d, config.k);
+        let (base, spec) = Base::at_step(dev, w0, dk, &config.generator, step)?;
         if init.a.ncols() != config.r {
             return Err(ElraError::shape("a", (config.d, config.r), init.a.shape()));
         }
@@ -211,33 +196,11 @@ impl<T: Activation> GpuElraLayer<T> {
         self.gens.fill_grads(&self.base.dev, value)
     }
 
-    fn scratch_need(&self, n: usize) -> usize {
-        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        [
-            col_reduce_scratch(n, d, r),
-            col_reduce_scratch(n, k, r),
-            col_reduce_scratch(d, k, r),
-            col_reduce_scratch(n, r, r),
-            col_reduce_scratch(d, r, r),
-            self.gens.gens[0].scratch_need(),
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(1)
-    }
-
-    fn ensure_scratch(&mut self, n: usize) -> Result<()> {
-        let need = self.scratch_need(n);
-        ensure(&self.base.dev, &mut self.work.scratch, need)
-    }
-
     /// The r×r work of a step (Algorithm 1 lines 4–5): `C` (eq. 19), `Z = CA`, the Grams when
     /// λ > 0, and `M = φ1(Z)` in one batched launch (Prop. 1). Asynchronous; forward, merge and
     /// unmerge run it when the parameters or the step changed.
     pub fn prepare(&mut self) -> Result<()> {
-        self.ensure_scratch(1)?;
-        let scratch = got(&self.work.scratch)?;
-        self.gens.prepare(&self.base.dev, scratch)
+        self.gen_prepare()
     }
 
     /// Reads the statuses of the r×r launches (synchronises): errors name a non-finite `Z`,
@@ -281,16 +244,7 @@ impl<T: Activation> GpuElraLayer<T> {
             Route::Woodbury => {
                 ensure_mat(dev, &mut w.u, n, d)?;
                 let u = w.u.as_mut().ok_or_else(|| ElraError::Cuda("tape".into()))?;
-                gemm(
-                    dev,
-                    1.0,
-                    x,
-                    Transpose::No,
-                    &self.base.w0,
-                    Transpose::Yes,
-                    0.0,
-                    u,
-                )?;
+                self.base.frozen(x, u)?;
                 gen.rows_forward(
                     dev,
                     m,
@@ -314,17 +268,63 @@ impl<T: Activation> GpuElraLayer<T> {
                     1.0,
                     View::mat(got(&w.pt)?, k, r),
                     View::mat(got(&w.q)?, d, r),
-                    got(&w.scratch)?,
+                    got(&self.base.scratch)?,
                 )?;
                 gemm(dev, 1.0, x, Transpose::No, weff, Transpose::Yes, 0.0, y)
             }
         }
     }
 
+    /// The merge/unmerge work buffers: `Pᵀ` (k×r), `Q` (d×r), scratch.
+    fn ensure_merge(&mut self) -> Result<()> {
+        self.ensure_prepared()?;
+        self.ensure_scratch(1)?;
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        ensure(&self.base.dev, &mut self.work.merge_pt, k * r)?;
+        ensure(&self.base.dev, &mut self.work.merge_q, d * r)
+    }
+}
+
+impl<T: Activation> Adapter for GpuElraLayer<T> {
+    type Scalar = f32;
+    type Matrix = DeviceMatrices<T>;
+
+    fn name(&self) -> &'static str {
+        self.config.generator.variant.name()
+    }
+    generator_calls!();
+    adapter_calls! {
+        forward: "eq. 5 (Woodbury) or eq. 30 (merged) on [`Self::route`]; asynchronous. No dropout.",
+        backward: "Reverse mode on the kept tape (Algorithm 1 line 12); asynchronous.",
+        merge: "`W_new = W0 + A (M (C W0))` (eq. 30) into `out`; asynchronous.",
+        unmerge: "`W0 = exp(−G) W_new = W_new − A (φ1(−Z) (C W_new))` (Prop. 3 with Prop. 1) into \
+                  `out`; asynchronous, `φ1(−Z)` is one more batched launch whose status \
+                  [`Self::check_status`] reads.",
+    }
+}
+
+impl<T: Activation> Calls<T> for GpuElraLayer<T> {
+    fn grad_outputs(&self) -> Vec<(String, View<'_, f32>)> {
+        self.gens.grad_views()
+    }
+    fn scratch_need(&self, n: usize) -> usize {
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        let sizes = [(n, d, r), (n, k, r), (d, k, r), (n, r, r), (d, r, r)];
+        scratch_for(&sizes, &[self.gens.gens[0].scratch_need()])
+    }
+    /// On [`Self::route`], or the cheaper route for this batch ([`choose_route`]).
+    fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        let route = self
+            .route
+            .unwrap_or_else(|| choose_route(x.rows(), d, k, r, T::BYTES));
+        self.forward_on(x, y, route)
+    }
+
     /// Reverse mode of the last forward on its route (module docs of [`super`];
     /// [`crate::grad::elra_backward_parts`] without the clip): `∂x` into `dx` and the gradients
     /// of `(A, B, η)` including `λ‖G‖²_F` (eq. 20). Asynchronous.
-    fn backward_on(
+    fn run_backward(
         &mut self,
         x: &DeviceMatrices<T>,
         dy: &DeviceMatrices<T>,
@@ -353,23 +353,14 @@ impl<T: Activation> GpuElraLayer<T> {
                 };
                 let ubar = got(&w.ubar)?;
                 let u = mat(got(&w.u)?);
-                let scratch = got(&w.scratch)?;
+                let scratch = got(&self.base.scratch)?;
                 gen.rows_backward(dev, m, u, mat(dy), mat(ubar), &rows, mbar, scratch)?;
-                gemm(
-                    dev,
-                    1.0,
-                    ubar,
-                    Transpose::No,
-                    &self.base.w0,
-                    Transpose::No,
-                    0.0,
-                    dx,
-                )?;
+                self.base.frozen_back(ubar, dx)?;
             }
             Route::Merged => {
                 ensure(dev, &mut w.qbar, d * r)?;
                 ensure(dev, &mut w.pbar_t, k * r)?;
-                let scratch = got(&w.scratch)?;
+                let scratch = got(&self.base.scratch)?;
                 gemm(
                     dev,
                     1.0,
@@ -413,83 +404,8 @@ impl<T: Activation> GpuElraLayer<T> {
         self.gens.backward_tail(dev)
     }
 
-    /// The merge/unmerge work buffers: `Pᵀ` (k×r), `Q` (d×r), scratch.
-    fn ensure_merge(&mut self) -> Result<()> {
-        self.ensure_prepared()?;
-        self.ensure_scratch(1)?;
-        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        ensure(&self.base.dev, &mut self.work.merge_pt, k * r)?;
-        ensure(&self.base.dev, &mut self.work.merge_q, d * r)
-    }
-}
-
-impl<T: Activation> Adapter for GpuElraLayer<T> {
-    type Scalar = f32;
-    type Matrix = DeviceMatrices<T>;
-
-    fn name(&self) -> &'static str {
-        self.config.generator.variant.name()
-    }
-    fn dims(&self) -> (usize, usize) {
-        (self.config.d, self.config.k)
-    }
-    fn w0(&self) -> &DeviceMatrices<T> {
-        &self.base.w0
-    }
-    /// Copies `w0` (d×k on the layer's device; not scanned for NaN) into the layer's `W0`.
-    fn set_w0(&mut self, w0: &DeviceMatrices<T>) -> Result<()> {
-        self.base.set_w0(w0)
-    }
-    fn generator(&self) -> Option<&GeneratorConfig> {
-        Some(&self.config.generator)
-    }
-    fn params(&self) -> Vec<ParamSpec> {
-        self.gens.params()
-    }
-    /// Downloads parameter `index` (synchronises).
-    fn param(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.gen_param(index)
-    }
-    /// Uploads parameter `index` (ordered on the device's stream); the r×r work is redone.
-    fn set_param(&mut self, index: usize, value: &DMatrix<f32>) -> Result<()> {
-        self.gen_set_param(index, value)
-    }
-    fn step(&self) -> usize {
-        self.base.step
-    }
-    /// `config.generator.spec_at(step)` without the clip (eq. 19, eq. 75, App. H).
-    fn set_step(&mut self, step: usize) -> Result<()> {
-        self.gen_set_step(step)
-    }
-    /// eq. 5 (Woodbury) or eq. 30 (merged) on [`Self::route`]; asynchronous. No dropout.
-    fn forward(
-        &mut self,
-        x: &DeviceMatrices<T>,
-        dropout: Option<&DeviceMatrices<T>>,
-        y: &mut DeviceMatrices<T>,
-    ) -> Result<()> {
-        self.checked_forward(x, dropout, y)
-    }
-    /// Reverse mode on the kept tape (Algorithm 1 line 12); asynchronous.
-    fn backward(
-        &mut self,
-        x: &DeviceMatrices<T>,
-        dy: &DeviceMatrices<T>,
-        dx: &mut DeviceMatrices<T>,
-    ) -> Result<()> {
-        self.checked_backward(x, dy, dx)
-    }
-    fn recompute(&mut self, x: &DeviceMatrices<T>) -> Result<()> {
-        self.checked_recompute(x)
-    }
-    /// Downloads the gradient (synchronises) after checking the r×r statuses of the step.
-    fn grad(&self, index: usize) -> Result<DMatrix<f32>> {
-        self.gen_grad(index)
-    }
     /// `W_new = W0 + A (M (C W0))` (eq. 30) into `out`; asynchronous.
-    fn merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
-        self.base
-            .check("out", out, Some(self.config.d), self.config.k)?;
+    fn run_merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
         self.ensure_merge()?;
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
         let w = &self.work;
@@ -501,16 +417,19 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
             1.0,
             View::mat(got(&w.merge_pt)?, k, r),
             View::mat(got(&w.merge_q)?, d, r),
-            got(&w.scratch)?,
+            got(&self.base.scratch)?,
         )
     }
+
     /// `W0 = exp(−G) W_new = W_new − A (φ1(−Z) (C W_new))` (Prop. 3 with Prop. 1) into `out`;
     /// asynchronous, `φ1(−Z)` is one more batched launch whose status [`Self::check_status`]
     /// reads.
-    fn unmerge(&mut self, w_new: &DeviceMatrices<T>, out: &mut DeviceMatrices<T>) -> Result<()> {
+    fn run_unmerge(
+        &mut self,
+        w_new: &DeviceMatrices<T>,
+        out: &mut DeviceMatrices<T>,
+    ) -> Result<()> {
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        self.base.check("w_new", w_new, Some(d), k)?;
-        self.base.check("out", out, Some(d), k)?;
         self.ensure_merge()?;
         if self.rr_neg.is_none() {
             self.rr_neg = Some(self.gens.rr[0].like(&self.base.dev)?);
@@ -520,7 +439,7 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
             .as_mut()
             .ok_or_else(|| ElraError::Cuda("rr_neg".into()))?;
         let w = &self.work;
-        let scratch = got(&w.scratch)?;
+        let scratch = got(&self.base.scratch)?;
         self.gens
             .phi_neg(&self.base.dev, std::slice::from_mut(neg), scratch)?;
         self.gens.gens[0].apply_left(
@@ -533,72 +452,5 @@ impl<T: Activation> Adapter for GpuElraLayer<T> {
             View::mat(got(&w.merge_q)?, d, r),
             scratch,
         )
-    }
-    /// `‖G‖²_F = tr((AᵀA)(CCᵀ))` (eq. 21) from r×r Grams and `λ‖G‖²_F` (eq. 20); synchronises.
-    fn energy(&mut self) -> Result<Option<Energy>> {
-        self.gen_energy()
-    }
-    /// `(A, C)` of the last forward (synchronises).
-    fn generator_factors(&self) -> Result<Vec<Factors<f32>>> {
-        self.gen_factors()
-    }
-}
-
-impl<T: Activation> GenCalls<T> for GpuElraLayer<T> {
-    fn gens(&self) -> &Generators {
-        &self.gens
-    }
-    fn gens_mut(&mut self) -> &mut Generators {
-        &mut self.gens
-    }
-    fn generator_config(&self) -> &GeneratorConfig {
-        &self.config.generator
-    }
-    fn ensure_prepared(&mut self) -> Result<()> {
-        if !self.gens.prepared {
-            self.prepare()?;
-        }
-        Ok(())
-    }
-    fn scratch(&self) -> Result<&CudaSlice<f32>> {
-        got(&self.work.scratch)
-    }
-    fn statuses(&self) -> Result<()> {
-        self.check_status()
-    }
-}
-
-impl<T: Activation> Calls<T> for GpuElraLayer<T> {
-    fn base(&self) -> &Base<T> {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut Base<T> {
-        &mut self.base
-    }
-    /// On [`Self::route`], or the cheaper route for this batch ([`choose_route`]).
-    fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
-        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        let route = self
-            .route
-            .unwrap_or_else(|| choose_route(x.rows(), d, k, r, T::BYTES));
-        self.forward_on(x, y, route)
-    }
-    fn run_backward(
-        &mut self,
-        x: &DeviceMatrices<T>,
-        dy: &DeviceMatrices<T>,
-        dx: &mut DeviceMatrices<T>,
-    ) -> Result<()> {
-        self.backward_on(x, dy, dx)
-    }
-}
-
-impl<T: Activation> GpuAdapter<T> for GpuElraLayer<T> {
-    fn device(&self) -> &Arc<CudaDevice> {
-        &self.base.dev
-    }
-    fn synchronize(&self) -> Result<()> {
-        self.base.dev.synchronize()?;
-        self.check_status()
     }
 }

@@ -7,7 +7,7 @@
 use cudarc::driver::CudaSlice;
 use nalgebra::DMatrix;
 
-use super::{download, upload, upload_into, zeros, Calls};
+use super::{download, got, upload, upload_into, zeros, Base, Calls};
 use crate::adapter::{param_spec, Energy, Factors, GeneratorConfig, GeneratorSpec, ParamSpec};
 use crate::cuda::kernels::{check_status, launch_expm_phi1, launch_phi1_adjoint};
 use crate::cuda::skinny::{
@@ -675,6 +675,19 @@ impl Generators {
         download(dev, self.gens[g].grad_buf(f)?, p.rows, p.cols)
     }
 
+    /// The gradient buffers in [`Self::params`] order, named `"{param} gradient"` as the CPU
+    /// layers name them (for the overflow rule of [`Calls::verify`]).
+    pub(super) fn grad_views(&self) -> Vec<(String, View<'_, f32>)> {
+        let view = |(p, g, f): (ParamSpec, usize, Factor)| {
+            let buf = self.gens[g].grad_buf(f).ok()?;
+            Some((
+                format!("{} gradient", p.name),
+                View::mat(buf, p.rows, p.cols),
+            ))
+        };
+        self.entries().into_iter().filter_map(view).collect()
+    }
+
     /// `(A, C)` of every generator at the last prepared step (synchronises).
     pub(super) fn factors(&self, dev: &CudaDevice) -> Result<Vec<Factors<f32>>> {
         self.gens
@@ -703,18 +716,40 @@ impl Generators {
 }
 
 /// The [`Adapter`](crate::adapter::Adapter) methods the two ELRA layers share through their
-/// [`Generators`]: parameters, step, gradients, energy and generator factors.
+/// [`Generators`]: the r×r work of a step, parameters, step, gradients, energy and generator
+/// factors (the `generator_calls!` methods of their `impl Adapter`).
 pub(super) trait GenCalls<T: Activation>: Calls<T> {
     fn gens(&self) -> &Generators;
-    fn gens_mut(&mut self) -> &mut Generators;
+    /// The layer's `Base` and its generators, borrowed together.
+    fn parts_mut(&mut self) -> (&Base<T>, &mut Generators);
     /// The layer's generator settings (eq. 2, eq. 19–20, App. H).
     fn generator_config(&self) -> &GeneratorConfig;
-    /// Runs the r×r work of the step unless it is current (allocating the reduction scratch).
-    fn ensure_prepared(&mut self) -> Result<()>;
-    /// The reduction scratch (allocated by [`Self::ensure_prepared`]).
-    fn scratch(&self) -> Result<&CudaSlice<f32>>;
-    /// Reads the statuses of the layer's r×r launches (synchronises).
-    fn statuses(&self) -> Result<()>;
+
+    fn gens_mut(&mut self) -> &mut Generators {
+        self.parts_mut().1
+    }
+
+    /// The reduction scratch (allocated by [`Self::gen_prepare`] and the layer's calls).
+    fn scratch(&self) -> Result<&CudaSlice<f32>> {
+        got(&self.base().scratch)
+    }
+
+    /// The r×r work of a step (Algorithm 1 lines 4–5): `C` (eq. 19), `Z = CA`, the Grams when
+    /// λ > 0 (eq. 21) and `M = φ1(Z)` in one batched launch per rank (Prop. 1), after growing the
+    /// reduction scratch. Asynchronous.
+    fn gen_prepare(&mut self) -> Result<()> {
+        self.ensure_scratch(1)?;
+        let (base, gens) = self.parts_mut();
+        gens.prepare(&base.dev, got(&base.scratch)?)
+    }
+
+    /// Runs [`Self::gen_prepare`] unless the r×r work of the step is current.
+    fn ensure_prepared(&mut self) -> Result<()> {
+        if !self.gens().prepared {
+            self.gen_prepare()?;
+        }
+        Ok(())
+    }
 
     /// [`Adapter::param`](crate::adapter::Adapter::param): downloads parameter `index`
     /// (synchronises).

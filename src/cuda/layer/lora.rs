@@ -9,17 +9,15 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    check_factor, download, ensure, got, mat, upload, upload_into, upload_matrix, zeros, Base,
-    Calls, GpuAdapter,
+    check_factor, download, ensure, got, mat, scratch_for, upload, upload_into, upload_matrix,
+    zeros, Base, Calls,
 };
 use crate::adapter::{
     kaiming_uniform, param_spec, xavier_uniform, Adapter, Energy, Factors, GeneratorConfig,
     LoraConfig, LoraInit, LoraLayer, ParamSpec,
 };
-use crate::cuda::skinny::{
-    check_rank, col_reduce, col_reduce_scratch, merge_apply, rows_fused, RowPass, View,
-};
-use crate::cuda::{gemm, Activation, CudaDevice, DeviceMatrices, Transpose};
+use crate::cuda::skinny::{check_rank, col_reduce, merge_apply, rows_fused, RowPass, View};
+use crate::cuda::{Activation, CudaDevice, DeviceMatrices};
 use crate::{ElraError, Result};
 
 /// The LoRA baseline on the GPU with PEFT's conventions (Hu et al. 2022; [`crate::grad::lora`]):
@@ -39,19 +37,9 @@ pub struct GpuLoraLayer<T: Activation> {
     n: usize,
     p: Option<CudaSlice<f32>>,
     s: Option<CudaSlice<f32>>,
-    scratch: Option<CudaSlice<f32>>,
 }
 
-impl<T: Activation> std::fmt::Debug for GpuLoraLayer<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuLoraLayer")
-            .field("dtype", &T::DTYPE)
-            .field("config", &self.config)
-            .field("step", &self.base.step)
-            .field("tape", &self.base.train)
-            .finish()
-    }
-}
+gpu_layer!(GpuLoraLayer);
 
 impl<T: Activation> GpuLoraLayer<T> {
     /// A layer on `dev` with frozen `w0` (d×k on the device) and PEFT's initialisation
@@ -106,7 +94,6 @@ impl<T: Activation> GpuLoraLayer<T> {
             n: 0,
             p: None,
             s: None,
-            scratch: None,
         })
     }
 
@@ -139,101 +126,6 @@ impl<T: Activation> GpuLoraLayer<T> {
         (&self.grad_a, &self.grad_b)
     }
 
-    /// `y = x W0ᵀ + s (x A'ᵀ) B'ᵀ` into `y` (N×d), keeping `P = x A'ᵀ`. Asynchronous.
-    fn forward_on(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
-        let n = x.rows();
-        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        let dev: &CudaDevice = &self.base.dev;
-        ensure(dev, &mut self.p, n * r)?;
-        ensure(dev, &mut self.s, n * r)?;
-        let need = [col_reduce_scratch(n, d, r), col_reduce_scratch(n, k, r)]
-            .into_iter()
-            .max()
-            .unwrap_or(1);
-        ensure(dev, &mut self.scratch, need)?;
-        self.n = n;
-        gemm(
-            dev,
-            1.0,
-            x,
-            Transpose::No,
-            &self.base.w0,
-            Transpose::Yes,
-            0.0,
-            y,
-        )?;
-        rows_fused(
-            dev,
-            &RowPass {
-                input: mat(x),
-                base: Some(mat(y)),
-                out: Some(mat(y)),
-                cm: View::mat(&self.lora_a, r, k),
-                mm: None,
-                m_scale: self.scaling,
-                am: Some(View::mat(&self.lora_b, d, r)),
-                v_out: Some(View::mat(got(&self.p)?, n, r)),
-                t_out: None,
-            },
-        )
-    }
-
-    /// Reverse mode of the last forward ([`crate::grad::lora_backward_parts`]). Asynchronous.
-    fn backward_on(
-        &mut self,
-        x: &DeviceMatrices<T>,
-        dy: &DeviceMatrices<T>,
-        dx: &mut DeviceMatrices<T>,
-    ) -> Result<()> {
-        let n = self.n;
-        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
-        let dev: &CudaDevice = &self.base.dev;
-        gemm(
-            dev,
-            1.0,
-            dy,
-            Transpose::No,
-            &self.base.w0,
-            Transpose::No,
-            0.0,
-            dx,
-        )?;
-        let s = View::mat(got(&self.s)?, n, r);
-        rows_fused(
-            dev,
-            &RowPass {
-                input: mat(dy),
-                base: Some(mat(dx)),
-                out: Some(mat(dx)),
-                cm: View::mat(&self.lora_b, d, r).t(),
-                mm: None,
-                m_scale: self.scaling,
-                am: Some(View::mat(&self.lora_a, r, k).t()),
-                v_out: None,
-                t_out: Some(s),
-            },
-        )?;
-        let scratch = got(&self.scratch)?;
-        col_reduce(
-            dev,
-            mat(x),
-            s,
-            1.0,
-            0.0,
-            View::mat(&self.grad_a, r, k).t(),
-            scratch,
-        )?;
-        col_reduce(
-            dev,
-            mat(dy),
-            View::mat(got(&self.p)?, n, r),
-            self.scaling,
-            0.0,
-            View::mat(&self.grad_b, d, r),
-            scratch,
-        )
-    }
-
     /// `W_out = W_in + sign·s B' A'`.
     fn apply(&self, w_in: &DeviceMatrices<T>, out: &DeviceMatrices<T>, sign: f32) -> Result<()> {
         let (d, k, r) = (self.config.d, self.config.k, self.config.r);
@@ -255,15 +147,12 @@ impl<T: Activation> Adapter for GpuLoraLayer<T> {
     fn name(&self) -> &'static str {
         "lora"
     }
-    fn dims(&self) -> (usize, usize) {
-        (self.config.d, self.config.k)
-    }
-    fn w0(&self) -> &DeviceMatrices<T> {
-        &self.base.w0
-    }
-    /// Copies `w0` (d×k on the layer's device; not scanned for NaN) into the layer's `W0`.
-    fn set_w0(&mut self, w0: &DeviceMatrices<T>) -> Result<()> {
-        self.base.set_w0(w0)
+    adapter_calls! {
+        forward: "PEFT's `Linear.forward` (`x W0ᵀ + s (x A'ᵀ) B'ᵀ`); asynchronous. No dropout.",
+        backward: "Reverse mode on the kept tape ([`crate::grad::lora_backward_parts`]); \
+                   asynchronous.",
+        merge: "`W_new = W0 + s B' A'` into `out`; asynchronous.",
+        unmerge: "`W0 = W_new − s B' A'` into `out`; asynchronous.",
     }
     fn generator(&self) -> Option<&GeneratorConfig> {
         None
@@ -297,35 +186,10 @@ impl<T: Activation> Adapter for GpuLoraLayer<T> {
         self.base.train.invalidate();
         Ok(())
     }
-    /// The recorded step (LoRA has no schedule).
-    fn step(&self) -> usize {
-        self.base.step
-    }
     /// Records the step; the tape is discarded, as for ELRA.
     fn set_step(&mut self, step: usize) -> Result<()> {
         self.base.set_step(step);
         Ok(())
-    }
-    /// PEFT's `Linear.forward` (`x W0ᵀ + s (x A'ᵀ) B'ᵀ`); asynchronous. No dropout.
-    fn forward(
-        &mut self,
-        x: &DeviceMatrices<T>,
-        dropout: Option<&DeviceMatrices<T>>,
-        y: &mut DeviceMatrices<T>,
-    ) -> Result<()> {
-        self.checked_forward(x, dropout, y)
-    }
-    /// Reverse mode on the kept tape ([`crate::grad::lora_backward_parts`]); asynchronous.
-    fn backward(
-        &mut self,
-        x: &DeviceMatrices<T>,
-        dy: &DeviceMatrices<T>,
-        dx: &mut DeviceMatrices<T>,
-    ) -> Result<()> {
-        self.checked_backward(x, dy, dx)
-    }
-    fn recompute(&mut self, x: &DeviceMatrices<T>) -> Result<()> {
-        self.checked_recompute(x)
     }
     /// Downloads `∂lora_A` or `∂lora_B` of the last backward (synchronises).
     fn grad(&self, index: usize) -> Result<DMatrix<f32>> {
@@ -337,19 +201,6 @@ impl<T: Activation> Adapter for GpuLoraLayer<T> {
             &self.grad_b
         };
         download(&self.base.dev, buf, p.rows, p.cols)
-    }
-    /// `W_new = W0 + s B' A'` into `out`; asynchronous.
-    fn merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
-        self.base
-            .check("out", out, Some(self.config.d), self.config.k)?;
-        self.apply(&self.base.w0, out, 1.0)
-    }
-    /// `W0 = W_new − s B' A'` into `out`; asynchronous.
-    fn unmerge(&mut self, w_new: &DeviceMatrices<T>, out: &mut DeviceMatrices<T>) -> Result<()> {
-        let (d, k) = (self.config.d, self.config.k);
-        self.base.check("w_new", w_new, Some(d), k)?;
-        self.base.check("out", out, Some(d), k)?;
-        self.apply(w_new, out, -1.0)
     }
     fn energy(&mut self) -> Result<Option<Energy>> {
         Ok(None)
@@ -365,31 +216,100 @@ impl<T: Activation> Adapter for GpuLoraLayer<T> {
 }
 
 impl<T: Activation> Calls<T> for GpuLoraLayer<T> {
-    fn base(&self) -> &Base<T> {
-        &self.base
+    fn grad_outputs(&self) -> Vec<(String, View<'_, f32>)> {
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        vec![
+            ("lora_a gradient".into(), View::mat(&self.grad_a, r, k)),
+            ("lora_b gradient".into(), View::mat(&self.grad_b, d, r)),
+        ]
     }
-    fn base_mut(&mut self) -> &mut Base<T> {
-        &mut self.base
+    fn scratch_need(&self, n: usize) -> usize {
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        scratch_for(&[(n, d, r), (n, k, r)], &[])
     }
+
+    /// `y = x W0ᵀ + s (x A'ᵀ) B'ᵀ` into `y` (N×d), keeping `P = x A'ᵀ`. Asynchronous.
     fn run_forward(&mut self, x: &DeviceMatrices<T>, y: &mut DeviceMatrices<T>) -> Result<()> {
-        self.forward_on(x, y)
+        let n = x.rows();
+        self.ensure_scratch(n)?;
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        let dev: &CudaDevice = &self.base.dev;
+        ensure(dev, &mut self.p, n * r)?;
+        ensure(dev, &mut self.s, n * r)?;
+        self.n = n;
+        self.base.frozen(x, y)?;
+        rows_fused(
+            dev,
+            &RowPass {
+                input: mat(x),
+                base: Some(mat(y)),
+                out: Some(mat(y)),
+                cm: View::mat(&self.lora_a, r, k),
+                mm: None,
+                m_scale: self.scaling,
+                am: Some(View::mat(&self.lora_b, d, r)),
+                v_out: Some(View::mat(got(&self.p)?, n, r)),
+                t_out: None,
+            },
+        )
     }
+
+    /// Reverse mode of the last forward ([`crate::grad::lora_backward_parts`]). Asynchronous.
     fn run_backward(
         &mut self,
         x: &DeviceMatrices<T>,
         dy: &DeviceMatrices<T>,
         dx: &mut DeviceMatrices<T>,
     ) -> Result<()> {
-        self.backward_on(x, dy, dx)
+        let n = self.n;
+        let (d, k, r) = (self.config.d, self.config.k, self.config.r);
+        let dev: &CudaDevice = &self.base.dev;
+        self.base.frozen_back(dy, dx)?;
+        let s = View::mat(got(&self.s)?, n, r);
+        rows_fused(
+            dev,
+            &RowPass {
+                input: mat(dy),
+                base: Some(mat(dx)),
+                out: Some(mat(dx)),
+                cm: View::mat(&self.lora_b, d, r).t(),
+                mm: None,
+                m_scale: self.scaling,
+                am: Some(View::mat(&self.lora_a, r, k).t()),
+                v_out: None,
+                t_out: Some(s),
+            },
+        )?;
+        let scratch = got(&self.base.scratch)?;
+        col_reduce(
+            dev,
+            mat(x),
+            s,
+            1.0,
+            0.0,
+            View::mat(&self.grad_a, r, k).t(),
+            scratch,
+        )?;
+        col_reduce(
+            dev,
+            mat(dy),
+            View::mat(got(&self.p)?, n, r),
+            self.scaling,
+            0.0,
+            View::mat(&self.grad_b, d, r),
+            scratch,
+        )
     }
-}
 
-impl<T: Activation> GpuAdapter<T> for GpuLoraLayer<T> {
-    fn device(&self) -> &Arc<CudaDevice> {
-        &self.base.dev
+    fn run_merge(&mut self, out: &mut DeviceMatrices<T>) -> Result<()> {
+        self.apply(&self.base.w0, out, 1.0)
     }
-    /// Blocks until the device's stream has run (LoRA has no r×r kernels to check).
-    fn synchronize(&self) -> Result<()> {
-        self.base.dev.synchronize()
+
+    fn run_unmerge(
+        &mut self,
+        w_new: &DeviceMatrices<T>,
+        out: &mut DeviceMatrices<T>,
+    ) -> Result<()> {
+        self.apply(w_new, out, -1.0)
     }
 }

@@ -10,6 +10,7 @@
 //! | [`forward_out`], [`backward_out`] | the output-side form `y = u + ((u Cᵀ) Mᵀ) Aᵀ` on a base layer's output `u`, and `∂u = ∂Y + V̄ C` with the parameter gradients (`C̄ = V̄ᵀ u`) |
 //! | [`merge`] | `exp(±G) W = W ± A (φ1(±Z) (C W))` (eq. 30; Prop. 3 for the inverse) or `W exp(±G)` (App. B eq. 22) |
 //! | [`energy`] | `λ‖G‖²_F = λ tr((AᵀA)(CCᵀ))` (eq. 20–21) into a device scalar, with its gradient |
+//! | [`check_finite`] | the overflow rule on request: ORs 1 into a device flag when a buffer holds NaN or ±Inf |
 //!
 //! # Types and memory
 //! Activations, `W0`, the bias and merged weights have the activation type `T` ([`Activation`]:
@@ -37,6 +38,13 @@
 //! 0 = success; φ1 of the call in word 0, its adjoint in word 1) stay in the workspace (f32
 //! values 4 and 5: after η, which is value 0), for debugging.
 //!
+//! **The overflow rule on the GPU.** The CPU calls check every output and return
+//! [`ElraError::Overflow`] when finite inputs give a non-finite result. Here that check is on
+//! request, because a full scan costs one more read of each output and a host wait to act on it:
+//! [`check_finite`] ORs 1 into a caller's device flag when a buffer holds NaN or ±Inf, without
+//! synchronising; the engine zeroes the flag, scans the outputs it cares about, and reads the flag
+//! whenever it synchronises anyway (a set flag is its `ELRA_OVERFLOW`).
+//!
 //! # How a call runs
 //! Each call builds a plan (`plan.rs`: the workspace layout and the list of launches, plain host
 //! arithmetic) and runs it (`exec.rs`) with the kernels of the stateful layer ([`super::layer`]):
@@ -49,8 +57,12 @@ mod exec;
 mod interp;
 pub(crate) mod plan;
 
+use cudarc::driver::CudaSlice;
+
 use crate::adapter::GeneratorSpec;
-use crate::cuda::skinny::check_rank;
+use crate::cuda::buffer::BorrowedSlice;
+use crate::cuda::caller::CallerSpan;
+use crate::cuda::skinny::{self, check_rank, View};
 use crate::cuda::{Activation, CudaDevice, DeviceMatrices};
 use crate::ops::{ElraOp, Side};
 use crate::{ElraError, Result};
@@ -462,4 +474,63 @@ pub fn energy(
         .extend([(Loc::Energy, &*energy), (Loc::Ws, &*workspace)]);
     let kind = Kind::Energy { grads: accumulate };
     execute(dev, &plan(op, 0, &gp, kind, &lay), &b, &lay, 0)
+}
+
+/// The overflow rule on the GPU, on request (module docs, "Errors on the device"; the CPU calls
+/// always apply it: a non-finite output of finite inputs is [`ElraError::Overflow`]): ORs 1 into
+/// `flag[0]` (a device u32 the caller zeroes) when `x` holds NaN or ±Inf, at the cost of one
+/// more read of `x` (`cuda/finite.cu`). The engine scans the outputs it wants checked and reads
+/// the flag when it synchronises anyway. Asynchronous on `dev`'s stream; nothing is read back.
+///
+/// Errors (before anything is enqueued): `x` or `flag` not on `dev`, an empty `flag`.
+pub fn check_finite<T: Activation>(
+    dev: &CudaDevice,
+    x: &DeviceMatrices<T>,
+    flag: &mut CudaSlice<u32>,
+) -> Result<()> {
+    x.check_device(dev, "x")?;
+    if flag.ordinal() != dev.ordinal() {
+        return Err(ElraError::invalid(
+            "flag",
+            format!(
+                "buffer is on device {} but the handle is device {}",
+                flag.ordinal(),
+                dev.ordinal()
+            ),
+        ));
+    }
+    if flag.is_empty() {
+        return Err(ElraError::invalid(
+            "flag",
+            "an empty buffer (one u32 needed)",
+        ));
+    }
+    let rows = x.batch() * x.rows();
+    let view = View::mat(x.slice(), rows, x.cols());
+    skinny::check_finite(dev, view, View::mat(flag, 1, 1))
+}
+
+/// [`check_finite`] on caller memory (the C ABI's `elra_gpu_check_finite`): `x` a strided
+/// `rows × cols` matrix of `T` with row stride `ld` (its padding is not read) and `flag` one
+/// u32, both validated against `dev` ([`CallerSpan::check`] with `Some(dev)`). Asynchronous on
+/// `dev`'s stream.
+///
+/// # Safety
+/// Both spans must stay allocated until the work enqueued on `dev`'s stream has run, and no other
+/// work may write `flag` concurrently (the C ABI orders the caller's stream around the call).
+pub(crate) unsafe fn check_finite_span<T: Activation>(
+    dev: &CudaDevice,
+    x: &CallerSpan<T>,
+    flag: &CallerSpan<u32>,
+) -> Result<()> {
+    // SAFETY: forwarded contract; `x` covers `x.len` elements of T and `flag` one u32 on `dev`
+    // (validated), and the wrappers never free the memory.
+    let (xb, fb) = unsafe {
+        (
+            BorrowedSlice::<T>::new(dev, x.ptr, x.len),
+            BorrowedSlice::<u32>::new(dev, flag.ptr, 1),
+        )
+    };
+    let view = View::strided(xb.get(), 0, (x.rows, x.cols), (x.ld, 1));
+    skinny::check_finite(dev, view, View::mat(fb.get(), 1, 1))
 }
