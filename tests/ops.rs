@@ -902,3 +902,170 @@ fn the_increment_alone_plus_the_frozen_layer_is_the_fused_layer() {
         }
     }
 }
+
+/// A row-major view of `s` (rows × cols, no gaps).
+fn rm(s: &[f64], rows: usize, cols: usize) -> Strided<'_, f64> {
+    Strided::row_major(s, rows, cols, cols).unwrap()
+}
+
+/// A NaN or ±∞ in any large input (`w0`, `x`, `dy`, `u`) is named by its argument, also where
+/// the factors are zero: the ops detect these through the products that read them (`P = C W0`,
+/// `V = X Pᵀ`, `T̄ = Ȳ A`, `∂P = V̄ᵀ X`, `C̄ = V̄ᵀ u`, where `0·∞` is NaN) and scan the input only then.
+#[test]
+fn every_non_finite_large_input_is_named() {
+    type Out = Result<(), elra::ElraError>;
+    let named =
+        |e: Out, arg: &str| matches!(e, Err(elra::ElraError::NonFinite { arg: a }) if a == arg);
+    for ci in 0..cases().len() {
+        for zero in [false, true] {
+            let mut c = cases().swap_remove(ci);
+            if zero {
+                c.a.fill(0.0);
+                if let Some(b) = c.b.as_mut() {
+                    b.fill(0.0);
+                }
+            }
+            let op = op_of(&c);
+            let (d, k, r) = (op.d, op.k, op.r);
+            let n = c.x.nrows();
+            let as_ = rows(&c.a, r);
+            let bs = c.b.as_ref().map(|b| rows(b, d));
+            let g = Generator {
+                a: Strided::row_major(&as_, d, r, r).unwrap(),
+                b: bs.as_ref().map(|b| Strided::row_major(b, r, d, d).unwrap()),
+                eta: c.eta,
+            };
+            let ms = c.mask.as_ref().map(|m| rows(m, d));
+            let mask = ms.as_ref().map(|m| Strided::row_major(m, n, d, d).unwrap());
+            let (w0s, xs, dys) = (rows(&c.w0, k), rows(&c.x, k), rows(&c.dy, d));
+            let us = rows(&(&c.x * c.w0.transpose()), d);
+            let mut saved = vec![0.0; ops::saved_len(n, r).unwrap()];
+            let mut saved_u = saved.clone();
+            let mut ws = vec![0.0; ops::workspace_len(n, r).unwrap()];
+            let (mut y, mut dx, mut du) = (vec![0.0; n * d], vec![0.0; n * k], vec![0.0; n * d]);
+            let (mut da, mut db, mut deta) = (vec![0.0; d * r], vec![0.0; r * d], 0.0);
+            // Clean runs give the saved values the backwards need.
+            let fwd =
+                |w0: &[f64], x: &[f64], base, y: &mut [f64], saved: &mut [f64], ws: &mut [f64]| {
+                    ops::forward(
+                        &op,
+                        rm(w0, d, k),
+                        base,
+                        &g,
+                        &c.spec,
+                        rm(x, n, k),
+                        mask,
+                        &mut StridedMut::row_major(y, n, d, d).unwrap(),
+                        saved,
+                        ws,
+                    )
+                };
+            fwd(&w0s, &xs, ops::Base::Excluded, &mut y, &mut saved, &mut ws).unwrap();
+            let fwd_u = |u: &[f64], y: &mut [f64], saved: &mut [f64], ws: &mut [f64]| {
+                ops::forward_out(
+                    &op,
+                    &g,
+                    &c.spec,
+                    rm(u, n, d),
+                    mask,
+                    &mut StridedMut::row_major(y, n, d, d).unwrap(),
+                    saved,
+                    ws,
+                )
+            };
+            fwd_u(&us, &mut y, &mut saved_u, &mut ws).unwrap();
+            for (vi, bad) in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY]
+                .into_iter()
+                .enumerate()
+            {
+                let at = |len: usize| (ci * 7 + vi * 13 + zero as usize * 5) % len.max(1);
+                let spoil = |s: &[f64]| {
+                    let mut v = s.to_vec();
+                    let i = at(v.len());
+                    v[i] = bad;
+                    v
+                };
+                let (w0b, xb, dyb, ub) = (spoil(&w0s), spoil(&xs), spoil(&dys), spoil(&us));
+                let tag = format!("case {ci}, zero factors {zero}, value {bad}");
+                for base in [true, false] {
+                    let b = || {
+                        if base {
+                            ops::Base::Included { bias: None }
+                        } else {
+                            ops::Base::Excluded
+                        }
+                    };
+                    assert!(
+                        named(
+                            fwd(&w0b, &xs, b(), &mut y, &mut saved.clone(), &mut ws),
+                            "w0"
+                        ),
+                        "fwd w0 {tag}"
+                    );
+                    assert!(
+                        named(
+                            fwd(&w0s, &xb, b(), &mut y, &mut saved.clone(), &mut ws),
+                            "x"
+                        ),
+                        "fwd x {tag}"
+                    );
+                    let mut bwd = |w0: &[f64], x: &[f64], dy: &[f64]| {
+                        ops::backward(
+                            &op,
+                            rm(w0, d, k),
+                            base,
+                            &g,
+                            &c.spec,
+                            rm(x, n, k),
+                            mask,
+                            &saved,
+                            rm(dy, n, d),
+                            &mut StridedMut::row_major(&mut dx, n, k, k).unwrap(),
+                            GeneratorGrads {
+                                a: StridedMut::row_major(&mut da, d, r, r).unwrap(),
+                                b: c.b
+                                    .is_some()
+                                    .then(|| StridedMut::row_major(&mut db, r, d, d).unwrap()),
+                                eta: &mut deta,
+                                accumulate: false,
+                            },
+                            &mut ws,
+                        )
+                    };
+                    assert!(named(bwd(&w0b, &xs, &dys), "w0"), "bwd w0 {tag}");
+                    assert!(named(bwd(&w0s, &xb, &dys), "x"), "bwd x {tag}");
+                    assert!(named(bwd(&w0s, &xs, &dyb), "dy"), "bwd dy {tag}");
+                    assert!(bwd(&w0s, &xs, &dys).is_ok(), "bwd clean {tag}");
+                }
+                assert!(
+                    named(fwd_u(&ub, &mut y, &mut saved_u.clone(), &mut ws), "u"),
+                    "fwd_out u {tag}"
+                );
+                let mut bwd_u = |u: &[f64], dy: &[f64]| {
+                    ops::backward_out(
+                        &op,
+                        &g,
+                        &c.spec,
+                        rm(u, n, d),
+                        mask,
+                        &saved_u,
+                        rm(dy, n, d),
+                        &mut StridedMut::row_major(&mut du, n, d, d).unwrap(),
+                        GeneratorGrads {
+                            a: StridedMut::row_major(&mut da, d, r, r).unwrap(),
+                            b: c.b
+                                .is_some()
+                                .then(|| StridedMut::row_major(&mut db, r, d, d).unwrap()),
+                            eta: &mut deta,
+                            accumulate: false,
+                        },
+                        &mut ws,
+                    )
+                };
+                assert!(named(bwd_u(&ub, &dys), "u"), "bwd_out u {tag}");
+                assert!(named(bwd_u(&us, &dyb), "dy"), "bwd_out dy {tag}");
+                assert!(bwd_u(&us, &dys).is_ok(), "bwd_out clean {tag}");
+            }
+        }
+    }
+}

@@ -39,8 +39,11 @@
 //! The penalty `λ‖G‖²_F` (eq. 20–21) is a separate operation ([`energy`]): forward and backward
 //! above never include it, so an engine adds it to its loss once.
 //!
-//! Every input is checked finite first ([`ElraError::NonFinite`] names it) and every output
-//! after: finite inputs with a non-finite result are [`ElraError::Overflow`]. Outputs are
+//! Every input is checked finite ([`ElraError::NonFinite`] names it) and every output after:
+//! finite inputs with a non-finite result are [`ElraError::Overflow`]. The small inputs are
+//! scanned first; `W0`, `X`, `∂Y` and `u` through the first product that reads each (`P = C W0`,
+//! `V = X Pᵀ`, `T̄ = Ȳ A`, `∂P = V̄ᵀ X`, `V = u Cᵀ`, `C̄ = V̄ᵀ u`), which holds a NaN or ±∞ whenever
+//! its input does (`0·∞` is NaN), so an N×d input is read once more only when it is bad. Outputs are
 //! write-only unless a call adds to them (`accumulate = true` for gradients): what they held
 //! before is never read. On an error, outputs written before it was found (e.g. `∂x` before a
 //! failing φ1 adjoint) keep what was written; the parameter gradients are written last, after
@@ -161,33 +164,39 @@ fn check_shape_mut<T: Real>(
 
 /// Checks every entry of a strided input finite.
 fn check_finite_strided<T: Real>(arg: &'static str, m: &Strided<'_, T>) -> Result<()> {
-    let (r, c) = m.shape();
-    for i in 0..r {
-        for j in 0..c {
-            if !m.at(i, j).is_finite() {
-                return Err(ElraError::NonFinite { arg });
-            }
-        }
+    if m.all_finite() {
+        Ok(())
+    } else {
+        Err(ElraError::NonFinite { arg })
     }
-    Ok(())
+}
+
+/// Checks an input through a product computed from it: `derived = f(input, finite factors)`
+/// holds a NaN or ±∞ whenever `input` does (every entry of `input` meets every row or column of
+/// a finite factor with r ≥ 1 columns, and `0·∞` is NaN), so only a non-finite `derived` calls
+/// for the full scan that names `input`. A non-finite `derived` from a finite `input` is an
+/// overflow, which the output checks that follow report. Saves a full read of `W0`, `X` and `∂Y`
+/// per call.
+fn check_finite_via<T: Real>(
+    arg: &'static str,
+    input: &Strided<'_, T>,
+    derived: &Strided<'_, T>,
+) -> Result<()> {
+    if derived.all_finite() {
+        Ok(())
+    } else {
+        check_finite_strided(arg, input)
+    }
 }
 
 /// The overflow rule for outputs (module docs).
 fn check_output<T: Real>(what: &'static str, m: &StridedMut<'_, T>) -> Result<()> {
-    let v = m.as_ref();
-    let (r, c) = v.shape();
-    for i in 0..r {
-        for j in 0..c {
-            if !v.at(i, j).is_finite() {
-                return Err(ElraError::Overflow {
-                    what: format!(
-                        "`{what}` leaves the floating-point range (every input is finite)"
-                    ),
-                });
-            }
-        }
+    if m.as_ref().all_finite() {
+        return Ok(());
     }
-    Ok(())
+    Err(ElraError::Overflow {
+        what: format!("`{what}` leaves the floating-point range (every input is finite)"),
+    })
 }
 
 /// Splits a caller buffer into the saved `V` (n×r), `Z` and `M` (r×r).
@@ -401,6 +410,7 @@ fn rank_r_backward<'w, T: Real>(
     gemm_strided(&mut t, T::one(), v, view(m).t(), T::zero());
     let mut tbar = scratch(tbs, n, r);
     gemm_strided(&mut tbar, T::one(), ybar, view(&ev.a), T::zero());
+    check_finite_via("dy", &dy, &tbar.as_ref())?;
     let mut abar = DMatrix::zeros(d, r);
     gemm_strided(
         &mut StridedMut::of(&mut abar),
@@ -459,8 +469,6 @@ pub fn forward<T: Real>(
         check_shape("dropout", m, n, d)?;
         check_finite_strided("dropout", m)?;
     }
-    check_finite_strided("x", &x)?;
-    check_finite_strided("w0", &w0)?;
     if bias.is_some_and(|b| !b.iter().all(|v| v.is_finite())) {
         return Err(ElraError::NonFinite { arg: "bias" });
     }
@@ -470,8 +478,10 @@ pub fn forward<T: Real>(
     let (ts, _) = take(workspace, n * r)?;
     // P = C W0 (r×k); V = X Pᵀ (N×r) into `saved`; T = V Mᵀ.
     let p = ev.p(w0);
+    check_finite_via("w0", &w0, &rm(&p, r, k))?;
     let mut v = scratch(vs, n, r);
     gemm_strided(&mut v, T::one(), x, rm(&p, r, k).t(), T::zero());
+    check_finite_via("x", &x, &v.as_ref())?;
     let mut t = scratch(ts, n, r);
     gemm_strided(&mut t, T::one(), v.as_ref(), view(&m).t(), T::zero());
     // Y = X W0ᵀ + bias + D∘(T Aᵀ) (the increment alone without the base).
@@ -544,14 +554,12 @@ pub fn backward<T: Real>(
         check_shape("dropout", m, n, d)?;
         check_finite_strided("dropout", m)?;
     }
-    check_finite_strided("dy", &dy)?;
-    check_finite_strided("x", &x)?;
-    check_finite_strided("w0", &w0)?;
     let ev = Eval::new(op, g, spec, d)?;
     let (v, z, m) = read_saved(saved, n, r)?;
     let (abar, mbar, vbar) = rank_r_backward(&ev, v, &m, dy, dropout, workspace)?;
     // ∂X = ∂Y W0 + V̄ P with P = C W0.
     let p = ev.p(w0);
+    check_finite_via("w0", &w0, &rm(&p, r, k))?;
     let keep = if with_base {
         gemm_strided(dx, T::one(), dy, w0, T::zero());
         T::one()
@@ -569,6 +577,7 @@ pub fn backward<T: Real>(
         x,
         T::zero(),
     );
+    check_finite_via("x", &x, &rm(&pbar, r, k))?;
     let mut cbar = DMatrix::zeros(r, d);
     gemm_strided(
         &mut StridedMut::of(&mut cbar),
@@ -605,13 +614,13 @@ pub fn forward_out<T: Real>(
         check_shape("dropout", m, n, d)?;
         check_finite_strided("dropout", m)?;
     }
-    check_finite_strided("u", &u)?;
     let ev = Eval::new(op, g, spec, d)?;
     let (z, m) = ev.zm()?;
     let (vs, zs, ms) = split_saved(saved, n, r)?;
     let (ts, _) = take(workspace, n * r)?;
     let mut v = scratch(vs, n, r);
     gemm_strided(&mut v, T::one(), u, view(&ev.c).t(), T::zero());
+    check_finite_via("u", &u, &v.as_ref())?;
     let mut t = scratch(ts, n, r);
     gemm_strided(&mut t, T::one(), v.as_ref(), view(&m).t(), T::zero());
     let tv = t.as_ref();
@@ -658,8 +667,6 @@ pub fn backward_out<T: Real>(
         check_shape("dropout", m, n, d)?;
         check_finite_strided("dropout", m)?;
     }
-    check_finite_strided("dy", &dy)?;
-    check_finite_strided("u", &u)?;
     let ev = Eval::new(op, g, spec, d)?;
     let (v, z, m) = read_saved(saved, n, r)?;
     let (abar, mbar, vbar) = rank_r_backward(&ev, v, &m, dy, dropout, workspace)?;
@@ -680,6 +687,7 @@ pub fn backward_out<T: Real>(
         u,
         T::zero(),
     );
+    check_finite_via("u", &u, &view(&cbar))?;
     ev.finish(&z, &mbar, abar, cbar, grads)
 }
 
