@@ -193,6 +193,8 @@ struct Gpu<'d, T: Activation> {
     bias: DeviceMatrices<T>,
     a: DeviceMatrices<f32>,
     b: DeviceMatrices<f32>,
+    /// η, a device scalar.
+    eta: DeviceMatrices<f32>,
     saved: DeviceMatrices<f32>,
     ws: DeviceMatrices<f32>,
     ws_len: usize,
@@ -233,6 +235,7 @@ impl<'d, T: Activation> Gpu<'d, T> {
             bias: upload_matrix(dev, &p.bias).unwrap(),
             a: upload_matrix(dev, &p.a).unwrap(),
             b: upload_matrix(dev, &p.b).unwrap(),
+            eta: upload_matrix(dev, &DMatrix::from_element(1, 1, p.eta as f64)).unwrap(),
             saved: nan(dev, 1, sl),
             ws: nan(dev, 1, wl),
             ws_len: wl,
@@ -364,7 +367,7 @@ fn fused_case<T: Activation>(dev: &CudaDevice, p: &Prob, label: &str) {
                     r,
                     fptr(&g.b),
                     d,
-                    p.eta,
+                    fptr(&g.eta),
                     ptr(&g.x),
                     k,
                     ptr(&gy),
@@ -440,7 +443,7 @@ fn fused_case<T: Activation>(dev: &CudaDevice, p: &Prob, label: &str) {
                         r,
                         fptr(&g.b),
                         d,
-                        p.eta,
+                        fptr(&g.eta),
                         ptr(&g.x),
                         k,
                         fptr(&g.saved),
@@ -519,7 +522,7 @@ fn out_case<T: Activation>(dev: &CudaDevice, p: &Prob, label: &str) {
                 r,
                 fptr(&g.b),
                 d,
-                p.eta,
+                fptr(&g.eta),
                 ptr(&g.u),
                 d,
                 ptr(&gy),
@@ -584,7 +587,7 @@ fn out_case<T: Activation>(dev: &CudaDevice, p: &Prob, label: &str) {
                     r,
                     fptr(&g.b),
                     d,
-                    p.eta,
+                    fptr(&g.eta),
                     ptr(&g.u),
                     d,
                     fptr(&g.saved),
@@ -664,7 +667,7 @@ fn merge_energy_case<T: Activation>(dev: &CudaDevice, p: &Prob, label: &str) {
                         r,
                         fptr(&g.b),
                         d,
-                        p.eta,
+                        fptr(&g.eta),
                         ptr(&gw),
                         cols,
                         inverse,
@@ -696,7 +699,7 @@ fn merge_energy_case<T: Activation>(dev: &CudaDevice, p: &Prob, label: &str) {
                     r,
                     fptr(&g.b),
                     d,
-                    p.eta,
+                    fptr(&g.eta),
                     ptr(&outs[0]),
                     cols,
                     1,
@@ -762,7 +765,7 @@ fn merge_energy_case<T: Activation>(dev: &CudaDevice, p: &Prob, label: &str) {
                     r,
                     fptr(&g.b),
                     d,
-                    p.eta,
+                    fptr(&g.eta),
                     fptr(&ge),
                     gda,
                     r,
@@ -837,7 +840,7 @@ fn gpu_ops_bad_device_arguments_are_statuses() {
     let gy = nan::<f32>(&dev, n, d);
     let host_a = vec![0.5f32; d * r];
     let host_x = vec![0.5f32; n * k];
-    let fwd = |a: *const f32, x: *const c_void, y: *mut c_void, wsl: usize, eta: f32| {
+    let fwd = |a: *const f32, x: *const c_void, y: *mut c_void, wsl: usize, eta: *const f32| {
         // SAFETY: device buffers of the described shapes (or host memory, the checked case).
         unsafe {
             elra_gpu_op_forward(
@@ -867,26 +870,35 @@ fn gpu_ops_bad_device_arguments_are_statuses() {
     };
     let (ga, gx, y) = (fptr(&g.a).cast_const(), ptr(&g.x).cast_const(), ptr(&gy));
     let hx: *const c_void = host_x.as_ptr().cast();
+    let host_eta = [0.7f32];
+    let ge = fptr(&g.eta).cast_const();
     type Case<'a> = (Box<dyn Fn() -> ElraStatus + 'a>, &'static str);
     let cases: Vec<Case> = vec![
         (
-            Box::new(|| fwd(host_a.as_ptr(), gx, y, g.ws_len, 0.7)),
+            Box::new(|| fwd(host_a.as_ptr(), gx, y, g.ws_len, ge)),
             "device memory",
         ),
-        (Box::new(|| fwd(ga, hx, y, g.ws_len, 0.7)), "device memory"),
+        (Box::new(|| fwd(ga, hx, y, g.ws_len, ge)), "device memory"),
         (
-            Box::new(|| fwd(ga, gx, y, g.ws_len - 1, 0.7)),
+            Box::new(|| fwd(ga, gx, y, g.ws_len - 1, ge)),
             "workspace_len",
         ),
         (
-            Box::new(|| fwd(ga, gx, gx.cast_mut(), g.ws_len, 0.7)),
+            Box::new(|| fwd(ga, gx, gx.cast_mut(), g.ws_len, ge)),
             "overlaps",
         ),
         (
-            Box::new(|| fwd(ga, gx.wrapping_byte_add(2), y, g.ws_len, 0.7)),
+            Box::new(|| fwd(ga, gx.wrapping_byte_add(2), y, g.ws_len, ge)),
             "aligned",
         ),
-        (Box::new(|| fwd(ga, gx, y, g.ws_len, f32::NAN)), "eta"),
+        (
+            Box::new(|| fwd(ga, gx, y, g.ws_len, host_eta.as_ptr())),
+            "device memory",
+        ),
+        (
+            Box::new(|| fwd(ga, gx, y, g.ws_len, ge.wrapping_byte_add(2))),
+            "aligned",
+        ),
     ];
     for (i, (call, needle)) in cases.iter().enumerate() {
         assert_eq!(call(), ELRA_INVALID_ARGUMENT, "case {i}: {}", message());
@@ -901,7 +913,7 @@ fn gpu_ops_bad_device_arguments_are_statuses() {
         "y written by a failed call"
     );
     // A valid call succeeds on the same buffers.
-    ok(fwd(ga, gx, y, g.ws_len, 0.7), "valid forward");
+    ok(fwd(ga, gx, y, g.ws_len, ge), "valid forward");
     assert!(down(&dev, &gy).iter().all(|v| v.is_finite()));
 }
 

@@ -1,6 +1,6 @@
 //! The functional GPU calls `elra_gpu_op_*` (src/capi/gpu_ops.rs), host-side validation — no
 //! GPU needed: every bad argument the library can see without a driver (NULL pointers, unknown
-//! flags and dtypes, LoRA or a rank above the GPU limit, τ ≠ 0, a non-finite or non-positive η,
+//! flags and dtypes, LoRA or a rank above the GPU limit, τ ≠ 0, a NULL, misaligned or aliased η,
 //! `ld ≠ cols`, misalignment, an empty or overflowing batch, a short workspace, overlapping
 //! outputs, a bias without the base) is a status with a message naming the argument, and a call
 //! with valid arguments returns `ELRA_NO_DEVICE` without a driver (on a GPU machine the fake
@@ -65,7 +65,7 @@ struct Fw {
     ld_a: usize,
     b: *const f32,
     ld_b: usize,
-    eta: f32,
+    eta: *const f32,
     x: *const c_void,
     ld_x: usize,
     y: *mut c_void,
@@ -89,7 +89,7 @@ fn fw() -> Fw {
         ld_a: 2,
         b: fake(3),
         ld_b: 8,
-        eta: 0.5,
+        eta: fake(14),
         x: fake(4),
         ld_x: 6,
         y: fake(5),
@@ -177,13 +177,18 @@ fn gpu_op_bad_arguments_are_statuses_before_any_device_work() {
             ELRA_INVALID_ARGUMENT,
             "eta_mult",
         ),
-        (with(&|a| a.eta = f32::NAN), ELRA_INVALID_ARGUMENT, "eta"),
+        // η is a device scalar: NULL, misaligned, or overlapping an output.
+        (with(&|a| a.eta = null()), ELRA_NULL_POINTER, "eta"),
         (
-            with(&|a| a.eta = f32::INFINITY),
+            with(&|a| a.eta = (fake::<u8>(14) as usize + 2) as *const f32),
             ELRA_INVALID_ARGUMENT,
             "eta",
         ),
-        (with(&|a| a.eta = -1.0), ELRA_INVALID_ARGUMENT, "eta"),
+        (
+            with(&|a| a.eta = a.saved.cast_const()),
+            ELRA_INVALID_ARGUMENT,
+            "eta",
+        ),
         (with(&|a| a.dtype = 1), ELRA_INVALID_ARGUMENT, "f64"),
         (
             with(&|a| a.dtype = 7),
@@ -280,7 +285,7 @@ fn gpu_op_bad_arguments_are_statuses_before_any_device_work() {
             2,
             a.b,
             8,
-            0.5,
+            fake(14),
             a.x,
             6,
             a.y,
@@ -309,7 +314,7 @@ fn gpu_op_bad_arguments_are_statuses_before_any_device_work() {
             2,
             a.b,
             8,
-            0.5,
+            fake(14),
             a.x,
             6,
             a.y,
@@ -365,7 +370,7 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
     let ws = 1usize << 16;
     let f = |i| fake::<f32>(i);
     let v = |i| fake::<c_void>(i);
-    type Call<'a> = Box<dyn Fn(u32, u32, f32, usize) -> ElraStatus + 'a>;
+    type Call<'a> = Box<dyn Fn(u32, u32, *const f32, usize) -> ElraStatus + 'a>;
     // (name, call(flag_a, flag_b, eta, workspace_len)) for the exports other than forward.
     let calls: Vec<(&str, Call)> = vec![
         (
@@ -525,24 +530,26 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
     ];
     for (name, call) in &calls {
         // Valid → no device / not device memory.
-        assert_eq!(call(0, 0, 0.5, ws), ok_status, "{name}: {}", message());
+        assert_eq!(call(0, 0, f(14), ws), ok_status, "{name}: {}", message());
         assert!(message().contains(ok_needle), "{name}: {}", message());
-        assert_eq!(call(1, 0, 0.5, ws), ok_status, "{name}: {}", message());
+        assert_eq!(call(1, 0, f(14), ws), ok_status, "{name}: {}", message());
         // Flags (the first: base, accumulate or inverse; the second: accumulate or right), η
         // and the workspace are statuses.
         if *name != "forward_out" {
-            assert_eq!(call(2, 0, 0.5, ws), ELRA_INVALID_ARGUMENT, "{name}");
+            assert_eq!(call(2, 0, f(14), ws), ELRA_INVALID_ARGUMENT, "{name}");
         }
         if *name == "backward" || *name == "merge" {
-            assert_eq!(call(0, 5, 0.5, ws), ELRA_INVALID_ARGUMENT, "{name}");
+            assert_eq!(call(0, 5, f(14), ws), ELRA_INVALID_ARGUMENT, "{name}");
         }
         if *name == "backward" {
-            assert_eq!(call(1, 1, 0.5, ws), ok_status, "{name}: {}", message());
+            assert_eq!(call(1, 1, f(14), ws), ok_status, "{name}: {}", message());
         }
-        assert_eq!(call(0, 0, f32::NAN, ws), ELRA_INVALID_ARGUMENT, "{name}");
+        assert_eq!(call(0, 0, null(), ws), ELRA_NULL_POINTER, "{name}");
         assert!(message().contains("eta"), "{name}: {}", message());
-        assert_eq!(call(0, 0, 0.0, ws), ELRA_INVALID_ARGUMENT, "{name}");
-        assert_eq!(call(0, 0, 0.5, 3), ELRA_INVALID_ARGUMENT, "{name}");
+        let odd = (fake::<u8>(14) as usize + 2) as *const f32;
+        assert_eq!(call(0, 0, odd, ws), ELRA_INVALID_ARGUMENT, "{name}");
+        assert!(message().contains("eta"), "{name}: {}", message());
+        assert_eq!(call(0, 0, f(14), 3), ELRA_INVALID_ARGUMENT, "{name}");
         assert!(message().contains("workspace"), "{name}: {}", message());
     }
     // Outputs overlapping inputs; NULL gradients; energy without gradients.
@@ -560,7 +567,7 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
             2,
             f(3),
             8,
-            0.5,
+            fake(14),
             v(4),
             6,
             f(6),
@@ -592,7 +599,7 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
             2,
             f(3),
             8,
-            0.5,
+            fake(14),
             v(4),
             6,
             f(6),
@@ -623,7 +630,7 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
             2,
             f(3),
             8,
-            0.5,
+            fake(14),
             v(4),
             6,
             f(6),
@@ -651,7 +658,7 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
             2,
             f(3),
             8,
-            0.5,
+            fake(14),
             v(0),
             6,
             0,
@@ -672,7 +679,7 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
             2,
             f(3),
             8,
-            0.5,
+            fake(14),
             v(0),
             6,
             0,
@@ -692,7 +699,7 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
             2,
             f(3),
             8,
-            0.5,
+            fake(14),
             v(0),
             8,
             0,
@@ -711,7 +718,7 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
             2,
             f(3),
             8,
-            0.5,
+            fake(14),
             f(13),
             null_mut(),
             0,
@@ -731,7 +738,7 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
             2,
             f(3),
             8,
-            0.5,
+            fake(14),
             null_mut(),
             null_mut(),
             0,
@@ -751,7 +758,7 @@ fn gpu_op_sizes_and_the_other_exports_validate_on_the_host() {
             2,
             f(3),
             8,
-            0.5,
+            fake(14),
             f(2),
             null_mut(),
             0,

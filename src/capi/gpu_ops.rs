@@ -7,13 +7,16 @@
 //! # Conventions (in addition to those of [`super::gpu`] for device memory and streams)
 //! - **Buffers.** Activations, `W0`, the bias and merged weights are device matrices of the
 //!   call's activation type `dtype` ([`ElraGpuDtype`]: f32, f16, bf16); `a` (d×r), `b` (r×d),
-//!   `da`, `db`, `deta`, `energy`, `saved` and `workspace` are f32 device memory. Every device
+//!   `eta`, `da`, `db`, `deta`, `energy`, `saved` and `workspace` are f32 device memory. Every device
 //!   matrix is row-major and contiguous (`ld == cols`), aligned to its type. The device is the
 //!   one holding `a`; every other pointer must be memory of that device (checked with
 //!   `cuPointerGetAttribute`: a host pointer is `ELRA_INVALID_ARGUMENT`). Outputs may not overlap
 //!   any other buffer of the call.
-//! - **Host scalars.** η (`eta`, f32, finite and > 0) and the step (α, η multiplier, τ = 0, λ) are
-//!   passed by value; `∂η` and the energy are written to device scalars.
+//! - **Scalars.** η is a device scalar (`const float *eta`, one f32): the engine's trained value
+//!   (e.g. `exp(log η)`) is read by the kernels where it lives, never copied to the host, and not
+//!   checked (a non-positive or non-finite η shows as NaN/±Inf in the outputs). The step (α, η
+//!   multiplier, τ = 0, λ; [`elra_schedule_at`]) is a host struct. `∂η` and the energy are
+//!   written to device scalars.
 //! - **Sizes.** [`elra_gpu_op_sizes`] gives, in f32 values, the `saved` array a forward of n rows
 //!   fills and its backward reads (N·r + 2r², as [`elra_op_sizes`]) and the `workspace` every call
 //!   on n rows needs (enough for [`elra_gpu_op_merge`] and [`elra_gpu_op_energy`] too); each call
@@ -198,25 +201,29 @@ unsafe fn lend<E: DeviceScalar>(
     Ok(unsafe { m.borrow(dev)? })
 }
 
-/// The layer (GPU rank limit), the step (no clip) and η.
-fn parse(
-    desc: *const ElraOpDesc,
-    step: *const ElraOpStep,
-    eta: f32,
-) -> CResult<(ElraOp, GeneratorSpec)> {
+/// The layer (GPU rank limit) and the step (no clip).
+fn parse(desc: *const ElraOpDesc, step: *const ElraOpStep) -> CResult<(ElraOp, GeneratorSpec)> {
     let op = desc_of(desc)?;
     check_rank(op.r)?;
     let spec = step_of(step)?.require_no_clip()?;
-    crate::adapter::config::check_eta(eta)?;
     Ok((op, spec))
 }
 
-/// The generator's buffers: `a` (d×r), and `b` (r×d) when the variant has it.
-fn gen_args(op: &ElraOp, a: *const f32, ld_a: usize, b: *const f32, ld_b: usize) -> Vec<Arg> {
+/// The generator's buffers: `a` (d×r), `b` (r×d) when the variant has it, and the device
+/// scalar `eta`.
+fn gen_args(
+    op: &ElraOp,
+    a: *const f32,
+    ld_a: usize,
+    b: *const f32,
+    ld_b: usize,
+    eta: *const f32,
+) -> Vec<Arg> {
     let mut v = vec![arg("a", a, (op.d, op.r), ld_a)];
     if op.variant.uses_b() {
         v.push(arg("b", b, (op.r, op.d), ld_b));
     }
+    v.push(array("eta", eta, 1, false));
     v
 }
 
@@ -247,16 +254,13 @@ fn check_workspace(len: usize, need: usize) -> CResult<()> {
     Ok(())
 }
 
-/// The generator of a call from its lent buffers (`f[0]` = A, `f[1]` = B when the variant has it).
-fn generator<'a>(
-    op: &ElraOp,
-    f: &'a [crate::cuda::BorrowedMatrices<f32>],
-    eta: f32,
-) -> GpuGenerator<'a> {
+/// The generator of a call from its lent buffers ([`gen_args`]: `f[0]` = A, `f[1]` = B when the
+/// variant has it, η last).
+fn generator<'a>(op: &ElraOp, f: &'a [crate::cuda::BorrowedMatrices<f32>]) -> GpuGenerator<'a> {
     GpuGenerator {
         a: f[0].get(),
         b: op.variant.uses_b().then(|| f[1].get()),
-        eta,
+        eta: f[f.len() - 1].get(),
     }
 }
 
@@ -348,7 +352,7 @@ pub unsafe extern "C" fn elra_gpu_op_forward(
     ld_a: usize,
     b: *const f32,
     ld_b: usize,
-    eta: f32,
+    eta: *const f32,
     x: *const c_void,
     ld_x: usize,
     y: *mut c_void,
@@ -359,7 +363,7 @@ pub unsafe extern "C" fn elra_gpu_op_forward(
     stream: *mut c_void,
 ) -> ElraStatus {
     guard(|| {
-        let (op, spec) = parse(desc, step, eta)?;
+        let (op, spec) = parse(desc, step)?;
         let with_base = flag("base", base)?;
         if !with_base && !bias.is_null() {
             return Err(ElraError::invalid("bias", "a bias needs base = 1").into());
@@ -374,7 +378,7 @@ pub unsafe extern "C" fn elra_gpu_op_forward(
         if !bias.is_null() {
             act.push(arg("bias", bias, (1, d), d));
         }
-        let mut f32s = gen_args(&op, a, ld_a, b, ld_b);
+        let mut f32s = gen_args(&op, a, ld_a, b, ld_b, eta);
         let n_gen = f32s.len();
         f32s.push(array("saved", saved.cast_const(), sz.saved, true));
         f32s.push(array(
@@ -409,7 +413,7 @@ pub unsafe extern "C" fn elra_gpu_op_forward(
                         &spec,
                         w0b[0].get(),
                         base,
-                        &generator(&op, gen, eta),
+                        &generator(&op, gen),
                         xb[0].get(),
                         yb[0].get_mut(),
                         s[0].get_mut(),
@@ -444,7 +448,7 @@ pub unsafe extern "C" fn elra_gpu_op_backward(
     ld_a: usize,
     b: *const f32,
     ld_b: usize,
-    eta: f32,
+    eta: *const f32,
     x: *const c_void,
     ld_x: usize,
     saved: *const f32,
@@ -463,7 +467,7 @@ pub unsafe extern "C" fn elra_gpu_op_backward(
     stream: *mut c_void,
 ) -> ElraStatus {
     guard(|| {
-        let (op, spec) = parse(desc, step, eta)?;
+        let (op, spec) = parse(desc, step)?;
         let with_base = flag("base", base)?;
         let accumulate = flag("accumulate", accumulate)?;
         let sz = gops::sizes(&op, n)?;
@@ -474,7 +478,7 @@ pub unsafe extern "C" fn elra_gpu_op_backward(
             arg("dy", dy, (n, d), ld_dy),
             output("dx", dx, (n, k), ld_dx),
         ];
-        let mut f32s = gen_args(&op, a, ld_a, b, ld_b);
+        let mut f32s = gen_args(&op, a, ld_a, b, ld_b, eta);
         let n_gen = f32s.len();
         let gr = grad_args(&op, (da, ld_da), (db, ld_db), deta);
         let n_grad = gr.len();
@@ -506,7 +510,7 @@ pub unsafe extern "C" fn elra_gpu_op_backward(
                         &spec,
                         inputs[0].get(),
                         with_base,
-                        &generator(&op, gen, eta),
+                        &generator(&op, gen),
                         inputs[1].get(),
                         s[0].get(),
                         inputs[2].get(),
@@ -538,7 +542,7 @@ pub unsafe extern "C" fn elra_gpu_op_forward_out(
     ld_a: usize,
     b: *const f32,
     ld_b: usize,
-    eta: f32,
+    eta: *const f32,
     u: *const c_void,
     ld_u: usize,
     y: *mut c_void,
@@ -549,11 +553,11 @@ pub unsafe extern "C" fn elra_gpu_op_forward_out(
     stream: *mut c_void,
 ) -> ElraStatus {
     guard(|| {
-        let (op, spec) = parse(desc, step, eta)?;
+        let (op, spec) = parse(desc, step)?;
         let sz = gops::sizes(&op, n)?;
         let d = op.d;
         let act = vec![arg("u", u, (n, d), ld_u), output("y", y, (n, d), ld_y)];
-        let mut f32s = gen_args(&op, a, ld_a, b, ld_b);
+        let mut f32s = gen_args(&op, a, ld_a, b, ld_b, eta);
         let n_gen = f32s.len();
         f32s.push(array("saved", saved.cast_const(), sz.saved, true));
         f32s.push(array(
@@ -579,7 +583,7 @@ pub unsafe extern "C" fn elra_gpu_op_forward_out(
                         dev,
                         &op,
                         &spec,
-                        &generator(&op, gen, eta),
+                        &generator(&op, gen),
                         ub[0].get(),
                         yb[0].get_mut(),
                         s[0].get_mut(),
@@ -609,7 +613,7 @@ pub unsafe extern "C" fn elra_gpu_op_backward_out(
     ld_a: usize,
     b: *const f32,
     ld_b: usize,
-    eta: f32,
+    eta: *const f32,
     u: *const c_void,
     ld_u: usize,
     saved: *const f32,
@@ -628,7 +632,7 @@ pub unsafe extern "C" fn elra_gpu_op_backward_out(
     stream: *mut c_void,
 ) -> ElraStatus {
     guard(|| {
-        let (op, spec) = parse(desc, step, eta)?;
+        let (op, spec) = parse(desc, step)?;
         let accumulate = flag("accumulate", accumulate)?;
         let sz = gops::sizes(&op, n)?;
         let d = op.d;
@@ -637,7 +641,7 @@ pub unsafe extern "C" fn elra_gpu_op_backward_out(
             arg("dy", dy, (n, d), ld_dy),
             output("du", du, (n, d), ld_du),
         ];
-        let mut f32s = gen_args(&op, a, ld_a, b, ld_b);
+        let mut f32s = gen_args(&op, a, ld_a, b, ld_b, eta);
         let n_gen = f32s.len();
         let gr = grad_args(&op, (da, ld_da), (db, ld_db), deta);
         let n_grad = gr.len();
@@ -667,7 +671,7 @@ pub unsafe extern "C" fn elra_gpu_op_backward_out(
                         dev,
                         &op,
                         &spec,
-                        &generator(&op, gen, eta),
+                        &generator(&op, gen),
                         inputs[0].get(),
                         s[0].get(),
                         inputs[1].get(),
@@ -699,7 +703,7 @@ pub unsafe extern "C" fn elra_gpu_op_merge(
     ld_a: usize,
     b: *const f32,
     ld_b: usize,
-    eta: f32,
+    eta: *const f32,
     w: *const c_void,
     ld_w: usize,
     inverse: u32,
@@ -711,7 +715,7 @@ pub unsafe extern "C" fn elra_gpu_op_merge(
     stream: *mut c_void,
 ) -> ElraStatus {
     guard(|| {
-        let (op, spec) = parse(desc, step, eta)?;
+        let (op, spec) = parse(desc, step)?;
         let inverse = flag("inverse", inverse)?;
         let (side, shape) = if flag("right", right)? {
             (Side::Right, (op.k, op.d))
@@ -720,7 +724,7 @@ pub unsafe extern "C" fn elra_gpu_op_merge(
         };
         let need = gops::unbatched_workspace(&op)?;
         let act = vec![arg("w", w, shape, ld_w), output("out", out, shape, ld_out)];
-        let mut f32s = gen_args(&op, a, ld_a, b, ld_b);
+        let mut f32s = gen_args(&op, a, ld_a, b, ld_b, eta);
         let n_gen = f32s.len();
         f32s.push(array(
             "workspace",
@@ -744,7 +748,7 @@ pub unsafe extern "C" fn elra_gpu_op_merge(
                         dev,
                         &op,
                         &spec,
-                        &generator(&op, gen, eta),
+                        &generator(&op, gen),
                         wb[0].get(),
                         inverse,
                         side,
@@ -773,7 +777,7 @@ pub unsafe extern "C" fn elra_gpu_op_energy(
     ld_a: usize,
     b: *const f32,
     ld_b: usize,
-    eta: f32,
+    eta: *const f32,
     energy: *mut f32,
     da: *mut f32,
     ld_da: usize,
@@ -786,11 +790,11 @@ pub unsafe extern "C" fn elra_gpu_op_energy(
     stream: *mut c_void,
 ) -> ElraStatus {
     guard(|| {
-        let (op, spec) = parse(desc, step, eta)?;
+        let (op, spec) = parse(desc, step)?;
         let accumulate = flag("accumulate", accumulate)?;
         let need = gops::unbatched_workspace(&op)?;
         let want_grads = !da.is_null();
-        let mut f32s = gen_args(&op, a, ld_a, b, ld_b);
+        let mut f32s = gen_args(&op, a, ld_a, b, ld_b, eta);
         let n_gen = f32s.len();
         let gr = if want_grads {
             grad_args(&op, (da, ld_da), (db, ld_db), deta)
@@ -824,7 +828,7 @@ pub unsafe extern "C" fn elra_gpu_op_energy(
                     dev,
                     &op,
                     &spec,
-                    &generator(&op, gen, eta),
+                    &generator(&op, gen),
                     e[0].get_mut(),
                     gr,
                     w[0].get_mut(),

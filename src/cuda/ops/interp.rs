@@ -379,7 +379,7 @@ impl Problem {
     }
 
     fn params(&self) -> GenParams {
-        GenParams::new(&self.op, &self.spec, self.eta as f32)
+        GenParams::new(&self.op, &self.spec)
     }
 
     /// A memory with the problem's inputs bound; outputs and the workspace poisoned with NaN
@@ -395,6 +395,7 @@ impl Problem {
         bufs.insert(Loc::Dy, flat(&self.dy));
         bufs.insert(Loc::U, flat(&self.u));
         bufs.insert(Loc::A, flat(&self.a));
+        bufs.insert(Loc::Eta, vec![self.eta]);
         if self.op.variant.uses_b() {
             bufs.insert(Loc::B, flat(&self.b));
         }
@@ -707,7 +708,6 @@ fn workspace_regions_are_disjoint_aligned_and_cover_the_layout() {
         };
         let l = Layout::new(&op, n).unwrap();
         let mut regions = vec![
-            (l.eta, 1),
             (l.status, 2),
             (l.ct, d * r),
             (l.pt, k * r),

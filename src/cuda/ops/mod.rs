@@ -78,8 +78,10 @@ pub struct GpuGenerator<'a> {
     pub a: &'a DeviceMatrices<f32>,
     /// `B` (r×d); `None` for ELRA-PSD.
     pub b: Option<&'a DeviceMatrices<f32>>,
-    /// η > 0.
-    pub eta: f32,
+    /// η (1×1, f32) on the device, read by the kernels: the call never copies it to the host,
+    /// so an engine's trained η (e.g. `exp(log η)`) stays where it is. Not checked: a
+    /// non-positive or non-finite η gives NaN or ±Inf in the outputs.
+    pub eta: &'a DeviceMatrices<f32>,
 }
 
 /// Where parameter gradients go on the device: `∂A` (d×r), `∂B` (r×d, when the variant has
@@ -145,14 +147,13 @@ pub fn unbatched_workspace(op: &ElraOp) -> Result<usize> {
     Ok(layout(op, 0)?.len)
 }
 
-/// Checks the layer, the step (no clip on the GPU) and η; the settings of the call.
-fn params(op: &ElraOp, spec: &GeneratorSpec, eta: f32) -> Result<GenParams> {
+/// Checks the layer and the step (no clip on the GPU); the settings of the call.
+fn params(op: &ElraOp, spec: &GeneratorSpec) -> Result<GenParams> {
     op.validate()?;
     check_rank(op.r)?;
     spec.validate()?;
     spec.require_no_clip()?;
-    crate::adapter::config::check_eta(eta)?;
-    Ok(GenParams::new(op, spec, eta))
+    Ok(GenParams::new(op, spec))
 }
 
 /// Checks that `m` is one `rows × cols` matrix on `dev`.
@@ -198,7 +199,9 @@ fn bind_gen<'a, T: Activation>(
     b: &mut Bound<'a, T>,
 ) -> Result<()> {
     check_mat(dev, "a", g.a, op.d, op.r)?;
+    check_mat(dev, "eta", g.eta, 1, 1)?;
     b.f32s.push((Loc::A, g.a));
+    b.f32s.push((Loc::Eta, g.eta));
     match (op.variant.uses_b(), g.b) {
         (true, Some(m)) => {
             check_mat(dev, "b", m, op.r, op.d)?;
@@ -264,7 +267,7 @@ pub fn forward<T: Activation>(
     saved: &mut DeviceMatrices<f32>,
     workspace: &mut DeviceMatrices<f32>,
 ) -> Result<()> {
-    let gp = params(op, spec, g.eta)?;
+    let gp = params(op, spec)?;
     let (d, k) = (op.d, op.k);
     let n = x.rows();
     let sz = sizes(op, n)?;
@@ -316,7 +319,7 @@ pub fn backward<T: Activation>(
     grads: GpuGrads<'_>,
     workspace: &mut DeviceMatrices<f32>,
 ) -> Result<()> {
-    let gp = params(op, spec, g.eta)?;
+    let gp = params(op, spec)?;
     let (d, k) = (op.d, op.k);
     let n = x.rows();
     let sz = sizes(op, n)?;
@@ -356,7 +359,7 @@ pub fn forward_out<T: Activation>(
     saved: &mut DeviceMatrices<f32>,
     workspace: &mut DeviceMatrices<f32>,
 ) -> Result<()> {
-    let gp = params(op, spec, g.eta)?;
+    let gp = params(op, spec)?;
     let n = u.rows();
     let sz = sizes(op, n)?;
     let lay = layout(op, n)?;
@@ -391,7 +394,7 @@ pub fn backward_out<T: Activation>(
     grads: GpuGrads<'_>,
     workspace: &mut DeviceMatrices<f32>,
 ) -> Result<()> {
-    let gp = params(op, spec, g.eta)?;
+    let gp = params(op, spec)?;
     let n = u.rows();
     let sz = sizes(op, n)?;
     let lay = layout(op, n)?;
@@ -428,7 +431,7 @@ pub fn merge<T: Activation>(
     out: &mut DeviceMatrices<T>,
     workspace: &mut DeviceMatrices<f32>,
 ) -> Result<()> {
-    let gp = params(op, spec, g.eta)?;
+    let gp = params(op, spec)?;
     let lay = layout(op, 0)?;
     let (rows, cols) = match side {
         Side::Left => (op.d, op.k),
@@ -460,7 +463,7 @@ pub fn energy(
     grads: Option<GpuGrads<'_>>,
     workspace: &mut DeviceMatrices<f32>,
 ) -> Result<()> {
-    let gp = params(op, spec, g.eta)?;
+    let gp = params(op, spec)?;
     let lay = layout(op, 0)?;
     let mut b = bound::<f32>();
     check_mat(dev, "energy", energy, 1, 1)?;

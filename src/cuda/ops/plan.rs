@@ -46,6 +46,8 @@ pub(crate) enum Loc {
     Da,
     /// `∂B` (r×d, f32).
     Db,
+    /// η (1×1, f32), read on the device.
+    Eta,
     /// `∂η` (1×1, f32).
     Deta,
     /// The energy `λ‖G‖²_F` (1×1, f32).
@@ -228,8 +230,6 @@ fn scratch_for(n_rows: usize, n: usize, r: usize) -> Option<usize> {
 /// of `n` rows (`n = 0` for merge and energy, which have none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Layout {
-    /// η (one value; the kernels read it from device memory).
-    pub(crate) eta: usize,
     /// Two i32 statuses.
     pub(crate) status: usize,
     /// `Cᵀ` (d×r).
@@ -295,7 +295,6 @@ impl Layout {
             at = align4(at.checked_add(len.max(1))?)?;
             Some(start)
         };
-        let eta = take(1)?;
         let status = take(2)?;
         let ct = take(dr)?;
         let pt = take(kr)?;
@@ -316,7 +315,6 @@ impl Layout {
         let scratch = take(scratch_len)?;
         let work = take(work_len)?;
         Some(Layout {
-            eta,
             status,
             ct,
             pt,
@@ -350,20 +348,20 @@ pub(crate) fn saved_len(n: usize, r: usize) -> Option<usize> {
 }
 
 /// The generator settings of a call: whether `B` enters `C` (the variant has it and α < 1),
-/// α by variant (0 general, 1 PSD, the step's α for Hyb), the η multiplier, η and λ.
+/// α by variant (0 general, 1 PSD, the step's α for Hyb), the η multiplier and λ (η itself is
+/// the caller's device scalar, [`Loc::Eta`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct GenParams {
     pub(crate) has_b: bool,
     pub(crate) reads_b: bool,
     pub(crate) alpha: f32,
     pub(crate) mult: f32,
-    pub(crate) eta: f32,
     pub(crate) lambda: f32,
 }
 
 impl GenParams {
-    /// The settings of `op` at `spec` with step size `eta` (as the CPU's `Eval::new`).
-    pub(crate) fn new(op: &ElraOp, spec: &GeneratorSpec, eta: f32) -> GenParams {
+    /// The settings of `op` at `spec` (as the CPU's `Eval::new`).
+    pub(crate) fn new(op: &ElraOp, spec: &GeneratorSpec) -> GenParams {
         let alpha = match op.variant {
             Variant::General => 0.0,
             Variant::Psd => 1.0,
@@ -375,7 +373,6 @@ impl GenParams {
             reads_b: has_b && alpha < 1.0,
             alpha: alpha as f32,
             mult: spec.eta_mult as f32,
-            eta,
             lambda: spec.lambda as f32,
         }
     }
@@ -442,14 +439,10 @@ impl Views {
     }
 }
 
-/// Algorithm 1 line 4 (and line 5 with `zm`): η into the workspace, `Cᵀ` (eq. 19), then, with
+/// Algorithm 1 line 4 (and line 5 with `zm`): `Cᵀ` (eq. 19) from the caller's device η, then, with
 /// `zm = Some((z, m))`, `z = ±C A` and `m = φ1(z)` (Prop. 1; `neg` for the unmerge's `−Z`).
 fn prelude(s: &mut Vec<Step>, v: &Views, g: &GenParams, zm: Option<(V, V)>, neg: bool) {
-    let eta = v.ws(v.lay.eta, 1, 1);
-    s.push(Step::Fill {
-        v: eta,
-        value: g.eta,
-    });
+    let eta = V::mat(Loc::Eta, 1, 1);
     s.push(Step::FactorC {
         a: v.a(),
         b: g.reads_b.then(|| V::mat(Loc::B, v.r, v.d)),
@@ -527,7 +520,7 @@ fn chain(s: &mut Vec<Step>, v: &Views, g: &GenParams, lambda: f32, accumulate: b
         k: v.rr(v.lay.k),
         lambda,
         alpha: g.alpha,
-        eta: v.ws(v.lay.eta, 1, 1),
+        eta: V::mat(Loc::Eta, 1, 1),
         mult: g.mult,
         abar: V::mat(Loc::Da, v.d, v.r),
         cbar_t: v.ws(v.lay.cbar_t, v.d, v.r),
