@@ -9,8 +9,11 @@
 #      launch plans),
 #   4. runs the φ1 batch bench and the layer bench (all shapes, base / LoRA / ELRA routes),
 #   5. runs scripts/bench_torch.py (PyTorch and PEFT LoRA on the same shapes, same session),
-#   6. runs the Python GPU client's tests (python/tests/test_torch_gpu.py) and checks its ctypes
-#      declarations against include/elra.h (python/tests/test_signatures.py),
+#   6. times one elra.torch training step against PEFT LoRA and a hand-written torch ELRA
+#      (python/examples/bench_step.py --device cuda, bf16, 8192×4096²),
+#   7. runs the Python GPU tests (python/tests/test_torch_gpu.py: the handle; test_torch_cuda_ops.py:
+#      elra.torch on CUDA tensors) and checks the ctypes declarations against include/elra.h
+#      (python/tests/test_signatures.py),
 # each under its own time limit (445 s in all), full logs in $OUT (or .gpu/out), and prints ONE
 # summary table last ($OUT/summary.txt gets each row as its step ends). Device call (from the
 # repository root, carry [".gpu"], timeout_s 540):
@@ -52,9 +55,11 @@ rm -rf .gpu/py && mkdir -p .gpu/py/tests
 cp target/release/libelra.so .gpu/py/
 if command -v strip >/dev/null; then strip --strip-debug .gpu/py/libelra.so; fi
 cp -r python/elra .gpu/py/
-cp python/tests/test_torch_gpu.py python/tests/test_signatures.py python/tests/conftest.py .gpu/py/tests/
+cp python/tests/test_torch_gpu.py python/tests/test_torch_cuda_ops.py python/tests/test_signatures.py \
+   python/tests/conftest.py .gpu/py/tests/
 rm -rf .gpu/include && mkdir -p .gpu/include && cp include/elra.h .gpu/include/
 cp scripts/bench_torch.py .gpu/py/
+mkdir -p .gpu/py/examples && cp python/examples/bench_step.py .gpu/py/examples/
 find .gpu/py -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # One compressed payload (≈ 21 MB instead of ≈ 58: the device tool carries 64 MiB in all).
@@ -98,14 +103,16 @@ else
   echo "${rows[-1]}" >> "$out/summary.txt"
 fi
 step bench_phi1 40 bench/cuda_phi1_batch --bench --noplot --warm-up-time 1 --measurement-time 2
-step bench_layer 170 bench/cuda_layer --bench --noplot --warm-up-time 1
+step bench_layer 120 bench/cuda_layer --bench --noplot --warm-up-time 1
 step bench_torch 45 python3 py/bench_torch.py
-step py_gpu 30 env ELRA_LIB="$PWD/py/libelra.so" PYTHONPATH="$PWD/py" \
-  python3 -m pytest -q -rs -p no:cacheprovider py/tests/test_torch_gpu.py py/tests/test_signatures.py
+step bench_step 30 env ELRA_LIB="$PWD/py/libelra.so" python3 py/examples/bench_step.py \
+  --device cuda --dtype bfloat16 --d 4096 --k 4096 --n 8192 --r 8 --steps 10 --repeats 3
+step py_gpu 50 env ELRA_LIB="$PWD/py/libelra.so" PYTHONPATH="$PWD/py" \
+  python3 -m pytest -q -rs -p no:cacheprovider py/tests/test_torch_gpu.py py/tests/test_torch_cuda_ops.py py/tests/test_signatures.py
 echo
 echo "== key lines"
-grep -hE "time: |µs  .*× base|^N=|ratio|PEFT|peft_lora|torch_lora|base_fwd_bwd" \
-  "$out/bench_phi1.log" "$out/bench_layer.log" "$out/bench_torch.log" 2>/dev/null | head -n 60
+grep -hE "time: |µs  .*× base|^N=|ratio|PEFT|peft_lora|torch_lora|base_fwd_bwd|elra.torch|hand-written|frozen layer" \
+  "$out/bench_phi1.log" "$out/bench_layer.log" "$out/bench_torch.log" "$out/bench_step.log" 2>/dev/null | head -n 60
 echo
 echo "== summary (card: $(head -n 2 "$out/card.log" | tail -n 1))"
 printf '%-22s %-26s %6s  %s\n' step result time log

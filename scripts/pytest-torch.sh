@@ -27,4 +27,4 @@ then
 fi
 export ELRA_LIB="${ELRA_LIB:-$PWD/target/release/libelra.so}"
 cd python
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_torch.py tests/test_peft_interop.py tests/test_signatures.py "$@"
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_torch.py tests/test_peft_interop.py tests/test_signatures.py tests/test_torch_cuda_ops.py -rs "$@"

@@ -42,6 +42,7 @@ DTYPES = {"float32": 0, "float16": 2, "bfloat16": 3}
 _PARAMS = {"A": 0, "B": 1, "eta": 2}
 _H = ctypes.c_void_p
 _size = ctypes.c_size_t
+_u32 = ctypes.c_uint32
 _vp = ctypes.c_void_p
 _fp = ctypes.POINTER(ctypes.c_float)
 _declared = False
@@ -84,6 +85,33 @@ def _declare() -> None:
         "elra_gpu_adapter_unmerge": [_H, _vp, _size, _vp, _size, _vp],
         "elra_gpu_adapter_set_check_finite": [_H, ctypes.c_uint32],
         "elra_gpu_check_finite": [ctypes.c_uint32, _vp, _size, _size, _size, _vp, _vp],
+        # The functional calls (elra.torch's CUDA path): desc and step are pointers to the
+        # ElraOpDesc / ElraOpStep structures; every buffer and η are device pointers.
+        "elra_gpu_op_sizes": [_vp, _size, szp, szp],
+        "elra_gpu_op_forward": [
+            _vp, _vp, _u32, _size, _vp, _size, _u32, _vp, _vp, _size, _vp, _size, _vp, _vp,
+            _size, _vp, _size, _vp, _vp, _size, _vp,
+        ],
+        "elra_gpu_op_backward": [
+            _vp, _vp, _u32, _size, _vp, _size, _u32, _vp, _size, _vp, _size, _vp, _vp, _size,
+            _vp, _vp, _size, _vp, _size, _vp, _size, _vp, _size, _vp, _u32, _vp, _size, _vp,
+        ],
+        "elra_gpu_op_forward_out": [
+            _vp, _vp, _u32, _size, _vp, _size, _vp, _size, _vp, _vp, _size, _vp, _size, _vp, _vp,
+            _size, _vp,
+        ],
+        "elra_gpu_op_backward_out": [
+            _vp, _vp, _u32, _size, _vp, _size, _vp, _size, _vp, _vp, _size, _vp, _vp, _size, _vp,
+            _size, _vp, _size, _vp, _size, _vp, _u32, _vp, _size, _vp,
+        ],
+        "elra_gpu_op_merge": [
+            _vp, _vp, _u32, _vp, _size, _vp, _size, _vp, _vp, _size, _u32, _u32, _vp, _size, _vp,
+            _size, _vp,
+        ],
+        "elra_gpu_op_energy": [
+            _vp, _vp, _vp, _size, _vp, _size, _vp, _vp, _vp, _size, _vp, _size, _vp, _u32, _vp,
+            _size, _vp,
+        ],
     }
     for name, args in sig.items():
         f = getattr(lib, name)

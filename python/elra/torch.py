@@ -3,10 +3,12 @@
 ``load_adapter``, ``print_trainable_parameters``).
 
 The parameters are ordinary ``nn.Parameter``\\ s (A, B, ``log_eta``) that any torch optimizer
-updates and that DDP/FSDP shard or reduce like any other; elra only computes. Tensors are CPU
-tensors of float32 or float64 (the functional C ABI on host memory); the ops are registered with
-``torch.library`` (fake kernels for ``torch.compile``/``opcheck``, autograd formulas from elra's
-reverse mode).
+updates and that DDP/FSDP shard or reduce like any other; elra only computes. CPU tensors of
+float32 or float64 go through the functional C ABI on host memory (``elra_op_*``); CUDA tensors
+(activations float32, float16 or bfloat16; A, B, η float32) through its GPU twin
+(``elra_gpu_op_*``, a library built with ``--features cuda``) on torch's current stream, with the
+saved values and the workspace allocated by torch. The ops are registered with ``torch.library``
+(fake kernels for ``torch.compile``/``opcheck``, autograd formulas from elra's reverse mode).
 
 Three ops carry the computation (all on 2-D row-major tensors):
 
@@ -198,11 +200,183 @@ def _inputs(x, a, b, eta, dropout, cfg, x_name):
     return dt, d, r, has_b
 
 
+# ---------------------------------------------------------------------------------------------
+# CUDA tensors: the functional GPU ABI (elra_gpu_op_*)
+# ---------------------------------------------------------------------------------------------
+
+#: ``ElraGpuDtype`` of the activation types the GPU calls take.
+_GPU_DTYPES = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
+_F32 = torch.float32
+
+
+def _gpu():
+    """The library with its GPU calls declared; a clear error when it lacks them."""
+    from . import gpu
+
+    gpu._declare()  # raises ElraError NO_DEVICE for a library built without `--features cuda`
+    return lib
+
+
+def _check_gpu(name: str, t, dtype, shape, ndim, device):
+    """As :func:`_check` for the CUDA path: a CUDA tensor on ``device``, of ``dtype`` (``None``:
+    any activation type of the GPU calls)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"elra: `{name}` must be a tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"elra: `{name}` is on {t.device}, expected {device} (as the input)")
+    if dtype is None and t.dtype not in _GPU_DTYPES:
+        raise TypeError(f"elra: `{name}` has dtype {t.dtype}; on the GPU activations are "
+                        "float32, float16 or bfloat16")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"elra: `{name}` has dtype {t.dtype}, expected {dtype} on the GPU "
+                        "(A, B, η, gradients and saved values are float32)")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"elra: `{name}` must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"elra: `{name}` must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _gpu_inputs(x, a, b, eta, dropout, cfg, x_name):
+    """Checks the CUDA path's inputs; ``(activation dtype, d, r, has_b)``."""
+    dev = x.device
+    _check_gpu(x_name, x, None, None, 2, dev)
+    _check_gpu("a", a, _F32, None, 2, dev)
+    d, r = a.shape
+    has_b = int(cfg[0]) != VARIANTS["psd"]
+    if has_b:
+        if b is None:
+            raise ValueError(f"elra: `b` is required by variant {int(cfg[0])} (general or hyb)")
+        _check_gpu("b", b, _F32, (r, d), None, dev)
+    _check_gpu("eta", eta, _F32, (), None, dev)
+    if dropout is not None:
+        raise ValueError("elra: `dropout` masks are not taken by the GPU calls (ElraLinear "
+                         "applies adapter dropout outside the op on CUDA tensors)")
+    return x.dtype, d, r, has_b
+
+
+def _gpu_sizes(desc: OpDesc, n: int):
+    s, w = _sz(), _sz()
+    check(_gpu().elra_gpu_op_sizes(ctypes.byref(desc), n, ctypes.byref(s), ctypes.byref(w)))
+    return s.value, w.value
+
+
+def _stream(t: Tensor) -> int:
+    """torch's current stream on ``t``'s device (the GPU calls are ordered on it)."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _empty(shape, dtype, like: Tensor) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _delta_cuda(x, w0, a, b, eta, step, cfg):
+    dt, d, r, has_b = _gpu_inputs(x, a, b, eta, None, cfg, "x")
+    n, k = x.shape
+    _check_gpu("w0", w0, dt, (d, k), None, x.device)
+    x, w0, a, eta = x.contiguous(), w0.contiguous(), a.contiguous(), eta.contiguous()
+    b = b.contiguous() if has_b else None
+    desc = _desc(cfg, d, k, r)
+    sl, wl = _gpu_sizes(desc, n)
+    st = _step(cfg, step, d, k, r)
+    y, saved, ws = _empty((n, d), dt, x), _empty((sl,), _F32, x), _empty((wl,), _F32, x)
+    check(_gpu().elra_gpu_op_forward(
+        ctypes.byref(desc), ctypes.byref(st), _GPU_DTYPES[dt], n, w0.data_ptr(), k, 0, None,
+        a.data_ptr(), r, _p(b), d, eta.data_ptr(), x.data_ptr(), k, y.data_ptr(), d,
+        saved.data_ptr(), ws.data_ptr(), wl, _stream(x)))
+    return y, saved
+
+
+def _delta_backward_cuda(dy, x, w0, a, b, eta, step, saved, cfg):
+    dt, d, r, has_b = _gpu_inputs(x, a, b, eta, None, cfg, "x")
+    n, k = x.shape
+    _check_gpu("w0", w0, dt, (d, k), None, x.device)
+    _check_gpu("dy", dy, dt, (n, d), None, x.device)
+    desc = _desc(cfg, d, k, r)
+    sl, wl = _gpu_sizes(desc, n)
+    _check_gpu("saved", saved, _F32, (sl,), None, x.device)
+    dy, x, w0, a = dy.contiguous(), x.contiguous(), w0.contiguous(), a.contiguous()
+    eta, saved = eta.contiguous(), saved.contiguous()
+    b = b.contiguous() if has_b else None
+    st = _step(cfg, step, d, k, r)
+    dx, da, ws = _empty((n, k), dt, x), _empty((d, r), _F32, x), _empty((wl,), _F32, x)
+    db = _empty((r, d), _F32, x) if has_b else a.new_empty((0,))
+    deta = _empty((), _F32, x)
+    check(_gpu().elra_gpu_op_backward(
+        ctypes.byref(desc), ctypes.byref(st), _GPU_DTYPES[dt], n, w0.data_ptr(), k, 0,
+        a.data_ptr(), r, _p(b), d, eta.data_ptr(), x.data_ptr(), k, saved.data_ptr(),
+        dy.data_ptr(), d, dx.data_ptr(), k, da.data_ptr(), r, _p(db) if has_b else None, d,
+        deta.data_ptr(), 0, ws.data_ptr(), wl, _stream(x)))
+    return dx, da, db, deta
+
+
+def _rows_cuda(u, a, b, eta, step, cfg):
+    dt, d, r, has_b = _gpu_inputs(u, a, b, eta, None, cfg, "u")
+    n = u.shape[0]
+    _check_gpu("u", u, dt, (n, d), None, u.device)
+    u, a, eta = u.contiguous(), a.contiguous(), eta.contiguous()
+    b = b.contiguous() if has_b else None
+    desc = _desc(cfg, d, d, r)
+    sl, wl = _gpu_sizes(desc, n)
+    st = _step(cfg, step, d, d, r)
+    y, saved, ws = _empty((n, d), dt, u), _empty((sl,), _F32, u), _empty((wl,), _F32, u)
+    check(_gpu().elra_gpu_op_forward_out(
+        ctypes.byref(desc), ctypes.byref(st), _GPU_DTYPES[dt], n, a.data_ptr(), r, _p(b), d,
+        eta.data_ptr(), u.data_ptr(), d, y.data_ptr(), d, saved.data_ptr(), ws.data_ptr(), wl,
+        _stream(u)))
+    return y, saved
+
+
+def _rows_backward_cuda(dy, u, a, b, eta, step, saved, cfg):
+    dt, d, r, has_b = _gpu_inputs(u, a, b, eta, None, cfg, "u")
+    n = u.shape[0]
+    _check_gpu("u", u, dt, (n, d), None, u.device)
+    _check_gpu("dy", dy, dt, (n, d), None, u.device)
+    desc = _desc(cfg, d, d, r)
+    sl, wl = _gpu_sizes(desc, n)
+    _check_gpu("saved", saved, _F32, (sl,), None, u.device)
+    dy, u, a, eta, saved = dy.contiguous(), u.contiguous(), a.contiguous(), eta.contiguous(), \
+        saved.contiguous()
+    b = b.contiguous() if has_b else None
+    st = _step(cfg, step, d, d, r)
+    du, da, ws = _empty((n, d), dt, u), _empty((d, r), _F32, u), _empty((wl,), _F32, u)
+    db = _empty((r, d), _F32, u) if has_b else a.new_empty((0,))
+    deta = _empty((), _F32, u)
+    check(_gpu().elra_gpu_op_backward_out(
+        ctypes.byref(desc), ctypes.byref(st), _GPU_DTYPES[dt], n, a.data_ptr(), r, _p(b), d,
+        eta.data_ptr(), u.data_ptr(), d, saved.data_ptr(), dy.data_ptr(), d, du.data_ptr(), d,
+        da.data_ptr(), r, _p(db) if has_b else None, d, deta.data_ptr(), 0, ws.data_ptr(), wl,
+        _stream(u)))
+    return du, da, db, deta
+
+
+def _energy_cuda(a, b, eta, step, cfg, grads: bool):
+    """``λ‖G‖²_F`` and, with ``grads``, its gradients ``(e, da, db, deta)`` on the GPU."""
+    _, d, r, has_b = _gpu_inputs(a, a, b, eta, None, cfg, "a")
+    a, eta = a.contiguous(), eta.contiguous()
+    b = b.contiguous() if has_b else None
+    desc = _desc(cfg, d, d, r)
+    _, wl = _gpu_sizes(desc, 1)
+    st = _step(cfg, step, d, d, r)
+    e, ws = _empty((), _F32, a), _empty((wl,), _F32, a)
+    da = _empty((d, r), _F32, a) if grads else None
+    db = (_empty((r, d), _F32, a) if has_b else a.new_empty((0,))) if grads else None
+    deta = _empty((), _F32, a) if grads else None
+    check(_gpu().elra_gpu_op_energy(
+        ctypes.byref(desc), ctypes.byref(st), a.data_ptr(), r, _p(b), d, eta.data_ptr(),
+        e.data_ptr(), _p(da), r, _p(db) if grads and has_b else None, d, _p(deta), 0,
+        ws.data_ptr(), wl, _stream(a)))
+    return e, da, db, deta
+
+
 @torch.library.custom_op("elra::delta", mutates_args=())
 def delta(x: Tensor, w0: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor,
           dropout: Optional[Tensor], cfg: List[float]) -> Tuple[Tensor, Tensor]:
     """The adapter's increment ``Δ(x) = D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)`` of the fused layer (eq. 5 with
     ``P = C W0``; ``elra_op_forward`` with ``base = 0``) and the values its backward needs."""
+    if x.is_cuda:
+        if dropout is not None:
+            _gpu_inputs(x, a, b, eta, dropout, cfg, "x")
+        return _delta_cuda(x, w0, a, b, eta, step, cfg)
     dt, d, r, has_b = _inputs(x, a, b, eta, dropout, cfg, "x")
     n, k = x.shape
     _check("w0", w0, dt, (d, k))
@@ -222,11 +396,16 @@ def delta(x: Tensor, w0: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, st
     return y, saved
 
 
+def _saved_dtype(x: Tensor):
+    """The saved values' dtype: the activations' on the CPU, float32 on the GPU."""
+    return _F32 if x.device.type == "cuda" else x.dtype
+
+
 @delta.register_fake
 def _(x, w0, a, b, eta, step, dropout, cfg):
     n = x.shape[0]
     d, r = a.shape
-    return x.new_empty((n, d)), x.new_empty((_saved_len(n, r),))
+    return x.new_empty((n, d)), x.new_empty((_saved_len(n, r),), dtype=_saved_dtype(x))
 
 
 @torch.library.custom_op("elra::delta_backward", mutates_args=())
@@ -235,6 +414,10 @@ def delta_backward(dy: Tensor, x: Tensor, w0: Tensor, a: Tensor, b: Optional[Ten
                    cfg: List[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reverse mode of :func:`delta` (``elra_op_backward`` with ``base = 0``): ``(dx, da, db,
     deta)``; ``db`` is empty for PSD."""
+    if x.is_cuda:
+        if dropout is not None:
+            _gpu_inputs(x, a, b, eta, dropout, cfg, "x")
+        return _delta_backward_cuda(dy, x, w0, a, b, eta, step, saved, cfg)
     dt, d, r, has_b = _inputs(x, a, b, eta, dropout, cfg, "x")
     n, k = x.shape
     _check("dy", dy, dt, (n, d))
@@ -286,6 +469,10 @@ def rows(u: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor,
          dropout: Optional[Tensor], cfg: List[float]) -> Tuple[Tensor, Tensor]:
     """The output-side form ``y = u + D∘(((u Cᵀ) φ1(Z)ᵀ) Aᵀ)`` (``elra_op_forward_out``) for a
     base layer's output ``u`` (N×d, without bias): ELRA around any base layer."""
+    if u.is_cuda:
+        if dropout is not None:
+            _gpu_inputs(u, a, b, eta, dropout, cfg, "u")
+        return _rows_cuda(u, a, b, eta, step, cfg)
     dt, d, r, has_b = _inputs(u, a, b, eta, dropout, cfg, "u")
     n = u.shape[0]
     _check("u", u, dt, (n, d))
@@ -307,7 +494,7 @@ def rows(u: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor,
 @rows.register_fake
 def _(u, a, b, eta, step, dropout, cfg):
     n = u.shape[0]
-    return u.new_empty(u.shape), u.new_empty((_saved_len(n, a.shape[1]),))
+    return u.new_empty(u.shape), u.new_empty((_saved_len(n, a.shape[1]),), dtype=_saved_dtype(u))
 
 
 @torch.library.custom_op("elra::rows_backward", mutates_args=())
@@ -315,6 +502,10 @@ def rows_backward(dy: Tensor, u: Tensor, a: Tensor, b: Optional[Tensor], eta: Te
                   dropout: Optional[Tensor], saved: Tensor,
                   cfg: List[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reverse mode of :func:`rows` (``elra_op_backward_out``): ``(du, da, db, deta)``."""
+    if u.is_cuda:
+        if dropout is not None:
+            _gpu_inputs(u, a, b, eta, dropout, cfg, "u")
+        return _rows_backward_cuda(dy, u, a, b, eta, step, saved, cfg)
     dt, d, r, has_b = _inputs(u, a, b, eta, dropout, cfg, "u")
     n = u.shape[0]
     _check("dy", dy, dt, (n, d))
@@ -362,6 +553,8 @@ torch.library.register_autograd("elra::rows", _rows_grad, setup_context=_rows_se
 @torch.library.custom_op("elra::energy", mutates_args=())
 def energy_op(a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor, cfg: List[float]) -> Tensor:
     """The penalty ``λ‖G‖²_F`` of the step's generator (eq. 20–21, ``elra_op_energy``)."""
+    if a.is_cuda:
+        return _energy_cuda(a, b, eta, step, cfg, grads=False)[0]
     dt, d, r, has_b = _inputs(a, a, b, eta, None, cfg, "a")
     a = a.contiguous()
     b = b.contiguous() if has_b else None
@@ -383,6 +576,9 @@ def _(a, b, eta, step, cfg):
 def energy_backward(de: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor,
                     cfg: List[float]) -> Tuple[Tensor, Tensor, Tensor]:
     """``de · ∂(λ‖G‖²_F)/∂(A, B, η)`` (``elra_op_energy``)."""
+    if a.is_cuda:
+        _, da, db, deta = _energy_cuda(a, b, eta, step, cfg, grads=True)
+        return da * de, db * de, deta * de
     dt, d, r, has_b = _inputs(a, a, b, eta, None, cfg, "a")
     a = a.contiguous()
     b = b.contiguous() if has_b else None
@@ -427,6 +623,21 @@ def _merged(w: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor
     n, r = a.shape
     dt = w.dtype
     has_b = int(cfg[0]) != VARIANTS["psd"]
+    if w.is_cuda:
+        w = w.contiguous()
+        a = a.detach().to(device=w.device, dtype=_F32).contiguous()
+        b = b.detach().to(device=w.device, dtype=_F32).contiguous() if has_b else None
+        eta = eta.detach().to(device=w.device, dtype=_F32).reshape(()).contiguous()
+        other = rows_ if right else cols
+        desc = _desc(cfg, n, other, r)
+        _, wl = _gpu_sizes(desc, 1)
+        st = _step(cfg, step, n, other, r)
+        out, ws = torch.empty_like(w), _empty((wl,), _F32, w)
+        check(_gpu().elra_gpu_op_merge(
+            ctypes.byref(desc), ctypes.byref(st), _GPU_DTYPES[dt], a.data_ptr(), r, _p(b), n,
+            eta.data_ptr(), w.data_ptr(), cols, int(inverse), int(right), out.data_ptr(), cols,
+            ws.data_ptr(), wl, _stream(w)))
+        return out
     w, a = w.contiguous(), a.detach().to(dt).contiguous()
     b = b.detach().to(dt).contiguous() if has_b else None
     other = rows_ if right else cols
@@ -559,10 +770,17 @@ class ElraLinear(nn.Module):
         if shape[-1] != self.k:
             raise ValueError(f"elra: `x` must have {self.k} features in its last dimension, "
                              f"got shape {tuple(shape)}")
-        if x.device.type != "cpu":
-            raise ValueError(f"elra: `x` is on {x.device}; this build runs ELRA on CPU tensors")
         param = self.lora_A if self.variant == "lora" else self.A
-        if x.dtype != param.dtype:
+        cuda = x.is_cuda
+        if x.device != param.device:
+            raise ValueError(f"elra: `x` is on {x.device}, the adapter on {param.device}")
+        if cuda and self.variant != "lora" and param.dtype != _F32:
+            raise TypeError(f"elra: on the GPU the adapter's parameters are float32 (master "
+                            f"weights), got {param.dtype}: create it with dtype=torch.float32")
+        if cuda and x.dtype not in _GPU_DTYPES:
+            raise TypeError(f"elra: `x` has dtype {x.dtype}; on the GPU activations are float32, "
+                            "float16 or bfloat16")
+        if not cuda and x.dtype != param.dtype:
             raise TypeError(f"elra: `x` has dtype {x.dtype}, the adapter {param.dtype}")
         x2 = x.reshape(-1, self.k)
         if x2.shape[0] == 0:
@@ -572,13 +790,17 @@ class ElraLinear(nn.Module):
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0
             return (self._linear(x2) + zero).reshape(*shape[:-1], self.d)
         if self.variant == "lora":
-            xin = F.dropout(x2, self.dropout, self.training)
-            y = self._linear(x2) + (xin @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+            xin = F.dropout(x2, self.dropout, self.training).to(param.dtype)
+            inc = (xin @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+            y = self._linear(x2) + inc.to(x2.dtype)
             return y.reshape(*shape[:-1], self.d)
         if self._ga_probe is not None:
             return self._probe(x2).reshape(*shape[:-1], self.d)
         eta = self.log_eta.exp()
-        mask = self._mask(x2.shape[0], x2)
+        if cuda and self.training and self.dropout > 0 and not self.fused:
+            raise ValueError("elra: adapter dropout on CUDA tensors needs an nn.Linear base (the "
+                             "fused increment); set dropout=0 for other bases and `double`")
+        mask = None if cuda else self._mask(x2.shape[0], x2)
         if self.variant == "double":
             xr, _ = torch.ops.elra.rows(x2, self.A_right, self.B_right, self.log_eta_right.exp(),
                                         self.step, None, self.cfg)
@@ -590,6 +812,10 @@ class ElraLinear(nn.Module):
         elif self.fused:
             w0 = self.base.weight.detach().to(x2.dtype)
             inc, _ = torch.ops.elra.delta(x2, w0, self.A, self.B, eta, self.step, mask, self.cfg)
+            if cuda:
+                # D∘Δ(x) with D the same scaled Bernoulli mask as the CPU op's: the op's
+                # backward then receives D∘∂y, as the CPU op computes it inside.
+                inc = F.dropout(inc, self.dropout, self.training)
             y = self._linear(x2) + inc
         else:
             u = self._linear(x2, bias=False)
@@ -647,7 +873,10 @@ class ElraLinear(nn.Module):
     def _transform(self, w: Tensor, inverse: bool) -> Tensor:
         if not isinstance(self.base, nn.Linear):
             raise TypeError("elra: merging needs an nn.Linear base (its weight is the merged one)")
-        dt = w.dtype if w.dtype in _SUFFIX else torch.float64
+        if w.is_cuda:
+            dt = w.dtype if w.dtype in _GPU_DTYPES else _F32
+        else:
+            dt = w.dtype if w.dtype in _SUFFIX else torch.float64
         w = w.detach().to(dt)
         if self.variant == "lora":
             delta = (self.lora_B @ self.lora_A).detach().to(dt) * self.scaling

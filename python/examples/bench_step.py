@@ -6,7 +6,11 @@ elra cannot see into). The methods' repeats are interleaved so that drifting mac
 them alike. Prints the median time per step of each and the ratios.
 
     python python/examples/bench_step.py [--d 1024] [--k 1024] [--n 512] [--r 8] [--threads 2]
-                                         [--steps 30] [--repeats 5]
+                                         [--steps 30] [--repeats 5] [--device cpu|cuda]
+
+With ``--device cuda`` (a libelra built with ``--features cuda``; ELRA's parameters float32, the
+activations ``--dtype``) every method runs on the GPU and each repeat ends with a
+``torch.cuda.synchronize``.
 """
 
 import argparse
@@ -37,14 +41,16 @@ def hand_written_elra_hyb(base, r, eta0=1e-3, alpha=0.5):
             self.log_eta = nn.Parameter(torch.tensor(float(torch.tensor(eta0).log())))
 
         def forward(self, x):
+            # In the parameters' float32; only the N-sized products in the activations' dtype.
             eta = self.log_eta.exp()
             C = eta * (alpha * self.A.t() + (1 - alpha) * self.B)
             Z = C @ self.A
-            big = torch.cat([torch.cat([Z, torch.eye(r, dtype=x.dtype)], 1),
-                             torch.zeros(r, 2 * r, dtype=x.dtype)], 0)
+            big = torch.cat([torch.cat([Z, torch.eye(r, dtype=Z.dtype, device=Z.device)], 1),
+                             torch.zeros(r, 2 * r, dtype=Z.dtype, device=Z.device)], 0)
             M = torch.linalg.matrix_exp(big)[:r, r:]
-            P = C @ self.base.weight
-            return self.base(x) + ((x @ P.t()) @ M.t()) @ self.A.t()
+            P = C @ self.base.weight.to(C.dtype)
+            dt = x.dtype
+            return self.base(x) + ((x @ P.t().to(dt)) @ M.t().to(dt)) @ self.A.t().to(dt)
 
     return Hand()
 
@@ -85,6 +91,8 @@ def main():
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -92,28 +100,45 @@ def main():
     import peft
     import elra.torch as et
 
+    dev, dt = torch.device(a.device), getattr(torch, a.dtype)
+    if a.device == "cpu" and dt != torch.float32:
+        ap.error("--dtype other than float32 needs --device cuda")
+
     def base():
-        lin = nn.Linear(a.k, a.d)
+        lin = nn.Linear(a.k, a.d).to(dev, dt)
         lin.weight.requires_grad_(False)
         lin.bias.requires_grad_(False)
         return lin
 
-    x = torch.randn(a.n, a.k, requires_grad=True)
-    dy = torch.randn(a.n, a.d)
+    def on_device(layer):
+        # Parameters to the device; the step stays a CPU tensor, so that α and the η multiplier
+        # (host scalars of the C ABI) are read without waiting for the GPU.
+        step = layer.step
+        layer.to(dev)
+        layer.step = step
+        return layer
+
+    x = torch.randn(a.n, a.k, device=dev, dtype=dt, requires_grad=True)
+    dy = torch.randn(a.n, a.d, device=dev, dtype=dt)
     models = {}
     models["frozen layer"] = base()
     wrapper = nn.Sequential(base())
     models["PEFT LoRA"] = peft.get_peft_model(
         wrapper, peft.LoraConfig(r=a.r, lora_alpha=a.r, target_modules=["0"], lora_dropout=0.0))
-    models["hand-written torch ELRA-Hyb"] = hand_written_elra_hyb(base(), a.r)
-    elra_layer = et.ElraLinear(base(), "hyb", r=a.r, total_steps=1000)
+    models["hand-written torch ELRA-Hyb"] = hand_written_elra_hyb(base(), a.r).to(dev)
+    elra_layer = on_device(et.ElraLinear(base(), "hyb", r=a.r, total_steps=1000,
+                                         dtype=torch.float32))
     elra_layer.step.fill_(100)  # inside the warm-up: 0 < α < 1
     models["elra.torch ELRA-Hyb"] = elra_layer
-    side = et.ElraLinear(OpaqueLinear(base()), "hyb", r=a.r, total_steps=1000)
+    side = on_device(et.ElraLinear(OpaqueLinear(base()), "hyb", r=a.r, total_steps=1000,
+                                   dtype=torch.float32))
     side.step.fill_(100)
     models["elra.torch ELRA-Hyb, output side"] = side
+    where = (torch.cuda.get_device_name(dev) if a.device == "cuda"
+             else f"CPU, {a.threads} threads")
     print(f"one step (forward, backward, AdamW) of a {a.d}×{a.k} layer, N = {a.n}, r = {a.r}, "
-          f"f32, {a.threads} threads, torch {torch.__version__}, peft {peft.__version__}")
+          f"{a.dtype} activations, {where}, torch {torch.__version__}, peft {peft.__version__}")
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     res = {}
     # Interleave the repeats of the methods so that machine load drifts hit them alike.
     steps = {name: step_fn(m, x, dy) for name, m in models.items()}
@@ -123,9 +148,11 @@ def main():
     runs = {name: [] for name in models}
     for _ in range(a.repeats):
         for name, s in steps.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(a.steps):
                 s()
+            sync()
             runs[name].append((time.perf_counter() - t0) / a.steps * 1e3)
     for name in models:
         res[name] = statistics.median(runs[name])

@@ -170,6 +170,9 @@ def _ddp_worker(rank, world, port, path, steps):
         et_.advance(model)
     if rank == 0:
         torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, path)
+    # Both ranks leave together: tearing gloo down while the peer still talks to it aborted a
+    # worker now and then ("terminate called without an active exception", in gloo's threads).
+    dist.barrier()
     dist.destroy_process_group()
 
 
