@@ -159,7 +159,8 @@ def _check(name: str, t: Tensor, dtype=None, shape=None, ndim=None):
     if not isinstance(t, Tensor):
         raise TypeError(f"elra: `{name}` must be a tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
-        raise ValueError(f"elra: `{name}` is on {t.device}; this build runs ELRA on CPU tensors")
+        raise ValueError(f"elra: `{name}` is on {t.device}, expected cpu (as the input; CUDA "
+                         "inputs take every tensor on their device)")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"elra: `{name}` has dtype {t.dtype}, expected {dtype}")
     if t.dtype not in _SUFFIX:
@@ -624,6 +625,9 @@ def _merged(w: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor
     dt = w.dtype
     has_b = int(cfg[0]) != VARIANTS["psd"]
     if w.is_cuda:
+        if (cols if right else rows_) != n:
+            raise ValueError(f"elra: the weight is {rows_}×{cols}; the generator acts on {n} "
+                             f"{'columns' if right else 'rows'}")
         w = w.contiguous()
         a = a.detach().to(device=w.device, dtype=_F32).contiguous()
         b = b.detach().to(device=w.device, dtype=_F32).contiguous() if has_b else None
@@ -797,7 +801,8 @@ class ElraLinear(nn.Module):
         if self._ga_probe is not None:
             return self._probe(x2).reshape(*shape[:-1], self.d)
         eta = self.log_eta.exp()
-        if cuda and self.training and self.dropout > 0 and not self.fused:
+        if cuda and self.training and self.dropout > 0 and (not self.fused
+                                                            or self.variant == "double"):
             raise ValueError("elra: adapter dropout on CUDA tensors needs an nn.Linear base (the "
                              "fused increment); set dropout=0 for other bases and `double`")
         mask = None if cuda else self._mask(x2.shape[0], x2)
@@ -808,7 +813,7 @@ class ElraLinear(nn.Module):
             y, _ = torch.ops.elra.rows(u, self.A, self.B, eta, self.step, mask, self.cfg)
             bias = getattr(self.base, "bias", None)
             if bias is not None:
-                y = y + bias
+                y = y + bias.to(y.dtype)
         elif self.fused:
             w0 = self.base.weight.detach().to(x2.dtype)
             inc, _ = torch.ops.elra.delta(x2, w0, self.A, self.B, eta, self.step, mask, self.cfg)
@@ -1009,7 +1014,9 @@ def saved_bytes(layer: ElraLinear, n: int) -> int:
     without dropout: ``(n·r + 2r²)`` values of its dtype for the fused form (LoRA keeps
     ``n·r``), plus the base output ``n·d`` for the output-side form (non-``nn.Linear`` bases).
     With ``dropout > 0`` in training mode the n×d dropout mask (values of the dtype) is kept too
-    — as LoRA with dropout keeps its n×k dropped input."""
+    — as LoRA with dropout keeps its n×k dropped input. CPU tensors, whose activations have the
+    adapter's dtype; on CUDA the saved values are float32 and the base output and mask follow the
+    activation type, which the layer does not know before a call."""
     size = layer.A.element_size() if layer.variant != "lora" else layer.lora_A.element_size()
     r = layer.r
     drop = layer.dropout > 0 and layer.training
@@ -1032,8 +1039,8 @@ def _handle(m: ElraLinear):
     w0 = np.zeros((m.d, m.k))
     if m.variant == "lora":
         a = Adapter(w0, "lora", r=m.r, lora_alpha=m.scaling * m.r)
-        a.set("A", m.lora_A.detach().to(torch.float64).numpy())
-        a.set("B", m.lora_B.detach().to(torch.float64).numpy())
+        a.set("A", m.lora_A.detach().to("cpu", torch.float64).numpy())
+        a.set("B", m.lora_B.detach().to("cpu", torch.float64).numpy())
         return a
     if m.variant == "double":
         raise NotImplementedError("elra: double-sided adapters have no PEFT file layout")
@@ -1044,9 +1051,9 @@ def _handle(m: ElraLinear):
     a = Adapter(w0, variant, r=m.r, eta=m.eta0, lambda_=c[8], tau=c[7],
                 schedule=names[int(c[1])], warmup_steps=int(c[2]), gamma=c[3], alpha=c[4],
                 eta_multiplier=mults[int(c[5])], total_steps=int(c[6]))
-    a.set("A", m.A.detach().to(torch.float64).numpy())
+    a.set("A", m.A.detach().to("cpu", torch.float64).numpy())
     if m.B is not None:
-        a.set("B", m.B.detach().to(torch.float64).numpy())
+        a.set("B", m.B.detach().to("cpu", torch.float64).numpy())
     a.set("eta", float(m.log_eta.detach().exp()))
     a.step = int(m.step)
     return a
@@ -1121,8 +1128,8 @@ def ga_initialise(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], lo
     if not targets:
         raise ValueError("elra: the model has no \"hyb-ga\" layer to seed")
     for m in targets:
-        m._ga_probe = torch.zeros((m.d, m.d), dtype=torch.float64)
-        m._ga_zero = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        m._ga_probe = torch.zeros((m.d, m.d), dtype=torch.float64, device=m.A.device)
+        m._ga_zero = torch.zeros((), dtype=torch.float64, device=m.A.device, requires_grad=True)
     count = 0
     try:
         for x, t in batches:

@@ -167,3 +167,61 @@ def test_bad_cuda_input_names_the_argument():
         torch.ops.elra.delta(x, w0, a, b, eta, gl.step, torch.ones(8, 48, device=DEV), gl.cfg)
     with pytest.raises(ValueError, match="is on"):
         gl(x.cpu())
+
+
+def test_half_activations_over_a_float32_base_keep_their_dtype():
+    torch.manual_seed(3)
+    x = torch.randn(16, 40, device=DEV, dtype=torch.bfloat16)
+    # A float32 nn.Linear base (fused and double), and an opaque base of the activation type
+    # (it runs itself) under float32 adapter weights.
+    for variant, base in (("hyb", nn.Linear(40, 48)),
+                          ("hyb", Opaque(nn.Linear(40, 48).to(torch.bfloat16))),
+                          ("double", nn.Linear(40, 40))):
+        layer = et.ElraLinear(base, variant, r=4, total_steps=10).to(DEV)
+        xin = x if variant != "double" else torch.randn(16, 40, device=DEV, dtype=torch.bfloat16)
+        y = layer(xin)
+        assert y.dtype == torch.bfloat16, (variant, type(base).__name__, y.dtype)
+        y.float().square().sum().backward()
+        assert layer.A.grad.dtype == torch.float32
+
+
+def test_double_sided_merge_on_cuda_round_trips():
+    torch.manual_seed(4)
+    layer = et.ElraLinear(nn.Linear(24, 24), "double", r=3, eta=0.3, total_steps=10).to(DEV)
+    cpu = copy.deepcopy(layer).to("cpu", torch.float64)
+    w0 = layer.base.weight.detach().clone()
+    w_ref = cpu._transform(cpu.base.weight, inverse=False)
+    w = layer._transform(layer.base.weight, inverse=False)
+    assert rel(w, w_ref) < 1e-5
+    layer.merge()
+    layer.unmerge()  # exp(−L) exp(L) W0 exp(R) exp(−R) = W0 (App. B, Prop. 3)
+    assert rel(layer.base.weight, w0) < 1e-5
+
+
+def test_a_step_on_the_gpu_gives_the_same_result():
+    _, gl = pair("hyb", True, torch.float32)
+    x = torch.randn(8, 40, device=DEV)
+    y_cpu_step = gl(x)
+    gl.step = gl.step.to(DEV)  # read back to the host by the op (one small copy per call)
+    assert torch.equal(gl(x), y_cpu_step)
+
+
+def test_dropout_on_cuda_is_applied_to_the_fused_increment_only():
+    torch.manual_seed(6)
+    fused = et.ElraLinear(nn.Linear(40, 48), "hyb", r=4, eta=0.3, dropout=0.5,
+                          total_steps=10).to(DEV)
+    x = torch.randn(64, 40, device=DEV)
+    fused.eval()
+    y_eval = fused(x)
+    fused.train()
+    y_train = fused(x)
+    base = fused.base(x)
+    inc_eval, inc_train = y_eval - base, y_train - base
+    # Each entry of the increment is dropped (0) or scaled by 1/(1−p) = 2.
+    kept = inc_train.abs() > 1e-6 * inc_eval.abs().max()
+    assert 0.3 < kept.float().mean() < 0.7
+    assert rel(inc_train[kept], 2 * inc_eval[kept]) < 1e-4
+    for variant, base_layer in (("double", nn.Linear(40, 40)), ("hyb", Opaque(nn.Linear(40, 48)))):
+        layer = et.ElraLinear(base_layer, variant, r=4, dropout=0.5, total_steps=10).to(DEV)
+        with pytest.raises(ValueError, match="dropout"):
+            layer(torch.randn(8, 40, device=DEV))
