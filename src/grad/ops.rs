@@ -329,6 +329,136 @@ pub fn gemm_strided<T: Real>(
     }
 }
 
+/// Threads a functional op ([`crate::ops`]) may use for one product: `ELRA_NUM_THREADS` when
+/// set to a positive integer, else 1; read once per process (at the first op). One by default
+/// because the caller usually runs its own threads: inside PyTorch, whose OpenMP workers spin
+/// after each parallel region, two elra threads made a training step slower, not faster
+/// (BENCHMARKS.md, "elra.torch training step").
+pub fn op_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("ELRA_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n >= 1)
+            .unwrap_or(1)
+    })
+}
+
+/// Bands of [`gemm_strided_par`] start at multiples of this (a multiple of every register-tile
+/// size of matrixmultiply's kernels).
+const BAND_ALIGN: usize = 64;
+
+/// Multiply-adds below which a product of [`gemm_strided_par`] stays on one thread (a scoped
+/// thread costs tens of µs; 2²⁰ multiply-adds take ≈ 50 µs on one core).
+const PAR_MIN_WORK: usize = 1 << 20;
+
+/// [`gemm_strided`] split over up to [`op_threads`] scoped threads along `C`'s slower-stride
+/// dimension (the rows of a row-major `C`, the columns of a column-major one), so the parts write
+/// disjoint memory; each part is the same product on a band of rows of `A` (or columns of `B`),
+/// and every entry gets the arithmetic one call gives it (the sum over k is not split). Products
+/// under [`PAR_MIN_WORK`] multiply-adds per thread, and a `C` whose bands would overlap in
+/// memory, run as one call.
+///
+/// Panics if the shapes do not agree (internal building block; callers check shapes).
+pub fn gemm_strided_par<T: Real>(
+    c: &mut StridedMut<'_, T>,
+    alpha: T,
+    a: Strided<'_, T>,
+    b: Strided<'_, T>,
+    beta: T,
+) {
+    gemm_par_with(op_threads(), PAR_MIN_WORK, c, alpha, a, b, beta)
+}
+
+/// [`gemm_strided_par`] with at most `threads` parts of at least `min_work` multiply-adds.
+fn gemm_par_with<T: Real>(
+    threads: usize,
+    min_work: usize,
+    c: &mut StridedMut<'_, T>,
+    alpha: T,
+    a: Strided<'_, T>,
+    b: Strided<'_, T>,
+    beta: T,
+) {
+    let (m, k) = a.shape();
+    let n = b.shape().1;
+    assert_eq!(c.shape(), (m, n), "gemm: output shape");
+    let by_rows = c.rs >= c.cs;
+    let (len, slow, fast, fast_len) = if by_rows {
+        (m, c.rs, c.cs, n)
+    } else {
+        (n, c.cs, c.rs, m)
+    };
+    let work = m.saturating_mul(n).saturating_mul(k);
+    // Bands start at multiples of BAND_ALIGN, so matrixmultiply puts every entry in the same
+    // kind of register tile (full or masked) as one call would, and none is SMALL or less (the
+    // loops' path): every entry gets the single call's bits.
+    let parts = threads.min(len / BAND_ALIGN).min(work / min_work.max(1));
+    // Bands are disjoint slices only when one band's entries end before the next begins.
+    let disjoint = fast_len == 0 || (fast_len - 1).checked_mul(fast).is_some_and(|e| e < slow);
+    if parts <= 1 || !disjoint {
+        return gemm_strided(c, alpha, a, b, beta);
+    }
+    let band = len.div_ceil(parts).div_ceil(BAND_ALIGN) * BAND_ALIGN;
+    let mut parts = len.div_ceil(band);
+    if len - band * (parts - 1) <= SMALL {
+        parts -= 1; // the short tail joins the band before it
+    }
+
+    let (rows, cols, rs, cs) = (c.rows, c.cols, c.rs, c.cs);
+    std::thread::scope(|scope| {
+        let mut rest: &mut [T] = &mut *c.s;
+        let mut start = 0;
+        for part in 0..parts {
+            let last = part + 1 == parts;
+            let cnt = if last { len - start } else { band };
+            let piece: &mut [T] = if last {
+                std::mem::take(&mut rest)
+            } else {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(cnt * slow);
+                rest = tail;
+                head
+            };
+            let (mut cp, ap, bp) = if by_rows {
+                let cp = StridedMut {
+                    s: piece,
+                    rows: cnt,
+                    cols,
+                    rs,
+                    cs,
+                };
+                let ap = Strided {
+                    s: &a.s[start * a.rs..],
+                    rows: cnt,
+                    ..a
+                };
+                (cp, ap, b)
+            } else {
+                let cp = StridedMut {
+                    s: piece,
+                    rows,
+                    cols: cnt,
+                    rs,
+                    cs,
+                };
+                let bp = Strided {
+                    s: &b.s[start * b.cs..],
+                    cols: cnt,
+                    ..b
+                };
+                (cp, a, bp)
+            };
+            if last {
+                gemm_strided(&mut cp, alpha, ap, bp, beta);
+            } else {
+                scope.spawn(move || gemm_strided(&mut cp, alpha, ap, bp, beta));
+            }
+            start += cnt;
+        }
+    });
+}
+
 /// nalgebra routes a product to matrixmultiply only when all of m, n, k exceed this.
 const SMALL: usize = 5;
 
@@ -407,6 +537,87 @@ mod tests {
             let naive = (0..rows).all(|i| (0..cols).all(|j| m.at(i, j).is_finite()));
             assert!(!naive && !m.all_finite(), "{rows}×{cols} ({rs}, {cs})");
         }
+    }
+
+    /// The threaded product gives the single call's bits: row- and column-major outputs with
+    /// gaps, every transposition, β = 0 and β ≠ 0, 2, 3 and 5 parts (bands of 64, a longer or a
+    /// short tail joined to the band before it), and a self-overlapping output that stays one
+    /// call.
+    #[test]
+    fn threaded_products_equal_the_single_call_bit_for_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let rand = |rng: &mut ChaCha8Rng, len: usize| -> Vec<f64> {
+            (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+        };
+        for &(m, k, n) in &[(150, 8, 29), (8, 40, 197), (300, 23, 6), (64 * 3 + 3, 7, 9)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let sa = rand(&mut rng, m * k);
+                let sb = rand(&mut rng, k * n);
+                let a = if ta {
+                    Strided::new(&sa, m, k, 1, m).unwrap()
+                } else {
+                    Strided::new(&sa, m, k, k, 1).unwrap()
+                };
+                let b = if tb {
+                    Strided::new(&sb, k, n, 1, k).unwrap()
+                } else {
+                    Strided::new(&sb, k, n, n, 1).unwrap()
+                };
+                // Row-major with a gap of 3 per row, and column-major with a gap of 2.
+                for (rs, cs, len) in [(n + 3, 1, m * (n + 3)), (1, m + 2, n * (m + 2))] {
+                    for beta in [0.0, 0.75] {
+                        let init = rand(&mut rng, len);
+                        let mut one = init.clone();
+                        gemm_strided(
+                            &mut StridedMut::new(&mut one, m, n, rs, cs).unwrap(),
+                            1.25,
+                            a,
+                            b,
+                            beta,
+                        );
+                        for parts in [2, 3, 5] {
+                            let mut par = init.clone();
+                            gemm_par_with(
+                                parts,
+                                1,
+                                &mut StridedMut::new(&mut par, m, n, rs, cs).unwrap(),
+                                1.25,
+                                a,
+                                b,
+                                beta,
+                            );
+                            assert!(
+                                one.iter().zip(&par).all(|(x, y)| x.to_bits() == y.to_bits()),
+                                "{m}×{k}×{n} ({ta}, {tb}) strides ({rs}, {cs}) β {beta}, {parts} parts"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Rows that overlap in memory (rs < cols): one call, same result.
+        let sa = rand(&mut rng, 6 * 4);
+        let sb = rand(&mut rng, 4 * 5);
+        let a = Strided::new(&sa, 6, 4, 4, 1).unwrap();
+        let b = Strided::new(&sb, 4, 5, 5, 1).unwrap();
+        let (mut one, mut par) = (vec![0.0; 40], vec![0.0; 40]);
+        gemm_strided(
+            &mut StridedMut::new(&mut one, 6, 5, 3, 1).unwrap(),
+            1.0,
+            a,
+            b,
+            0.0,
+        );
+        gemm_par_with(
+            3,
+            1,
+            &mut StridedMut::new(&mut par, 6, 5, 3, 1).unwrap(),
+            1.0,
+            a,
+            b,
+            0.0,
+        );
+        assert_eq!(one, par);
     }
 
     #[test]

@@ -54,7 +54,7 @@ use nalgebra::DMatrix;
 
 use crate::adapter::{GeneratorSpec, Variant};
 use crate::grad::generator::{energy_backward, FactorChain, FactorGrad};
-use crate::grad::ops::{gemm_strided, Strided, StridedMut};
+use crate::grad::ops::{gemm_strided_par, Strided, StridedMut};
 use crate::linalg::{phi1, phi1_frechet_adjoint, Real};
 use crate::{ElraError, Result};
 
@@ -263,11 +263,13 @@ impl<T: Real> Eval<T> {
     }
 
     /// `P = C W0` (r×k), row-major (its rows are the unit-stride operand of `X Pᵀ` and `V̄ P`).
+    /// `P = C W0` (r×k), column-major ([`cm`]): its columns are the slow dimension, so the
+    /// product splits over threads along k.
     fn p(&self, w0: Strided<'_, T>) -> Vec<T> {
         let (r, k) = (self.c.nrows(), w0.shape().1);
         let mut p = vec![T::zero(); r * k];
-        gemm_strided(
-            &mut scratch(&mut p, r, k),
+        gemm_strided_par(
+            &mut StridedMut::new(&mut p, r, k, 1, r).expect("sized above"),
             T::one(),
             view(&self.c),
             w0,
@@ -360,9 +362,9 @@ fn scratch<T: Real>(s: &mut [T], n: usize, c: usize) -> StridedMut<'_, T> {
     StridedMut::row_major(s, n, c, c).expect("scratch sized by the caller's checks")
 }
 
-/// A row-major r×c view of `s`.
-fn rm<T: Real>(s: &[T], r: usize, c: usize) -> Strided<'_, T> {
-    Strided::row_major(s, r, c, c).expect("sized by the caller")
+/// A column-major r×c view of `s` (`P`, `∂P`: split over threads by columns).
+fn cm<T: Real>(s: &[T], r: usize, c: usize) -> Strided<'_, T> {
+    Strided::new(s, r, c, 1, r).expect("sized by the caller")
 }
 
 fn view<T: Real>(m: &DMatrix<T>) -> Strided<'_, T> {
@@ -407,20 +409,22 @@ fn rank_r_backward<'w, T: Real>(
         dropout.map(|mk| DMatrix::from_fn(n, d, |i, j| mk.at(i, j) * dy.at(i, j)));
     let ybar = masked.as_ref().map_or(dy, view);
     let mut t = scratch(ts, n, r);
-    gemm_strided(&mut t, T::one(), v, view(m).t(), T::zero());
+    gemm_strided_par(&mut t, T::one(), v, view(m).t(), T::zero());
     let mut tbar = scratch(tbs, n, r);
-    gemm_strided(&mut tbar, T::one(), ybar, view(&ev.a), T::zero());
+    gemm_strided_par(&mut tbar, T::one(), ybar, view(&ev.a), T::zero());
     check_finite_via("dy", &dy, &tbar.as_ref())?;
-    let mut abar = DMatrix::zeros(d, r);
-    gemm_strided(
-        &mut StridedMut::of(&mut abar),
+    // Āᵀ = Tᵀ Ȳ (r×d, column-major: split over threads along d), then Ā.
+    let mut abar_t = DMatrix::zeros(r, d);
+    gemm_strided_par(
+        &mut StridedMut::of(&mut abar_t),
         T::one(),
-        ybar.t(),
-        t.as_ref(),
+        t.as_ref().t(),
+        ybar,
         T::zero(),
     );
+    let abar = abar_t.transpose();
     let mut mbar = DMatrix::zeros(r, r);
-    gemm_strided(
+    gemm_strided_par(
         &mut StridedMut::of(&mut mbar),
         T::one(),
         tbar.as_ref().t(),
@@ -428,7 +432,7 @@ fn rank_r_backward<'w, T: Real>(
         T::zero(),
     );
     let mut vbar = scratch(vbs, n, r);
-    gemm_strided(&mut vbar, T::one(), tbar.as_ref(), view(m), T::zero());
+    gemm_strided_par(&mut vbar, T::one(), tbar.as_ref(), view(m), T::zero());
     Ok((abar, mbar, vbar))
 }
 
@@ -478,21 +482,21 @@ pub fn forward<T: Real>(
     let (ts, _) = take(workspace, n * r)?;
     // P = C W0 (r×k); V = X Pᵀ (N×r) into `saved`; T = V Mᵀ.
     let p = ev.p(w0);
-    check_finite_via("w0", &w0, &rm(&p, r, k))?;
+    check_finite_via("w0", &w0, &cm(&p, r, k))?;
     let mut v = scratch(vs, n, r);
-    gemm_strided(&mut v, T::one(), x, rm(&p, r, k).t(), T::zero());
+    gemm_strided_par(&mut v, T::one(), x, cm(&p, r, k).t(), T::zero());
     check_finite_via("x", &x, &v.as_ref())?;
     let mut t = scratch(ts, n, r);
-    gemm_strided(&mut t, T::one(), v.as_ref(), view(&m).t(), T::zero());
+    gemm_strided_par(&mut t, T::one(), v.as_ref(), view(&m).t(), T::zero());
     // Y = X W0ᵀ + bias + D∘(T Aᵀ) (the increment alone without the base).
     let keep = if with_base {
-        gemm_strided(y, T::one(), x, w0.t(), T::zero());
+        gemm_strided_par(y, T::one(), x, w0.t(), T::zero());
         T::one()
     } else {
         T::zero()
     };
     match &dropout {
-        None => gemm_strided(y, T::one(), t.as_ref(), view(&ev.a).t(), keep),
+        None => gemm_strided_par(y, T::one(), t.as_ref(), view(&ev.a).t(), keep),
         Some(mask) => {
             let tv = t.as_ref();
             for i in 0..n {
@@ -559,30 +563,30 @@ pub fn backward<T: Real>(
     let (abar, mbar, vbar) = rank_r_backward(&ev, v, &m, dy, dropout, workspace)?;
     // ∂X = ∂Y W0 + V̄ P with P = C W0.
     let p = ev.p(w0);
-    check_finite_via("w0", &w0, &rm(&p, r, k))?;
+    check_finite_via("w0", &w0, &cm(&p, r, k))?;
     let keep = if with_base {
-        gemm_strided(dx, T::one(), dy, w0, T::zero());
+        gemm_strided_par(dx, T::one(), dy, w0, T::zero());
         T::one()
     } else {
         T::zero()
     };
-    gemm_strided(dx, T::one(), vbar.as_ref(), rm(&p, r, k), keep);
+    gemm_strided_par(dx, T::one(), vbar.as_ref(), cm(&p, r, k), keep);
     check_output("dx", dx)?;
     // C̄ = (V̄ᵀ X) W0ᵀ, then through M = φ1(Z), Z = C A.
     let mut pbar = vec![T::zero(); r * k];
-    gemm_strided(
-        &mut scratch(&mut pbar, r, k),
+    gemm_strided_par(
+        &mut StridedMut::new(&mut pbar, r, k, 1, r).expect("sized above"),
         T::one(),
         vbar.as_ref().t(),
         x,
         T::zero(),
     );
-    check_finite_via("x", &x, &rm(&pbar, r, k))?;
+    check_finite_via("x", &x, &cm(&pbar, r, k))?;
     let mut cbar = DMatrix::zeros(r, d);
-    gemm_strided(
+    gemm_strided_par(
         &mut StridedMut::of(&mut cbar),
         T::one(),
-        rm(&pbar, r, k),
+        cm(&pbar, r, k),
         w0.t(),
         T::zero(),
     );
@@ -619,10 +623,10 @@ pub fn forward_out<T: Real>(
     let (vs, zs, ms) = split_saved(saved, n, r)?;
     let (ts, _) = take(workspace, n * r)?;
     let mut v = scratch(vs, n, r);
-    gemm_strided(&mut v, T::one(), u, view(&ev.c).t(), T::zero());
+    gemm_strided_par(&mut v, T::one(), u, view(&ev.c).t(), T::zero());
     check_finite_via("u", &u, &v.as_ref())?;
     let mut t = scratch(ts, n, r);
-    gemm_strided(&mut t, T::one(), v.as_ref(), view(&m).t(), T::zero());
+    gemm_strided_par(&mut t, T::one(), v.as_ref(), view(&m).t(), T::zero());
     let tv = t.as_ref();
     for i in 0..n {
         for j in 0..d {
@@ -676,11 +680,11 @@ pub fn backward_out<T: Real>(
             *du.at_mut(i, j) = dy.at(i, j);
         }
     }
-    gemm_strided(du, T::one(), vbar.as_ref(), view(&ev.c), T::one());
+    gemm_strided_par(du, T::one(), vbar.as_ref(), view(&ev.c), T::one());
     check_output("du", du)?;
     // C̄ = V̄ᵀ u, then through M = φ1(Z), Z = C A.
     let mut cbar = DMatrix::zeros(r, d);
-    gemm_strided(
+    gemm_strided_par(
         &mut StridedMut::of(&mut cbar),
         T::one(),
         vbar.as_ref().t(),
@@ -736,7 +740,7 @@ pub fn merge<T: Real>(
         Side::Left => {
             // K = M (C W) (r×k); out = W + A K.
             let mut p = DMatrix::zeros(r, k);
-            gemm_strided(
+            gemm_strided_par(
                 &mut StridedMut::of(&mut p),
                 T::one(),
                 view(&c),
@@ -744,12 +748,12 @@ pub fn merge<T: Real>(
                 T::zero(),
             );
             let kk = &m * &p;
-            gemm_strided(out, T::one(), view(&ev.a), view(&kk), T::one());
+            gemm_strided_par(out, T::one(), view(&ev.a), view(&kk), T::one());
         }
         Side::Right => {
             // Q = (W A) M (k×r); out = W + Q C.
             let mut wa = DMatrix::zeros(k, r);
-            gemm_strided(
+            gemm_strided_par(
                 &mut StridedMut::of(&mut wa),
                 T::one(),
                 w,
@@ -757,7 +761,7 @@ pub fn merge<T: Real>(
                 T::zero(),
             );
             let q = &wa * &m;
-            gemm_strided(out, T::one(), view(&q), view(&c), T::one());
+            gemm_strided_par(out, T::one(), view(&q), view(&c), T::one());
         }
     }
     check_output(if inverse { "w0" } else { "w_new" }, out)
