@@ -504,7 +504,9 @@ ElraStatus elra_adapter_create(const ElraAdapterConfig *config,
                                ElraAdapter **out);
 
 /**
- * Frees an adapter. NULL is ignored. The handle must not be used afterwards.
+ * Frees an adapter. NULL is ignored. The handle must not be used afterwards. The thread's error
+ * text ([`elra_last_error_message`](super::elra_last_error_message)) is left as it was, so a
+ * finaliser may free handles between a failing call and the read of its message.
  *
  * # Safety
  * `adapter` must be NULL or a live handle from this library, not used concurrently.
@@ -842,7 +844,8 @@ ElraStatus elra_gpu_adapter_create(const ElraAdapterConfig *config,
 #if defined(ELRA_FEATURE_CUDA)
 /**
  * Frees a GPU adapter. NULL is ignored. Work already enqueued finishes on the library's stream
- * (its memory is released in stream order); the handle must not be used afterwards.
+ * (its memory is released in stream order); the handle must not be used afterwards. The
+ * thread's error text is left as it was (as [`super::adapter::elra_adapter_destroy`]).
  *
  * # Safety
  * `adapter` must be NULL or a live handle from [`elra_gpu_adapter_create`], not used concurrently.

@@ -58,7 +58,7 @@ use super::config::{variant_of, ElraAdapterConfig};
 use super::handle::{self, Handle};
 use super::layout::{check_scalar_out, out_layout, read_matrix, row_major, write_one, write_pair};
 use super::ops::flag;
-use super::{guard, write_out, CError, CResult, ElraStatus};
+use super::{guard, guard_void, write_out, CError, CResult, ElraStatus};
 use crate::adapter::{Adapter, ElraConfig, LoraConfig};
 use crate::cuda::caller::{no_overlap, CallerMatrix, CallerStream, CtxRestore};
 use crate::cuda::{
@@ -349,13 +349,14 @@ unsafe fn create<T: GpuDtype>(
 }
 
 /// Frees a GPU adapter. NULL is ignored. Work already enqueued finishes on the library's stream
-/// (its memory is released in stream order); the handle must not be used afterwards.
+/// (its memory is released in stream order); the handle must not be used afterwards. The
+/// thread's error text is left as it was (as [`super::adapter::elra_adapter_destroy`]).
 ///
 /// # Safety
 /// `adapter` must be NULL or a live handle from [`elra_gpu_adapter_create`], not used concurrently.
 #[no_mangle]
 pub unsafe extern "C" fn elra_gpu_adapter_destroy(adapter: *mut ElraGpuAdapter) {
-    let _ = guard(|| {
+    guard_void(|| {
         if adapter.is_null() {
             return Ok(());
         }

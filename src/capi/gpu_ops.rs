@@ -1,7 +1,7 @@
 //! The functional ELRA calls on the GPU (feature `cuda`; declared in `elra.h` under
 //! `#if defined(ELRA_FEATURE_CUDA)`): [`crate::cuda::ops`] on **device memory the caller owns**,
 //! ordered on the caller's CUDA stream — the GPU twins of the CPU calls `elra_op_*` of
-//! [`super::ops`], with the same [`ElraOpDesc`] and [`ElraOpStep`] ([`elra_schedule_at`] computes
+//! [`super::ops`], with the same [`ElraOpDesc`] and [`ElraOpStep`] ([`elra_schedule_at`](super::elra_schedule_at) computes
 //! the step on the host).
 //!
 //! # Conventions (in addition to those of [`super::gpu`] for device memory and streams)
@@ -15,10 +15,10 @@
 //! - **Scalars.** η is a device scalar (`const float *eta`, one f32): the engine's trained value
 //!   (e.g. `exp(log η)`) is read by the kernels where it lives, never copied to the host, and not
 //!   checked (a non-positive or non-finite η shows as NaN/±Inf in the outputs). The step (α, η
-//!   multiplier, τ = 0, λ; [`elra_schedule_at`]) is a host struct. `∂η` and the energy are
+//!   multiplier, τ = 0, λ; [`elra_schedule_at`](super::elra_schedule_at)) is a host struct. `∂η` and the energy are
 //!   written to device scalars.
 //! - **Sizes.** [`elra_gpu_op_sizes`] gives, in f32 values, the `saved` array a forward of n rows
-//!   fills and its backward reads (N·r + 2r², as [`elra_op_sizes`]) and the `workspace` every call
+//!   fills and its backward reads (N·r + 2r², as [`elra_op_sizes`](super::elra_op_sizes)) and the `workspace` every call
 //!   on n rows needs (enough for [`elra_gpu_op_merge`] and [`elra_gpu_op_energy`] too); each call
 //!   takes `workspace_len` and rejects a smaller workspace.
 //! - **Gradients** are written (`accumulate = 0`) or added (`accumulate = 1`). The energy penalty

@@ -152,6 +152,16 @@ fn clear_last_error() {
     LAST_ERROR.with(|m| m.borrow_mut().clear());
 }
 
+/// The panic boundary of the exports that return nothing (the destroy functions): as [`guard`],
+/// but the thread's error text is left as it was. A finaliser that frees a handle — Python's
+/// garbage collector, a C++ destructor — may run between a failing call and its caller reading
+/// the message, and must not erase it.
+pub(crate) fn guard_void<F: FnOnce() -> CResult<()>>(f: F) {
+    let saved = LAST_ERROR.with(|m| std::mem::take(&mut *m.borrow_mut()));
+    let _ = guard(f);
+    LAST_ERROR.with(|m| *m.borrow_mut() = saved);
+}
+
 /// Runs `f` inside the panic boundary: clears the thread's error text, maps `Err` to its status
 /// and text, and turns a panic into [`ElraStatus::ELRA_PANIC`].
 pub(crate) fn guard<F: FnOnce() -> CResult<()>>(f: F) -> ElraStatus {

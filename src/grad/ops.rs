@@ -357,7 +357,7 @@ const PAR_MIN_WORK: usize = 1 << 20;
 /// dimension (the rows of a row-major `C`, the columns of a column-major one), so the parts write
 /// disjoint memory; each part is the same product on a band of rows of `A` (or columns of `B`),
 /// and every entry gets the arithmetic one call gives it (the sum over k is not split). Products
-/// under [`PAR_MIN_WORK`] multiply-adds per thread, and a `C` whose bands would overlap in
+/// under 2²⁰ multiply-adds per thread, and a `C` whose bands would overlap in
 /// memory, run as one call.
 ///
 /// Panics if the shapes do not agree (internal building block; callers check shapes).

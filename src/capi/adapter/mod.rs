@@ -29,7 +29,7 @@ use super::layout::{
     check_scalar_out, elements, out_layout, read_matrix, reserve, write_matrix, write_one,
     write_pair, Layout,
 };
-use super::{guard, CError, CResult, ElraStatus};
+use super::{guard, guard_void, CError, CResult, ElraStatus};
 use crate::adapter::{Adapter, ElraConfig, ElraLayer, Energy, HostAdapter, LoraConfig, LoraLayer};
 use crate::linalg::Real;
 use crate::ElraError;
@@ -377,13 +377,15 @@ unsafe fn build<T: HostReal>(
     Ok(ElraAdapter::new(*c, layer))
 }
 
-/// Frees an adapter. NULL is ignored. The handle must not be used afterwards.
+/// Frees an adapter. NULL is ignored. The handle must not be used afterwards. The thread's error
+/// text ([`elra_last_error_message`](super::elra_last_error_message)) is left as it was, so a
+/// finaliser may free handles between a failing call and the read of its message.
 ///
 /// # Safety
 /// `adapter` must be NULL or a live handle from this library, not used concurrently.
 #[no_mangle]
 pub unsafe extern "C" fn elra_adapter_destroy(adapter: *mut ElraAdapter) {
-    let _ = guard(|| {
+    guard_void(|| {
         // SAFETY: the caller guarantees NULL or a live handle with exclusive access.
         unsafe { handle::destroy(adapter) }
     });

@@ -748,3 +748,37 @@ fn backward_matches_the_grad_module_and_central_differences_through_the_abi() {
         unsafe { elra_adapter_destroy(h) };
     }
 }
+
+/// Destroying a handle (a finaliser may do it between a failing call and the read of its
+/// message) leaves the thread's error text alone; the next call that can fail clears it.
+#[test]
+fn destroy_keeps_the_last_error_message() {
+    let c = default_config(
+        ElraVariant::ELRA_VARIANT_HYB,
+        ElraDtype::ELRA_DTYPE_F64,
+        4,
+        3,
+        2,
+    );
+    let w0 = vec![0.5; 12];
+    let h = create(&c, &w0, 3);
+    let other = create(&c, &w0, 3);
+    let (mut rows, mut cols) = (0usize, 0usize);
+    // SAFETY: a live handle and writable outputs; parameter 99 does not exist.
+    let s = unsafe { elra_adapter_param_shape(h, 99, &mut rows, &mut cols) };
+    assert_ne!(s, ELRA_OK);
+    let message = last_error();
+    assert!(!message.is_empty());
+    // SAFETY: a live handle, not used afterwards; then NULL, which is allowed.
+    unsafe {
+        elra_adapter_destroy(other);
+        elra_adapter_destroy(std::ptr::null_mut());
+    }
+    assert_eq!(last_error(), message);
+    // SAFETY: a live handle and writable outputs.
+    let s = unsafe { elra_adapter_param_shape(h, 0, &mut rows, &mut cols) };
+    assert_eq!(s, ELRA_OK);
+    assert_eq!(last_error(), "");
+    // SAFETY: a live handle, not used afterwards.
+    unsafe { elra_adapter_destroy(h) };
+}
