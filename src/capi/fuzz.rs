@@ -403,6 +403,339 @@ pub fn adapter_fuzz_one(data: &[u8]) -> ElraStatus {
     st
 }
 
+/// A caller matrix of the functional-op fuzzer: `rows × cols` with leading dimension `ld`
+/// (sometimes `< cols`, which the library must refuse), in a buffer that covers the layout
+/// either way; the gaps of each row hold [`SENTINEL`].
+struct OpMat {
+    v: Vec<f64>,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+}
+
+impl OpMat {
+    /// `fill`: values from the input (`raw`: any bit pattern, NaN and ±∞ included; else
+    /// moderate values), or [`SENTINEL`] (an output).
+    fn new(s: &mut Bytes<'_>, rows: usize, cols: usize, fill: bool, raw: bool) -> OpMat {
+        let pad = s.u8();
+        let ld = match pad % 16 {
+            15 if cols > 0 => cols - 1,
+            p => cols + (p as usize % 3),
+        };
+        let mut v = vec![SENTINEL; rows * ld.max(cols) + 1];
+        for i in 0..rows {
+            for j in 0..cols {
+                v[i * ld.max(cols) + j] = match (fill, raw) {
+                    (false, _) => SENTINEL,
+                    (true, true) => s.f64(),
+                    (true, false) => f64::from(i16::from_le_bytes([s.u8(), s.u8()])) / 8192.0,
+                };
+            }
+        }
+        OpMat { v, rows, cols, ld }
+    }
+    fn p(&self) -> *const f64 {
+        self.v.as_ptr()
+    }
+    fn m(&mut self) -> *mut f64 {
+        self.v.as_mut_ptr()
+    }
+    /// The gaps are untouched; with `ok`, every described entry is finite.
+    fn check(&self, what: &str, ok: bool) {
+        let row = self.ld.max(self.cols);
+        for i in 0..self.rows {
+            for j in 0..row {
+                let x = self.v[i * row + j];
+                if j >= self.cols {
+                    assert_eq!(x, SENTINEL, "{what}: gap ({i}, {j}) written");
+                } else if ok && self.ld >= self.cols {
+                    assert!(x.is_finite(), "{what}: ({i}, {j}) = {x} after ELRA_OK");
+                }
+            }
+        }
+    }
+}
+
+/// Decodes a layer (variant, small d, k, r, n — or, sometimes, a batch beyond any address
+/// space), a step, η, caller matrices with padded or invalid leading dimensions, values that may
+/// be NaN, ±∞ or huge, short `saved`/workspace buffers and flags, then runs the functional
+/// calls `elra_op_*_f64` on them: forward (with and without the base, with a bias), backward,
+/// the output-side pair, merge (either side, either direction) and the energy. Checks: no call
+/// panics; nothing is written into the gaps between rows; outputs are finite after `ELRA_OK`; a
+/// batch beyond the address space is refused (unread). Returns the forward's status.
+#[doc(hidden)]
+pub fn ops_fuzz_one(data: &[u8]) -> ElraStatus {
+    let mut s = Bytes(data);
+    let flags = s.u8();
+    let raw = s.u8() % 4 == 0; // raw values (NaN, ±∞, huge) in the inputs, a quarter of the time
+    let small = |b: u8| (b % 6) as usize;
+    let desc = ElraOpDesc {
+        variant: (s.u8() % 7).min(3) as u32, // 3 (LoRA) is refused
+        d: small(s.u8()),
+        k: small(s.u8()),
+        r: small(s.u8()),
+    };
+    let (d, k, r) = (desc.d, desc.k, desc.r);
+    let huge = flags & 7 == 7;
+    let n_small = small(s.u8());
+    let n = if huge {
+        (1usize << 61) + s.u8() as usize
+    } else {
+        n_small
+    };
+    let rows = if huge { 1 } else { n };
+    // At most one raw (possibly invalid) setting per input, 5 times in 16; else valid ones.
+    let bad = s.u8() % 16;
+    let unit = f64::from(s.u8()) / 255.0;
+    let mut setting = |i: u8, valid: f64| if bad == i { s.f64() } else { valid };
+    let step = ElraOpStep {
+        alpha: setting(0, unit),
+        eta_mult: setting(1, 0.5 + unit),
+        tau: setting(
+            2,
+            if flags & 8 != 0 {
+                0.25 + 4.0 * unit
+            } else {
+                0.0
+            },
+        ),
+        lambda: setting(3, unit * 1e-2),
+    };
+    let eta = setting(4, 0.05 + unit);
+    let w0 = OpMat::new(&mut s, d, k, true, raw);
+    let a = OpMat::new(&mut s, d, r, true, raw);
+    let b = OpMat::new(&mut s, r, d, true, raw);
+    let x = OpMat::new(&mut s, rows, k, true, raw);
+    let dy = OpMat::new(&mut s, rows, d, true, raw);
+    let u = OpMat::new(&mut s, rows, d, true, raw);
+    let bias: Vec<f64> = (0..d).map(|_| if raw { s.f64() } else { 0.5 }).collect();
+    // `saved` has no length argument: it must hold what elra_op_sizes says (never shortened
+    // here); the workspace's length is passed and sometimes one short.
+    let (mut saved_len, mut ws_len) = (0usize, 0usize);
+    // SAFETY: live locals.
+    let st = unsafe { elra_op_sizes(&desc, n_small, &mut saved_len, &mut ws_len) };
+    assert_ne!(st, ElraStatus::ELRA_PANIC, "panic in sizes");
+    let short = s.u8() % 8;
+    if short == 1 {
+        ws_len = ws_len.saturating_sub(1);
+    }
+    let mut saved = vec![0.0f64; saved_len.max(1)];
+    let mut ws = vec![0.0f64; ws_len.max(1)];
+    let saved_n = saved_len;
+    let base = (s.u8() % 8).min(2) as u32; // 2 is not a flag
+    let with_bias = base == 1 && s.u8() & 1 == 1;
+    let mut y = OpMat::new(&mut s, rows, d, false, false);
+    // `batched`: the call takes the batch n (merge and energy do not).
+    let ok = |st: ElraStatus, what: &str, batched: bool| {
+        assert_ne!(st, ElraStatus::ELRA_PANIC, "panic in {what}");
+        if huge && batched {
+            assert!(
+                matches!(
+                    st,
+                    ElraStatus::ELRA_INVALID_ARGUMENT | ElraStatus::ELRA_OUT_OF_MEMORY
+                ),
+                "{what}: a batch beyond the address space gave {st:?}"
+            );
+        }
+        st == ELRA_OK
+    };
+    // SAFETY: every matrix covers its described layout (or the layout is invalid and must be
+    // refused unread); `saved` and `ws` hold the lengths passed; a huge batch must be refused
+    // before any buffer is read (what is checked).
+    let fwd = unsafe {
+        elra_op_forward_f64(
+            &desc,
+            &step,
+            n,
+            w0.p(),
+            w0.ld,
+            base,
+            if with_bias {
+                bias.as_ptr()
+            } else {
+                std::ptr::null()
+            },
+            a.p(),
+            a.ld,
+            b.p(),
+            b.ld,
+            eta,
+            x.p(),
+            x.ld,
+            std::ptr::null(),
+            y.m(),
+            y.ld,
+            saved.as_mut_ptr(),
+            ws.as_mut_ptr(),
+            ws_len,
+        )
+    };
+    let fwd_ok = ok(fwd, "forward", true);
+    y.check("forward y", fwd_ok);
+    if fwd_ok {
+        assert!(
+            saved[..saved_n].iter().all(|v| v.is_finite()),
+            "saved not finite"
+        );
+    }
+    let acc = (s.u8() % 3) as u32;
+    let mut dx = OpMat::new(&mut s, rows, k, false, false);
+    let mut da = OpMat::new(&mut s, d, r, acc == 1, false);
+    let mut db = OpMat::new(&mut s, r, d, acc == 1, false);
+    let mut deta = 0.0f64;
+    // SAFETY: as above; `saved` holds what the forward wrote (or garbage the checks must catch).
+    let bwd = unsafe {
+        elra_op_backward_f64(
+            &desc,
+            &step,
+            n,
+            w0.p(),
+            w0.ld,
+            base.min(1),
+            a.p(),
+            a.ld,
+            b.p(),
+            b.ld,
+            eta,
+            x.p(),
+            x.ld,
+            std::ptr::null(),
+            saved.as_ptr(),
+            dy.p(),
+            dy.ld,
+            dx.m(),
+            dx.ld,
+            da.m(),
+            da.ld,
+            db.m(),
+            db.ld,
+            &mut deta,
+            acc,
+            ws.as_mut_ptr(),
+            ws_len,
+        )
+    };
+    let bwd_ok = ok(bwd, "backward", true);
+    dx.check("backward dx", bwd_ok);
+    da.check("backward da", bwd_ok && acc == 0);
+    if bwd_ok && acc == 0 && desc.variant != 1 {
+        db.check("backward db", true);
+    }
+    // The output-side pair (d×d layer).
+    let sq = ElraOpDesc { k: d, ..desc };
+    let mut y2 = OpMat::new(&mut s, rows, d, false, false);
+    // SAFETY: as above.
+    let fo = unsafe {
+        elra_op_forward_out_f64(
+            &sq,
+            &step,
+            n,
+            a.p(),
+            a.ld,
+            b.p(),
+            b.ld,
+            eta,
+            u.p(),
+            u.ld,
+            std::ptr::null(),
+            y2.m(),
+            y2.ld,
+            saved.as_mut_ptr(),
+            ws.as_mut_ptr(),
+            ws_len,
+        )
+    };
+    let fo_ok = ok(fo, "forward_out", true);
+    y2.check("forward_out y", fo_ok);
+    let mut du = OpMat::new(&mut s, rows, d, false, false);
+    // SAFETY: as above.
+    let bo = unsafe {
+        elra_op_backward_out_f64(
+            &sq,
+            &step,
+            n,
+            a.p(),
+            a.ld,
+            b.p(),
+            b.ld,
+            eta,
+            u.p(),
+            u.ld,
+            std::ptr::null(),
+            saved.as_ptr(),
+            dy.p(),
+            dy.ld,
+            du.m(),
+            du.ld,
+            da.m(),
+            da.ld,
+            db.m(),
+            db.ld,
+            &mut deta,
+            0,
+            ws.as_mut_ptr(),
+            ws_len,
+        )
+    };
+    let bo_ok = ok(bo, "backward_out", true);
+    du.check("backward_out du", bo_ok);
+    // Merge on either side, either direction; then the energy with its gradient.
+    let (inverse, right) = ((s.u8() % 3) as u32, (s.u8() % 3) as u32);
+    let (wr, wc) = if right == 1 { (k, d) } else { (d, k) };
+    let w = OpMat::new(&mut s, wr, wc, true, raw);
+    let mut out = OpMat::new(&mut s, wr, wc, false, false);
+    // SAFETY: as above.
+    let mg = unsafe {
+        elra_op_merge_f64(
+            &desc,
+            &step,
+            a.p(),
+            a.ld,
+            b.p(),
+            b.ld,
+            eta,
+            w.p(),
+            w.ld,
+            inverse,
+            right,
+            out.m(),
+            out.ld,
+        )
+    };
+    let mg_ok = ok(mg, "merge", false);
+    out.check("merge out", mg_ok);
+    let mut e = 0.0f64;
+    let mut ga = OpMat::new(&mut s, d, r, false, false);
+    // SAFETY: as above.
+    let en = unsafe {
+        elra_op_energy_f64(
+            &sq,
+            &step,
+            a.p(),
+            a.ld,
+            b.p(),
+            b.ld,
+            eta,
+            &mut e,
+            ga.m(),
+            ga.ld,
+            db.m(),
+            db.ld,
+            &mut deta,
+            0,
+        )
+    };
+    assert_ne!(en, ElraStatus::ELRA_PANIC, "panic in energy");
+    ga.check("energy da", en == ELRA_OK);
+    if en == ELRA_OK {
+        assert!(
+            e.is_finite() && deta.is_finite(),
+            "energy {e}, ∂η {deta} after ELRA_OK"
+        );
+    }
+    fwd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,6 +779,28 @@ mod tests {
             ELRA_OK,
             ElraStatus::ELRA_INVALID_ARGUMENT,
             ElraStatus::ELRA_OUT_OF_MEMORY,
+        ] {
+            assert!(
+                seen.get(&(st as i32)).copied().unwrap_or(0) > 30,
+                "{st:?}: {seen:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn random_op_calls_respect_the_contract() {
+        let mut rng = ChaCha8Rng::seed_from_u64(29);
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..3000 {
+            let n = rng.random_range(0..700);
+            let data: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+            *seen.entry(ops_fuzz_one(&data) as i32).or_insert(0) += 1;
+        }
+        // The decoder reaches success and the argument-error classes of the forward.
+        for st in [
+            ELRA_OK,
+            ElraStatus::ELRA_INVALID_ARGUMENT,
+            ElraStatus::ELRA_NON_FINITE,
         ] {
             assert!(
                 seen.get(&(st as i32)).copied().unwrap_or(0) > 30,
