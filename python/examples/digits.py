@@ -10,6 +10,7 @@ shifted task, trainable parameters, time per step) and writes ``results.csv``, `
 and ``accuracy.svg`` (validation accuracy during training) into ``--out``.
 
     python python/examples/digits.py [--steps 600] [--seeds 3] [--out digits-out] [--quick]
+                                     [--eta 1e-3] [--methods ELRA,ELRA-PSD,...]
 
 ``--quick`` (what CI runs) is one seed, 300 pretraining and 40 adaptation steps and one learning
 rate: it checks that the example works, not which method wins.
@@ -113,7 +114,7 @@ def pretrain(seed, data, steps=1500):
     return model
 
 
-def adapt(base_model, name, spec, steps, lr, seed, data, eval_every):
+def adapt(base_model, name, spec, steps, lr, seed, data, eval_every, eta=1e-3):
     """Adapts a copy of the pretrained model to the rotated task; returns the trained model,
     its trainable parameter count, ms per step and the validation curve."""
     import copy
@@ -127,7 +128,8 @@ def adapt(base_model, name, spec, steps, lr, seed, data, eval_every):
     kind = spec["kind"]
     torch.manual_seed(seed)
     if kind == "elra":
-        et.inject(model, TARGETS, variant=spec["variant"], r=spec["r"], total_steps=steps, seed=seed)
+        et.inject(model, TARGETS, variant=spec["variant"], r=spec["r"], total_steps=steps, seed=seed,
+                  eta=eta)
     elif kind in ("lora", "dora"):
         cfg = peft.LoraConfig(r=spec["r"], lora_alpha=spec["r"], target_modules=TARGETS,
                               lora_dropout=0.0, use_dora=kind == "dora")
@@ -205,22 +207,33 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--out", default="digits-out")
+    ap.add_argument("--eta", type=float, default=1e-3,
+                    help="initial η of the ELRA methods (the paper's 1e-3 by default)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset of: " + ", ".join(METHODS))
     ap.add_argument("--quick", action="store_true", help="one seed, 300 + 40 steps, one learning rate")
     a = ap.parse_args()
     if a.quick:
         a.steps, a.seeds, a.pretrain_steps = 40, 1, 300
     if min(a.steps, a.seeds, a.threads, a.pretrain_steps) < 1:
         ap.error("--steps, --seeds, --threads and --pretrain-steps must be at least 1")
+    if not (a.eta > 0 and a.eta < float("inf")):
+        ap.error("--eta must be finite and > 0")
+    chosen = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        ap.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    methods = OrderedDict((m, METHODS[m]) for m in METHODS if m in chosen)
     lrs = [3e-2] if a.quick else LRS
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     import peft
 
     eval_every = max(1, a.steps // 30)
-    runs = [(name, spec, seed, lr) for seed in range(a.seeds) for name, spec in METHODS.items()
+    runs = [(name, spec, seed, lr) for seed in range(a.seeds) for name, spec in methods.items()
             for lr in lrs]
     bar = tqdm(total=len(runs), desc="adapting", unit="run") if tqdm else None
-    rows, curves = [], {name: [] for name in METHODS}
+    rows, curves = [], {name: [] for name in methods}
     frozen = []
     for seed in range(a.seeds):
         data = load(seed)
@@ -229,10 +242,11 @@ def main():
         xs, ys = tensors(images, labels, te, rotate=False)
         xt, yt = tensors(images, labels, te, rotate=True)
         frozen.append((accuracy(base, xs, ys), accuracy(base, xt, yt)))
-        for name, spec in METHODS.items():
+        for name, spec in methods.items():
             best = None
             for lr in lrs:
-                model, n, ms, curve = adapt(base, name, spec, a.steps, lr, seed, data, eval_every)
+                model, n, ms, curve = adapt(base, name, spec, a.steps, lr, seed, data, eval_every,
+                                            a.eta)
                 val = curve[-1][1]
                 if best is None or val > best[0]:
                     best = (val, lr, accuracy(model, xt, yt), n, ms, curve)
@@ -264,12 +278,12 @@ def main():
     print(f"digits (scikit-learn, 1797 images), MLP 64-128-128-10 pretrained on upright digits, "
           f"adapted to digits rotated by 90°; {a.steps} AdamW steps of batch 64, learning rate "
           f"from {lrs} by validation accuracy, {a.seeds} seed(s), torch {torch.__version__}, "
-          f"peft {peft.__version__}, {a.threads} thread(s)")
+          f"peft {peft.__version__}, {a.threads} thread(s), ELRA's initial η {a.eta:g}")
     up = statistics.mean(f[0] for f in frozen)
     rot = statistics.mean(f[1] for f in frozen)
     print(f"pretrained network, test accuracy: upright {up:.3f}, rotated {rot:.3f} (before adapting)")
     print(f"{'method':16s} {'params':>7s} {'test acc (mean ± sd)':>22s} {'ms/step':>8s}  lr chosen")
-    for name in METHODS:
+    for name in methods:
         rs = [r for r in rows if r["method"] == name]
         accs = [r["test_acc"] for r in rs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
