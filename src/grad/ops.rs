@@ -14,7 +14,7 @@
 
 use nalgebra::{DMatrix, Dyn, MatrixView, MatrixViewMut};
 
-use crate::linalg::Real;
+use crate::linalg::{all_finite, Real};
 
 /// Whether an operand enters a product as is (`N`) or transposed (`T`), as in BLAS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,22 +35,6 @@ pub struct Strided<'a, T> {
     cols: usize,
     rs: usize,
     cs: usize,
-}
-
-/// Whether every value of `s` is finite: `v·0` is 0 for a finite `v` and NaN for NaN or ±∞, so
-/// the sum of `v·0` over `s` is 0 exactly when all are finite. Eight independent partial sums
-/// let the compiler use SIMD registers (a branch per value would not); one pass, no early exit.
-pub fn all_finite<T: Real>(s: &[T]) -> bool {
-    let z = T::zero();
-    let mut acc = [z; 8];
-    let mut chunks = s.chunks_exact(8);
-    for c in &mut chunks {
-        for l in 0..8 {
-            acc[l] += c[l] * z;
-        }
-    }
-    let tail = chunks.remainder().iter().fold(z, |a, &v| a + v * z);
-    acc.iter().fold(tail, |a, &v| a + v) == z
 }
 
 /// The mutable counterpart of [`Strided`].

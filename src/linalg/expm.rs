@@ -129,7 +129,7 @@
 //! single-matrix functions bit for bit.
 #![allow(non_snake_case)]
 
-use super::Real;
+use super::{all_finite, Real};
 use crate::{ElraError, Result};
 use nalgebra::DMatrix;
 
@@ -264,10 +264,6 @@ pub(crate) fn ldexp_steps(x: f64, e: i64) -> f64 {
         e -= step;
     }
     x
-}
-
-pub(crate) fn all_finite<T: Real>(x: &[T]) -> bool {
-    x.iter().all(|v| v.is_finite())
 }
 
 /// Reusable workspace of the Padé scaling-and-squaring kernel for n×n matrices (optionally

@@ -15,7 +15,8 @@
 //! `∂L/∂Z = L_f(Zᵀ, ∂L/∂M)`.
 #![allow(non_snake_case)]
 
-use super::expm::{all_finite, check_square, scale_pow2, to_row_major, Workspace};
+use super::all_finite;
+use super::expm::{check_square, scale_pow2, to_row_major, Workspace};
 use super::Real;
 use crate::{ElraError, Result};
 use nalgebra::DMatrix;

@@ -55,7 +55,7 @@ use nalgebra::DMatrix;
 use crate::adapter::{GeneratorSpec, Variant};
 use crate::grad::generator::{energy_backward, FactorChain, FactorGrad};
 use crate::grad::ops::{gemm_strided_par, Strided, StridedMut};
-use crate::linalg::{phi1, phi1_frechet_adjoint, Real};
+use crate::linalg::{all_finite, phi1, phi1_frechet_adjoint, Real};
 use crate::{ElraError, Result};
 
 /// The shape of an ELRA layer: generator family and dimensions (`W0` is d×k, `A` d×r).
@@ -269,7 +269,7 @@ impl<T: Real> Eval<T> {
         let (r, k) = (self.c.nrows(), w0.shape().1);
         let mut p = vec![T::zero(); r * k];
         gemm_strided_par(
-            &mut StridedMut::new(&mut p, r, k, 1, r).expect("sized above"),
+            &mut scratch_cm(&mut p, r, k),
             T::one(),
             view(&self.c),
             w0,
@@ -313,7 +313,7 @@ fn write_grads<T: Real>(fg: FactorGrad<T>, out: GeneratorGrads<'_, '_, T>) -> Re
         accumulate,
     } = out;
     check_shape_mut("da", &ga, fg.a.nrows(), fg.a.ncols())?;
-    let finite = |m: &DMatrix<T>| m.iter().all(|v| v.is_finite());
+    let finite = |m: &DMatrix<T>| all_finite(m.as_slice());
     if !finite(&fg.a) || !fg.b.as_ref().is_none_or(finite) || !fg.eta.is_finite() {
         return Err(ElraError::Overflow {
             what: "a parameter gradient leaves the floating-point range".into(),
@@ -362,7 +362,12 @@ fn scratch<T: Real>(s: &mut [T], n: usize, c: usize) -> StridedMut<'_, T> {
     StridedMut::row_major(s, n, c, c).expect("scratch sized by the caller's checks")
 }
 
-/// A column-major r×c view of `s` (`P`, `∂P`: split over threads by columns).
+/// Column-major r×c scratch over a slice (`P`, `∂P`: split over threads by columns).
+fn scratch_cm<T: Real>(s: &mut [T], r: usize, c: usize) -> StridedMut<'_, T> {
+    StridedMut::new(s, r, c, 1, r).expect("scratch sized by the caller")
+}
+
+/// The column-major r×c view of [`scratch_cm`]'s memory.
 fn cm<T: Real>(s: &[T], r: usize, c: usize) -> Strided<'_, T> {
     Strided::new(s, r, c, 1, r).expect("sized by the caller")
 }
@@ -381,7 +386,7 @@ fn read_saved<T: Real>(
     if saved.len() < need {
         return Err(ElraError::invalid("saved", format!("{need} values needed")));
     }
-    if !saved[..need].iter().all(|v| v.is_finite()) {
+    if !all_finite(&saved[..need]) {
         return Err(ElraError::NonFinite { arg: "saved" });
     }
     let v = Strided::row_major(&saved[..n * r], n, r, r).expect("sized above");
@@ -473,7 +478,7 @@ pub fn forward<T: Real>(
         check_shape("dropout", m, n, d)?;
         check_finite_strided("dropout", m)?;
     }
-    if bias.is_some_and(|b| !b.iter().all(|v| v.is_finite())) {
+    if bias.is_some_and(|b| !all_finite(b)) {
         return Err(ElraError::NonFinite { arg: "bias" });
     }
     let ev = Eval::new(op, g, spec, d)?;
@@ -575,7 +580,7 @@ pub fn backward<T: Real>(
     // C̄ = (V̄ᵀ X) W0ᵀ, then through M = φ1(Z), Z = C A.
     let mut pbar = vec![T::zero(); r * k];
     gemm_strided_par(
-        &mut StridedMut::new(&mut pbar, r, k, 1, r).expect("sized above"),
+        &mut scratch_cm(&mut pbar, r, k),
         T::one(),
         vbar.as_ref().t(),
         x,
