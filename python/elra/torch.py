@@ -154,16 +154,25 @@ def _p(t: Optional[Tensor]):
     return None if t is None else t.data_ptr()
 
 
-def _check(name: str, t: Tensor, dtype=None, shape=None, ndim=None):
-    """Bad input is a Python exception naming the argument (before any memory is touched)."""
+def _check(name: str, t: Tensor, dtype=None, shape=None, ndim=None, device=None):
+    """Bad input is a Python exception naming the argument (before any memory is touched).
+    ``device`` ``None``: a CPU tensor of float32 or float64 (the host ABI); a CUDA device: a
+    tensor on it, of ``dtype`` or, with ``dtype`` ``None``, any activation type of the GPU calls."""
     if not isinstance(t, Tensor):
         raise TypeError(f"elra: `{name}` must be a tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
+    gpu = device is not None
+    if gpu and t.device != device:
+        raise ValueError(f"elra: `{name}` is on {t.device}, expected {device} (as the input)")
+    if not gpu and t.device.type != "cpu":
         raise ValueError(f"elra: `{name}` is on {t.device}, expected cpu (as the input; CUDA "
                          "inputs take every tensor on their device)")
     if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"elra: `{name}` has dtype {t.dtype}, expected {dtype}")
-    if t.dtype not in _SUFFIX:
+        raise TypeError(f"elra: `{name}` has dtype {t.dtype}, expected {dtype}" + (
+            " on the GPU (A, B, η, gradients and saved values are float32)" if gpu else ""))
+    if gpu and dtype is None and t.dtype not in _GPU_DTYPES:
+        raise TypeError(f"elra: `{name}` has dtype {t.dtype}; on the GPU activations are "
+                        "float32, float16 or bfloat16")
+    if not gpu and t.dtype not in _SUFFIX:
         raise TypeError(f"elra: `{name}` has dtype {t.dtype}; ELRA runs in float32 or float64")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"elra: `{name}` must be {ndim}-D, got shape {tuple(t.shape)}")
@@ -218,37 +227,18 @@ def _gpu():
     return lib
 
 
-def _check_gpu(name: str, t, dtype, shape, ndim, device):
-    """As :func:`_check` for the CUDA path: a CUDA tensor on ``device``, of ``dtype`` (``None``:
-    any activation type of the GPU calls)."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"elra: `{name}` must be a tensor, got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"elra: `{name}` is on {t.device}, expected {device} (as the input)")
-    if dtype is None and t.dtype not in _GPU_DTYPES:
-        raise TypeError(f"elra: `{name}` has dtype {t.dtype}; on the GPU activations are "
-                        "float32, float16 or bfloat16")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"elra: `{name}` has dtype {t.dtype}, expected {dtype} on the GPU "
-                        "(A, B, η, gradients and saved values are float32)")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"elra: `{name}` must be {ndim}-D, got shape {tuple(t.shape)}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"elra: `{name}` must have shape {tuple(shape)}, got {tuple(t.shape)}")
-
-
 def _gpu_inputs(x, a, b, eta, dropout, cfg, x_name):
     """Checks the CUDA path's inputs; ``(activation dtype, d, r, has_b)``."""
     dev = x.device
-    _check_gpu(x_name, x, None, None, 2, dev)
-    _check_gpu("a", a, _F32, None, 2, dev)
+    _check(x_name, x, None, None, 2, dev)
+    _check("a", a, _F32, None, 2, dev)
     d, r = a.shape
     has_b = int(cfg[0]) != VARIANTS["psd"]
     if has_b:
         if b is None:
             raise ValueError(f"elra: `b` is required by variant {int(cfg[0])} (general or hyb)")
-        _check_gpu("b", b, _F32, (r, d), None, dev)
-    _check_gpu("eta", eta, _F32, (), None, dev)
+        _check("b", b, _F32, (r, d), None, dev)
+    _check("eta", eta, _F32, (), None, dev)
     if dropout is not None:
         raise ValueError("elra: `dropout` masks are not taken by the GPU calls (ElraLinear "
                          "applies adapter dropout outside the op on CUDA tensors)")
@@ -270,10 +260,10 @@ def _empty(shape, dtype, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _delta_cuda(x, w0, a, b, eta, step, cfg):
-    dt, d, r, has_b = _gpu_inputs(x, a, b, eta, None, cfg, "x")
+def _delta_cuda(x, w0, a, b, eta, step, dropout, cfg):
+    dt, d, r, has_b = _gpu_inputs(x, a, b, eta, dropout, cfg, "x")
     n, k = x.shape
-    _check_gpu("w0", w0, dt, (d, k), None, x.device)
+    _check("w0", w0, dt, (d, k), None, x.device)
     x, w0, a, eta = x.contiguous(), w0.contiguous(), a.contiguous(), eta.contiguous()
     b = b.contiguous() if has_b else None
     desc = _desc(cfg, d, k, r)
@@ -287,14 +277,14 @@ def _delta_cuda(x, w0, a, b, eta, step, cfg):
     return y, saved
 
 
-def _delta_backward_cuda(dy, x, w0, a, b, eta, step, saved, cfg):
-    dt, d, r, has_b = _gpu_inputs(x, a, b, eta, None, cfg, "x")
+def _delta_backward_cuda(dy, x, w0, a, b, eta, step, dropout, saved, cfg):
+    dt, d, r, has_b = _gpu_inputs(x, a, b, eta, dropout, cfg, "x")
     n, k = x.shape
-    _check_gpu("w0", w0, dt, (d, k), None, x.device)
-    _check_gpu("dy", dy, dt, (n, d), None, x.device)
+    _check("w0", w0, dt, (d, k), None, x.device)
+    _check("dy", dy, dt, (n, d), None, x.device)
     desc = _desc(cfg, d, k, r)
     sl, wl = _gpu_sizes(desc, n)
-    _check_gpu("saved", saved, _F32, (sl,), None, x.device)
+    _check("saved", saved, _F32, (sl,), None, x.device)
     dy, x, w0, a = dy.contiguous(), x.contiguous(), w0.contiguous(), a.contiguous()
     eta, saved = eta.contiguous(), saved.contiguous()
     b = b.contiguous() if has_b else None
@@ -310,10 +300,10 @@ def _delta_backward_cuda(dy, x, w0, a, b, eta, step, saved, cfg):
     return dx, da, db, deta
 
 
-def _rows_cuda(u, a, b, eta, step, cfg):
-    dt, d, r, has_b = _gpu_inputs(u, a, b, eta, None, cfg, "u")
+def _rows_cuda(u, a, b, eta, step, dropout, cfg):
+    dt, d, r, has_b = _gpu_inputs(u, a, b, eta, dropout, cfg, "u")
     n = u.shape[0]
-    _check_gpu("u", u, dt, (n, d), None, u.device)
+    _check("u", u, dt, (n, d), None, u.device)
     u, a, eta = u.contiguous(), a.contiguous(), eta.contiguous()
     b = b.contiguous() if has_b else None
     desc = _desc(cfg, d, d, r)
@@ -327,14 +317,14 @@ def _rows_cuda(u, a, b, eta, step, cfg):
     return y, saved
 
 
-def _rows_backward_cuda(dy, u, a, b, eta, step, saved, cfg):
-    dt, d, r, has_b = _gpu_inputs(u, a, b, eta, None, cfg, "u")
+def _rows_backward_cuda(dy, u, a, b, eta, step, dropout, saved, cfg):
+    dt, d, r, has_b = _gpu_inputs(u, a, b, eta, dropout, cfg, "u")
     n = u.shape[0]
-    _check_gpu("u", u, dt, (n, d), None, u.device)
-    _check_gpu("dy", dy, dt, (n, d), None, u.device)
+    _check("u", u, dt, (n, d), None, u.device)
+    _check("dy", dy, dt, (n, d), None, u.device)
     desc = _desc(cfg, d, d, r)
     sl, wl = _gpu_sizes(desc, n)
-    _check_gpu("saved", saved, _F32, (sl,), None, u.device)
+    _check("saved", saved, _F32, (sl,), None, u.device)
     dy, u, a, eta, saved = dy.contiguous(), u.contiguous(), a.contiguous(), eta.contiguous(), \
         saved.contiguous()
     b = b.contiguous() if has_b else None
@@ -375,9 +365,7 @@ def delta(x: Tensor, w0: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, st
     """The adapter's increment ``Δ(x) = D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)`` of the fused layer (eq. 5 with
     ``P = C W0``; ``elra_op_forward`` with ``base = 0``) and the values its backward needs."""
     if x.is_cuda:
-        if dropout is not None:
-            _gpu_inputs(x, a, b, eta, dropout, cfg, "x")
-        return _delta_cuda(x, w0, a, b, eta, step, cfg)
+        return _delta_cuda(x, w0, a, b, eta, step, dropout, cfg)
     dt, d, r, has_b = _inputs(x, a, b, eta, dropout, cfg, "x")
     n, k = x.shape
     _check("w0", w0, dt, (d, k))
@@ -416,9 +404,7 @@ def delta_backward(dy: Tensor, x: Tensor, w0: Tensor, a: Tensor, b: Optional[Ten
     """Reverse mode of :func:`delta` (``elra_op_backward`` with ``base = 0``): ``(dx, da, db,
     deta)``; ``db`` is empty for PSD."""
     if x.is_cuda:
-        if dropout is not None:
-            _gpu_inputs(x, a, b, eta, dropout, cfg, "x")
-        return _delta_backward_cuda(dy, x, w0, a, b, eta, step, saved, cfg)
+        return _delta_backward_cuda(dy, x, w0, a, b, eta, step, dropout, saved, cfg)
     dt, d, r, has_b = _inputs(x, a, b, eta, dropout, cfg, "x")
     n, k = x.shape
     _check("dy", dy, dt, (n, d))
@@ -471,9 +457,7 @@ def rows(u: Tensor, a: Tensor, b: Optional[Tensor], eta: Tensor, step: Tensor,
     """The output-side form ``y = u + D∘(((u Cᵀ) φ1(Z)ᵀ) Aᵀ)`` (``elra_op_forward_out``) for a
     base layer's output ``u`` (N×d, without bias): ELRA around any base layer."""
     if u.is_cuda:
-        if dropout is not None:
-            _gpu_inputs(u, a, b, eta, dropout, cfg, "u")
-        return _rows_cuda(u, a, b, eta, step, cfg)
+        return _rows_cuda(u, a, b, eta, step, dropout, cfg)
     dt, d, r, has_b = _inputs(u, a, b, eta, dropout, cfg, "u")
     n = u.shape[0]
     _check("u", u, dt, (n, d))
@@ -504,9 +488,7 @@ def rows_backward(dy: Tensor, u: Tensor, a: Tensor, b: Optional[Tensor], eta: Te
                   cfg: List[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reverse mode of :func:`rows` (``elra_op_backward_out``): ``(du, da, db, deta)``."""
     if u.is_cuda:
-        if dropout is not None:
-            _gpu_inputs(u, a, b, eta, dropout, cfg, "u")
-        return _rows_backward_cuda(dy, u, a, b, eta, step, saved, cfg)
+        return _rows_backward_cuda(dy, u, a, b, eta, step, dropout, saved, cfg)
     dt, d, r, has_b = _inputs(u, a, b, eta, dropout, cfg, "u")
     n = u.shape[0]
     _check("dy", dy, dt, (n, d))
