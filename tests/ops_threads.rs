@@ -8,32 +8,12 @@ use elra::adapter::{GeneratorSpec, Variant};
 use elra::grad::ops::{op_threads, Strided, StridedMut};
 use elra::grad::{elra_backward_parts, elra_forward_parts, Route};
 use elra::ops::{self, ElraOp, Generator, GeneratorGrads, Side};
-use nalgebra::DMatrix;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-fn rand(rng: &mut ChaCha8Rng, r: usize, c: usize, s: f64) -> DMatrix<f64> {
-    DMatrix::from_fn(r, c, |_, _| rng.random_range(-s..s))
-}
-
-/// Row-major copy of `m` with leading dimension `ld ≥ cols`.
-fn rows(m: &DMatrix<f64>, ld: usize) -> Vec<f64> {
-    let mut v = vec![0.0; m.nrows() * ld];
-    for i in 0..m.nrows() {
-        for j in 0..m.ncols() {
-            v[i * ld + j] = m[(i, j)];
-        }
-    }
-    v
-}
-
-fn read(v: &[f64], r: usize, c: usize, ld: usize) -> DMatrix<f64> {
-    DMatrix::from_fn(r, c, |i, j| v[i * ld + j])
-}
-
-fn rel(a: &DMatrix<f64>, b: &DMatrix<f64>) -> f64 {
-    (a - b).norm() / b.norm()
-}
+#[path = "common/strided.rs"]
+mod strided;
+use strided::{rand, read, rel, rows, GAP};
 
 #[test]
 fn split_products_give_the_single_threaded_results() {
@@ -76,7 +56,7 @@ fn split_products_give_the_single_threaded_results() {
     };
     let w0v = Strided::row_major(&w0s, d, k, ldw).unwrap();
     let xv = Strided::row_major(&xs, n, k, ldx).unwrap();
-    let mut ys = vec![0.0; n * ldy];
+    let mut ys = vec![GAP; n * ldy];
     let mut saved = vec![0.0; ops::saved_len(n, r).unwrap()];
     let mut ws = vec![0.0; ops::workspace_len(n, r).unwrap()];
     ops::forward(
@@ -96,7 +76,7 @@ fn split_products_give_the_single_threaded_results() {
         elra_forward_parts(&x, &w0, &a, Some(&b), eta, &spec, Route::Woodbury, None).unwrap();
     assert!(rel(&read(&ys, n, d, ldy), &y_ref) < 1e-12);
 
-    let mut dxs = vec![0.0; n * ldx];
+    let mut dxs = vec![GAP; n * ldx];
     let (mut da, mut db, mut deta) = (vec![0.0; d * r], vec![0.0; r * d], 0.0);
     ops::backward(
         &op,
