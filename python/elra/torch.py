@@ -1059,7 +1059,9 @@ def save_adapter(model: nn.Module, directory) -> None:
 def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Loads an adapter directory into the matching layers of a model already injected with the
     same variant, rank and generator settings (:func:`inject`): parameters, η and step. Every
-    module is checked before any parameter changes.
+    module is checked before any parameter changes. Values are copied into the existing
+    parameters and buffers, so this is a hot swap: a ``torch.compile``d model runs the new
+    adapter without recompiling.
 
     Errors: a merged model, a module missing from the directory, another variant, rank,
     schedule, τ, λ or LoRA scaling (``ValueError``, naming the module and the field)."""

@@ -475,3 +475,37 @@ def test_digits_example_runs_in_its_quick_mode(tmp_path):
     assert len(rows) == 1 + 7
     assert (out / "accuracy.svg").read_text().startswith("<svg")
     assert len((out / "curves.csv").read_text().splitlines()) > 7
+
+
+def test_hot_swap_into_a_compiled_model_does_not_recompile(tmp_path):
+    """Issue 31 §3: loading another adapter of the same shapes into an injected,
+    ``torch.compile``d model replaces the parameter values in place — no new graph (the compile
+    counter stays put) and the outputs of a fresh model holding that adapter — for ELRA (every
+    single-sided variant) and LoRA; the step buffer moves with it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    for variant, kw in [("general", {}), ("psd", {}), ("hyb", {}), ("lora", {"lora_alpha": 4.0})]:
+        torch._dynamo.reset()
+        # One base model (adapter files hold no base weights), two trained-looking adapters.
+        first, second = mlp(variant, seed=1, **kw).float(), mlp(variant, seed=1, **kw).float()
+        with torch.no_grad():
+            for model, scale, step in ((first, 0.1, 2), (second, -0.2, 7)):
+                for i, p in enumerate(q for q in model.parameters() if q.requires_grad):
+                    p.add_(scale * torch.cos(torch.arange(p.numel(), dtype=p.dtype) + i).reshape(p.shape))
+                for _, m in et.layers(model):
+                    m.step.fill_(step)
+        et.save_adapter(second, tmp_path / variant)
+        counter = CompileCounterWithBackend("inductor")
+        compiled = torch.compile(first, backend=counter, fullgraph=True)
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+        y_first = compiled(x)
+        assert counter.frame_count == 1
+        params = {n: p.data_ptr() for n, p in first.named_parameters()}
+        et.load_adapter(first, tmp_path / variant)
+        y_second = compiled(x)
+        assert counter.frame_count == 1, f"{variant}: the swap recompiled"
+        assert {n: p.data_ptr() for n, p in first.named_parameters()} == params
+        fresh = et.load_adapter(mlp(variant, seed=1, **kw).float(), tmp_path / variant)
+        assert torch.allclose(y_second, fresh(x), rtol=1e-5, atol=1e-6), variant
+        assert torch.allclose(y_second, second(x), rtol=1e-5, atol=1e-6), variant
+        assert not torch.allclose(y_first, y_second, rtol=1e-3, atol=1e-4), variant
