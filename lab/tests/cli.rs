@@ -93,6 +93,8 @@ fn cli_help_prints_the_usage_of_every_subcommand() {
             "elra verify",
             "elra expressivity",
             "merge CSV",
+            "elra merge --base",
+            "elra unmerge --base",
         ] {
             assert!(usage.contains(sub), "{flag:?}: usage lacks {sub:?}");
         }
@@ -441,4 +443,101 @@ fn cli_expressivity_shard_then_merge_round_trips() {
     );
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&merged);
+}
+
+#[test]
+fn cli_merge_and_unmerge_a_checkpoint() {
+    use elra::adapter::{ElraConfig, ElraLayer, Variant};
+    use elra::io::{load_merged, save_merged, AdapterFile, LoadLimits};
+    use nalgebra::DMatrix;
+
+    let root = scratch("merge");
+    let (base, adapter) = (root.join("base"), root.join("adapter"));
+    std::fs::create_dir_all(&base).unwrap();
+    let w0 = |d: usize, k: usize| {
+        DMatrix::<f32>::from_fn(d, k, |i, j| ((i * 5 + j * 3) % 7) as f32 / 7.0 - 0.5)
+    };
+    let (wq, wv, other) = (w0(12, 8), w0(10, 8), w0(3, 3));
+    save_merged(
+        base.join("model.safetensors"),
+        &[("blk.q", &wq), ("blk.v", &wv), ("head", &other)],
+    )
+    .unwrap();
+    let layer = |w: &DMatrix<f32>| {
+        let mut c = ElraConfig::new(Variant::General, w.nrows(), w.ncols(), 2, 100);
+        c.generator.eta = 0.5;
+        ElraLayer::new(c, w.clone()).unwrap()
+    };
+    let (lq, lv) = (layer(&wq), layer(&wv));
+    AdapterFile::from_elra_layers(&[("blk.q", &lq), ("blk.v", &lv)])
+        .unwrap()
+        .save(&adapter)
+        .unwrap();
+    let (b, a) = (base.to_str().unwrap(), adapter.to_str().unwrap());
+    let merged = root.join("merged");
+    let out = elra(&[
+        "merge",
+        "--base",
+        b,
+        "--adapter",
+        a,
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("merged 2 of 3 tensors") && said.contains("peak resident memory"),
+        "{said}"
+    );
+    let got = load_merged::<f32>(merged.join("model.safetensors"), &LoadLimits::default()).unwrap();
+    for (name, l) in [("blk.q", &lq), ("blk.v", &lv)] {
+        let want = l.merge().unwrap();
+        assert!((&got[name] - &want).amax() <= 1e-6 * want.amax(), "{name}");
+    }
+    assert_eq!(got["head"], other);
+    let back = root.join("back");
+    let out = elra(&[
+        "unmerge",
+        "--base",
+        merged.to_str().unwrap(),
+        "--adapter",
+        a,
+        "--out",
+        back.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = load_merged::<f32>(back.join("model.safetensors"), &LoadLimits::default()).unwrap();
+    assert!((&got["blk.q"] - &wq).amax() <= 1e-6);
+    // The output in the way (status 2, before any work); a missing flag; a checkpoint without
+    // the adapter's modules (status 1, one line naming them; no output).
+    let m = merged.to_str().unwrap();
+    assert_one_line_error(
+        &["merge", "--base", b, "--adapter", a, "--out", m],
+        "exists",
+    );
+    assert_one_line_error(&["unmerge", "--base", b, "--out", m], "--adapter");
+    let lone = root.join("lone");
+    std::fs::create_dir_all(&lone).unwrap();
+    save_merged(lone.join("model.safetensors"), &[("head", &other)]).unwrap();
+    let none = root.join("none");
+    let out = elra(&[
+        "merge",
+        "--base",
+        lone.to_str().unwrap(),
+        "--adapter",
+        a,
+        "--out",
+        none.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("elra: merge: ") && err.contains("blk.q") && err.contains("blk.v"),
+        "{err}"
+    );
+    assert!(!none.exists());
+    let _ = std::fs::remove_dir_all(&root);
 }

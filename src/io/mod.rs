@@ -1,5 +1,6 @@
 //! Adapter files: `adapter_model.safetensors` + `adapter_config.json` in one directory, the
-//! layout of Hugging Face PEFT, and merged-weight export.
+//! layout of Hugging Face PEFT, merged-weight export, and the streaming merge of a safetensors
+//! checkpoint ([`checkpoint`]).
 //!
 //! - **LoRA** directories follow PEFT exactly: tensors `base_model.model.<module>.lora_A.weight`
 //!   (r×in) and `base_model.model.<module>.lora_B.weight` (out×r), config with `peft_type:
@@ -20,6 +21,7 @@
 
 pub mod adapter_file;
 pub mod atomic;
+pub mod checkpoint;
 pub mod convert;
 
 pub use adapter_file::{
@@ -27,3 +29,4 @@ pub use adapter_file::{
     ModuleWeights, TargetModules, CONFIG_FILE, ELRA_FORMAT_VERSION, WEIGHTS_FILE,
 };
 pub use atomic::{check_files, write_files_atomically, write_files_in};
+pub use checkpoint::{merge_checkpoint, Checkpoint, Direction, MergeReport};

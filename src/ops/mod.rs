@@ -710,6 +710,17 @@ pub enum Side {
     Right,
 }
 
+impl Side {
+    /// The shape of the weight the generator of `op` multiplies on this side: d×k on the left,
+    /// k×d on the right.
+    pub fn shape(self, op: &ElraOp) -> (usize, usize) {
+        match self {
+            Side::Left => (op.d, op.k),
+            Side::Right => (op.k, op.d),
+        }
+    }
+}
+
 /// The merged weight `exp(G) W = W + A (M (C W))` (eq. 30; pass `W0` as `w`) into `out`, or
 /// with `inverse` the unmerge `exp(−G) W = W + A (φ1(−Z) (−C W))` (Prop. 3 with Prop. 1); with
 /// [`Side::Right`] the same on the right, `W exp(±G) = W + ((W A) φ1(±Z)) (±C)` (App. B).
@@ -725,51 +736,70 @@ pub fn merge<T: Real>(
     side: Side,
     out: &mut StridedMut<'_, T>,
 ) -> Result<()> {
-    let (d, k, r) = (op.d, op.k, op.r);
-    let (rows, cols) = match side {
-        Side::Left => (d, k),
-        Side::Right => (k, d),
-    };
+    let (rows, cols) = side.shape(op);
     check_shape("w", &w, rows, cols)?;
     check_shape_mut("out", out, rows, cols)?;
     check_finite_strided("w", &w)?;
-    let ev = Eval::new(op, g, spec, d)?;
-    let c = if inverse { -&ev.c } else { ev.c.clone() };
-    let m = phi1(&(&c * &ev.a))?;
-    for i in 0..rows {
-        for j in 0..cols {
+    for i in 0..out.shape().0 {
+        for j in 0..out.shape().1 {
             *out.at_mut(i, j) = w.at(i, j);
         }
     }
+    merge_in_place(op, g, spec, inverse, side, out)
+}
+
+/// [`merge`] over the weight's own memory: `w ← exp(±G) w` (left, eq. 30 / Prop. 3) or
+/// `w ← w exp(±G)` (right, App. B), with r-sized temporaries only (`C w` is r×k, `w A` k×r), so
+/// merging a checkpoint tensor by tensor needs no second copy of the tensor.
+///
+/// Errors: shapes, non-finite `w`, a φ1 failure, an overflowing result (`w` then holds partial
+/// values).
+pub fn merge_in_place<T: Real>(
+    op: &ElraOp,
+    g: &Generator<'_, T>,
+    spec: &GeneratorSpec,
+    inverse: bool,
+    side: Side,
+    w: &mut StridedMut<'_, T>,
+) -> Result<()> {
+    let (d, k, r) = (op.d, op.k, op.r);
+    let (rows, cols) = side.shape(op);
+    check_shape_mut("w", w, rows, cols)?;
+    if !w.as_ref().all_finite() {
+        return Err(ElraError::NonFinite { arg: "w" });
+    }
+    let ev = Eval::new(op, g, spec, d)?;
+    let c = if inverse { -&ev.c } else { ev.c.clone() };
+    let m = phi1(&(&c * &ev.a))?;
     match side {
         Side::Left => {
-            // K = M (C W) (r×k); out = W + A K.
+            // K = M (C W) (r×k); W += A K.
             let mut p = DMatrix::zeros(r, k);
             gemm_strided_par(
                 &mut StridedMut::of(&mut p),
                 T::one(),
                 view(&c),
-                w,
+                w.as_ref(),
                 T::zero(),
             );
             let kk = &m * &p;
-            gemm_strided_par(out, T::one(), view(&ev.a), view(&kk), T::one());
+            gemm_strided_par(w, T::one(), view(&ev.a), view(&kk), T::one());
         }
         Side::Right => {
-            // Q = (W A) M (k×r); out = W + Q C.
+            // Q = (W A) M (k×r); W += Q C.
             let mut wa = DMatrix::zeros(k, r);
             gemm_strided_par(
                 &mut StridedMut::of(&mut wa),
                 T::one(),
-                w,
+                w.as_ref(),
                 view(&ev.a),
                 T::zero(),
             );
             let q = &wa * &m;
-            gemm_strided_par(out, T::one(), view(&q), view(&c), T::one());
+            gemm_strided_par(w, T::one(), view(&q), view(&c), T::one());
         }
     }
-    check_output(if inverse { "w0" } else { "w_new" }, out)
+    check_output(if inverse { "w0" } else { "w_new" }, w)
 }
 
 /// The penalty `E = λ‖G‖²_F` of the step's generator (eq. 20–21, from r×r Grams) and, when

@@ -7,12 +7,16 @@
 //!   checked against the dense nalgebra oracle, printed as a table.
 //! - `elra expressivity <linear|fnn|tfn|all>`: the App. G experiments of the expressive-power paper
 //!   (`--ranks` runs a shard of the ranks; `elra expressivity merge CSV...` joins shards).
+//! - `elra merge` / `elra unmerge --base DIR --adapter DIR --out DIR`: an adapter directory (ELRA
+//!   or PEFT LoRA) merged into, or taken out of, a safetensors checkpoint, streamed tensor by
+//!   tensor (`elra::io::checkpoint`).
 //!
 //! Every numeric flag has a range (the [`Range`] constants, printed by `elra help`); a value
 //! outside it, a value that does not parse, an unknown, repeated or valueless flag, a repeated
 //! method or rank, or an output in the way ends the command with status 2 and one line on stderr
 //! starting `elra: ` — before any work is done. Outputs are written as sets (both files or
 //! neither, no temporaries left: `elra_lab::output`).
+use elra::io::{merge_checkpoint, Direction};
 use elra::train::fit::{fit_with_progress, FitMethod, FitOptions};
 use elra_lab::fit_output::{check_fit_outputs, write_fit_outputs};
 use elra_lab::runner::{merge_csvs, run_cli, CliOpts};
@@ -68,6 +72,8 @@ USAGE:
     elra expressivity <linear|fnn|tfn|all> [--quick] [--seed S] [--out DIR] [--iterations N]
                [--threads T] [--ranks R1,R2,..]
     elra expressivity merge CSV... [--out DIR]
+    elra merge --base DIR --adapter DIR --out DIR [--no-progress]
+    elra unmerge --base DIR --adapter DIR --out DIR [--no-progress]
     elra help
 
 With no subcommand, `elra` runs `fit` with its defaults. `--methods` takes a comma-separated
@@ -75,6 +81,13 @@ list of lora, elra, elra-psd, elra-hyb, elra-hyb-ga, elra-double (default: the f
 `expressivity --ranks` runs only those ranks (a shard: rows depend only on seed, setting and
 rank); `expressivity merge` joins the shards' mse_vs_rank.csv files into one CSV, plot and
 summary per setting.
+
+`merge` writes a new checkpoint directory --out (which must not exist) holding --base's
+safetensors checkpoint (model.safetensors, or shards with model.safetensors.index.json) with
+the adapter directory --adapter (ELRA: exp(G) W0; PEFT LoRA: W0 + s·BA) applied to every
+`<module>.weight` it names, in each tensor's dtype; `unmerge` applies the inverse (exp(−G) W,
+W − s·BA). Other tensors and files are copied (weight files of other formats are not); the
+output appears complete or not at all. Memory stays near the largest adapted tensor.
 
 FLAGS (numbers are whole numbers; ranges include both ends):
     --seed S          {seed} (defaults: fit 0, verify 2024, expressivity 0)
@@ -93,7 +106,9 @@ FLAGS (numbers are whole numbers; ranges include both ends):
 
 A flag may be given once, as `--flag value` or `--flag=value`. Bad arguments, or an output
 file in the way (a directory called loss.csv, say), end with status 2 and one line on stderr,
-before any work; a failing claim (verify) or a loss that did not fall (fit) ends with status 1.
+before any work; a failing claim (verify), a loss that did not fall (fit) or a checkpoint or
+adapter that cannot be merged (merge, unmerge: one `elra: ` line naming every problem found)
+ends with status 1.
 Output files are replaced as a set: all of them or none.",
         seed = r(&SEED),
         steps = r(&STEPS),
@@ -396,6 +411,86 @@ fn expressivity(flags: &Flags) -> Result<bool, String> {
     Ok(true)
 }
 
+/// `elra merge` / `elra unmerge`: the streaming checkpoint merge of `elra::io::checkpoint`.
+fn merge(flags: &Flags, direction: Direction) -> Result<bool, String> {
+    let verb = match direction {
+        Direction::Merge => "merge",
+        Direction::Unmerge => "unmerge",
+    };
+    if let Some(p) = flags.positional.first() {
+        return Err(format!("{verb} takes no positional argument, got {p:?}"));
+    }
+    let need = |name: &str| match flags.str(name) {
+        None => Err(format!("{verb} needs --{name} DIR")),
+        Some(_) => flags.path(name, ""),
+    };
+    let (base, adapter, out) = (need("base")?, need("adapter")?, need("out")?);
+    if std::fs::symlink_metadata(&out).is_ok() {
+        return Err(format!(
+            "--out {} exists; {verb} writes a new directory",
+            out.display()
+        ));
+    }
+    let bar = if flags.switch("no-progress") {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    bar.set_message(verb);
+    let start = std::time::Instant::now();
+    let result = merge_checkpoint(&base, &adapter, &out, direction, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("elra: {verb}: {e}");
+            return Ok(false);
+        }
+    };
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "{verb}d {} of {} tensors ({} shard{}, {:.1} MiB of tensors; largest adapted {:.1} MiB) \
+         into {} in {:.2} s",
+        report.adapted,
+        report.tensors,
+        report.shards,
+        if report.shards == 1 { "" } else { "s" },
+        mib(report.bytes),
+        mib(report.largest_adapted_bytes),
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    if !report.skipped_files.is_empty() {
+        println!(
+            "not copied (weights of another format, unmerged): {}",
+            report.skipped_files.join(", ")
+        );
+    }
+    if let Some(kib) = peak_rss_kib() {
+        println!("peak resident memory: {:.1} MiB", kib as f64 / 1024.0);
+    }
+    Ok(true)
+}
+
+/// The process's peak resident set (`VmHWM` of `/proc/self/status`), where Linux reports it.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+const MERGE: Spec = Spec {
+    values: &["base", "adapter", "out"],
+    switches: &["no-progress"],
+};
 const FIT: Spec = Spec {
     values: &["steps", "seed", "width", "depth", "methods", "out"],
     switches: &["no-progress"],
@@ -429,6 +524,8 @@ fn main() -> ExitCode {
         "verify" => Flags::parse(rest, &VERIFY).and_then(|f| verify(&f)),
         "fit" => Flags::parse(rest, &FIT).and_then(|f| fit(&f)),
         "expressivity" => Flags::parse(rest, &EXPRESSIVITY).and_then(|f| expressivity(&f)),
+        "merge" => Flags::parse(rest, &MERGE).and_then(|f| merge(&f, Direction::Merge)),
+        "unmerge" => Flags::parse(rest, &MERGE).and_then(|f| merge(&f, Direction::Unmerge)),
         other => Err(format!("unknown subcommand {other:?}\n\n{}", usage())),
     };
     match result {
