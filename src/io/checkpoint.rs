@@ -438,16 +438,17 @@ fn is_weights_file(name: &str) -> bool {
 
 /// Matches every adapter module to its tensor `<module>.weight` and checks shape and dtype; all
 /// problems are reported together.
-fn plan(ck: &Checkpoint, adapter: &AdapterFile<f64>) -> Result<BTreeMap<String, Edit>> {
+fn plan(ck: &Checkpoint, adapter: AdapterFile<f64>) -> Result<BTreeMap<String, Edit>> {
+    let AdapterFile { config, modules } = adapter;
     let by_name: BTreeMap<&str, &TensorInfo> =
         ck.tensors().map(|(_, t)| (t.name.as_str(), t)).collect();
     let mut edits = BTreeMap::new();
     let mut missing = Vec::new();
     let mut wrong = Vec::new();
-    for (module, weights) in &adapter.modules {
+    for (module, weights) in modules {
         let key = format!("{module}.weight");
         let Some(t) = by_name.get(key.as_str()) else {
-            missing.push(module.clone());
+            missing.push(module);
             continue;
         };
         if !matches!(t.dtype.as_str(), "F32" | "F16" | "BF16" | "F64") {
@@ -464,7 +465,7 @@ fn plan(ck: &Checkpoint, adapter: &AdapterFile<f64>) -> Result<BTreeMap<String, 
                 continue;
             }
         };
-        let edit = match (&adapter.config, weights) {
+        let edit = match (&config, weights) {
             (FileConfig::Elra(c), ModuleWeights::Elra { a, b, eta }) => {
                 if a.nrows() != rows {
                     wrong.push(format!(
@@ -477,9 +478,9 @@ fn plan(ck: &Checkpoint, adapter: &AdapterFile<f64>) -> Result<BTreeMap<String, 
                 }
                 Edit::Elra {
                     variant: c.generator.variant,
-                    a: a.clone(),
-                    b: b.clone(),
-                    eta: *eta,
+                    a,
+                    b,
+                    eta,
                     spec: c.generator.spec_at(c.step),
                 }
             }
@@ -503,9 +504,9 @@ fn plan(ck: &Checkpoint, adapter: &AdapterFile<f64>) -> Result<BTreeMap<String, 
                     continue;
                 }
                 Edit::Lora {
-                    lora_a: lora_a.clone(),
-                    lora_b: lora_b.clone(),
-                    scale: c.scaling_for(module),
+                    lora_a,
+                    lora_b,
+                    scale: c.scaling_for(&module),
                     transposed: c.fan_in_fan_out,
                 }
             }
@@ -849,7 +850,7 @@ pub fn merge_checkpoint(
         ..LoadLimits::default()
     };
     let adapter = AdapterFile::<f64>::load_with(adapter, &limits)?;
-    let edits = plan(&ck, &adapter)?;
+    let edits = plan(&ck, adapter)?;
     let name = out
         .file_name()
         .ok_or_else(|| ElraError::invalid("out", "the output needs a directory name"))?
