@@ -39,6 +39,11 @@
 //! The penalty `λ‖G‖²_F` (eq. 20–21) is a separate operation ([`energy`]): forward and backward
 //! above never include it, so an engine adds it to its loss once.
 //!
+//! # Many adapters in one batch
+//! [`multi_forward`] serves a set of adapters of one layer (ELRA of any variant and step, LoRA;
+//! ranks may differ) over one batch whose rows each select one: the frozen GEMM once, the
+//! rank-r parts grouped by adapter (see [`multi_forward`]).
+//!
 //! Every input is checked finite ([`ElraError::NonFinite`] names it) and every output after:
 //! finite inputs with a non-finite result are [`ElraError::Overflow`]. The small inputs are
 //! scanned first; `W0`, `X`, `∂Y` and `u` through the first product that reads each (`P = C W0`,
@@ -51,6 +56,9 @@
 //! the caller's buffers.
 
 use nalgebra::DMatrix;
+
+mod multi;
+pub use multi::{multi_forward, multi_workspace_len, MultiAdapter, MULTI_ROWS};
 
 use crate::adapter::{GeneratorSpec, Variant};
 use crate::grad::generator::{energy_backward, FactorChain, FactorGrad};
