@@ -247,7 +247,9 @@ fn f32_matches_f64_and_an_empty_set_is_the_base() {
     let index: Vec<i32> = (0..n).map(|i| (i % 9) as i32 - 1).collect();
     let y64 = run(&set, &w0, &[0.0; 24], &index, &x).unwrap();
     let c = |m: &DMatrix<f64>| m.map(|v| v as f32);
-    let set32: Vec<(Option<DMatrix<f32>>, DMatrix<f32>, Option<DMatrix<f32>>)> = set
+    // (LoRA's A, ELRA's A or LoRA's B, ELRA's B) in f32.
+    type Factors32 = (Option<DMatrix<f32>>, DMatrix<f32>, Option<DMatrix<f32>>);
+    let set32: Vec<Factors32> = set
         .iter()
         .map(|s| match s {
             Spec::Elra { a, b, .. } => (None, c(a), b.as_ref().map(c)),
