@@ -446,6 +446,49 @@ typedef struct {
   double lambda;
 } ElraOpStep;
 
+/**
+ * One adapter of a layer's set for [`elra_op_multi_forward_f64`]. `variant` is an
+ * [`super::super::ElraVariant`] value: general, PSD or Hyb (ELRA: `A` d×r, `B` r×d or NULL for
+ * PSD, `eta` the trained η, `step` the settings of its step from [`super::elra_schedule_at`]),
+ * or LoRA (`a` = `lora_A` r×k, `b` = `lora_B` d×r, `eta` the scaling `s = lora_alpha/r`,
+ * `step` ignored). `a` and `b` point to row-major matrices of the call's element type with
+ * leading dimensions `ld_a`, `ld_b`.
+ */
+typedef struct {
+  /**
+   * An `ElraVariant` value.
+   */
+  uint32_t variant;
+  /**
+   * Rank r.
+   */
+  size_t r;
+  /**
+   * ELRA's `A` (d×r) or LoRA's `lora_A` (r×k).
+   */
+  const void *a;
+  /**
+   * Leading dimension of `a`.
+   */
+  size_t ld_a;
+  /**
+   * ELRA's `B` (r×d; NULL for PSD) or LoRA's `lora_B` (d×r).
+   */
+  const void *b;
+  /**
+   * Leading dimension of `b`.
+   */
+  size_t ld_b;
+  /**
+   * ELRA: the trained η > 0; LoRA: the scaling s.
+   */
+  double eta;
+  /**
+   * ELRA: α, η multiplier, τ of the adapter's step (λ unused); LoRA: ignored.
+   */
+  ElraOpStep step;
+} ElraMultiAdapter;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -1984,6 +2027,71 @@ ElraStatus elra_op_energy_f32(const ElraOpDesc *desc,
                               size_t ld_db,
                               float *deta,
                               uint32_t accumulate);
+
+/**
+ * The workspace, in values of the call's type, of a multi-adapter forward of `n` rows of a d×k
+ * layer whose largest adapter rank is `max_r` ([`crate::ops::multi_workspace_len`]).
+ *
+ * # Safety
+ * `workspace_len` must point to a writable `size_t`.
+ */
+ElraStatus elra_op_multi_workspace(size_t n,
+                                   size_t d,
+                                   size_t k,
+                                   size_t max_r,
+                                   size_t *workspace_len);
+
+/**
+ * Many adapters of one layer in one batch, f64 ([`crate::ops::multi_forward`]): row `i` of
+ * `x` (n×k) goes through adapter `index[i]` of `adapters` (`count` descriptions; `−1`: the base
+ * layer alone), `y_i = x_i W0ᵀ + bias + Δ_{index[i]}(x_i)` into `y` (n×d), with ELRA's
+ * `Δ(x) = ((u Cᵀ) φ1(C A)ᵀ) Aᵀ`, `u = x W0ᵀ` (eq. 3, eq. 5 on the base output, Prop. 1) and
+ * LoRA's `Δ(x) = s (x Aᵀ) Bᵀ`. The frozen GEMM runs once for the batch; the adapters' rows are
+ * grouped by adapter. `w0` is d×k, `bias` d values or NULL; `workspace` holds `workspace_len`
+ * values ([`elra_op_multi_workspace`]). Forward only (inference). An index outside the set,
+ * an adapter's bad description (named by its number) or a non-finite input is an error.
+ *
+ * # Safety
+ * Every non-NULL pointer must cover its described layout, readable (inputs) or writable
+ * (outputs), for the duration of the call; `adapters` holds `count` descriptions.
+ */
+ElraStatus elra_op_multi_forward_f64(const ElraMultiAdapter *adapters,
+                                     size_t count,
+                                     const int32_t *index,
+                                     size_t n,
+                                     const double *w0,
+                                     size_t ld_w0,
+                                     size_t d,
+                                     size_t k,
+                                     const double *bias,
+                                     const double *x,
+                                     size_t ld_x,
+                                     double *y,
+                                     size_t ld_y,
+                                     double *workspace,
+                                     size_t workspace_len);
+
+/**
+ * [`elra_op_multi_forward_f64`] for f32 (the factors `a`, `b` of every adapter are f32 too).
+ *
+ * # Safety
+ * As [`elra_op_multi_forward_f64`].
+ */
+ElraStatus elra_op_multi_forward_f32(const ElraMultiAdapter *adapters,
+                                     size_t count,
+                                     const int32_t *index,
+                                     size_t n,
+                                     const float *w0,
+                                     size_t ld_w0,
+                                     size_t d,
+                                     size_t k,
+                                     const float *bias,
+                                     const float *x,
+                                     size_t ld_x,
+                                     float *y,
+                                     size_t ld_y,
+                                     float *workspace,
+                                     size_t workspace_len);
 
 #ifdef __cplusplus
 }  // extern "C"

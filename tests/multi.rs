@@ -8,7 +8,6 @@
 #[path = "common/strided.rs"]
 mod strided;
 
-use strided::{rand, read, rel, rows, GAP};
 use elra::adapter::{GeneratorConfig, Variant};
 use elra::grad::ops::{Op, Strided, StridedMut};
 use elra::ops::{
@@ -19,6 +18,7 @@ use nalgebra::DMatrix;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use strided::{rand, read, rel, rows, GAP};
 
 /// The factors of one test adapter (f64), with what it is.
 enum Spec {
@@ -383,4 +383,186 @@ fn bad_indices_and_adapters_are_typed_errors() {
         ),
         "{e}"
     );
+}
+
+/// The last error message of this thread (C ABI).
+fn last_error() -> String {
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: a writable local buffer of the stated length.
+    let n = unsafe { elra::capi::elra_last_error_message(buf.as_mut_ptr().cast(), buf.len()) };
+    String::from_utf8_lossy(&buf[..n.min(buf.len() - 1)]).into_owned()
+}
+
+#[test]
+fn the_c_abi_gives_the_rust_result_and_refuses_bad_calls() {
+    use elra::capi::{
+        elra_op_multi_forward_f64, elra_op_multi_workspace, ElraMultiAdapter, ElraOpStep,
+        ElraStatus,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let (n, d, k) = (70, 12, 10);
+    let set = adapter_set(&mut rng, 9, d, k);
+    let w0 = rand(&mut rng, d, k, 0.4);
+    let x = rand(&mut rng, n, k, 1.0);
+    let bias: Vec<f64> = (0..d).map(|j| 0.1 * j as f64).collect();
+    let index: Vec<i32> = (0..n).map(|i| ((i * 5) % 10) as i32 - 1).collect();
+    let want = run(&set, &w0, &bias, &index, &x).unwrap();
+    // Row-major copies of every factor, kept alive for the call.
+    let rm = |m: &DMatrix<f64>| rows(m, m.ncols());
+    let bufs: Vec<(Vec<f64>, Option<Vec<f64>>)> = set
+        .iter()
+        .map(|s| match s {
+            Spec::Elra { a, b, .. } => (rm(a), b.as_ref().map(rm)),
+            Spec::Lora { a, b, .. } => (rm(a), Some(rm(b))),
+        })
+        .collect();
+    let descs: Vec<ElraMultiAdapter> = set
+        .iter()
+        .zip(&bufs)
+        .map(|(s, (a, b))| {
+            let b_ptr = b.as_ref().map_or(std::ptr::null(), |b| b.as_ptr().cast());
+            match s {
+                Spec::Elra {
+                    variant,
+                    a: am,
+                    eta,
+                    step,
+                    ..
+                } => {
+                    let sp = config(*variant).spec_at(*step);
+                    ElraMultiAdapter {
+                        variant: match variant {
+                            Variant::General => 0,
+                            Variant::Psd => 1,
+                            Variant::Hyb => 2,
+                        },
+                        r: am.ncols(),
+                        a: a.as_ptr().cast(),
+                        ld_a: am.ncols(),
+                        b: b_ptr,
+                        ld_b: d,
+                        eta: *eta,
+                        step: ElraOpStep {
+                            alpha: sp.alpha,
+                            eta_mult: sp.eta_mult,
+                            tau: sp.tau.unwrap_or(0.0),
+                            lambda: sp.lambda,
+                        },
+                    }
+                }
+                Spec::Lora { a: am, scale, .. } => ElraMultiAdapter {
+                    variant: 3,
+                    r: am.nrows(),
+                    a: a.as_ptr().cast(),
+                    ld_a: k,
+                    b: b_ptr,
+                    ld_b: am.nrows(),
+                    eta: *scale,
+                    step: ElraOpStep {
+                        alpha: 0.0,
+                        eta_mult: 1.0,
+                        tau: 0.0,
+                        lambda: 0.0,
+                    },
+                },
+            }
+        })
+        .collect();
+    let mut wl = 0;
+    // SAFETY: a writable local.
+    let s = unsafe { elra_op_multi_workspace(n, d, k, 9, &mut wl) };
+    assert_eq!(
+        (s, wl),
+        (
+            ElraStatus::ELRA_OK,
+            multi_workspace_len(n, d, k, 9).unwrap()
+        )
+    );
+    let (w0s, xs) = (rm(&w0), rm(&x));
+    let mut ws = vec![0.0; wl];
+    let call =
+        |descs: &[ElraMultiAdapter], index: &[i32], y: &mut [f64], x: &[f64], ws: &mut [f64]| {
+            // SAFETY: every pointer is a live local covering its described layout (or the call
+            // is expected to refuse it before reading).
+            unsafe {
+                elra_op_multi_forward_f64(
+                    descs.as_ptr(),
+                    descs.len(),
+                    index.as_ptr(),
+                    n,
+                    w0s.as_ptr(),
+                    k,
+                    d,
+                    k,
+                    bias.as_ptr(),
+                    x.as_ptr(),
+                    k,
+                    y.as_mut_ptr(),
+                    d,
+                    ws.as_mut_ptr(),
+                    ws.len(),
+                )
+            }
+        };
+    let mut y = vec![0.0; n * d];
+    assert_eq!(
+        call(&descs, &index, &mut y, &xs, &mut ws),
+        ElraStatus::ELRA_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(DMatrix::from_row_slice(n, d, &y), want);
+    // An index outside the set, a LoRA adapter with a NULL factor, a short workspace, y over x.
+    let mut bad = index.clone();
+    bad[17] = 9;
+    let mut y2 = vec![7.0; n * d];
+    assert_eq!(
+        call(&descs, &bad, &mut y2, &xs, &mut ws),
+        ElraStatus::ELRA_INVALID_ARGUMENT
+    );
+    assert!(last_error().contains("row 17"), "{}", last_error());
+    let mut broken = descs.clone();
+    broken[3].b = std::ptr::null();
+    assert_ne!(
+        call(&broken, &index, &mut y2, &xs, &mut ws),
+        ElraStatus::ELRA_OK
+    );
+    assert!(last_error().contains("adapter 3"), "{}", last_error());
+    broken = descs.clone();
+    broken[0].variant = 9;
+    assert_ne!(
+        call(&broken, &index, &mut y2, &xs, &mut ws),
+        ElraStatus::ELRA_OK
+    );
+    assert!(last_error().contains("adapter 0"), "{}", last_error());
+    assert_eq!(
+        call(&descs, &index, &mut y2, &xs, &mut ws[..wl - 1]),
+        ElraStatus::ELRA_INVALID_ARGUMENT
+    );
+    assert!(y2.iter().all(|&v| v == 7.0), "y written by a refused call");
+    let mut xy = vec![0.0; n * d.max(k)];
+    xy[..xs.len()].copy_from_slice(&xs);
+    let xc = xy.clone();
+    // SAFETY: x and y share `xy`: the library must refuse before writing.
+    let s = unsafe {
+        elra_op_multi_forward_f64(
+            descs.as_ptr(),
+            descs.len(),
+            index.as_ptr(),
+            n,
+            w0s.as_ptr(),
+            k,
+            d,
+            k,
+            std::ptr::null(),
+            xy.as_ptr(),
+            k,
+            xy.as_mut_ptr(),
+            d,
+            ws.as_mut_ptr(),
+            wl,
+        )
+    };
+    assert_eq!(s, ElraStatus::ELRA_INVALID_ARGUMENT);
+    assert_eq!(xy, xc);
 }

@@ -19,6 +19,11 @@ use crate::ElraError;
 
 mod buffers;
 mod calls;
+mod multi;
+
+pub use multi::{
+    elra_op_multi_forward_f32, elra_op_multi_forward_f64, elra_op_multi_workspace, ElraMultiAdapter,
+};
 
 #[cfg_attr(not(feature = "cuda"), allow(unused_imports))]
 pub(super) use buffers::flag;
