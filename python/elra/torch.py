@@ -10,7 +10,8 @@ float32 or float64 go through the functional C ABI on host memory (``elra_op_*``
 saved values and the workspace allocated by torch. The ops are registered with ``torch.library``
 (fake kernels for ``torch.compile``/``opcheck``, autograd formulas from elra's reverse mode).
 
-Three ops carry the computation (all on 2-D row-major tensors):
+Three ops carry the computation (all on 2-D row-major tensors), and a fourth serves many adapters
+at once (``elra::multi_forward``, :class:`ElraMultiLinear`, inference):
 
 * ``elra::delta(x, w0, a, b, eta, step, dropout, cfg) -> (delta, saved)`` — the increment
   ``Δ(x) = D∘(((x Pᵀ) φ1(Z)ᵀ) Aᵀ)``, ``P = C W0`` (eq. 5 reassociated, Prop. 1). The frozen
@@ -64,6 +65,10 @@ __all__ = [
     "layers",
     "saved_bytes",
     "ga_initialise",
+    "ElraMultiLinear",
+    "inject_multi",
+    "set_adapter_index",
+    "multi_layers",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +116,23 @@ for _dt, _sx in _SUFFIX.items():
         [_pdesc, _pstep, _vp, _sz, _vp, _sz, _s, _vp, _sz, _u32, _u32, _vp, _sz])
     getattr(lib, f"elra_op_energy_{_sx}").argtypes = (
         [_pdesc, _pstep, _vp, _sz, _vp, _sz, _s, _vp, _vp, _sz, _vp, _sz, _vp, _u32])
+
+
+class MultiAdapterDesc(ctypes.Structure):
+    """``ElraMultiAdapter`` of ``elra.h``."""
+
+    _fields_ = [("variant", ctypes.c_uint32), ("r", ctypes.c_size_t), ("a", ctypes.c_void_p),
+                ("ld_a", ctypes.c_size_t), ("b", ctypes.c_void_p), ("ld_b", ctypes.c_size_t),
+                ("eta", ctypes.c_double), ("step", OpStep)]
+
+
+lib.elra_op_multi_workspace.argtypes = [_sz, _sz, _sz, _sz, ctypes.POINTER(_sz)]
+lib.elra_op_multi_workspace.restype = ctypes.c_int
+for _sx in ("f32", "f64"):
+    _f = getattr(lib, f"elra_op_multi_forward_{_sx}")
+    _f.argtypes = [ctypes.POINTER(MultiAdapterDesc), _sz, _vp, _sz, _vp, _sz, _sz, _sz, _vp, _vp,
+                   _sz, _vp, _sz, _vp, _sz]
+    _f.restype = ctypes.c_int
 for _f in ["elra_schedule_at", "elra_op_sizes"] + [
     f"elra_op_{op}_{sx}" for op in ["forward", "backward", "forward_out", "backward_out", "merge",
                                     "energy"] for sx in ("f32", "f64")
@@ -1138,3 +1160,235 @@ def ga_initialise(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], lo
             m.A.copy_(u[:, : m.r].to(m.A.dtype))
             m.B.copy_((-(sv[: m.r] / sv[0])[:, None] * vh[: m.r]).to(m.B.dtype))
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Many adapters in one batch (serving)
+# ---------------------------------------------------------------------------------------------
+
+#: Values per adapter in the packed ``meta`` of ``elra::multi_forward``: ElraVariant value (3 =
+#: LoRA), η (LoRA: the scaling s), α, η multiplier, τ, λ.
+_META = 6
+
+
+@torch.library.custom_op("elra::multi_forward", mutates_args=())
+def multi_forward(x: Tensor, w0: Tensor, bias: Optional[Tensor], index: Tensor, a: List[Tensor],
+                  b: List[Optional[Tensor]], meta: List[float]) -> Tensor:
+    """Row ``i`` of ``x`` (n×k) through adapter ``index[i]`` (int32, −1: the base alone):
+    ``y_i = x_i W0ᵀ + bias + Δ_{index[i]}(x_i)`` (``elra_op_multi_forward``: ELRA's
+    ``((u Cᵀ) φ1(CA)ᵀ) Aᵀ`` on ``u = x W0ᵀ``, eq. 3/5 and Prop. 1; LoRA's ``s (x Aᵀ) Bᵀ``). The
+    frozen GEMM runs once; the rows are grouped by adapter. Forward only (inference)."""
+    if x.is_cuda:
+        raise NotImplementedError("elra: the multi-adapter forward runs on CPU tensors (its GPU "
+                                  "path is not written yet)")
+    _check("x", x, ndim=2)
+    dt = x.dtype
+    n, k = x.shape
+    _check("w0", w0, dt, ndim=2)
+    d = w0.shape[0]
+    _check("w0", w0, dt, (d, k))
+    if bias is not None:
+        _check("bias", bias, dt, (d,))
+    if index.dtype != torch.int32 or index.shape != (n,) or index.device.type != "cpu":
+        raise ValueError(f"elra: `index` must be a CPU int32 tensor of shape ({n},), got "
+                         f"{index.dtype} {tuple(index.shape)} on {index.device}")
+    count = len(a)
+    if len(b) != count or len(meta) != _META * count:
+        raise ValueError("elra: `a`, `b` and `meta` must describe the same adapters")
+    x, w0, index = x.contiguous(), w0.contiguous(), index.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    descs = (MultiAdapterDesc * max(count, 1))()
+    keep = []
+    max_r = 0
+    for i in range(count):
+        v, eta, alpha, mult, tau, lam = meta[_META * i:_META * (i + 1)]
+        ai = a[i].contiguous()
+        bi = b[i].contiguous() if b[i] is not None else None
+        for name, t in (("a", ai), ("b", bi)):
+            if t is not None:
+                _check(f"{name}[{i}]", t, dt, ndim=2)
+        keep += [ai, bi]
+        lora = int(v) == VARIANTS["lora"]
+        r = ai.shape[0] if lora else ai.shape[1]
+        max_r = max(max_r, r)
+        descs[i] = MultiAdapterDesc(int(v), r, ai.data_ptr(), ai.shape[1], _p(bi),
+                                    bi.shape[1] if bi is not None else 0, float(eta),
+                                    OpStep(alpha, mult, tau, lam))
+    wl = _sz()
+    check(lib.elra_op_multi_workspace(n, d, k, max_r, ctypes.byref(wl)))
+    y = x.new_empty((n, d))
+    ws = x.new_empty((max(wl.value, 1),))
+    check(getattr(lib, f"elra_op_multi_forward_{_SUFFIX[dt]}")(
+        descs, count, index.data_ptr(), n, w0.data_ptr(), k, d, k, _p(bias), x.data_ptr(), k,
+        y.data_ptr(), d, ws.data_ptr(), wl.value))
+    return y
+
+
+@multi_forward.register_fake
+def _(x, w0, bias, index, a, b, meta):
+    return x.new_empty((x.shape[0], w0.shape[0]))
+
+
+class ElraMultiLinear(nn.Module):
+    """A frozen ``nn.Linear`` serving many adapters at once (inference): each row of a batch
+    selects one adapter (ELRA general/PSD/Hyb at its own step, or LoRA; ranks may differ) or
+    ``−1`` for the base layer alone. The frozen GEMM runs once for the whole batch and the
+    adapters' rank-r work is grouped by adapter (``elra::multi_forward``).
+
+    Adapters are added from trained :class:`ElraLinear` layers on the same base
+    (:meth:`add`) or from adapter directories (:meth:`add_file`); their tensors are buffers (no
+    gradients). The per-row choice is ``forward(x, index)`` or, for a whole model,
+    :func:`set_adapter_index`. ``slots`` maps a model-wide adapter number to this layer's
+    adapter (``−1`` where that adapter does not touch this layer)."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"elra: ElraMultiLinear needs an nn.Linear base, got "
+                            f"{type(base).__name__}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.d, self.k = base.out_features, base.in_features
+        self.meta: List[float] = []
+        self.count = 0
+        self.slots: List[int] = []
+        self.register_buffer("adapter_index", None, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, k={self.k}, adapters={self.count}"
+
+    def _push(self, variant: int, a: Tensor, b: Optional[Tensor], eta: float, st: OpStep) -> int:
+        dt = self.base.weight.dtype
+        i = self.count
+        self.register_buffer(f"a{i}", a.detach().to(dt).clone())
+        self.register_buffer(f"b{i}", None if b is None else b.detach().to(dt).clone())
+        self.meta += [float(variant), float(eta), st.alpha, st.eta_mult, st.tau, st.lambda_]
+        self.count += 1
+        return i
+
+    @torch.no_grad()
+    def add(self, layer: "ElraLinear") -> int:
+        """Adds the adapter of a trained :class:`ElraLinear` (single-sided ELRA or LoRA) on a
+        base of the same shape, at its current step; returns its number in this layer."""
+        if (layer.d, layer.k) != (self.d, self.k):
+            raise ValueError(f"elra: the adapter is {layer.d}×{layer.k}, this layer "
+                             f"{self.d}×{self.k}")
+        if layer.variant == "lora":
+            return self._push(VARIANTS["lora"], layer.lora_A, layer.lora_B, layer.scaling,
+                              OpStep(0.0, 1.0, 0.0, 0.0))
+        if layer.variant == "double":
+            raise ValueError("elra: double-sided adapters are not served by ElraMultiLinear")
+        st = _step(layer.cfg, layer.step, self.d, self.k, layer.r)
+        return self._push(int(layer.cfg[0]), layer.A, layer.B, float(layer.log_eta.exp()), st)
+
+    def add_file(self, directory, module: str) -> int:
+        """Adds module ``module`` of an adapter directory (ELRA or PEFT LoRA, PEFT layout) at
+        the step it was saved with; returns its number in this layer."""
+        from . import Adapter
+        import numpy as np
+
+        ad = Adapter.load(directory, module, np.zeros((self.d, self.k)))
+        if ad.variant == "lora":
+            scale = ad.config.lora_alpha / ad.r
+            return self._push(VARIANTS["lora"], torch.from_numpy(ad.get("A")),
+                              torch.from_numpy(ad.get("B")), scale, OpStep(0.0, 1.0, 0.0, 0.0))
+        st = OpStep()
+        check(lib.elra_schedule_at(ctypes.byref(ad.config), ad.step, ctypes.byref(st)))
+        b = torch.from_numpy(ad.get("B")) if ad.variant != "psd" else None
+        return self._push(VARIANTS[ad.variant], torch.from_numpy(ad.get("A")), b,
+                          float(ad.get("eta")), st)
+
+    def forward(self, x: Tensor, index: Optional[Tensor] = None) -> Tensor:
+        index = self.adapter_index if index is None else index
+        if index is None:
+            raise ValueError("elra: no adapter index: pass `index` or call set_adapter_index")
+        shape = x.shape
+        if shape[-1] != self.k:
+            raise ValueError(f"elra: `x` must have {self.k} features in its last dimension, "
+                             f"got shape {tuple(shape)}")
+        lead = shape[:-1]
+        if tuple(index.shape) != tuple(lead[:index.dim()]):
+            raise ValueError(f"elra: `index` of shape {tuple(index.shape)} does not lead the "
+                             f"batch shape {tuple(lead)}")
+        idx = index.reshape(tuple(index.shape) + (1,) * (len(lead) - index.dim())).expand(lead)
+        x2 = x.reshape(-1, self.k)
+        a = [getattr(self, f"a{i}") for i in range(self.count)]
+        b = [getattr(self, f"b{i}") for i in range(self.count)]
+        w0 = self.base.weight.to(x2.dtype)
+        bias = None if self.base.bias is None else self.base.bias.to(x2.dtype)
+        y = torch.ops.elra.multi_forward(x2, w0, bias, idx.reshape(-1).to(torch.int32), a, b,
+                                         self.meta)
+        return y.reshape(*lead, self.d)
+
+
+def multi_layers(model: nn.Module) -> List[Tuple[str, ElraMultiLinear]]:
+    """The ``(name, ElraMultiLinear)`` pairs of a model, in ``named_modules`` order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ElraMultiLinear)]
+
+
+def _file_modules(directory) -> set:
+    """The module names an adapter directory holds tensors for (from its safetensors header)."""
+    import json
+    import struct
+
+    path = os.path.join(directory, "adapter_model.safetensors")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:
+            raise ValueError(f"elra: {path}: header of {n} bytes")
+        header = json.loads(f.read(n))
+    mods = set()
+    for key in header:
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(?:lora_A\.weight|elra_A\.weight)", key)
+        if m:
+            mods.add(m.group(1))
+    return mods
+
+
+@torch.no_grad()
+def inject_multi(model: nn.Module, target_modules: Sequence[str], directories) -> nn.Module:
+    """Replaces every ``nn.Linear`` of ``model`` matching ``target_modules`` (PEFT's suffix rule,
+    or ``re:<regex>``) by an :class:`ElraMultiLinear` serving the adapter directories
+    ``directories`` (ELRA or PEFT LoRA): adapter ``i`` of the model is ``directories[i]``; a
+    directory without tensors for a layer leaves that layer's base output unchanged for its rows.
+    Select per row with :func:`set_adapter_index`. Returns ``model``.
+
+    Errors: no module matches, a directory adapts none of the matched modules (``ValueError``)."""
+    names = [n for n, m in model.named_modules() if n and _matches(n, target_modules)
+             and isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"elra: no linear module matches target_modules={list(target_modules)}")
+    held = [_file_modules(d) for d in directories]
+    for d, mods in zip(directories, held):
+        if not mods & set(names):
+            raise ValueError(f"elra: {d} adapts none of the matched modules {names[:5]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = ElraMultiLinear(getattr(parent, child))
+        layer.slots = [layer.add_file(d, name) if name in mods else -1
+                       for d, mods in zip(directories, held)]
+        setattr(parent, child, layer)
+    return model
+
+
+@torch.no_grad()
+def set_adapter_index(model: nn.Module, index: Tensor) -> None:
+    """Selects, per row, the adapter every :class:`ElraMultiLinear` of ``model`` applies:
+    ``index`` (integers, ``−1`` for the base model) of the batch's leading shape or a prefix of
+    it (e.g. one adapter per sequence of a ``(B, T)`` batch). Values outside the model's
+    adapters are errors (``ValueError``)."""
+    index = torch.as_tensor(index)
+    for _, m in multi_layers(model):
+        n = len(m.slots) if m.slots else m.count
+        if index.numel() and (int(index.min()) < -1 or int(index.max()) >= n):
+            raise ValueError(f"elra: adapter index values must lie in −1 … {n - 1}, got "
+                             f"{int(index.min())} … {int(index.max())}")
+        if m.slots:
+            table = torch.tensor([-1] + m.slots, dtype=torch.int32)
+            m.adapter_index = table[index.long() + 1]
+        else:
+            m.adapter_index = index.to(torch.int32)

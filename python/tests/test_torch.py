@@ -509,3 +509,95 @@ def test_hot_swap_into_a_compiled_model_does_not_recompile(tmp_path):
         assert torch.allclose(y_second, fresh(x), rtol=1e-5, atol=1e-6), variant
         assert torch.allclose(y_second, second(x), rtol=1e-5, atol=1e-6), variant
         assert not torch.allclose(y_first, y_second, rtol=1e-3, atol=1e-4), variant
+
+
+def _trained(variant, seed, r=2, step=3, **kw):
+    """An ElraLinear on the seed-0 base with trained-looking adapter values."""
+    torch.manual_seed(0)
+    base = nn.Linear(7, 9).to(F64)
+    kw.setdefault("eta", 0.4)
+    m = et.ElraLinear(base, variant, r=r, total_steps=20, seed=seed, **kw)
+    with torch.no_grad():
+        for i, p in enumerate(q for q in m.parameters() if q.requires_grad):
+            p.add_(0.2 * torch.sin(torch.arange(p.numel(), dtype=F64) * (seed + 1) + i).reshape(p.shape))
+        m.step.fill_(step)
+    return m
+
+
+def test_multi_linear_rows_equal_each_adapter_alone_in_any_order():
+    """Issue 31 §1 in elra.torch: every row of an ElraMultiLinear batch equals the ElraLinear
+    of its adapter on that row (or the base for −1), for ELRA variants at different steps, LoRA
+    and mixed ranks; permuting the rows permutes the output; a 3-D batch takes one index per
+    sequence; bad indices raise."""
+    adapters = [_trained("general", 1), _trained("psd", 2, r=3, step=0), _trained("hyb", 3, step=7),
+                _trained("lora", 4, r=4, lora_alpha=8.0), _trained("hyb", 5, r=1, step=15)]
+    multi = et.ElraMultiLinear(adapters[0].base)
+    assert [multi.add(m) for m in adapters] == [0, 1, 2, 3, 4]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 7, dtype=F64, generator=g)
+    index = torch.randint(-1, 5, (40,), generator=g)
+    index[:6] = torch.tensor([-1, 0, 1, 2, 3, 4])
+    y = multi(x, index)
+    for i in range(40):
+        a = int(index[i])
+        want = adapters[0].base(x[i:i + 1]) if a < 0 else adapters[a](x[i:i + 1])
+        assert torch.allclose(y[i:i + 1], want, rtol=1e-12, atol=1e-13), (i, a)
+    perm = torch.randperm(40, generator=g)
+    assert torch.equal(multi(x[perm], index[perm]), y[perm])
+    x3 = x.reshape(4, 10, 7)
+    seq = torch.tensor([2, -1, 3, 0])
+    y3 = multi(x3, seq)
+    for s in range(4):
+        a = int(seq[s])
+        want = adapters[0].base(x3[s]) if a < 0 else adapters[a](x3[s])
+        assert torch.allclose(y3[s], want, rtol=1e-12, atol=1e-13)
+    with pytest.raises(elra.ElraError, match="row 3"):
+        multi(x, torch.tensor([0, 1, 2, 5] + [0] * 36))
+    with pytest.raises(ValueError, match="index"):
+        multi(x, torch.zeros(39, dtype=torch.long))
+
+
+def test_inject_multi_serves_saved_adapters_per_row_and_compiles_once(tmp_path):
+    """Adapter directories (ELRA general, Hyb and PEFT LoRA, one of them adapting one layer
+    only) injected into one model: each sequence of a batch gets what a model holding only its
+    adapter gives; changing the per-row selection does not recompile a compiled model."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    dirs = []
+    singles = []
+    for i, (variant, targets, kw) in enumerate([("general", ["0", "2"], {}), ("hyb", ["0", "2"], {}),
+                                                ("lora", ["0", "2"], {"lora_alpha": 4.0}),
+                                                ("psd", ["2"], {})]):
+        torch.manual_seed(0)  # one base model for all
+        m = et.inject(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double(),
+                      targets, variant, r=2, eta=0.3, total_steps=10, **kw)
+        with torch.no_grad():
+            for j, p in enumerate(q for q in m.parameters() if q.requires_grad):
+                p.add_(0.1 * torch.cos(torch.arange(p.numel(), dtype=F64) * (i + 2) + j).reshape(p.shape))
+            for _, l in et.layers(m):
+                l.step.fill_(2 * i)
+        et.save_adapter(m, tmp_path / variant)
+        dirs.append(tmp_path / variant)
+        singles.append(m)
+    torch.manual_seed(0)
+    served = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    plain = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    plain.load_state_dict(served.state_dict())
+    et.inject_multi(served, ["0", "2"], dirs)
+    assert [m.slots for _, m in et.multi_layers(served)] == [[0, 1, 2, -1], [0, 1, 2, 3]]
+    x = torch.randn(5, 3, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
+    sel = torch.tensor([3, -1, 0, 2, 1])
+    et.set_adapter_index(served, sel)
+    y = served(x)
+    for s in range(5):
+        a = int(sel[s])
+        want = plain(x[s]) if a < 0 else singles[a](x[s])
+        assert torch.allclose(y[s], want, rtol=1e-12, atol=1e-12), (s, a)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(served, backend=counter, fullgraph=True)
+    assert torch.allclose(compiled(x), y, rtol=1e-12, atol=1e-12)
+    et.set_adapter_index(served, sel.flip(0))
+    assert torch.allclose(compiled(x), served(x), rtol=1e-12, atol=1e-12)
+    assert counter.frame_count == 1
+    with pytest.raises(ValueError, match="−1 … 3"):
+        et.set_adapter_index(served, torch.tensor([4, 0, 0, 0, 0]))
