@@ -128,6 +128,11 @@ impl<'a, T: Real> Strided<'a, T> {
         }
     }
 
+    /// Row `i` as a slice, when the columns have unit stride (row-major memory).
+    pub fn row(&self, i: usize) -> Option<&'a [T]> {
+        (self.cs == 1 && i < self.rows).then(|| &self.s[i * self.rs..i * self.rs + self.cols])
+    }
+
     /// An owned copy.
     pub fn to_matrix(&self) -> DMatrix<T> {
         DMatrix::from_fn(self.rows, self.cols, |i, j| self.at(i, j))
@@ -181,6 +186,11 @@ impl<'a, T: Real> StridedMut<'a, T> {
     /// Entry `(i, j)`, mutably.
     pub fn at_mut(&mut self, i: usize, j: usize) -> &mut T {
         &mut self.s[i * self.rs + j * self.cs]
+    }
+
+    /// Row `i` as a mutable slice, when the columns have unit stride (row-major memory).
+    pub fn row_mut(&mut self, i: usize) -> Option<&mut [T]> {
+        (self.cs == 1 && i < self.rows).then(|| &mut self.s[i * self.rs..i * self.rs + self.cols])
     }
 
     /// The same memory, read-only.

@@ -229,10 +229,6 @@ pub fn multi_forward<T: Real>(
         .collect::<Result<Vec<_>>>()?;
     // U = X W0ᵀ once for the batch, into y.
     gemm_strided_par(y, T::one(), x, w0.t(), T::zero());
-    if !y.as_ref().all_finite() {
-        check_finite_strided("x", &x)?;
-        check_finite_strided("w0", &w0)?;
-    }
     let rows_per = n.min(MULTI_ROWS);
     let width = d.max(k);
     let (gather, rest) = workspace.split_at_mut(rows_per * width);
@@ -256,14 +252,32 @@ pub fn multi_forward<T: Real>(
             block(ad, &rows[..len], &x, y, gather, vs, ts, d, k);
         }
     }
-    if let Some(b) = bias {
-        for i in 0..n {
-            for (j, &bj) in b.iter().enumerate() {
-                *y.at_mut(i, j) += bj;
+    // The bias and the check of every output row in one pass. A NaN or ±∞ in `x` or `W0`
+    // reaches `U` (0·∞ is NaN), so only a non-finite output calls for the scans that name them.
+    let mut finite = true;
+    for i in 0..n {
+        match y.row_mut(i) {
+            Some(row) => {
+                if let Some(b) = bias {
+                    row.iter_mut().zip(b).for_each(|(v, &bj)| *v += bj);
+                }
+                finite &= all_finite(row);
+            }
+            None => {
+                for j in 0..d {
+                    let v = y.at_mut(i, j);
+                    *v += bias.map_or(T::zero(), |b| b[j]);
+                    finite &= v.is_finite();
+                }
             }
         }
     }
-    check_output("y", y)
+    if !finite {
+        check_finite_strided("x", &x)?;
+        check_finite_strided("w0", &w0)?;
+        return check_output("y", y);
+    }
+    Ok(())
 }
 
 /// One block of an adapter's rows: gathers their `u` (ELRA) or `x` (LoRA), computes the
@@ -286,8 +300,13 @@ fn block<T: Real>(
             let r = a.ncols();
             // G = U[rows] (len×d); V = G Cᵀ; T = V Mᵀ; increment T Aᵀ over G.
             for (q, &row) in rows.iter().enumerate() {
-                for j in 0..d {
-                    gather[q * d + j] = *y.at_mut(row, j);
+                let dst = &mut gather[q * d..(q + 1) * d];
+                match y.row_mut(row) {
+                    Some(src) => dst.copy_from_slice(src),
+                    None => dst
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(j, v)| *v = *y.at_mut(row, j)),
                 }
             }
             let g = Strided::row_major(&gather[..len * d], len, d, d).expect("sized");
@@ -302,8 +321,13 @@ fn block<T: Real>(
             let r = a.nrows();
             // G = X[rows] (len×k); V = G Aᵀ; increment s·V Bᵀ over G.
             for (q, &row) in rows.iter().enumerate() {
-                for j in 0..k {
-                    gather[q * k + j] = x.at(row, j);
+                let dst = &mut gather[q * k..(q + 1) * k];
+                match x.row(row) {
+                    Some(src) => dst.copy_from_slice(src),
+                    None => dst
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(j, v)| *v = x.at(row, j)),
                 }
             }
             let g = Strided::row_major(&gather[..len * k], len, k, k).expect("sized");
@@ -314,8 +338,13 @@ fn block<T: Real>(
         }
     }
     for (q, &row) in rows.iter().enumerate() {
-        for j in 0..d {
-            *y.at_mut(row, j) += gather[q * d + j];
+        let inc = &gather[q * d..(q + 1) * d];
+        match y.row_mut(row) {
+            Some(dst) => dst.iter_mut().zip(inc).for_each(|(v, &a)| *v += a),
+            None => inc
+                .iter()
+                .enumerate()
+                .for_each(|(j, &a)| *y.at_mut(row, j) += a),
         }
     }
 }
