@@ -1179,8 +1179,7 @@ def multi_forward(x: Tensor, w0: Tensor, bias: Optional[Tensor], index: Tensor, 
     ``((u Cᵀ) φ1(CA)ᵀ) Aᵀ`` on ``u = x W0ᵀ``, eq. 3/5 and Prop. 1; LoRA's ``s (x Aᵀ) Bᵀ``). The
     frozen GEMM runs once; the rows are grouped by adapter. Forward only (inference)."""
     if x.is_cuda:
-        raise NotImplementedError("elra: the multi-adapter forward runs on CPU tensors (its GPU "
-                                  "path is not written yet)")
+        return _multi_cuda(x, w0, bias, index, a, b, meta)
     _check("x", x, ndim=2)
     dt = x.dtype
     n, k = x.shape
@@ -1224,6 +1223,63 @@ def multi_forward(x: Tensor, w0: Tensor, bias: Optional[Tensor], index: Tensor, 
     return y
 
 
+def _multi_cuda(x, w0, bias, index, a, b, meta):
+    """The multi-adapter forward on CUDA tensors, composed (not the batched kernel the CPU
+    path's grouping calls for, which is not written): the frozen GEMM once (torch's cuBLAS),
+    then, for each adapter present in the batch, its rows through the output-side GPU call
+    ``elra_gpu_op_forward_out`` (ELRA, its own φ1) or two torch GEMMs (LoRA). One host
+    synchronisation reads which adapters are present. Activations f32/f16/bf16, factors f32."""
+    dev = x.device
+    _check("x", x, None, None, 2, dev)
+    dt = x.dtype
+    n, k = x.shape
+    d = w0.shape[0]
+    _check("w0", w0, dt, (d, k), None, dev)
+    if bias is not None:
+        _check("bias", bias, dt, (d,), None, dev)
+    count = len(a)
+    if index.dtype != torch.int32 or index.shape != (n,) or index.device != dev:
+        raise ValueError(f"elra: `index` must be an int32 tensor of shape ({n},) on {dev}")
+    if len(b) != count or len(meta) != _META * count:
+        raise ValueError("elra: `a`, `b` and `meta` must describe the same adapters")
+    u = F.linear(x.contiguous(), w0)
+    y = u.clone()
+    present = torch.unique(index).tolist() if n else []
+    if present and (present[0] < -1 or present[-1] >= count):
+        bad = present[0] if present[0] < -1 else present[-1]
+        raise ValueError(f"elra: an index selects adapter {bad} of a set of {count} "
+                         "(−1 = base only)")
+    for i in present:
+        if i < 0:
+            continue
+        rows = (index == i).nonzero().squeeze(1)
+        v, eta, alpha, mult, tau, lam = meta[_META * i:_META * (i + 1)]
+        ai = a[i].contiguous()
+        bi = b[i].contiguous() if b[i] is not None else None
+        if int(v) == VARIANTS["lora"]:
+            xi = x.index_select(0, rows).to(ai.dtype)
+            inc = (xi @ ai.t()) @ bi.t() * eta
+            y.index_add_(0, rows, inc.to(dt))
+            continue
+        _check(f"a[{i}]", ai, _F32, None, 2, dev)
+        r = ai.shape[1]
+        if bi is not None:
+            _check(f"b[{i}]", bi, _F32, (r, d), None, dev)
+        ui = u.index_select(0, rows).contiguous()
+        ni = ui.shape[0]
+        desc = OpDesc(int(v), d, d, r)
+        sl, wl = _gpu_sizes(desc, ni)
+        st = OpStep(alpha, mult, tau, lam)
+        eta_t = torch.full((), eta, dtype=_F32, device=dev)
+        yi, saved, ws = _empty((ni, d), dt, x), _empty((sl,), _F32, x), _empty((wl,), _F32, x)
+        check(_gpu().elra_gpu_op_forward_out(
+            ctypes.byref(desc), ctypes.byref(st), _GPU_DTYPES[dt], ni, ai.data_ptr(), r, _p(bi),
+            d, eta_t.data_ptr(), ui.data_ptr(), d, yi.data_ptr(), d, saved.data_ptr(),
+            ws.data_ptr(), wl, _stream(x)))
+        y.index_copy_(0, rows, yi)
+    return y if bias is None else y + bias
+
+
 @multi_forward.register_fake
 def _(x, w0, bias, index, a, b, meta):
     return x.new_empty((x.shape[0], w0.shape[0]))
@@ -1259,7 +1315,11 @@ class ElraMultiLinear(nn.Module):
         return f"d={self.d}, k={self.k}, adapters={self.count}"
 
     def _push(self, variant: int, a: Tensor, b: Optional[Tensor], eta: float, st: OpStep) -> int:
-        dt = self.base.weight.dtype
+        # Factors in the base's dtype, float32 under a half-precision base (the GPU calls'
+        # master-weight type).
+        dt = self.base.weight.dtype if self.base.weight.dtype in _SUFFIX else _F32
+        dev = self.base.weight.device
+        a, b = a.to(dev), None if b is None else b.to(dev)
         i = self.count
         self.register_buffer(f"a{i}", a.detach().to(dt).clone())
         self.register_buffer(f"b{i}", None if b is None else b.detach().to(dt).clone())

@@ -225,3 +225,33 @@ def test_dropout_on_cuda_is_applied_to_the_fused_increment_only():
         layer = et.ElraLinear(base_layer, variant, r=4, dropout=0.5, total_steps=10).to(DEV)
         with pytest.raises(ValueError, match="dropout"):
             layer(torch.randn(8, 40, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_linear_on_cuda_matches_the_cpu(dtype):
+    """ElraMultiLinear on CUDA tensors (the composed path: one base GEMM, one output-side call per
+    adapter present) against the same module on CPU tensors in float64."""
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24).double()
+    layers = [et.ElraLinear(copy.deepcopy(base), v, r=r, eta=0.3, total_steps=20, seed=i,
+                            dtype=torch.float64, **kw)
+              for i, (v, r, kw) in enumerate([("general", 4, {}), ("psd", 3, {}), ("hyb", 2, {}),
+                                              ("lora", 4, {"lora_alpha": 8.0})])]
+    with torch.no_grad():
+        for m in layers:
+            m.step.fill_(5)
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+    cpu = et.ElraMultiLinear(copy.deepcopy(base))
+    for m in layers:
+        cpu.add(m)
+    gpu_base = copy.deepcopy(base).to(DEV, dtype)
+    dev = et.ElraMultiLinear(gpu_base)
+    for m in layers:
+        dev.add(m)
+    x = torch.randn(64, 40, dtype=torch.float64)
+    index = torch.randint(-1, 4, (64,))
+    want = cpu(x, index)
+    got = dev(x.to(DEV, dtype), index.to(DEV))
+    assert rel(got, want) <= TOL[dtype]
