@@ -85,8 +85,8 @@ fn main() {
         base_rows / base
     );
     println!(
-        "{:<10} {:>12} {:>12} {:>12} {:>12}",
-        "adapters", "grouped (s)", "loop (s)", "grouped/base", "loop/base"
+        "{:<10} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "adapters", "grouped (s)", "loop (s)", "grouped/base", "loop/base", "prep (ms)"
     );
     for count in [1usize, 8, 64] {
         let factors: Vec<(DMatrix<f32>, DMatrix<f32>)> = (0..count)
@@ -163,10 +163,24 @@ fn main() {
                 }
             }
         });
+        // The same set with every row −1: the base plus the adapters' preparation (C, φ1).
+        let prep = time(|| {
+            multi_forward(
+                Strided::of(&w0, Op::N),
+                None,
+                &set,
+                &vec![-1; n],
+                xs,
+                &mut StridedMut::row_major(&mut yv, n, d, d).unwrap(),
+                &mut ws,
+            )
+            .unwrap()
+        });
         println!(
-            "{count:<10} {grouped:>12.3} {looped:>12.3} {:>12.3} {:>12.3}",
+            "{count:<10} {grouped:>12.3} {looped:>12.3} {:>12.3} {:>12.3} {:>12.3}",
             grouped / base,
-            looped / base
+            looped / base,
+            (prep - base_rows) * 1e3
         );
     }
 }
