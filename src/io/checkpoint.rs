@@ -20,8 +20,9 @@
 //! **Memory.** Tensors are streamed one at a time in file order: an adapted tensor is decoded
 //! into one buffer of its own size in the compute dtype, transformed in place
 //! ([`crate::ops::merge_in_place`]: r-sized temporaries) and encoded back in chunks; the rest
-//! moves through a 4 MiB buffer. Peak memory is the largest adapted tensor (in f32) plus the
-//! adapter plus a few MiB, whatever the checkpoint's size (BENCHMARKS.md measures it).
+//! moves through a 4 MiB buffer. The adapter's factors are held in f32 (f64 when an adapted
+//! tensor is F64). Peak memory is the largest adapted tensor (in f32) plus the adapter plus a
+//! few MiB, whatever the checkpoint's size (BENCHMARKS.md measures it).
 //!
 //! **Atomic output.** Everything is checked before the first byte is written: every shard's
 //! header against its file size (a truncated shard is an error naming it), the index against the
@@ -382,19 +383,20 @@ impl Checkpoint {
     }
 }
 
-/// What happens to one adapted tensor (its factors in f64; cast to the compute type when used).
+/// What happens to one adapted tensor: its factors as the adapter file was read (`S`: f32, or
+/// f64 when an adapted tensor is F64), cast to the compute type when used.
 #[derive(Clone, Debug)]
-enum Edit {
+enum Edit<S: Real> {
     Elra {
         variant: Variant,
-        a: DMatrix<f64>,
-        b: Option<DMatrix<f64>>,
+        a: DMatrix<S>,
+        b: Option<DMatrix<S>>,
         eta: f64,
         spec: crate::adapter::GeneratorSpec,
     },
     Lora {
-        lora_a: DMatrix<f64>,
-        lora_b: DMatrix<f64>,
+        lora_a: DMatrix<S>,
+        lora_b: DMatrix<S>,
         scale: f64,
         transposed: bool,
     },
@@ -438,7 +440,7 @@ fn is_weights_file(name: &str) -> bool {
 
 /// Matches every adapter module to its tensor `<module>.weight` and checks shape and dtype; all
 /// problems are reported together.
-fn plan(ck: &Checkpoint, adapter: AdapterFile<f64>) -> Result<BTreeMap<String, Edit>> {
+fn plan<S: Real>(ck: &Checkpoint, adapter: AdapterFile<S>) -> Result<BTreeMap<String, Edit<S>>> {
     let AdapterFile { config, modules } = adapter;
     let by_name: BTreeMap<&str, &TensorInfo> =
         ck.tensors().map(|(_, t)| (t.name.as_str(), t)).collect();
@@ -480,7 +482,7 @@ fn plan(ck: &Checkpoint, adapter: AdapterFile<f64>) -> Result<BTreeMap<String, E
                     variant: c.generator.variant,
                     a,
                     b,
-                    eta,
+                    eta: eta.f64(),
                     spec: c.generator.spec_at(c.step),
                 }
             }
@@ -555,15 +557,15 @@ fn plan(ck: &Checkpoint, adapter: AdapterFile<f64>) -> Result<BTreeMap<String, E
 }
 
 /// Applies an edit to a row-major `rows×cols` tensor in place, in `T`.
-fn apply<T: Real>(
-    edit: &Edit,
+fn apply<T: Real, S: Real>(
+    edit: &Edit<S>,
     dir: Direction,
     w: &mut [T],
     rows: usize,
     cols: usize,
     name: &str,
 ) -> Result<()> {
-    let cast = |m: &DMatrix<f64>| m.map(T::of);
+    let cast = |m: &DMatrix<S>| m.map(|v| T::of(v.f64()));
     let mut wv = StridedMut::row_major(w, rows, cols, cols).expect("sized from the header");
     let inverse = dir == Direction::Unmerge;
     match edit {
@@ -701,8 +703,8 @@ fn encode<T: Real>(dtype: &str, vals: &[T], out: &mut Vec<u8>) -> bool {
 
 /// Reads, transforms and writes one adapted tensor in the compute type `T`.
 #[allow(clippy::too_many_arguments)]
-fn transform<T: Real>(
-    edit: &Edit,
+fn transform<T: Real, S: Real>(
+    edit: &Edit<S>,
     dir: Direction,
     t: &TensorInfo,
     src: &mut impl Read,
@@ -744,9 +746,9 @@ fn transform<T: Real>(
 }
 
 /// One merge in progress: the checkpoint, the edits, the direction and the output directory.
-struct Job<'a> {
+struct Job<'a, S: Real> {
     ck: &'a Checkpoint,
-    edits: &'a BTreeMap<String, Edit>,
+    edits: &'a BTreeMap<String, Edit<S>>,
     dir: Direction,
     out_dir: &'a Path,
     total: u64,
@@ -754,8 +756,8 @@ struct Job<'a> {
 
 /// Writes one shard of the output: the header verbatim, then every tensor in file order,
 /// adapted or copied.
-fn write_shard(
-    job: &Job<'_>,
+fn write_shard<S: Real>(
+    job: &Job<'_, S>,
     shard: &Shard,
     report: &mut MergeReport,
     progress: &mut dyn FnMut(u64, u64),
@@ -783,11 +785,11 @@ fn write_shard(
         match edits.get(&t.name) {
             Some(edit) => {
                 if t.dtype == "F64" {
-                    transform::<f64>(
+                    transform::<f64, S>(
                         edit, dir, t, &mut src, &src_path, &mut dst, &dst_path, &mut chunk,
                     )?;
                 } else {
-                    transform::<f32>(
+                    transform::<f32, S>(
                         edit, dir, t, &mut src, &src_path, &mut dst, &dst_path, &mut chunk,
                     )?;
                 }
@@ -834,7 +836,7 @@ pub fn merge_checkpoint(
     dir: Direction,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeReport> {
-    let out = out.as_ref();
+    let (out, adapter_dir) = (out.as_ref(), adapter.as_ref());
     if fs::symlink_metadata(out).is_ok() {
         return Err(ElraError::invalid(
             "out",
@@ -849,8 +851,34 @@ pub fn merge_checkpoint(
         max_weights_bytes: 64 << 30,
         ..LoadLimits::default()
     };
-    let adapter = AdapterFile::<f64>::load_with(adapter, &limits)?;
+    // The factors stay in f32 (as PEFT and elra write them) unless an adapted tensor is F64.
+    let adapter = AdapterFile::<f32>::load_with(adapter_dir, &limits)?;
+    let dtypes: BTreeMap<&str, &str> = ck
+        .tensors()
+        .map(|(_, t)| (t.name.as_str(), t.dtype.as_str()))
+        .collect();
+    let wide = adapter
+        .modules
+        .keys()
+        .any(|m| dtypes.get(format!("{m}.weight").as_str()) == Some(&"F64"));
+    if wide {
+        drop(adapter);
+        let adapter = AdapterFile::<f64>::load_with(adapter_dir, &limits)?;
+        let edits = plan(&ck, adapter)?;
+        return write_out(&ck, &edits, dir, out, progress);
+    }
     let edits = plan(&ck, adapter)?;
+    write_out(&ck, &edits, dir, out, progress)
+}
+
+/// Writes the output into a hidden sibling of `out` and renames it when complete (module docs).
+fn write_out<S: Real>(
+    ck: &Checkpoint,
+    edits: &BTreeMap<String, Edit<S>>,
+    dir: Direction,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MergeReport> {
     let name = out
         .file_name()
         .ok_or_else(|| ElraError::invalid("out", "the output needs a directory name"))?
@@ -865,7 +893,7 @@ pub fn merge_checkpoint(
         .map_or(0, |d| d.subsec_nanos());
     let tmp = parent.join(format!(".{name}.partial-{}-{nanos}", std::process::id()));
     fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let result = write_all(&ck, &edits, dir, &tmp, progress).and_then(|report| {
+    let result = write_all(ck, edits, dir, &tmp, progress).and_then(|report| {
         fs::rename(&tmp, out).map_err(|e| io_err(out, e))?;
         if let Ok(d) = File::open(&parent) {
             let _ = d.sync_all();
@@ -878,9 +906,9 @@ pub fn merge_checkpoint(
     result
 }
 
-fn write_all(
+fn write_all<S: Real>(
     ck: &Checkpoint,
-    edits: &BTreeMap<String, Edit>,
+    edits: &BTreeMap<String, Edit<S>>,
     dir: Direction,
     tmp: &Path,
     progress: &mut dyn FnMut(u64, u64),
