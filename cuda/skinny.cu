@@ -227,7 +227,7 @@ __device__ void rows_fused_rw(int n_rows, int n_in, int n_out, int r, const T* i
                               long long ld_base, T* out, long long ld_out, const float* Cm, long long cs0,
                               long long cs1, const float* Mm, long long ms0, long long ms1, float m_scale,
                               const float* Am, long long as0, long long as1, float* v_out, float* t_out, float* tile,
-                              float* vsh, float* tsh) {
+                              float* vsh, float* tsh, const int* rmap, long long blk, long long nblk) {
     constexpr int V = Vec16<T>::n, VQ = V / 4, G = ELRA_SKINNY_GROUP, TC = ELRA_SKINNY_TC, MR = ELRA_SKINNY_MAX_R;
     constexpr int CPL = TC / (V * ELRA_WARP);  // chunks per lane and tile
     const int lane = threadIdx.x % ELRA_WARP, warp = threadIdx.x / ELRA_WARP;
@@ -240,7 +240,10 @@ __device__ void rows_fused_rw(int n_rows, int n_in, int n_out, int r, const T* i
     float* vs = vsh + warp * ELRA_SKINNY_MAX_RPW * MR;
     float* ts = tsh + warp * ELRA_SKINNY_MAX_RPW * MR;
     const long long step = (long long)ELRA_NWARPS * RW;
-    for (long long row0 = (long long)blockIdx.x * step; row0 < n_rows; row0 += (long long)gridDim.x * step) {
+    // Row i of the pass is row rmap[i] of in/base/out (i itself without a map); v_out/t_out keep
+    // the pass's order.
+    auto row = [rmap](long long i) -> long long { return rmap ? (long long)rmap[i] : i; };
+    for (long long row0 = blk * step; row0 < n_rows; row0 += nblk * step) {
         const long long wrow = row0 + (long long)warp * RW;
         const int nr = wrow >= n_rows ? 0 : (n_rows - wrow < RW ? (int)(n_rows - wrow) : RW);
         // ---- phase 1: v = Cm in_i ----
@@ -273,7 +276,7 @@ __device__ void rows_fused_rw(int n_rows, int n_in, int n_out, int r, const T* i
 #pragma unroll
                         for (int k = 0; k < RW; ++k) {
                             if (k < nr)
-                                load_chunk<T, V>(in + (wrow + k) * ld_in + t0 + c, tw - c, vec_in, x[k]);
+                                load_chunk<T, V>(in + row(wrow + k) * ld_in + t0 + c, tw - c, vec_in, x[k]);
                             else
 #pragma unroll
                                 for (int e = 0; e < V; ++e) x[k][e] = 0.0f;
@@ -342,7 +345,7 @@ __device__ void rows_fused_rw(int n_rows, int n_in, int n_out, int r, const T* i
 #pragma unroll
                 for (int k = 0; k < RW; ++k) {
                     if (k < nr && base)
-                        load_chunk<T, V>(base + (wrow + k) * ld_base + t0 + c, tw - c, vec_out, y[k]);
+                        load_chunk<T, V>(base + row(wrow + k) * ld_base + t0 + c, tw - c, vec_out, y[k]);
                     else
 #pragma unroll
                         for (int e = 0; e < V; ++e) y[k][e] = 0.0f;
@@ -360,7 +363,7 @@ __device__ void rows_fused_rw(int n_rows, int n_in, int n_out, int r, const T* i
                 }
 #pragma unroll
                 for (int k = 0; k < RW; ++k)
-                    if (k < nr) store_chunk<T, V>(out + (wrow + k) * ld_out + t0 + c, tw - c, vec_out, y[k]);
+                    if (k < nr) store_chunk<T, V>(out + row(wrow + k) * ld_out + t0 + c, tw - c, vec_out, y[k]);
             }
         }
     }
@@ -378,13 +381,85 @@ __device__ void rows_fused(int n_rows, int rows_per_warp, int n_in, int n_out, i
     __shared__ float tsh[ELRA_NWARPS * ELRA_SKINNY_MAX_RPW * ELRA_SKINNY_MAX_R];
     if (rows_per_warp >= 4)
         rows_fused_rw<T, 4>(n_rows, n_in, n_out, r, in, ld_in, base, ld_base, out, ld_out, Cm, cs0, cs1, Mm, ms0, ms1,
-                            m_scale, Am, as0, as1, v_out, t_out, tile, vsh, tsh);
+                            m_scale, Am, as0, as1, v_out, t_out, tile, vsh, tsh, nullptr, blockIdx.x, gridDim.x);
     else if (rows_per_warp == 2)
         rows_fused_rw<T, 2>(n_rows, n_in, n_out, r, in, ld_in, base, ld_base, out, ld_out, Cm, cs0, cs1, Mm, ms0, ms1,
-                            m_scale, Am, as0, as1, v_out, t_out, tile, vsh, tsh);
+                            m_scale, Am, as0, as1, v_out, t_out, tile, vsh, tsh, nullptr, blockIdx.x, gridDim.x);
     else
         rows_fused_rw<T, 1>(n_rows, n_in, n_out, r, in, ld_in, base, ld_base, out, ld_out, Cm, cs0, cs1, Mm, ms0, ms1,
-                            m_scale, Am, as0, as1, v_out, t_out, tile, vsh, tsh);
+                            m_scale, Am, as0, as1, v_out, t_out, tile, vsh, tsh, nullptr, blockIdx.x, gridDim.x);
+}
+
+// ---- rows_multi: many adapters of one layer in one batch -----------------------------------------
+// Launch batches of at most ELRA_MULTI_PER_LAUNCH adapters, passed by value. Block (x, y) serves
+// adapter p.a[y]: the rows of its segment, perm[seg[a] .. seg[a+1]) (multi_perm_i32), through
+// rows_fused_rw with that row map, blocks x = 0 … gridDim.x−1 striding over them. ELRA rows read
+// the base output u from y itself and add A φ1(Z) (C u) in place (eq. 5 on the base output,
+// Prop. 1: Cm = C from Cᵀ, Mm = M, Am = A); LoRA rows read x and add s·B (A x) (Cm = lora_A,
+// Mm null with m_scale = s, Am = lora_B). Each row belongs to one segment, so no two blocks
+// touch the same row of y.
+#define ELRA_MULTI_PER_LAUNCH 8
+struct MultiRowsAdapter {
+    const float* cm;
+    long long cs0, cs1;
+    const float* mm;
+    long long ms0, ms1;
+    float m_scale;
+    const float* am;
+    long long as0, as1;
+    int adapter;  // index into seg
+    int r;
+    int from_x;  // 1: the input rows are x's (LoRA), 0: y's (ELRA)
+};
+struct MultiRowsBatch {
+    int count;
+    MultiRowsAdapter a[ELRA_MULTI_PER_LAUNCH];
+};
+
+template <typename T>
+__device__ void rows_multi(const MultiRowsBatch& p, const int* seg, const int* perm, int rows_per_warp, int d, int k,
+                           const T* x, long long ld_x, T* y, long long ld_y) {
+    __align__(16) __shared__ float tile[ELRA_SKINNY_GROUP * ELRA_SKINNY_TC];
+    __shared__ float vsh[ELRA_NWARPS * ELRA_SKINNY_MAX_RPW * ELRA_SKINNY_MAX_R];
+    __shared__ float tsh[ELRA_NWARPS * ELRA_SKINNY_MAX_RPW * ELRA_SKINNY_MAX_R];
+    if ((int)blockIdx.y >= p.count) return;  // uniform over the block
+    const MultiRowsAdapter& m = p.a[blockIdx.y];
+    const int s0 = seg[m.adapter], n_a = seg[m.adapter + 1] - s0;
+    if (n_a <= 0) return;
+    const T* in = m.from_x ? x : y;
+    const long long ld_in = m.from_x ? ld_x : ld_y;
+    const int n_in = m.from_x ? k : d;
+    const int* rmap = perm + s0;
+    if (rows_per_warp >= 4)
+        rows_fused_rw<T, 4>(n_a, n_in, d, m.r, in, ld_in, y, ld_y, y, ld_y, m.cm, m.cs0, m.cs1, m.mm, m.ms0, m.ms1,
+                            m.m_scale, m.am, m.as0, m.as1, nullptr, nullptr, tile, vsh, tsh, rmap, blockIdx.x,
+                            gridDim.x);
+    else if (rows_per_warp == 2)
+        rows_fused_rw<T, 2>(n_a, n_in, d, m.r, in, ld_in, y, ld_y, y, ld_y, m.cm, m.cs0, m.cs1, m.mm, m.ms0, m.ms1,
+                            m.m_scale, m.am, m.as0, m.as1, nullptr, nullptr, tile, vsh, tsh, rmap, blockIdx.x,
+                            gridDim.x);
+    else
+        rows_fused_rw<T, 1>(n_a, n_in, d, m.r, in, ld_in, y, ld_y, y, ld_y, m.cm, m.cs0, m.cs1, m.mm, m.ms0, m.ms1,
+                            m.m_scale, m.am, m.as0, m.as1, nullptr, nullptr, tile, vsh, tsh, rmap, blockIdx.x,
+                            gridDim.x);
+}
+
+// y[i, j] += bias[j] (bias may be null) for the rows with a valid adapter index, and NaN for the
+// rows whose index lies outside [−1, count) — the device's way of reporting a bad index without
+// a host wait (module docs of src/cuda/ops). Grid-stride over the n·d entries.
+template <typename T>
+__device__ void multi_finish(int n, int d, T* y, long long ld_y, const T* bias, const int* index, int count) {
+    const long long total = (long long)n * d;
+    for (long long e = (long long)blockIdx.x * ELRA_BLOCK + threadIdx.x; e < total;
+         e += (long long)gridDim.x * ELRA_BLOCK) {
+        const long long i = e / d, j = e - (e / d) * d;
+        const int a = index[i];
+        T* p = y + i * ld_y + j;
+        if (a < -1 || a >= count)
+            *p = from_f32<T>(quiet_nan<float>());
+        else if (bias)
+            *p = from_f32<T>(to_f32(*p) + to_f32(bias[j]));
+    }
 }
 
 // ---- col_reduce ----------------------------------------------------------------------------------
@@ -645,6 +720,98 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
     }
 }
 
+// ---- the multi-adapter forward's small kernels ----------------------------------------------------
+// Rows per adapter: block a counts the entries of index equal to a (grid: one block per adapter).
+extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
+    multi_count_i32(int n, const int* index, int* counts) {
+    __shared__ int red[ELRA_BLOCK];
+    const int a = blockIdx.x;
+    int c = 0;
+    for (int i = threadIdx.x; i < n; i += ELRA_BLOCK) c += index[i] == a;
+    red[threadIdx.x] = c;
+    __syncthreads();
+    for (int s = ELRA_BLOCK / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) counts[a] = red[0];
+}
+// The segments and the row permutation, stable and without atomics: block a (one per adapter)
+// writes seg[a] = Σ_{b<a} counts[b] (and seg[count] when it is the last) and the rows i with
+// index[i] == a, in increasing order, to perm[seg[a] …], scanning index in windows of
+// ELRA_BLOCK entries with a block-wide prefix sum.
+extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
+    multi_perm_i32(int n, const int* index, int count, const int* counts, int* seg, int* perm) {
+    __shared__ int sc[ELRA_BLOCK];
+    const int a = blockIdx.x;
+    int c = 0;
+    for (int b = threadIdx.x; b < a; b += ELRA_BLOCK) c += counts[b];
+    sc[threadIdx.x] = c;
+    __syncthreads();
+    for (int s = ELRA_BLOCK / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) sc[threadIdx.x] += sc[threadIdx.x + s];
+        __syncthreads();
+    }
+    const int start = sc[0];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        seg[a] = start;
+        if (a == count - 1) seg[count] = start + counts[a];
+    }
+    int placed = 0;
+    for (int w0 = 0; w0 < n; w0 += ELRA_BLOCK) {
+        const int i = w0 + (int)threadIdx.x;
+        const int f = (i < n && index[i] == a) ? 1 : 0;
+        sc[threadIdx.x] = f;
+        __syncthreads();
+        for (int s = 1; s < ELRA_BLOCK; s <<= 1) {  // inclusive scan (Hillis–Steele)
+            const int v = (int)threadIdx.x >= s ? sc[threadIdx.x - s] : 0;
+            __syncthreads();
+            sc[threadIdx.x] += v;
+            __syncthreads();
+        }
+        if (f) perm[start + placed + sc[threadIdx.x] - 1] = i;
+        placed += sc[ELRA_BLOCK - 1];
+        __syncthreads();
+    }
+}
+// Per ELRA adapter of a launch batch (block x = adapter x of the batch): Cᵀ = η m (α A + (1−α) Bᵀ)
+// (d×r, eq. 2, §4.2.1, eq. 19, as factor_c_f32, with the caller's leading dimensions) and then
+// Z = C A (r×r, row-major) for the batched φ1 (Prop. 1). One block per adapter.
+struct MultiPrepAdapter {
+    const float* A;
+    long long lda;
+    const float* B;  // null: PSD (α = 1)
+    long long ldb;
+    const float* eta;
+    float mult, alpha;
+    int r;
+    float* ct;
+    float* z;
+};
+struct MultiPrepBatch {
+    int count, d;
+    MultiPrepAdapter a[ELRA_MULTI_PER_LAUNCH];
+};
+extern "C" __global__ void __launch_bounds__(ELRA_BLOCK) multi_prep_f32(MultiPrepBatch p) {
+    if ((int)blockIdx.x >= p.count) return;
+    const MultiPrepAdapter& m = p.a[blockIdx.x];
+    const int d = p.d, r = m.r;
+    const float eta_eff = m.eta[0] * m.mult;
+    for (long long idx = threadIdx.x; idx < (long long)d * r; idx += ELRA_BLOCK) {
+        const long long l = idx / r, q = idx - (idx / r) * r;
+        float c = m.B ? m.B[q * m.ldb + l] * (eta_eff * (1.0f - m.alpha)) : 0.0f;
+        if (m.alpha > 0.0f) c = fmaf(eta_eff * m.alpha, m.A[l * m.lda + q], c);
+        m.ct[idx] = c;
+    }
+    __syncthreads();  // Cᵀ written by the block is visible to it
+    for (int e = threadIdx.x; e < r * r; e += ELRA_BLOCK) {
+        const int q = e / r, c = e - (e / r) * r;
+        float s = 0.0f;
+        for (long long l = 0; l < d; ++l) s = fmaf(m.ct[l * r + q], m.A[l * m.lda + c], s);
+        m.z[e] = s;
+    }
+}
 extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
     col_reduce_finish_f32(int n, int r, int n_chunks, const float* partial, float alpha, float beta, float* out,
                           long long os0, long long os1) {
@@ -676,6 +843,15 @@ extern "C" __global__ void __launch_bounds__(ELRA_BLOCK)
         int d, int k, int r, const T* W_in, long long ld_in, T* W_out, long long ld_out, float scale,              \
         const float* L, long long ls0, long long ls1, const float* R, long long rs0, long long rs1) {              \
         elra::skinny::merge_apply<T>(d, k, r, W_in, ld_in, W_out, ld_out, scale, L, ls0, ls1, R, rs0, rs1);        \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK) rows_multi_##SUFFIX(                                  \
+        elra::skinny::MultiRowsBatch p, const int* seg, const int* perm, int rows_per_warp, int d, int k,          \
+        const T* x, long long ld_x, T* y, long long ld_y) {                                                        \
+        elra::skinny::rows_multi<T>(p, seg, perm, rows_per_warp, d, k, x, ld_x, y, ld_y);                          \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ELRA_BLOCK) multi_finish_##SUFFIX(                                \
+        int n, int d, T* y, long long ld_y, const T* bias, const int* index, int count) {                          \
+        elra::skinny::multi_finish<T>(n, d, y, ld_y, bias, index, count);                                          \
     }
 
 ELRA_SKINNY_ENTRIES(float, f32)

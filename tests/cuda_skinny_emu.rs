@@ -608,3 +608,240 @@ fn check_finite_emulated_on_cpu() {
         }
     }
 }
+
+// The device half of the multi-adapter forward in the emulation (`multi` job: multi_count_i32,
+// multi_perm_i32, rows_multi_* in launch batches of 8 adapters, multi_finish_*), against the
+// formula per row in f64: y_i = u_i + bias + Am (Mm (Cm in_i)) with in_i = u_i (ELRA) or x_i
+// (LoRA, Mm = s·I), NaN rows for indices outside [−1, count), untouched rows for −1 (plus bias).
+// 11 adapters (two launch batches; one with no rows), mixed ranks and kinds, n = 37 rows in a
+// random order, d = 77 and k = 70 (ragged column tiles), dense and aligned-with-gaps layouts,
+// 1/2/4 rows per warp and 1 or 3 blocks per adapter. The segments are checked exactly (stable:
+// rows in increasing order). Tolerances as rows_fused's.
+#[test]
+fn cuda_multi_adapter_kernels_emulated_on_cpu() {
+    emu_or_skip!();
+    let mut rng = rng(61);
+    let (n, d, k, count) = (37usize, 77usize, 70usize, 11usize);
+    for (case, (dt, rpw, gx, lay, bias)) in [
+        ("f32", 1, 1, 0, true),
+        ("f32", 4, 3, 1, false),
+        ("bf16", 2, 1, 1, true),
+        ("f16", 4, 2, 0, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (ld_x, _) = layout(lay, k);
+        let (ld_y, _) = layout(lay, d);
+        // Adapter 4 has no rows; rows 5 and 20 carry bad indices (NaN rows); some rows are −1.
+        let mut index: Vec<i32> = (0..n)
+            .map(|_| {
+                let a = rng.random_range(-1..count as i32);
+                if a == 4 {
+                    5
+                } else {
+                    a
+                }
+            })
+            .collect();
+        index[5] = count as i32;
+        index[20] = -3;
+        let x = rand_vals(n * k, dt, &mut rng);
+        let y0 = rand_vals(n * d, dt, &mut rng);
+        let b = rand_vals(d, dt, &mut rng);
+        let mut job = format!(
+            "multi {dt} {n} {d} {k} {count} {rpw} {gx} {ld_x} {ld_y} {}",
+            bias as u8
+        );
+        for i in &index {
+            job.push_str(&format!(" {i}"));
+        }
+        hex(&x, &mut job);
+        hex(&y0, &mut job);
+        if bias {
+            hex(&b, &mut job);
+        }
+        struct Ad {
+            from_x: bool,
+            r: usize,
+            cm: Vec<f32>,
+            mm: Option<Vec<f32>>,
+            s: f32,
+            am: Vec<f32>,
+        }
+        let ads: Vec<Ad> = (0..count)
+            .map(|a| {
+                let from_x = a % 3 == 2;
+                let r = 1 + (a * 5 + case) % 12;
+                let n_in = if from_x { k } else { d };
+                Ad {
+                    from_x,
+                    r,
+                    cm: rand_vals(n_in * r, "f32", &mut rng),
+                    mm: (!from_x).then(|| rand_vals(r * r, "f32", &mut rng)),
+                    s: 0.75,
+                    am: rand_vals(d * r, "f32", &mut rng),
+                }
+            })
+            .collect();
+        for ad in &ads {
+            job.push_str(&format!(
+                " {} {} {} {}",
+                ad.from_x as u8,
+                ad.r,
+                ad.mm.is_some() as u8,
+                h1(ad.s)
+            ));
+            hex(&ad.cm, &mut job);
+            if let Some(m) = &ad.mm {
+                hex(m, &mut job);
+            }
+            hex(&ad.am, &mut job);
+        }
+        let out = skinny_emu::run(&job);
+        let get = |name: &str| out.iter().find(|(n, _)| n == name).unwrap().1.clone();
+        // Segments: stable counting sort of the valid indices.
+        let mut seg = vec![0f32];
+        let mut perm = Vec::new();
+        for a in 0..count as i32 {
+            perm.extend((0..n).filter(|&i| index[i] == a).map(|i| i as f32));
+            seg.push(perm.len() as f32);
+        }
+        assert_eq!(get("seg"), seg, "case {case}: segments");
+        assert_eq!(
+            get("perm")[..perm.len()],
+            perm[..],
+            "case {case}: permutation"
+        );
+        let y = get("y");
+        let mut want = Vec::with_capacity(n * d);
+        let mut nan_rows = Vec::new();
+        for i in 0..n {
+            let a = index[i];
+            if a < -1 || a >= count as i32 {
+                nan_rows.push(i);
+                want.extend(std::iter::repeat_n(0.0, d));
+                continue;
+            }
+            let u: Vec<f64> = (0..d).map(|j| y0[i * d + j] as f64).collect();
+            let mut row = u.clone();
+            if a >= 0 {
+                let ad = &ads[a as usize];
+                let r = ad.r;
+                let input: Vec<f64> = if ad.from_x {
+                    (0..k).map(|j| x[i * k + j] as f64).collect()
+                } else {
+                    u.clone()
+                };
+                // v = Cm in: ELRA's cm is Cᵀ (d×r), LoRA's lora_A (r×k).
+                let v: Vec<f64> = (0..r)
+                    .map(|q| {
+                        (0..input.len())
+                            .map(|l| {
+                                let c = if ad.from_x {
+                                    ad.cm[q * k + l]
+                                } else {
+                                    ad.cm[l * r + q]
+                                };
+                                c as f64 * input[l]
+                            })
+                            .sum()
+                    })
+                    .collect();
+                let t: Vec<f64> = match &ad.mm {
+                    Some(m) => (0..r)
+                        .map(|q| (0..r).map(|p| m[q * r + p] as f64 * v[p]).sum())
+                        .collect(),
+                    None => v.iter().map(|x| ad.s as f64 * x).collect(),
+                };
+                for (j, yj) in row.iter_mut().enumerate() {
+                    *yj += (0..r).map(|q| ad.am[j * r + q] as f64 * t[q]).sum::<f64>();
+                }
+            }
+            if bias {
+                for (j, yj) in row.iter_mut().enumerate() {
+                    *yj += b[j] as f64;
+                }
+            }
+            want.extend(row);
+        }
+        for &i in &nan_rows {
+            assert!(
+                y[i * d..(i + 1) * d].iter().all(|v| v.is_nan()),
+                "case {case}: row {i} with a bad index is not NaN"
+            );
+        }
+        let keep: Vec<usize> = (0..n).filter(|i| !nan_rows.contains(i)).collect();
+        let g: Vec<f32> = keep
+            .iter()
+            .flat_map(|&i| y[i * d..(i + 1) * d].to_vec())
+            .collect();
+        let w: Vec<f64> = keep
+            .iter()
+            .flat_map(|&i| want[i * d..(i + 1) * d].to_vec())
+            .collect();
+        let e = rel_flat(&g, &w, "multi");
+        assert!(e <= out_tol(dt), "case {case} ({dt}): {e:.2e}");
+        assert_pad(&out, &format!("multi case {case}"));
+    }
+}
+
+// multi_prep_f32 (Cᵀ of eq. 19 and Z = C A per adapter, two launch batches) against
+// GeneratorTape (the CPU's effective factor) and C·A in f64, with leading dimensions above the
+// factors' widths.
+#[test]
+fn cuda_multi_prep_emulated_on_cpu() {
+    emu_or_skip!();
+    let mut rng = rng(62);
+    let d = 29usize;
+    let specs: Vec<(usize, bool, f32, f32)> = (0..10)
+        .map(|a| {
+            (
+                1 + a % 6,
+                a % 3 != 1,
+                0.5 + 0.05 * a as f32,
+                [0.0f32, 0.4, 1.0][a % 3],
+            )
+        })
+        .collect();
+    let mut job = format!("multi_prep {d} {}", specs.len());
+    let mut data = Vec::new();
+    for &(r, has_b, mult, alpha) in &specs {
+        let (lda, ldb) = (r + 2, d + 3);
+        let alpha = if has_b { alpha } else { 1.0 };
+        job.push_str(&format!(
+            " {r} {} {lda} {ldb} {} {}",
+            has_b as u8,
+            h1(mult),
+            h1(alpha)
+        ));
+        let eta = 0.6f32;
+        let a = rand_vals(d * lda, "f32", &mut rng);
+        let b = rand_vals(r * ldb, "f32", &mut rng);
+        hex(&[eta], &mut job);
+        hex(&a, &mut job);
+        if has_b {
+            hex(&b, &mut job);
+        }
+        data.push((r, has_b, mult, alpha, eta, lda, ldb, a, b));
+    }
+    let out = skinny_emu::run(&job);
+    for (i, (r, has_b, mult, alpha, eta, lda, ldb, a, b)) in data.into_iter().enumerate() {
+        let am = DMatrix::from_fn(d, r, |l, q| a[l * lda + q] as f64);
+        let bm = DMatrix::from_fn(r, d, |q, l| b[q * ldb + l] as f64);
+        let spec = GeneratorSpec {
+            alpha: alpha as f64,
+            eta_mult: mult as f64,
+            tau: None,
+            lambda: 0.0,
+        };
+        let gt = GeneratorTape::new(&am, has_b.then_some(&bm), eta as f64, &spec).unwrap();
+        let ct_want: Vec<f64> = (0..d * r).map(|idx| gt.c[(idx % r, idx / r)]).collect();
+        let e = rel_flat(&out[2 * i].1, &ct_want, "multi_prep ct");
+        assert!(e <= 1e-6, "adapter {i}: Cᵀ {e:.2e}");
+        let z = &gt.c * &am;
+        let z_want: Vec<f64> = (0..r * r).map(|e| z[(e / r, e % r)]).collect();
+        let e = rel_flat(&out[2 * i + 1].1, &z_want, "multi_prep z");
+        assert!(e <= 1e-5, "adapter {i}: Z {e:.2e}");
+    }
+}

@@ -13,6 +13,10 @@
 //   col_reduce DT n_rows n r rows_per_chunk ldy off ss0 ss1 os0 os1 alpha beta len_s len_out | Y S out0 -> out
 //   merge_apply DT d k r alias ld off gy scale ls0 ls1 rs0 rs1 len_l len_r | W L R             -> w pad
 //   check_finite DT rows cols ld off gx gy flag0 | X                                          -> flag
+//   multi DT n d k count rpw gx ld_x ld_y has_bias | index (decimal) X Y0 bias, per adapter:
+//         from_x r has_mm m_scale | cm mm am                            -> seg perm y pad
+//         (cm: ELRA Cᵀ d×r, LoRA lora_A r×k; mm r×r; am d×r; all row-major, dense)
+//   multi_prep d count, per adapter: r has_b lda ldb mult alpha | eta A (d×lda) B (r×ldb) -> ct z (per adapter)
 //
 // Activation matrices are laid out with row stride ld (≥ cols) starting `off` elements after a
 // 64-byte aligned address (off = 0 with ld a multiple of 8 takes the vector paths; an odd off or
@@ -269,6 +273,65 @@ template <typename T> static int job_typed(const std::string& op) {
         write_f32("pad", {(float)out.gap_changes(before)});
         return 0;
     }
+    if (op == "multi") {
+        // The device half of the multi-adapter forward after the base GEMM and φ1: counts,
+        // segments and permutation, the row passes in launch batches, the bias and bad-index pass.
+        long long n, d, k, count, rpw, gx, ld_x, ld_y, has_bias;
+        std::cin >> n >> d >> k >> count >> rpw >> gx >> ld_x >> ld_y >> has_bias;
+        std::vector<int> index(n);
+        for (auto& v : index) std::cin >> v;
+        Strided<T> X(n, k, ld_x, 0, NAN), Y(n, d, ld_y, 0, -7.0f);
+        X.set(read_f32(n * k));
+        Y.set(read_f32(n * d));
+        std::vector<T> bias = has_bias ? to_t<T>(read_f32(d)) : std::vector<T>();
+        std::vector<std::vector<float>> cms(count), mms(count), ams(count);
+        std::vector<elra::skinny::MultiRowsAdapter> ads(count);
+        for (long long a = 0; a < count; ++a) {
+            long long from_x, r, has_mm;
+            std::cin >> from_x >> r >> has_mm;
+            const float m_scale = read_hex();
+            const long long n_in = from_x ? k : d;
+            cms[a] = read_f32(n_in * r);
+            if (has_mm) mms[a] = read_f32(r * r);
+            ams[a] = read_f32(d * r);
+            auto& m = ads[a];
+            m.cm = cms[a].data();
+            m.cs0 = from_x ? k : 1;  // LoRA: lora_A r×k row-major; ELRA: Cᵀ d×r
+            m.cs1 = from_x ? 1 : r;
+            m.mm = has_mm ? mms[a].data() : nullptr;
+            m.ms0 = r, m.ms1 = 1, m.m_scale = m_scale;
+            m.am = ams[a].data();
+            m.as0 = r, m.as1 = 1;
+            m.adapter = (int)a, m.r = (int)r, m.from_x = (int)from_x;
+        }
+        const std::vector<T> before = Y.buf;
+        std::vector<int> counts(count > 0 ? count : 1, -7), seg(count + 1, -7), perm(n, -7);
+        if (count > 0) {
+            launch((unsigned)count, 1, [&] { multi_count_i32((int)n, index.data(), counts.data()); });
+            launch((unsigned)count, 1, [&] {
+                multi_perm_i32((int)n, index.data(), (int)count, counts.data(), seg.data(), perm.data());
+            });
+            for (long long a0 = 0; a0 < count; a0 += ELRA_MULTI_PER_LAUNCH) {
+                elra::skinny::MultiRowsBatch batch{};
+                batch.count = (int)std::min<long long>(ELRA_MULTI_PER_LAUNCH, count - a0);
+                for (int i = 0; i < batch.count; ++i) batch.a[i] = ads[a0 + i];
+                launch((unsigned)gx, (unsigned)batch.count, [&] {
+                    elra::skinny::rows_multi<T>(batch, seg.data(), perm.data(), (int)rpw, (int)d, (int)k, X.at(),
+                                                ld_x, Y.at(), ld_y);
+                });
+            }
+        }
+        launch(3, 1, [&] {
+            elra::skinny::multi_finish<T>((int)n, (int)d, Y.at(), ld_y, has_bias ? bias.data() : nullptr,
+                                          index.data(), (int)count);
+        });
+        std::vector<float> segf(seg.begin(), seg.end()), permf(perm.begin(), perm.end());
+        write_f32("seg", segf);
+        write_f32("perm", permf);
+        write_f32("y", Y.get());
+        write_f32("pad", {(float)Y.gap_changes(before)});
+        return 0;
+    }
     if (op == "check_finite") {
         long long rows, cols, ld, off, gx, gy;
         unsigned flag;
@@ -286,7 +349,7 @@ template <typename T> static int job_typed(const std::string& op) {
 int main() {
     std::string op;
     if (!(std::cin >> op)) return 2;
-    if (op == "rows_fused" || op == "col_reduce" || op == "merge_apply" || op == "check_finite") {
+    if (op == "rows_fused" || op == "col_reduce" || op == "merge_apply" || op == "check_finite" || op == "multi") {
         std::string dt;
         std::cin >> dt;
         if (dt == "f32") return job_typed<float>(op);
@@ -318,6 +381,36 @@ int main() {
             factor_c_f32((int)d, (int)r, A.data(), has_b ? B.data() : nullptr, eta.data(), mult, alpha, Ct.data());
         });
         write_f32("ct", Ct);
+        return 0;
+    }
+    if (op == "multi_prep") {
+        long long d, count;
+        std::cin >> d >> count;
+        std::vector<std::vector<float>> As(count), Bs(count), etas(count), cts(count), zs(count);
+        std::vector<MultiPrepAdapter> ads(count);
+        for (long long a = 0; a < count; ++a) {
+            long long r, has_b, lda, ldb;
+            std::cin >> r >> has_b >> lda >> ldb;
+            const float mult = read_hex(), alpha = read_hex();
+            etas[a] = read_f32(1);
+            As[a] = read_f32(d * lda);
+            if (has_b) Bs[a] = read_f32(r * ldb);
+            cts[a].assign(d * r, -7.0f);
+            zs[a].assign(r * r, -7.0f);
+            ads[a] = MultiPrepAdapter{As[a].data(), lda, has_b ? Bs[a].data() : nullptr, ldb,
+                                                    etas[a].data(), mult, alpha, (int)r, cts[a].data(), zs[a].data()};
+        }
+        for (long long a0 = 0; a0 < count; a0 += ELRA_MULTI_PER_LAUNCH) {
+            MultiPrepBatch batch{};
+            batch.count = (int)std::min<long long>(ELRA_MULTI_PER_LAUNCH, count - a0);
+            batch.d = (int)d;
+            for (int i = 0; i < batch.count; ++i) batch.a[i] = ads[a0 + i];
+            launch((unsigned)batch.count, 1, [&] { multi_prep_f32(batch); });
+        }
+        for (long long a = 0; a < count; ++a) {
+            write_f32("ct", cts[a]);
+            write_f32("z", zs[a]);
+        }
         return 0;
     }
     if (op == "factor_backward") {
