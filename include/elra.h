@@ -446,6 +446,54 @@ typedef struct {
   double lambda;
 } ElraOpStep;
 
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * One adapter of a layer's set for [`elra_gpu_op_multi_forward`]: `variant` an
+ * [`super::ElraVariant`] value — general, PSD or Hyb (ELRA: `a` = `A` d×r, `b` = `B` r×d or
+ * NULL for PSD, `eta` the device scalar η, `step` the settings of its step, τ = 0) or LoRA (`a` =
+ * `lora_A` r×k, `b` = `lora_B` d×r, `scale` = `lora_alpha / r`; `eta` and `step` unused). `a`,
+ * `b` and `eta` are f32 device memory, row-major with `ld_a`, `ld_b` equal to their widths.
+ */
+typedef struct {
+  /**
+   * An `ElraVariant` value.
+   */
+  uint32_t variant;
+  /**
+   * Rank r, 1 … [`crate::cuda::MAX_RANK`].
+   */
+  size_t r;
+  /**
+   * ELRA's `A` (d×r) or LoRA's `lora_A` (r×k).
+   */
+  const float *a;
+  /**
+   * Leading dimension of `a`.
+   */
+  size_t ld_a;
+  /**
+   * ELRA's `B` (r×d; NULL for PSD) or LoRA's `lora_B` (d×r).
+   */
+  const float *b;
+  /**
+   * Leading dimension of `b`.
+   */
+  size_t ld_b;
+  /**
+   * ELRA: η on the device (one f32); LoRA: unused, may be NULL.
+   */
+  const float *eta;
+  /**
+   * LoRA: the scaling `s`; ELRA: unused.
+   */
+  float scale;
+  /**
+   * ELRA: α, η multiplier of the adapter's step (τ = 0, λ unused); LoRA: unused.
+   */
+  ElraOpStep step;
+} ElraGpuMultiAdapter;
+#endif
+
 /**
  * One adapter of a layer's set for [`elra_op_multi_forward_f64`]. `variant` is an
  * [`super::super::ElraVariant`] value: general, PSD or Hyb (ELRA: `A` d×r, `B` r×d or NULL for
@@ -1386,6 +1434,59 @@ ElraStatus elra_gpu_check_finite(uint32_t dtype,
                                  size_t ld,
                                  uint32_t *flag,
                                  void *stream);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * The workspace, in f32 values, of [`elra_gpu_op_multi_forward`] for `n` rows of a layer with
+ * output dimension `d` and the `count` adapters described by `adapters` (only their variants
+ * and ranks are read; [`crate::cuda::ops::multi_sizes`]).
+ *
+ * # Safety
+ * `adapters` must point to `count` readable descriptions (or be NULL with `count = 0`);
+ * `workspace_len` to a writable `size_t`.
+ */
+ElraStatus elra_gpu_op_multi_sizes(const ElraGpuMultiAdapter *adapters,
+                                   size_t count,
+                                   size_t n,
+                                   size_t d,
+                                   size_t *workspace_len);
+#endif
+
+#if defined(ELRA_FEATURE_CUDA)
+/**
+ * Many adapters of one layer in one batch on device memory
+ * ([`crate::cuda::ops::multi_forward`], the GPU twin of
+ * [`elra_op_multi_forward_f32`](super::elra_op_multi_forward_f32)): row `i` of `x` (n×k) goes
+ * through adapter `index[i]` (device int32, n values; −1: the base alone),
+ * `y_i = x_i W0ᵀ + bias + Δ_{index[i]}(x_i)` into `y` (n×d), ELRA's `Δ = ((u Cᵀ) φ1(CA)ᵀ) Aᵀ` on
+ * `u = x W0ᵀ` (eq. 3/5, Prop. 1), LoRA's `s (x Aᵀ) Bᵀ`. `w0` (d×k), `x`, `y` and `bias` (d
+ * values, or NULL) have the activation type `dtype`. The frozen GEMM runs once; the rows are
+ * grouped by adapter on the device. A row whose index lies outside `[−1, count)` is written as
+ * NaN (no host wait reads the index). `workspace` holds `workspace_len` f32 values
+ * ([`elra_gpu_op_multi_sizes`]). Forward only. Ordered on `stream`; asynchronous.
+ *
+ * # Safety
+ * As [`elra_gpu_op_forward`]; `adapters` points to `count` readable descriptions whose device
+ * buffers stay allocated until `stream` has passed the call.
+ */
+ElraStatus elra_gpu_op_multi_forward(uint32_t dtype,
+                                     const ElraGpuMultiAdapter *adapters,
+                                     size_t count,
+                                     const int32_t *index,
+                                     size_t n,
+                                     const void *w0,
+                                     size_t ld_w0,
+                                     size_t d,
+                                     size_t k,
+                                     const void *bias,
+                                     const void *x,
+                                     size_t ld_x,
+                                     void *y,
+                                     size_t ld_y,
+                                     float *workspace,
+                                     size_t workspace_len,
+                                     void *stream);
 #endif
 
 /**

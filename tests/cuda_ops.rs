@@ -1014,3 +1014,192 @@ fn gpu_check_finite_matches_a_cpu_scan() {
     check_finite_suite::<half::bf16>(&dev);
     check_finite_suite::<half::f16>(&dev);
 }
+
+/// The multi-adapter forward on the GPU (`elra_gpu_op_multi_forward`) against the CPU's
+/// `elra::ops::multi_forward` in f64 at the same (rounded) inputs: 11 adapters (ELRA general,
+/// PSD, Hyb at their own steps, LoRA; ranks 1–8; one without rows), rows in a random order with
+/// −1 rows, a bias; a row with an index outside the set comes back as NaN. Tolerances as the
+/// other parity tests.
+fn multi_case<T: Activation>(dev: &CudaDevice, seed: u64, label: &str) {
+    use elra::adapter::Variant;
+    use elra::grad::ops::{Op, Strided, StridedMut};
+    use elra::ops::{multi_forward, multi_workspace_len, Generator, MultiAdapter};
+    let mut g = ChaCha8Rng::seed_from_u64(seed);
+    let (n, d, k, count) = (150usize, 40usize, 36usize, 11usize);
+    let w0 = round_to::<T>(&rand_mat(d, k, 0.3, &mut g));
+    let x = round_to::<T>(&rand_mat(n, k, 1.0, &mut g));
+    let bias = round_to::<T>(&rand_mat(1, d, 0.1, &mut g));
+    let mut index: Vec<i32> = (0..n).map(|_| g.random_range(-1..count as i32)).collect();
+    for v in index.iter_mut() {
+        if *v == 6 {
+            *v = 0; // adapter 6 gets no rows
+        }
+    }
+    // (variant value, r, A, B, η, step); LoRA: (3, r, lora_A, lora_B, s, -)
+    struct Ad {
+        v: u32,
+        r: usize,
+        a: DMatrix<f64>,
+        b: Option<DMatrix<f64>>,
+        eta: f64,
+        step: ElraOpStep,
+    }
+    let ads: Vec<Ad> = (0..count)
+        .map(|i| {
+            let v = (i % 4) as u32;
+            let r = 1 + (i * 3) % 8;
+            let st = ElraOpStep {
+                alpha: [0.0, 1.0, 0.625, 0.0][i % 4],
+                eta_mult: 0.875,
+                tau: 0.0,
+                lambda: 0.0,
+            };
+            if v == 3 {
+                Ad {
+                    v,
+                    r,
+                    a: f32_exact(&rand_mat(r, k, 0.3, &mut g)),
+                    b: Some(f32_exact(&rand_mat(d, r, 0.3, &mut g))),
+                    eta: 0.75,
+                    step: st,
+                }
+            } else {
+                Ad {
+                    v,
+                    r,
+                    a: f32_exact(&rand_mat(d, r, 0.4, &mut g)),
+                    b: (v != 1).then(|| f32_exact(&rand_mat(r, d, 0.4, &mut g))),
+                    eta: 0.5,
+                    step: st,
+                }
+            }
+        })
+        .collect();
+    // CPU reference in f64.
+    let variant = |v: u32| [Variant::General, Variant::Psd, Variant::Hyb][v as usize];
+    let set: Vec<MultiAdapter<'_, f64>> = ads
+        .iter()
+        .map(|ad| {
+            if ad.v == 3 {
+                MultiAdapter::Lora {
+                    a: Strided::of(&ad.a, Op::N),
+                    b: Strided::of(ad.b.as_ref().unwrap(), Op::N),
+                    scale: ad.eta,
+                }
+            } else {
+                MultiAdapter::Elra {
+                    variant: variant(ad.v),
+                    generator: Generator {
+                        a: Strided::of(&ad.a, Op::N),
+                        b: ad.b.as_ref().map(|b| Strided::of(b, Op::N)),
+                        eta: ad.eta,
+                    },
+                    spec: elra::adapter::GeneratorSpec {
+                        alpha: ad.step.alpha,
+                        eta_mult: ad.step.eta_mult,
+                        tau: None,
+                        lambda: 0.0,
+                    },
+                }
+            }
+        })
+        .collect();
+    let mut want = DMatrix::zeros(n, d);
+    let mut ws = vec![0.0; multi_workspace_len(n, d, k, 8).unwrap()];
+    let bias_v: Vec<f64> = bias.iter().copied().collect();
+    multi_forward(
+        Strided::of(&w0, Op::N),
+        Some(&bias_v),
+        &set,
+        &index,
+        Strided::of(&x, Op::N),
+        &mut StridedMut::of(&mut want),
+        &mut ws,
+    )
+    .unwrap();
+    // GPU.
+    let up = |m: &DMatrix<f64>| upload_matrix::<f32>(dev, m).unwrap();
+    let dev_a: Vec<DeviceMatrices<f32>> = ads.iter().map(|ad| up(&ad.a)).collect();
+    let dev_b: Vec<Option<DeviceMatrices<f32>>> =
+        ads.iter().map(|ad| ad.b.as_ref().map(up)).collect();
+    let dev_eta: Vec<DeviceMatrices<f32>> = ads
+        .iter()
+        .map(|ad| up(&DMatrix::from_element(1, 1, ad.eta)))
+        .collect();
+    let descs: Vec<ElraGpuMultiAdapter> = (0..count)
+        .map(|i| ElraGpuMultiAdapter {
+            variant: ads[i].v,
+            r: ads[i].r,
+            a: fptr(&dev_a[i]),
+            ld_a: dev_a[i].cols(),
+            b: dev_b[i].as_ref().map_or(null(), |b| fptr(b).cast_const()),
+            ld_b: dev_b[i].as_ref().map_or(0, |b| b.cols()),
+            eta: fptr(&dev_eta[i]),
+            scale: ads[i].eta as f32,
+            step: ads[i].step,
+        })
+        .collect();
+    let (w0_d, x_d, bias_d) = (
+        upload_matrix::<T>(dev, &w0).unwrap(),
+        upload_matrix::<T>(dev, &x).unwrap(),
+        upload_matrix::<T>(dev, &bias).unwrap(),
+    );
+    let y_d = nan::<T>(dev, n, d);
+    let mut wl = 0;
+    // SAFETY: live locals.
+    ok(
+        unsafe { elra_gpu_op_multi_sizes(descs.as_ptr(), count, n, d, &mut wl) },
+        "multi sizes",
+    );
+    let ws_d = DeviceMatrices::<f32>::zeros(dev, 1, 1, wl).unwrap();
+    let run = |index: &[i32]| {
+        let bits: Vec<f32> = index.iter().map(|&i| f32::from_bits(i as u32)).collect();
+        let idx_d = DeviceMatrices::<f32>::from_row_major(dev, 1, 1, n, &bits).unwrap();
+        // SAFETY: device buffers of the described shapes, alive until the synchronise below.
+        let s = unsafe {
+            elra_gpu_op_multi_forward(
+                Gpu::<T>::dtype(),
+                descs.as_ptr(),
+                count,
+                fptr(&idx_d).cast::<i32>(),
+                n,
+                ptr(&w0_d),
+                k,
+                d,
+                k,
+                ptr(&bias_d),
+                ptr(&x_d),
+                k,
+                ptr(&y_d),
+                d,
+                fptr(&ws_d),
+                wl,
+                null_mut(),
+            )
+        };
+        ok(s, "multi forward");
+        dev.synchronize().unwrap();
+        down(dev, &y_d)
+    };
+    let got = run(&index);
+    let e = rel(&got, &want, "multi y");
+    assert!(e <= tol::<T>(), "{label}: multi forward {e:.2e}");
+    let mut bad = index.clone();
+    bad[7] = count as i32;
+    let got = run(&bad);
+    assert!(
+        got.row(7).iter().all(|v| v.is_nan()),
+        "{label}: bad index row"
+    );
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(e, v)| e % n == 7 || v.is_finite()));
+}
+
+#[test]
+fn gpu_multi_forward_matches_the_cpu() {
+    let dev = device_or_skip!();
+    multi_case::<f32>(&dev, 91, "f32");
+    multi_case::<half::bf16>(&dev, 92, "bf16");
+}

@@ -856,3 +856,104 @@ fn gpu_check_finite_validates_on_the_host() {
     let (s, m) = call(3, misaligned, (5, 8, 8), flag);
     assert_eq!(s, ok_status, "{m}");
 }
+
+/// `elra_gpu_op_multi_sizes` / `elra_gpu_op_multi_forward`: bad descriptions (unknown variant,
+/// rank 0 or above the GPU limit, τ ≠ 0, NULL list, too many adapters), a NULL or aliased
+/// buffer and a short workspace are statuses naming the problem; valid arguments reach the
+/// device check.
+#[test]
+fn gpu_multi_forward_validates_on_the_host() {
+    let (ok_status, ok_needle) = valid_status();
+    let (n, d, k) = (5usize, 8usize, 6usize);
+    let elra = |i: usize| ElraGpuMultiAdapter {
+        variant: 0,
+        r: 2,
+        a: fake::<f32>(10 + 3 * i),
+        ld_a: 2,
+        b: fake::<f32>(11 + 3 * i),
+        ld_b: d,
+        eta: fake::<f32>(12 + 3 * i),
+        scale: 0.0,
+        step: step(),
+    };
+    let lora = ElraGpuMultiAdapter {
+        variant: 3,
+        r: 2,
+        a: fake::<f32>(40),
+        ld_a: k,
+        b: fake::<f32>(41),
+        ld_b: 2,
+        eta: null(),
+        scale: 0.5,
+        step: step(),
+    };
+    let good = vec![elra(0), lora, elra(1)];
+    let mut wl = 0usize;
+    // SAFETY: live locals.
+    assert_eq!(
+        unsafe { elra_gpu_op_multi_sizes(good.as_ptr(), good.len(), n, d, &mut wl) },
+        ELRA_OK
+    );
+    assert!(wl >= 2 * 3 + n + 2 * d * 2 + 3 * 2 * 4, "workspace {wl}");
+    let call = |ads: &[ElraGpuMultiAdapter], ws_len: usize, y: *mut c_void| {
+        // SAFETY: fake device addresses: every call below fails before touching memory, or at
+        // the device check without a driver.
+        unsafe {
+            elra_gpu_op_multi_forward(
+                0,
+                ads.as_ptr(),
+                ads.len(),
+                fake::<i32>(1),
+                n,
+                fake::<c_void>(2),
+                k,
+                d,
+                k,
+                null(),
+                fake::<c_void>(3),
+                k,
+                y,
+                d,
+                fake::<f32>(5),
+                ws_len,
+                null_mut(),
+            )
+        }
+    };
+    let (s, m) = (call(&good, wl, fake(4)), message());
+    assert_eq!(s, ok_status, "{m}");
+    assert!(m.contains(ok_needle), "{m}");
+    let mut bad = good.clone();
+    bad[1].variant = 7;
+    assert_eq!(call(&bad, wl, fake(4)), ELRA_INVALID_ARGUMENT);
+    assert!(message().contains("adapter 1"), "{}", message());
+    for r in [0usize, 65] {
+        let mut bad = good.clone();
+        bad[2].r = r;
+        assert_eq!(call(&bad, wl, fake(4)), ELRA_INVALID_ARGUMENT, "r = {r}");
+        assert!(message().contains("adapter 2"), "{}", message());
+    }
+    let mut bad = good.clone();
+    bad[0].step.tau = 2.0;
+    assert_eq!(call(&bad, wl, fake(4)), ELRA_INVALID_ARGUMENT);
+    assert!(message().contains("adapter 0"), "{}", message());
+    let mut bad = good.clone();
+    bad[0].eta = null();
+    assert_eq!(call(&bad, wl, fake(4)), ELRA_NULL_POINTER);
+    assert_eq!(call(&good, wl - 1, fake(4)), ELRA_INVALID_ARGUMENT);
+    assert!(message().contains("workspace_len"), "{}", message());
+    // y over x.
+    assert_eq!(call(&good, wl, fake(3)), ELRA_INVALID_ARGUMENT);
+    assert!(message().contains("overlaps"), "{}", message());
+    // SAFETY: NULL list with a count; too many adapters (the list is not read past the check).
+    unsafe {
+        assert_eq!(
+            elra_gpu_op_multi_sizes(null(), 2, n, d, &mut wl),
+            ELRA_NULL_POINTER
+        );
+        assert_eq!(
+            elra_gpu_op_multi_sizes(good.as_ptr(), 5000, n, d, &mut wl),
+            ELRA_INVALID_ARGUMENT
+        );
+    }
+}

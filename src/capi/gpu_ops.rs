@@ -900,3 +900,246 @@ pub unsafe extern "C" fn elra_gpu_check_finite(
         })
     })
 }
+
+/// One adapter of a layer's set for [`elra_gpu_op_multi_forward`]: `variant` an
+/// [`super::ElraVariant`] value — general, PSD or Hyb (ELRA: `a` = `A` d×r, `b` = `B` r×d or
+/// NULL for PSD, `eta` the device scalar η, `step` the settings of its step, τ = 0) or LoRA (`a` =
+/// `lora_A` r×k, `b` = `lora_B` d×r, `scale` = `lora_alpha / r`; `eta` and `step` unused). `a`,
+/// `b` and `eta` are f32 device memory, row-major with `ld_a`, `ld_b` equal to their widths.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ElraGpuMultiAdapter {
+    /// An `ElraVariant` value.
+    pub variant: u32,
+    /// Rank r, 1 … [`crate::cuda::MAX_RANK`].
+    pub r: usize,
+    /// ELRA's `A` (d×r) or LoRA's `lora_A` (r×k).
+    pub a: *const f32,
+    /// Leading dimension of `a`.
+    pub ld_a: usize,
+    /// ELRA's `B` (r×d; NULL for PSD) or LoRA's `lora_B` (d×r).
+    pub b: *const f32,
+    /// Leading dimension of `b`.
+    pub ld_b: usize,
+    /// ELRA: η on the device (one f32); LoRA: unused, may be NULL.
+    pub eta: *const f32,
+    /// LoRA: the scaling `s`; ELRA: unused.
+    pub scale: f32,
+    /// ELRA: α, η multiplier of the adapter's step (τ = 0, λ unused); LoRA: unused.
+    pub step: ElraOpStep,
+}
+
+/// The adapters of a multi call, read and checked on the host: `(variant, r, spec)`.
+fn multi_descs(
+    adapters: *const ElraGpuMultiAdapter,
+    count: usize,
+) -> CResult<
+    Vec<(
+        ElraGpuMultiAdapter,
+        Option<crate::adapter::Variant>,
+        GeneratorSpec,
+    )>,
+> {
+    if count > gops::MAX_GPU_ADAPTERS {
+        return Err(ElraError::invalid(
+            "count",
+            format!("{count} adapters; at most {}", gops::MAX_GPU_ADAPTERS),
+        )
+        .into());
+    }
+    if count > 0 && adapters.is_null() {
+        return Err(CError::Null("adapters"));
+    }
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        // SAFETY: non-null; the caller guarantees `count` readable descriptions (plain data).
+        let m = unsafe { adapters.add(i).read_unaligned() };
+        let tag = |e: CError| match e {
+            CError::Elra(e) => {
+                CError::Elra(ElraError::invalid("adapters", format!("adapter {i}: {e}")))
+            }
+            CError::Null(arg) => CError::Elra(ElraError::invalid(
+                "adapters",
+                format!("adapter {i}: `{arg}` is NULL"),
+            )),
+        };
+        let variant = super::config::variant_of(m.variant).map_err(tag)?;
+        check_rank(m.r).map_err(|e| tag(e.into()))?;
+        let spec = match variant {
+            Some(_) => step_of(&m.step)
+                .and_then(|s| Ok(s.require_no_clip()?))
+                .map_err(tag)?,
+            None => GeneratorSpec {
+                alpha: 0.0,
+                eta_mult: 1.0,
+                tau: None,
+                lambda: 0.0,
+            },
+        };
+        out.push((m, variant, spec));
+    }
+    Ok(out)
+}
+
+/// The workspace, in f32 values, of [`elra_gpu_op_multi_forward`] for `n` rows of a layer with
+/// output dimension `d` and the `count` adapters described by `adapters` (only their variants
+/// and ranks are read; [`crate::cuda::ops::multi_sizes`]).
+///
+/// # Safety
+/// `adapters` must point to `count` readable descriptions (or be NULL with `count = 0`);
+/// `workspace_len` to a writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn elra_gpu_op_multi_sizes(
+    adapters: *const ElraGpuMultiAdapter,
+    count: usize,
+    n: usize,
+    d: usize,
+    workspace_len: *mut usize,
+) -> ElraStatus {
+    guard(|| {
+        check_scalar_out("workspace_len", workspace_len)?;
+        let descs = multi_descs(adapters, count)?;
+        let ranks: Vec<(usize, bool)> = descs.iter().map(|(m, v, _)| (m.r, v.is_some())).collect();
+        let w = gops::multi_sizes(n, d, &ranks)?;
+        // SAFETY: validated; the caller guarantees writability.
+        unsafe { workspace_len.write(w) };
+        Ok(())
+    })
+}
+
+/// Many adapters of one layer in one batch on device memory
+/// ([`crate::cuda::ops::multi_forward`], the GPU twin of
+/// [`elra_op_multi_forward_f32`](super::elra_op_multi_forward_f32)): row `i` of `x` (n×k) goes
+/// through adapter `index[i]` (device int32, n values; −1: the base alone),
+/// `y_i = x_i W0ᵀ + bias + Δ_{index[i]}(x_i)` into `y` (n×d), ELRA's `Δ = ((u Cᵀ) φ1(CA)ᵀ) Aᵀ` on
+/// `u = x W0ᵀ` (eq. 3/5, Prop. 1), LoRA's `s (x Aᵀ) Bᵀ`. `w0` (d×k), `x`, `y` and `bias` (d
+/// values, or NULL) have the activation type `dtype`. The frozen GEMM runs once; the rows are
+/// grouped by adapter on the device. A row whose index lies outside `[−1, count)` is written as
+/// NaN (no host wait reads the index). `workspace` holds `workspace_len` f32 values
+/// ([`elra_gpu_op_multi_sizes`]). Forward only. Ordered on `stream`; asynchronous.
+///
+/// # Safety
+/// As [`elra_gpu_op_forward`]; `adapters` points to `count` readable descriptions whose device
+/// buffers stay allocated until `stream` has passed the call.
+#[no_mangle]
+pub unsafe extern "C" fn elra_gpu_op_multi_forward(
+    dtype: u32,
+    adapters: *const ElraGpuMultiAdapter,
+    count: usize,
+    index: *const i32,
+    n: usize,
+    w0: *const c_void,
+    ld_w0: usize,
+    d: usize,
+    k: usize,
+    bias: *const c_void,
+    x: *const c_void,
+    ld_x: usize,
+    y: *mut c_void,
+    ld_y: usize,
+    workspace: *mut f32,
+    workspace_len: usize,
+    stream: *mut c_void,
+) -> ElraStatus {
+    guard(|| {
+        let descs = multi_descs(adapters, count)?;
+        let ranks: Vec<(usize, bool)> = descs.iter().map(|(m, v, _)| (m.r, v.is_some())).collect();
+        let need = gops::multi_sizes(n, d, &ranks)?;
+        let mut act = vec![
+            arg("w0", w0, (d, k), ld_w0),
+            arg("x", x, (n, k), ld_x),
+            output("y", y, (n, d), ld_y),
+        ];
+        if !bias.is_null() {
+            act.push(arg("bias", bias, (1, d), d));
+        }
+        // The workspace names the device; the index is checked as n 4-byte values (an f32
+        // array's size and alignment) and lent as int32.
+        let mut f32s = vec![
+            array("workspace", workspace.cast_const(), workspace_len, true),
+            array("index", index.cast::<f32>(), n, false),
+        ];
+        // Per adapter: a, b (when it has one), eta (ELRA).
+        let mut per = Vec::with_capacity(count);
+        for (m, variant, _) in &descs {
+            let start = f32s.len();
+            match variant {
+                Some(v) => {
+                    f32s.push(arg("a", m.a, (d, m.r), m.ld_a));
+                    if v.uses_b() {
+                        f32s.push(arg("b", m.b, (m.r, d), m.ld_b));
+                    }
+                    f32s.push(array("eta", m.eta, 1, false));
+                }
+                None => {
+                    f32s.push(arg("lora_a", m.a, (m.r, k), m.ld_a));
+                    f32s.push(arg("lora_b", m.b, (d, m.r), m.ld_b));
+                }
+            }
+            per.push(start..f32s.len());
+        }
+        let bufs = Bufs { act, f32s };
+        by_dtype!(dtype, T => {
+            bufs.host_checks::<T>()?;
+            if workspace_len < need {
+                return Err(ElraError::invalid(
+                    "workspace_len",
+                    format!("{workspace_len} < {need} (elra_gpu_op_multi_sizes)"),
+                )
+                .into());
+            }
+            let call = |dev: &CudaDevice,
+                        am: &[CallerMatrix<T>],
+                        fm: &[CallerMatrix<f32>]|
+             -> CResult<()> {
+                // SAFETY: validated buffers of the call (Bufs::run's contract); the index was
+                // checked as n 4-byte values of this device, aligned to 4 bytes.
+                let (mut act, mut f, index_s) = unsafe {
+                    (
+                        lend_all(dev, am)?,
+                        lend_all(dev, fm)?,
+                        crate::cuda::BorrowedSlice::<i32>::new(dev, fm[1].ptr, n),
+                    )
+                };
+                let (ws, params) = f.split_at_mut(1);
+                let set: Vec<gops::GpuMultiAdapter<'_>> = descs
+                    .iter()
+                    .zip(&per)
+                    .map(|((m, variant, spec), range)| {
+                        let p = &params[range.start - 1..range.end - 1];
+                        match variant {
+                            Some(v) => gops::GpuMultiAdapter::Elra {
+                                variant: *v,
+                                generator: GpuGenerator {
+                                    a: p[0].get(),
+                                    b: v.uses_b().then(|| p[1].get()),
+                                    eta: p[p.len() - 1].get(),
+                                },
+                                spec: *spec,
+                            },
+                            None => gops::GpuMultiAdapter::Lora {
+                                a: p[0].get(),
+                                b: p[1].get(),
+                                scale: m.scale,
+                            },
+                        }
+                    })
+                    .collect();
+                let (inputs, rest) = act.split_at_mut(2);
+                let (yb, bias_b) = rest.split_at_mut(1);
+                Ok(gops::multi_forward::<T>(
+                    dev,
+                    inputs[0].get(),
+                    bias_b.first().map(|b| b.get()),
+                    &set,
+                    index_s.get(),
+                    inputs[1].get(),
+                    yb[0].get_mut(),
+                    ws[0].get_mut(),
+                )?)
+            };
+            // SAFETY: the caller's contract on the buffers and `stream` is forwarded.
+            unsafe { bufs.run::<T>(stream, call) }
+        })
+    })
+}

@@ -54,6 +54,15 @@ pub(crate) struct Kernels {
     pub(crate) factor_eta: CudaFunction,
     /// `check_finite_{f32,f16,bf16}`: the non-finite scan (`cuda/finite.cu`).
     pub(crate) check_finite: [CudaFunction; 3],
+    /// `multi_count_i32`, `multi_perm_i32`: the segments of the multi-adapter forward.
+    pub(crate) multi_count: CudaFunction,
+    pub(crate) multi_perm: CudaFunction,
+    /// `multi_prep_f32`: Cᵀ and Z = C A for a batch of adapters.
+    pub(crate) multi_prep: CudaFunction,
+    /// `rows_multi_{f32,f16,bf16}`: the row pass over each adapter's segment.
+    pub(crate) rows_multi: [CudaFunction; 3],
+    /// `multi_finish_{f32,f16,bf16}`: bias and bad-index rows.
+    pub(crate) multi_finish: [CudaFunction; 3],
     /// Keeps the module loaded as long as the functions are used.
     _module: Arc<CudaModule>,
 }
@@ -414,6 +423,11 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         factor_backward: get("factor_backward_f32")?,
         factor_eta: get("factor_eta_f32")?,
         check_finite: three("check_finite")?,
+        multi_count: get("multi_count_i32")?,
+        multi_perm: get("multi_perm_i32")?,
+        multi_prep: get("multi_prep_f32")?,
+        rows_multi: three("rows_multi")?,
+        multi_finish: three("multi_finish")?,
         _module: module,
     })
 }

@@ -47,8 +47,8 @@ pub mod layer;
 pub mod ops;
 mod skinny;
 
-pub(crate) use buffer::BorrowedMatrices;
 pub use buffer::DeviceMatrices;
+pub(crate) use buffer::{BorrowedMatrices, BorrowedSlice};
 pub use device::{cuda_available, device_count, CudaDevice, MatrixTeam, Workspace};
 pub use dtype::{Activation, DeviceScalar, FloatKernel};
 pub use gemm::{gemm, Transpose};

@@ -11,6 +11,7 @@
 //! | [`merge`] | `exp(±G) W = W ± A (φ1(±Z) (C W))` (eq. 30; Prop. 3 for the inverse) or `W exp(±G)` (App. B eq. 22) |
 //! | [`energy`] | `λ‖G‖²_F = λ tr((AᵀA)(CCᵀ))` (eq. 20–21) into a device scalar, with its gradient |
 //! | [`check_finite`] | the overflow rule on request: ORs 1 into a device flag when a buffer holds NaN or ±Inf |
+//! | [`multi_forward`] | many adapters of one layer in one batch ([`crate::ops::multi_forward`]): the frozen GEMM once, the rows grouped by adapter on the device (`multi.rs`) |
 //!
 //! # Types and memory
 //! Activations, `W0`, the bias and merged weights have the activation type `T` ([`Activation`]:
@@ -55,7 +56,10 @@
 mod exec;
 #[cfg(test)]
 mod interp;
+mod multi;
 pub(crate) mod plan;
+
+pub use multi::{multi_forward, multi_sizes, GpuMultiAdapter, MAX_GPU_ADAPTERS};
 
 use cudarc::driver::CudaSlice;
 
