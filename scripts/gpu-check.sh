@@ -11,10 +11,12 @@
 #   5. runs scripts/bench_torch.py (PyTorch and PEFT LoRA on the same shapes, same session),
 #   6. times one elra.torch training step against PEFT LoRA and a hand-written torch ELRA
 #      (python/examples/bench_step.py --device cuda, bf16, 8192×4096²),
-#   7. runs the Python GPU tests (python/tests/test_torch_gpu.py: the handle; test_torch_cuda_ops.py:
+#   7. times the multi-adapter forward (python/examples/bench_multi.py --device cuda, bf16,
+#      N = d = k = 4096, r = 16, 1/8/64 adapters: grouped vs a loop of single-adapter calls vs base),
+#   8. runs the Python GPU tests (python/tests/test_torch_gpu.py: the handle; test_torch_cuda_ops.py:
 #      elra.torch on CUDA tensors) and checks the ctypes declarations against include/elra.h
 #      (python/tests/test_signatures.py),
-# each under its own time limit (445 s in all), full logs in $OUT (or .gpu/out), and prints ONE
+# each under its own time limit (475 s in all), full logs in $OUT (or .gpu/out), and prints ONE
 # summary table last ($OUT/summary.txt gets each row as its step ends). Device call (from the
 # repository root, carry [".gpu"], timeout_s 540):
 #   bash .gpu/check.sh
@@ -59,7 +61,7 @@ cp python/tests/test_torch_gpu.py python/tests/test_torch_cuda_ops.py python/tes
    python/tests/conftest.py .gpu/py/tests/
 rm -rf .gpu/include && mkdir -p .gpu/include && cp include/elra.h .gpu/include/
 cp scripts/bench_torch.py .gpu/py/
-mkdir -p .gpu/py/examples && cp python/examples/bench_step.py .gpu/py/examples/
+mkdir -p .gpu/py/examples && cp python/examples/bench_step.py python/examples/bench_multi.py .gpu/py/examples/
 find .gpu/py -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # One compressed payload (≈ 21 MB instead of ≈ 58: the device tool carries 64 MiB in all).
@@ -103,16 +105,19 @@ else
   echo "${rows[-1]}" >> "$out/summary.txt"
 fi
 step bench_phi1 40 bench/cuda_phi1_batch --bench --noplot --warm-up-time 1 --measurement-time 2
-step bench_layer 120 bench/cuda_layer --bench --noplot --warm-up-time 1
+step bench_layer 115 bench/cuda_layer --bench --noplot --warm-up-time 1
 step bench_torch 45 python3 py/bench_torch.py
 step bench_step 30 env ELRA_LIB="$PWD/py/libelra.so" python3 py/examples/bench_step.py \
   --device cuda --dtype bfloat16 --d 4096 --k 4096 --n 8192 --r 8 --steps 10 --repeats 3
+step bench_multi 35 env ELRA_LIB="$PWD/py/libelra.so" python3 py/examples/bench_multi.py \
+  --device cuda --dtype bfloat16 --n 4096 --d 4096 --k 4096 --r 16 --repeats 5
 step py_gpu 50 env ELRA_LIB="$PWD/py/libelra.so" PYTHONPATH="$PWD/py" \
   python3 -m pytest -q -rs -p no:cacheprovider py/tests/test_torch_gpu.py py/tests/test_torch_cuda_ops.py py/tests/test_signatures.py
 echo
 echo "== key lines"
 grep -hE "time: |µs  .*× base|^N=|ratio|PEFT|peft_lora|torch_lora|base_fwd_bwd|elra.torch|hand-written|frozen layer" \
   "$out/bench_phi1.log" "$out/bench_layer.log" "$out/bench_torch.log" "$out/bench_step.log" 2>/dev/null | head -n 60
+cat "$out/bench_multi.log" 2>/dev/null | tail -n 6
 echo
 echo "== summary (card: $(head -n 2 "$out/card.log" | tail -n 1))"
 printf '%-22s %-26s %6s  %s\n' step result time log

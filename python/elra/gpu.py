@@ -112,6 +112,12 @@ def _declare() -> None:
             _vp, _vp, _vp, _size, _vp, _size, _vp, _vp, _vp, _size, _vp, _size, _vp, _u32, _vp,
             _size, _vp,
         ],
+        # The multi-adapter forward: `adapters` points to ElraGpuMultiAdapter descriptions.
+        "elra_gpu_op_multi_sizes": [_vp, _size, _size, _size, szp],
+        "elra_gpu_op_multi_forward": [
+            _u32, _vp, _size, _vp, _size, _vp, _size, _size, _size, _vp, _vp, _size, _vp, _size,
+            _vp, _size, _vp,
+        ],
     }
     for name, args in sig.items():
         f = getattr(lib, name)

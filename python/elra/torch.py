@@ -1223,12 +1223,19 @@ def multi_forward(x: Tensor, w0: Tensor, bias: Optional[Tensor], index: Tensor, 
     return y
 
 
+class GpuMultiAdapterDesc(ctypes.Structure):
+    """``ElraGpuMultiAdapter`` of ``elra.h`` (device pointers)."""
+
+    _fields_ = [("variant", ctypes.c_uint32), ("r", ctypes.c_size_t), ("a", ctypes.c_void_p),
+                ("ld_a", ctypes.c_size_t), ("b", ctypes.c_void_p), ("ld_b", ctypes.c_size_t),
+                ("eta", ctypes.c_void_p), ("scale", ctypes.c_float), ("step", OpStep)]
+
+
 def _multi_cuda(x, w0, bias, index, a, b, meta):
-    """The multi-adapter forward on CUDA tensors, composed (not the batched kernel the CPU
-    path's grouping calls for, which is not written): the frozen GEMM once (torch's cuBLAS),
-    then, for each adapter present in the batch, its rows through the output-side GPU call
-    ``elra_gpu_op_forward_out`` (ELRA, its own φ1) or two torch GEMMs (LoRA). One host
-    synchronisation reads which adapters are present. Activations f32/f16/bf16, factors f32."""
+    """The multi-adapter forward on CUDA tensors through ``elra_gpu_op_multi_forward`` (the
+    frozen GEMM once, the rows grouped by adapter on the device, one batched φ1 per rank) on
+    torch's current stream. Activations f32/f16/bf16, factors f32. A row whose index lies outside
+    the set comes back as NaN (the device reads the index; no host wait)."""
     dev = x.device
     _check("x", x, None, None, 2, dev)
     dt = x.dtype
@@ -1242,42 +1249,35 @@ def _multi_cuda(x, w0, bias, index, a, b, meta):
         raise ValueError(f"elra: `index` must be an int32 tensor of shape ({n},) on {dev}")
     if len(b) != count or len(meta) != _META * count:
         raise ValueError("elra: `a`, `b` and `meta` must describe the same adapters")
-    u = F.linear(x.contiguous(), w0)
-    y = u.clone()
-    present = torch.unique(index).tolist() if n else []
-    if present and (present[0] < -1 or present[-1] >= count):
-        bad = present[0] if present[0] < -1 else present[-1]
-        raise ValueError(f"elra: an index selects adapter {bad} of a set of {count} "
-                         "(−1 = base only)")
-    for i in present:
-        if i < 0:
-            continue
-        rows = (index == i).nonzero().squeeze(1)
+    x, w0, index = x.contiguous(), w0.contiguous(), index.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    etas = torch.tensor([meta[_META * i + 1] for i in range(count)] or [0.0], dtype=_F32,
+                        device=dev)
+    descs = (GpuMultiAdapterDesc * max(count, 1))()
+    keep = []
+    for i in range(count):
         v, eta, alpha, mult, tau, lam = meta[_META * i:_META * (i + 1)]
         ai = a[i].contiguous()
         bi = b[i].contiguous() if b[i] is not None else None
-        if int(v) == VARIANTS["lora"]:
-            xi = x.index_select(0, rows).to(ai.dtype)
-            inc = (xi @ ai.t()) @ bi.t() * eta
-            y.index_add_(0, rows, inc.to(dt))
-            continue
-        _check(f"a[{i}]", ai, _F32, None, 2, dev)
-        r = ai.shape[1]
-        if bi is not None:
-            _check(f"b[{i}]", bi, _F32, (r, d), None, dev)
-        ui = u.index_select(0, rows).contiguous()
-        ni = ui.shape[0]
-        desc = OpDesc(int(v), d, d, r)
-        sl, wl = _gpu_sizes(desc, ni)
-        st = OpStep(alpha, mult, tau, lam)
-        eta_t = torch.full((), eta, dtype=_F32, device=dev)
-        yi, saved, ws = _empty((ni, d), dt, x), _empty((sl,), _F32, x), _empty((wl,), _F32, x)
-        check(_gpu().elra_gpu_op_forward_out(
-            ctypes.byref(desc), ctypes.byref(st), _GPU_DTYPES[dt], ni, ai.data_ptr(), r, _p(bi),
-            d, eta_t.data_ptr(), ui.data_ptr(), d, yi.data_ptr(), d, saved.data_ptr(),
-            ws.data_ptr(), wl, _stream(x)))
-        y.index_copy_(0, rows, yi)
-    return y if bias is None else y + bias
+        for name, t in ((f"a[{i}]", ai), (f"b[{i}]", bi)):
+            if t is not None:
+                _check(name, t, _F32, None, 2, dev)
+        keep += [ai, bi]
+        lora = int(v) == VARIANTS["lora"]
+        r = ai.shape[0] if lora else ai.shape[1]
+        descs[i] = GpuMultiAdapterDesc(
+            int(v), r, ai.data_ptr(), ai.shape[1], _p(bi), bi.shape[1] if bi is not None else 0,
+            None if lora else etas[i].data_ptr(), float(eta) if lora else 0.0,
+            OpStep(alpha, mult, tau, lam))
+    g = _gpu()
+    wl = _sz()
+    check(g.elra_gpu_op_multi_sizes(descs, count, n, d, ctypes.byref(wl)))
+    y = _empty((n, d), dt, x)
+    ws = _empty((max(wl.value, 1),), _F32, x)
+    check(g.elra_gpu_op_multi_forward(
+        _GPU_DTYPES[dt], descs, count, index.data_ptr(), n, w0.data_ptr(), k, d, k, _p(bias),
+        x.data_ptr(), k, y.data_ptr(), d, ws.data_ptr(), wl.value, _stream(x)))
+    return y
 
 
 @multi_forward.register_fake
