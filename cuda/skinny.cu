@@ -20,6 +20,11 @@
 //   factor_c_f32        C = η m (α Aᵀ + (1−α) B)   (eq. 2, §4.2.1, eq. 19).
 //   factor_backward_f32 energy gradient (eq. 20–21) and the chain through eq. 19 to (∂A, ∂B);
 //   factor_eta_f32      ∂η of eq. 19 (one block).
+//   The multi-adapter forward (src/cuda/ops/multi.rs): multi_count_i32 / multi_perm_i32 (rows per
+//                       adapter, stable segments and the row permutation, one block per adapter),
+//                       multi_prep_f32 (Cᵀ and Z = C A of up to 8 adapters per launch),
+//                       rows_multi_T (the row pass over each adapter's segment through a row map,
+//                       8 adapters per launch), multi_finish_T (bias; NaN rows for bad indices).
 //
 // Matrices with explicit strides are indexed X[i*s0 + j*s1]; "ld" is a row stride (column stride 1).
 // Null output pointers skip that output. Blocks have exactly ELRA_BLOCK threads (a power of two).

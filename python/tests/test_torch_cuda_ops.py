@@ -229,8 +229,8 @@ def test_dropout_on_cuda_is_applied_to_the_fused_increment_only():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_multi_linear_on_cuda_matches_the_cpu(dtype):
-    """ElraMultiLinear on CUDA tensors (the composed path: one base GEMM, one output-side call per
-    adapter present) against the same module on CPU tensors in float64."""
+    """ElraMultiLinear on CUDA tensors (``elra_gpu_op_multi_forward``: the grouped kernels)
+    against the same module on CPU tensors in float64."""
     torch.manual_seed(0)
     base = nn.Linear(40, 24).double()
     layers = [et.ElraLinear(copy.deepcopy(base), v, r=r, eta=0.3, total_steps=20, seed=i,
