@@ -736,6 +736,132 @@ pub fn ops_fuzz_one(data: &[u8]) -> ElraStatus {
     fwd
 }
 
+/// Decodes a multi-adapter call — a small layer (or a batch beyond any address space), 0–6
+/// adapter descriptions (ELRA variants with raw or valid steps and η, LoRA, unknown variants,
+/// ranks 0 … 6, NULL or padded factors), a per-row index with out-of-range values, NaN/±∞ in
+/// the inputs, a short workspace — then runs `elra_op_multi_forward_f64`. Checks: no panic,
+/// nothing written between rows, a finite `y` after `ELRA_OK`, `y` untouched by a refused call
+/// whose arguments fail before any work, a huge batch refused unread. Returns the status.
+#[doc(hidden)]
+pub fn multi_fuzz_one(data: &[u8]) -> ElraStatus {
+    let mut s = Bytes(data);
+    let flags = s.u8();
+    let raw = s.u8() % 4 == 0;
+    // Dimensions 1 … 5, and 0 one time in 32.
+    let dim = |b: u8| if b % 32 == 0 { 0 } else { 1 + (b % 5) as usize };
+    let (d, k) = (dim(s.u8()), dim(s.u8()));
+    let huge = flags & 7 == 7;
+    let n_small = dim(s.u8()) + (s.u8() % 2) as usize * 300; // sometimes several row blocks
+    let n = if huge {
+        (1usize << 61) + s.u8() as usize
+    } else {
+        n_small
+    };
+    let rows = if huge { 1 } else { n };
+    let count = (s.u8() % 7) as usize;
+    let mut factors = Vec::with_capacity(count);
+    let mut descs = Vec::with_capacity(count);
+    for _ in 0..count {
+        let variant = match s.u8() % 16 {
+            15 => 4, // unknown
+            v => (v % 4) as u32,
+        };
+        // Mostly a valid rank (1 … min(d, k)), sometimes 0 or too large.
+        let r = match s.u8() {
+            0..=7 => 0,
+            8..=15 => d + k + 1,
+            b => 1 + b as usize % d.min(k).max(1),
+        };
+        let lora = variant == 3;
+        let (ar, ac) = if lora { (r, k) } else { (d, r) };
+        let (br, bc) = if lora { (d, r) } else { (r, d) };
+        let a = OpMat::new(&mut s, ar, ac, true, raw);
+        let b = OpMat::new(&mut s, br, bc, true, raw);
+        let null_b = s.u8() % 16 == 0;
+        let bad = s.u8() % 24;
+        let unit = f64::from(s.u8()) / 255.0;
+        let mut setting = |i: u8, valid: f64| if bad == i { s.f64() } else { valid };
+        let step = ElraOpStep {
+            alpha: setting(0, unit),
+            eta_mult: setting(1, 0.5 + unit),
+            tau: setting(2, if flags & 8 != 0 { 0.5 + unit } else { 0.0 }),
+            lambda: 0.0,
+        };
+        let eta = setting(3, 0.05 + unit);
+        descs.push(ElraMultiAdapter {
+            variant,
+            r,
+            a: a.p().cast(),
+            ld_a: a.ld,
+            b: if null_b {
+                std::ptr::null()
+            } else {
+                b.p().cast()
+            },
+            ld_b: b.ld,
+            eta,
+            step,
+        });
+        factors.push((a, b));
+    }
+    let index: Vec<i32> = (0..rows)
+        .map(|_| match s.u8() % 16 {
+            15 => i32::from_le_bytes([s.u8(), s.u8(), s.u8(), s.u8()]),
+            v => v as i32 % (count as i32 + 1) - 1,
+        })
+        .collect();
+    let w0 = OpMat::new(&mut s, d, k, true, raw);
+    let x = OpMat::new(&mut s, rows, k, true, raw);
+    let bias: Vec<f64> = (0..d).map(|_| if raw { s.f64() } else { 0.25 }).collect();
+    let with_bias = s.u8() & 1 == 1;
+    let max_r = descs.iter().map(|m| m.r).max().unwrap_or(0);
+    let mut ws_len = crate::ops::multi_workspace_len(n_small, d, k, max_r).unwrap_or(0);
+    if s.u8() % 8 == 1 {
+        ws_len = ws_len.saturating_sub(1);
+    }
+    let mut ws = vec![0.0f64; ws_len.max(1)];
+    let mut y = OpMat::new(&mut s, rows, d, false, false);
+    // SAFETY: every matrix covers its described layout (or the layout is invalid and must be
+    // refused unread); the adapters' factors live in `factors`; `ws` holds `ws_len` values; a
+    // huge batch must be refused before any buffer is read.
+    let st = unsafe {
+        elra_op_multi_forward_f64(
+            descs.as_ptr(),
+            count,
+            index.as_ptr(),
+            n,
+            w0.p(),
+            w0.ld,
+            d,
+            k,
+            if with_bias {
+                bias.as_ptr()
+            } else {
+                std::ptr::null()
+            },
+            x.p(),
+            x.ld,
+            y.m(),
+            y.ld,
+            ws.as_mut_ptr(),
+            ws_len,
+        )
+    };
+    assert_ne!(st, ElraStatus::ELRA_PANIC, "panic in multi_forward");
+    if huge {
+        assert!(
+            matches!(
+                st,
+                ElraStatus::ELRA_INVALID_ARGUMENT | ElraStatus::ELRA_OUT_OF_MEMORY
+            ),
+            "a batch beyond the address space gave {st:?}"
+        );
+    }
+    y.check("multi y", st == ELRA_OK);
+    drop(factors);
+    st
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,6 +923,28 @@ mod tests {
             *seen.entry(ops_fuzz_one(&data) as i32).or_insert(0) += 1;
         }
         // The decoder reaches success and the argument-error classes of the forward.
+        for st in [
+            ELRA_OK,
+            ElraStatus::ELRA_INVALID_ARGUMENT,
+            ElraStatus::ELRA_NON_FINITE,
+        ] {
+            assert!(
+                seen.get(&(st as i32)).copied().unwrap_or(0) > 30,
+                "{st:?}: {seen:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn random_multi_calls_respect_the_contract() {
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..3000 {
+            let n = rng.random_range(0..900);
+            let data: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+            *seen.entry(multi_fuzz_one(&data) as i32).or_insert(0) += 1;
+        }
+        // The decoder reaches success and the argument-error classes.
         for st in [
             ELRA_OK,
             ElraStatus::ELRA_INVALID_ARGUMENT,
