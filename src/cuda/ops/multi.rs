@@ -75,6 +75,18 @@ fn align4(x: usize) -> Option<usize> {
     x.checked_add(3).map(|v| v / 4 * 4)
 }
 
+/// The ELRA adapters of one rank: their `Z`, `e^Z`, `M` batches (b·r² values each) and φ1
+/// statuses (b words), offsets in 4-byte values; `members[slot]` is an adapter number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RankGroup {
+    r: usize,
+    members: Vec<usize>,
+    z: usize,
+    e: usize,
+    m: usize,
+    status: usize,
+}
+
 /// The workspace regions of one call (offsets in 4-byte values).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct MultiLayout {
@@ -85,8 +97,8 @@ struct MultiLayout {
     ct: Vec<usize>,
     /// Per adapter: its slot in its rank group.
     slot: Vec<usize>,
-    /// Per rank group: (rank, adapters, Z, e^Z, M, statuses).
-    groups: Vec<(usize, Vec<usize>, usize, usize, usize, usize)>,
+    /// The ELRA adapters by rank, each group's r×r matrices in contiguous batches.
+    groups: Vec<RankGroup>,
     work: usize,
     work_len: usize,
     len: usize,
@@ -126,7 +138,14 @@ impl MultiLayout {
             let (z, e, m) = (take(rr)?, take(rr)?, take(rr)?);
             let status = take(members.len())?;
             work_len = work_len.max(rr.checked_mul(12)?);
-            groups.push((r, members, z, e, m, status));
+            groups.push(RankGroup {
+                r,
+                members,
+                z,
+                e,
+                m,
+                status,
+            });
         }
         let work = take(work_len)?;
         Some(MultiLayout {
@@ -371,24 +390,17 @@ pub fn multi_forward<T: Activation>(
     }
     // Cᵀ and Z of every ELRA adapter, 8 per launch.
     let elra: Vec<usize> = (0..count).filter(|&a| ranks[a].1).collect();
-    let z_of = |a: usize| -> u64 {
+    // Adapter a's Z or M (`m`) in its rank group's batch.
+    let rr_of = |a: usize, m: bool| -> u64 {
         let (r, _) = ranks[a];
         let g = lay
             .groups
             .iter()
-            .find(|g| g.0 == r)
+            .find(|g| g.r == r)
             .expect("every ELRA rank has a group");
-        at(g.2 + lay.slot[a] * r * r)
+        at(if m { g.m } else { g.z } + lay.slot[a] * r * r)
     };
-    let m_of = |a: usize| -> u64 {
-        let (r, _) = ranks[a];
-        let g = lay
-            .groups
-            .iter()
-            .find(|g| g.0 == r)
-            .expect("every ELRA rank has a group");
-        at(g.4 + lay.slot[a] * r * r)
-    };
+    let (z_of, m_of) = (|a| rr_of(a, false), |a| rr_of(a, true));
     for chunk in elra.chunks(PER_LAUNCH) {
         let mut batch = PrepBatchC {
             count: chunk.len() as i32,
@@ -438,7 +450,15 @@ pub fn multi_forward<T: Activation>(
         unsafe { args.launch(cfg(chunk.len(), 1)) }?;
     }
     // M = φ1(Z), one batched launch per rank (e^Z and the statuses stay in the workspace).
-    for (r, members, z, e, m, status) in &lay.groups {
+    for RankGroup {
+        r,
+        members,
+        z,
+        e,
+        m,
+        status,
+    } in &lay.groups
+    {
         let b = members.len();
         // SAFETY: regions of b·r² (Z, e^Z, M), b (statuses) and `work_len` values of the checked
         // workspace, disjoint (`MultiLayout`), 16-byte aligned; borrowed for this call only and
@@ -571,7 +591,10 @@ mod tests {
         let l = MultiLayout::new(100, 16, &ranks).unwrap();
         // Z, e^Z, M of one rank are contiguous batches; slots number the group's members.
         assert_eq!(l.groups.len(), 2);
-        assert_eq!((l.groups[0].0, l.groups[0].1.clone()), (4, vec![0, 2]));
+        assert_eq!(
+            (l.groups[0].r, l.groups[0].members.clone()),
+            (4, vec![0, 2])
+        );
         assert_eq!((l.slot[0], l.slot[2], l.slot[3]), (0, 1, 0));
         let mut regions = vec![
             (l.counts, 5),
@@ -582,9 +605,9 @@ mod tests {
         for a in [0, 2, 3] {
             regions.push((l.ct[a], 16 * ranks[a].0));
         }
-        for (r, m, z, e, mm, st) in &l.groups {
-            let b = m.len() * r * r;
-            regions.extend([(*z, b), (*e, b), (*mm, b), (*st, m.len())]);
+        for g in &l.groups {
+            let b = g.members.len() * g.r * g.r;
+            regions.extend([(g.z, b), (g.e, b), (g.m, b), (g.status, g.members.len())]);
         }
         regions.sort();
         for w in regions.windows(2) {
