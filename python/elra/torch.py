@@ -1377,8 +1377,8 @@ class ElraMultiLinear(nn.Module):
         b = [getattr(self, f"b{i}") for i in range(self.count)]
         w0 = self.base.weight.to(x2.dtype)
         bias = None if self.base.bias is None else self.base.bias.to(x2.dtype)
-        y = torch.ops.elra.multi_forward(x2, w0, bias, idx.reshape(-1).to(torch.int32), a, b,
-                                         self.meta)
+        idx = idx.reshape(-1).to(device=x2.device, dtype=torch.int32)
+        y = torch.ops.elra.multi_forward(x2, w0, bias, idx, a, b, self.meta)
         return y.reshape(*lead, self.d)
 
 
@@ -1448,7 +1448,7 @@ def set_adapter_index(model: nn.Module, index: Tensor) -> None:
             raise ValueError(f"elra: adapter index values must lie in −1 … {n - 1}, got "
                              f"{int(index.min())} … {int(index.max())}")
         if m.slots:
-            table = torch.tensor([-1] + m.slots, dtype=torch.int32)
+            table = torch.tensor([-1] + m.slots, dtype=torch.int32, device=index.device)
             m.adapter_index = table[index.long() + 1]
         else:
             m.adapter_index = index.to(torch.int32)
