@@ -1171,6 +1171,28 @@ def ga_initialise(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], lo
 _META = 6
 
 
+def _multi_factors(i: int, v: float, a: Tensor, b: Optional[Tensor], d: int, k: int, dtype,
+                   device=None):
+    """Adapter ``i``'s factors, contiguous, checked against the layer before any memory is read:
+    ELRA ``a`` d×r and ``b`` r×d (none for PSD), LoRA ``a`` = lora_A r×k and ``b`` = lora_B d×r.
+    Returns ``(a, b, r, is_lora)``."""
+    variant = int(v)
+    if variant not in VARIANTS.values():
+        raise ValueError(f"elra: adapter {i} has an unknown variant {v}")
+    lora = variant == VARIANTS["lora"]
+    _check(f"a[{i}]", a, dtype, None, 2, device)
+    r = a.shape[0] if lora else a.shape[1]
+    _check(f"a[{i}]", a, dtype, (r, k) if lora else (d, r), None, device)
+    needs_b = lora or variant != VARIANTS["psd"]
+    if needs_b != (b is not None):
+        raise ValueError(f"elra: adapter {i} ({'lora' if lora else 'elra'} variant {variant}) "
+                         f"{'needs' if needs_b else 'takes no'} factor `b`")
+    if b is not None:
+        _check(f"b[{i}]", b, dtype, (d, r) if lora else (r, d), None, device)
+        b = b.contiguous()
+    return a.contiguous(), b, r, lora
+
+
 @torch.library.custom_op("elra::multi_forward", mutates_args=())
 def multi_forward(x: Tensor, w0: Tensor, bias: Optional[Tensor], index: Tensor, a: List[Tensor],
                   b: List[Optional[Tensor]], meta: List[float]) -> Tensor:
@@ -1201,14 +1223,8 @@ def multi_forward(x: Tensor, w0: Tensor, bias: Optional[Tensor], index: Tensor, 
     max_r = 0
     for i in range(count):
         v, eta, alpha, mult, tau, lam = meta[_META * i:_META * (i + 1)]
-        ai = a[i].contiguous()
-        bi = b[i].contiguous() if b[i] is not None else None
-        for name, t in (("a", ai), ("b", bi)):
-            if t is not None:
-                _check(f"{name}[{i}]", t, dt, ndim=2)
+        ai, bi, r, lora = _multi_factors(i, v, a[i], b[i], d, k, dt)
         keep += [ai, bi]
-        lora = int(v) == VARIANTS["lora"]
-        r = ai.shape[0] if lora else ai.shape[1]
         max_r = max(max_r, r)
         descs[i] = MultiAdapterDesc(int(v), r, ai.data_ptr(), ai.shape[1], _p(bi),
                                     bi.shape[1] if bi is not None else 0, float(eta),
@@ -1257,14 +1273,8 @@ def _multi_cuda(x, w0, bias, index, a, b, meta):
     keep = []
     for i in range(count):
         v, eta, alpha, mult, tau, lam = meta[_META * i:_META * (i + 1)]
-        ai = a[i].contiguous()
-        bi = b[i].contiguous() if b[i] is not None else None
-        for name, t in ((f"a[{i}]", ai), (f"b[{i}]", bi)):
-            if t is not None:
-                _check(name, t, _F32, None, 2, dev)
+        ai, bi, r, lora = _multi_factors(i, v, a[i], b[i], d, k, _F32, dev)
         keep += [ai, bi]
-        lora = int(v) == VARIANTS["lora"]
-        r = ai.shape[0] if lora else ai.shape[1]
         descs[i] = GpuMultiAdapterDesc(
             int(v), r, ai.data_ptr(), ai.shape[1], _p(bi), bi.shape[1] if bi is not None else 0,
             None if lora else etas[i].data_ptr(), float(eta) if lora else 0.0,

@@ -555,6 +555,16 @@ def test_multi_linear_rows_equal_each_adapter_alone_in_any_order():
         multi(x, torch.tensor([0, 1, 2, 5] + [0] * 36))
     with pytest.raises(ValueError, match="index"):
         multi(x, torch.zeros(39, dtype=torch.long))
+    # The op itself checks every factor's shape before the library reads it.
+    idx = torch.zeros(40, dtype=torch.int32)
+    w0 = adapters[0].base.weight
+    a0 = adapters[0].A.detach()
+    for bad_a, bad_b, what in [(a0[:5], adapters[0].B.detach(), "a\\[0\\]"),
+                               (a0, adapters[0].B.detach()[:, :4], "b\\[0\\]"),
+                               (a0, None, "factor `b`")]:
+        with pytest.raises(ValueError, match=what):
+            torch.ops.elra.multi_forward(x, w0, None, idx, [bad_a], [bad_b],
+                                         [0.0, 0.4, 0.0, 1.0, 0.0, 0.0])
 
 
 def test_inject_multi_serves_saved_adapters_per_row_and_compiles_once(tmp_path):

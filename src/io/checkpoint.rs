@@ -30,8 +30,9 @@
 //! tensor, a shape that does not fit or a dtype that cannot be merged — all listed in one error).
 //! The output is written into a hidden sibling directory and renamed to `out` only when
 //! complete, so a crash or an error leaves no partial checkpoint at `out` (the error path
-//! removes the temporary; a killed process leaves `.<out>.partial-*` beside it). `out` must not
-//! exist.
+//! removes the temporary; a killed process leaves `.<out>.partial-*` beside it). Every file is
+//! synced to disk before the rename. `out` must not exist (checked at the start and again just
+//! before the rename; an empty directory created at `out` between the two would be replaced).
 
 use super::adapter_file::{AdapterFile, FileConfig, LoadLimits, ModuleWeights};
 use crate::adapter::Variant;
@@ -894,6 +895,18 @@ fn write_out<S: Real>(
     let tmp = parent.join(format!(".{name}.partial-{}-{nanos}", std::process::id()));
     fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
     let result = write_all(ck, edits, dir, &tmp, progress).and_then(|report| {
+        // Every file is on disk (synced as written); the directory's entries too, then the
+        // rename. `out` is checked again here: a rename would replace an empty directory that
+        // appeared there since the start (a race this narrows, without a no-replace rename).
+        if let Ok(d) = File::open(&tmp) {
+            let _ = d.sync_all();
+        }
+        if fs::symlink_metadata(out).is_ok() {
+            return Err(ElraError::invalid(
+                "out",
+                format!("{} appeared while the merge ran", out.display()),
+            ));
+        }
         fs::rename(&tmp, out).map_err(|e| io_err(out, e))?;
         if let Ok(d) = File::open(&parent) {
             let _ = d.sync_all();
@@ -904,6 +917,13 @@ fn write_out<S: Real>(
         let _ = fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Flushes a written file to disk.
+fn sync(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(path, e))
 }
 
 fn write_all<S: Real>(
@@ -929,6 +949,7 @@ fn write_all<S: Real>(
     if let Some(index) = &ck.index {
         let p = tmp.join(INDEX_FILE);
         fs::write(&p, index).map_err(|e| io_err(&p, e))?;
+        sync(&p)?;
     }
     for e in fs::read_dir(&ck.dir).map_err(|e| io_err(&ck.dir, e))? {
         let e = e.map_err(|e| io_err(&ck.dir, e))?;
@@ -943,6 +964,7 @@ fn write_all<S: Real>(
         }
         let dst = tmp.join(&file_name);
         fs::copy(e.path(), &dst).map_err(|err| io_err(&e.path(), err))?;
+        sync(&dst)?;
         report.other_files += 1;
     }
     Ok(report)
