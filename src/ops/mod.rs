@@ -748,12 +748,13 @@ pub fn merge<T: Real>(
     check_shape("w", &w, rows, cols)?;
     check_shape_mut("out", out, rows, cols)?;
     check_finite_strided("w", &w)?;
-    for i in 0..out.shape().0 {
-        for j in 0..out.shape().1 {
+    let mm = MergeMaps::new(op, g, spec, inverse)?;
+    for i in 0..rows {
+        for j in 0..cols {
             *out.at_mut(i, j) = w.at(i, j);
         }
     }
-    merge_in_place(op, g, spec, inverse, side, out)
+    mm.apply(side, out)
 }
 
 /// [`merge`] over the weight's own memory: `w ← exp(±G) w` (left, eq. 30 / Prop. 3) or
@@ -770,44 +771,67 @@ pub fn merge_in_place<T: Real>(
     side: Side,
     w: &mut StridedMut<'_, T>,
 ) -> Result<()> {
-    let (d, k, r) = (op.d, op.k, op.r);
     let (rows, cols) = side.shape(op);
     check_shape_mut("w", w, rows, cols)?;
-    if !w.as_ref().all_finite() {
-        return Err(ElraError::NonFinite { arg: "w" });
+    check_finite_strided("w", &w.as_ref())?;
+    MergeMaps::new(op, g, spec, inverse)?.apply(side, w)
+}
+
+/// The factors of a merge, `A`, `±C` and `φ1(±Z)` (Prop. 1, Prop. 3), computed before the
+/// weight is touched.
+struct MergeMaps<T: Real> {
+    a: DMatrix<T>,
+    c: DMatrix<T>,
+    m: DMatrix<T>,
+    inverse: bool,
+}
+
+impl<T: Real> MergeMaps<T> {
+    fn new(op: &ElraOp, g: &Generator<'_, T>, spec: &GeneratorSpec, inverse: bool) -> Result<Self> {
+        let ev = Eval::new(op, g, spec, op.d)?;
+        let c = if inverse { -&ev.c } else { ev.c };
+        let m = phi1(&(&c * &ev.a))?;
+        Ok(MergeMaps {
+            a: ev.a,
+            c,
+            m,
+            inverse,
+        })
     }
-    let ev = Eval::new(op, g, spec, d)?;
-    let c = if inverse { -&ev.c } else { ev.c.clone() };
-    let m = phi1(&(&c * &ev.a))?;
-    match side {
-        Side::Left => {
-            // K = M (C W) (r×k); W += A K.
-            let mut p = DMatrix::zeros(r, k);
-            gemm_strided_par(
-                &mut StridedMut::of(&mut p),
-                T::one(),
-                view(&c),
-                w.as_ref(),
-                T::zero(),
-            );
-            let kk = &m * &p;
-            gemm_strided_par(w, T::one(), view(&ev.a), view(&kk), T::one());
+
+    /// `w ← w + A (M (C w))` (left) or `w ← w + ((w A) M) C` (right), then the overflow rule.
+    fn apply(&self, side: Side, w: &mut StridedMut<'_, T>) -> Result<()> {
+        let (r, (rows, cols)) = (self.a.ncols(), w.shape());
+        match side {
+            Side::Left => {
+                // K = M (C W) (r×k); W += A K.
+                let mut p = DMatrix::zeros(r, cols);
+                gemm_strided_par(
+                    &mut StridedMut::of(&mut p),
+                    T::one(),
+                    view(&self.c),
+                    w.as_ref(),
+                    T::zero(),
+                );
+                let kk = &self.m * &p;
+                gemm_strided_par(w, T::one(), view(&self.a), view(&kk), T::one());
+            }
+            Side::Right => {
+                // Q = (W A) M (k×r); W += Q C.
+                let mut wa = DMatrix::zeros(rows, r);
+                gemm_strided_par(
+                    &mut StridedMut::of(&mut wa),
+                    T::one(),
+                    w.as_ref(),
+                    view(&self.a),
+                    T::zero(),
+                );
+                let q = &wa * &self.m;
+                gemm_strided_par(w, T::one(), view(&q), view(&self.c), T::one());
+            }
         }
-        Side::Right => {
-            // Q = (W A) M (k×r); W += Q C.
-            let mut wa = DMatrix::zeros(k, r);
-            gemm_strided_par(
-                &mut StridedMut::of(&mut wa),
-                T::one(),
-                w.as_ref(),
-                view(&ev.a),
-                T::zero(),
-            );
-            let q = &wa * &m;
-            gemm_strided_par(w, T::one(), view(&q), view(&c), T::one());
-        }
+        check_output(if self.inverse { "w0" } else { "w_new" }, w)
     }
-    check_output(if inverse { "w0" } else { "w_new" }, w)
 }
 
 /// The penalty `E = λ‖G‖²_F` of the step's generator (eq. 20–21, from r×r Grams) and, when

@@ -119,9 +119,6 @@ fn prepare<T: Real>(ad: &MultiAdapter<'_, T>, d: usize, k: usize) -> Result<Read
                 k,
                 r: generator.a.shape().1,
             };
-            if !generator.a.all_finite() || !generator.b.is_none_or(|b| b.all_finite()) {
-                return Err(ElraError::NonFinite { arg: "a, b" });
-            }
             let ev = Eval::new(&op, generator, spec, d)?;
             let m = phi1(&(&ev.c * &ev.a))?;
             Ok(Ready::Elra {
@@ -280,6 +277,21 @@ pub fn multi_forward<T: Real>(
     Ok(())
 }
 
+/// Copies rows `rows` of `src` into the first `rows.len()` rows of `dst` (dense, row-major).
+fn gather_rows<T: Real>(src: Strided<'_, T>, rows: &[usize], dst: &mut [T]) {
+    let w = src.shape().1;
+    for (q, &row) in rows.iter().enumerate() {
+        let out = &mut dst[q * w..(q + 1) * w];
+        match src.row(row) {
+            Some(r) => out.copy_from_slice(r),
+            None => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, v)| *v = src.at(row, j)),
+        }
+    }
+}
+
 /// One block of an adapter's rows: gathers their `u` (ELRA) or `x` (LoRA), computes the
 /// increment into the gather buffer and adds it to the rows of `y`.
 #[allow(clippy::too_many_arguments)]
@@ -299,16 +311,7 @@ fn block<T: Real>(
         Ready::Elra { a, c, m } => {
             let r = a.ncols();
             // G = U[rows] (len×d); V = G Cᵀ; T = V Mᵀ; increment T Aᵀ over G.
-            for (q, &row) in rows.iter().enumerate() {
-                let dst = &mut gather[q * d..(q + 1) * d];
-                match y.row_mut(row) {
-                    Some(src) => dst.copy_from_slice(src),
-                    None => dst
-                        .iter_mut()
-                        .enumerate()
-                        .for_each(|(j, v)| *v = *y.at_mut(row, j)),
-                }
-            }
+            gather_rows(y.as_ref(), rows, gather);
             let g = Strided::row_major(&gather[..len * d], len, d, d).expect("sized");
             let mut v = scratch(&mut vs[..len * r], len, r);
             gemm_strided_par(&mut v, T::one(), g, view(c).t(), T::zero());
@@ -320,16 +323,7 @@ fn block<T: Real>(
         Ready::Lora { a, b, scale } => {
             let r = a.nrows();
             // G = X[rows] (len×k); V = G Aᵀ; increment s·V Bᵀ over G.
-            for (q, &row) in rows.iter().enumerate() {
-                let dst = &mut gather[q * k..(q + 1) * k];
-                match x.row(row) {
-                    Some(src) => dst.copy_from_slice(src),
-                    None => dst
-                        .iter_mut()
-                        .enumerate()
-                        .for_each(|(j, v)| *v = x.at(row, j)),
-                }
-            }
+            gather_rows(*x, rows, gather);
             let g = Strided::row_major(&gather[..len * k], len, k, k).expect("sized");
             let mut v = scratch(&mut vs[..len * r], len, r);
             gemm_strided_par(&mut v, T::one(), g, view(a).t(), T::zero());
