@@ -132,7 +132,7 @@ fn ll(arg: &'static str, v: usize) -> Result<i64> {
     i64::try_from(v).map_err(|_| ElraError::invalid(arg, "stride exceeds 64 bits"))
 }
 
-fn int(arg: &'static str, v: usize) -> Result<i32> {
+pub(crate) fn int(arg: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| ElraError::invalid(arg, format!("{v} exceeds 32 bits")))
 }
 

@@ -21,13 +21,14 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::plan::align4;
 use super::{check_mat, GpuGenerator};
 use crate::adapter::{GeneratorSpec, Variant};
 use crate::cuda::buffer::{BorrowedMatrices, BorrowedSlice};
 use crate::cuda::device::BLOCK_THREADS;
 use crate::cuda::gemm::gemm_shared;
 use crate::cuda::kernels::launch_expm_phi1_in;
-use crate::cuda::skinny::check_rank;
+use crate::cuda::skinny::{check_rank, int};
 use crate::cuda::{Activation, CudaDevice, DeviceMatrices, Transpose};
 use crate::{ElraError, Result};
 
@@ -68,11 +69,6 @@ impl GpuMultiAdapter<'_> {
             GpuMultiAdapter::Lora { a, .. } => a.rows(),
         }
     }
-}
-
-/// Rounds up to a multiple of 4 values (16 bytes).
-fn align4(x: usize) -> Option<usize> {
-    x.checked_add(3).map(|v| v / 4 * 4)
 }
 
 /// The ELRA adapters of one rank: their `Z`, `e^Z`, `M` batches (b·r² values each) and φ1
@@ -234,10 +230,6 @@ const _: () = assert!(std::mem::size_of::<PrepBatchC>() == 8 + 72 * PER_LAUNCH);
 unsafe impl DeviceRepr for RowsBatchC {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for PrepBatchC {}
-
-fn int(arg: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| ElraError::invalid(arg, format!("{v} exceeds 32 bits")))
-}
 
 fn cfg(gx: usize, gy: usize) -> LaunchConfig {
     LaunchConfig {

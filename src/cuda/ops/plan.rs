@@ -213,7 +213,7 @@ pub(crate) enum Step {
 }
 
 /// Rounds up to a multiple of 4 values (16 bytes), so every region is aligned for vector access.
-fn align4(x: usize) -> Option<usize> {
+pub(crate) fn align4(x: usize) -> Option<usize> {
     x.checked_add(3).map(|v| v / 4 * 4)
 }
 
