@@ -242,14 +242,17 @@ fn grad_args(
     v
 }
 
-/// Errors unless the workspace holds `need` values.
+/// Errors unless the workspace holds `need` values (as [`elra_gpu_op_sizes`] gives them).
 fn check_workspace(len: usize, need: usize) -> CResult<()> {
+    check_workspace_of(len, need, "elra_gpu_op_sizes")
+}
+
+/// Errors unless the workspace holds `need` values; `query` names the size call.
+fn check_workspace_of(len: usize, need: usize, query: &str) -> CResult<()> {
     if len < need {
-        return Err(ElraError::invalid(
-            "workspace_len",
-            format!("{len} < {need} (elra_gpu_op_sizes)"),
-        )
-        .into());
+        return Err(
+            ElraError::invalid("workspace_len", format!("{len} < {need} ({query})")).into(),
+        );
     }
     Ok(())
 }
@@ -954,15 +957,7 @@ fn multi_descs(
     for i in 0..count {
         // SAFETY: non-null; the caller guarantees `count` readable descriptions (plain data).
         let m = unsafe { adapters.add(i).read_unaligned() };
-        let tag = |e: CError| match e {
-            CError::Elra(e) => {
-                CError::Elra(ElraError::invalid("adapters", format!("adapter {i}: {e}")))
-            }
-            CError::Null(arg) => CError::Elra(ElraError::invalid(
-                "adapters",
-                format!("adapter {i}: `{arg}` is NULL"),
-            )),
-        };
+        let tag = |e: CError| super::ops::about_adapter(i, e);
         let variant = super::config::variant_of(m.variant).map_err(tag)?;
         check_rank(m.r).map_err(|e| tag(e.into()))?;
         let spec = match variant {
@@ -1081,13 +1076,7 @@ pub unsafe extern "C" fn elra_gpu_op_multi_forward(
         let bufs = Bufs { act, f32s };
         by_dtype!(dtype, T => {
             bufs.host_checks::<T>()?;
-            if workspace_len < need {
-                return Err(ElraError::invalid(
-                    "workspace_len",
-                    format!("{workspace_len} < {need} (elra_gpu_op_multi_sizes)"),
-                )
-                .into());
-            }
+            check_workspace_of(workspace_len, need, "elra_gpu_op_multi_sizes")?;
             let call = |dev: &CudaDevice,
                         am: &[CallerMatrix<T>],
                         fm: &[CallerMatrix<f32>]|

@@ -20,6 +20,8 @@ use crate::ElraError;
 mod buffers;
 mod calls;
 mod multi;
+#[cfg_attr(not(feature = "cuda"), allow(unused_imports))]
+pub(crate) use multi::about_adapter;
 
 pub use multi::{
     elra_op_multi_forward_f32, elra_op_multi_forward_f64, elra_op_multi_workspace, ElraMultiAdapter,

@@ -63,6 +63,19 @@ pub unsafe extern "C" fn elra_op_multi_workspace(
     })
 }
 
+/// An error about adapter `i` of a multi call's list, as `ELRA_INVALID_ARGUMENT` on `adapters`
+/// naming the adapter (a NULL factor included: the list entry is what is wrong).
+pub(crate) fn about_adapter(i: usize, e: CError) -> CError {
+    let why = match e {
+        CError::Elra(e) => e.to_string(),
+        CError::Null(arg) => format!("`{arg}` is NULL"),
+    };
+    CError::Elra(ElraError::invalid(
+        "adapters",
+        format!("adapter {i}: {why}"),
+    ))
+}
+
 /// An adapter's description with its checked buffers.
 struct Described {
     variant: Option<crate::adapter::Variant>,
@@ -119,17 +132,7 @@ unsafe fn multi_forward_t<T: Real>(
     for i in 0..count {
         // SAFETY: non-null; the caller guarantees `count` readable descriptions (plain data).
         let m = unsafe { adapters.add(i).read_unaligned() };
-        let tag = |e: CError| -> CError {
-            match e {
-                CError::Elra(e) => {
-                    CError::Elra(ElraError::invalid("adapters", format!("adapter {i}: {e}")))
-                }
-                CError::Null(arg) => CError::Elra(ElraError::invalid(
-                    "adapters",
-                    format!("adapter {i}: `{arg}` is NULL"),
-                )),
-            }
-        };
+        let tag = |e: CError| about_adapter(i, e);
         let variant = variant_of(m.variant).map_err(tag)?;
         let r = m.r;
         if r == 0 || r > d {
