@@ -868,93 +868,83 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    #[test]
-    fn random_argument_tuples_respect_the_contract() {
-        let mut rng = ChaCha8Rng::seed_from_u64(99);
+    /// Runs a driver on 3,000 seeded random inputs of up to `max_len` bytes (the driver asserts
+    /// the contract on each) and checks that each status of `reached` came back more than 30
+    /// times (the decoder reaches it).
+    fn drive(seed: u64, max_len: usize, driver: fn(&[u8]) -> ElraStatus, reached: &[ElraStatus]) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut seen = std::collections::BTreeMap::new();
         for _ in 0..3000 {
-            let n = rng.random_range(0..400);
+            let n = rng.random_range(0..max_len);
             let data: Vec<u8> = (0..n).map(|_| rng.random()).collect();
-            *seen.entry(abi_fuzz_one(&data) as i32).or_insert(0) += 1;
+            *seen.entry(driver(&data) as i32).or_insert(0) += 1;
         }
-        // The decoder reaches success and every argument-error class.
-        for st in [
-            ELRA_OK,
-            ElraStatus::ELRA_NULL_POINTER,
-            ElraStatus::ELRA_INVALID_ARGUMENT,
-            ElraStatus::ELRA_NON_FINITE,
-            ElraStatus::ELRA_OUT_OF_MEMORY,
-        ] {
+        for &st in reached {
             assert!(
                 seen.get(&(st as i32)).copied().unwrap_or(0) > 30,
                 "{st:?}: {seen:?}"
             );
         }
+    }
+
+    #[test]
+    fn random_argument_tuples_respect_the_contract() {
+        // Success and every argument-error class.
+        drive(
+            99,
+            400,
+            abi_fuzz_one,
+            &[
+                ELRA_OK,
+                ElraStatus::ELRA_NULL_POINTER,
+                ElraStatus::ELRA_INVALID_ARGUMENT,
+                ElraStatus::ELRA_NON_FINITE,
+                ElraStatus::ELRA_OUT_OF_MEMORY,
+            ],
+        );
     }
 
     #[test]
     fn random_adapter_calls_respect_the_contract() {
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let mut seen = std::collections::BTreeMap::new();
-        for _ in 0..3000 {
-            let n = rng.random_range(0..600);
-            let data: Vec<u8> = (0..n).map(|_| rng.random()).collect();
-            *seen.entry(adapter_fuzz_one(&data) as i32).or_insert(0) += 1;
-        }
-        for st in [
-            ELRA_OK,
-            ElraStatus::ELRA_INVALID_ARGUMENT,
-            ElraStatus::ELRA_OUT_OF_MEMORY,
-        ] {
-            assert!(
-                seen.get(&(st as i32)).copied().unwrap_or(0) > 30,
-                "{st:?}: {seen:?}"
-            );
-        }
+        drive(
+            7,
+            600,
+            adapter_fuzz_one,
+            &[
+                ELRA_OK,
+                ElraStatus::ELRA_INVALID_ARGUMENT,
+                ElraStatus::ELRA_OUT_OF_MEMORY,
+            ],
+        );
     }
 
     #[test]
     fn random_op_calls_respect_the_contract() {
-        let mut rng = ChaCha8Rng::seed_from_u64(29);
-        let mut seen = std::collections::BTreeMap::new();
-        for _ in 0..3000 {
-            let n = rng.random_range(0..700);
-            let data: Vec<u8> = (0..n).map(|_| rng.random()).collect();
-            *seen.entry(ops_fuzz_one(&data) as i32).or_insert(0) += 1;
-        }
-        // The decoder reaches success and the argument-error classes of the forward.
-        for st in [
-            ELRA_OK,
-            ElraStatus::ELRA_INVALID_ARGUMENT,
-            ElraStatus::ELRA_NON_FINITE,
-        ] {
-            assert!(
-                seen.get(&(st as i32)).copied().unwrap_or(0) > 30,
-                "{st:?}: {seen:?}"
-            );
-        }
+        // Success and the argument-error classes of the forward.
+        drive(
+            29,
+            700,
+            ops_fuzz_one,
+            &[
+                ELRA_OK,
+                ElraStatus::ELRA_INVALID_ARGUMENT,
+                ElraStatus::ELRA_NON_FINITE,
+            ],
+        );
     }
 
     #[test]
     fn random_multi_calls_respect_the_contract() {
-        let mut rng = ChaCha8Rng::seed_from_u64(31);
-        let mut seen = std::collections::BTreeMap::new();
-        for _ in 0..3000 {
-            let n = rng.random_range(0..900);
-            let data: Vec<u8> = (0..n).map(|_| rng.random()).collect();
-            *seen.entry(multi_fuzz_one(&data) as i32).or_insert(0) += 1;
-        }
-        // The decoder reaches success and the argument-error classes.
-        for st in [
-            ELRA_OK,
-            ElraStatus::ELRA_INVALID_ARGUMENT,
-            ElraStatus::ELRA_NON_FINITE,
-        ] {
-            assert!(
-                seen.get(&(st as i32)).copied().unwrap_or(0) > 30,
-                "{st:?}: {seen:?}"
-            );
-        }
+        drive(
+            31,
+            900,
+            multi_fuzz_one,
+            &[
+                ELRA_OK,
+                ElraStatus::ELRA_INVALID_ARGUMENT,
+                ElraStatus::ELRA_NON_FINITE,
+            ],
+        );
     }
 
     /// Found by the abi_adapter target (1e6-run campaign): a huge η made `elra_adapter_energy`
