@@ -456,6 +456,22 @@ impl OpMat {
     }
 }
 
+/// The checks on a functional call's status: never `ELRA_PANIC`, and a batch beyond the address
+/// space (`huge`) refused (invalid argument or out of memory). Returns whether it succeeded.
+fn op_status(st: ElraStatus, what: &str, huge: bool) -> bool {
+    assert_ne!(st, ElraStatus::ELRA_PANIC, "panic in {what}");
+    if huge {
+        assert!(
+            matches!(
+                st,
+                ElraStatus::ELRA_INVALID_ARGUMENT | ElraStatus::ELRA_OUT_OF_MEMORY
+            ),
+            "{what}: a batch beyond the address space gave {st:?}"
+        );
+    }
+    st == ELRA_OK
+}
+
 /// Decodes a layer (variant, small d, k, r, n — or, sometimes, a batch beyond any address
 /// space), a step, η, caller matrices with padded or invalid leading dimensions, values that may
 /// be NaN, ±∞ or huge, short `saved`/workspace buffers and flags, then runs the functional
@@ -526,19 +542,7 @@ pub fn ops_fuzz_one(data: &[u8]) -> ElraStatus {
     let with_bias = base == 1 && s.u8() & 1 == 1;
     let mut y = OpMat::new(&mut s, rows, d, false, false);
     // `batched`: the call takes the batch n (merge and energy do not).
-    let ok = |st: ElraStatus, what: &str, batched: bool| {
-        assert_ne!(st, ElraStatus::ELRA_PANIC, "panic in {what}");
-        if huge && batched {
-            assert!(
-                matches!(
-                    st,
-                    ElraStatus::ELRA_INVALID_ARGUMENT | ElraStatus::ELRA_OUT_OF_MEMORY
-                ),
-                "{what}: a batch beyond the address space gave {st:?}"
-            );
-        }
-        st == ELRA_OK
-    };
+    let ok = |st: ElraStatus, what: &str, batched: bool| op_status(st, what, huge && batched);
     // SAFETY: every matrix covers its described layout (or the layout is invalid and must be
     // refused unread); `saved` and `ws` hold the lengths passed; a huge batch must be refused
     // before any buffer is read (what is checked).
@@ -847,17 +851,7 @@ pub fn multi_fuzz_one(data: &[u8]) -> ElraStatus {
             ws_len,
         )
     };
-    assert_ne!(st, ElraStatus::ELRA_PANIC, "panic in multi_forward");
-    if huge {
-        assert!(
-            matches!(
-                st,
-                ElraStatus::ELRA_INVALID_ARGUMENT | ElraStatus::ELRA_OUT_OF_MEMORY
-            ),
-            "a batch beyond the address space gave {st:?}"
-        );
-    }
-    y.check("multi y", st == ELRA_OK);
+    y.check("multi y", op_status(st, "multi_forward", huge));
     drop(factors);
     st
 }
