@@ -1171,6 +1171,28 @@ def ga_initialise(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], lo
 _META = 6
 
 
+def _multi_inputs(x, w0, bias, index, a, b, meta, device):
+    """Checks the activations, ``W0``, the bias, the index and the adapter lists of
+    ``elra::multi_forward`` (``device`` ``None``: CPU tensors of float32/float64; a CUDA device:
+    tensors on it), before any memory is read; returns them contiguous with ``(n, d, k)``."""
+    _check("x", x, None, None, 2, device)
+    dt = x.dtype
+    n, k = x.shape
+    _check("w0", w0, dt, None, 2, device)
+    d = w0.shape[0]
+    _check("w0", w0, dt, (d, k), None, device)
+    if bias is not None:
+        _check("bias", bias, dt, (d,), None, device)
+    where = device if device is not None else torch.device("cpu")
+    if index.dtype != torch.int32 or index.shape != (n,) or index.device != where:
+        raise ValueError(f"elra: `index` must be an int32 tensor of shape ({n},) on {where}, got "
+                         f"{index.dtype} {tuple(index.shape)} on {index.device}")
+    if len(b) != len(a) or len(meta) != _META * len(a):
+        raise ValueError("elra: `a`, `b` and `meta` must describe the same adapters")
+    bias = bias.contiguous() if bias is not None else None
+    return x.contiguous(), w0.contiguous(), bias, index.contiguous(), (n, d, k)
+
+
 def _multi_factors(i: int, v: float, a: Tensor, b: Optional[Tensor], d: int, k: int, dtype,
                    device=None):
     """Adapter ``i``'s factors, contiguous, checked against the layer before any memory is read:
@@ -1202,22 +1224,8 @@ def multi_forward(x: Tensor, w0: Tensor, bias: Optional[Tensor], index: Tensor, 
     frozen GEMM runs once; the rows are grouped by adapter. Forward only (inference)."""
     if x.is_cuda:
         return _multi_cuda(x, w0, bias, index, a, b, meta)
-    _check("x", x, ndim=2)
-    dt = x.dtype
-    n, k = x.shape
-    _check("w0", w0, dt, ndim=2)
-    d = w0.shape[0]
-    _check("w0", w0, dt, (d, k))
-    if bias is not None:
-        _check("bias", bias, dt, (d,))
-    if index.dtype != torch.int32 or index.shape != (n,) or index.device.type != "cpu":
-        raise ValueError(f"elra: `index` must be a CPU int32 tensor of shape ({n},), got "
-                         f"{index.dtype} {tuple(index.shape)} on {index.device}")
-    count = len(a)
-    if len(b) != count or len(meta) != _META * count:
-        raise ValueError("elra: `a`, `b` and `meta` must describe the same adapters")
-    x, w0, index = x.contiguous(), w0.contiguous(), index.contiguous()
-    bias = bias.contiguous() if bias is not None else None
+    x, w0, bias, index, (n, d, k) = _multi_inputs(x, w0, bias, index, a, b, meta, None)
+    dt, count = x.dtype, len(a)
     descs = (MultiAdapterDesc * max(count, 1))()
     keep = []
     max_r = 0
@@ -1253,20 +1261,8 @@ def _multi_cuda(x, w0, bias, index, a, b, meta):
     torch's current stream. Activations f32/f16/bf16, factors f32. A row whose index lies outside
     the set comes back as NaN (the device reads the index; no host wait)."""
     dev = x.device
-    _check("x", x, None, None, 2, dev)
-    dt = x.dtype
-    n, k = x.shape
-    d = w0.shape[0]
-    _check("w0", w0, dt, (d, k), None, dev)
-    if bias is not None:
-        _check("bias", bias, dt, (d,), None, dev)
-    count = len(a)
-    if index.dtype != torch.int32 or index.shape != (n,) or index.device != dev:
-        raise ValueError(f"elra: `index` must be an int32 tensor of shape ({n},) on {dev}")
-    if len(b) != count or len(meta) != _META * count:
-        raise ValueError("elra: `a`, `b` and `meta` must describe the same adapters")
-    x, w0, index = x.contiguous(), w0.contiguous(), index.contiguous()
-    bias = bias.contiguous() if bias is not None else None
+    x, w0, bias, index, (n, d, k) = _multi_inputs(x, w0, bias, index, a, b, meta, dev)
+    dt, count = x.dtype, len(a)
     etas = torch.tensor([meta[_META * i + 1] for i in range(count)] or [0.0], dtype=_F32,
                         device=dev)
     descs = (GpuMultiAdapterDesc * max(count, 1))()
